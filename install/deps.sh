@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs everything building and testing converge needs on a fresh Debian 12 host.
+# Idempotent and fast when nothing is missing (no apt run at all). Run as root.
+set -euo pipefail
+
+# One list, extended by later work: build tools, then the daemons tests run for real.
+APT_PACKAGES=(
+  build-essential pkg-config libclang-dev
+  iproute2 iputils-ping procps psmisc
+  dnsmasq-base dnsutils nftables
+  curl ca-certificates
+  python3 python3-venv
+  podman runc docker.io
+  wireguard-tools wireguard-go
+  caddy borgbackup nats-server
+)
+# Python tools, installed into a private venv (Debian's python is externally managed).
+PIP_PACKAGES=('moto[server]')
+VENV=/opt/converge-tests/venv
+
+log() { printf 'deps.sh: %s\n' "$*" >&2; }
+
+if [[ $(id -u) -ne 0 ]]; then
+  log "must run as root"
+  exit 1
+fi
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  status=$(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null || true)
+  [[ $status == ii* ]] || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  log "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  log "all apt packages present"
+fi
+
+if [[ ! -x $VENV/bin/moto_server ]]; then
+  log "installing into $VENV: ${PIP_PACKAGES[*]}"
+  /usr/bin/python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PIP_PACKAGES[@]}"
+fi
+ln -sf "$VENV/bin/moto_server" /usr/local/bin/moto_server
+
+# Rust comes from rustup, which this script cannot fetch (registries only).
+if [[ -f $HOME/.cargo/env ]]; then
+  # shellcheck source=/dev/null
+  . "$HOME/.cargo/env"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  log "cargo not found: the Rust toolchain (rustup, stable >= 1.85) is required and must be installed beforehand"
+  exit 1
+fi

@@ -1,0 +1,66 @@
+//! Observed-state snapshot shared between reconcilers through the engine.
+//!
+//! Reconcilers never import each other. A reconciler that observes something another
+//! one needs (a container's current address) returns it as a [`FactsUpdate`] from
+//! `Reconciler::publish`; the engine merges it into one read-only [`Facts`] snapshot and
+//! wakes the reconcilers that declared `watches_facts`.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// What the containers reconciler last saw of one container it manages.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ContainerFacts {
+    /// Current addresses on the container network, IPv4 first.
+    pub addresses: Vec<IpAddr>,
+    pub running: bool,
+}
+
+/// Read-only snapshot of facts published by reconcilers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Facts {
+    /// Managed containers by document name (published by `containers`).
+    pub containers: BTreeMap<String, ContainerFacts>,
+}
+
+/// A replacement for one part of [`Facts`], owned by exactly one reconciler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FactsUpdate {
+    Containers(BTreeMap<String, ContainerFacts>),
+}
+
+impl Facts {
+    /// Applies `update`; returns true when the snapshot changed.
+    pub fn merge(&mut self, update: FactsUpdate) -> bool {
+        match update {
+            FactsUpdate::Containers(c) => {
+                if self.containers == c {
+                    return false;
+                }
+                self.containers = c;
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_reports_change_only_when_different() {
+        let mut f = Facts::default();
+        let mut c = BTreeMap::new();
+        c.insert(
+            "web".to_string(),
+            ContainerFacts {
+                addresses: vec!["10.88.0.2".parse().unwrap()],
+                running: true,
+            },
+        );
+        assert!(f.merge(FactsUpdate::Containers(c.clone())));
+        assert!(!f.merge(FactsUpdate::Containers(c)));
+    }
+}

@@ -1,0 +1,97 @@
+//! The `Reconciler` trait: observe (I/O) → plan (pure) → apply (I/O through a driver).
+
+use crate::{Facts, FactsUpdate, ObjectOutcome, Plan};
+use futures::stream::BoxStream;
+use std::future::Future;
+use std::time::Duration;
+
+/// Failure talking to the host (a driver), as opposed to a problem with one object.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{op} timed out after {after:?}")]
+    Timeout { op: String, after: Duration },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl DriverError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        DriverError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Runs `fut` with a deadline, naming the operation in the timeout error.
+pub async fn with_timeout<T>(
+    op: &str,
+    after: Duration,
+    fut: impl Future<Output = Result<T, DriverError>>,
+) -> Result<T, DriverError> {
+    match tokio::time::timeout(after, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(DriverError::Timeout {
+            op: op.to_string(),
+            after,
+        }),
+    }
+}
+
+/// One reconciler: owns one section of the document and the host objects it created.
+///
+/// Implementations must keep `plan` pure (no I/O, deterministic order) and return an
+/// empty plan when `observed` already matches `spec`; `apply` performs exactly the
+/// plan's actions, continues past a failing action, and reports one outcome per action.
+pub trait Reconciler: Send + Sync + 'static {
+    /// The reconciler's section of the document.
+    type Spec: Send + Sync + 'static;
+    /// What `observe` read from the host.
+    type Observed: Send + Sync + 'static;
+    /// One driver operation.
+    type Action: Send + Sync + 'static;
+
+    fn name(&self) -> &'static str;
+
+    /// Whether a change in the shared [`Facts`] should trigger a pass.
+    fn watches_facts(&self) -> bool {
+        false
+    }
+
+    /// Reads the real host state relevant to `spec` (never only a cache).
+    fn observe(
+        &self,
+        spec: &Self::Spec,
+    ) -> impl Future<Output = Result<Self::Observed, DriverError>> + Send;
+
+    /// Pure diff of desired against observed.
+    fn plan(
+        &self,
+        spec: &Self::Spec,
+        observed: &Self::Observed,
+        facts: &Facts,
+    ) -> Plan<Self::Action>;
+
+    /// Performs the plan's actions through the driver.
+    fn apply(
+        &self,
+        spec: &Self::Spec,
+        plan: Plan<Self::Action>,
+    ) -> impl Future<Output = Vec<ObjectOutcome>> + Send;
+
+    /// Facts this reconciler publishes for others, taken from what it observed.
+    fn publish(&self, _observed: &Self::Observed) -> Option<FactsUpdate> {
+        None
+    }
+
+    /// Host events that should trigger a pass (runtime events, netlink, inotify).
+    fn host_events(&self) -> Option<BoxStream<'static, ()>> {
+        None
+    }
+}

@@ -1,0 +1,299 @@
+//! Host access for the DNS reconciler: the real dnsmasq driver and an in-memory fake.
+
+use crate::render::{conf_hash_of, Layout};
+use converge_core::fsutil::{read_optional, write_atomic};
+use converge_core::{with_timeout, DriverError};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// A dnsmasq process started by converge, found by its config file argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Running {
+    pub pid: u32,
+    pub conf_hash: String,
+}
+
+/// What the DNS reconciler needs from the host.
+pub trait DnsDriver: Send + Sync + 'static {
+    fn layout(&self) -> &Layout;
+    fn read_hosts(&self) -> Result<Option<String>, DriverError>;
+    fn write_hosts(&self, content: &str) -> Result<(), DriverError>;
+    /// Our config files by hash.
+    fn read_confs(&self) -> Result<BTreeMap<String, String>, DriverError>;
+    fn write_conf(&self, hash: &str, content: &str) -> Result<(), DriverError>;
+    /// Removes config files of hashes other than `keep`.
+    fn remove_stale_confs(&self, keep: &str) -> Result<(), DriverError>;
+    /// Every dnsmasq process running one of our config files.
+    fn running(&self) -> Result<Vec<Running>, DriverError>;
+    /// Stops `old` processes, then starts dnsmasq on the config `hash`.
+    fn restart(
+        &self,
+        old: &[Running],
+        hash: &str,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+}
+
+/// The real driver: files under the layout's directory, dnsmasq processes on this host.
+pub struct Dnsmasq {
+    layout: Layout,
+    binary: PathBuf,
+}
+
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+impl Dnsmasq {
+    pub fn new(layout: Layout, binary: impl Into<PathBuf>) -> Self {
+        Self {
+            layout,
+            binary: binary.into(),
+        }
+    }
+
+    fn ensure_dirs(&self) -> Result<(), DriverError> {
+        use std::os::unix::fs::DirBuilderExt;
+        for d in [self.layout.dir.clone(), self.layout.hosts_dir()] {
+            // 0755: dnsmasq drops privileges and must still read its hosts directory.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&d)
+                .map_err(|e| DriverError::io(format!("create {}", d.display()), e))?;
+        }
+        Ok(())
+    }
+
+    fn conf_files(&self) -> Result<Vec<PathBuf>, DriverError> {
+        let dir = &self.layout.dir;
+        match std::fs::read_dir(dir) {
+            Ok(entries) => Ok(entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| conf_hash_of(p).is_some())
+                .collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(DriverError::io(format!("list {}", dir.display()), e)),
+        }
+    }
+
+    fn conf_prefix(&self) -> String {
+        format!("--conf-file={}/dnsmasq-", self.layout.dir.display())
+    }
+}
+
+fn read(path: &Path) -> Result<Option<String>, DriverError> {
+    read_optional(path).map_err(|e| DriverError::io(format!("read {}", path.display()), e))
+}
+
+fn write(path: &Path, content: &str) -> Result<(), DriverError> {
+    write_atomic(path, content.as_bytes(), 0o644)
+        .map_err(|e| DriverError::io(format!("write {}", path.display()), e))
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+impl DnsDriver for Dnsmasq {
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn read_hosts(&self) -> Result<Option<String>, DriverError> {
+        read(&self.layout.hosts_file())
+    }
+
+    fn write_hosts(&self, content: &str) -> Result<(), DriverError> {
+        self.ensure_dirs()?;
+        write(&self.layout.hosts_file(), content)
+    }
+
+    fn read_confs(&self) -> Result<BTreeMap<String, String>, DriverError> {
+        let mut confs = BTreeMap::new();
+        for p in self.conf_files()? {
+            if let (Some(hash), Some(content)) = (conf_hash_of(&p), read(&p)?) {
+                confs.insert(hash, content);
+            }
+        }
+        Ok(confs)
+    }
+
+    fn write_conf(&self, hash: &str, content: &str) -> Result<(), DriverError> {
+        self.ensure_dirs()?;
+        write(&self.layout.conf_file(hash), content)
+    }
+
+    fn remove_stale_confs(&self, keep: &str) -> Result<(), DriverError> {
+        for p in self.conf_files()? {
+            if conf_hash_of(&p).is_some_and(|h| h != keep) {
+                std::fs::remove_file(&p)
+                    .map_err(|e| DriverError::io(format!("remove {}", p.display()), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn running(&self) -> Result<Vec<Running>, DriverError> {
+        // Scan /proc instead of trusting the pid file: an instance orphaned by a crash
+        // mid-restart is found too, by the config argument only converge passes.
+        let prefix = self.conf_prefix();
+        let procs = std::fs::read_dir("/proc").map_err(|e| DriverError::io("list /proc", e))?;
+        let mut found = Vec::new();
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+                continue;
+            };
+            for arg in cmdline.split(|b| *b == 0) {
+                let arg = String::from_utf8_lossy(arg);
+                if let Some(hash) = arg
+                    .strip_prefix(&prefix)
+                    .and_then(|rest| rest.strip_suffix(".conf"))
+                {
+                    found.push(Running {
+                        pid,
+                        conf_hash: hash.to_string(),
+                    });
+                }
+            }
+        }
+        found.sort_by_key(|r| r.pid);
+        Ok(found)
+    }
+
+    async fn restart(&self, old: &[Running], hash: &str) -> Result<(), DriverError> {
+        for r in old {
+            signal(r.pid, libc::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        while old.iter().any(|r| alive(r.pid)) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for r in old.iter().filter(|r| alive(r.pid)) {
+            signal(r.pid, libc::SIGKILL);
+        }
+        let conf = self.layout.conf_file(hash);
+        let log = self.layout.dir.join("dnsmasq.start.log");
+        let stderr = std::fs::File::create(&log)
+            .map_err(|e| DriverError::io(format!("create {}", log.display()), e))?;
+        let mut child = tokio::process::Command::new(&self.binary)
+            .arg(format!("--conf-file={}", conf.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| DriverError::io(format!("spawn {}", self.binary.display()), e))?;
+        // dnsmasq forks into the background; the parent exits once the daemon has
+        // bound its sockets, with a non-zero status if it could not.
+        let status = with_timeout("dnsmasq start", START_TIMEOUT, async {
+            child
+                .wait()
+                .await
+                .map_err(|e| DriverError::io("wait for dnsmasq", e))
+        })
+        .await?;
+        if !status.success() {
+            let msg = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(DriverError::Failed(format!(
+                "dnsmasq exited with {status}: {}",
+                msg.trim()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// In-memory driver for unit tests of the reconciler's logic.
+pub struct FakeDriver {
+    pub state: Mutex<FakeState>,
+    layout: Layout,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FakeState {
+    pub hosts: Option<String>,
+    pub confs: BTreeMap<String, String>,
+    pub running: Vec<Running>,
+    pub restarts: usize,
+    pub hosts_writes: usize,
+    pub fail_restart: bool,
+}
+
+impl FakeDriver {
+    pub fn new(layout: Layout) -> Self {
+        Self {
+            state: Mutex::default(),
+            layout,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
+        let mut guard = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    pub fn snapshot(&self) -> FakeState {
+        self.with(|s| s.clone())
+    }
+}
+
+impl DnsDriver for FakeDriver {
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    fn read_hosts(&self) -> Result<Option<String>, DriverError> {
+        Ok(self.with(|s| s.hosts.clone()))
+    }
+    fn write_hosts(&self, content: &str) -> Result<(), DriverError> {
+        self.with(|s| {
+            s.hosts = Some(content.to_string());
+            s.hosts_writes += 1;
+        });
+        Ok(())
+    }
+    fn read_confs(&self) -> Result<BTreeMap<String, String>, DriverError> {
+        Ok(self.with(|s| s.confs.clone()))
+    }
+    fn write_conf(&self, hash: &str, content: &str) -> Result<(), DriverError> {
+        self.with(|s| s.confs.insert(hash.to_string(), content.to_string()));
+        Ok(())
+    }
+    fn remove_stale_confs(&self, keep: &str) -> Result<(), DriverError> {
+        self.with(|s| s.confs.retain(|h, _| h == keep));
+        Ok(())
+    }
+    fn running(&self) -> Result<Vec<Running>, DriverError> {
+        Ok(self.with(|s| s.running.clone()))
+    }
+    async fn restart(&self, _old: &[Running], hash: &str) -> Result<(), DriverError> {
+        self.with(|s| {
+            if s.fail_restart {
+                return Err(DriverError::Failed("dnsmasq: failed to bind".into()));
+            }
+            s.restarts += 1;
+            s.running = vec![Running {
+                pid: 1000 + s.restarts as u32,
+                conf_hash: hash.to_string(),
+            }];
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,286 @@
+//! The daemon (`converge agent`): stores accepted documents, runs the engine, persists
+//! status, and serves `push`/`status` on a unix socket (mode 0600) until the
+//! control-plane client lands.
+
+use crate::document::{self, Document, Format, Mode};
+use crate::engine::{Engine, EngineConfig, ReconcilerStatus, Report};
+use crate::store::{Store, StoreError};
+use anyhow::Context;
+use converge_core::Problems;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+/// Largest request accepted on the socket.
+const MAX_REQUEST: u64 = 64 << 20;
+
+/// A request on the agent socket (one JSON object per connection).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    Push { document: String, yaml: bool },
+    Status,
+}
+
+/// The agent's answer.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Problems::is_empty")]
+    pub problems: Problems,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statuses: Vec<ReconcilerStatus>,
+}
+
+impl Response {
+    fn error(msg: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Paths inside the data directory.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("converge.sock")
+}
+
+pub fn store_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("state.db")
+}
+
+/// Creates the data directory: 0711, so daemons that drop privileges (dnsmasq) can
+/// reach their own subdirectory without being able to list the others.
+pub fn prepare_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("chmod {}", data_dir.display()))
+}
+
+/// Agent settings from the command line.
+pub struct AgentOptions {
+    pub data_dir: PathBuf,
+    pub proxy: bool,
+    pub engine: EngineConfig,
+}
+
+struct Shared {
+    store: Mutex<Store>,
+    engine: Engine,
+    mode: Mode,
+}
+
+fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+    match store.lock() {
+        Ok(g) => g,
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions).
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    prepare_data_dir(&opts.data_dir)?;
+    let store = Store::open(&store_path(&opts.data_dir)).context("open store")?;
+    let mode = if opts.proxy {
+        Mode::Proxy
+    } else {
+        Mode::Worker
+    };
+    let initial = match store.last_good()? {
+        Some((g, body)) => match document::parse(&body, Format::Json) {
+            Ok(doc) => {
+                info!(generation = g, "resuming from the last good document");
+                Some(Arc::new(doc))
+            }
+            Err(p) => {
+                error!(generation = g, problems = %p.len(), "stored document no longer validates; waiting for a new one");
+                None
+            }
+        },
+        None => None,
+    };
+    let sock = socket_path(&opts.data_dir);
+    let listener = bind_socket(&sock).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(
+        crate::registry::sections(&opts.data_dir),
+        opts.engine,
+        initial,
+        tx,
+    );
+    let shared = Arc::new(Shared {
+        store: Mutex::new(store),
+        engine,
+        mode,
+    });
+    let persister = tokio::spawn(persist_reports(shared.clone(), rx));
+    info!(socket = %sock.display(), ?mode, "agent started");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(stream, &shared).await {
+                            warn!(error = %e, "socket client failed");
+                        }
+                    });
+                }
+                Err(e) => warn!(error = %e, "accept failed"),
+            },
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    info!("shutting down: converged state stays in place");
+    drop(listener);
+    let _ = std::fs::remove_file(&sock);
+    shared.engine.shutdown().await;
+    // Workers are gone, so the report channel closes once the last report is saved.
+    let _ = persister.await;
+    Ok(())
+}
+
+async fn bind_socket(sock: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if sock.exists() {
+        if UnixStream::connect(sock).await.is_ok() {
+            anyhow::bail!("another agent is already serving {}", sock.display());
+        }
+        std::fs::remove_file(sock).with_context(|| format!("remove stale {}", sock.display()))?;
+    }
+    let listener = UnixListener::bind(sock).with_context(|| format!("bind {}", sock.display()))?;
+    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn persist_reports(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Report>) {
+    while let Some(report) = rx.recv().await {
+        let shared = shared.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut store = lock(&shared.store);
+            store.put_status(&report.status)?;
+            store.journal(&report.status.reconciler, &report.journal)
+        })
+        .await;
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "cannot persist status"),
+            Err(e) => error!(error = %e, "status writer failed"),
+        }
+    }
+}
+
+async fn serve(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    (&mut stream)
+        .take(MAX_REQUEST)
+        .read_to_end(&mut buf)
+        .await?;
+    let response = match serde_json::from_slice::<Request>(&buf) {
+        Ok(Request::Push { document, yaml }) => {
+            let format = if yaml { Format::Yaml } else { Format::Json };
+            push(shared, &document, format)
+        }
+        Ok(Request::Status) => status(shared),
+        Err(e) => Response::error(format!("bad request: {e}")),
+    };
+    stream.write_all(&serde_json::to_vec(&response)?).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+fn push(shared: &Shared, text: &str, format: Format) -> Response {
+    let doc = match document::parse(text, format) {
+        Ok(d) => d,
+        Err(problems) => {
+            warn!(
+                problems = problems.len(),
+                "refused an invalid document; the last good one stays in force"
+            );
+            return Response {
+                ok: false,
+                error: Some("document is invalid".into()),
+                problems,
+                ..Default::default()
+            };
+        }
+    };
+    if let Err(e) = check_mode(&doc, shared.mode) {
+        return Response::error(e);
+    }
+    let canonical = match serde_json::to_string(&doc) {
+        Ok(c) => c,
+        Err(e) => return Response::error(format!("cannot serialise document: {e}")),
+    };
+    match lock(&shared.store).accept(doc.generation, &canonical) {
+        Ok(()) => {}
+        Err(e @ StoreError::Stale { .. }) => return Response::error(e.to_string()),
+        Err(e) => return Response::error(format!("not stored: {e}")),
+    }
+    info!(generation = doc.generation, "accepted document");
+    let generation = doc.generation;
+    shared.engine.push(Arc::new(doc));
+    Response {
+        ok: true,
+        generation: Some(generation),
+        ..Default::default()
+    }
+}
+
+/// Refuses a document meant for the other kind of node.
+pub fn check_mode(doc: &Document, mode: Mode) -> Result<(), String> {
+    if doc.node.mode == mode {
+        Ok(())
+    } else {
+        Err(format!(
+            "$.node.mode: document is for a {:?} node but this agent runs as {:?} (hint: start the agent with{} --proxy)",
+            doc.node.mode,
+            mode,
+            if doc.node.mode == Mode::Proxy { "" } else { "out" }
+        ))
+    }
+}
+
+fn status(shared: &Shared) -> Response {
+    let store = lock(&shared.store);
+    match (store.current_generation(), store.statuses()) {
+        (Ok(generation), Ok(statuses)) => Response {
+            ok: true,
+            generation,
+            statuses,
+            ..Default::default()
+        },
+        (Err(e), _) | (_, Err(e)) => Response::error(e.to_string()),
+    }
+}
+
+/// Client side: sends one request to the agent socket and reads the answer.
+pub async fn request(data_dir: &Path, req: &Request) -> anyhow::Result<Response> {
+    let sock = socket_path(data_dir);
+    let mut stream = UnixStream::connect(&sock).await.with_context(|| {
+        format!(
+            "cannot reach the agent at {} (is `converge agent` running?)",
+            sock.display()
+        )
+    })?;
+    stream.write_all(&serde_json::to_vec(req)?).await?;
+    stream.shutdown().await?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await?;
+    serde_json::from_slice(&buf).context("bad response from agent")
+}

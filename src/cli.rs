@@ -1,0 +1,376 @@
+//! Command line: argument definitions and the commands (validate, schema, diff, apply,
+//! agent, push, status).
+
+use crate::agent::{self, AgentOptions, Request};
+use crate::document::{self, Document, Format, Mode};
+use crate::engine::{run_once, EngineConfig, PassResult, ReconcilerStatus, State};
+use crate::output::{self, OutputFormat};
+use crate::registry;
+use crate::store::Store;
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "converge",
+    version,
+    about = "Converges this host to a desired-state document"
+)]
+pub struct Cli {
+    /// Agent state directory (store, socket, reconciler files).
+    #[arg(
+        long,
+        global = true,
+        env = "CONVERGE_DATA_DIR",
+        default_value = "/var/lib/converge"
+    )]
+    pub data_dir: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Validate a document (JSON or YAML); exit 1 listing every problem.
+    Validate {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFormat,
+    },
+    /// Print the document's JSON Schema.
+    Schema,
+    /// Dry run: show what applying FILE would change on this host. Exit 0 = no
+    /// changes, 2 = changes, 1 = error.
+    Diff {
+        file: PathBuf,
+        /// Only this reconciler.
+        #[arg(long)]
+        reconciler: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFormat,
+    },
+    /// Converge once to FILE and print per-reconciler results; exit 1 if any is Degraded.
+    Apply {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFormat,
+    },
+    /// Run the node agent.
+    Agent {
+        /// Run as a proxy node (TLS and public routes).
+        #[arg(long)]
+        proxy: bool,
+        /// Seconds between drift-repair passes.
+        #[arg(long, default_value_t = 60)]
+        resync_secs: u64,
+    },
+    /// Hand a document to the running agent.
+    Push { file: PathBuf },
+    /// Show the accepted generation and each reconciler's status.
+    Status {
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFormat,
+    },
+}
+
+/// Runs the parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let color = std::io::stdout().is_terminal();
+    match cli.command {
+        Command::Validate { file, output } => Ok(match document::load(&file)? {
+            Ok(doc) => {
+                match output {
+                    OutputFormat::Text => {
+                        println!("{}: valid (generation {})", file.display(), doc.generation)
+                    }
+                    OutputFormat::Json => println!(
+                        "{}",
+                        serde_json::json!({"valid": true, "generation": doc.generation})
+                    ),
+                }
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                print_problems(&file, &problems, output);
+                ExitCode::from(1)
+            }
+        }),
+        Command::Schema => {
+            print!("{}", crate::schema::json());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff {
+            file,
+            reconciler,
+            output,
+        } => {
+            let Some(doc) = load_valid(&file, output)? else {
+                return Ok(ExitCode::from(1));
+            };
+            let mut sections = registry::sections(&cli.data_dir);
+            let mut unbuilt = unbuilt_sections(&doc, &sections);
+            if let Some(r) = &reconciler {
+                if !registry::ALL.contains(&r.as_str()) {
+                    anyhow::bail!(
+                        "unknown reconciler {r:?}; known: {}",
+                        registry::ALL.join(", ")
+                    );
+                }
+                sections.retain(|s| s.name() == r);
+                unbuilt.retain(|u| u == r);
+            }
+            let results = run_once(&sections, Arc::new(doc), true).await;
+            match output {
+                OutputFormat::Text => print!("{}", output::plan_text(&results, &unbuilt, color)),
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&output::plan_json(&results))?
+                ),
+            }
+            let failed = results.values().any(|r| matches!(r, PassResult::Failed(_)));
+            Ok(ExitCode::from(if failed {
+                1
+            } else if output::has_changes(&results) {
+                2
+            } else {
+                0
+            }))
+        }
+        Command::Apply { file, output } => apply(&cli.data_dir, &file, output, color).await,
+        Command::Agent { proxy, resync_secs } => {
+            let engine = EngineConfig {
+                resync: Duration::from_secs(resync_secs.max(1)),
+                ..Default::default()
+            };
+            agent::run(AgentOptions {
+                data_dir: cli.data_dir,
+                proxy,
+                engine,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Push { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let yaml = Format::from_path(&file) == Format::Yaml;
+            let resp = agent::request(
+                &cli.data_dir,
+                &Request::Push {
+                    document: text,
+                    yaml,
+                },
+            )
+            .await?;
+            if resp.ok {
+                println!(
+                    "accepted generation {}",
+                    resp.generation.unwrap_or_default()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            if !resp.problems.is_empty() {
+                print_problems(&file, &resp.problems, OutputFormat::Text);
+            }
+            if let Some(e) = resp.error {
+                eprintln!("refused: {e}");
+            }
+            Ok(ExitCode::from(1))
+        }
+        Command::Status { output } => {
+            let store = Store::open(&agent::store_path(&cli.data_dir)).context("open store")?;
+            let generation = store.current_generation()?;
+            let statuses = store.statuses()?;
+            match output {
+                OutputFormat::Text => {
+                    print!("{}", output::status_text(generation, &statuses, color))
+                }
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"generation": generation, "reconcilers": statuses})
+                    )?
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_problems(file: &Path, problems: &converge_core::Problems, output: OutputFormat) {
+    match output {
+        OutputFormat::Text => eprint!(
+            "{}",
+            output::problems_text(&file.display().to_string(), problems)
+        ),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::json!({"valid": false, "problems": problems})
+        ),
+    }
+}
+
+fn load_valid(file: &Path, output: OutputFormat) -> anyhow::Result<Option<Document>> {
+    match document::load(file)? {
+        Ok(d) => Ok(Some(d)),
+        Err(problems) => {
+            print_problems(file, &problems, output);
+            Ok(None)
+        }
+    }
+}
+
+/// Sections present in the document whose reconciler this build does not have yet.
+fn unbuilt_sections(
+    doc: &Document,
+    sections: &[Arc<dyn crate::engine::Section>],
+) -> Vec<&'static str> {
+    registry::ALL
+        .into_iter()
+        .filter(|n| registry::has_section(doc, n) && !sections.iter().any(|s| s.name() == *n))
+        .collect()
+}
+
+/// `converge apply`: store the document (refusing an older generation), converge once,
+/// verify with a second dry pass, record statuses.
+async fn apply(
+    data_dir: &Path,
+    file: &Path,
+    output: OutputFormat,
+    color: bool,
+) -> anyhow::Result<ExitCode> {
+    let Some(doc) = load_valid(file, output)? else {
+        return Ok(ExitCode::from(1));
+    };
+    agent::prepare_data_dir(data_dir)?;
+    let mut store = Store::open(&agent::store_path(data_dir)).context("open store")?;
+    let canonical = serde_json::to_string(&doc)?;
+    match store.last_good()? {
+        // Re-applying the accepted document repairs drift; anything else must be newer.
+        Some((g, body)) if g == doc.generation && body == canonical => {}
+        _ => {
+            if let Err(e) = store.accept(doc.generation, &canonical) {
+                eprintln!("refused: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    let mode = if doc.node.mode == Mode::Proxy {
+        "proxy"
+    } else {
+        "worker"
+    };
+    let generation = doc.generation;
+    let unbuilt = unbuilt_sections(&doc, &registry::sections(data_dir));
+    let doc = Arc::new(doc);
+    let sections = registry::sections(data_dir);
+    let applied = run_once(&sections, doc.clone(), false).await;
+    let verify = run_once(&sections, doc, true).await;
+    let mut degraded = false;
+    let now = chrono::Utc::now();
+    for (name, r) in &applied {
+        let (state, message, errors) = match (r, verify.get(name)) {
+            (PassResult::Unmanaged, _) => (
+                State::Unmanaged,
+                "no section in the document".to_string(),
+                vec![],
+            ),
+            (PassResult::Failed(e), _) => (State::Degraded, e.clone(), vec![]),
+            (PassResult::Ran { outcomes, .. }, _) if outcomes.iter().any(|o| o.error.is_some()) => {
+                let errors: Vec<_> = outcomes
+                    .iter()
+                    .filter_map(|o| {
+                        o.error.as_ref().map(|e| crate::engine::ObjectError {
+                            object: o.object.clone(),
+                            error: e.clone(),
+                        })
+                    })
+                    .collect();
+                (
+                    State::Degraded,
+                    format!("{} of {} actions failed", errors.len(), outcomes.len()),
+                    errors,
+                )
+            }
+            (_, Some(PassResult::Ran { changes, .. })) if !changes.is_empty() => (
+                State::Degraded,
+                format!("{} changes remain after apply", changes.len()),
+                vec![],
+            ),
+            (_, Some(PassResult::Failed(e))) => (State::Degraded, format!("verify: {e}"), vec![]),
+            _ => (
+                State::Converged,
+                "host matches the document".to_string(),
+                vec![],
+            ),
+        };
+        degraded |= state == State::Degraded;
+        store.put_status(&ReconcilerStatus {
+            reconciler: name.to_string(),
+            state,
+            message,
+            observed_generation: Some(generation),
+            last_transition: now,
+            last_pass: Some(now),
+            object_errors: errors,
+        })?;
+        if let PassResult::Ran { changes, .. } = r {
+            let journal: Vec<_> = changes
+                .iter()
+                .map(|c| {
+                    (
+                        format!("{} {}", c.kind, c.id),
+                        format!("{:?}", c.op).to_lowercase(),
+                    )
+                })
+                .collect();
+            store.journal(name, &journal)?;
+        }
+    }
+    match output {
+        OutputFormat::Text => {
+            print!("{}", output::plan_text(&applied, &unbuilt, color));
+            let statuses = store.statuses()?;
+            println!();
+            print!(
+                "{}",
+                output::status_text(Some(generation), &statuses, color)
+            );
+            println!("({mode} node)");
+        }
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"generation": generation, "applied": output::plan_json(&applied), "reconcilers": store.statuses()?})
+            )?
+        ),
+    }
+    Ok(ExitCode::from(if degraded { 1 } else { 0 }))
+}
+
+/// Sets up tracing on stderr: readable by default, JSON with `--log-format json`.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONVERGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,290 @@
+//! Engine tests with scripted sections and paused tokio time: isolation, coalescing,
+//! backoff, the facts hand-off and shutdown.
+
+use super::*;
+use crate::document::{ApiVersion, Mode, Node};
+use converge_core::ContainerFacts;
+use std::sync::Mutex;
+
+fn doc(generation: u64) -> Arc<Document> {
+    Arc::new(Document {
+        api_version: ApiVersion::V1,
+        node: Node {
+            id: "n1".into(),
+            mode: Mode::Worker,
+        },
+        generation,
+        issued_at: Utc::now(),
+        containers: None,
+        wireguard: None,
+        firewall: None,
+        dns: None,
+        routes: None,
+        backups: None,
+        metadata: None,
+    })
+}
+
+type Behaviour = dyn Fn(u64, &Facts, usize) -> PassResult + Send + Sync;
+
+/// A section whose passes follow a script; it records (generation, facts) per pass.
+struct Scripted {
+    name: &'static str,
+    watches: bool,
+    delay: Duration,
+    behaviour: Box<Behaviour>,
+    seen: Arc<Mutex<Vec<(u64, Facts)>>>,
+}
+
+impl Scripted {
+    fn new(
+        name: &'static str,
+        behaviour: impl Fn(u64, &Facts, usize) -> PassResult + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name,
+            watches: false,
+            delay: Duration::ZERO,
+            behaviour: Box::new(behaviour),
+            seen: Default::default(),
+        }
+    }
+}
+
+impl Section for Scripted {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn watches_facts(&self) -> bool {
+        self.watches
+    }
+    fn host_events(&self) -> Option<BoxStream<'static, ()>> {
+        None
+    }
+    fn pass(
+        &self,
+        doc: Arc<Document>,
+        facts: Arc<Facts>,
+        _dry_run: bool,
+    ) -> BoxFuture<'static, PassResult> {
+        let n = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.push((doc.generation, (*facts).clone()));
+            seen.len()
+        };
+        let result = (self.behaviour)(doc.generation, &facts, n);
+        let delay = self.delay;
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            result
+        })
+    }
+}
+
+fn converged() -> PassResult {
+    PassResult::Ran {
+        changes: vec![],
+        outcomes: vec![],
+        facts: None,
+    }
+}
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        resync: Duration::from_secs(60),
+        ..Default::default()
+    }
+}
+
+async fn last_state(
+    rx: &mut mpsc::UnboundedReceiver<Report>,
+    name: &str,
+    want: State,
+) -> ReconcilerStatus {
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(600), rx.recv())
+            .await
+            .expect("no report")
+            .expect("closed");
+        if r.status.reconciler == name && r.status.state == want {
+            return r.status;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_reconciler_does_not_block_another() {
+    let bad = Scripted::new("bad", |_, _, _| panic!("boom"));
+    let good = Scripted::new("good", |_, _, _| converged());
+    let bad_seen = bad.seen.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(bad), Arc::new(good)], cfg(), Some(doc(1)), tx);
+    let s = last_state(&mut rx, "good", State::Converged).await;
+    assert_eq!(s.observed_generation, Some(1));
+    let s = last_state(&mut rx, "bad", State::Degraded).await;
+    assert!(s.message.contains("panicked: boom"), "{}", s.message);
+    // The failing one is retried with growing delays, not hot-looped.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let passes = bad_seen.lock().unwrap().len();
+    assert!((3..=8).contains(&passes), "{passes} passes in 10 s");
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_failing_object_degrades_but_others_are_reported_applied() {
+    let s = Scripted::new("objs", |_, _, n| {
+        if n == 1 {
+            PassResult::Ran {
+                changes: vec![
+                    Change::new(converge_core::Op::Create, "thing", "a"),
+                    Change::new(converge_core::Op::Create, "thing", "b"),
+                ],
+                outcomes: vec![
+                    ObjectOutcome::ok("thing a"),
+                    ObjectOutcome::failed("thing b", "no space"),
+                ],
+                facts: None,
+            }
+        } else {
+            converged()
+        }
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
+    let st = last_state(&mut rx, "objs", State::Degraded).await;
+    assert_eq!(
+        st.object_errors,
+        vec![ObjectError {
+            object: "thing b".into(),
+            error: "no space".into()
+        }]
+    );
+    // The backoff retry converges it.
+    last_state(&mut rx, "objs", State::Converged).await;
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn documents_pushed_during_a_pass_coalesce_to_the_newest() {
+    let mut slow = Scripted::new("slow", |_, _, _| converged());
+    slow.delay = Duration::from_secs(5);
+    let seen = slow.seen.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(slow)], cfg(), Some(doc(1)), tx);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for g in 2..=10 {
+        engine.push(doc(g));
+    }
+    loop {
+        let st = last_state(&mut rx, "slow", State::Converged).await;
+        if st.observed_generation == Some(10) {
+            break;
+        }
+    }
+    let gens: Vec<u64> = seen.lock().unwrap().iter().map(|(g, _)| *g).collect();
+    assert_eq!(gens, vec![1, 10]);
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn published_facts_trigger_watchers() {
+    let publisher = Scripted::new("containers", |g, _, _| {
+        let mut c = std::collections::BTreeMap::new();
+        c.insert(
+            "web".to_string(),
+            ContainerFacts {
+                addresses: vec![format!("10.88.0.{g}").parse().unwrap()],
+                running: true,
+            },
+        );
+        PassResult::Ran {
+            changes: vec![],
+            outcomes: vec![],
+            facts: Some(FactsUpdate::Containers(c)),
+        }
+    });
+    let mut watcher = Scripted::new("dns", |_, _, _| converged());
+    watcher.watches = true;
+    let seen = watcher.seen.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(
+        vec![Arc::new(publisher), Arc::new(watcher)],
+        cfg(),
+        Some(doc(1)),
+        tx,
+    );
+    last_state(&mut rx, "containers", State::Converged).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let addr = |seen: &Arc<Mutex<Vec<(u64, Facts)>>>| {
+        seen.lock()
+            .unwrap()
+            .last()
+            .and_then(|(_, f)| f.containers.get("web").map(|c| c.addresses[0].to_string()))
+    };
+    assert_eq!(addr(&seen).as_deref(), Some("10.88.0.1"));
+    assert_eq!(
+        engine.facts().containers["web"].addresses[0].to_string(),
+        "10.88.0.1"
+    );
+    // A new document changes the published address; the watcher runs again with it.
+    engine.push(doc(2));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(addr(&seen).as_deref(), Some("10.88.0.2"));
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn resync_repairs_drift_periodically() {
+    let s = Scripted::new("drifty", |_, _, _| converged());
+    let seen = s.seen.clone();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    let passes = seen.lock().unwrap().len();
+    // 1 initial + one per ~60 s (±10 %).
+    assert!((3..=5).contains(&passes), "{passes}");
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_lets_the_in_flight_pass_finish() {
+    let finished = Arc::new(Mutex::new(false));
+    let f2 = finished.clone();
+    struct Slow(Arc<Mutex<bool>>);
+    impl Section for Slow {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn watches_facts(&self) -> bool {
+            false
+        }
+        fn host_events(&self) -> Option<BoxStream<'static, ()>> {
+            None
+        }
+        fn pass(&self, _: Arc<Document>, _: Arc<Facts>, _: bool) -> BoxFuture<'static, PassResult> {
+            let done = self.0.clone();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                *done.lock().unwrap() = true;
+                converged()
+            })
+        }
+    }
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(Slow(f2))], cfg(), Some(doc(1)), tx);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    engine.shutdown().await;
+    assert!(*finished.lock().unwrap());
+}
+
+#[test]
+fn backoff_grows_with_jitter_and_caps() {
+    let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+    let d: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
+    assert!(d[0] >= Duration::from_millis(250) && d[0] <= Duration::from_millis(500));
+    assert!(d[4] >= Duration::from_secs(4) && d[4] <= Duration::from_secs(8));
+    assert!(d.iter().all(|x| *x <= Duration::from_secs(60)));
+    assert!(d[11] >= Duration::from_secs(30));
+    b.reset();
+    assert!(b.next_delay() <= Duration::from_millis(500));
+}

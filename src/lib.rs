@@ -1,0 +1,14 @@
+//! converge: a node agent that makes one Linux host match a desired-state document.
+//!
+//! Data flows one way: document → validate → store → engine (observe → plan → apply per
+//! reconciler) → status. See ARCHITECTURE.md for the code map and invariants.
+
+pub mod agent;
+pub mod cli;
+pub mod document;
+pub mod engine;
+pub mod output;
+pub mod registry;
+pub mod schema;
+pub mod store;
+pub mod validate;

@@ -1,0 +1,158 @@
+//! Semantic validation: each section's own rules (in its reconciler crate) plus the
+//! rules that span sections (names that must resolve, host ports that must not clash).
+
+use crate::document::{Document, Mode};
+use converge_core::Problems;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Runs every semantic rule, appending all problems found.
+pub fn semantic(doc: &Document, problems: &mut Problems) {
+    if doc.node.id.trim().is_empty() {
+        problems.push("$.node.id", "node id must not be empty");
+    }
+    if let Some(c) = &doc.containers {
+        converge_containers::validate(c, "$.containers", problems);
+    }
+    if let Some(w) = &doc.wireguard {
+        converge_wireguard::validate(w, "$.wireguard", problems);
+    }
+    if let Some(f) = &doc.firewall {
+        converge_firewall::validate(f, "$.firewall", problems);
+    }
+    if let Some(d) = &doc.dns {
+        converge_dns::validate(d, "$.dns", problems);
+    }
+    if let Some(r) = &doc.routes {
+        converge_routes::validate(r, "$.routes", problems);
+    }
+    if let Some(b) = &doc.backups {
+        converge_backups::validate(b, "$.backups", problems);
+    }
+    if let Some(m) = &doc.metadata {
+        converge_metadata::validate(m, "$.metadata", problems);
+    }
+    cross_section(doc, problems);
+}
+
+/// Lower-case wire name of a serde enum value (`tcp`, `udp`).
+fn wire_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn cross_section(doc: &Document, problems: &mut Problems) {
+    let containers: BTreeSet<&str> = doc
+        .containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    let need_container = |problems: &mut Problems, path: String, name: &str| {
+        if doc.containers.is_none() {
+            problems.push_hint(
+                path,
+                format!("names container {name:?} but the document has no containers section"),
+                "add the container to $.containers or name an address instead",
+            );
+        } else if !containers.contains(name) {
+            let known: Vec<&str> = containers.iter().copied().collect();
+            problems.push_hint(
+                path,
+                format!("names container {name:?}, which is not in $.containers"),
+                format!("known containers: {}", known.join(", ")),
+            );
+        }
+    };
+    if let Some(dns) = &doc.dns {
+        for (i, r) in dns.records.iter().enumerate() {
+            if let Some(c) = &r.container {
+                need_container(problems, format!("$.dns.records[{i}].container"), c);
+            }
+        }
+    }
+    if let Some(fw) = &doc.firewall {
+        for (i, p) in fw.published_ports.iter().enumerate() {
+            if let Some(c) = &p.target.container {
+                need_container(
+                    problems,
+                    format!("$.firewall.publishedPorts[{i}].target.container"),
+                    c,
+                );
+            }
+        }
+    }
+    if let Some(routes) = &doc.routes {
+        let peers: BTreeSet<&str> = doc
+            .wireguard
+            .iter()
+            .flat_map(|w| w.peers.iter().map(|p| p.name.as_str()))
+            .collect();
+        for (i, r) in routes.routes.iter().enumerate() {
+            if let Some(c) = &r.upstream.container {
+                need_container(
+                    problems,
+                    format!("$.routes.routes[{i}].upstream.container"),
+                    c,
+                );
+            }
+            if let Some(p) = &r.upstream.peer {
+                if !peers.contains(p.as_str()) {
+                    problems.push_hint(
+                        format!("$.routes.routes[{i}].upstream.peer"),
+                        format!("names WireGuard peer {p:?}, which is not in $.wireguard.peers"),
+                        "add the peer or route to a container or address",
+                    );
+                }
+            }
+        }
+        if doc.node.mode != Mode::Proxy {
+            problems.push_hint(
+                "$.routes",
+                "routes are served only by proxy nodes, and this document is for a worker",
+                "set $.node.mode to proxy or move the routes to a proxy node's document",
+            );
+        }
+    }
+    host_port_conflicts(doc, problems);
+}
+
+/// A published host port is (protocol, host IP or all, port); two bindings clash when
+/// protocol and port match and either binds all addresses or both bind the same one.
+fn host_port_conflicts(doc: &Document, problems: &mut Problems) {
+    let mut taken: BTreeMap<(String, u16), Vec<(Option<String>, String)>> = BTreeMap::new();
+    for (ci, c) in doc.containers.iter().flatten().enumerate() {
+        for (pi, p) in c.ports.iter().enumerate() {
+            if let Some(hp) = p.host_port {
+                taken
+                    .entry((wire_name(&p.protocol), hp))
+                    .or_default()
+                    .push((
+                        p.host_ip.clone(),
+                        format!("$.containers[{ci}].ports[{pi}].hostPort"),
+                    ));
+            }
+        }
+    }
+    if let Some(fw) = &doc.firewall {
+        for (i, p) in fw.published_ports.iter().enumerate() {
+            let key = (wire_name(&p.protocol), p.host_port);
+            let path = format!("$.firewall.publishedPorts[{i}].hostPort");
+            if let Some(other) = taken.get(&key).and_then(|v| {
+                v.iter()
+                    .find(|(ip, _)| ip.is_none() || p.host_ip.is_none() || *ip == p.host_ip)
+            }) {
+                problems.push_hint(
+                    path,
+                    format!(
+                        "host port {}/{} is already published by {}",
+                        key.1, key.0, other.1
+                    ),
+                    "publish each host port once, either on the container or in the firewall",
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: installs test dependencies, then every test of the workspace
+# (unit, integration and end-to-end tests in network namespaces). Needs root.
+# Usage: tests/run.sh [extra cargo test args, e.g. a test name filter]
+set -euo pipefail
+
+if [[ $(id -u) -ne 0 ]]; then
+  if command -v sudo >/dev/null 2>&1; then
+    # Keep the caller's toolchain and target dir visible to root.
+    exec sudo --preserve-env=PATH,CARGO_TARGET_DIR,CARGO_HOME,RUSTUP_HOME,RUST_LOG,RUST_BACKTRACE "$0" "$@"
+  fi
+  echo "tests/run.sh: must run as root (tests create network namespaces) and sudo is missing" >&2
+  exit 1
+fi
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+./install/deps.sh
+if [[ -f $HOME/.cargo/env ]]; then
+  # shellcheck source=/dev/null
+  . "$HOME/.cargo/env"
+fi
+
+# CARGO_TARGET_DIR, if set, is honoured by cargo itself. Test parallelism stays cargo's
+# default: tests that must not overlap serialise themselves.
+cargo test --workspace --all-targets "$@"
+
+# --all-targets leaves out doc tests; run them only if some crate has any.
+if grep -rqs --include='*.rs' -E '^\s*//[/!].*```' src reconcilers; then
+  cargo test --workspace --doc "$@"
+fi
