@@ -126,38 +126,49 @@ impl<R: Reconciler> Section for Bound<R> {
         let r = self.reconciler.clone();
         let select = self.select;
         let (observe_timeout, apply_timeout) = (self.observe_timeout, self.apply_timeout);
-        Box::pin(async move {
-            let Some(spec) = select(&doc) else {
-                return PassResult::Unmanaged;
-            };
-            let observed = match tokio::time::timeout(observe_timeout, r.observe(spec)).await {
-                Ok(Ok(o)) => o,
-                Ok(Err(e)) => return PassResult::Failed(format!("observe: {e}")),
-                Err(_) => {
-                    return PassResult::Failed(format!(
-                        "observe timed out after {observe_timeout:?}"
-                    ))
-                }
-            };
-            let published = r.publish(&observed);
-            let plan = r.plan(spec, &observed, &facts);
-            let changes = plan.changes.clone();
-            if dry_run || plan.is_empty() {
-                return PassResult::Ran {
-                    changes,
-                    outcomes: Vec::new(),
-                    facts: published,
+        let span = tracing::info_span!(
+            "reconcile",
+            reconciler = r.name(),
+            generation = doc.generation,
+            dry_run
+        );
+        Box::pin(
+            async move {
+                let Some(spec) = select(&doc) else {
+                    return PassResult::Unmanaged;
                 };
+                let observed = match tokio::time::timeout(observe_timeout, r.observe(spec)).await {
+                    Ok(Ok(o)) => o,
+                    Ok(Err(e)) => return PassResult::Failed(format!("observe: {e}")),
+                    Err(_) => {
+                        return PassResult::Failed(format!(
+                            "observe timed out after {observe_timeout:?}"
+                        ))
+                    }
+                };
+                let published = r.publish(&observed);
+                let plan = r.plan(spec, &observed, &facts);
+                let changes = plan.changes.clone();
+                if dry_run || plan.is_empty() {
+                    return PassResult::Ran {
+                        changes,
+                        outcomes: Vec::new(),
+                        facts: published,
+                    };
+                }
+                match tokio::time::timeout(apply_timeout, r.apply(spec, plan)).await {
+                    Ok(outcomes) => PassResult::Ran {
+                        changes,
+                        outcomes,
+                        facts: published,
+                    },
+                    Err(_) => {
+                        PassResult::Failed(format!("apply timed out after {apply_timeout:?}"))
+                    }
+                }
             }
-            match tokio::time::timeout(apply_timeout, r.apply(spec, plan)).await {
-                Ok(outcomes) => PassResult::Ran {
-                    changes,
-                    outcomes,
-                    facts: published,
-                },
-                Err(_) => PassResult::Failed(format!("apply timed out after {apply_timeout:?}")),
-            }
-        })
+            .instrument(span),
+        )
     }
 }
 

@@ -1,4 +1,6 @@
 //! Helpers shared by the integration tests (each test crate uses only part of them).
 #![allow(dead_code)]
 
+pub mod agent;
+pub mod dnsq;
 pub mod sandbox;

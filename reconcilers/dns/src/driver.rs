@@ -93,8 +93,15 @@ fn write(path: &Path, content: &str) -> Result<(), DriverError> {
         .map_err(|e| DriverError::io(format!("write {}", path.display()), e))
 }
 
+/// Whether `pid` is running; a zombie (exited, not yet reaped by its new parent) is not.
 fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
 }
 
 fn signal(pid: u32, sig: libc::c_int) {
@@ -156,6 +163,9 @@ impl DnsDriver for Dnsmasq {
             let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
+            if !alive(pid) {
+                continue;
+            }
             let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
                 continue;
             };

@@ -142,7 +142,13 @@ fn normalize(kind: RecordType, v: &str) -> String {
 }
 
 fn settings(spec: &DnsSpec) -> BTreeMap<&'static str, String> {
-    let join = |v: Vec<String>| v.join(", ");
+    let join = |v: Vec<String>| {
+        if v.is_empty() {
+            "(none)".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
     BTreeMap::from([
         ("zone", spec.zone.trim_end_matches('.').to_ascii_lowercase()),
         (
@@ -261,8 +267,15 @@ pub fn parse(hosts: Option<&str>, conf: Option<&str>) -> Served {
                 _ => {}
             }
         }
-        served.settings.insert("listen", listen.join(", "));
-        served.settings.insert("upstreams", upstreams.join(", "));
+        let join = |v: Vec<String>| {
+            if v.is_empty() {
+                "(none)".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        served.settings.insert("listen", join(listen));
+        served.settings.insert("upstreams", join(upstreams));
         served.settings.insert("ttl", default_ttl.to_string());
         for l in conf.lines() {
             let Some((k, v)) = l.split_once('=') else {

@@ -1,0 +1,66 @@
+//! Running the real `converge` binary inside a test node: one-shot commands and the agent.
+
+use super::sandbox::{converge_bin, wait_until, Spawned, TestNode};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+/// Runs `converge --data-dir <node data> ARGS` inside the node.
+pub fn converge(node: &TestNode, args: &[&str]) -> Output {
+    let mut cmd = node.command(converge_bin());
+    cmd.arg("--data-dir").arg(data(node)).args(args);
+    cmd.output().unwrap_or_else(|e| panic!("run converge {args:?}: {e}"))
+}
+
+/// The node's converge data dir.
+pub fn data(node: &TestNode) -> PathBuf {
+    node.data_dir().join("converge")
+}
+
+/// Starts `converge agent` in the node and waits for its socket. dnsmasq instances it
+/// starts are killed with the node.
+pub fn start_agent(node: &TestNode, extra: &[&str]) -> Spawned {
+    let sock = data(node).join("converge.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = node.command(converge_bin());
+    cmd.arg("--data-dir").arg(data(node)).arg("agent").args(extra).stdout(Stdio::null());
+    if std::env::var_os("CONVERGE_TEST_LOGS").is_none() {
+        cmd.stderr(Stdio::null());
+    }
+    let child = node.spawn(&mut cmd);
+    node.track_pidfile(data(node).join("dns/dnsmasq.pid"));
+    wait_until(Duration::from_secs(10), "agent socket", || std::os::unix::net::UnixStream::connect(&sock).is_ok());
+    child
+}
+
+/// Writes `doc` to a file in the node's data dir and pushes it; returns the output.
+pub fn push(node: &TestNode, doc: &Value) -> Output {
+    let path = node.data_dir().join(format!("doc-{}.json", doc["generation"]));
+    std::fs::write(&path, serde_json::to_vec(doc).expect("serialise")).expect("write doc");
+    converge(node, &["push", path.to_str().expect("utf-8 path")])
+}
+
+/// Asserts a push was accepted.
+pub fn push_ok(node: &TestNode, doc: &Value) {
+    let out = push(node, doc);
+    assert!(out.status.success(), "push refused: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// A worker document with only a `dns` section listening on the node's address.
+pub fn dns_doc(node: &TestNode, generation: u64, records: Value) -> Value {
+    json!({
+        "apiVersion": "converge/v1",
+        "node": {"id": node.name(), "mode": "worker"},
+        "generation": generation,
+        "issuedAt": "2026-11-24T10:00:00Z",
+        "dns": {"zone": "internal", "listen": [node.address().to_string()], "port": 53, "ttl": 5, "records": records}
+    })
+}
+
+/// `converge status --output json` of the node.
+pub fn status(node: &TestNode) -> Value {
+    let out = converge(node, &["status", "--output", "json"]);
+    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
