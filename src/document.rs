@@ -130,7 +130,9 @@ fn parse_value(text: &str, format: Format) -> Result<serde_json::Value, Problems
     };
     match format {
         // serde_json's message ends with "at line L column C".
-        Format::Json => serde_json::from_str(text).map_err(|e| syntax(format!("invalid JSON: {e}"))),
+        Format::Json => {
+            serde_json::from_str(text).map_err(|e| syntax(format!("invalid JSON: {e}")))
+        }
         Format::Yaml => serde_yaml::from_str(text).map_err(|e| {
             let at = e
                 .location()

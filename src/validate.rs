@@ -2,9 +2,10 @@
 //! rules that span sections (names that must resolve, host ports that must not clash).
 
 use crate::document::{Document, Mode};
+use converge_containers::host_ips_overlap;
 use converge_core::Problems;
-use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 
 /// Runs every semantic rule, appending all problems found.
 pub fn semantic(doc: &Document, problems: &mut Problems) {
@@ -33,14 +34,6 @@ pub fn semantic(doc: &Document, problems: &mut Problems) {
         converge_metadata::validate(m, "$.metadata", problems);
     }
     cross_section(doc, problems);
-}
-
-/// Lower-case wire name of a serde enum value (`tcp`, `udp`).
-fn wire_name<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 fn cross_section(doc: &Document, problems: &mut Problems) {
@@ -119,40 +112,40 @@ fn cross_section(doc: &Document, problems: &mut Problems) {
     host_port_conflicts(doc, problems);
 }
 
-/// A published host port is (protocol, host IP or all, port); two bindings clash when
-/// protocol and port match and either binds all addresses or both bind the same one.
+/// A firewall port clashes with a container's published port when protocol and port
+/// match and the bind addresses overlap (absent = all, `0.0.0.0`/`::` = all of a family).
 fn host_port_conflicts(doc: &Document, problems: &mut Problems) {
-    let mut taken: BTreeMap<(String, u16), Vec<(Option<String>, String)>> = BTreeMap::new();
-    for (ci, c) in doc.containers.iter().flatten().enumerate() {
-        for (pi, p) in c.ports.iter().enumerate() {
-            if let Some(hp) = p.host_port {
-                taken
-                    .entry((wire_name(&p.protocol), hp))
-                    .or_default()
-                    .push((
-                        p.host_ip.clone(),
-                        format!("$.containers[{ci}].ports[{pi}].hostPort"),
-                    ));
-            }
-        }
-    }
-    if let Some(fw) = &doc.firewall {
-        for (i, p) in fw.published_ports.iter().enumerate() {
-            let key = (wire_name(&p.protocol), p.host_port);
-            let path = format!("$.firewall.publishedPorts[{i}].hostPort");
-            if let Some(other) = taken.get(&key).and_then(|v| {
-                v.iter()
-                    .find(|(ip, _)| ip.is_none() || p.host_ip.is_none() || *ip == p.host_ip)
-            }) {
-                problems.push_hint(
-                    path,
-                    format!(
-                        "host port {}/{} is already published by {}",
-                        key.1, key.0, other.1
-                    ),
-                    "publish each host port once, either on the container or in the firewall",
-                );
-            }
+    let Some(fw) = &doc.firewall else { return };
+    let ip = |s: &Option<String>| s.as_deref().and_then(|s| s.parse::<IpAddr>().ok());
+    let container_ports: Vec<_> = doc
+        .containers
+        .iter()
+        .flatten()
+        .enumerate()
+        .flat_map(|(ci, c)| c.ports.iter().enumerate().map(move |(pi, p)| (ci, pi, p)))
+        .filter_map(|(ci, pi, p)| {
+            Some((
+                p.protocol,
+                p.host_port?,
+                ip(&p.host_ip),
+                format!("$.containers[{ci}].ports[{pi}].hostPort"),
+            ))
+        })
+        .collect();
+    for (i, p) in fw.published_ports.iter().enumerate() {
+        let clash = container_ports.iter().find(|(proto, port, addr, _)| {
+            *proto == p.protocol && *port == p.host_port && host_ips_overlap(*addr, ip(&p.host_ip))
+        });
+        if let Some((_, _, _, other)) = clash {
+            problems.push_hint(
+                format!("$.firewall.publishedPorts[{i}].hostPort"),
+                format!(
+                    "host port {}/{} is already published by {other}",
+                    p.host_port,
+                    p.protocol.as_str()
+                ),
+                "publish each host port once, either on the container or in the firewall",
+            );
         }
     }
 }

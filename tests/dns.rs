@@ -23,7 +23,10 @@ struct Dns {
 impl Dns {
     fn new(node: &TestNode) -> Dns {
         let sock = node.in_netns(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
-        Dns { sock, server: SocketAddr::new(node.address().into(), 53) }
+        Dns {
+            sock,
+            server: SocketAddr::new(node.address().into(), 53),
+        }
     }
     fn ask(&self, name: &str, t: RecordType) -> Option<Answer> {
         query(&self.sock, self.server, name, t, Duration::from_millis(300)).ok()
@@ -34,14 +37,19 @@ impl Dns {
     /// Waits until `name` answers exactly `want`; returns how long that took.
     fn wait_for(&self, name: &str, t: RecordType, want: &[&str], within: Duration) -> Duration {
         let start = Instant::now();
-        wait_until(within, &format!("{name} {t} = {want:?}"), || self.values(name, t) == want);
+        wait_until(within, &format!("{name} {t} = {want:?}"), || {
+            self.values(name, t) == want
+        });
         start.elapsed()
     }
 }
 
 fn pid_of_dnsmasq(node: &TestNode) -> u32 {
     let p = data(node).join("dns/dnsmasq.pid");
-    std::fs::read_to_string(&p).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    std::fs::read_to_string(&p)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn records(web: &str, www_target: &str) -> serde_json::Value {
@@ -62,23 +70,63 @@ fn records_are_served_and_changes_show_within_one_second() {
     let _agent = start_agent(&node, &["--resync-secs", "2"]);
     let dns = Dns::new(&node);
 
-    push_ok(&node, &dns_doc(&node, 1, records("10.88.0.10", "web.internal")));
-    dns.wait_for("web.internal", RecordType::A, &["10.88.0.10"], Duration::from_secs(5));
-    assert_eq!(dns.values("www.internal", RecordType::CNAME), vec!["web.internal."]);
-    assert_eq!(dns.values("web.internal", RecordType::TXT), vec!["v=1 owner=team-a"]);
-    assert_eq!(dns.values("_http._tcp.web.internal", RecordType::SRV), vec!["10 5 8080 web.internal."]);
-    let aaaa = dns.ask("db.internal", RecordType::AAAA).expect("AAAA answer");
+    push_ok(
+        &node,
+        &dns_doc(&node, 1, records("10.88.0.10", "web.internal")),
+    );
+    dns.wait_for(
+        "web.internal",
+        RecordType::A,
+        &["10.88.0.10"],
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        dns.values("www.internal", RecordType::CNAME),
+        vec!["web.internal."]
+    );
+    assert_eq!(
+        dns.values("web.internal", RecordType::TXT),
+        vec!["v=1 owner=team-a"]
+    );
+    assert_eq!(
+        dns.values("_http._tcp.web.internal", RecordType::SRV),
+        vec!["10 5 8080 web.internal."]
+    );
+    let aaaa = dns
+        .ask("db.internal", RecordType::AAAA)
+        .expect("AAAA answer");
     assert_eq!(aaaa.values, vec!["fd00::5"]);
     assert_eq!(aaaa.ttls, vec![30], "per-record TTL");
-    assert_eq!(dns.ask("web.internal", RecordType::A).expect("A").ttls, vec![5], "zone TTL");
-    assert_eq!(dns.ask("nothing.internal", RecordType::A).expect("answer").rcode, ResponseCode::NXDomain);
+    assert_eq!(
+        dns.ask("web.internal", RecordType::A).expect("A").ttls,
+        vec![5],
+        "zone TTL"
+    );
+    assert_eq!(
+        dns.ask("nothing.internal", RecordType::A)
+            .expect("answer")
+            .rcode,
+        ResponseCode::NXDomain
+    );
     let pid = pid_of_dnsmasq(&node);
 
     // An address change goes through the hosts file: visible within 1 s, no restart.
-    push_ok(&node, &dns_doc(&node, 2, records("10.88.0.11", "web.internal")));
-    let took = dns.wait_for("web.internal", RecordType::A, &["10.88.0.11"], Duration::from_secs(1));
+    push_ok(
+        &node,
+        &dns_doc(&node, 2, records("10.88.0.11", "web.internal")),
+    );
+    let took = dns.wait_for(
+        "web.internal",
+        RecordType::A,
+        &["10.88.0.11"],
+        Duration::from_secs(1),
+    );
     eprintln!("A change visible after {took:?}");
-    assert_eq!(pid_of_dnsmasq(&node), pid, "an A change must not restart dnsmasq");
+    assert_eq!(
+        pid_of_dnsmasq(&node),
+        pid,
+        "an A change must not restart dnsmasq"
+    );
 
     // A removal: the name disappears within 1 s.
     let mut without = records("10.88.0.11", "web.internal");
@@ -86,21 +134,33 @@ fn records_are_served_and_changes_show_within_one_second() {
     push_ok(&node, &dns_doc(&node, 3, without.clone()));
     let start = Instant::now();
     wait_until(Duration::from_secs(1), "gone.internal removed", || {
-        dns.ask("gone.internal", RecordType::A).is_some_and(|a| a.rcode == ResponseCode::NXDomain)
+        dns.ask("gone.internal", RecordType::A)
+            .is_some_and(|a| a.rcode == ResponseCode::NXDomain)
     });
     eprintln!("removal visible after {:?}", start.elapsed());
 
     // A CNAME change needs dnsmasq's configuration: one restart, still within 1 s.
     without[1]["values"] = json!(["db.internal"]);
     push_ok(&node, &dns_doc(&node, 4, without));
-    let took = dns.wait_for("www.internal", RecordType::CNAME, &["db.internal."], Duration::from_secs(1));
+    let took = dns.wait_for(
+        "www.internal",
+        RecordType::CNAME,
+        &["db.internal."],
+        Duration::from_secs(1),
+    );
     eprintln!("CNAME change visible after {took:?}");
     assert_ne!(pid_of_dnsmasq(&node), pid);
 
-    wait_until(Duration::from_secs(5), "status converged at generation 4", || {
-        let s = status(&node);
-        s["generation"] == 4 && s["reconcilers"][0]["state"] == "Converged" && s["reconcilers"][0]["observedGeneration"] == 4
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "status converged at generation 4",
+        || {
+            let s = status(&node);
+            s["generation"] == 4
+                && s["reconcilers"][0]["state"] == "Converged"
+                && s["reconcilers"][0]["observedGeneration"] == 4
+        },
+    );
 }
 
 #[test]
@@ -109,8 +169,16 @@ fn bad_stale_and_foreign_documents_change_nothing() {
     let node = TestNode::new("dns-bad");
     let _agent = start_agent(&node, &[]);
     let dns = Dns::new(&node);
-    push_ok(&node, &dns_doc(&node, 5, records("10.88.0.10", "web.internal")));
-    dns.wait_for("web.internal", RecordType::A, &["10.88.0.10"], Duration::from_secs(5));
+    push_ok(
+        &node,
+        &dns_doc(&node, 5, records("10.88.0.10", "web.internal")),
+    );
+    dns.wait_for(
+        "web.internal",
+        RecordType::A,
+        &["10.88.0.10"],
+        Duration::from_secs(5),
+    );
 
     let mut bad = dns_doc(&node, 6, records("10.88.0.12", "web.internal"));
     bad["dns"]["records"][0]["values"] = json!(["fd00::1"]);
@@ -118,16 +186,31 @@ fn bad_stale_and_foreign_documents_change_nothing() {
     let out = push(&node, &bad);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr.contains("$.dns.records[0].values[0]: invalid A value"), "{stderr}");
-    assert!(stderr.contains("$.dns.records[2].name"), "all problems at once: {stderr}");
+    assert!(
+        stderr.contains("$.dns.records[0].values[0]: invalid A value"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("$.dns.records[2].name"),
+        "all problems at once: {stderr}"
+    );
 
     for (doc, why) in [
-        (dns_doc(&node, 5, records("10.88.0.13", "web.internal")), "replayed generation"),
-        (dns_doc(&node, 4, records("10.88.0.13", "web.internal")), "older generation"),
+        (
+            dns_doc(&node, 5, records("10.88.0.13", "web.internal")),
+            "replayed generation",
+        ),
+        (
+            dns_doc(&node, 4, records("10.88.0.13", "web.internal")),
+            "older generation",
+        ),
     ] {
         let out = push(&node, &doc);
         assert_eq!(out.status.code(), Some(1), "{why} must be refused");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("not newer"), "{why}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("not newer"),
+            "{why}"
+        );
     }
     let mut proxy = dns_doc(&node, 7, records("10.88.0.13", "web.internal"));
     proxy["node"]["mode"] = json!("proxy");
@@ -136,7 +219,11 @@ fn bad_stale_and_foreign_documents_change_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("$.node.mode"));
 
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(dns.values("web.internal", RecordType::A), vec!["10.88.0.10"], "last good document stays in force");
+    assert_eq!(
+        dns.values("web.internal", RecordType::A),
+        vec!["10.88.0.10"],
+        "last good document stays in force"
+    );
     assert_eq!(status(&node)["generation"], 5);
 }
 
@@ -146,37 +233,80 @@ fn drift_is_repaired_and_an_agent_restart_does_not_flap() {
     let node = TestNode::new("dns-drift");
     let mut agent = start_agent(&node, &["--resync-secs", "1"]);
     let dns = Dns::new(&node);
-    push_ok(&node, &dns_doc(&node, 1, records("10.88.0.10", "web.internal")));
-    dns.wait_for("web.internal", RecordType::A, &["10.88.0.10"], Duration::from_secs(5));
+    push_ok(
+        &node,
+        &dns_doc(&node, 1, records("10.88.0.10", "web.internal")),
+    );
+    dns.wait_for(
+        "web.internal",
+        RecordType::A,
+        &["10.88.0.10"],
+        Duration::from_secs(5),
+    );
     let hosts = data(&node).join("dns/hosts/converge.hosts");
 
     // A deleted hosts file is restored at the next resync.
     std::fs::remove_file(&hosts).expect("remove hosts file");
-    wait_until(Duration::from_secs(1), "record gone after deletion", || dns.values("web.internal", RecordType::A).is_empty());
-    dns.wait_for("web.internal", RecordType::A, &["10.88.0.10"], Duration::from_secs(4));
+    wait_until(Duration::from_secs(1), "record gone after deletion", || {
+        dns.values("web.internal", RecordType::A).is_empty()
+    });
+    dns.wait_for(
+        "web.internal",
+        RecordType::A,
+        &["10.88.0.10"],
+        Duration::from_secs(4),
+    );
 
     // A hand edit is overwritten.
     std::fs::write(&hosts, "10.66.6.6 web.internal\n").expect("edit hosts");
-    dns.wait_for("web.internal", RecordType::A, &["10.88.0.10"], Duration::from_secs(4));
+    dns.wait_for(
+        "web.internal",
+        RecordType::A,
+        &["10.88.0.10"],
+        Duration::from_secs(4),
+    );
 
     // A killed dnsmasq is started again.
     let pid = pid_of_dnsmasq(&node);
     assert!(node.kill_pidfile(data(&node).join("dns/dnsmasq.pid")));
-    wait_until(Duration::from_secs(4), "dnsmasq restarted", || pid_of_dnsmasq(&node) != pid && pid_alive(pid_of_dnsmasq(&node)));
-    dns.wait_for("web.internal", RecordType::A, &["10.88.0.10"], Duration::from_secs(2));
+    wait_until(Duration::from_secs(4), "dnsmasq restarted", || {
+        pid_of_dnsmasq(&node) != pid && pid_alive(pid_of_dnsmasq(&node))
+    });
+    dns.wait_for(
+        "web.internal",
+        RecordType::A,
+        &["10.88.0.10"],
+        Duration::from_secs(2),
+    );
 
     // Stopping the agent leaves DNS serving; a new agent adopts it without rewriting.
     let pid = pid_of_dnsmasq(&node);
-    let mtime = std::fs::metadata(&hosts).and_then(|m| m.modified()).expect("mtime");
+    let mtime = std::fs::metadata(&hosts)
+        .and_then(|m| m.modified())
+        .expect("mtime");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
     let code = agent.wait().expect("agent exit");
     assert!(code.success(), "graceful shutdown exits 0: {code}");
-    assert_eq!(dns.values("web.internal", RecordType::A), vec!["10.88.0.10"], "DNS keeps serving without the agent");
+    assert_eq!(
+        dns.values("web.internal", RecordType::A),
+        vec!["10.88.0.10"],
+        "DNS keeps serving without the agent"
+    );
     let _agent = start_agent(&node, &["--resync-secs", "1"]);
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(pid_of_dnsmasq(&node), pid, "restart of converge must not restart dnsmasq");
-    assert_eq!(std::fs::metadata(&hosts).and_then(|m| m.modified()).expect("mtime"), mtime, "unchanged file not rewritten");
+    assert_eq!(
+        pid_of_dnsmasq(&node),
+        pid,
+        "restart of converge must not restart dnsmasq"
+    );
+    assert_eq!(
+        std::fs::metadata(&hosts)
+            .and_then(|m| m.modified())
+            .expect("mtime"),
+        mtime,
+        "unchanged file not rewritten"
+    );
     let journal = converge(&node, &["status"]);
     assert!(journal.status.success());
 }
@@ -192,14 +322,23 @@ fn zero_failed_queries_during_1000_record_updates() {
     let _agent = start_agent(&node, &[]);
     let dns = Dns::new(&node);
     let doc = |g: u64, addr: String, cname: &str| {
-        dns_doc(&node, g, json!([
-            {"name": "stable.internal", "type": "A", "values": ["10.88.1.1"]},
-            {"name": "moving.internal", "type": "A", "values": [addr]},
-            {"name": "alias.internal", "type": "CNAME", "values": [cname]}
-        ]))
+        dns_doc(
+            &node,
+            g,
+            json!([
+                {"name": "stable.internal", "type": "A", "values": ["10.88.1.1"]},
+                {"name": "moving.internal", "type": "A", "values": [addr]},
+                {"name": "alias.internal", "type": "CNAME", "values": [cname]}
+            ]),
+        )
     };
     push_ok(&node, &doc(1, "10.89.0.0".into(), "stable.internal"));
-    dns.wait_for("moving.internal", RecordType::A, &["10.89.0.0"], Duration::from_secs(5));
+    dns.wait_for(
+        "moving.internal",
+        RecordType::A,
+        &["10.89.0.0"],
+        Duration::from_secs(5),
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let (total, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -210,7 +349,8 @@ fn zero_failed_queries_during_1000_record_updates() {
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 for name in ["stable.internal", "moving.internal"] {
-                    let ok = match query(&sock, server, name, RecordType::A, Duration::from_secs(1)) {
+                    let ok = match query(&sock, server, name, RecordType::A, Duration::from_secs(1))
+                    {
                         Ok(a) => a.rcode == ResponseCode::NoError && a.values.len() == 1,
                         Err(_) => false,
                     };
@@ -228,15 +368,29 @@ fn zero_failed_queries_during_1000_record_updates() {
         let addr = format!("10.89.{}.{}", i / 250, i % 250 + 1);
         push_ok(&node, &doc(i + 1, addr.clone(), "stable.internal"));
         let t = Instant::now();
-        wait_until(Duration::from_secs(2), "update visible", || dns.values("moving.internal", RecordType::A) == [addr.as_str()]);
+        wait_until(Duration::from_secs(2), "update visible", || {
+            dns.values("moving.internal", RecordType::A) == [addr.as_str()]
+        });
         latencies.push(t.elapsed());
     }
     let a_elapsed = start.elapsed();
-    let (a_total, a_failed) = (total.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (a_total, a_failed) = (
+        total.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
     for j in 0..20u64 {
-        let target = if j % 2 == 0 { "moving.internal" } else { "stable.internal" };
+        let target = if j % 2 == 0 {
+            "moving.internal"
+        } else {
+            "stable.internal"
+        };
         push_ok(&node, &doc(1002 + j, "10.89.9.9".into(), target));
-        dns.wait_for("alias.internal", RecordType::CNAME, &[&format!("{target}.")], Duration::from_secs(3));
+        dns.wait_for(
+            "alias.internal",
+            RecordType::CNAME,
+            &[&format!("{target}.")],
+            Duration::from_secs(3),
+        );
     }
     stop.store(true, Ordering::Relaxed);
     looper.join().expect("query loop");

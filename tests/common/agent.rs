@@ -10,7 +10,8 @@ use std::time::Duration;
 pub fn converge(node: &TestNode, args: &[&str]) -> Output {
     let mut cmd = node.command(converge_bin());
     cmd.arg("--data-dir").arg(data(node)).args(args);
-    cmd.output().unwrap_or_else(|e| panic!("run converge {args:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("run converge {args:?}: {e}"))
 }
 
 /// The node's converge data dir.
@@ -24,19 +25,27 @@ pub fn start_agent(node: &TestNode, extra: &[&str]) -> Spawned {
     let sock = data(node).join("converge.sock");
     let _ = std::fs::remove_file(&sock);
     let mut cmd = node.command(converge_bin());
-    cmd.arg("--data-dir").arg(data(node)).arg("agent").args(extra).stdout(Stdio::null());
+    cmd.arg("--data-dir")
+        .arg(data(node))
+        .arg("agent")
+        .args(extra)
+        .stdout(Stdio::null());
     if std::env::var_os("CONVERGE_TEST_LOGS").is_none() {
         cmd.stderr(Stdio::null());
     }
     let child = node.spawn(&mut cmd);
     node.track_pidfile(data(node).join("dns/dnsmasq.pid"));
-    wait_until(Duration::from_secs(10), "agent socket", || std::os::unix::net::UnixStream::connect(&sock).is_ok());
+    wait_until(Duration::from_secs(10), "agent socket", || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
     child
 }
 
 /// Writes `doc` to a file in the node's data dir and pushes it; returns the output.
 pub fn push(node: &TestNode, doc: &Value) -> Output {
-    let path = node.data_dir().join(format!("doc-{}.json", doc["generation"]));
+    let path = node
+        .data_dir()
+        .join(format!("doc-{}.json", doc["generation"]));
     std::fs::write(&path, serde_json::to_vec(doc).expect("serialise")).expect("write doc");
     converge(node, &["push", path.to_str().expect("utf-8 path")])
 }
@@ -44,7 +53,12 @@ pub fn push(node: &TestNode, doc: &Value) -> Output {
 /// Asserts a push was accepted.
 pub fn push_ok(node: &TestNode, doc: &Value) {
     let out = push(node, doc);
-    assert!(out.status.success(), "push refused: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "push refused: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A worker document with only a `dns` section listening on the node's address.
@@ -61,6 +75,10 @@ pub fn dns_doc(node: &TestNode, generation: u64, records: Value) -> Value {
 /// `converge status --output json` of the node.
 pub fn status(node: &TestNode) -> Value {
     let out = converge(node, &["status", "--output", "json"]);
-    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("status json")
 }

@@ -15,8 +15,15 @@ pub struct Answer {
 }
 
 /// Sends one query and waits up to `timeout` for the matching response.
-pub fn query(sock: &UdpSocket, server: SocketAddr, name: &str, rtype: RecordType, timeout: Duration) -> io::Result<Answer> {
-    let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.'))).map_err(|e| io::Error::other(e.to_string()))?;
+pub fn query(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    name: &str,
+    rtype: RecordType,
+    timeout: Duration,
+) -> io::Result<Answer> {
+    let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.')))
+        .map_err(|e| io::Error::other(e.to_string()))?;
     let mut msg = Message::query();
     msg.add_query(Query::query(fqdn, rtype));
     msg.metadata.recursion_desired = true;
@@ -31,9 +38,18 @@ pub fn query(sock: &UdpSocket, server: SocketAddr, name: &str, rtype: RecordType
         if resp.metadata.id != id {
             continue; // a late answer to an earlier, timed-out query
         }
-        let mut values: Vec<String> = resp.answers.iter().filter(|r| r.record_type() == rtype).map(|r| r.data.to_string()).collect();
+        let mut values: Vec<String> = resp
+            .answers
+            .iter()
+            .filter(|r| r.record_type() == rtype)
+            .map(|r| r.data.to_string())
+            .collect();
         values.sort();
         let ttls = resp.answers.iter().map(|r| r.ttl).collect();
-        return Ok(Answer { rcode: resp.metadata.response_code, values, ttls });
+        return Ok(Answer {
+            rcode: resp.metadata.response_code,
+            values,
+            ttls,
+        });
     }
 }
