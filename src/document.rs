@@ -99,19 +99,33 @@ impl Format {
 
 /// Parses and fully validates a document. On failure returns every problem found,
 /// each with its JSON path; nothing about the host is read or changed.
+///
+/// Fast path: a typed parse, then the semantic rules (which also enforce the few
+/// schema constraints serde does not: generation ≥ 1, node id pattern). Only when the
+/// typed parse fails is the JSON Schema run, to report every structural problem at once
+/// rather than serde's first one.
 pub fn parse(text: &str, format: Format) -> Result<Document, Problems> {
-    let value = parse_value(text, format)?;
-    let mut problems = crate::schema::check(&value);
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    let doc: Document = serde_json::from_value(value).map_err(|e| {
-        Problems(vec![Problem {
-            path: "$".into(),
-            message: e.to_string(),
-            hint: None,
-        }])
-    })?;
+    let typed = match format {
+        Format::Json => serde_json::from_str::<Document>(text).map_err(|e| e.to_string()),
+        Format::Yaml => serde_yaml::from_str::<Document>(text).map_err(|e| e.to_string()),
+    };
+    let doc = match typed {
+        Ok(doc) => doc,
+        Err(first) => {
+            let value = parse_value(text, format)?;
+            let problems = crate::schema::check(&value);
+            return Err(if problems.is_empty() {
+                Problems(vec![Problem {
+                    path: "$".into(),
+                    message: first,
+                    hint: None,
+                }])
+            } else {
+                problems
+            });
+        }
+    };
+    let mut problems = Problems::default();
     crate::validate::semantic(&doc, &mut problems);
     if problems.is_empty() {
         Ok(doc)

@@ -9,8 +9,28 @@ use std::net::IpAddr;
 
 /// Runs every semantic rule, appending all problems found.
 pub fn semantic(doc: &Document, problems: &mut Problems) {
-    if doc.node.id.trim().is_empty() {
-        problems.push("$.node.id", "node id must not be empty");
+    // The schema states these too; they are checked here because a document that
+    // deserialises cleanly skips the schema pass (see `document::parse`).
+    if doc.generation == 0 {
+        problems.push_hint(
+            "$.generation",
+            "generation must be at least 1",
+            "the control plane numbers documents from 1",
+        );
+    }
+    let id = &doc.node.id;
+    let id_ok = !id.is_empty()
+        && id.len() <= 128
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !id_ok {
+        problems.push_hint(
+            "$.node.id",
+            format!("invalid node id {id:?}"),
+            "1-128 characters of [A-Za-z0-9._-], starting with a letter or digit",
+        );
     }
     if let Some(c) = &doc.containers {
         converge_containers::validate(c, "$.containers", problems);

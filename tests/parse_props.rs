@@ -5,7 +5,8 @@ use converge::document::{parse, Format};
 use proptest::prelude::*;
 
 fn fixture() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/worker.json")).expect("fixture")
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/worker.json"))
+        .expect("fixture")
 }
 
 fn check(text: &str, format: Format) {
@@ -22,14 +23,21 @@ fn arb_json() -> impl Strategy<Value = serde_json::Value> {
         Just(serde_json::Value::Null),
         any::<bool>().prop_map(serde_json::Value::from),
         any::<i64>().prop_map(serde_json::Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(serde_json::Value::from),
         "[a-z0-9./:_-]{0,12}".prop_map(serde_json::Value::from),
     ];
     leaf.prop_recursive(4, 64, 8, |inner| {
         prop_oneof![
             proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
             proptest::collection::btree_map(
-                prop_oneof![Just("name".to_string()), Just("dns".to_string()), Just("records".to_string()), "[a-z]{1,8}"],
+                prop_oneof![
+                    Just("name".to_string()),
+                    Just("dns".to_string()),
+                    Just("records".to_string()),
+                    "[a-z]{1,8}"
+                ],
                 inner,
                 0..6
             )

@@ -17,7 +17,10 @@ fn kill_9_during_a_push_storm_loses_no_acknowledged_document() {
     for round in 0..5u64 {
         let mut agent = start_agent(&node, &[]);
         let mut acked = status(&node)["generation"].as_u64().unwrap_or(0);
-        assert!(acked >= generation, "round {round}: resumed at {acked}, but {generation} was acknowledged");
+        assert!(
+            acked >= generation,
+            "round {round}: resumed at {acked}, but {generation} was acknowledged"
+        );
         generation = acked;
         // Pushes from a thread while this one kills the agent at a varying moment.
         let pusher = {
@@ -47,14 +50,25 @@ fn kill_9_during_a_push_storm_loses_no_acknowledged_document() {
             acked = g;
         }
         let out = converge(&node, &["status", "--output", "json"]);
-        assert!(out.status.success(), "status after kill -9: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status after kill -9: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         let stored = s["generation"].as_u64().unwrap_or(0);
-        assert!(stored >= acked, "round {round}: acknowledged {acked} but the store has {stored}");
+        assert!(
+            stored >= acked,
+            "round {round}: acknowledged {acked} but the store has {stored}"
+        );
         generation = stored;
-        let store = converge::store::Store::open(&data(&node).join("state.db")).expect("reopen store");
+        let store =
+            converge::store::Store::open(&data(&node).join("state.db")).expect("reopen store");
         assert_eq!(store.integrity_check().expect("integrity check"), "ok");
-        assert_eq!(store.last_good().expect("last good").map(|(g, _)| g), Some(stored));
+        assert_eq!(
+            store.last_good().expect("last good").map(|(g, _)| g),
+            Some(stored)
+        );
         eprintln!("round {round}: acknowledged up to {acked}, store resumed at {stored}");
     }
     assert!(generation > 5, "pushes went through ({generation})");
@@ -62,6 +76,7 @@ fn kill_9_during_a_push_storm_loses_no_acknowledged_document() {
     let _agent = start_agent(&node, &[]);
     common::sandbox::wait_until(Duration::from_secs(10), "converged after crashes", || {
         let s = status(&node);
-        s["reconcilers"][0]["state"] == "Converged" && s["reconcilers"][0]["observedGeneration"] == s["generation"]
+        s["reconcilers"][0]["state"] == "Converged"
+            && s["reconcilers"][0]["observedGeneration"] == s["generation"]
     });
 }
