@@ -115,7 +115,13 @@ fn main() {
             p.iter().take(5).collect::<Vec<_>>()
         ),
     };
-    let iters = 15;
+    // `cargo bench` passes --bench; under `cargo test --all-targets` one iteration is
+    // enough to smoke-test the harness.
+    let iters = if args.iter().any(|a| a == "--bench") {
+        15
+    } else {
+        1
+    };
     let value: Value = serde_json::from_str(&text).expect("json");
     let (jmin, jmed) = time(iters, || serde_json::from_str::<Value>(&text));
     let (smin, smed) = time(iters, || converge::schema::check(&value));

@@ -177,6 +177,7 @@ async fn persist_reports(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Re
             store.journal(&report.status.reconciler, &report.journal)
         })
         .await;
+        crate::memory::trim();
         match res {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!(error = %e, "cannot persist status"),
@@ -199,8 +200,10 @@ async fn serve(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
         Ok(Request::Status) => status(shared),
         Err(e) => Response::error(format!("bad request: {e}")),
     };
+    drop(buf);
     stream.write_all(&serde_json::to_vec(&response)?).await?;
     stream.shutdown().await?;
+    crate::memory::trim();
     Ok(())
 }
 

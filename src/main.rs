@@ -6,6 +6,9 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = converge::cli::Cli::parse();
     converge::cli::init_tracing(cli.log_format);
+    if matches!(cli.command, converge::cli::Command::Agent { .. }) {
+        converge::memory::limit_arenas();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -69,6 +69,8 @@ impl Store {
         // WAL + FULL: a committed transaction survives kill -9 and power loss.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // A small page cache: the agent reads the store rarely (start-up, status).
+        conn.pragma_update(None, "cache_size", -512)?;
         let mut store = Store { conn };
         store.migrate()?;
         Ok(store)
