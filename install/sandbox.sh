@@ -65,7 +65,9 @@ set +e; cv diff fixtures/worker.json; code=$?; set -e
 echo "(exit code $code: 2 = changes pending)"
 
 banner "starting the agent and pushing the document"
-in_ns "$bin" --data-dir "$data" agent 2>"$data/agent.log" &
+mkdir -p "$data"
+# nsenter execs the agent, so $agent is its pid (a shell function would add a subshell).
+nsenter --net="/run/netns/$ns" "$bin" --data-dir "$data" agent 2>"$data/agent.log" &
 agent=$!
 for _ in $(seq 100); do [[ -S $data/converge.sock ]] && break; sleep 0.1; done
 cv push fixtures/worker.json
