@@ -3,7 +3,9 @@
 
 use crate::agent::{self, AgentOptions, Request};
 use crate::document::{self, Document, Format, Mode};
-use crate::engine::{run_once, EngineConfig, PassResult, ReconcilerStatus, State};
+use crate::engine::{
+    journal, object_errors, run_once, EngineConfig, PassResult, ReconcilerStatus, State,
+};
 use crate::output::{self, OutputFormat};
 use crate::registry;
 use crate::store::Store;
@@ -275,9 +277,9 @@ async fn apply(
         "worker"
     };
     let generation = doc.generation;
-    let unbuilt = unbuilt_sections(&doc, &registry::sections(data_dir));
-    let doc = Arc::new(doc);
     let sections = registry::sections(data_dir);
+    let unbuilt = unbuilt_sections(&doc, &sections);
+    let doc = Arc::new(doc);
     let applied = run_once(&sections, doc.clone(), false).await;
     let verify = run_once(&sections, doc, true).await;
     let mut degraded = false;
@@ -291,20 +293,9 @@ async fn apply(
             ),
             (PassResult::Failed(e), _) => (State::Degraded, e.clone(), vec![]),
             (PassResult::Ran { outcomes, .. }, _) if outcomes.iter().any(|o| o.error.is_some()) => {
-                let errors: Vec<_> = outcomes
-                    .iter()
-                    .filter_map(|o| {
-                        o.error.as_ref().map(|e| crate::engine::ObjectError {
-                            object: o.object.clone(),
-                            error: e.clone(),
-                        })
-                    })
-                    .collect();
-                (
-                    State::Degraded,
-                    format!("{} of {} actions failed", errors.len(), outcomes.len()),
-                    errors,
-                )
+                let errors = object_errors(outcomes);
+                let msg = format!("{} of {} actions failed", errors.len(), outcomes.len());
+                (State::Degraded, msg, errors)
             }
             (_, Some(PassResult::Ran { changes, .. })) if !changes.is_empty() => (
                 State::Degraded,
@@ -319,6 +310,9 @@ async fn apply(
             ),
         };
         degraded |= state == State::Degraded;
+        if let PassResult::Ran { changes, .. } = r {
+            store.journal(name, &journal(changes, &errors))?;
+        }
         store.put_status(&ReconcilerStatus {
             reconciler: name.to_string(),
             state,
@@ -328,18 +322,6 @@ async fn apply(
             last_pass: Some(now),
             object_errors: errors,
         })?;
-        if let PassResult::Ran { changes, .. } = r {
-            let journal: Vec<_> = changes
-                .iter()
-                .map(|c| {
-                    (
-                        format!("{} {}", c.kind, c.id),
-                        format!("{:?}", c.op).to_lowercase(),
-                    )
-                })
-                .collect();
-            store.journal(name, &journal)?;
-        }
     }
     match output {
         OutputFormat::Text => {

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use converge_core::{Change, Facts, FactsUpdate, ObjectOutcome, Reconciler};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -338,7 +338,10 @@ impl Worker {
                     _ = self.shutdown.changed() => return,
                     r = self.docs.changed() => if r.is_err() { return },
                     r = self.facts_rx.changed(), if watches => if r.is_err() { return },
-                    Some(()) = async { match events.as_mut() { Some(e) => e.next().await, None => None } }, if events.is_some() => {},
+                    Some(()) = async { match events.as_mut() { Some(e) => e.next().await, None => None } }, if events.is_some() => {
+                        // One pass for a burst of events.
+                        while let Some(Some(())) = events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                    },
                     _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => {},
                     _ = tokio::time::sleep_until(next_resync) => {},
                 }
@@ -421,29 +424,8 @@ impl Worker {
                         self.facts_tx
                             .send_if_modified(|f| Arc::make_mut(f).merge(update));
                     }
-                    let errors: Vec<ObjectError> = outcomes
-                        .iter()
-                        .filter_map(|o| {
-                            o.error.as_ref().map(|e| ObjectError {
-                                object: o.object.clone(),
-                                error: e.clone(),
-                            })
-                        })
-                        .collect();
-                    let journal: Vec<(String, String)> = changes
-                        .iter()
-                        .map(|c| {
-                            (
-                                format!("{} {}", c.kind, c.id),
-                                format!("{:?}", c.op).to_lowercase(),
-                            )
-                        })
-                        .chain(
-                            errors
-                                .iter()
-                                .map(|e| (e.object.clone(), format!("failed: {}", e.error))),
-                        )
-                        .collect();
+                    let errors = object_errors(&outcomes);
+                    let journal = journal(&changes, &errors);
                     if !errors.is_empty() {
                         let delay = backoff.next_delay();
                         warn!(failed = errors.len(), retry_in = ?delay, "some objects failed");
@@ -529,6 +511,37 @@ impl Worker {
         }
         self.status = Some(status);
     }
+}
+
+/// Per-object failures among a pass's outcomes.
+pub fn object_errors(outcomes: &[ObjectOutcome]) -> Vec<ObjectError> {
+    outcomes
+        .iter()
+        .filter_map(|o| {
+            o.error.as_ref().map(|e| ObjectError {
+                object: o.object.clone(),
+                error: e.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Journal entries of a pass: one per planned change, one per failed object.
+pub fn journal(changes: &[Change], errors: &[ObjectError]) -> Vec<(String, String)> {
+    let op = |c: &Change| match c.op {
+        converge_core::Op::Create => "create",
+        converge_core::Op::Update => "update",
+        converge_core::Op::Delete => "delete",
+    };
+    changes
+        .iter()
+        .map(|c| (format!("{} {}", c.kind, c.id), op(c).to_string()))
+        .chain(
+            errors
+                .iter()
+                .map(|e| (e.object.clone(), format!("failed: {}", e.error))),
+        )
+        .collect()
 }
 
 fn panic_message(e: tokio::task::JoinError) -> String {

@@ -311,6 +311,41 @@ fn drift_is_repaired_and_an_agent_restart_does_not_flap() {
     assert!(journal.status.success());
 }
 
+#[test]
+fn file_drift_is_repaired_on_inotify_without_waiting_for_resync() {
+    require_tool("dnsmasq");
+    let node = TestNode::new("dns-inotify");
+    let _agent = start_agent(&node, &[]); // default resync: 60 s
+    let dns = Dns::new(&node);
+    push_ok(
+        &node,
+        &dns_doc(&node, 1, records("10.88.0.10", "web.internal")),
+    );
+    dns.wait_for(
+        "web.internal",
+        RecordType::A,
+        &["10.88.0.10"],
+        Duration::from_secs(5),
+    );
+    let hosts = data(&node).join("dns/hosts/converge.hosts");
+    std::fs::write(&hosts, "10.66.6.6 web.internal\n").expect("edit hosts");
+    let start = Instant::now();
+    wait_until(Duration::from_secs(2), "hand edit reverted", || {
+        std::fs::read_to_string(&hosts).is_ok_and(|s| s.contains("10.88.0.10"))
+    });
+    eprintln!("hand edit reverted after {:?}", start.elapsed());
+    std::fs::remove_file(&hosts).expect("remove");
+    wait_until(Duration::from_secs(2), "deleted file restored", || {
+        hosts.exists()
+    });
+    dns.wait_for(
+        "web.internal",
+        RecordType::A,
+        &["10.88.0.10"],
+        Duration::from_secs(1),
+    );
+}
+
 /// The figure for the closing note: a query loop against a stable name and the name
 /// being updated, while 1,000 A-record updates are pushed one after another and each
 /// is confirmed visible before the next. Then 20 CNAME updates (restart path) for

@@ -3,6 +3,8 @@
 use crate::render::{conf_hash_of, Layout};
 use converge_core::fsutil::{read_optional, write_atomic};
 use converge_core::{with_timeout, DriverError};
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,10 @@ pub trait DnsDriver: Send + Sync + 'static {
         old: &[Running],
         hash: &str,
     ) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// A ping whenever one of our files changes on disk (drift, or our own write).
+    fn file_events(&self) -> Option<BoxStream<'static, ()>> {
+        None
+    }
 }
 
 /// The real driver: files under the layout's directory, dnsmasq processes on this host.
@@ -225,6 +231,37 @@ impl DnsDriver for Dnsmasq {
             )));
         }
         Ok(())
+    }
+
+    fn file_events(&self) -> Option<BoxStream<'static, ()>> {
+        use inotify::{Inotify, WatchMask};
+        let watch = || -> std::io::Result<BoxStream<'static, ()>> {
+            self.ensure_dirs().map_err(std::io::Error::other)?;
+            let inotify = Inotify::init()?;
+            let mask = WatchMask::CLOSE_WRITE
+                | WatchMask::DELETE
+                | WatchMask::MOVED_FROM
+                | WatchMask::MOVED_TO;
+            inotify.watches().add(self.layout.hosts_dir(), mask)?;
+            inotify.watches().add(&self.layout.dir, mask)?;
+            let events = inotify.into_event_stream(vec![0u8; 4096])?;
+            // Only our own files matter (not dnsmasq's pid/log files or temp names).
+            Ok(events
+                .filter_map(|e| async move {
+                    let name = e.ok()?.name?.to_string_lossy().into_owned();
+                    (name == "converge.hosts"
+                        || (name.starts_with("dnsmasq-") && name.ends_with(".conf")))
+                    .then_some(())
+                })
+                .boxed())
+        };
+        match watch() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no inotify on the dns directory: drift is repaired at resync only");
+                None
+            }
+        }
     }
 }
 

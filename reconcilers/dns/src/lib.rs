@@ -77,6 +77,11 @@ impl<D: DnsDriver> Reconciler for Dns<D> {
         true
     }
 
+    /// A hand-edited or deleted file is repaired at once, not only at the next resync.
+    fn host_events(&self) -> Option<futures::stream::BoxStream<'static, ()>> {
+        self.driver.file_events()
+    }
+
     async fn observe(&self, _spec: &DnsSpec) -> Result<Observed, DriverError> {
         Ok(Observed {
             hosts: self.driver.read_hosts()?,
