@@ -90,7 +90,7 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
-/// Polls `cond` every 50 ms until it holds; panics naming `what` after `timeout`.
+/// Polls `cond` every 5 ms until it holds; panics naming `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
@@ -98,7 +98,7 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
