@@ -1,0 +1,215 @@
+//! In-memory container runtime for unit tests of the reconciler's logic.
+
+use crate::runtime::{
+    ContainerRuntime, CreateSpec, Health, Mount, PortBinding, RunState, RuntimeContainer,
+    LABEL_MANAGED, LABEL_NODE,
+};
+use converge_core::DriverError;
+use futures::stream::BoxStream;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// State of the fake runtime; tests read and poke it directly.
+#[derive(Debug, Default)]
+pub struct FakeState {
+    pub containers: BTreeMap<String, RuntimeContainer>,
+    /// Image reference → id.
+    pub images: BTreeMap<String, String>,
+    /// Images a pull can fetch (reference → id).
+    pub registry: BTreeMap<String, String>,
+    pub volumes: BTreeSet<String>,
+    pub next_id: u32,
+    /// Operation log, e.g. `create web`, `start c1`.
+    pub log: Vec<String>,
+    /// New containers of these names exit immediately after start (crash).
+    pub crash_on_start: BTreeSet<String>,
+}
+
+/// The fake runtime.
+#[derive(Default)]
+pub struct FakeRuntime {
+    pub state: Mutex<FakeState>,
+}
+
+impl FakeRuntime {
+    pub fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+fn missing(op: &str, id: &str) -> DriverError {
+    DriverError::Failed(format!("fake {op} {id}: no such container"))
+}
+
+impl ContainerRuntime for FakeRuntime {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn list_managed(&self, node: &str) -> Result<Vec<RuntimeContainer>, DriverError> {
+        Ok(self.with(|s| {
+            s.containers
+                .values()
+                .filter(|c| c.labels.get(LABEL_MANAGED).map(String::as_str) == Some("true"))
+                .filter(|c| c.labels.get(LABEL_NODE).map(String::as_str) == Some(node))
+                .cloned()
+                .collect()
+        }))
+    }
+
+    async fn image_id(&self, image: &str) -> Result<Option<String>, DriverError> {
+        Ok(self.with(|s| s.images.get(image).cloned()))
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), DriverError> {
+        self.with(|s| {
+            s.log.push(format!("pull {image}"));
+            match s.registry.get(image).cloned() {
+                Some(id) => {
+                    s.images.insert(image.to_string(), id);
+                    Ok(())
+                }
+                None => Err(DriverError::Failed(format!("fake pull {image}: not found"))),
+            }
+        })
+    }
+
+    async fn create(&self, spec: &CreateSpec) -> Result<String, DriverError> {
+        self.with(|s| {
+            if s.containers.values().any(|c| c.name == spec.name) {
+                return Err(DriverError::Failed(format!(
+                    "fake create: name {} in use",
+                    spec.name
+                )));
+            }
+            let image_id = s.images.get(&spec.image).cloned().ok_or_else(|| {
+                DriverError::Failed(format!("fake create: no image {}", spec.image))
+            })?;
+            s.next_id += 1;
+            let id = format!("c{}", s.next_id);
+            s.log.push(format!("create {}", spec.name));
+            for v in spec.volumes.iter().filter(|v| !v.is_bind()) {
+                s.volumes.insert(v.source.clone());
+            }
+            s.containers.insert(
+                id.clone(),
+                RuntimeContainer {
+                    id: id.clone(),
+                    name: spec.name.clone(),
+                    labels: spec.labels.clone(),
+                    image: spec.image.clone(),
+                    image_id,
+                    state: RunState::Created,
+                    exit_code: None,
+                    health: None,
+                    addresses: Vec::new(),
+                    ports: spec
+                        .ports
+                        .iter()
+                        .filter_map(|p| {
+                            Some(PortBinding {
+                                protocol: p.protocol.as_str().into(),
+                                container_port: p.container_port,
+                                host_ip: None,
+                                host_port: p.host_port?,
+                            })
+                        })
+                        .collect(),
+                    mounts: spec
+                        .volumes
+                        .iter()
+                        .map(|v| Mount {
+                            source: v.source.clone(),
+                            target: v.target.clone(),
+                            read_only: v.read_only,
+                        })
+                        .collect(),
+                    memory: spec.memory,
+                    pids_limit: spec.pids,
+                },
+            );
+            Ok(id)
+        })
+    }
+
+    async fn start(&self, id: &str) -> Result<(), DriverError> {
+        self.with(|s| {
+            let n = s.next_id;
+            let crash = s
+                .containers
+                .get(id)
+                .is_some_and(|c| s.crash_on_start.contains(&c.name));
+            let c = s
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| missing("start", id))?;
+            if crash {
+                c.state = RunState::Exited;
+                c.exit_code = Some(1);
+            } else {
+                c.state = RunState::Running;
+                c.exit_code = None;
+                c.addresses = vec![format!("10.88.0.{}", n % 250 + 2)
+                    .parse()
+                    .map_err(|_| missing("start", id))?];
+                if c.labels.contains_key("test.health") {
+                    c.health = Some(Health::Healthy);
+                }
+            }
+            let name = c.name.clone();
+            s.log.push(format!("start {name}"));
+            Ok(())
+        })
+    }
+
+    async fn stop(&self, id: &str, _grace: Duration) -> Result<(), DriverError> {
+        self.with(|s| {
+            if let Some(c) = s.containers.get_mut(id) {
+                c.state = RunState::Exited;
+                c.exit_code = Some(0);
+                c.addresses.clear();
+                let name = c.name.clone();
+                s.log.push(format!("stop {name}"));
+            }
+            Ok(())
+        })
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), DriverError> {
+        self.with(|s| {
+            if let Some(c) = s.containers.remove(id) {
+                s.log.push(format!("remove {}", c.name));
+            }
+            Ok(())
+        })
+    }
+
+    async fn rename(&self, id: &str, new_name: &str) -> Result<(), DriverError> {
+        self.with(|s| {
+            let c = s
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| missing("rename", id))?;
+            s.log.push(format!("rename {} {new_name}", c.name));
+            c.name = new_name.to_string();
+            Ok(())
+        })
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<(), DriverError> {
+        self.with(|s| {
+            s.volumes.remove(name);
+            s.log.push(format!("remove volume {name}"));
+        });
+        Ok(())
+    }
+
+    async fn inspect(&self, id: &str) -> Result<Option<RuntimeContainer>, DriverError> {
+        Ok(self.with(|s| s.containers.get(id).cloned()))
+    }
+
+    fn events(&self) -> BoxStream<'static, ()> {
+        Box::pin(futures::stream::pending())
+    }
+}

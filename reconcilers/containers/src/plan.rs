@@ -1,0 +1,490 @@
+//! Pure planning: what the runtime must do so its managed containers match the spec.
+
+use crate::runtime::{
+    CreateSpec, HealthSpec, RunState, RuntimeContainer, LABEL_HASH, LABEL_MANAGED, LABEL_NAME,
+    LABEL_NODE,
+};
+use crate::spec::{parse_duration, parse_memory, Container, ContainerState};
+use converge_core::{redact, Change, FieldChange, Op, Plan};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// Label holding the container's document entry (JSON; secret *names* only), so a diff
+/// can show exactly which fields changed and a removal knows `removeVolumesOnDelete`.
+pub const LABEL_SPEC: &str = "converge.spec";
+/// Suffix of the temporary name a replacement runs under until the old one is gone.
+pub const NEXT_SUFFIX: &str = "--next";
+
+/// A secret value read from the node; `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
+/// What `observe` read.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// Containers carrying this node's ownership labels.
+    pub containers: Vec<RuntimeContainer>,
+    /// Local image id per image reference of the spec (None: not present locally).
+    pub images: BTreeMap<String, Option<String>>,
+    /// Secret values by name, or why one could not be read.
+    pub secrets: BTreeMap<String, Result<Secret, String>>,
+}
+
+/// One step of work on one container; steps of a container run in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Create under `spec.name` and start it unless the document wants it stopped.
+    Create {
+        spec: CreateSpec,
+        start: bool,
+    },
+    /// Zero-downtime replace: create `spec` under a temporary name, start it, wait
+    /// until healthy, stop and remove `old`, then rename it to `final_name`.
+    StartFirst {
+        spec: CreateSpec,
+        old: Vec<String>,
+        final_name: String,
+    },
+    /// Replace when host ports forbid two instances: stop and remove `old`, then create.
+    StopFirst {
+        spec: CreateSpec,
+        old: Vec<String>,
+        start: bool,
+    },
+    Start {
+        id: String,
+        exit_code: Option<i64>,
+    },
+    Stop {
+        id: String,
+        grace: Duration,
+    },
+    /// Stop (grace, then kill) and remove.
+    Remove {
+        id: String,
+        grace: Duration,
+    },
+    Rename {
+        id: String,
+        to: String,
+    },
+    RemoveVolumes {
+        names: Vec<String>,
+    },
+}
+
+/// One driver operation unit.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Pull an image needed by `for_containers` (runs before their steps).
+    Pull {
+        image: String,
+        for_containers: Vec<String>,
+    },
+    /// Ordered steps for one container (by document name).
+    Container { name: String, steps: Vec<Step> },
+    /// The container cannot be built (e.g. a secret is missing): reported as failed.
+    Invalid { name: String, error: String },
+}
+
+/// The runtime-level desired state of one document container, or why it cannot be built.
+pub fn desired(
+    c: &Container,
+    node: &str,
+    secrets: &BTreeMap<String, Result<Secret, String>>,
+) -> Result<(CreateSpec, String), String> {
+    let mut env = c.env.clone();
+    let mut hasher = Sha256::new();
+    hasher.update(serde_json::to_vec(c).map_err(|e| e.to_string())?);
+    for (var, secret) in &c.secret_env {
+        match secrets.get(secret) {
+            Some(Ok(Secret(v))) => {
+                // Secret rotation must replace the container: hash the value in.
+                hasher.update(format!("\0{var}\0{secret}\0").as_bytes());
+                hasher.update(Sha256::digest(v.as_bytes()));
+                env.insert(var.clone(), v.clone());
+            }
+            Some(Err(e)) => return Err(format!("secret {secret:?}: {e}")),
+            None => return Err(format!("secret {secret:?} was not read")),
+        }
+    }
+    let hash = hex::encode(hasher.finalize())[..16].to_string();
+    let mut labels = c.labels.clone();
+    labels.insert(LABEL_MANAGED.into(), "true".into());
+    labels.insert(LABEL_NODE.into(), node.into());
+    labels.insert(LABEL_NAME.into(), c.name.clone());
+    labels.insert(LABEL_HASH.into(), hash.clone());
+    labels.insert(
+        LABEL_SPEC.into(),
+        serde_json::to_string(c).map_err(|e| e.to_string())?,
+    );
+    let dur = |s: &Option<String>, default: u64| {
+        s.as_deref()
+            .and_then(parse_duration)
+            .unwrap_or(Duration::from_secs(default))
+    };
+    let health = c.health_check.as_ref().map(|h| HealthSpec {
+        command: h.command.clone(),
+        interval: dur(&h.interval, 30),
+        timeout: dur(&h.timeout, 30),
+        start_period: dur(&h.start_period, 0),
+        retries: h.retries.unwrap_or(3),
+    });
+    let resources = c.resources.as_ref();
+    let spec = CreateSpec {
+        name: c.name.clone(),
+        image: c.image.clone(),
+        command: c.command.clone(),
+        args: c.args.clone(),
+        env,
+        ports: c.ports.clone(),
+        volumes: c.volumes.clone(),
+        cpus: resources.and_then(|r| r.cpus),
+        memory: resources
+            .and_then(|r| r.memory.as_deref())
+            .and_then(parse_memory),
+        pids: resources.and_then(|r| r.pids),
+        health,
+        labels,
+        network: c.network.clone(),
+        ip: c.ip.as_deref().and_then(|s| s.parse().ok()),
+        stop_grace: parse_duration(&c.stop_grace_period).unwrap_or(Duration::from_secs(10)),
+    };
+    Ok((spec, hash))
+}
+
+/// Whether the runtime's own inspect data still matches the desired spec (drift that
+/// the spec-hash label cannot see: a tag that now points at another image, limits or
+/// ports changed behind converge's back).
+fn inspect_matches(
+    rc: &RuntimeContainer,
+    d: &CreateSpec,
+    image_id: Option<&String>,
+) -> Vec<String> {
+    let mut drift = Vec::new();
+    if let Some(id) = image_id {
+        if &rc.image_id != id {
+            drift.push(format!("image {} now resolves to {}", d.image, short(id)));
+        }
+    }
+    if rc.memory != d.memory {
+        drift.push("memory limit".into());
+    }
+    if d.pids.is_some() && rc.pids_limit != d.pids {
+        drift.push("pids limit".into());
+    }
+    let want: BTreeSet<(String, u16, u16)> = d
+        .ports
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p.protocol.as_str().to_string(),
+                p.container_port,
+                p.host_port?,
+            ))
+        })
+        .collect();
+    let have: BTreeSet<(String, u16, u16)> = rc
+        .ports
+        .iter()
+        .map(|p| (p.protocol.clone(), p.container_port, p.host_port))
+        .collect();
+    if want != have {
+        drift.push("published ports".into());
+    }
+    let want: BTreeSet<&str> = d
+        .volumes
+        .iter()
+        .map(|v| v.target.trim_end_matches('/'))
+        .collect();
+    let have: BTreeSet<&str> = rc
+        .mounts
+        .iter()
+        .map(|m| m.target.trim_end_matches('/'))
+        .collect();
+    if !want.is_subset(&have) {
+        drift.push("mounts".into());
+    }
+    drift
+}
+
+fn short(id: &str) -> &str {
+    let id = id.strip_prefix("sha256:").unwrap_or(id);
+    &id[..id.len().min(12)]
+}
+
+fn running(rc: &RuntimeContainer) -> bool {
+    matches!(rc.state, RunState::Running | RunState::Restarting)
+}
+
+/// Field-level differences between the document entry a container was created from
+/// (its `converge.spec` label) and the desired one. Secret values never appear.
+fn field_changes(old: Option<&str>, new: &Container) -> Vec<FieldChange> {
+    let Ok(new_v) = serde_json::to_value(new) else {
+        return Vec::new();
+    };
+    let old_v: serde_json::Value = old
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let empty = serde_json::Map::new();
+    let (old_m, new_m) = (
+        old_v.as_object().unwrap_or(&empty),
+        new_v.as_object().unwrap_or(&empty),
+    );
+    let keys: BTreeSet<&String> = old_m.keys().chain(new_m.keys()).collect();
+    keys.into_iter()
+        .filter(|k| old_m.get(*k) != new_m.get(*k))
+        .map(|k| {
+            let show = |v: Option<&serde_json::Value>| v.map(|v| v.to_string());
+            FieldChange::new(k.as_str(), show(old_m.get(k)), show(new_m.get(k)))
+        })
+        .collect()
+}
+
+/// The pure plan for the whole section.
+pub fn plan(spec: &[Container], observed: &Observed, node: &str) -> Plan<Action> {
+    let mut plan = Plan::default();
+    let mut pulls: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut by_name: BTreeMap<&str, Vec<&RuntimeContainer>> = BTreeMap::new();
+    for rc in &observed.containers {
+        if let Some(n) = rc.labels.get(LABEL_NAME) {
+            by_name.entry(n.as_str()).or_default().push(rc);
+        }
+    }
+    for c in spec {
+        let cands = by_name.remove(c.name.as_str()).unwrap_or_default();
+        let (want, hash) = match desired(c, node, &observed.secrets) {
+            Ok(d) => d,
+            Err(e) => {
+                // Shown, and failed at apply time so the status names the container.
+                plan.changes.push(
+                    Change::new(Op::Update, "container", &c.name).with_field(FieldChange::new(
+                        "error",
+                        None,
+                        Some(e.clone()),
+                    )),
+                );
+                plan.actions.push(Action::Invalid {
+                    name: c.name.clone(),
+                    error: e,
+                });
+                continue;
+            }
+        };
+        let image_id = observed.images.get(&c.image).and_then(|i| i.as_ref());
+        let is_fresh = |rc: &&RuntimeContainer| {
+            rc.labels.get(LABEL_HASH) == Some(&hash)
+                && inspect_matches(rc, &want, image_id).is_empty()
+        };
+        // Prefer a fresh running instance, then one already under the final name.
+        let mut fresh: Vec<&RuntimeContainer> =
+            cands.iter().copied().filter(|rc| is_fresh(rc)).collect();
+        fresh.sort_by_key(|rc| (!running(rc), rc.name != c.name, rc.id.clone()));
+        let keep = fresh.first().copied();
+        let grace = want.stop_grace;
+        let wants_running = c.desired_state == ContainerState::Running;
+        let mut steps = Vec::new();
+        let mut change: Option<Change> = None;
+        match keep {
+            Some(k) => {
+                for rc in cands.iter().filter(|rc| rc.id != k.id) {
+                    steps.push(Step::Remove {
+                        id: rc.id.clone(),
+                        grace,
+                    });
+                    change
+                        .get_or_insert_with(|| Change::new(Op::Update, "container", &c.name))
+                        .fields
+                        .push(FieldChange::new(
+                            "remove stale instance",
+                            Some(rc.name.clone()),
+                            None,
+                        ));
+                }
+                if k.name != c.name {
+                    steps.push(Step::Rename {
+                        id: k.id.clone(),
+                        to: c.name.clone(),
+                    });
+                    change
+                        .get_or_insert_with(|| Change::new(Op::Update, "container", &c.name))
+                        .fields
+                        .push(FieldChange::new(
+                            "name",
+                            Some(k.name.clone()),
+                            Some(c.name.clone()),
+                        ));
+                }
+                if wants_running && !running(k) {
+                    steps.push(Step::Start {
+                        id: k.id.clone(),
+                        exit_code: k.exit_code,
+                    });
+                    let was = match k.exit_code {
+                        Some(code) if k.state == RunState::Exited => format!("exited ({code})"),
+                        _ => format!("{:?}", k.state).to_lowercase(),
+                    };
+                    change
+                        .get_or_insert_with(|| Change::new(Op::Update, "container", &c.name))
+                        .fields
+                        .push(FieldChange::new("state", Some(was), Some("running".into())));
+                } else if !wants_running && running(k) {
+                    steps.push(Step::Stop {
+                        id: k.id.clone(),
+                        grace,
+                    });
+                    change
+                        .get_or_insert_with(|| Change::new(Op::Update, "container", &c.name))
+                        .fields
+                        .push(FieldChange::new(
+                            "state",
+                            Some("running".into()),
+                            Some("stopped".into()),
+                        ));
+                }
+            }
+            None => {
+                if image_id.is_none() {
+                    pulls
+                        .entry(c.image.clone())
+                        .or_default()
+                        .push(c.name.clone());
+                }
+                let old: Vec<String> = cands.iter().map(|rc| rc.id.clone()).collect();
+                if cands.is_empty() {
+                    let mut ch = Change::new(Op::Create, "container", &c.name)
+                        .with_field(FieldChange::new("image", None, Some(c.image.clone())));
+                    if !c.ports.is_empty() {
+                        let ports: Vec<String> = c
+                            .ports
+                            .iter()
+                            .map(|p| match p.host_port {
+                                Some(h) => {
+                                    format!("{h}:{}/{}", p.container_port, p.protocol.as_str())
+                                }
+                                None => format!("{}/{}", p.container_port, p.protocol.as_str()),
+                            })
+                            .collect();
+                        ch = ch.with_field(FieldChange::new("ports", None, Some(ports.join(", "))));
+                    }
+                    change = Some(ch);
+                    steps.push(Step::Create {
+                        spec: want,
+                        start: wants_running,
+                    });
+                } else {
+                    let current = cands
+                        .iter()
+                        .find(|rc| running(rc))
+                        .or(cands.first())
+                        .copied();
+                    let mut ch = Change::new(Op::Update, "container", &c.name);
+                    ch.fields = field_changes(
+                        current
+                            .and_then(|rc| rc.labels.get(LABEL_SPEC))
+                            .map(String::as_str),
+                        c,
+                    );
+                    if let Some(rc) = current {
+                        if rc.labels.get(LABEL_HASH) == Some(&hash) {
+                            // Same spec: the drift comes from the runtime side.
+                            for d in inspect_matches(rc, &want, image_id) {
+                                ch.fields.push(FieldChange::new("drift", None, Some(d)));
+                            }
+                        } else if ch.fields.is_empty() {
+                            ch.fields.push(FieldChange::new(
+                                "secrets",
+                                Some("<redacted>".into()),
+                                Some("<redacted>".into()),
+                            ));
+                        }
+                    }
+                    let has_host_ports = want.ports.iter().any(|p| p.host_port.is_some());
+                    let old_running = cands.iter().any(|rc| running(rc));
+                    if wants_running && old_running && !has_host_ports {
+                        ch.fields.push(FieldChange::new(
+                            "strategy",
+                            None,
+                            Some("start new, wait healthy, stop old".into()),
+                        ));
+                        let mut temp = want;
+                        temp.name = format!("{}{NEXT_SUFFIX}", c.name);
+                        steps.push(Step::StartFirst {
+                            spec: temp,
+                            old,
+                            final_name: c.name.clone(),
+                        });
+                    } else {
+                        ch.fields.push(FieldChange::new(
+                            "strategy",
+                            None,
+                            Some("stop old, start new (host ports)".into()),
+                        ));
+                        steps.push(Step::StopFirst {
+                            spec: want,
+                            old,
+                            start: wants_running,
+                        });
+                    }
+                    change = Some(ch);
+                }
+            }
+        }
+        if let Some(ch) = change {
+            plan.changes.push(ch);
+            plan.actions.push(Action::Container {
+                name: c.name.clone(),
+                steps,
+            });
+        }
+    }
+    // Managed containers the document no longer lists.
+    for (name, cands) in by_name {
+        let spec_label = cands.iter().find_map(|rc| rc.labels.get(LABEL_SPEC));
+        let old: Option<Container> = spec_label.and_then(|s| serde_json::from_str(s).ok());
+        let grace = old
+            .as_ref()
+            .and_then(|o| parse_duration(&o.stop_grace_period))
+            .unwrap_or(Duration::from_secs(10));
+        let mut steps: Vec<Step> = cands
+            .iter()
+            .map(|rc| Step::Remove {
+                id: rc.id.clone(),
+                grace,
+            })
+            .collect();
+        let mut ch = Change::new(Op::Delete, "container", name);
+        if let Some(o) = old.as_ref().filter(|o| o.remove_volumes_on_delete) {
+            let names: Vec<String> = o
+                .volumes
+                .iter()
+                .filter(|v| !v.is_bind())
+                .map(|v| v.source.clone())
+                .collect();
+            if !names.is_empty() {
+                ch = ch.with_field(FieldChange::new("volumes", Some(names.join(", ")), None));
+                steps.push(Step::RemoveVolumes { names });
+            }
+        }
+        plan.changes.push(ch);
+        plan.actions.push(Action::Container {
+            name: name.to_string(),
+            steps,
+        });
+    }
+    let pull_actions = pulls
+        .into_iter()
+        .map(|(image, for_containers)| Action::Pull {
+            image,
+            for_containers,
+        });
+    plan.actions.splice(0..0, pull_actions);
+    plan
+}

@@ -1,0 +1,400 @@
+//! The containers reconciler: observe through a runtime, plan (pure, see `plan`), apply
+//! with bounded concurrency and per-call timeouts, restart dead containers with a
+//! crash-loop back-off, publish container addresses as facts.
+
+use crate::plan::{self, Action, Observed, Secret, Step};
+use crate::runtime::{ContainerRuntime, CreateSpec, Health, RunState, LABEL_NAME};
+use crate::spec::Container;
+use converge_core::{
+    with_timeout, ContainerFacts, DriverError, Facts, FactsUpdate, ObjectOutcome, Plan, Reconciler,
+};
+use futures::stream::{BoxStream, StreamExt};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tracing::{info, warn, Instrument};
+
+/// Node-level settings of the reconciler.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's id (ownership label `converge.node`).
+    pub node_id: String,
+    /// Directory of local secret files (`<dir>/<secret name>`), until sealed secrets land.
+    pub secrets_dir: PathBuf,
+    /// Concurrent pulls / container operations.
+    pub parallel: usize,
+    /// Bound of one runtime call (create, start, stop, …).
+    pub call_timeout: Duration,
+    pub pull_timeout: Duration,
+    /// How long a replacement may take to become healthy before it is abandoned.
+    pub health_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(node_id: impl Into<String>, secrets_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            node_id: node_id.into(),
+            secrets_dir: secrets_dir.into(),
+            parallel: 4,
+            call_timeout: Duration::from_secs(30),
+            pull_timeout: Duration::from_secs(600),
+            health_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Restarts of one container within the crash-loop window.
+#[derive(Clone, Copy, Debug)]
+struct Crashes {
+    count: u32,
+    last: Instant,
+}
+
+/// Crash-loop window: restarts older than this are forgotten.
+const CRASH_WINDOW: Duration = Duration::from_secs(600);
+
+/// Delay before restart number `n` (0-based) of a crashing container: the first two
+/// are immediate, then 1 s doubling to 60 s.
+fn crash_delay(n: u32) -> Duration {
+    match n {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_secs(1u64 << (n - 2).min(6)).min(Duration::from_secs(60)),
+    }
+}
+
+/// The reconciler over a runtime driver.
+pub struct Containers<R> {
+    runtime: R,
+    config: Config,
+    crashes: Mutex<BTreeMap<String, Crashes>>,
+}
+
+impl<R: ContainerRuntime> Containers<R> {
+    pub fn new(runtime: R, config: Config) -> Self {
+        Self {
+            runtime,
+            config,
+            crashes: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn runtime(&self) -> &R {
+        &self.runtime
+    }
+
+    async fn call<T>(
+        &self,
+        op: &str,
+        fut: impl std::future::Future<Output = Result<T, DriverError>>,
+    ) -> Result<T, DriverError> {
+        with_timeout(op, self.config.call_timeout, fut).await
+    }
+
+    fn read_secret(&self, name: &str) -> Result<Secret, String> {
+        let path = self.config.secrets_dir.join(name);
+        std::fs::read_to_string(&path)
+            .map(|s| Secret(s.trim_end_matches('\n').to_string()))
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+    }
+
+    /// Crash-loop gate for restarting `name`: Ok when a restart may happen now.
+    fn gate_restart(&self, name: &str, exit_code: Option<i64>) -> Result<u32, String> {
+        let mut crashes = self.crashes.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let entry = crashes.entry(name.to_string()).or_insert(Crashes {
+            count: 0,
+            last: now,
+        });
+        if now.duration_since(entry.last) > CRASH_WINDOW {
+            entry.count = 0;
+        }
+        let wait = crash_delay(entry.count);
+        let since = now.duration_since(entry.last);
+        if entry.count > 0 && since < wait {
+            return Err(format!(
+                "crash loop back-off: exited with {}, {} restarts, next in {:.1}s",
+                exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                entry.count,
+                (wait - since).as_secs_f64()
+            ));
+        }
+        entry.count += 1;
+        entry.last = now;
+        Ok(entry.count)
+    }
+
+    async fn remove(&self, id: &str, grace: Duration) -> Result<(), DriverError> {
+        with_timeout(
+            "stop",
+            self.config.call_timeout + grace,
+            self.runtime.stop(id, grace),
+        )
+        .await?;
+        self.call("remove", self.runtime.remove(id)).await
+    }
+
+    async fn create_and_start(
+        &self,
+        spec: &CreateSpec,
+        start: bool,
+    ) -> Result<String, DriverError> {
+        let id = self.call("create", self.runtime.create(spec)).await?;
+        if start {
+            self.call("start", self.runtime.start(&id)).await?;
+        }
+        Ok(id)
+    }
+
+    /// Waits until a new instance is healthy (health check) or has kept running for a
+    /// second (no check); fails if it exits or turns unhealthy.
+    async fn wait_ready(&self, id: &str, has_check: bool) -> Result<(), DriverError> {
+        // tokio's clock, so tests with paused time do not really wait.
+        let deadline = tokio::time::Instant::now() + self.config.health_timeout;
+        let mut running_since: Option<tokio::time::Instant> = None;
+        loop {
+            let rc = self
+                .call("inspect", self.runtime.inspect(id))
+                .await?
+                .ok_or_else(|| DriverError::Failed("new instance disappeared".into()))?;
+            match (rc.state, rc.health) {
+                (RunState::Exited, _) => {
+                    return Err(DriverError::Failed(format!(
+                        "new instance exited ({})",
+                        rc.exit_code.map(|c| c.to_string()).unwrap_or_default()
+                    )))
+                }
+                (_, Some(Health::Unhealthy)) => {
+                    return Err(DriverError::Failed("new instance is unhealthy".into()))
+                }
+                (RunState::Running, Some(Health::Healthy)) if has_check => return Ok(()),
+                (RunState::Running, _) if !has_check => {
+                    let since = *running_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= Duration::from_secs(1) {
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DriverError::Failed(format!(
+                    "new instance not ready after {:?}",
+                    self.config.health_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn run_step(&self, name: &str, step: Step) -> Result<(), DriverError> {
+        match step {
+            Step::Create { spec, start } => {
+                info!(image = %spec.image, "creating");
+                self.create_and_start(&spec, start).await.map(drop)
+            }
+            Step::StartFirst {
+                spec,
+                old,
+                final_name,
+            } => {
+                info!(image = %spec.image, "replacing: new instance first");
+                // A leftover temp instance of an earlier interrupted replace is in `old`
+                // only if it was stale; one with this name can still block the create.
+                let id = self.create_and_start(&spec, true).await?;
+                if let Err(e) = self.wait_ready(&id, spec.health.is_some()).await {
+                    warn!(error = %e, "replacement not ready: keeping the old instance");
+                    let _ = self.call("remove", self.runtime.remove(&id)).await;
+                    return Err(e);
+                }
+                for o in &old {
+                    self.remove(o, spec.stop_grace).await?;
+                }
+                self.call("rename", self.runtime.rename(&id, &final_name))
+                    .await
+            }
+            Step::StopFirst { spec, old, start } => {
+                info!(image = %spec.image, "replacing: old instance first (host ports)");
+                for o in &old {
+                    self.remove(o, spec.stop_grace).await?;
+                }
+                self.create_and_start(&spec, start).await.map(drop)
+            }
+            Step::Start { id, exit_code } => {
+                let n = self
+                    .gate_restart(name, exit_code)
+                    .map_err(DriverError::Failed)?;
+                info!(exit_code = ?exit_code, restarts = n, "starting");
+                self.call("start", self.runtime.start(&id)).await
+            }
+            Step::Stop { id, grace } => {
+                with_timeout(
+                    "stop",
+                    self.config.call_timeout + grace,
+                    self.runtime.stop(&id, grace),
+                )
+                .await
+            }
+            Step::Remove { id, grace } => {
+                info!("removing");
+                self.remove(&id, grace).await
+            }
+            Step::Rename { id, to } => self.call("rename", self.runtime.rename(&id, &to)).await,
+            Step::RemoveVolumes { names } => {
+                for v in names {
+                    info!(volume = %v, "removing volume (removeVolumesOnDelete)");
+                    self.call("remove volume", self.runtime.remove_volume(&v))
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn run_container(&self, name: String, steps: Vec<Step>) -> ObjectOutcome {
+        let span = tracing::info_span!("container", name = %name);
+        let r = async {
+            for step in steps {
+                self.run_step(&name, step).await?;
+            }
+            Ok::<(), DriverError>(())
+        }
+        .instrument(span)
+        .await;
+        ObjectOutcome::from_result(format!("container {name}"), r)
+    }
+}
+
+impl<R: ContainerRuntime> Reconciler for Containers<R> {
+    type Spec = Vec<Container>;
+    type Observed = Observed;
+    type Action = Action;
+
+    fn name(&self) -> &'static str {
+        "containers"
+    }
+
+    async fn observe(&self, spec: &Vec<Container>) -> Result<Observed, DriverError> {
+        let containers = self
+            .call("list", self.runtime.list_managed(&self.config.node_id))
+            .await?;
+        let mut images = BTreeMap::new();
+        for c in spec {
+            if !images.contains_key(&c.image) {
+                let id = self
+                    .call("image inspect", self.runtime.image_id(&c.image))
+                    .await?;
+                images.insert(c.image.clone(), id);
+            }
+        }
+        let secrets = spec
+            .iter()
+            .flat_map(|c| c.secret_env.values())
+            .map(|s| (s.clone(), self.read_secret(s)))
+            .collect();
+        Ok(Observed {
+            containers,
+            images,
+            secrets,
+        })
+    }
+
+    fn plan(&self, spec: &Vec<Container>, observed: &Observed, _facts: &Facts) -> Plan<Action> {
+        plan::plan(spec, observed, &self.config.node_id)
+    }
+
+    async fn apply(&self, _spec: &Vec<Container>, plan: Plan<Action>) -> Vec<ObjectOutcome> {
+        let mut outcomes = Vec::new();
+        // Pulls first (bounded); a container whose image could not be pulled fails
+        // without touching its running instance.
+        let mut blocked: BTreeMap<String, String> = BTreeMap::new();
+        let (pulls, work): (Vec<Action>, Vec<Action>) = plan
+            .actions
+            .into_iter()
+            .partition(|a| matches!(a, Action::Pull { .. }));
+        let pulled: Vec<(String, Vec<String>, Result<(), DriverError>)> =
+            futures::stream::iter(pulls)
+                .filter_map(|a| async move {
+                    match a {
+                        Action::Pull {
+                            image,
+                            for_containers,
+                        } => Some((image, for_containers)),
+                        _ => None,
+                    }
+                })
+                .map(|(image, users)| async move {
+                    info!(image = %image, "pulling");
+                    let r =
+                        with_timeout("pull", self.config.pull_timeout, self.runtime.pull(&image))
+                            .await;
+                    (image, users, r)
+                })
+                .buffer_unordered(self.config.parallel.max(1))
+                .collect()
+                .await;
+        for (image, users, r) in pulled {
+            if let Err(e) = &r {
+                for u in users {
+                    blocked.insert(u, format!("image {image} not available: {e}"));
+                }
+            }
+            outcomes.push(ObjectOutcome::from_result(format!("image {image}"), r));
+        }
+        let results: Vec<ObjectOutcome> = futures::stream::iter(work)
+            .map(|a| {
+                let blocked = match &a {
+                    Action::Container { name, .. } => blocked.get(name).cloned(),
+                    _ => None,
+                };
+                async move {
+                    match (a, blocked) {
+                        (Action::Container { name, .. }, Some(e)) => {
+                            ObjectOutcome::failed(format!("container {name}"), e)
+                        }
+                        (Action::Container { name, steps }, None) => {
+                            self.run_container(name, steps).await
+                        }
+                        (Action::Invalid { name, error }, _) => {
+                            ObjectOutcome::failed(format!("container {name}"), error)
+                        }
+                        (Action::Pull { image, .. }, _) => {
+                            ObjectOutcome::ok(format!("image {image}"))
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(self.config.parallel.max(1))
+            .collect()
+            .await;
+        outcomes.extend(results);
+        outcomes.sort_by(|a, b| a.object.cmp(&b.object));
+        outcomes
+    }
+
+    fn publish(&self, observed: &Observed) -> Option<FactsUpdate> {
+        let mut facts: BTreeMap<String, ContainerFacts> = BTreeMap::new();
+        for rc in &observed.containers {
+            let Some(name) = rc.labels.get(LABEL_NAME) else {
+                continue;
+            };
+            let running = rc.state == RunState::Running;
+            let entry = facts.entry(name.clone()).or_default();
+            // A running instance under the final name wins over a stale or temporary one.
+            if running && (!entry.running || rc.name == *name) {
+                let mut addresses = rc.addresses.clone();
+                addresses.sort_by_key(|a| (a.is_ipv6(), *a));
+                *entry = ContainerFacts { addresses, running };
+            }
+        }
+        Some(FactsUpdate::Containers(facts))
+    }
+
+    fn host_events(&self) -> Option<BoxStream<'static, ()>> {
+        Some(self.runtime.events())
+    }
+}
+
+#[cfg(test)]
+mod tests;

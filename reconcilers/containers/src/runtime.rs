@@ -1,0 +1,182 @@
+//! The container runtime seen by the reconciler: one trait, implemented by the Podman
+//! driver (libpod API via podman-api), the Docker driver (bollard) and an in-memory fake.
+
+use crate::spec::{ContainerPort, ContainerVolume};
+use converge_core::DriverError;
+use futures::stream::BoxStream;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// Labels converge puts on every container it creates; ownership is decided by them.
+pub const LABEL_MANAGED: &str = "converge.managed";
+pub const LABEL_NODE: &str = "converge.node";
+pub const LABEL_NAME: &str = "converge.name";
+pub const LABEL_HASH: &str = "converge.spec-hash";
+
+/// Run state reported by the runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Created,
+    Running,
+    Paused,
+    Restarting,
+    Exited,
+    Other,
+}
+
+/// Health-check state reported by the runtime (None when the container has no check).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+/// One published port as the runtime reports it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortBinding {
+    pub protocol: String,
+    pub container_port: u16,
+    pub host_ip: Option<IpAddr>,
+    pub host_port: u16,
+}
+
+/// One mount as the runtime reports it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Mount {
+    /// Named volume name, or absolute host path for a bind mount.
+    pub source: String,
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// What the runtime's inspect says about a container converge manages.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuntimeContainer {
+    pub id: String,
+    /// The runtime's name for it (without a leading `/`).
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Image reference it was created from, as given at create time.
+    pub image: String,
+    /// Resolved image id (`sha256:…`).
+    pub image_id: String,
+    pub state: RunState,
+    pub exit_code: Option<i64>,
+    pub health: Option<Health>,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<PortBinding>,
+    pub mounts: Vec<Mount>,
+    /// Memory limit in bytes (None = unlimited).
+    pub memory: Option<u64>,
+    pub pids_limit: Option<u32>,
+}
+
+/// Health check as handed to the runtime (durations already parsed).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthSpec {
+    /// Command run with exec semantics (`CMD`), e.g. `["wget", "-q", "-O-", "http://localhost/"]`.
+    pub command: Vec<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub start_period: Duration,
+    pub retries: u32,
+}
+
+/// Everything needed to create one container. `env` may hold secret values: never log
+/// or display it (the `Debug` impl redacts it).
+#[derive(Clone, PartialEq)]
+pub struct CreateSpec {
+    /// Runtime name to create it under.
+    pub name: String,
+    pub image: String,
+    /// Replaces the image's entrypoint when set.
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's cmd when set.
+    pub args: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    pub ports: Vec<ContainerPort>,
+    pub volumes: Vec<ContainerVolume>,
+    pub cpus: Option<f64>,
+    pub memory: Option<u64>,
+    pub pids: Option<u32>,
+    pub health: Option<HealthSpec>,
+    /// User labels plus converge's ownership labels.
+    pub labels: BTreeMap<String, String>,
+    /// Network to attach to (runtime default when None).
+    pub network: Option<String>,
+    pub ip: Option<IpAddr>,
+    /// SIGTERM → SIGKILL grace used by `stop`.
+    pub stop_grace: Duration,
+}
+
+impl std::fmt::Debug for CreateSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateSpec")
+            .field("name", &self.name)
+            .field("image", &self.image)
+            .field("env", &format_args!("<{} vars, redacted>", self.env.len()))
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The runtime operations converge needs. Every call is bounded by a timeout in the
+/// reconciler; drivers map "already in that state" (start of a running container,
+/// stop of a stopped one, remove of a missing one) to success.
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// `podman` or `docker`, for logs and status.
+    fn kind(&self) -> &'static str;
+
+    /// Every container carrying `converge.managed=true` and `converge.node=<node>`.
+    fn list_managed(
+        &self,
+        node: &str,
+    ) -> impl Future<Output = Result<Vec<RuntimeContainer>, DriverError>> + Send;
+
+    /// The local image id for a reference, or None if not present.
+    fn image_id(
+        &self,
+        image: &str,
+    ) -> impl Future<Output = Result<Option<String>, DriverError>> + Send;
+
+    /// Pulls an image (progress goes to tracing).
+    fn pull(&self, image: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Creates (does not start) a container; returns its id.
+    fn create(&self, spec: &CreateSpec)
+        -> impl Future<Output = Result<String, DriverError>> + Send;
+
+    fn start(&self, id: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    fn stop(
+        &self,
+        id: &str,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Removes a stopped container (force-kills a running one).
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    fn rename(
+        &self,
+        id: &str,
+        new_name: &str,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Removes a named volume (only when the document asks for it).
+    fn remove_volume(&self, name: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Re-inspects one container (health and state while waiting during a replace).
+    fn inspect(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<RuntimeContainer>, DriverError>> + Send;
+
+    /// A ping for every lifecycle event (die, start, health change, destroy) of a
+    /// converge-managed container. Reconnects on its own if the daemon restarts.
+    fn events(&self) -> BoxStream<'static, ()>;
+}
