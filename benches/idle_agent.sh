@@ -24,7 +24,7 @@ trap cleanup EXIT
 cargo bench --quiet --bench document -- --write-doc "$DIR/big.json" --listen 127.0.0.1 >/dev/null
 ip netns add "$NS"
 nsenter --net="/run/netns/$NS" ip link set lo up
-nsenter --net="/run/netns/$NS" "$BIN" --data-dir "$DIR/data" agent --proxy 2>"$DIR/agent.log" &
+nsenter --net="/run/netns/$NS" "$BIN" --data-dir "$DIR/data" agent --proxy --node-id bench-node 2>"$DIR/agent.log" &
 AGENT=$!
 for _ in $(seq 100); do [ -S "$DIR/data/converge.sock" ] && break; sleep 0.1; done
 "$BIN" --data-dir "$DIR/data" push "$DIR/big.json"

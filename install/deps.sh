@@ -8,7 +8,7 @@ APT_PACKAGES=(
   build-essential pkg-config libclang-dev
   iproute2 iputils-ping procps psmisc
   dnsmasq-base dnsutils nftables
-  curl ca-certificates
+  curl ca-certificates wget busybox-static
   python3 python3-venv
   podman runc docker.io
   wireguard-tools wireguard-go
@@ -37,6 +37,21 @@ if ((${#missing[@]})); then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
   log "all apt packages present"
+fi
+
+# Podman: crun fails on these hosts and the default ulimits need CAP_SYS_RESOURCE.
+CONTAINERS_CONF=/etc/containers/containers.conf
+if ! grep -qs '^runtime = "runc"' "$CONTAINERS_CONF"; then
+  log "writing $CONTAINERS_CONF (runc, ulimits)"
+  mkdir -p /etc/containers
+  [[ -f $CONTAINERS_CONF ]] && cp "$CONTAINERS_CONF" "$CONTAINERS_CONF.converge-bak"
+  cat >"$CONTAINERS_CONF" <<'EOF'
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1000:1000"]
+
+[engine]
+runtime = "runc"
+EOF
 fi
 
 if [[ ! -x $VENV/bin/moto_server ]]; then

@@ -67,7 +67,8 @@ echo "(exit code $code: 2 = changes pending)"
 banner "starting the agent and pushing the document"
 mkdir -p "$data"
 # nsenter execs the agent, so $agent is its pid (a shell function would add a subshell).
-nsenter --net="/run/netns/$ns" "$bin" --data-dir "$data" agent 2>"$data/agent.log" &
+node_id=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["node"]["id"])' fixtures/worker.json)
+nsenter --net="/run/netns/$ns" "$bin" --data-dir "$data" agent --node-id "$node_id" 2>"$data/agent.log" &
 agent=$!
 for _ in $(seq 100); do [[ -S $data/converge.sock ]] && break; sleep 0.1; done
 cv push fixtures/worker.json

@@ -71,6 +71,9 @@ pub fn prepare_data_dir(data_dir: &Path) -> anyhow::Result<()> {
 /// Agent settings from the command line.
 pub struct AgentOptions {
     pub data_dir: PathBuf,
+    pub host: crate::registry::HostOptions,
+    /// Documents for another node id are refused.
+    pub node_id: String,
     pub proxy: bool,
     pub engine: EngineConfig,
 }
@@ -79,6 +82,7 @@ struct Shared {
     store: Mutex<Store>,
     engine: Engine,
     mode: Mode,
+    node_id: String,
 }
 
 fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
@@ -100,6 +104,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     };
     let initial = match store.last_good()? {
         Some((g, body)) => match document::parse(&body, Format::Json) {
+            Ok(doc) if doc.node.id != opts.node_id => {
+                error!(generation = g, document_node = %doc.node.id, "stored document is for another node; waiting for a new one");
+                None
+            }
             Ok(doc) => {
                 info!(generation = g, "resuming from the last good document");
                 Some(Arc::new(doc))
@@ -115,7 +123,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let listener = bind_socket(&sock).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     let engine = Engine::start(
-        crate::registry::sections(&opts.data_dir),
+        crate::registry::sections(&opts.data_dir, &opts.host, &opts.node_id),
         opts.engine,
         initial,
         tx,
@@ -124,6 +132,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         store: Mutex::new(store),
         engine,
         mode,
+        node_id: opts.node_id.clone(),
     });
     let persister = tokio::spawn(persist_reports(shared.clone(), rx));
     info!(socket = %sock.display(), ?mode, "agent started");
@@ -225,6 +234,12 @@ fn push(shared: &Shared, text: &str, format: Format) -> Response {
     };
     if let Err(e) = check_mode(&doc, shared.mode) {
         return Response::error(e);
+    }
+    if doc.node.id != shared.node_id {
+        return Response::error(format!(
+            "$.node.id: document is for node {:?} but this agent is node {:?} (hint: check the target, or start the agent with --node-id)",
+            doc.node.id, shared.node_id
+        ));
     }
     let canonical = match serde_json::to_string(&doc) {
         Ok(c) => c,

@@ -7,7 +7,7 @@ use crate::engine::{
     journal, object_errors, run_once, EngineConfig, PassResult, ReconcilerStatus, State,
 };
 use crate::output::{self, OutputFormat};
-use crate::registry;
+use crate::registry::{self, HostOptions};
 use crate::store::Store;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -35,6 +35,8 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub host: HostOptions,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -76,6 +78,10 @@ pub enum Command {
         /// Run as a proxy node (TLS and public routes).
         #[arg(long)]
         proxy: bool,
+        /// This node's id: documents for another node are refused, and containers are
+        /// labelled with it. Defaults to the host name.
+        #[arg(long, env = "CONVERGE_NODE_ID")]
+        node_id: Option<String>,
         /// Seconds between drift-repair passes.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
@@ -123,7 +129,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(doc) = load_valid(&file, output)? else {
                 return Ok(ExitCode::from(1));
             };
-            let mut sections = registry::sections(&cli.data_dir);
+            let mut sections = registry::sections(&cli.data_dir, &cli.host, &doc.node.id);
             let mut unbuilt = unbuilt_sections(&doc, &sections);
             if let Some(r) = &reconciler {
                 if !registry::ALL.contains(&r.as_str()) {
@@ -152,14 +158,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 0
             }))
         }
-        Command::Apply { file, output } => apply(&cli.data_dir, &file, output, color).await,
-        Command::Agent { proxy, resync_secs } => {
+        Command::Apply { file, output } => {
+            apply(&cli.data_dir, &cli.host, &file, output, color).await
+        }
+        Command::Agent {
+            proxy,
+            node_id,
+            resync_secs,
+        } => {
             let engine = EngineConfig {
                 resync: Duration::from_secs(resync_secs.max(1)),
                 ..Default::default()
             };
+            let node_id = match node_id {
+                Some(id) => id,
+                None => hostname()?,
+            };
             agent::run(AgentOptions {
                 data_dir: cli.data_dir,
+                host: cli.host,
+                node_id,
                 proxy,
                 engine,
             })
@@ -251,6 +269,7 @@ fn unbuilt_sections(
 /// verify with a second dry pass, record statuses.
 async fn apply(
     data_dir: &Path,
+    host: &HostOptions,
     file: &Path,
     output: OutputFormat,
     color: bool,
@@ -277,7 +296,7 @@ async fn apply(
         "worker"
     };
     let generation = doc.generation;
-    let sections = registry::sections(data_dir);
+    let sections = registry::sections(data_dir, host, &doc.node.id);
     let unbuilt = unbuilt_sections(&doc, &sections);
     let doc = Arc::new(doc);
     let applied = run_once(&sections, doc.clone(), false).await;
@@ -342,6 +361,13 @@ async fn apply(
         ),
     }
     Ok(ExitCode::from(if degraded { 1 } else { 0 }))
+}
+
+/// The host name, the default node id.
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("cannot read the host name; pass --node-id")?;
+    Ok(name.trim().to_string())
 }
 
 /// Sets up tracing on stderr: readable by default, JSON with `--log-format json`.

@@ -2,10 +2,99 @@
 
 use crate::document::Document;
 use crate::engine::{Bound, Section};
+use converge_containers::runtime::NoRuntime;
+use converge_containers::{Config as ContainersConfig, Containers};
 use converge_dns::driver::Dnsmasq;
 use converge_dns::{Dns, Layout};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Which container runtime the node uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeChoice {
+    /// Podman if its socket exists, else Docker if its socket exists.
+    Auto,
+    Podman,
+    Docker,
+}
+
+/// Host settings shared by every command that touches the host.
+#[derive(Clone, Debug, clap::Args)]
+pub struct HostOptions {
+    /// Container runtime.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "CONVERGE_RUNTIME",
+        default_value = "auto"
+    )]
+    pub runtime: RuntimeChoice,
+    /// Podman API socket (libpod).
+    #[arg(
+        long,
+        global = true,
+        env = "CONVERGE_PODMAN_SOCKET",
+        default_value = "/run/podman/podman.sock"
+    )]
+    pub podman_socket: PathBuf,
+    /// Docker API socket.
+    #[arg(
+        long,
+        global = true,
+        env = "CONVERGE_DOCKER_SOCKET",
+        default_value = "/var/run/docker.sock"
+    )]
+    pub docker_socket: PathBuf,
+    /// Directory of local secret files, one file per secret name.
+    #[arg(
+        long,
+        global = true,
+        env = "CONVERGE_SECRETS_DIR",
+        default_value = "/etc/converge/secrets"
+    )]
+    pub secrets_dir: PathBuf,
+}
+
+/// The containers reconciler on the chosen runtime.
+fn containers(host: &HostOptions, node_id: &str) -> Arc<dyn Section> {
+    let config = ContainersConfig::new(node_id, &host.secrets_dir);
+    fn select(d: &Document) -> Option<&Vec<converge_containers::Container>> {
+        d.containers.as_ref()
+    }
+    let podman = || {
+        Arc::new(Bound::new(
+            Containers::new(
+                converge_containers::podman::Podman::new(&host.podman_socket),
+                config.clone(),
+            ),
+            select,
+        )) as Arc<dyn Section>
+    };
+    let docker = || {
+        Arc::new(Bound::new(
+            Containers::new(
+                converge_containers::docker::Docker::new(&host.docker_socket),
+                config.clone(),
+            ),
+            select,
+        )) as Arc<dyn Section>
+    };
+    match host.runtime {
+        RuntimeChoice::Podman => podman(),
+        RuntimeChoice::Docker => docker(),
+        RuntimeChoice::Auto if host.podman_socket.exists() => podman(),
+        RuntimeChoice::Auto if host.docker_socket.exists() => docker(),
+        RuntimeChoice::Auto => {
+            let why = format!(
+                "no container runtime: neither {} nor {} exists (start podman or docker, or pass --podman-socket/--docker-socket)",
+                host.podman_socket.display(),
+                host.docker_socket.display()
+            );
+            Arc::new(Bound::new(Containers::new(NoRuntime(why), config), select))
+        }
+    }
+}
 
 /// Every section of the document, in document order.
 pub const ALL: [&str; 7] = [
@@ -31,13 +120,17 @@ fn dnsmasq_binary() -> PathBuf {
     }
 }
 
-/// The reconcilers of this build with their real drivers, rooted at `data_dir`.
-pub fn sections(data_dir: &Path) -> Vec<Arc<dyn Section>> {
+/// The reconcilers of this build with their real drivers: files under `data_dir`,
+/// containers labelled with `node_id`.
+pub fn sections(data_dir: &Path, host: &HostOptions, node_id: &str) -> Vec<Arc<dyn Section>> {
     let dns = Dns::new(Dnsmasq::new(
         Layout::new(data_dir.join("dns")),
         dnsmasq_binary(),
     ));
-    vec![Arc::new(Bound::new(dns, |d: &Document| d.dns.as_ref()))]
+    vec![
+        containers(host, node_id),
+        Arc::new(Bound::new(dns, |d: &Document| d.dns.as_ref())),
+    ]
 }
 
 /// Whether the document has a section for `name`.

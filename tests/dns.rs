@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::agent::{converge, data, dns_doc, push, push_ok, start_agent, status};
+use common::agent::{converge, data, dns_doc, push, push_ok, reconciler, start_agent, status};
 use common::dnsq::{query, Answer};
 use common::sandbox::{pid_alive, require_tool, wait_until, TestNode};
 use hickory_proto::op::ResponseCode;
@@ -157,8 +157,8 @@ fn records_are_served_and_changes_show_within_one_second() {
         || {
             let s = status(&node);
             s["generation"] == 4
-                && s["reconcilers"][0]["state"] == "Converged"
-                && s["reconcilers"][0]["observedGeneration"] == 4
+                && reconciler(&s, "dns")["state"] == "Converged"
+                && reconciler(&s, "dns")["observedGeneration"] == 4
         },
     );
 }
@@ -212,6 +212,14 @@ fn bad_stale_and_foreign_documents_change_nothing() {
             "{why}"
         );
     }
+    let mut other = dns_doc(&node, 7, records("10.88.0.13", "web.internal"));
+    other["node"]["id"] = json!("someone-else");
+    let out = push(&node, &other);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("$.node.id"),
+        "document for another node is refused"
+    );
     let mut proxy = dns_doc(&node, 7, records("10.88.0.13", "web.internal"));
     proxy["node"]["mode"] = json!("proxy");
     let out = push(&node, &proxy);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::agent::{converge, data, dns_doc, push, start_agent, status};
+use common::agent::{converge, data, dns_doc, push, reconciler, start_agent, status};
 use common::sandbox::{require_tool, TestNode};
 use serde_json::json;
 use std::time::Duration;
@@ -76,7 +76,7 @@ fn kill_9_during_a_push_storm_loses_no_acknowledged_document() {
     let _agent = start_agent(&node, &[]);
     common::sandbox::wait_until(Duration::from_secs(10), "converged after crashes", || {
         let s = status(&node);
-        s["reconcilers"][0]["state"] == "Converged"
-            && s["reconcilers"][0]["observedGeneration"] == s["generation"]
+        reconciler(&s, "dns")["state"] == "Converged"
+            && reconciler(&s, "dns")["observedGeneration"] == s["generation"]
     });
 }

@@ -27,7 +27,7 @@ pub fn start_agent(node: &TestNode, extra: &[&str]) -> Spawned {
     let mut cmd = node.command(converge_bin());
     cmd.arg("--data-dir")
         .arg(data(node))
-        .arg("agent")
+        .args(["agent", "--node-id", node.name()])
         .args(extra)
         .stdout(Stdio::null());
     if std::env::var_os("CONVERGE_TEST_LOGS").is_none() {
@@ -81,4 +81,13 @@ pub fn status(node: &TestNode) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+/// The status entry of reconciler `name` (Null if absent).
+pub fn reconciler(status: &Value, name: &str) -> Value {
+    status["reconcilers"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["reconciler"] == name))
+        .cloned()
+        .unwrap_or(Value::Null)
 }

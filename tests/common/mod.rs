@@ -3,4 +3,6 @@
 
 pub mod agent;
 pub mod dnsq;
+pub mod docker;
+pub mod podman;
 pub mod sandbox;

@@ -2,8 +2,10 @@
 //! only the containers it labelled, replacing drifted ones without downtime where host
 //! ports allow, restarting dead ones on runtime events, and publishing their addresses.
 
+pub mod docker;
 pub mod fake;
 pub mod plan;
+pub mod podman;
 pub mod reconciler;
 pub mod runtime;
 mod spec;

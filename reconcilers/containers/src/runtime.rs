@@ -180,3 +180,52 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// converge-managed container. Reconnects on its own if the daemon restarts.
     fn events(&self) -> BoxStream<'static, ()>;
 }
+
+/// Stand-in when no runtime socket was found: every call fails with the reason, so a
+/// document with containers reports Degraded with a clear message instead of hiding it.
+pub struct NoRuntime(pub String);
+
+impl NoRuntime {
+    fn err<T>(&self) -> Result<T, DriverError> {
+        Err(DriverError::Failed(self.0.clone()))
+    }
+}
+
+impl ContainerRuntime for NoRuntime {
+    fn kind(&self) -> &'static str {
+        "none"
+    }
+    async fn list_managed(&self, _: &str) -> Result<Vec<RuntimeContainer>, DriverError> {
+        self.err()
+    }
+    async fn image_id(&self, _: &str) -> Result<Option<String>, DriverError> {
+        self.err()
+    }
+    async fn pull(&self, _: &str) -> Result<(), DriverError> {
+        self.err()
+    }
+    async fn create(&self, _: &CreateSpec) -> Result<String, DriverError> {
+        self.err()
+    }
+    async fn start(&self, _: &str) -> Result<(), DriverError> {
+        self.err()
+    }
+    async fn stop(&self, _: &str, _: Duration) -> Result<(), DriverError> {
+        self.err()
+    }
+    async fn remove(&self, _: &str) -> Result<(), DriverError> {
+        self.err()
+    }
+    async fn rename(&self, _: &str, _: &str) -> Result<(), DriverError> {
+        self.err()
+    }
+    async fn remove_volume(&self, _: &str) -> Result<(), DriverError> {
+        self.err()
+    }
+    async fn inspect(&self, _: &str) -> Result<Option<RuntimeContainer>, DriverError> {
+        self.err()
+    }
+    fn events(&self) -> BoxStream<'static, ()> {
+        Box::pin(futures::stream::pending())
+    }
+}

@@ -1,0 +1,993 @@
+//! Podman driver: [`ContainerRuntime`] over the libpod REST API (podman-api) on a unix
+//! socket (`podman system service`).
+//!
+//! Two things differ from Docker and are handled here:
+//! - Podman schedules health checks with systemd timers. On a host without systemd
+//!   (containers, CI machines, the test sandbox) nothing would ever run them and a
+//!   container would stay `starting` forever, so the driver then runs them itself over
+//!   the API (`/healthcheck`) at the container's interval while it is running.
+//! - Podman emits `health_status` on every probe, not only on a change: the event stream
+//!   re-inspects the container and pings only when its health actually changed.
+//! - `stop` sends the stop signal and SIGKILLs after the grace itself: podman-api 0.10
+//!   spells the stop endpoint's `timeout` parameter `Timeout`, which libpod ignores.
+
+use crate::runtime::{
+    ContainerRuntime, CreateSpec, Health, Mount, PortBinding, RunState, RuntimeContainer,
+    LABEL_MANAGED, LABEL_NODE,
+};
+use converge_core::DriverError;
+use futures::channel::mpsc;
+use futures::stream::{BoxStream, StreamExt};
+use podman_api::models::{
+    ContainerMount, InspectContainerData, LinuxCpu, LinuxMemory, LinuxPids, LinuxResources,
+    NamedVolume, Namespace, PortMapping, Schema2HealthConfig,
+};
+use podman_api::opts::{
+    ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter, ContainerListOpts,
+    ContainerRestartPolicy, EventsOpts, PullOpts,
+};
+use podman_api::Error as PodmanError;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{debug, info, warn};
+
+/// Podman's default rootful API socket.
+pub const DEFAULT_SOCKET: &str = "/run/podman/podman.sock";
+
+/// Annotation recording the image reference exactly as given at create time: libpod's
+/// inspect only reports the resolved name (`busybox` → `docker.io/library/busybox:latest`).
+const IMAGE_ANNOTATION: &str = "converge.image";
+
+/// Pause before the event stream reconnects after the service went away.
+const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// How often `stop` looks whether the container is down yet.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// How long `stop` waits for a container to go down after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(30);
+
+/// Podman's default health-check interval (used when the container's config has none).
+const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Container events that change what `observe` would see. Exec events (one pair per
+/// health probe) and mount/cleanup chatter are left out on purpose.
+const WATCHED_EVENTS: &[&str] = &[
+    "create",
+    "start",
+    "restart",
+    "stop",
+    "died",
+    "die",
+    "kill",
+    "oom",
+    "pause",
+    "unpause",
+    "rename",
+    "remove",
+    "health_status",
+];
+
+/// The Podman runtime. Cheap to clone; connecting is lazy (every call opens its own
+/// connection), so it can be built before the service is up.
+#[derive(Clone)]
+pub struct Podman {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    socket: PathBuf,
+    api: podman_api::Podman,
+    /// Set when the driver runs health checks itself (no systemd on this host).
+    health: Option<Arc<HealthTicks>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(h) = &self.health {
+            h.abort_all();
+        }
+    }
+}
+
+impl std::fmt::Debug for Podman {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Podman")
+            .field("socket", &self.inner.socket)
+            .field("drives_health_checks", &self.inner.health.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Podman {
+    /// A driver for the libpod API at `socket`. Health checks are run by the driver when
+    /// the host has no systemd (see the module docs).
+    pub fn new(socket: impl AsRef<Path>) -> Podman {
+        // sd_booted(3): systemd is the init system iff this directory exists.
+        let systemd = Path::new("/run/systemd/system").exists();
+        Podman::with_health_checks(socket, !systemd)
+    }
+
+    /// Like [`Podman::new`], choosing explicitly whether the driver runs health checks.
+    pub fn with_health_checks(socket: impl AsRef<Path>, drive_health_checks: bool) -> Podman {
+        let socket = socket.as_ref().to_path_buf();
+        Podman {
+            inner: Arc::new(Inner {
+                api: podman_api::Podman::unix(&socket),
+                socket,
+                health: drive_health_checks.then(|| Arc::new(HealthTicks::default())),
+            }),
+        }
+    }
+
+    /// The API socket this driver talks to.
+    pub fn socket(&self) -> &Path {
+        &self.inner.socket
+    }
+
+    /// Whether this driver runs health checks itself.
+    pub fn drives_health_checks(&self) -> bool {
+        self.inner.health.is_some()
+    }
+
+    fn api(&self) -> &podman_api::Podman {
+        &self.inner.api
+    }
+
+    async fn inspect_raw(&self, id: &str) -> Result<Option<InspectContainerData>, DriverError> {
+        match self.api().containers().get(id).inspect().await {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if status_is(&e, 404) => Ok(None),
+            Err(e) => Err(failed("inspect", id, e)),
+        }
+    }
+
+    /// Inspects and, when this driver runs health checks, makes sure a running
+    /// container with a check has its ticker (covers agent restarts and containers
+    /// started behind converge's back).
+    async fn inspect_tracked(&self, id: &str) -> Result<Option<RuntimeContainer>, DriverError> {
+        let Some(data) = self.inspect_raw(id).await? else {
+            return Ok(None);
+        };
+        self.ensure_health_ticker(&data);
+        Ok(Some(runtime_container(data)))
+    }
+
+    /// Polls (list by id: cheaper than inspect) until the container is no longer
+    /// running, or `timeout` passes; true when it stopped (or is gone).
+    async fn wait_stopped(&self, id: &str, timeout: Duration) -> Result<bool, DriverError> {
+        let opts = ContainerListOpts::builder()
+            .all(true)
+            .filter([ContainerListFilter::Id(id.into())])
+            .build();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let listed = self
+                .api()
+                .containers()
+                .list(&opts)
+                .await
+                .map_err(|e| failed("stop", id, e))?;
+            let alive = listed.iter().any(|c| {
+                matches!(
+                    c.state.as_deref(),
+                    Some("running" | "paused" | "restarting" | "stopping")
+                )
+            });
+            if !alive {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(STOP_POLL.min(deadline - tokio::time::Instant::now())).await;
+        }
+    }
+
+    fn ensure_health_ticker(&self, data: &InspectContainerData) {
+        let Some(ticks) = &self.inner.health else {
+            return;
+        };
+        let running = data
+            .state
+            .as_ref()
+            .and_then(|s| s.status.as_deref())
+            .is_some_and(|s| s == "running");
+        let Some(check) = data.config.as_ref().and_then(|c| c.healthcheck.as_ref()) else {
+            return;
+        };
+        let has_test = check
+            .test
+            .as_ref()
+            .is_some_and(|t| !t.is_empty() && t[0] != "NONE");
+        let (Some(id), true, true) = (data.id.as_deref(), running, has_test) else {
+            return;
+        };
+        let interval = match check.interval {
+            Some(ns) if ns > 0 => Duration::from_nanos(ns as u64),
+            _ => DEFAULT_HEALTH_INTERVAL,
+        }
+        .max(Duration::from_millis(100));
+        ticks.ensure(self.api().clone(), id, interval);
+    }
+}
+
+/// Health-check tickers by container id, for hosts where podman cannot schedule them.
+#[derive(Default)]
+struct HealthTicks {
+    tasks: Mutex<HashMap<String, (u64, tokio::task::AbortHandle)>>,
+    next: AtomicU64,
+}
+
+impl HealthTicks {
+    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, tokio::task::AbortHandle)>> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ensure(self: &Arc<Self>, api: podman_api::Podman, id: &str, interval: Duration) {
+        // Outside a tokio runtime there is nothing to run a ticker on.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut tasks = self.tasks();
+        if tasks.get(id).is_some_and(|(_, h)| !h.is_finished()) {
+            return;
+        }
+        let generation = self.next.fetch_add(1, Ordering::Relaxed);
+        let me = Arc::clone(self);
+        let owned = id.to_string();
+        let handle = rt.spawn(async move {
+            run_health_checks(&api, &owned, interval).await;
+            let mut tasks = me.tasks();
+            if tasks.get(&owned).is_some_and(|(g, _)| *g == generation) {
+                tasks.remove(&owned);
+            }
+        });
+        debug!(
+            container = id,
+            ?interval,
+            "podman: running health checks for it"
+        );
+        tasks.insert(id.to_string(), (generation, handle.abort_handle()));
+    }
+
+    fn abort_all(&self) {
+        for (_, (_, h)) in self.tasks().drain() {
+            h.abort();
+        }
+    }
+}
+
+/// Runs the container's health check every `interval` until it stops or is removed
+/// (podman answers 409 / 404); podman itself applies start period and retries.
+async fn run_health_checks(api: &podman_api::Podman, id: &str, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match api.containers().get(id).healthcheck().await {
+            Ok(_) => {}
+            Err(e) if matches!(status(&e), Some(404 | 409)) => {
+                debug!(container = id, error = %e, "podman: health checks end");
+                return;
+            }
+            // Service restarting or similar: try again next interval.
+            Err(e) => debug!(container = id, error = %e, "podman: health check failed to run"),
+        }
+    }
+}
+
+fn failed(op: &str, id: &str, e: impl std::fmt::Display) -> DriverError {
+    DriverError::Failed(format!("podman {op} {id}: {e}"))
+}
+
+fn status(e: &PodmanError) -> Option<u16> {
+    match e {
+        PodmanError::Fault { code, .. } => Some(code.as_u16()),
+        _ => None,
+    }
+}
+
+fn status_is(e: &PodmanError, code: u16) -> bool {
+    status(e) == Some(code)
+}
+
+/// Translates a [`CreateSpec`] into libpod's create body (a SpecGenerator).
+fn create_opts(spec: &CreateSpec) -> Result<ContainerCreateOpts, DriverError> {
+    let bad = |what: String| failed("create", &spec.name, what);
+
+    let mut b = ContainerCreateOpts::builder()
+        .name(&spec.name)
+        .image(&spec.image)
+        .annotations([(IMAGE_ANNOTATION, spec.image.as_str())])
+        .env(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .labels(spec.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        // converge restarts containers itself (crash-loop back-off, events).
+        .restart_policy(ContainerRestartPolicy::No)
+        .stop_timeout(spec.stop_grace.as_secs_f64().ceil() as u64);
+    if let Some(cmd) = &spec.command {
+        b = b.entrypoint(cmd);
+    }
+    if let Some(args) = &spec.args {
+        b = b.command(args);
+    }
+
+    // Ports without a host port are reachable on the container's address anyway.
+    let ports: Vec<PortMapping> = spec
+        .ports
+        .iter()
+        .filter_map(|p| {
+            Some(PortMapping {
+                container_port: Some(p.container_port),
+                host_port: Some(p.host_port?),
+                host_ip: p.host_ip.clone(),
+                protocol: Some(p.protocol.as_str().to_string()),
+                range: None,
+            })
+        })
+        .collect();
+    if !ports.is_empty() {
+        b = b.portmappings(ports);
+    }
+
+    let rw = |ro: bool| if ro { "ro" } else { "rw" }.to_string();
+    let (binds, named): (Vec<_>, Vec<_>) = spec.volumes.iter().partition(|v| v.is_bind());
+    if !named.is_empty() {
+        // Created on demand by podman when missing.
+        b = b.volumes(named.into_iter().map(|v| NamedVolume {
+            name: Some(v.source.clone()),
+            dest: Some(v.target.clone()),
+            options: Some(vec![rw(v.read_only)]),
+            is_anonymous: None,
+        }));
+    }
+    if !binds.is_empty() {
+        b = b.mounts(binds.into_iter().map(|v| ContainerMount {
+            _type: Some("bind".into()),
+            source: Some(v.source.clone()),
+            destination: Some(v.target.clone()),
+            options: Some(vec![rw(v.read_only)]),
+            uid_mappings: None,
+            gid_mappings: None,
+        }));
+    }
+
+    let cpu = match spec.cpus {
+        Some(c) if c.is_finite() && c > 0.0 => {
+            const PERIOD: u64 = 100_000;
+            Some(LinuxCpu {
+                period: Some(PERIOD),
+                quota: Some((c * PERIOD as f64).round() as i64),
+                cpus: None,
+                mems: None,
+                realtime_period: None,
+                realtime_runtime: None,
+                shares: None,
+            })
+        }
+        Some(c) => return Err(bad(format!("invalid cpu limit {c}"))),
+        None => None,
+    };
+    let memory = match spec.memory {
+        Some(m) => Some(LinuxMemory {
+            limit: Some(i64::try_from(m).map_err(|_| bad(format!("memory limit {m} too large")))?),
+            disable_oom_killer: None,
+            kernel: None,
+            kernel_tcp: None,
+            reservation: None,
+            swap: None,
+            swappiness: None,
+            use_hierarchy: None,
+        }),
+        None => None,
+    };
+    let pids = spec.pids.map(|p| LinuxPids {
+        limit: Some(i64::from(p)),
+    });
+    if cpu.is_some() || memory.is_some() || pids.is_some() {
+        b = b.resource_limits(LinuxResources {
+            cpu,
+            memory,
+            pids,
+            block_io: None,
+            devices: None,
+            hugepage_limits: None,
+            network: None,
+            rdma: None,
+            unified: None,
+        });
+    }
+
+    if let Some(h) = &spec.health {
+        if h.command.is_empty() {
+            return Err(bad("empty health-check command".into()));
+        }
+        let ns = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        let mut test = vec!["CMD".to_string()];
+        test.extend(h.command.iter().cloned());
+        b = b.health_config(Schema2HealthConfig {
+            test: Some(test),
+            interval: Some(ns(h.interval)),
+            timeout: Some(ns(h.timeout)),
+            start_period: Some(ns(h.start_period)),
+            retries: Some(i64::from(h.retries)),
+        });
+    }
+
+    // A static address needs an explicit network; `podman` is the default one.
+    let network = match (&spec.network, spec.ip) {
+        (Some(n), _) => Some(n.as_str()),
+        (None, Some(_)) => Some("podman"),
+        (None, None) => None,
+    };
+    if let Some(net) = network {
+        let mut opts = serde_json::Map::new();
+        if let Some(ip) = spec.ip {
+            opts.insert("static_ips".into(), serde_json::json!([ip.to_string()]));
+        }
+        b = b
+            .net_namespace(Namespace {
+                nsmode: Some("bridge".into()),
+                value: None,
+            })
+            .networks([(net, serde_json::Value::Object(opts))]);
+    }
+
+    Ok(b.build())
+}
+
+fn run_state(status: &str) -> RunState {
+    match status {
+        "created" | "configured" | "initialized" => RunState::Created,
+        "running" => RunState::Running,
+        "paused" => RunState::Paused,
+        "restarting" => RunState::Restarting,
+        "exited" | "stopped" => RunState::Exited,
+        _ => RunState::Other,
+    }
+}
+
+fn health(status: &str) -> Option<Health> {
+    match status {
+        "starting" => Some(Health::Starting),
+        "healthy" => Some(Health::Healthy),
+        "unhealthy" => Some(Health::Unhealthy),
+        _ => None,
+    }
+}
+
+/// Podman reports bare hex image ids; the runtime contract (and Docker) uses `sha256:…`.
+fn image_id(id: &str) -> String {
+    if id.is_empty() || id.contains(':') {
+        id.to_string()
+    } else {
+        format!("sha256:{id}")
+    }
+}
+
+/// Parses `"8080/tcp"`.
+fn parse_port_key(key: &str) -> Option<(u16, String)> {
+    let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
+    Some((port.parse().ok()?, proto.to_string()))
+}
+
+/// Builds the driver's view from an inspect response.
+fn runtime_container(c: InspectContainerData) -> RuntimeContainer {
+    let config = c.config;
+    let host = c.host_config;
+    let state = c.state;
+    let status = state
+        .as_ref()
+        .and_then(|s| s.status.clone())
+        .unwrap_or_default();
+    let run = run_state(&status);
+
+    let net = c.network_settings;
+    let mut networks: Vec<_> = net
+        .as_ref()
+        .and_then(|n| n.networks.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    networks.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    for (_, n) in &networks {
+        for a in [&n.ip_address, &n.global_i_pv_6_address]
+            .into_iter()
+            .flatten()
+            .chain(
+                [&n.secondary_ip_addresses, &n.secondary_i_pv_6_addresses]
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|a| a.addr.as_ref()),
+            )
+        {
+            if let Ok(ip) = a.parse::<IpAddr>() {
+                if !addresses.contains(&ip) {
+                    addresses.push(ip);
+                }
+            }
+        }
+    }
+
+    // Published ports as configured (HostConfig), so a stopped container reports the
+    // same ports as a running one; NetworkSettings only when HostConfig has none.
+    let bindings = host
+        .as_ref()
+        .and_then(|h| h.port_bindings.clone())
+        .filter(|b| !b.is_empty())
+        .or_else(|| net.as_ref().and_then(|n| n.ports.clone()))
+        .unwrap_or_default();
+    let mut ports: Vec<PortBinding> = bindings
+        .into_iter()
+        .filter_map(|(key, b)| Some((parse_port_key(&key)?, b?)))
+        .flat_map(|((container_port, protocol), b)| {
+            b.into_iter().filter_map(move |b| {
+                Some(PortBinding {
+                    protocol: protocol.clone(),
+                    container_port,
+                    host_ip: b.host_ip.as_deref().and_then(|ip| ip.parse().ok()),
+                    host_port: b.host_port.as_deref()?.parse().ok()?,
+                })
+            })
+        })
+        .collect();
+    ports.sort();
+    ports.dedup();
+
+    let mut mounts: Vec<Mount> = c
+        .mounts
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| {
+            let source = match m.type_.as_deref() {
+                Some("volume") => m.name?,
+                _ => m.source?,
+            };
+            Some(Mount {
+                source,
+                target: m.destination?,
+                read_only: !m.rw.unwrap_or(true),
+            })
+        })
+        .collect();
+    mounts.sort();
+
+    let labels: BTreeMap<String, String> = config
+        .as_ref()
+        .and_then(|c| c.labels.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let image = config
+        .as_ref()
+        .and_then(|c| c.annotations.as_ref()?.get(IMAGE_ANNOTATION).cloned())
+        .or(c.image_name)
+        .or_else(|| config.as_ref().and_then(|c| c.image.clone()))
+        .unwrap_or_default();
+
+    RuntimeContainer {
+        id: c.id.unwrap_or_default(),
+        name: c
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
+        labels,
+        image,
+        image_id: image_id(c.image.as_deref().unwrap_or_default()),
+        state: run,
+        // Only meaningful once the container is down.
+        exit_code: match run {
+            RunState::Exited => state.as_ref().and_then(|s| s.exit_code).map(i64::from),
+            _ => None,
+        },
+        health: state
+            .as_ref()
+            .and_then(|s| s.health.as_ref())
+            .and_then(|h| h.status.as_deref())
+            .and_then(health),
+        addresses,
+        ports,
+        mounts,
+        memory: host
+            .as_ref()
+            .and_then(|h| h.memory)
+            .filter(|m| *m > 0)
+            .map(|m| m as u64),
+        pids_limit: host
+            .as_ref()
+            .and_then(|h| h.pids_limit)
+            .filter(|p| *p > 0)
+            .and_then(|p| u32::try_from(p).ok()),
+    }
+}
+
+impl ContainerRuntime for Podman {
+    fn kind(&self) -> &'static str {
+        "podman"
+    }
+
+    async fn list_managed(&self, node: &str) -> Result<Vec<RuntimeContainer>, DriverError> {
+        let opts = ContainerListOpts::builder()
+            .all(true)
+            .filter([
+                ContainerListFilter::LabelKeyVal(LABEL_MANAGED.into(), "true".into()),
+                ContainerListFilter::LabelKeyVal(LABEL_NODE.into(), node.into()),
+            ])
+            .build();
+        let listed = self
+            .api()
+            .containers()
+            .list(&opts)
+            .await
+            .map_err(|e| failed("list", node, e))?;
+        let mut out = Vec::with_capacity(listed.len());
+        for c in listed {
+            // Label filters are ANDed by podman; checked again so a server that ORs them
+            // can never make converge touch a foreign container.
+            let labels = c.labels.unwrap_or_default();
+            let ours = labels.get(LABEL_MANAGED).map(String::as_str) == Some("true")
+                && labels.get(LABEL_NODE).map(String::as_str) == Some(node);
+            let Some(id) = c.id.filter(|_| ours) else {
+                continue;
+            };
+            // Gone between list and inspect: simply not there any more.
+            if let Some(rc) = self.inspect_tracked(&id).await? {
+                out.push(rc);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    async fn image_id(&self, image: &str) -> Result<Option<String>, DriverError> {
+        match self.api().images().get(image).inspect().await {
+            Ok(i) => Ok(i.id.as_deref().map(image_id)),
+            Err(e) if status_is(&e, 404) => Ok(None),
+            Err(e) => Err(failed("image inspect", image, e)),
+        }
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), DriverError> {
+        let opts = PullOpts::builder().reference(image).quiet(true).build();
+        let images = self.api().images();
+        let mut reports = images.pull(&opts);
+        let mut pulled = None;
+        // libpod answers 200 at once and reports a failed pull inside the stream.
+        while let Some(report) = reports.next().await {
+            let report = report.map_err(|e| failed("pull", image, e))?;
+            if let Some(err) = report.error.filter(|e| !e.is_empty()) {
+                return Err(failed("pull", image, err));
+            }
+            if let Some(line) = report.stream.as_deref().map(str::trim) {
+                if !line.is_empty() {
+                    debug!(image, "podman pull: {line}");
+                }
+            }
+            if let Some(id) = report.id.filter(|i| !i.is_empty()) {
+                pulled = Some(id);
+            }
+        }
+        match pulled {
+            Some(id) => {
+                info!(image, id = %image_id(&id), "pulled");
+                Ok(())
+            }
+            None => Err(failed("pull", image, "no image in the pull report")),
+        }
+    }
+
+    async fn create(&self, spec: &CreateSpec) -> Result<String, DriverError> {
+        let opts = create_opts(spec)?;
+        let created = self
+            .api()
+            .containers()
+            .create(&opts)
+            .await
+            .map_err(|e| failed("create", &spec.name, e))?;
+        for w in created.warnings.iter().filter(|w| !w.is_empty()) {
+            warn!(container = %spec.name, "podman create: {w}");
+        }
+        Ok(created.id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), DriverError> {
+        match self.api().containers().get(id).start(None).await {
+            Ok(()) => {}
+            // 304: already running.
+            Err(e) if status_is(&e, 304) => {}
+            Err(e) => return Err(failed("start", id, e)),
+        }
+        if self.inner.health.is_some() {
+            if let Some(data) = self.inspect_raw(id).await? {
+                self.ensure_health_ticker(&data);
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), DriverError> {
+        // libpod's stop endpoint would only honour a `timeout` query parameter, which
+        // podman-api 0.10 spells `Timeout` (ignored: podman then waits the container's
+        // own stop timeout). So stop by hand, like `podman stop` does: the container's
+        // stop signal, wait up to `grace`, then SIGKILL.
+        let Some(data) = self.inspect_raw(id).await? else {
+            return Err(failed("stop", id, "no such container"));
+        };
+        let status = data.state.as_ref().and_then(|s| s.status.as_deref());
+        if !matches!(
+            status,
+            Some("running" | "paused" | "restarting" | "stopping")
+        ) {
+            return Ok(());
+        }
+        let signal = data
+            .config
+            .as_ref()
+            .and_then(|c| c.stop_signal)
+            .filter(|s| *s > 0)
+            .unwrap_or(15);
+        // The full id: `wait_stopped` filters by id, and `id` may be a name.
+        let full_id = data.id.clone().unwrap_or_else(|| id.to_string());
+        let container = self.api().containers().get(&full_id);
+        match container.send_signal(signal.to_string()).await {
+            Ok(()) => {}
+            // 409: not running (any more).
+            Err(e) if status_is(&e, 409) => return Ok(()),
+            Err(e) => return Err(failed("stop", id, e)),
+        }
+        if self.wait_stopped(&full_id, grace).await? {
+            return Ok(());
+        }
+        debug!(container = id, ?grace, "podman: grace period over, SIGKILL");
+        match container.send_signal("SIGKILL").await {
+            Ok(()) => {}
+            Err(e) if status_is(&e, 409) => return Ok(()),
+            Err(e) => return Err(failed("stop", id, e)),
+        }
+        if self.wait_stopped(&full_id, KILL_WAIT).await? {
+            Ok(())
+        } else {
+            Err(failed(
+                "stop",
+                id,
+                format!("still running {KILL_WAIT:?} after SIGKILL"),
+            ))
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), DriverError> {
+        // force: kill a running one at once (timeout 0); v: its anonymous volumes too
+        // (named volumes are never removed here).
+        let opts = ContainerDeleteOpts::builder()
+            .force(true)
+            .volumes(true)
+            .timeout(0)
+            .build();
+        match self.api().containers().get(id).delete(&opts).await {
+            Ok(()) => Ok(()),
+            Err(e) if status_is(&e, 404) => Ok(()),
+            Err(e) => Err(failed("remove", id, e)),
+        }
+    }
+
+    async fn rename(&self, id: &str, new_name: &str) -> Result<(), DriverError> {
+        self.api()
+            .containers()
+            .get(id)
+            .rename(new_name)
+            .await
+            .map_err(|e| failed("rename", id, format!("to {new_name}: {e}")))
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<(), DriverError> {
+        // Not forced: a volume still in use stays (and reports why).
+        match self.api().volumes().get(name).delete().await {
+            Ok(()) => Ok(()),
+            Err(e) if status_is(&e, 404) => Ok(()),
+            Err(e) => Err(failed("volume remove", name, e)),
+        }
+    }
+
+    async fn inspect(&self, id: &str) -> Result<Option<RuntimeContainer>, DriverError> {
+        self.inspect_tracked(id).await
+    }
+
+    fn events(&self) -> BoxStream<'static, ()> {
+        // The pump owns the client and borrows it for the libpod stream; it is polled as
+        // part of the returned stream (no spawn), so dropping the stream stops it.
+        let (tx, rx) = mpsc::channel(1);
+        let pump = pump_events(self.inner.api.clone(), tx);
+        let pump = futures::stream::once(pump).filter_map(|()| async { None::<()> });
+        futures::stream::select(pump, rx).boxed()
+    }
+}
+
+/// Forwards one ping per relevant event of a converge-managed container into `tx`,
+/// reconnecting forever; a reconnect pings once since events may have been missed.
+async fn pump_events(api: podman_api::Podman, mut tx: mpsc::Sender<()>) {
+    let mut ping = move || match tx.try_send(()) {
+        // Full: a ping is already pending, which is all the consumer needs.
+        Ok(()) => true,
+        Err(e) => !e.is_disconnected(),
+    };
+    let mut last_health: HashMap<String, Option<Health>> = HashMap::new();
+    let mut missed = false;
+    loop {
+        // Ping first: the event stream only reports a dead socket once an event is due.
+        if let Err(e) = api.ping().await {
+            debug!(error = %e, "podman events: service unreachable, retrying");
+            missed = true;
+            tokio::time::sleep(RECONNECT_DELAY).await;
+            continue;
+        }
+        if missed && !ping() {
+            return;
+        }
+        let opts = EventsOpts::builder()
+            .stream(true)
+            .filters([
+                ("type".to_string(), vec!["container".to_string()]),
+                ("label".to_string(), vec![format!("{LABEL_MANAGED}=true")]),
+            ])
+            .build();
+        let mut events = api.events(&opts);
+        while let Some(ev) = events.next().await {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    warn!(error = %e, "podman events: stream failed, reconnecting");
+                    break;
+                }
+            };
+            if ev.typ != "container" || !WATCHED_EVENTS.contains(&ev.action.as_str()) {
+                continue;
+            }
+            let id = ev.actor.id;
+            let relevant = match ev.action.as_str() {
+                "health_status" => {
+                    // Sent on every probe: only a change of health matters.
+                    let now = match api.containers().get(&id).inspect().await {
+                        Ok(c) => c
+                            .state
+                            .and_then(|s| s.health)
+                            .and_then(|h| h.status)
+                            .as_deref()
+                            .and_then(health),
+                        Err(_) => None,
+                    };
+                    last_health.insert(id, now) != Some(now)
+                }
+                "remove" => {
+                    last_health.remove(&id);
+                    true
+                }
+                _ => true,
+            };
+            if relevant && !ping() {
+                return;
+            }
+        }
+        debug!("podman events: stream ended, reconnecting");
+        missed = true;
+        tokio::time::sleep(RECONNECT_DELAY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::HealthSpec;
+    use crate::spec::{ContainerPort, ContainerVolume, Protocol};
+
+    fn spec() -> CreateSpec {
+        CreateSpec {
+            name: "web".into(),
+            image: "busybox:test".into(),
+            command: Some(vec!["httpd".into()]),
+            args: Some(vec!["-f".into()]),
+            env: BTreeMap::from([("SECRET".into(), "s3cr3t".into())]),
+            ports: vec![
+                ContainerPort {
+                    container_port: 80,
+                    host_port: Some(8080),
+                    protocol: Protocol::Tcp,
+                    host_ip: Some("127.0.0.1".into()),
+                },
+                ContainerPort {
+                    container_port: 81,
+                    host_port: None,
+                    protocol: Protocol::Udp,
+                    host_ip: None,
+                },
+            ],
+            volumes: vec![
+                ContainerVolume {
+                    source: "data".into(),
+                    target: "/data".into(),
+                    read_only: false,
+                },
+                ContainerVolume {
+                    source: "/etc/x".into(),
+                    target: "/x".into(),
+                    read_only: true,
+                },
+            ],
+            cpus: Some(0.5),
+            memory: Some(64 << 20),
+            pids: Some(100),
+            health: Some(HealthSpec {
+                command: vec!["true".into()],
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(1),
+                start_period: Duration::ZERO,
+                retries: 3,
+            }),
+            labels: BTreeMap::from([(LABEL_MANAGED.into(), "true".into())]),
+            network: Some("net1".into()),
+            ip: Some("10.1.2.3".parse().unwrap()),
+            stop_grace: Duration::from_millis(1500),
+        }
+    }
+
+    #[test]
+    fn create_body_maps_every_field() {
+        let body: serde_json::Value =
+            serde_json::from_str(&create_opts(&spec()).unwrap().serialize().unwrap()).unwrap();
+        assert_eq!(body["name"], "web");
+        assert_eq!(body["image"], "busybox:test");
+        assert_eq!(body["annotations"][IMAGE_ANNOTATION], "busybox:test");
+        assert_eq!(body["entrypoint"], serde_json::json!(["httpd"]));
+        assert_eq!(body["command"], serde_json::json!(["-f"]));
+        assert_eq!(body["env"]["SECRET"], "s3cr3t");
+        assert_eq!(body["restart_policy"], "no");
+        assert_eq!(body["stop_timeout"], 2);
+        assert_eq!(
+            body["portmappings"],
+            serde_json::json!([{"container_port": 80, "host_port": 8080,
+                "host_ip": "127.0.0.1", "protocol": "tcp"}])
+        );
+        assert_eq!(body["volumes"][0]["Name"], "data");
+        assert_eq!(body["volumes"][0]["Dest"], "/data");
+        assert_eq!(body["mounts"][0]["type"], "bind");
+        assert_eq!(body["mounts"][0]["options"], serde_json::json!(["ro"]));
+        assert_eq!(body["resource_limits"]["memory"]["limit"], 64 << 20);
+        assert_eq!(body["resource_limits"]["pids"]["limit"], 100);
+        assert_eq!(body["resource_limits"]["cpu"]["quota"], 50_000);
+        assert_eq!(body["resource_limits"]["cpu"]["period"], 100_000);
+        assert_eq!(
+            body["healthconfig"]["Test"],
+            serde_json::json!(["CMD", "true"])
+        );
+        assert_eq!(body["healthconfig"]["Interval"], 2_000_000_000i64);
+        assert_eq!(body["netns"]["nsmode"], "bridge");
+        assert_eq!(
+            body["Networks"]["net1"]["static_ips"],
+            serde_json::json!(["10.1.2.3"])
+        );
+    }
+
+    #[test]
+    fn bad_cpu_is_an_error() {
+        let mut s = spec();
+        s.cpus = Some(f64::NAN);
+        assert!(create_opts(&s).is_err());
+    }
+
+    #[test]
+    fn states_and_ids() {
+        assert_eq!(run_state("running"), RunState::Running);
+        assert_eq!(run_state("configured"), RunState::Created);
+        assert_eq!(run_state("stopped"), RunState::Exited);
+        assert_eq!(run_state("removing"), RunState::Other);
+        assert_eq!(health("healthy"), Some(Health::Healthy));
+        assert_eq!(health(""), None);
+        assert_eq!(image_id("abc"), "sha256:abc");
+        assert_eq!(image_id("sha256:abc"), "sha256:abc");
+        assert_eq!(parse_port_key("53/udp"), Some((53, "udp".into())));
+    }
+}
