@@ -340,6 +340,10 @@ async fn apply(
             last_transition: now,
             last_pass: Some(now),
             object_errors: errors,
+            objects: match verify.get(name) {
+                Some(PassResult::Ran { notes, .. }) => notes.clone(),
+                _ => Vec::new(),
+            },
         })?;
     }
     match output {

@@ -8,7 +8,7 @@
 
 use crate::document::Document;
 use chrono::{DateTime, Utc};
-use converge_core::{Change, Facts, FactsUpdate, ObjectOutcome, Reconciler};
+use converge_core::{Change, Facts, FactsUpdate, ObjectNote, ObjectOutcome, Reconciler};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
@@ -53,6 +53,9 @@ pub struct ReconcilerStatus {
     pub last_pass: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub object_errors: Vec<ObjectError>,
+    /// Notes about objects that are not failures (restarts, health).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<ObjectNote>,
 }
 
 /// Result of one pass of one reconciler.
@@ -66,6 +69,7 @@ pub enum PassResult {
         changes: Vec<Change>,
         outcomes: Vec<ObjectOutcome>,
         facts: Option<FactsUpdate>,
+        notes: Vec<ObjectNote>,
     },
     /// Observing the host failed (or the pass panicked / timed out): nothing applied.
     Failed(String),
@@ -147,6 +151,7 @@ impl<R: Reconciler> Section for Bound<R> {
                     }
                 };
                 let published = r.publish(&observed);
+                let notes = r.notes(&observed);
                 let plan = r.plan(spec, &observed, &facts);
                 let changes = plan.changes.clone();
                 if dry_run || plan.is_empty() {
@@ -154,6 +159,7 @@ impl<R: Reconciler> Section for Bound<R> {
                         changes,
                         outcomes: Vec::new(),
                         facts: published,
+                        notes,
                     };
                 }
                 match tokio::time::timeout(apply_timeout, r.apply(spec, plan)).await {
@@ -161,6 +167,7 @@ impl<R: Reconciler> Section for Bound<R> {
                         changes,
                         outcomes,
                         facts: published,
+                        notes,
                     },
                     Err(_) => {
                         PassResult::Failed(format!("apply timed out after {apply_timeout:?}"))
@@ -270,6 +277,7 @@ impl Engine {
                     shutdown: shutdown.subscribe(),
                     reports: reports.clone(),
                     status: None,
+                    notes: Vec::new(),
                 };
                 tokio::spawn(
                     worker
@@ -319,6 +327,7 @@ struct Worker {
     shutdown: watch::Receiver<bool>,
     reports: mpsc::UnboundedSender<Report>,
     status: Option<ReconcilerStatus>,
+    notes: Vec<ObjectNote>,
 }
 
 impl Worker {
@@ -419,7 +428,9 @@ impl Worker {
                     changes,
                     outcomes,
                     facts,
+                    notes,
                 } => {
+                    self.notes = notes;
                     if let Some(update) = facts {
                         self.facts_tx
                             .send_if_modified(|f| Arc::make_mut(f).merge(update));
@@ -496,12 +507,14 @@ impl Worker {
             last_transition,
             last_pass: Some(now),
             object_errors,
+            objects: self.notes.clone(),
         };
         let unchanged = prev.as_ref().is_some_and(|p| {
             p.state == status.state
                 && p.message == status.message
                 && p.observed_generation == status.observed_generation
                 && p.object_errors == status.object_errors
+                && p.objects == status.objects
         });
         if !unchanged || !journal.is_empty() {
             let _ = self.reports.send(Report {

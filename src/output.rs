@@ -151,6 +151,9 @@ pub fn status_text(generation: Option<u64>, statuses: &[ReconcilerStatus], color
             s.last_transition.format("%Y-%m-%dT%H:%M:%SZ"),
             s.message
         );
+        for n in &s.objects {
+            let _ = writeln!(out, "  · {}: {}", n.object, n.note);
+        }
         for e in &s.object_errors {
             let _ = writeln!(
                 out,

@@ -86,6 +86,7 @@ fn converged() -> PassResult {
         changes: vec![],
         outcomes: vec![],
         facts: None,
+        notes: vec![],
     }
 }
 
@@ -144,6 +145,7 @@ async fn one_failing_object_degrades_but_others_are_reported_applied() {
                     ObjectOutcome::failed("thing b", "no space"),
                 ],
                 facts: None,
+                notes: vec![],
             }
         } else {
             converged()
@@ -201,6 +203,7 @@ async fn published_facts_trigger_watchers() {
             changes: vec![],
             outcomes: vec![],
             facts: Some(FactsUpdate::Containers(c)),
+            notes: vec![],
         }
     });
     let mut watcher = Scripted::new("dns", |_, _, _| converged());

@@ -2,8 +2,8 @@
 //! socket. The API version is negotiated on first use (Debian's dockerd 20.10 speaks 1.41).
 
 use crate::runtime::{
-    ContainerRuntime, CreateSpec, Health, Mount, PortBinding, RunState, RuntimeContainer,
-    LABEL_MANAGED, LABEL_NODE,
+    inspect_all, ContainerRuntime, CreateSpec, Health, Mount, PortBinding, RunState,
+    RuntimeContainer, LABEL_MANAGED, LABEL_NODE,
 };
 use bollard::container::{
     Config as ContainerConfig, CreateContainerOptions, ListContainersOptions,
@@ -445,16 +445,8 @@ impl ContainerRuntime for Docker {
             }))
             .await
             .map_err(|e| api_failed("list", node, e))?;
-        let mut out = Vec::with_capacity(list.len());
-        for summary in list {
-            let Some(id) = summary.id else { continue };
-            // A container removed between list and inspect is simply gone.
-            if let Some(c) = self.inspect(&id).await? {
-                out.push(c);
-            }
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        let ids = list.into_iter().filter_map(|summary| summary.id).collect();
+        inspect_all(ids, |id| async move { self.inspect(&id).await }).await
     }
 
     async fn image_id(&self, image: &str) -> Result<Option<String>, DriverError> {

@@ -12,8 +12,8 @@
 //!   spells the stop endpoint's `timeout` parameter `Timeout`, which libpod ignores.
 
 use crate::runtime::{
-    ContainerRuntime, CreateSpec, Health, Mount, PortBinding, RunState, RuntimeContainer,
-    LABEL_MANAGED, LABEL_NODE,
+    inspect_all, ContainerRuntime, CreateSpec, Health, Mount, PortBinding, RunState,
+    RuntimeContainer, LABEL_MANAGED, LABEL_NODE,
 };
 use converge_core::DriverError;
 use futures::channel::mpsc;
@@ -625,7 +625,7 @@ impl ContainerRuntime for Podman {
             .list(&opts)
             .await
             .map_err(|e| failed("list", node, e))?;
-        let mut out = Vec::with_capacity(listed.len());
+        let mut ids = Vec::with_capacity(listed.len());
         for c in listed {
             // Label filters are ANDed by podman; checked again so a server that ORs them
             // can never make converge touch a foreign container.
@@ -635,13 +635,9 @@ impl ContainerRuntime for Podman {
             let Some(id) = c.id.filter(|_| ours) else {
                 continue;
             };
-            // Gone between list and inspect: simply not there any more.
-            if let Some(rc) = self.inspect_tracked(&id).await? {
-                out.push(rc);
-            }
+            ids.push(id);
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
-        Ok(out)
+        inspect_all(ids, |id| async move { self.inspect_tracked(&id).await }).await
     }
 
     async fn image_id(&self, image: &str) -> Result<Option<String>, DriverError> {

@@ -6,7 +6,8 @@ use crate::plan::{self, Action, Observed, Secret, Step};
 use crate::runtime::{ContainerRuntime, CreateSpec, Health, RunState, LABEL_NAME};
 use crate::spec::Container;
 use converge_core::{
-    with_timeout, ContainerFacts, DriverError, Facts, FactsUpdate, ObjectOutcome, Plan, Reconciler,
+    with_timeout, ContainerFacts, DriverError, Facts, FactsUpdate, ObjectNote, ObjectOutcome, Plan,
+    Reconciler,
 };
 use futures::stream::{BoxStream, StreamExt};
 use std::collections::BTreeMap;
@@ -389,6 +390,50 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
             }
         }
         Some(FactsUpdate::Containers(facts))
+    }
+
+    /// Containers worth an operator's look: not running, unhealthy, or restarted.
+    fn notes(&self, observed: &Observed) -> Vec<ObjectNote> {
+        let crashes = self
+            .crashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut notes = Vec::new();
+        for rc in &observed.containers {
+            let Some(name) = rc.labels.get(LABEL_NAME) else {
+                continue;
+            };
+            if rc.name != *name {
+                continue; // a temporary or stale instance; its own pass reports it
+            }
+            let mut parts = Vec::new();
+            if rc.state != RunState::Running {
+                parts.push(match rc.exit_code {
+                    Some(code) => format!("{:?} (exit code {code})", rc.state).to_lowercase(),
+                    None => format!("{:?}", rc.state).to_lowercase(),
+                });
+            }
+            match rc.health {
+                Some(Health::Unhealthy) => parts.push("unhealthy".into()),
+                Some(Health::Starting) => parts.push("health check starting".into()),
+                _ => {}
+            }
+            if let Some(c) = crashes.get(name).filter(|c| c.count > 0) {
+                parts.push(format!(
+                    "restarted {} times in the last {} min",
+                    c.count,
+                    CRASH_WINDOW.as_secs() / 60
+                ));
+            }
+            if !parts.is_empty() {
+                notes.push(ObjectNote {
+                    object: format!("container {name}"),
+                    note: parts.join(", "),
+                });
+            }
+        }
+        notes
     }
 
     fn host_events(&self) -> Option<BoxStream<'static, ()>> {

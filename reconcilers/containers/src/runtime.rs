@@ -229,3 +229,31 @@ impl ContainerRuntime for NoRuntime {
         Box::pin(futures::stream::pending())
     }
 }
+
+/// Inspects listed containers, several at a time (a pass over hundreds of containers
+/// is dominated by these round trips); containers gone since the list are skipped.
+/// The result is sorted by name, then id.
+pub async fn inspect_all<F, Fut>(
+    ids: Vec<String>,
+    inspect: F,
+) -> Result<Vec<RuntimeContainer>, DriverError>
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Result<Option<RuntimeContainer>, DriverError>>,
+{
+    use futures::StreamExt;
+    const PARALLEL: usize = 8;
+    let results: Vec<Result<Option<RuntimeContainer>, DriverError>> = futures::stream::iter(ids)
+        .map(inspect)
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    let mut out = Vec::with_capacity(results.len());
+    for r in results {
+        if let Some(c) = r? {
+            out.push(c);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
+    Ok(out)
+}

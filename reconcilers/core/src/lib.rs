@@ -10,7 +10,7 @@ pub mod reconciler;
 pub mod redact;
 
 pub use facts::{ContainerFacts, Facts, FactsUpdate};
-pub use plan::{Change, FieldChange, ObjectOutcome, Op, Plan};
+pub use plan::{Change, FieldChange, ObjectNote, ObjectOutcome, Op, Plan};
 pub use problems::{Problem, Problems};
 pub use reconciler::{with_timeout, DriverError, Reconciler};
 pub use redact::redact;

@@ -133,3 +133,11 @@ impl ObjectOutcome {
         }
     }
 }
+
+/// Something the operator should see about one object that is not a failure (a
+/// restarted container, an unhealthy one); shown in status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ObjectNote {
+    pub object: String,
+    pub note: String,
+}

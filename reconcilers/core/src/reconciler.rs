@@ -1,6 +1,6 @@
 //! The `Reconciler` trait: observe (I/O) → plan (pure) → apply (I/O through a driver).
 
-use crate::{Facts, FactsUpdate, ObjectOutcome, Plan};
+use crate::{Facts, FactsUpdate, ObjectNote, ObjectOutcome, Plan};
 use futures::stream::BoxStream;
 use std::future::Future;
 use std::time::Duration;
@@ -88,6 +88,11 @@ pub trait Reconciler: Send + Sync + 'static {
     /// Facts this reconciler publishes for others, taken from what it observed.
     fn publish(&self, _observed: &Self::Observed) -> Option<FactsUpdate> {
         None
+    }
+
+    /// Per-object notes for the status (restarts, health), from what was observed.
+    fn notes(&self, _observed: &Self::Observed) -> Vec<ObjectNote> {
+        Vec::new()
     }
 
     /// Host events that should trigger a pass (runtime events, netlink, inotify).

@@ -172,6 +172,13 @@ async fn dead_container_is_restarted_with_crash_loop_back_off() {
         err.contains("crash loop back-off") && err.contains("2 restarts"),
         "{err}"
     );
+    // Status shows the exit code and the restart count.
+    let notes = c.notes(&c.observe(&s).await.unwrap());
+    assert_eq!(notes.len(), 1);
+    assert!(
+        notes[0].note.contains("exit code 1") && notes[0].note.contains("restarted 2 times"),
+        "{notes:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
