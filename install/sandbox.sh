@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Quick start: the main job end to end on a local sandbox node.
 # Installs what it needs (Debian 12, root), builds converge, starts a sandbox node (its
-# own network namespace and data dir), shows `converge diff` of fixtures/worker.json,
-# has the agent converge it, shows status and the DNS answers it serves, then changes
-# one record and shows the diff of only that change. Cleans up at the end unless
+# own network namespace, data dir and Podman service), shows `converge diff` of
+# fixtures/sandbox.json (fixtures/worker.json with a local busybox image, since there is
+# no registry here), has the agent converge it, shows status, the containers and the
+# DNS answers it serves, then changes one record and shows the diff of only that change. Cleans up at the end unless
 # KEEP=1. Usage: install/sandbox.sh
 set -euo pipefail
 
@@ -32,56 +33,80 @@ bin="${CARGO_TARGET_DIR:-$repo/target}/release/converge"
 ns=converge-sandbox
 data=/var/tmp/converge-sandbox
 agent=""
+podman_cli() { nsenter --net="/run/netns/$ns" podman --root "$data/podman/root" --runroot "$data/podman/run" --tmpdir "$data/podman/tmp" "$@"; }
+# Removes everything a sandbox run (this one or an earlier, interrupted one) left.
+teardown() {
+  set +e
+  [[ -f $data/dns/dnsmasq.pid ]] && kill "$(cat "$data/dns/dnsmasq.pid")" 2>/dev/null
+  [[ -e /run/netns/$ns && -d $data/podman ]] && podman_cli rm -af -t 0 >/dev/null 2>&1
+  pkill -f "unix://$data/podman.sock" 2>/dev/null
+  ip netns del "$ns" 2>/dev/null
+  grep -o " $data/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null
+  rm -rf "$data"
+  set -e
+}
 cleanup() {
+  set +e
   [[ -n $agent ]] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null
   if [[ ${KEEP:-0} == 1 ]]; then
-    echo "KEEP=1: dnsmasq left serving in netns $ns; data and agent log in $data"
+    echo "KEEP=1: the sandbox (netns $ns, containers, dnsmasq) is left running; data in $data"
     return
   fi
-  [[ -f $data/dns/dnsmasq.pid ]] && kill "$(cat "$data/dns/dnsmasq.pid")" 2>/dev/null
-  ip netns del "$ns" 2>/dev/null
-  rm -rf "$data"
+  teardown
   true
 }
 trap cleanup EXIT
+doc=fixtures/sandbox.json
 
 banner "starting sandbox node: network namespace $ns, data dir $data"
-[[ -f $data/dns/dnsmasq.pid ]] && kill "$(cat "$data/dns/dnsmasq.pid")" 2>/dev/null || true
-ip netns del "$ns" 2>/dev/null || true
-rm -rf "$data"
+teardown
 ip netns add "$ns"
 in_ns() { nsenter --net="/run/netns/$ns" "$@"; }
 in_ns ip link set lo up
 # The fixture's DNS listens on the node's mesh address; give the sandbox that address.
-listen=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["dns"]["listen"][0])' fixtures/worker.json)
+listen=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["dns"]["listen"][0])' "$doc")
 in_ns ip addr add "$listen/32" dev lo
-cv() { in_ns "$bin" --data-dir "$data" "$@"; }
 
-banner "converge validate fixtures/worker.json"
-cv validate fixtures/worker.json
+banner "starting a Podman API service in the sandbox and importing a busybox image"
+mkdir -p "$data/podman/tmp" "$data/rootfs/bin"
+chmod 755 "$data"
+cp /bin/busybox "$data/rootfs/bin/"
+for c in sh ls cat sleep httpd nc wget echo true; do ln -sf busybox "$data/rootfs/bin/$c"; done
+tar -C "$data/rootfs" -c . | podman_cli import - localhost/busybox:test >/dev/null
+nsenter --net="/run/netns/$ns" podman --root "$data/podman/root" --runroot "$data/podman/run" --tmpdir "$data/podman/tmp" \
+  system service --time=0 "unix://$data/podman.sock" 2>"$data/podman.log" &
+for _ in $(seq 100); do [[ -S $data/podman.sock ]] && break; sleep 0.1; done
+cv() { in_ns "$bin" --data-dir "$data" --runtime podman --podman-socket "$data/podman.sock" "$@"; }
 
-banner "converge diff fixtures/worker.json   (dry run against the sandbox's real state)"
-set +e; cv diff fixtures/worker.json; code=$?; set -e
+banner "converge validate $doc"
+cv validate "$doc"
+
+banner "converge diff $doc   (dry run against the sandbox's real state)"
+set +e; cv diff "$doc"; code=$?; set -e
 echo "(exit code $code: 2 = changes pending)"
 
 banner "starting the agent and pushing the document"
 mkdir -p "$data"
 # nsenter execs the agent, so $agent is its pid (a shell function would add a subshell).
-node_id=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["node"]["id"])' fixtures/worker.json)
-nsenter --net="/run/netns/$ns" "$bin" --data-dir "$data" agent --node-id "$node_id" 2>"$data/agent.log" &
+node_id=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["node"]["id"])' "$doc")
+nsenter --net="/run/netns/$ns" "$bin" --data-dir "$data" --runtime podman --podman-socket "$data/podman.sock" \
+  agent --node-id "$node_id" 2>"$data/agent.log" &
 agent=$!
 for _ in $(seq 100); do [[ -S $data/converge.sock ]] && break; sleep 0.1; done
-cv push fixtures/worker.json
-for _ in $(seq 50); do
-  cv status --output json | grep -q '"Converged"' && break
+cv push "$doc"
+for _ in $(seq 150); do
+  [[ $(cv status --output json | grep -c '"state": "Converged"') -ge 2 ]] && break
   sleep 0.2
 done
 
 banner "converge status"
 cv status
 
-banner "the result: DNS answers served in the sandbox"
-for q in "web.internal A" "www.internal CNAME" "web.internal TXT" "_http._tcp.web.internal SRV" "db.internal AAAA"; do
+banner "the result: containers running in the sandbox"
+podman_cli ps --format '{{.Names}}\t{{.Status}}\t{{.Ports}}'
+
+banner "the result: DNS answers served in the sandbox (api.internal is the api container's address)"
+for q in "web.internal A" "api.internal A" "www.internal CNAME" "web.internal TXT" "_http._tcp.web.internal SRV" "db.internal AAAA"; do
   read -r name type <<<"$q"
   printf '%-28s %-6s -> %s\n' "$name" "$type" "$(in_ns dig +short +time=1 +tries=1 -p 53 "@$listen" "$name" "$type" | tr '\n' ' ')"
 done
@@ -90,7 +115,7 @@ banner "one change: web.internal moves to 10.88.0.11 (generation 43)"
 changed=$(mktemp /tmp/converge-worker-XXXXXX.json)
 python3 - "$changed" <<'PY'
 import json, sys
-d = json.load(open("fixtures/worker.json"))
+d = json.load(open("fixtures/sandbox.json"))
 d["generation"] += 1
 for r in d["dns"]["records"]:
     if r["name"] == "web.internal" and r["type"] == "A":

@@ -92,6 +92,31 @@ mod tests {
         assert_eq!(pointer_to_path("/labels/a~1b"), "$.labels[\"a/b\"]");
     }
 
+    /// Every property of every section carries a description (from its `///` doc).
+    #[test]
+    fn schema_documents_every_field() {
+        fn walk(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+            if let Some(props) = v.get("properties").and_then(|p| p.as_object()) {
+                for (k, p) in props {
+                    if p.get("description").is_none() {
+                        out.push(format!("{at}.{k}"));
+                    }
+                }
+            }
+            match v {
+                serde_json::Value::Object(m) => m
+                    .iter()
+                    .for_each(|(k, v)| walk(v, &format!("{at}/{k}"), out)),
+                serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, at, out)),
+                _ => {}
+            }
+        }
+        let schema: serde_json::Value = serde_json::from_str(&json()).unwrap_or_default();
+        let mut undocumented = Vec::new();
+        walk(&schema, "", &mut undocumented);
+        assert_eq!(undocumented, Vec::<String>::new());
+    }
+
     #[test]
     fn checked_in_schema_is_current() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/desired-state.v1.json");

@@ -27,7 +27,7 @@ fn run(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn good_fixtures_validate() {
-    for f in ["worker.json", "proxy.json"] {
+    for f in ["worker.json", "proxy.json", "sandbox.json"] {
         let p = root().join("fixtures").join(f);
         let (code, out, err) = run(&["validate", p.to_str().expect("path")]);
         assert_eq!(code, 0, "{f}: {out}{err}");
