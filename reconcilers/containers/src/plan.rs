@@ -4,7 +4,7 @@ use crate::runtime::{
     CreateSpec, HealthSpec, RunState, RuntimeContainer, LABEL_HASH, LABEL_MANAGED, LABEL_NAME,
     LABEL_NODE,
 };
-use crate::spec::{parse_duration, parse_memory, Container, ContainerState};
+use crate::spec::{parse_duration, parse_memory, Container, ContainerState, RestartPolicy};
 use converge_core::{redact, Change, FieldChange, Op, Plan};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -224,6 +224,19 @@ fn running(rc: &RuntimeContainer) -> bool {
     matches!(rc.state, RunState::Running | RunState::Restarting)
 }
 
+/// Whether the document's restart policy lets converge start an instance that is not
+/// running: one that never ran always starts; an exited one per the policy.
+fn restart_allowed(policy: RestartPolicy, rc: &RuntimeContainer) -> bool {
+    if rc.state != RunState::Exited {
+        return true;
+    }
+    match policy {
+        RestartPolicy::Always | RestartPolicy::UnlessStopped => true,
+        RestartPolicy::OnFailure => rc.exit_code != Some(0),
+        RestartPolicy::No => false,
+    }
+}
+
 /// Field-level differences between the document entry a container was created from
 /// (its `converge.spec` label) and the desired one. Secret values never appear.
 fn field_changes(old: Option<&str>, new: &Container) -> Vec<FieldChange> {
@@ -322,7 +335,7 @@ pub fn plan(spec: &[Container], observed: &Observed, node: &str) -> Plan<Action>
                             Some(c.name.clone()),
                         ));
                 }
-                if wants_running && !running(k) {
+                if wants_running && !running(k) && restart_allowed(c.restart, k) {
                     steps.push(Step::Start {
                         id: k.id.clone(),
                         exit_code: k.exit_code,

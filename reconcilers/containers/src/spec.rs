@@ -51,7 +51,8 @@ pub struct Container {
     /// Resource limits; absent: no limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ContainerResources>,
-    /// Restart policy applied by the runtime when the container exits.
+    /// When converge restarts the container after it exits (converge, not the runtime,
+    /// owns restarts, with a crash-loop back-off).
     #[serde(default)]
     pub restart: RestartPolicy,
     /// Health check run inside the container; absent: the image's own, if any.

@@ -182,6 +182,33 @@ async fn dead_container_is_restarted_with_crash_loop_back_off() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn restart_policy_decides_whether_an_exited_container_is_started() {
+    let c = rt();
+    let s = spec(serde_json::json!([
+        {"name": "always", "image": "localhost/busybox:test"},
+        {"name": "never", "image": "localhost/busybox:test", "restart": "no"},
+        {"name": "failed", "image": "localhost/busybox:test", "restart": "on-failure"},
+        {"name": "done", "image": "localhost/busybox:test", "restart": "on-failure"}
+    ]));
+    ok(&pass(&c, &s).await.1);
+    c.runtime().with(|st| {
+        for x in st.containers.values_mut() {
+            x.state = RunState::Exited;
+            x.exit_code = Some(if x.name == "done" { 0 } else { 3 });
+        }
+    });
+    log(&c);
+    ok(&pass(&c, &s).await.1);
+    let mut started = log(&c);
+    started.sort();
+    assert_eq!(started, vec!["start always", "start failed"]);
+    assert!(
+        pending(&c, &s).await.is_empty(),
+        "exited per policy is converged"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn removal_keeps_volumes_unless_asked_and_never_touches_foreign_containers() {
     let c = rt();
     let s = spec(serde_json::json!([
