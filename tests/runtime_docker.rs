@@ -4,12 +4,13 @@
 
 mod common;
 
+use common::runtime::{labels, settle, simple_spec, wait_for, watch_events};
+
 use common::docker::{docker, docker_ok, start_docker, DockerDaemon, TEST_IMAGE};
 use common::sandbox::TestNode;
 use converge_containers::docker::Docker;
 use converge_containers::runtime::{
     ContainerRuntime, CreateSpec, Health, HealthSpec, Mount, PortBinding, RunState,
-    RuntimeContainer, LABEL_HASH, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
 };
 use converge_containers::{ContainerPort, ContainerVolume, Protocol};
 use futures::StreamExt;
@@ -21,88 +22,12 @@ use tokio::sync::mpsc;
 
 const HOST_PORT: u16 = 18080;
 
-fn labels(node: &TestNode, name: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (LABEL_MANAGED.to_string(), "true".to_string()),
-        (LABEL_NODE.to_string(), node.name().to_string()),
-        (LABEL_NAME.to_string(), name.to_string()),
-        (LABEL_HASH.to_string(), "0123abcd".to_string()),
-        ("app".to_string(), name.to_string()),
-    ])
-}
-
-/// A plain managed container running `args` (no ports, volumes or limits).
-fn simple_spec(node: &TestNode, name: &str, args: &[&str]) -> CreateSpec {
-    CreateSpec {
-        name: name.into(),
-        image: TEST_IMAGE.into(),
-        command: None,
-        args: Some(args.iter().map(|s| s.to_string()).collect()),
-        env: BTreeMap::new(),
-        ports: Vec::new(),
-        volumes: Vec::new(),
-        cpus: None,
-        memory: None,
-        pids: None,
-        health: None,
-        labels: labels(node, name),
-        network: None,
-        ip: None,
-        stop_grace: Duration::from_secs(1),
-    }
-}
-
-/// Polls `inspect` until `cond` holds; panics with the last state after `timeout`.
-async fn wait_for(
-    driver: &Docker,
-    id: &str,
-    what: &str,
-    timeout: Duration,
-    cond: impl Fn(&RuntimeContainer) -> bool,
-) -> RuntimeContainer {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let c = driver
-            .inspect(id)
-            .await
-            .expect("inspect")
-            .unwrap_or_else(|| panic!("container {id} vanished while waiting for {what}"));
-        if cond(&c) {
-            return c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}; last: {c:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Forwards the driver's event pings into a channel (the stream subscribes on first poll).
-fn watch_events(driver: &Docker) -> (mpsc::UnboundedReceiver<()>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut events = driver.events();
-    let task = tokio::spawn(async move {
-        while let Some(()) = events.next().await {
-            if tx.send(()).is_err() {
-                break;
-            }
-        }
-    });
-    (rx, task)
-}
-
 fn drain(rx: &mut mpsc::UnboundedReceiver<()>) -> usize {
     let mut n = 0;
     while rx.try_recv().is_ok() {
         n += 1;
     }
     n
-}
-
-/// Waits until no ping has arrived for `quiet`, so later assertions see only new ones.
-async fn settle(rx: &mut mpsc::UnboundedReceiver<()>, quiet: Duration) {
-    while tokio::time::timeout(quiet, rx.recv()).await.is_ok() {}
 }
 
 /// A plain HTTP/1.0 GET from inside the node's namespace; returns the body of a 200.

@@ -7,7 +7,8 @@
 //! Always uses `/usr/bin/docker` (Debian's client, matching Debian's dockerd 20.10): the
 //! machine image's newer `/usr/local/bin/docker` may not speak API 1.41.
 
-use super::sandbox::{pid_alive, require_tool, Spawned, TestNode};
+use super::runtime::import_busybox;
+use super::sandbox::{pid_alive, require_tool, unmount_below, Spawned, TestNode};
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -17,12 +18,8 @@ use std::time::{Duration, Instant};
 /// Debian's docker CLI.
 pub const DOCKER_CLI: &str = "/usr/bin/docker";
 /// The busybox image imported into every test daemon.
-pub const TEST_IMAGE: &str = "localhost/busybox:test";
+pub use super::runtime::TEST_IMAGE;
 /// Applets linked in the test image's `/bin`.
-const APPLETS: &[&str] = &[
-    "sh", "ls", "cat", "sleep", "httpd", "nc", "wget", "echo", "true",
-];
-
 /// A running dockerd started by [`start_docker`].
 pub struct DockerDaemon {
     /// API socket (`<data>/docker.sock`).
@@ -222,61 +219,21 @@ pub fn start_docker(node: &TestNode) -> DockerDaemon {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    import_busybox(node, &daemon);
+    import_busybox_image(node, &daemon);
     daemon
 }
 
 /// Builds a minimal busybox rootfs in the node's data dir and imports it.
-fn import_busybox(node: &TestNode, daemon: &DockerDaemon) {
-    let rootfs = node.data_dir().join("busybox-rootfs");
-    let bin = rootfs.join("bin");
-    // A restarted daemon on the same node imports again from a fresh tree.
-    let _ = fs::remove_dir_all(&rootfs);
-    fs::create_dir_all(&bin).expect("create rootfs/bin");
-    fs::copy("/bin/busybox", bin.join("busybox")).expect("copy busybox");
-    for applet in APPLETS {
-        std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("link applet");
-    }
-    let out = Command::new("bash")
-        .args([
-            "-c",
-            r#"set -o pipefail; tar -C "$1" -c . | "$2" -H "$3" import - "$4""#,
-            "bash",
-        ])
-        .arg(&rootfs)
-        .arg(DOCKER_CLI)
-        .arg(daemon.host())
-        .arg(TEST_IMAGE)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run tar | docker import");
+fn import_busybox_image(node: &TestNode, daemon: &DockerDaemon) {
+    let mut cmd = Command::new(DOCKER_CLI);
+    cmd.args(["-H", &daemon.host(), "import", "-", TEST_IMAGE]);
+    let out = import_busybox(&node.data_dir().join("busybox-rootfs"), cmd);
     assert!(
         out.status.success(),
         "importing {TEST_IMAGE} failed: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
         daemon.log_tail()
     );
-}
-
-/// Detaches every mount below `dir`, deepest first (overlay layers, the data root's own
-/// bind mount, container netns files), in case dockerd died before cleaning up.
-fn unmount_below(dir: &Path) {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for p in points {
-        if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
-            // SAFETY: valid NUL-terminated path.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
 }
 
 fn signal(pid: u32, sig: libc::c_int) {

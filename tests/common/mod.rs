@@ -5,4 +5,5 @@ pub mod agent;
 pub mod dnsq;
 pub mod docker;
 pub mod podman;
+pub mod runtime;
 pub mod sandbox;

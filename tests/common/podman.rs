@@ -5,6 +5,7 @@
 //! drop (also after a panic): containers removed, service stopped, mounts below the
 //! node's data dir detached (podman leaves overlay and shm mounts behind).
 
+use super::runtime::import_busybox;
 use super::sandbox::{require_tool, Spawned, TestNode};
 use std::fs;
 use std::io::Write;
@@ -13,12 +14,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The busybox image imported into every test service.
-pub const TEST_IMAGE: &str = "localhost/busybox:test";
+pub use super::runtime::TEST_IMAGE;
 /// Applets linked in the test image's `/bin`.
-const APPLETS: &[&str] = &[
-    "sh", "ls", "cat", "sleep", "httpd", "nc", "wget", "echo", "true",
-];
-
 /// A running `podman system service` started by [`start_podman`].
 pub struct PodmanService {
     /// libpod API socket (`<data>/podman.sock`).
@@ -214,52 +211,15 @@ fn ping(socket: &Path) -> bool {
 
 /// Builds a busybox rootfs and imports it as [`TEST_IMAGE`].
 fn import_test_image(node: &TestNode, svc: &PodmanService) {
-    let rootfs = node.data_dir().join("podman/rootfs");
-    let bin = rootfs.join("bin");
-    fs::create_dir_all(&bin).expect("create rootfs/bin");
-    let busybox = which("busybox");
-    fs::copy(&busybox, bin.join("busybox")).expect("copy busybox");
-    for applet in APPLETS {
-        let link = bin.join(applet);
-        if !link.exists() {
-            std::os::unix::fs::symlink("busybox", &link).expect("symlink applet");
-        }
-    }
-    let tar = Command::new("tar")
-        .arg("-C")
-        .arg(&rootfs)
-        .args(["-c", "."])
-        .output()
-        .expect("run tar");
-    assert!(tar.status.success(), "tar rootfs failed");
-
     let mut cmd = node.command("podman");
     cmd.args(svc.global_args())
-        .args(["import", "-q", "-", TEST_IMAGE])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn podman import");
-    let mut stdin = child.stdin.take().expect("import stdin");
-    let data = tar.stdout;
-    let writer = std::thread::spawn(move || stdin.write_all(&data));
-    let out = child.wait_with_output().expect("wait podman import");
-    let _ = writer.join();
+        .args(["import", "-q", "-", TEST_IMAGE]);
+    let out = import_busybox(&node.data_dir().join("podman/rootfs"), cmd);
     assert!(
         out.status.success(),
         "podman import failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn which(name: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| panic!("{name} not on PATH"))
 }
 
 /// Runs the podman CLI against `svc`'s storage inside `node` (for test assertions and

@@ -177,9 +177,9 @@ fn destroy_netns(netns: &str) {
     }
 }
 
-/// Detaches every mount below `dir` (podman leaves overlay and shm mounts), deepest first,
-/// so the directory can be removed.
-fn unmount_below(dir: &Path) {
+/// Detaches every mount at or below `dir` (podman leaves overlay and shm mounts; dockerd
+/// bind-mounts its data root onto itself), deepest first, so the directory can be removed.
+pub fn unmount_below(dir: &Path) {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
@@ -187,7 +187,7 @@ fn unmount_below(dir: &Path) {
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir) && p != dir)
+        .filter(|p| p.starts_with(dir))
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for p in points {
