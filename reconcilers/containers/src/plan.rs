@@ -429,9 +429,19 @@ pub fn plan(spec: &[Container], observed: &Observed, node: &str) -> Plan<Action>
                         ));
                         let mut temp = want;
                         temp.name = format!("{}{NEXT_SUFFIX}", c.name);
+                        // A stale temporary instance (an interrupted replace towards an
+                        // older spec) holds the name the new one needs: remove it first.
+                        let (stale_temp, old): (Vec<&RuntimeContainer>, Vec<&RuntimeContainer>) =
+                            cands.iter().copied().partition(|rc| rc.name == temp.name);
+                        for rc in stale_temp {
+                            steps.push(Step::Remove {
+                                id: rc.id.clone(),
+                                grace: temp.stop_grace,
+                            });
+                        }
                         steps.push(Step::StartFirst {
                             spec: temp,
-                            old,
+                            old: old.iter().map(|rc| rc.id.clone()).collect(),
                             final_name: c.name.clone(),
                         });
                     } else {

@@ -201,8 +201,6 @@ impl<R: ContainerRuntime> Containers<R> {
                 final_name,
             } => {
                 info!(image = %spec.image, "replacing: new instance first");
-                // A leftover temp instance of an earlier interrupted replace is in `old`
-                // only if it was stale; one with this name can still block the create.
                 let id = self.create_and_start(&spec, true).await?;
                 if let Err(e) = self.wait_ready(&id, spec.health.is_some()).await {
                     warn!(error = %e, "replacement not ready: keeping the old instance");

@@ -146,6 +146,23 @@ async fn an_interrupted_replace_is_finished_without_orphans() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stale_temporary_instance_does_not_block_the_next_replace() {
+    let c = rt();
+    ok(&pass(&c, &spec(serde_json::json!([web("a")]))).await.1);
+    // An interrupted replace towards spec "b" left `web--next`; the document moved on to "c".
+    let s_b = spec(serde_json::json!([web("b")]));
+    let obs = c.observe(&s_b).await.unwrap();
+    let (mut temp, _) = plan::desired(&s_b[0], NODE, &obs.secrets).unwrap();
+    temp.name = format!("web{NEXT_SUFFIX}");
+    let id = c.runtime().create(&temp).await.unwrap();
+    c.runtime().start(&id).await.unwrap();
+    let s_c = spec(serde_json::json!([web("c")]));
+    ok(&pass(&c, &s_c).await.1);
+    assert!(pending(&c, &s_c).await.is_empty());
+    assert_eq!(c.runtime().with(|s| s.containers.len()), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn dead_container_is_restarted_with_crash_loop_back_off() {
     let c = rt();
     let s = spec(serde_json::json!([web("a")]));
