@@ -6,6 +6,7 @@ use converge_containers::runtime::NoRuntime;
 use converge_containers::{Config as ContainersConfig, Containers};
 use converge_dns::driver::Dnsmasq;
 use converge_dns::{Dns, Layout};
+use converge_firewall::{Firewall, Kernel};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -127,8 +128,10 @@ pub fn sections(data_dir: &Path, host: &HostOptions, node_id: &str) -> Vec<Arc<d
         Layout::new(data_dir.join("dns")),
         dnsmasq_binary(),
     ));
+    let firewall = Firewall::new(Kernel);
     vec![
         containers(host, node_id),
+        Arc::new(Bound::new(firewall, |d: &Document| d.firewall.as_ref())),
         Arc::new(Bound::new(dns, |d: &Document| d.dns.as_ref())),
     ]
 }

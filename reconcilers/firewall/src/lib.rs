@@ -1,8 +1,19 @@
-//! The `firewall` section of the document: host ports forwarded to containers or
-//! addresses, input and forwarding filters and masquerading, and their semantic
-//! validation.
-//! The reconciler itself (one nftables table owned by converge, replaced in one atomic
-//! transaction) lands in a later issue.
+//! Firewall reconciler: the `firewall` section (host ports forwarded to containers or
+//! addresses, input and forwarding filters, masquerading), its validation, and the
+//! reconciler that keeps one nftables table, `inet converge`, equal to it.
+//!
+//! - `ruleset`: the table as data (sets, chains, rules, elements) and its messages;
+//! - `nfnl`: nf_tables netlink (encoding, batches, dumps, events);
+//! - `driver`: reading the table back and committing batches in the kernel;
+//! - `reconciler`: observe → plan (element delta or rebuild) → one atomic commit.
+
+pub mod driver;
+pub mod nfnl;
+mod reconciler;
+pub mod ruleset;
+
+pub use driver::{Kernel, NftDriver};
+pub use reconciler::{plan, Commit, Firewall, Observed};
 
 use converge_core::Problems;
 use ipnet::IpNet;
@@ -257,6 +268,25 @@ pub fn validate(spec: &FirewallSpec, path: &str, problems: &mut Problems) {
         if p.target.port == 0 {
             problems.push(format!("{tp}.port"), "port must be 1-65535");
         }
+        // allowFrom restricts a protocol/port on every host address of a family.
+        let clash = spec.published_ports[..i].iter().position(|q| {
+            q.protocol == p.protocol
+                && q.host_port == p.host_port
+                && [false, true].into_iter().any(|v6| {
+                    matches!((restriction(q, v6), restriction(p, v6)), (Some(a), Some(b)) if a != b)
+                })
+        });
+        if let Some(j) = clash {
+            problems.push_hint(
+                format!("{pp}.allowFrom"),
+                format!(
+                    "{}/{} has a different allowFrom than {path}.publishedPorts[{j}]",
+                    p.protocol.as_str(),
+                    p.host_port
+                ),
+                "give every entry of the same protocol, host port and address family the same allowFrom",
+            );
+        }
         if let Some(allow) = &p.allow_from {
             if allow.is_empty() {
                 problems.push_hint(
@@ -294,6 +324,24 @@ pub fn validate(spec: &FirewallSpec, path: &str, problems: &mut Problems) {
     if let Some(f) = &spec.forward {
         validate_filter(f.policy, &f.allow, &format!("{path}.forward"), problems);
     }
+}
+
+/// The sources `p` admits for one address family: `None` when `p` is not published on
+/// that family, `Some(None)` when everyone is admitted.
+fn restriction(p: &PublishedPort, v6: bool) -> Option<Option<Vec<&str>>> {
+    let host_ip: Option<IpAddr> = p.host_ip.as_deref().and_then(|s| s.parse().ok());
+    if host_ip.is_some_and(|h| h.is_ipv6() != v6) {
+        return None;
+    }
+    Some(p.allow_from.as_ref().map(|nets| {
+        let mut own: Vec<&str> = nets
+            .iter()
+            .map(String::as_str)
+            .filter(|n| n.contains(':') == v6)
+            .collect();
+        own.sort_unstable();
+        own
+    }))
 }
 
 fn validate_filter(policy: FilterPolicy, allow: &[FilterRule], fp: &str, problems: &mut Problems) {
@@ -386,7 +434,10 @@ mod tests {
                 {"hostPort": 81, "hostIp": "10.0.0.1", "target": {"address": "fd00::1", "port": 81},
                  "allowFrom": ["10.0.0.1/8", "fd00::/8", "bogus", "10.1.2.3"]},
                 {"hostPort": 82, "hostIp": "not-ip", "target": {"container": "bad name", "port": 82},
-                 "allowFrom": []}
+                 "allowFrom": []},
+                {"hostPort": 83, "hostIp": "10.0.0.1", "target": {"address": "10.0.0.9", "port": 83}},
+                {"hostPort": 83, "hostIp": "10.0.0.2", "target": {"address": "10.0.0.9", "port": 83},
+                 "allowFrom": ["10.0.0.0/8"]}
             ]
         }));
         assert_eq!(
@@ -405,6 +456,7 @@ mod tests {
                 "$.firewall.publishedPorts[4].hostIp",
                 "$.firewall.publishedPorts[4].target.container",
                 "$.firewall.publishedPorts[4].allowFrom",
+                "$.firewall.publishedPorts[6].allowFrom",
             ]
         );
     }
