@@ -81,12 +81,14 @@ fn table_filter() -> Attrs {
 
 /// Reads converge's table. A missing table is `exists: false`, not an error.
 pub fn read(nft: &mut Nft) -> Result<Snapshot, NlError> {
-    let mut snap = Snapshot::default();
     // GETTABLE with the inet family in the header dumps the inet tables.
-    snap.exists = nft
-        .dump(msg::GETTABLE, Attrs::new())?
-        .iter()
-        .any(|t| nfnl::attr_str(t, 1).as_deref() == Some(TABLE));
+    let mut snap = Snapshot {
+        exists: nft
+            .dump(msg::GETTABLE, Attrs::new())?
+            .iter()
+            .any(|t| nfnl::attr_str(t, 1).as_deref() == Some(TABLE)),
+        ..Snapshot::default()
+    };
     if !snap.exists {
         return Ok(snap);
     }
