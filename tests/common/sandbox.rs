@@ -245,6 +245,47 @@ fn cleanup_stale() {
     }
 }
 
+/// Runs `f` on a fresh thread joined to the network namespace at `path`.
+fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
+    let ns = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    std::thread::scope(|s| {
+        let handle = s.spawn(move || {
+            // SAFETY: ns is an open namespace fd for the duration of the call.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert!(
+                rc == 0,
+                "setns {}: {}",
+                path.display(),
+                io::Error::last_os_error()
+            );
+            drop(ns);
+            f()
+        });
+        handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// A host behind a [`TestNode`] (see [`TestNode::backend`]); removed on drop.
+pub struct Backend {
+    netns: String,
+    pub v4: Ipv4Addr,
+    pub v6: std::net::Ipv6Addr,
+}
+
+impl Backend {
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_netns(&Path::new(NETNS_DIR).join(&self.netns), f)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = run_quiet(&mut ip(&["netns", "del", &self.netns]));
+    }
+}
+
 /// One simulated host: a network namespace on the shared bridge plus a private data dir.
 pub struct TestNode {
     name: String,
@@ -444,25 +485,61 @@ impl TestNode {
     /// Runs `f` on a fresh thread that has joined the node's network namespace (setns is
     /// per thread); sockets created there keep that namespace after `f` returns.
     pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = self.netns_path();
-        let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-        std::thread::scope(|s| {
-            let handle = s.spawn(move || {
-                // SAFETY: ns is an open namespace fd for the duration of the call.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert!(
-                    rc == 0,
-                    "setns {}: {}",
-                    path.display(),
-                    io::Error::last_os_error()
-                );
-                drop(ns);
-                f()
-            });
-            handle
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        in_netns(&self.netns_path(), f)
+    }
+
+    /// A host routed behind this node: its own namespace, linked to this one by a veth
+    /// pair (`10.251.<n>.1/30` + `fd00:251:<n>::1/64` on this side, `.2`/`::2` there),
+    /// default routes via this node, forwarding enabled here. Like a container network.
+    pub fn backend(&self, n: u8) -> Backend {
+        let netns = format!("{NAME_PREFIX}back{n}-{}-{}", std::process::id(), self.index);
+        let here = format!("bk{n}");
+        must(&mut ip(&["netns", "add", &netns]));
+        let backend = Backend {
+            netns: netns.clone(),
+            v4: Ipv4Addr::new(10, 251, n, 2),
+            v6: format!("fd00:251:{n}::2").parse().expect("v6 literal"),
+        };
+        must(&mut ip(&[
+            "link",
+            "add",
+            &here,
+            "netns",
+            &self.netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ]));
+        let v4_here = format!("10.251.{n}.1/30");
+        let v6_here = format!("fd00:251:{n}::1/64");
+        for args in [
+            &["addr", "add", &v4_here, "dev", &here][..],
+            &["-6", "addr", "add", &v6_here, "dev", &here, "nodad"],
+            &["link", "set", &here, "up"],
+        ] {
+            must(in_ns(&self.netns, "ip").args(args));
+        }
+        let v4_there = format!("{}/30", backend.v4);
+        let v6_there = format!("{}/64", backend.v6);
+        let gw6 = format!("fd00:251:{n}::1");
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["addr", "add", &v4_there, "dev", "eth0"],
+            &["-6", "addr", "add", &v6_there, "dev", "eth0", "nodad"],
+            &["link", "set", "eth0", "up"],
+            &["route", "add", "default", "via", &format!("10.251.{n}.1")],
+            &["-6", "route", "add", "default", "via", &gw6],
+        ] {
+            must(in_ns(&netns, "ip").args(args));
+        }
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            must(in_ns(&self.netns, "sysctl").args(["-qw", key]));
+        }
+        backend
     }
 
     /// SIGKILLs the pid in `path` (for self-daemonizing programs like dnsmasq) and waits

@@ -92,21 +92,35 @@ pub fn read(nft: &mut Nft) -> Result<Snapshot, NlError> {
     if !snap.exists {
         return Ok(snap);
     }
-    // Dumps filtered by NFTA_*_TABLE return only our table's objects.
-    for a in nft.dump(msg::GETCHAIN, table_filter())? {
-        if let Some((name, chain)) = ruleset::parse_chain(&a) {
+    // The kernel filters some dumps by the table attribute and not others (chains):
+    // keep only replies whose table (attribute 1 of every object) is ours.
+    let ours = |a: &Vec<u8>| nfnl::attr_str(a, 1).as_deref() == Some(TABLE);
+    for a in nft
+        .dump(msg::GETCHAIN, table_filter())?
+        .iter()
+        .filter(|a| ours(a))
+    {
+        if let Some((name, chain)) = ruleset::parse_chain(a) {
             snap.structure.chains.insert(name, chain);
         }
     }
-    for a in nft.dump(msg::GETRULE, table_filter())? {
-        if let Some((chain, tag)) = ruleset::parse_rule(&a) {
+    for a in nft
+        .dump(msg::GETRULE, table_filter())?
+        .iter()
+        .filter(|a| ours(a))
+    {
+        if let Some((chain, tag)) = ruleset::parse_rule(a) {
             if let Some(c) = snap.structure.chains.get_mut(&chain) {
                 c.rules.push(tag);
             }
         }
     }
-    for a in nft.dump(msg::GETSET, table_filter())? {
-        if let Some((name, shape)) = ruleset::parse_set(&a) {
+    for a in nft
+        .dump(msg::GETSET, table_filter())?
+        .iter()
+        .filter(|a| ours(a))
+    {
+        if let Some((name, shape)) = ruleset::parse_set(a) {
             snap.structure.sets.insert(name, shape);
         }
     }
