@@ -128,7 +128,7 @@ pub fn sections(data_dir: &Path, host: &HostOptions, node_id: &str) -> Vec<Arc<d
         Layout::new(data_dir.join("dns")),
         dnsmasq_binary(),
     ));
-    let firewall = Firewall::new(Kernel);
+    let firewall = Firewall::new(Kernel::new());
     vec![
         containers(host, node_id),
         Arc::new(Bound::new(firewall, |d: &Document| d.firewall.as_ref())),
