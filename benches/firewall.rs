@@ -13,7 +13,7 @@ mod common;
 use common::sandbox::TestNode;
 use converge_core::{Facts, Reconciler};
 use converge_firewall::nfnl::Nft;
-use converge_firewall::ruleset::{element_messages, DNAT4_ANY};
+use converge_firewall::ruleset::{element_messages, Bytes, DNAT4_ANY};
 use converge_firewall::{Firewall, FirewallSpec, Kernel};
 use serde_json::json;
 use std::io::Write;
@@ -120,20 +120,23 @@ fn converge_runs(rt: &tokio::runtime::Runtime, n: u16, rows: &mut Vec<Row>) -> [
     sh("nft", &["flush", "ruleset"]);
     let fw = Firewall::new(Kernel::new());
     let facts = Facts::default();
-    let pass = |s: &FirewallSpec| -> Duration {
+    // Whole pass, and the netlink batch alone (apply).
+    let pass = |s: &FirewallSpec| -> (Duration, Duration) {
         let t = Instant::now();
-        rt.block_on(async {
+        let batch = rt.block_on(async {
             let o = fw.observe(s).await.expect("observe");
             let p = fw.plan(s, &o, &facts);
+            let a = Instant::now();
             for out in fw.apply(s, p).await {
                 assert!(out.error.is_none(), "{out:?}");
             }
+            a.elapsed()
         });
-        t.elapsed()
+        (t.elapsed(), batch)
     };
     let full = spec(n, None);
-    let initial = pass(&full);
-    // Add, change, remove one port, back and forth, each measured as a whole pass.
+    let initial = pass(&full).0;
+    // Add, change, remove one port, back and forth.
     let (mut add, mut change, mut remove) = (Vec::new(), Vec::new(), Vec::new());
     let (plus, changed) = (spec(n + 1, None), spec(n, Some(n - 1)));
     for _ in 0..REPEAT {
@@ -142,13 +145,23 @@ fn converge_runs(rt: &tokio::runtime::Runtime, n: u16, rows: &mut Vec<Row>) -> [
         change.push(pass(&changed));
         pass(&full);
     }
+    let batch = |v: &[(Duration, Duration)]| ms(median(v.iter().map(|x| x.1).collect()));
+    let whole = |v: &[(Duration, Duration)]| median(v.iter().map(|x| x.0).collect());
+    for (what, v) in [("add", &add), ("change", &change), ("remove", &remove)] {
+        rows.push(Row {
+            op: format!("{n:>6} ports: {what} one port, netlink batch only"),
+            converge: batch(v),
+            nft_f: None,
+            iptables: None,
+        });
+    }
     let latency = connect_latency(BASE + n - 1);
     let kernel = kernel_delete_cost(n);
     let r = [
         ms(initial),
-        ms(median(add)),
-        ms(median(change)),
-        ms(median(remove)),
+        ms(whole(&add)),
+        ms(whole(&change)),
+        ms(whole(&remove)),
         ms(kernel),
     ];
     rows.push(Row {
@@ -170,7 +183,7 @@ fn main() {
         node.run_ok("ip", ["addr", "add", &format!("{a}/32"), "dev", "lo"]);
     }
     let dir = node.data_dir().to_path_buf();
-    let rows = node.in_netns(move || {
+    let (rows, summary) = node.in_netns(move || {
         let listener = TcpListener::bind(format!("{BACK}:9000")).expect("bind backend");
         std::thread::spawn(move || for _ in listener.incoming() {});
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -178,6 +191,7 @@ fn main() {
             .build()
             .expect("runtime");
         let mut rows = Vec::new();
+        let mut summary = Vec::new();
         for n in [10u16, 1_000, 10_000] {
             let [c_init, c_add, c_change, c_remove, k_del] = converge_runs(&rt, n, &mut rows);
             let c_latency = rows.last().map(|r| r.converge).unwrap_or(0.0);
@@ -241,7 +255,8 @@ fn main() {
             }
             sh("iptables-legacy", &["-t", "nat", "-F"]);
 
-            rows.pop();
+            rows.pop(); // the converge-only latency row: re-added below with the baselines
+            summary.push((n, c_add, c_change, c_remove, ms(f_add), k_del, c_latency, ms(i_latency)));
             rows.push(Row { op: format!("{n:>6} ports: initial apply"), converge: c_init, nft_f: Some(ms(f_init)), iptables: Some(ms(i_init)) });
             rows.push(Row { op: format!("{n:>6} ports: add one port"), converge: c_add, nft_f: Some(ms(f_add)), iptables: Some(ms(median(i_add))) });
             rows.push(Row { op: format!("{n:>6} ports: change one port's target"), converge: c_change, nft_f: Some(ms(f_add)), iptables: None });
@@ -250,7 +265,7 @@ fn main() {
             rows.push(Row { op: format!("{n:>6} ports: kernel cost of one element delete (raw netlink)"), converge: k_del, nft_f: None, iptables: None });
             rows.push(Row { op: format!("{n:>6} ports: first-packet connect (median)"), converge: c_latency, nft_f: Some(ms(f_latency)), iptables: Some(ms(i_latency)) });
         }
-        rows
+        (rows, summary)
     });
     println!(
         "\n{:<58} {:>10} {:>10} {:>10} {:>9} {:>9}",
@@ -272,6 +287,20 @@ fn main() {
             ratio(r.iptables)
         );
     }
+    if let (Some(small), Some(big)) = (summary.first(), summary.last()) {
+        let (n, add, change, remove, rebuild, kernel, lat, ipt_lat) = *big;
+        println!("\nTargets at {n} ports (same run):");
+        println!(
+            "  add one port vs nft -f rebuild: {:.1}x faster (target >= 50x)",
+            rebuild / add
+        );
+        println!("  change / remove one port: {change:.3} / {remove:.3} ms vs kernel element delete + 1 ms = {:.3} ms", kernel + 1.0);
+        println!(
+            "  vs the same change at {} ports: add {:.1}x, change {:.1}x, remove {:.1}x (target within 2x)",
+            small.0, add / small.1, change / small.2, remove / small.3
+        );
+        println!("  first-packet connect: {lat:.3} ms at {n} vs {:.3} ms at {} (iptables {ipt_lat:.3} vs {:.3})", small.6, small.0, small.7);
+    }
     println!("\nconverge = one whole reconcile pass (observe, plan, one atomic netlink batch).");
     println!("nft -f = full rebuild of a table holding the same DNAT map; iptables = legacy, one DNAT rule per port (initial: iptables-restore).");
 }
@@ -280,8 +309,8 @@ fn main() {
 /// re-added after each sample): the floor for changing or removing a port.
 fn kernel_delete_cost(n: u16) -> Duration {
     let port = (BASE + n - 1).to_be_bytes();
-    let key = vec![6, 0, 0, 0, port[0], port[1], 0, 0];
-    let data = vec![10, 99, 0, 2, 0x23, 0x28, 0, 0]; // 10.99.0.2 . 9000
+    let key = Bytes::from_slice(&[6, 0, 0, 0, port[0], port[1], 0, 0]);
+    let data = Bytes::from_slice(&[10, 99, 0, 2, 0x23, 0x28, 0, 0]); // 10.99.0.2 . 9000
     let one = [(key, data)];
     let msgs = |add| element_messages(&DNAT4_ANY, one.iter().map(|(k, d)| (k, d)), add);
     let mut nft = Nft::open().expect("netlink");

@@ -3,7 +3,7 @@
 
 use crate::driver::{CommitError, NftDriver};
 use crate::nfnl::Message;
-use crate::ruleset::{self, set_def, Desired, Elements, SetDef, Snapshot, Structure};
+use crate::ruleset::{self, set_def, Bytes, Desired, Elements, SetDef, Snapshot, Structure};
 use crate::FirewallSpec;
 use converge_core::{Change, DriverError, Facts, FieldChange, ObjectOutcome, Op, Plan, Reconciler};
 use futures::stream::BoxStream;
@@ -193,7 +193,7 @@ pub fn plan(spec: &FirewallSpec, observed: &Observed, facts: &Facts) -> Plan<Com
     }
 }
 
-type Delta<'a> = Vec<(&'a Vec<u8>, &'a Vec<u8>)>;
+type Delta<'a> = Vec<(&'a Bytes, &'a Bytes)>;
 
 /// Elements to delete and to add to turn `old` into `new` (a changed map value is a
 /// delete plus an add in the same batch), with one display change per element.
@@ -212,9 +212,9 @@ fn element_delta<'a>(
     };
     let mut del = Vec::new();
     let mut add = Vec::new();
-    let data = |d: &Vec<u8>| (!d.is_empty()).then(|| ruleset::show_data(def, d));
+    let data = |d: &Bytes| (!d.is_empty()).then(|| ruleset::show_data(def, d));
     // Plain sets have no value to show.
-    let change = |op, k: &Vec<u8>, old: Option<String>, new: Option<String>| {
+    let change = |op, k: &Bytes, old: Option<String>, new: Option<String>| {
         let c = Change::new(op, kind, ruleset::show_key(def, k));
         if old.is_none() && new.is_none() {
             c
@@ -222,27 +222,31 @@ fn element_delta<'a>(
             c.with_field(FieldChange::new("target", old, new))
         }
     };
-    for (k, d) in old {
-        match new.get(k) {
-            None => {
-                del.push((k, d));
-                changes.push(change(Op::Delete, k, data(d), None));
+    // Both maps are sorted: one merge pass, no lookups.
+    let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (o.peek(), n.peek()) {
+            (None, None) => break,
+            (Some((ok, od)), Some((nk, nd))) if ok == nk => {
+                if od != nd {
+                    del.push((*ok, *od));
+                    add.push((*nk, *nd));
+                    changes.push(change(Op::Update, ok, data(od), data(nd)));
+                }
+                o.next();
+                n.next();
             }
-            Some(nd) if nd != d => {
-                del.push((k, d));
-                changes.push(change(Op::Update, k, data(d), data(nd)));
+            (Some((ok, od)), next) if next.is_none_or(|(nk, _)| ok < nk) => {
+                del.push((*ok, *od));
+                changes.push(change(Op::Delete, ok, data(od), None));
+                o.next();
             }
-            Some(_) => {}
-        }
-    }
-    for (k, d) in new {
-        match old.get(k) {
-            Some(od) if od == d => {}
-            Some(_) => add.push((k, d)),
-            None => {
-                add.push((k, d));
-                changes.push(change(Op::Create, k, None, data(d)));
+            (_, Some((nk, nd))) => {
+                add.push((*nk, *nd));
+                changes.push(change(Op::Create, nk, None, data(nd)));
+                n.next();
             }
+            (Some(_), None) => unreachable!("handled by the guard above"),
         }
     }
     (del, add)
