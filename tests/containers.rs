@@ -122,7 +122,11 @@ fn doc(
         "issuedAt": "2026-11-24T10:00:00Z",
         "containers": containers,
         "dns": {"zone": "internal", "listen": [node.address().to_string()], "ttl": 5,
-                "records": [{"name": "web.internal", "type": "A", "container": "web"}]}
+                "records": [{"name": "web.internal", "type": "A", "container": "web"}]},
+        // converge's nftables table beside the runtime's own port rules.
+        "firewall": {"publishedPorts": [
+            {"hostPort": 28080, "target": {"container": "web", "port": 8080}}
+        ]}
     })
 }
 
@@ -192,6 +196,27 @@ fn scenario(rt: &Runtime) {
         !body.is_empty(),
         "served /bin/echo through the published port"
     );
+    // The firewall section's port reaches web by name, next to the runtime's rules.
+    let via_firewall = || {
+        node.run(
+            "wget",
+            [
+                "-q",
+                "-T",
+                "1",
+                "-O",
+                "-",
+                &format!("http://{}:28080/echo", node.address()),
+            ],
+        )
+        .status
+        .success()
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "firewall port 28080 -> web",
+        via_firewall,
+    );
 
     // A killed container is restarted (runtime events), and it is the same container.
     let id = rt.inspect("web", "{{.Id}}");
@@ -233,6 +258,11 @@ fn scenario(rt: &Runtime) {
         Duration::from_secs(3),
         "DNS follows the new address",
         || dns_a(node, "web.internal") == [new_ip.clone()],
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "firewall port follows the new address",
+        via_firewall,
     );
 
     // Host ports forbid two instances: stop first, then start.

@@ -256,6 +256,28 @@ fn owns_only_its_table_repairs_drift_and_does_not_flap() {
         "a repair touched another table"
     );
 
+    // A batch the kernel refuses half-way changes nothing, and the socket stays usable.
+    let listed = nft(&host, &["list", "table", "inet", "converge"]);
+    host.in_netns(|| {
+        use converge_firewall::ruleset::{element_messages, Bytes, DNAT4_ANY, RESTRICTED};
+        let add = [(
+            Bytes::from_slice(&[6, 0, 0, 0, 0x1f, 0x91, 0, 0]), // tcp . 8081
+            Bytes::from_slice(&[10, 251, 9, 2, 0, 80, 0, 0]),
+        )];
+        let mut batch = element_messages(&DNAT4_ANY, add.iter().map(|(k, d)| (k, d)), true);
+        // A map value for a plain set: refused.
+        batch.extend(element_messages(
+            &RESTRICTED,
+            add.iter().map(|(k, d)| (k, d)),
+            true,
+        ));
+        let mut sock = converge_firewall::nfnl::Nft::open().expect("netlink");
+        let err = sock.commit(&batch, None).expect_err("refused");
+        eprintln!("refused batch: {err}");
+        sock.generation().expect("socket still answers");
+    });
+    assert_eq!(nft(&host, &["list", "table", "inet", "converge"]), listed);
+
     // An agent restart adopts the table: nothing is committed.
     let generation = ruleset_generation(&host);
     let _ = agent.kill();

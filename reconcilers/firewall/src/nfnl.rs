@@ -275,7 +275,7 @@ impl Nft {
         header(&mut out, nft_type(msg::GETGEN), NLM_F_REQUEST, seq, 0, 0, 0);
         self.sock.send(&out, 0)?;
         let mut genid = None;
-        self.receive(|ty, payload| {
+        self.receive(seq, |ty, payload| {
             if ty == nft_type(msg::NEWGEN) {
                 genid = attr_u32_be(payload, 1); // NFTA_GEN_ID
                 return Ok(true);
@@ -303,7 +303,7 @@ impl Nft {
         out.extend_from_slice(&a);
         self.sock.send(&out, 0)?;
         let mut items = Vec::new();
-        let r = self.receive(|ty, payload| {
+        let r = self.receive(seq, |ty, payload| {
             if ty >> 8 == NFNL_SUBSYS_NFTABLES {
                 items.push(payload.to_vec());
             }
@@ -380,7 +380,7 @@ impl Nft {
         let mut acked = 0usize;
         let mut failure: Option<NlError> = None;
         let last = messages.len();
-        let r = self.receive_acks(|seq, errno| {
+        let r = self.receive_acks(first, |seq, errno| {
             let idx = seq.wrapping_sub(first) as usize;
             if errno != 0 && failure.is_none() {
                 failure = Some(if idx == 0 && errno == libc::ERESTART {
@@ -407,16 +407,21 @@ impl Nft {
         }
     }
 
-    /// Reads replies until DONE (dumps) or until `f` returns true; an error reply ends
-    /// the exchange with `Rejected`.
+    /// Reads the replies to request `seq` until DONE (dumps) or until `f` returns true;
+    /// an error reply ends the exchange with `Rejected`. Replies to earlier requests
+    /// (acks left over after a refused batch) are skipped.
     fn receive(
         &mut self,
+        seq: u32,
         mut f: impl FnMut(u16, &[u8]) -> Result<bool, NlError>,
     ) -> Result<(), NlError> {
         let mut buf = vec![0u8; RECV_BUF];
         loop {
             let n = self.sock.recv(&mut &mut buf[..], 0)?;
             for m in split_messages(&buf[..n]) {
+                if msg_seq(m) != seq {
+                    continue;
+                }
                 let ty = u16::from_ne_bytes([m[4], m[5]]);
                 match ty {
                     NLMSG_DONE => return Ok(()),
@@ -440,22 +445,33 @@ impl Nft {
         }
     }
 
-    /// Reads acks (NLMSG_ERROR with errno, 0 = success) until `f` returns true.
-    fn receive_acks(&mut self, mut f: impl FnMut(u32, i32) -> bool) -> Result<(), NlError> {
+    /// Reads acks (NLMSG_ERROR with errno, 0 = success) of the batch whose sequence
+    /// numbers start at `first` until `f` returns true.
+    fn receive_acks(
+        &mut self,
+        first: u32,
+        mut f: impl FnMut(u32, i32) -> bool,
+    ) -> Result<(), NlError> {
         let mut buf = vec![0u8; RECV_BUF];
         loop {
             let n = self.sock.recv(&mut &mut buf[..], 0)?;
             for m in split_messages(&buf[..n]) {
-                if u16::from_ne_bytes([m[4], m[5]]) != NLMSG_ERROR {
+                let seq = msg_seq(m);
+                if u16::from_ne_bytes([m[4], m[5]]) != NLMSG_ERROR
+                    || seq.wrapping_sub(first) > self.seq.wrapping_sub(first)
+                {
                     continue;
                 }
-                let seq = u32::from_ne_bytes([m[8], m[9], m[10], m[11]]);
                 if f(seq, error_code(m)) {
                     return Ok(());
                 }
             }
         }
     }
+}
+
+fn msg_seq(m: &[u8]) -> u32 {
+    u32::from_ne_bytes([m[8], m[9], m[10], m[11]])
 }
 
 /// The positive errno of an NLMSG_ERROR message (0 for an ack).
