@@ -7,7 +7,7 @@ set -euo pipefail
 APT_PACKAGES=(
   build-essential pkg-config libclang-dev
   iproute2 iputils-ping procps psmisc
-  dnsmasq-base dnsutils nftables
+  dnsmasq-base dnsutils nftables iptables
   curl ca-certificates wget busybox-static
   python3 python3-venv
   podman runc docker.io
