@@ -95,7 +95,8 @@ agent=$!
 for _ in $(seq 100); do [[ -S $data/converge.sock ]] && break; sleep 0.1; done
 cv push "$doc"
 for _ in $(seq 150); do
-  [[ $(cv status --output json | grep -c '"state": "Converged"') -ge 2 ]] && break
+  # containers, firewall and dns
+  [[ $(cv status --output json | grep -c '"state": "Converged"') -ge 3 ]] && break
   sleep 0.2
 done
 
@@ -110,6 +111,9 @@ for q in "web.internal A" "api.internal A" "www.internal CNAME" "web.internal TX
   read -r name type <<<"$q"
   printf '%-28s %-6s -> %s\n' "$name" "$type" "$(in_ns dig +short +time=1 +tries=1 -p 53 "@$listen" "$name" "$type" | tr '\n' ' ')"
 done
+
+banner "the result: published ports in converge's nftables table (container targets resolved to their addresses)"
+in_ns nft list map inet converge dnat4_on
 
 banner "one change: web.internal moves to 10.88.0.11 (generation 43)"
 changed=$(mktemp /tmp/converge-worker-XXXXXX.json)

@@ -233,16 +233,6 @@ pub enum NlError {
     Malformed(&'static str),
 }
 
-impl NlError {
-    /// The errno the kernel answered with, if it refused.
-    pub fn errno(&self) -> Option<i32> {
-        match self {
-            NlError::Rejected { source, .. } => source.raw_os_error(),
-            _ => None,
-        }
-    }
-}
-
 /// An nf_tables netlink socket in the current network namespace.
 pub struct Nft {
     sock: Socket,
