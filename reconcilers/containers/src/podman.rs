@@ -877,57 +877,14 @@ async fn pump_events(api: podman_api::Podman, mut tx: mpsc::Sender<()>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::HealthSpec;
-    use crate::spec::{ContainerPort, ContainerVolume, Protocol};
+    use crate::runtime::sample_create_spec;
 
+    /// The shared sample, on a named network with a static address.
     fn spec() -> CreateSpec {
-        CreateSpec {
-            name: "web".into(),
-            image: "busybox:test".into(),
-            command: Some(vec!["httpd".into()]),
-            args: Some(vec!["-f".into()]),
-            env: BTreeMap::from([("SECRET".into(), "s3cr3t".into())]),
-            ports: vec![
-                ContainerPort {
-                    container_port: 80,
-                    host_port: Some(8080),
-                    protocol: Protocol::Tcp,
-                    host_ip: Some("127.0.0.1".into()),
-                },
-                ContainerPort {
-                    container_port: 81,
-                    host_port: None,
-                    protocol: Protocol::Udp,
-                    host_ip: None,
-                },
-            ],
-            volumes: vec![
-                ContainerVolume {
-                    source: "data".into(),
-                    target: "/data".into(),
-                    read_only: false,
-                },
-                ContainerVolume {
-                    source: "/etc/x".into(),
-                    target: "/x".into(),
-                    read_only: true,
-                },
-            ],
-            cpus: Some(0.5),
-            memory: Some(64 << 20),
-            pids: Some(100),
-            health: Some(HealthSpec {
-                command: vec!["true".into()],
-                interval: Duration::from_secs(2),
-                timeout: Duration::from_secs(1),
-                start_period: Duration::ZERO,
-                retries: 3,
-            }),
-            labels: BTreeMap::from([(LABEL_MANAGED.into(), "true".into())]),
-            network: Some("net1".into()),
-            ip: Some("10.1.2.3".parse().unwrap()),
-            stop_grace: Duration::from_millis(1500),
-        }
+        let mut s = sample_create_spec();
+        s.network = Some("net1".into());
+        s.ip = Some("10.1.2.3".parse().unwrap());
+        s
     }
 
     #[test]
@@ -935,17 +892,22 @@ mod tests {
         let body: serde_json::Value =
             serde_json::from_str(&create_opts(&spec()).unwrap().serialize().unwrap()).unwrap();
         assert_eq!(body["name"], "web");
-        assert_eq!(body["image"], "busybox:test");
-        assert_eq!(body["annotations"][IMAGE_ANNOTATION], "busybox:test");
+        assert_eq!(body["image"], "localhost/busybox:test");
+        assert_eq!(
+            body["annotations"][IMAGE_ANNOTATION],
+            "localhost/busybox:test"
+        );
         assert_eq!(body["entrypoint"], serde_json::json!(["httpd"]));
         assert_eq!(body["command"], serde_json::json!(["-f"]));
-        assert_eq!(body["env"]["SECRET"], "s3cr3t");
+        assert_eq!(body["env"]["A"], "1");
         assert_eq!(body["restart_policy"], "no");
         assert_eq!(body["stop_timeout"], 2);
+        // Only ports with a host port are mapped.
+        assert_eq!(body["portmappings"].as_array().map(Vec::len), Some(2));
         assert_eq!(
-            body["portmappings"],
-            serde_json::json!([{"container_port": 80, "host_port": 8080,
-                "host_ip": "127.0.0.1", "protocol": "tcp"}])
+            body["portmappings"][1],
+            serde_json::json!({"container_port": 8080, "host_port": 18081,
+                "host_ip": "127.0.0.1", "protocol": "tcp"})
         );
         assert_eq!(body["volumes"][0]["Name"], "data");
         assert_eq!(body["volumes"][0]["Dest"], "/data");
@@ -959,7 +921,7 @@ mod tests {
             body["healthconfig"]["Test"],
             serde_json::json!(["CMD", "true"])
         );
-        assert_eq!(body["healthconfig"]["Interval"], 2_000_000_000i64);
+        assert_eq!(body["healthconfig"]["Interval"], 500_000_000i64);
         assert_eq!(body["netns"]["nsmode"], "bridge");
         assert_eq!(
             body["Networks"]["net1"]["static_ips"],

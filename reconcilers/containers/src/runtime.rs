@@ -257,3 +257,62 @@ where
     out.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
     Ok(out)
 }
+
+/// A `CreateSpec` using every field, for the drivers' request-mapping tests.
+#[cfg(test)]
+pub(crate) fn sample_create_spec() -> CreateSpec {
+    use crate::spec::Protocol;
+    CreateSpec {
+        name: "web".into(),
+        image: "localhost/busybox:test".into(),
+        command: Some(vec!["httpd".into()]),
+        args: Some(vec!["-f".into()]),
+        env: BTreeMap::from([("A".into(), "1".into())]),
+        ports: vec![
+            ContainerPort {
+                container_port: 8080,
+                host_port: Some(18080),
+                protocol: Protocol::Tcp,
+                host_ip: None,
+            },
+            ContainerPort {
+                container_port: 8080,
+                host_port: Some(18081),
+                protocol: Protocol::Tcp,
+                host_ip: Some("127.0.0.1".into()),
+            },
+            ContainerPort {
+                container_port: 53,
+                host_port: None,
+                protocol: Protocol::Udp,
+                host_ip: None,
+            },
+        ],
+        volumes: vec![
+            ContainerVolume {
+                source: "data".into(),
+                target: "/data".into(),
+                read_only: false,
+            },
+            ContainerVolume {
+                source: "/etc".into(),
+                target: "/host-etc".into(),
+                read_only: true,
+            },
+        ],
+        cpus: Some(0.5),
+        memory: Some(64 << 20),
+        pids: Some(100),
+        health: Some(HealthSpec {
+            command: vec!["true".into()],
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_secs(2),
+            start_period: Duration::ZERO,
+            retries: 3,
+        }),
+        labels: BTreeMap::from([(LABEL_MANAGED.into(), "true".into())]),
+        network: None,
+        ip: None,
+        stop_grace: Duration::from_millis(1500),
+    }
+}
