@@ -301,6 +301,28 @@ async fn events_ping_for_managed_containers_only() {
         .await
         .expect("a ping after remove")
         .expect("stream alive");
+
+    // With events connected, lists reuse earlier inspects of unchanged containers:
+    // after changes behind converge's back they must equal an uncached list.
+    let id = driver
+        .create(&simple_spec(&node, "cached", &["sleep", "300"]))
+        .await
+        .expect("create");
+    driver.start(&id).await.expect("start");
+    settle(&mut rx, Duration::from_millis(500)).await;
+    let before = driver.list_managed(node.name()).await.expect("list");
+    podman_ok(&node, &svc, &["kill", "cached"]);
+    podman_ok(&node, &svc, &["rename", "cached", "renamed"]);
+    settle(&mut rx, Duration::from_millis(500)).await;
+    let cached = driver.list_managed(node.name()).await.expect("list");
+    let uncached = Podman::with_health_checks(&svc.socket, false)
+        .list_managed(node.name())
+        .await
+        .expect("list");
+    assert_ne!(cached, before);
+    assert_eq!(cached, uncached);
+    assert_eq!(cached[0].name, "renamed");
+    assert_eq!(cached[0].state, RunState::Exited);
     task.abort();
 }
 

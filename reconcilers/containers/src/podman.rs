@@ -84,6 +84,65 @@ struct Inner {
     api: podman_api::Podman,
     /// Set when the driver runs health checks itself (no systemd on this host).
     health: Option<Arc<HealthTicks>>,
+    inspected: Arc<InspectCache>,
+}
+
+/// Inspect results of containers that have not changed since, so a pass over hundreds
+/// of containers (and the restart after an event) does not inspect every one of them.
+/// An entry is used only while (1) no event named its container since, (2) the list
+/// still shows the same state, start/exit times, exit code, pid, names and image, and
+/// (3) it is younger than [`INSPECT_TTL`], so that what neither events nor the list show
+/// (a `podman update`) is still seen within one resync period. It is only used while
+/// the event stream is connected: without events, every list inspects everything.
+#[derive(Default)]
+struct InspectCache {
+    entries: std::sync::Mutex<HashMap<String, (ListKey, tokio::time::Instant, RuntimeContainer)>>,
+    live: std::sync::atomic::AtomicBool,
+}
+
+const INSPECT_TTL: Duration = Duration::from_secs(30);
+
+/// What the list says of a container: if any of it changes, the inspect is redone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ListKey {
+    state: Option<String>,
+    status: Option<String>,
+    started_at: Option<i64>,
+    exited_at: Option<i64>,
+    exit_code: Option<i32>,
+    pid: Option<i64>,
+    names: Option<Vec<String>>,
+    image_id: Option<String>,
+}
+
+impl InspectCache {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (ListKey, tokio::time::Instant, RuntimeContainer)>>
+    {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Turns the cache on (events flowing) or off (stream lost: forget everything).
+    fn set_live(&self, live: bool) {
+        self.live.store(live, std::sync::atomic::Ordering::SeqCst);
+        if !live {
+            self.lock().clear();
+        }
+    }
+
+    fn get(&self, id: &str, key: &ListKey) -> Option<RuntimeContainer> {
+        if !self.live.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        let cache = self.lock();
+        let (k, at, c) = cache.get(id)?;
+        (k == key && at.elapsed() < INSPECT_TTL).then(|| c.clone())
+    }
+
+    fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
 }
 
 impl Drop for Inner {
@@ -120,6 +179,7 @@ impl Podman {
                 api: podman_api::Podman::unix(&socket),
                 socket,
                 health: drive_health_checks.then(|| Arc::new(HealthTicks::default())),
+                inspected: Arc::default(),
             }),
         }
     }
@@ -625,7 +685,9 @@ impl ContainerRuntime for Podman {
             .list(&opts)
             .await
             .map_err(|e| failed("list", node, e))?;
-        let mut ids = Vec::with_capacity(listed.len());
+        let mut fresh = Vec::new();
+        let mut to_inspect = Vec::new();
+        let mut keys = HashMap::new();
         for c in listed {
             // Label filters are ANDed by podman; checked again so a server that ORs them
             // can never make converge touch a foreign container.
@@ -635,9 +697,40 @@ impl ContainerRuntime for Podman {
             let Some(id) = c.id.filter(|_| ours) else {
                 continue;
             };
-            ids.push(id);
+            let key = ListKey {
+                state: c.state,
+                status: c.status,
+                started_at: c.started_at,
+                exited_at: c.exited_at,
+                exit_code: c.exit_code,
+                pid: c.pid,
+                names: c.names,
+                image_id: c.image_id,
+            };
+            match self.inner.inspected.get(&id, &key) {
+                Some(known) => fresh.push(known),
+                None => to_inspect.push(id.clone()),
+            }
+            keys.insert(id, key);
         }
-        inspect_all(ids, |id| async move { self.inspect_tracked(&id).await }).await
+        let inspected = inspect_all(
+            to_inspect,
+            |id| async move { self.inspect_tracked(&id).await },
+        )
+        .await?;
+        {
+            let now = tokio::time::Instant::now();
+            let mut cache = self.inner.inspected.lock();
+            cache.retain(|id, _| keys.contains_key(id));
+            for c in &inspected {
+                if let Some(key) = keys.get(&c.id) {
+                    cache.insert(c.id.clone(), (key.clone(), now, c.clone()));
+                }
+            }
+        }
+        fresh.extend(inspected);
+        fresh.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
+        Ok(fresh)
     }
 
     async fn image_id(&self, image: &str) -> Result<Option<String>, DriverError> {
@@ -797,7 +890,7 @@ impl ContainerRuntime for Podman {
         // The pump owns the client and borrows it for the libpod stream; it is polled as
         // part of the returned stream (no spawn), so dropping the stream stops it.
         let (tx, rx) = mpsc::channel(1);
-        let pump = pump_events(self.inner.api.clone(), tx);
+        let pump = pump_events(self.inner.api.clone(), self.inner.inspected.clone(), tx);
         let pump = futures::stream::once(pump).filter_map(|()| async { None::<()> });
         futures::stream::select(pump, rx).boxed()
     }
@@ -805,7 +898,11 @@ impl ContainerRuntime for Podman {
 
 /// Forwards one ping per relevant event of a converge-managed container into `tx`,
 /// reconnecting forever; a reconnect pings once since events may have been missed.
-async fn pump_events(api: podman_api::Podman, mut tx: mpsc::Sender<()>) {
+async fn pump_events(
+    api: podman_api::Podman,
+    inspected: Arc<InspectCache>,
+    mut tx: mpsc::Sender<()>,
+) {
     let mut ping = move || match tx.try_send(()) {
         // Full: a ping is already pending, which is all the consumer needs.
         Ok(()) => true,
@@ -813,6 +910,14 @@ async fn pump_events(api: podman_api::Podman, mut tx: mpsc::Sender<()>) {
     };
     let mut last_health: HashMap<String, Option<Health>> = HashMap::new();
     let mut missed = false;
+    // Dropping the stream stops the pump: the cache must not outlive the events.
+    struct Off(Arc<InspectCache>);
+    impl Drop for Off {
+        fn drop(&mut self) {
+            self.0.set_live(false);
+        }
+    }
+    let _off = Off(inspected.clone());
     loop {
         // Ping first: the event stream only reports a dead socket once an event is due.
         if let Err(e) = api.ping().await {
@@ -832,6 +937,7 @@ async fn pump_events(api: podman_api::Podman, mut tx: mpsc::Sender<()>) {
             ])
             .build();
         let mut events = api.events(&opts);
+        inspected.set_live(true);
         while let Some(ev) = events.next().await {
             let ev = match ev {
                 Ok(ev) => ev,
@@ -840,7 +946,12 @@ async fn pump_events(api: podman_api::Podman, mut tx: mpsc::Sender<()>) {
                     break;
                 }
             };
-            if ev.typ != "container" || !WATCHED_EVENTS.contains(&ev.action.as_str()) {
+            if ev.typ != "container" {
+                continue;
+            }
+            // Whatever happened, the last inspect of this container is no longer trusted.
+            inspected.forget(&ev.actor.id);
+            if !WATCHED_EVENTS.contains(&ev.action.as_str()) {
                 continue;
             }
             let id = ev.actor.id;
@@ -869,6 +980,7 @@ async fn pump_events(api: podman_api::Podman, mut tx: mpsc::Sender<()>) {
             }
         }
         debug!("podman events: stream ended, reconnecting");
+        inspected.set_live(false);
         missed = true;
         tokio::time::sleep(RECONNECT_DELAY).await;
     }
