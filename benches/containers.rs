@@ -239,6 +239,7 @@ fn noop_pass(socket: &str) -> ((Duration, Duration), (Duration, Duration)) {
     use converge_containers::podman::Podman;
     use converge_containers::{Config, Containers};
     use converge_core::{Facts, Reconciler};
+    use futures::StreamExt;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
