@@ -338,7 +338,7 @@ fn podman_end_to_end() {
     require_tool("podman");
     require_tool("dnsmasq");
     let node = TestNode::new("ctr-podman");
-    let svc = common::podman::start_podman(&node);
+    let mut svc = common::podman::start_podman(&node);
     let rt = Runtime {
         kind: "podman",
         node: &node,
@@ -352,6 +352,18 @@ fn podman_end_to_end() {
         ],
     };
     scenario(&rt);
+
+    // Adoption across a restart of the Podman service (the agent keeps running): the
+    // containers live on under conmon, the agent reconnects, nothing is restarted.
+    let started = rt.inspect("web", "{{.State.StartedAt}}");
+    svc.restart(&node);
+    std::thread::sleep(Duration::from_secs(3));
+    wait_converged(&node, 5, Duration::from_secs(10));
+    assert_eq!(
+        rt.inspect("web", "{{.State.StartedAt}}"),
+        started,
+        "adopted across a service restart, not restarted"
+    );
 }
 
 #[test]
