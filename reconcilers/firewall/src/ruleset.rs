@@ -243,7 +243,7 @@ pub struct RuleDef {
     pub exprs: Vec<u8>,
 }
 
-/// A base chain converge creates: name, hook, and its rules.
+/// A chain converge creates: its name and, for a base chain, its hook.
 pub struct ChainDef {
     pub name: &'static str,
     pub hook: Option<Hook>,
