@@ -2,7 +2,7 @@
 //! socket. The API version is negotiated on first use (Debian's dockerd 20.10 speaks 1.41).
 
 use crate::runtime::{
-    inspect_all, ContainerRuntime, CreateSpec, Health, Mount, PortBinding, RunState,
+    inspect_all, port_bindings, ContainerRuntime, CreateSpec, Health, Mount, RunState,
     RuntimeContainer, LABEL_MANAGED, LABEL_NODE,
 };
 use bollard::container::{
@@ -327,12 +327,6 @@ fn health(s: Option<&HealthStatusEnum>) -> Option<Health> {
     }
 }
 
-/// Parses `"8080/tcp"`.
-fn parse_port_key(key: &str) -> Option<(u16, String)> {
-    let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
-    Some((port.parse().ok()?, proto.to_string()))
-}
-
 /// Builds the driver's view from an inspect response.
 fn runtime_container(c: ContainerInspectResponse) -> RuntimeContainer {
     let config = c.config.unwrap_or_default();
@@ -355,23 +349,9 @@ fn runtime_container(c: ContainerInspectResponse) -> RuntimeContainer {
 
     // Published ports as configured (HostConfig), so a stopped container reports the
     // same ports as a running one.
-    let mut ports: Vec<PortBinding> = host
-        .port_bindings
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|(key, bindings)| Some((parse_port_key(&key)?, bindings?)))
-        .flat_map(|((container_port, protocol), bindings)| {
-            bindings.into_iter().filter_map(move |b| {
-                Some(PortBinding {
-                    protocol: protocol.clone(),
-                    container_port,
-                    host_ip: b.host_ip.as_deref().and_then(|ip| ip.parse().ok()),
-                    host_port: b.host_port.as_deref()?.parse().ok()?,
-                })
-            })
-        })
-        .collect();
-    ports.sort();
+    let ports = port_bindings(host.port_bindings.unwrap_or_default(), |b| {
+        (b.host_ip.as_deref(), b.host_port.as_deref())
+    });
 
     let mut mounts: Vec<Mount> = c
         .mounts

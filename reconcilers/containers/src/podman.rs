@@ -12,7 +12,7 @@
 //!   spells the stop endpoint's `timeout` parameter `Timeout`, which libpod ignores.
 
 use crate::runtime::{
-    inspect_all, ContainerRuntime, CreateSpec, Health, Mount, PortBinding, RunState,
+    inspect_all, port_bindings, ContainerRuntime, CreateSpec, Health, Mount, RunState,
     RuntimeContainer, LABEL_MANAGED, LABEL_NODE,
 };
 use converge_core::DriverError;
@@ -527,12 +527,6 @@ fn image_id(id: &str) -> String {
     }
 }
 
-/// Parses `"8080/tcp"`.
-fn parse_port_key(key: &str) -> Option<(u16, String)> {
-    let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
-    Some((port.parse().ok()?, proto.to_string()))
-}
-
 /// Builds the driver's view from an inspect response.
 fn runtime_container(c: InspectContainerData) -> RuntimeContainer {
     let config = c.config;
@@ -581,22 +575,7 @@ fn runtime_container(c: InspectContainerData) -> RuntimeContainer {
         .filter(|b| !b.is_empty())
         .or_else(|| net.as_ref().and_then(|n| n.ports.clone()))
         .unwrap_or_default();
-    let mut ports: Vec<PortBinding> = bindings
-        .into_iter()
-        .filter_map(|(key, b)| Some((parse_port_key(&key)?, b?)))
-        .flat_map(|((container_port, protocol), b)| {
-            b.into_iter().filter_map(move |b| {
-                Some(PortBinding {
-                    protocol: protocol.clone(),
-                    container_port,
-                    host_ip: b.host_ip.as_deref().and_then(|ip| ip.parse().ok()),
-                    host_port: b.host_port.as_deref()?.parse().ok()?,
-                })
-            })
-        })
-        .collect();
-    ports.sort();
-    ports.dedup();
+    let ports = port_bindings(bindings, |b| (b.host_ip.as_deref(), b.host_port.as_deref()));
 
     let mut mounts: Vec<Mount> = c
         .mounts
@@ -1058,6 +1037,9 @@ mod tests {
         assert_eq!(health(""), None);
         assert_eq!(image_id("abc"), "sha256:abc");
         assert_eq!(image_id("sha256:abc"), "sha256:abc");
-        assert_eq!(parse_port_key("53/udp"), Some((53, "udp".into())));
+        assert_eq!(
+            crate::runtime::parse_port_key("53/udp"),
+            Some((53, "udp".into()))
+        );
     }
 }

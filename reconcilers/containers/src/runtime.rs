@@ -230,6 +230,41 @@ impl ContainerRuntime for NoRuntime {
     }
 }
 
+/// The published ports of an inspect response, from the runtime's port map
+/// (`"8080/tcp"` → bindings of `(host ip, host port)`), sorted and without duplicates.
+/// Both runtimes use this shape; only their binding types differ.
+pub fn port_bindings<B>(
+    map: impl IntoIterator<Item = (String, Option<Vec<B>>)>,
+    host: impl Fn(&B) -> (Option<&str>, Option<&str>),
+) -> Vec<PortBinding> {
+    let mut ports: Vec<PortBinding> = map
+        .into_iter()
+        .filter_map(|(key, b)| Some((parse_port_key(&key)?, b?)))
+        .flat_map(|((container_port, protocol), b)| {
+            b.into_iter()
+                .filter_map(|b| {
+                    let (ip, port) = host(&b);
+                    Some(PortBinding {
+                        protocol: protocol.clone(),
+                        container_port,
+                        host_ip: ip.and_then(|ip| ip.parse().ok()),
+                        host_port: port?.parse().ok()?,
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    ports.sort();
+    ports.dedup();
+    ports
+}
+
+/// Parses `"8080/tcp"` (no protocol: tcp).
+pub(crate) fn parse_port_key(key: &str) -> Option<(u16, String)> {
+    let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
+    Some((port.parse().ok()?, proto.to_string()))
+}
+
 /// Inspects listed containers, several at a time (a pass over hundreds of containers
 /// is dominated by these round trips); containers gone since the list are skipped.
 /// The result is sorted by name, then id.
