@@ -115,8 +115,8 @@ struct Row {
 }
 
 /// converge's passes at `n` ports: [initial, add one, change one, remove one, kernel
-/// delete cost] in ms; pushes the connect-latency row.
-fn converge_runs(rt: &tokio::runtime::Runtime, n: u16, rows: &mut Vec<Row>) -> [f64; 5] {
+/// delete cost, connect latency] in ms; pushes the netlink-batch-only rows.
+fn converge_runs(rt: &tokio::runtime::Runtime, n: u16, rows: &mut Vec<Row>) -> [f64; 6] {
     sh("nft", &["flush", "ruleset"]);
     let fw = Firewall::new(Kernel::new());
     let facts = Facts::default();
@@ -157,20 +157,14 @@ fn converge_runs(rt: &tokio::runtime::Runtime, n: u16, rows: &mut Vec<Row>) -> [
     }
     let latency = connect_latency(BASE + n - 1);
     let kernel = kernel_delete_cost(n);
-    let r = [
+    [
         ms(initial),
         ms(whole(&add)),
         ms(whole(&change)),
         ms(whole(&remove)),
         ms(kernel),
-    ];
-    rows.push(Row {
-        op: format!("{n:>6} ports: first-packet connect (median)"),
-        converge: ms(latency),
-        nft_f: None,
-        iptables: None,
-    });
-    r
+        ms(latency),
+    ]
 }
 
 fn main() {
@@ -193,8 +187,8 @@ fn main() {
         let mut rows = Vec::new();
         let mut summary = Vec::new();
         for n in [10u16, 1_000, 10_000] {
-            let [c_init, c_add, c_change, c_remove, k_del] = converge_runs(&rt, n, &mut rows);
-            let c_latency = rows.last().map(|r| r.converge).unwrap_or(0.0);
+            let [c_init, c_add, c_change, c_remove, k_del, c_latency] =
+                converge_runs(&rt, n, &mut rows);
 
             // nft -f: the whole table each time.
             sh("nft", &["flush", "ruleset"]);
@@ -255,7 +249,6 @@ fn main() {
             }
             sh("iptables-legacy", &["-t", "nat", "-F"]);
 
-            rows.pop(); // the converge-only latency row: re-added below with the baselines
             summary.push((n, c_add, c_change, c_remove, ms(f_add), k_del, c_latency, ms(i_latency)));
             rows.push(Row { op: format!("{n:>6} ports: initial apply"), converge: c_init, nft_f: Some(ms(f_init)), iptables: Some(ms(i_init)) });
             rows.push(Row { op: format!("{n:>6} ports: add one port"), converge: c_add, nft_f: Some(ms(f_add)), iptables: Some(ms(median(i_add))) });

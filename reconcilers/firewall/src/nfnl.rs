@@ -28,6 +28,7 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 pub const NLM_F_CREATE: u16 = 0x400;
+pub const NLM_F_APPEND: u16 = 0x800;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
@@ -93,6 +94,11 @@ impl Attrs {
         let len = (self.buf.len() - start) as u16;
         self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
         self
+    }
+
+    /// A nest whose content is already encoded (attributes built separately).
+    pub fn nest_raw(&mut self, ty: u16, content: &[u8]) -> &mut Self {
+        self.bytes(ty | NLA_F_NESTED, content)
     }
 
     pub fn len(&self) -> usize {

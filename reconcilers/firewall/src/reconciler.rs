@@ -203,13 +203,7 @@ fn element_delta<'a>(
     new: &'a Elements,
     changes: &mut Vec<Change>,
 ) -> (Delta<'a>, Delta<'a>) {
-    let kind = match def.name {
-        "dnat4_any" | "dnat4_on" | "dnat6_any" | "dnat6_on" => "published-port",
-        "restricted" => "restricted-port",
-        "allow4" | "allow6" => "allow-from",
-        "input4" | "input6" => "input-allow",
-        _ => "forward-allow",
-    };
+    let kind = def.kind;
     let mut del = Vec::new();
     let mut add = Vec::new();
     let data = |d: &Bytes| (!d.is_empty()).then(|| ruleset::show_data(def, d));

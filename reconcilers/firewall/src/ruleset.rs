@@ -7,7 +7,7 @@
 //! rule per map. Filters (`allowFrom`, `input`, `forward`) are elements of interval sets
 //! with concatenated keys, also looked up by one rule each.
 
-use crate::nfnl::{self, msg, Attrs, Message, NLM_F_CREATE};
+use crate::nfnl::{self, msg, Attrs, Message, NLM_F_APPEND, NLM_F_CREATE};
 use crate::{FilterPolicy, FilterRule, FirewallSpec, Protocol};
 use converge_core::Facts;
 use ipnet::IpNet;
@@ -70,6 +70,8 @@ pub struct SetDef {
     pub data: &'static [Field],
     /// Interval set: every key field is a range (pipapo in the kernel).
     pub interval: bool,
+    /// What one element is, in `converge diff` (`published-port`, `allow-from`, …).
+    pub kind: &'static str,
 }
 
 impl SetDef {
@@ -117,66 +119,77 @@ pub const DNAT4_ANY: SetDef = SetDef {
     key: &[Proto, Port],
     data: &[Addr4, Port],
     interval: false,
+    kind: "published-port",
 };
 pub const DNAT4_ON: SetDef = SetDef {
     name: "dnat4_on",
     key: &[Addr4, Proto, Port],
     data: &[Addr4, Port],
     interval: false,
+    kind: "published-port",
 };
 pub const DNAT6_ANY: SetDef = SetDef {
     name: "dnat6_any",
     key: &[Proto, Port],
     data: &[Addr6, Port],
     interval: false,
+    kind: "published-port",
 };
 pub const DNAT6_ON: SetDef = SetDef {
     name: "dnat6_on",
     key: &[Addr6, Proto, Port],
     data: &[Addr6, Port],
     interval: false,
+    kind: "published-port",
 };
 pub const RESTRICTED: SetDef = SetDef {
     name: "restricted",
     key: &[Proto, Port],
     data: &[],
     interval: false,
+    kind: "restricted-port",
 };
 pub const ALLOW4: SetDef = SetDef {
     name: "allow4",
     key: &[Addr4, Proto, Port],
     data: &[],
     interval: true,
+    kind: "allow-from",
 };
 pub const ALLOW6: SetDef = SetDef {
     name: "allow6",
     key: &[Addr6, Proto, Port],
     data: &[],
     interval: true,
+    kind: "allow-from",
 };
 pub const INPUT4: SetDef = SetDef {
     name: "input4",
     key: &[Addr4, Addr4, Proto, Port],
     data: &[],
     interval: true,
+    kind: "input-allow",
 };
 pub const INPUT6: SetDef = SetDef {
     name: "input6",
     key: &[Addr6, Addr6, Proto, Port],
     data: &[],
     interval: true,
+    kind: "input-allow",
 };
 pub const FORWARD4: SetDef = SetDef {
     name: "forward4",
     key: &[Addr4, Addr4, Proto, Port],
     data: &[],
     interval: true,
+    kind: "forward-allow",
 };
 pub const FORWARD6: SetDef = SetDef {
     name: "forward6",
     key: &[Addr6, Addr6, Proto, Port],
     data: &[],
     interval: true,
+    kind: "forward-allow",
 };
 
 const ALL_SETS: [&SetDef; 11] = [
@@ -898,7 +911,7 @@ pub fn element_messages<'a>(
         let mut a = Attrs::new();
         a.str(1, TABLE)
             .str(2, set.name)
-            .bytes(3, &list.into_bytes());
+            .nest_raw(3, &list.into_bytes());
         let (ty, flags, verb) = if add {
             (msg::NEWSETELEM, NLM_F_CREATE, "add")
         } else {
@@ -970,8 +983,6 @@ fn set_message(set: &SetDef, id: u32) -> Message {
     )
 }
 
-const NLM_F_APPEND: u16 = 0x800;
-
 fn rule_message(r: &RuleDef) -> Message {
     // The tag travels as an nft comment (udata TLV type 0), so `nft list` shows it and a
     // dump tells converge's rules apart from edited ones.
@@ -981,7 +992,7 @@ fn rule_message(r: &RuleDef) -> Message {
     let mut a = Attrs::new();
     a.str(1, TABLE)
         .str(2, r.chain)
-        .bytes(4 | 0x8000, &r.exprs)
+        .nest_raw(4, &r.exprs)
         .bytes(7, &udata);
     Message::new(
         msg::NEWRULE,
