@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::runtime::{labels, settle, simple_spec, wait_for, watch_events};
+use common::runtime::{
+    expect_no_ping, expect_ping, labels, settle, simple_spec, wait_for, watch_events,
+};
 
 use common::docker::{docker, docker_ok, start_docker, DockerDaemon, TEST_IMAGE};
 use common::sandbox::TestNode;
@@ -295,17 +297,19 @@ async fn full_lifecycle_through_the_driver() {
     // Events: a ping when the managed container dies; none for foreign containers.
     settle(&mut events, Duration::from_millis(700)).await;
     docker_ok(&node, &daemon, &["kill", "foreign"]);
-    assert!(
-        tokio::time::timeout(Duration::from_secs(1), events.recv())
-            .await
-            .is_err(),
-        "a foreign container's death must not ping"
-    );
+    expect_no_ping(
+        &mut events,
+        Duration::from_secs(1),
+        "a foreign container's death must not ping",
+    )
+    .await;
     docker_ok(&node, &daemon, &["kill", "web"]);
-    tokio::time::timeout(Duration::from_secs(10), events.recv())
-        .await
-        .expect("a ping after docker kill")
-        .expect("event stream alive");
+    expect_ping(
+        &mut events,
+        Duration::from_secs(10),
+        "a ping after docker kill",
+    )
+    .await;
     let dead = wait_for(&driver, &id, "exited", Duration::from_secs(10), |c| {
         c.state == RunState::Exited
     })
@@ -328,10 +332,7 @@ async fn full_lifecycle_through_the_driver() {
         c.state == RunState::Running
     })
     .await;
-    tokio::time::timeout(Duration::from_secs(10), events.recv())
-        .await
-        .expect("a ping after start")
-        .expect("event stream alive");
+    expect_ping(&mut events, Duration::from_secs(10), "a ping after start").await;
     driver
         .stop(&id, Duration::from_secs(5))
         .await
@@ -539,20 +540,19 @@ async fn events_resubscribe_after_daemon_restart() {
         .create(&simple_spec(&node, "blip", &["sleep", "1000"]))
         .await
         .expect("create");
-    tokio::time::timeout(Duration::from_secs(10), events.recv())
-        .await
-        .expect("a ping after create")
-        .expect("stream alive");
+    expect_ping(&mut events, Duration::from_secs(10), "a ping after create").await;
 
     // Restart the daemon: the stream must come back by itself and ping once it does
     // (events while it was down are lost).
     drop(daemon);
     settle(&mut events, Duration::from_millis(500)).await;
     daemon = start_docker(&node);
-    tokio::time::timeout(Duration::from_secs(15), events.recv())
-        .await
-        .expect("a resync ping after the daemon came back")
-        .expect("stream alive");
+    expect_ping(
+        &mut events,
+        Duration::from_secs(15),
+        "a resync ping after the daemon came back",
+    )
+    .await;
     settle(&mut events, Duration::from_millis(1500)).await;
     drain(&mut events);
 
@@ -563,10 +563,12 @@ async fn events_resubscribe_after_daemon_restart() {
         .expect("create after restart");
     assert_ne!(id, id2);
     driver.start(&id2).await.expect("start");
-    tokio::time::timeout(Duration::from_secs(10), events.recv())
-        .await
-        .expect("a ping after start on the new daemon")
-        .expect("stream alive");
+    expect_ping(
+        &mut events,
+        Duration::from_secs(10),
+        "a ping after start on the new daemon",
+    )
+    .await;
 
     events_task.abort();
     drop(daemon);

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::runtime::{labels, settle, simple_spec, wait_for, watch_events};
+use common::runtime::{
+    expect_no_ping, expect_ping, labels, settle, simple_spec, wait_for, watch_events,
+};
 
 use common::podman::{podman, podman_ok, start_podman, PodmanService, TEST_IMAGE};
 use common::sandbox::{require_tool, TestNode};
@@ -272,18 +274,15 @@ async fn events_ping_for_managed_containers_only() {
     settle(&mut rx, Duration::from_millis(1500)).await;
 
     podman_ok(&node, &svc, &["kill", "foreign"]);
-    assert!(
-        tokio::time::timeout(Duration::from_secs(2), rx.recv())
-            .await
-            .is_err(),
-        "no ping for a container converge does not manage"
-    );
+    expect_no_ping(
+        &mut rx,
+        Duration::from_secs(2),
+        "no ping for a container converge does not manage",
+    )
+    .await;
 
     podman_ok(&node, &svc, &["kill", "sleeper"]);
-    tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("a ping after podman kill")
-        .expect("stream alive");
+    expect_ping(&mut rx, Duration::from_secs(10), "a ping after podman kill").await;
     let dead = driver.inspect(&id).await.unwrap().unwrap();
     assert_eq!(dead.state, RunState::Exited);
     assert_eq!(dead.exit_code, Some(137));
@@ -291,16 +290,10 @@ async fn events_ping_for_managed_containers_only() {
     // Start and removal ping too.
     settle(&mut rx, Duration::from_millis(500)).await;
     driver.start(&id).await.expect("restart");
-    tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("a ping after start")
-        .expect("stream alive");
+    expect_ping(&mut rx, Duration::from_secs(10), "a ping after start").await;
     settle(&mut rx, Duration::from_millis(500)).await;
     driver.remove(&id).await.expect("remove");
-    tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("a ping after remove")
-        .expect("stream alive");
+    expect_ping(&mut rx, Duration::from_secs(10), "a ping after remove").await;
 
     // With events connected, lists reuse earlier inspects of unchanged containers:
     // after changes behind converge's back they must equal an uncached list.
@@ -468,18 +461,22 @@ async fn events_reconnect_after_service_restart() {
 
     svc.restart(&node);
     // Reconnected (the reconnect itself pings: events may have been missed meanwhile).
-    tokio::time::timeout(Duration::from_secs(15), rx.recv())
-        .await
-        .expect("a ping after the service came back")
-        .expect("stream alive");
+    expect_ping(
+        &mut rx,
+        Duration::from_secs(15),
+        "a ping after the service came back",
+    )
+    .await;
     settle(&mut rx, Duration::from_millis(1500)).await;
 
     // And real events flow again on the new connection.
     podman_ok(&node, &svc, &["kill", "survivor"]);
-    tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("a ping for a kill after the reconnect")
-        .expect("stream alive");
+    expect_ping(
+        &mut rx,
+        Duration::from_secs(10),
+        "a ping for a kill after the reconnect",
+    )
+    .await;
     assert_eq!(
         driver.inspect(&id).await.unwrap().unwrap().state,
         RunState::Exited

@@ -128,6 +128,22 @@ pub fn watch_events<R: ContainerRuntime>(
     (rx, task)
 }
 
+/// Asserts that a ping arrives within `within`; `what` names the expected cause.
+pub async fn expect_ping(rx: &mut mpsc::UnboundedReceiver<()>, within: Duration, what: &str) {
+    tokio::time::timeout(within, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no ping within {within:?}: expected {what}"))
+        .expect("event stream alive");
+}
+
+/// Asserts that no ping arrives within `within`.
+pub async fn expect_no_ping(rx: &mut mpsc::UnboundedReceiver<()>, within: Duration, why: &str) {
+    assert!(
+        tokio::time::timeout(within, rx.recv()).await.is_err(),
+        "{why}"
+    );
+}
+
 /// Waits until no ping has arrived for `quiet`, so later assertions see only new ones.
 pub async fn settle(rx: &mut mpsc::UnboundedReceiver<()>, quiet: Duration) {
     while tokio::time::timeout(quiet, rx.recv()).await.is_ok() {}
