@@ -259,7 +259,7 @@ fn owns_only_its_table_repairs_drift_and_does_not_flap() {
     // A batch the kernel refuses half-way changes nothing, and the socket stays usable.
     let listed = nft(&host, &["list", "table", "inet", "converge"]);
     host.in_netns(|| {
-        use converge_firewall::ruleset::{element_messages, Bytes, DNAT4_ANY, RESTRICTED};
+        use converge_firewall::ruleset::{element_messages, Bytes, DNAT4_ANY, RESTRICTED4};
         let add = [(
             Bytes::from_slice(&[6, 0, 0, 0, 0x1f, 0x91, 0, 0]), // tcp . 8081
             Bytes::from_slice(&[10, 251, 9, 2, 0, 80, 0, 0]),
@@ -267,7 +267,7 @@ fn owns_only_its_table_repairs_drift_and_does_not_flap() {
         let mut batch = element_messages(&DNAT4_ANY, add.iter().map(|(k, d)| (k, d)), true);
         // A map value for a plain set: refused.
         batch.extend(element_messages(
-            &RESTRICTED,
+            &RESTRICTED4,
             add.iter().map(|(k, d)| (k, d)),
             true,
         ));

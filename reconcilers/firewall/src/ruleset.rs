@@ -8,7 +8,7 @@
 //! with concatenated keys, also looked up by one rule each.
 
 use crate::nfnl::{self, msg, Attrs, Message, NLM_F_APPEND, NLM_F_CREATE};
-use crate::{FilterPolicy, FilterRule, FirewallSpec, Protocol};
+use crate::{FilterPolicy, FilterRule, FirewallSpec, Protocol, PublishedPort};
 use converge_core::Facts;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -142,8 +142,15 @@ pub const DNAT6_ON: SetDef = SetDef {
     interval: false,
     kind: "published-port",
 };
-pub const RESTRICTED: SetDef = SetDef {
-    name: "restricted",
+pub const RESTRICTED4: SetDef = SetDef {
+    name: "restricted4",
+    key: &[Proto, Port],
+    data: &[],
+    interval: false,
+    kind: "restricted-port",
+};
+pub const RESTRICTED6: SetDef = SetDef {
+    name: "restricted6",
     key: &[Proto, Port],
     data: &[],
     interval: false,
@@ -192,12 +199,13 @@ pub const FORWARD6: SetDef = SetDef {
     kind: "forward-allow",
 };
 
-const ALL_SETS: [&SetDef; 11] = [
+const ALL_SETS: [&SetDef; 12] = [
     &DNAT4_ANY,
     &DNAT4_ON,
     &DNAT6_ANY,
     &DNAT6_ON,
-    &RESTRICTED,
+    &RESTRICTED4,
+    &RESTRICTED6,
     &ALLOW4,
     &ALLOW6,
     &INPUT4,
@@ -525,17 +533,21 @@ fn structure(spec: &FirewallSpec) -> (Vec<ChainDef>, Vec<&'static SetDef>, Vec<R
         &DNAT4_ON,
         &DNAT6_ANY,
         &DNAT6_ON,
-        &RESTRICTED,
+        &RESTRICTED4,
+        &RESTRICTED6,
         &ALLOW4,
         &ALLOW6,
     ];
     let mut rules = Vec::new();
-    for (allow, v6) in [(&ALLOW4, false), (&ALLOW6, true)] {
+    for (restricted, allow, v6) in [
+        (&RESTRICTED4, &ALLOW4, false),
+        (&RESTRICTED6, &ALLOW6, true),
+    ] {
         rules.push(rule("prerouting", "drop sources not in allowFrom", |e| {
             e.fib_local(true, true)
                 .nfproto(v6)
-                .load(RESTRICTED.key, &[])
-                .lookup(RESTRICTED.name, None, false)
+                .load(restricted.key, &[])
+                .lookup(restricted.name, None, false)
                 .load(allow.key, &[true])
                 .lookup(allow.name, None, true)
                 .verdict(NF_DROP, None);
@@ -669,9 +681,9 @@ fn interval_key(ranges: &[Range]) -> Bytes {
     k
 }
 
-/// Adds interval elements, leaving out any contained in another (the kernel refuses
-/// overlapping insertions; a contained element adds nothing to the match).
-fn add_boxes(into: &mut Elements, boxes: Vec<Vec<Range>>) {
+/// Interval element keys for `boxes`, leaving out any box contained in another (the
+/// kernel refuses overlapping insertions; a contained box adds nothing to the match).
+fn merge_boxes(boxes: Vec<Vec<Range>>) -> impl Iterator<Item = Bytes> {
     let mut kept: Vec<Vec<Range>> = Vec::new();
     for b in boxes {
         if kept
@@ -683,9 +695,7 @@ fn add_boxes(into: &mut Elements, boxes: Vec<Vec<Range>>) {
         kept.retain(|k| !b.iter().zip(k).all(|(b, k)| b.contains(k)));
         kept.push(b);
     }
-    for b in kept {
-        into.insert(interval_key(&b), Bytes::new());
-    }
+    kept.into_iter().map(|b| interval_key(&b))
 }
 
 fn proto_byte(p: Protocol) -> u8 {
@@ -751,6 +761,106 @@ fn filter_boxes(rules: &[FilterRule]) -> [Vec<Vec<Range>>; 2] {
     out
 }
 
+/// One element: its set, key, and data (empty for plain sets).
+pub type Element = (&'static SetDef, Bytes, Bytes);
+
+/// The map elements of one published port, or `None` while its container has no
+/// address (the port is skipped until it has one).
+pub fn port_elements(p: &PublishedPort, facts: &Facts) -> Option<SmallVec<[Element; 2]>> {
+    let proto = [proto_byte(p.protocol)];
+    let port = p.host_port.to_be_bytes();
+    let host_ip: Option<IpAddr> = p.host_ip.as_deref().and_then(|s| s.parse().ok());
+    let fixed: Option<IpAddr> = p.target.address.as_deref().and_then(|a| a.parse().ok());
+    let targets: &[IpAddr] = match (&fixed, &p.target.container) {
+        (Some(a), _) => std::slice::from_ref(a),
+        (None, Some(c)) => facts
+            .containers
+            .get(c)
+            .map(|f| f.addresses.as_slice())
+            .unwrap_or_default(),
+        (None, None) => &[],
+    };
+    let mut out = SmallVec::new();
+    for v6 in [false, true] {
+        if host_ip.is_some_and(|h| h.is_ipv6() != v6) {
+            continue;
+        }
+        let Some(t) = targets.iter().find(|t| t.is_ipv6() == v6) else {
+            continue;
+        };
+        let data = key(&[&ip_bytes(*t), &p.target.port.to_be_bytes()]);
+        out.push(match host_ip {
+            Some(h) => (
+                if v6 { &DNAT6_ON } else { &DNAT4_ON },
+                key(&[&ip_bytes(h), &proto, &port]),
+                data,
+            ),
+            None => (
+                if v6 { &DNAT6_ANY } else { &DNAT4_ANY },
+                key(&[&proto, &port]),
+                data,
+            ),
+        });
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Why a published port is skipped, for the log and `converge diff`.
+pub fn unresolved_note(p: &PublishedPort) -> String {
+    let target = p.target.container.as_deref().unwrap_or("?");
+    format!(
+        "{}/{} (container {target} has no address yet)",
+        p.protocol.as_str(),
+        p.host_port
+    )
+}
+
+/// The protocol and port an `allowFrom` applies to: its elements depend on every
+/// published port of the group.
+pub type Group = (u8, u16);
+
+pub fn group_of(p: &PublishedPort) -> Group {
+    (proto_byte(p.protocol), p.host_port)
+}
+
+/// The `restricted` and `allow` elements of one group, from its published ports that
+/// are in the maps and carry `allowFrom` (validation makes their lists agree per
+/// family). A family is restricted where one of them is published on it.
+pub fn allow_elements<'a>(
+    group: Group,
+    ports: impl Iterator<Item = &'a PublishedPort>,
+) -> Vec<Element> {
+    let (proto, port) = (vec![group.0], group.1.to_be_bytes());
+    let mut restricted = [false; 2];
+    let mut boxes: [Vec<Vec<Range>>; 2] = Default::default();
+    for p in ports {
+        let Some(from) = &p.allow_from else { continue };
+        let host_ip: Option<IpAddr> = p.host_ip.as_deref().and_then(|s| s.parse().ok());
+        for (fam, r) in restricted.iter_mut().enumerate() {
+            *r |= host_ip.is_none_or(|h| usize::from(h.is_ipv6()) == fam);
+        }
+        for n in from.iter().filter_map(|s| s.parse::<IpNet>().ok()) {
+            boxes[usize::from(matches!(n, IpNet::V6(_)))].push(vec![
+                Range::net(&n),
+                Range::one(proto.clone()),
+                Range::one(port.to_vec()),
+            ]);
+        }
+    }
+    let mut out = Vec::new();
+    let [b4, b6] = boxes;
+    for (fam, (rset, aset, boxes)) in [(&RESTRICTED4, &ALLOW4, b4), (&RESTRICTED6, &ALLOW6, b6)]
+        .into_iter()
+        .enumerate()
+    {
+        if restricted[fam] {
+            out.push((rset, key(&[&proto, &port]), Bytes::new()));
+        }
+        out.extend(merge_boxes(boxes).map(|k| (aset, k, Bytes::new())));
+    }
+    out
+}
+
 /// The desired table for `spec`, with container targets resolved through `facts`.
 pub fn desired(spec: &FirewallSpec, facts: &Facts) -> Desired {
     let (chains, sets, rules) = structure(spec);
@@ -758,82 +868,27 @@ pub fn desired(spec: &FirewallSpec, facts: &Facts) -> Desired {
     // document's order is usually already sorted) instead of 10,000 tree inserts.
     let mut lists: BTreeMap<&'static str, Vec<(Bytes, Bytes)>> =
         sets.iter().map(|s| (s.name, Vec::new())).collect();
+    let mut push = |(set, k, d): Element| {
+        if let Some(e) = lists.get_mut(set.name) {
+            e.push((k, d));
+        }
+    };
     let mut unresolved = Vec::new();
-    let mut allow: [BTreeMap<[u8; 8], Vec<Vec<Range>>>; 2] = Default::default();
+    let mut groups: BTreeMap<Group, Vec<&PublishedPort>> = BTreeMap::new();
     for p in &spec.published_ports {
-        let proto = [proto_byte(p.protocol)];
-        let port = p.host_port.to_be_bytes();
-        let host_ip: Option<IpAddr> = p.host_ip.as_deref().and_then(|s| s.parse().ok());
-        let fixed: Option<IpAddr> = p.target.address.as_deref().and_then(|a| a.parse().ok());
-        let targets: &[IpAddr] = match (&fixed, &p.target.container) {
-            (Some(a), _) => std::slice::from_ref(a),
-            (None, Some(c)) => facts
-                .containers
-                .get(c)
-                .map(|f| f.addresses.as_slice())
-                .unwrap_or_default(),
-            (None, None) => &[],
-        };
-        let mut resolved = false;
-        for v6 in [false, true] {
-            if host_ip.is_some_and(|h| h.is_ipv6() != v6) {
-                continue;
-            }
-            let Some(t) = targets.iter().find(|t| t.is_ipv6() == v6) else {
-                continue;
-            };
-            resolved = true;
-            let data = key(&[&ip_bytes(*t), &p.target.port.to_be_bytes()]);
-            let (map, k) = match host_ip {
-                Some(h) => (
-                    if v6 { &DNAT6_ON } else { &DNAT4_ON },
-                    key(&[&ip_bytes(h), &proto, &port]),
-                ),
-                None => (
-                    if v6 { &DNAT6_ANY } else { &DNAT4_ANY },
-                    key(&[&proto, &port]),
-                ),
-            };
-            if let Some(e) = lists.get_mut(map.name) {
-                e.push((k, data));
-            }
-        }
-        if !resolved {
-            let target = p.target.container.as_deref().unwrap_or("?");
-            unresolved.push(format!(
-                "{}/{} (container {target} has no address yet)",
-                p.protocol.as_str(),
-                p.host_port
-            ));
+        let Some(elements) = port_elements(p, facts) else {
+            unresolved.push(unresolved_note(p));
             continue;
-        }
-        if let Some(from) = &p.allow_from {
-            if let Some(e) = lists.get_mut(RESTRICTED.name) {
-                e.push((key(&[&proto, &port]), Bytes::new()));
-            }
-            for n in from.iter().filter_map(|s| s.parse::<IpNet>().ok()) {
-                let fam = usize::from(matches!(n, IpNet::V6(_)));
-                // Networks can only contain each other within one protocol/port.
-                let group = [proto[0], 0, 0, 0, port[0], port[1], 0, 0];
-                allow[fam].entry(group).or_default().push(vec![
-                    Range::net(&n),
-                    Range::one(proto.to_vec()),
-                    Range::one(port.to_vec()),
-                ]);
-            }
+        };
+        elements.into_iter().for_each(&mut push);
+        if p.allow_from.is_some() {
+            groups.entry(group_of(p)).or_default().push(p);
         }
     }
-    let mut elements: BTreeMap<String, Elements> = lists
-        .into_iter()
-        .map(|(name, list)| (name.to_string(), list.into_iter().collect()))
-        .collect();
-    let [a4, a6] = allow;
-    for (set, groups) in [(&ALLOW4, a4), (&ALLOW6, a6)] {
-        if let Some(e) = elements.get_mut(set.name) {
-            for boxes in groups.into_values() {
-                add_boxes(e, boxes);
-            }
-        }
+    for (group, ports) in groups {
+        allow_elements(group, ports.into_iter())
+            .into_iter()
+            .for_each(&mut push);
     }
     for (filter, s4, s6) in [
         (spec.input.as_ref().map(|f| &f.allow), &INPUT4, &INPUT6),
@@ -846,12 +901,14 @@ pub fn desired(spec: &FirewallSpec, facts: &Facts) -> Desired {
         if let Some(rules) = filter {
             let [b4, b6] = filter_boxes(rules);
             for (set, boxes) in [(s4, b4), (s6, b6)] {
-                if let Some(e) = elements.get_mut(set.name) {
-                    add_boxes(e, boxes);
-                }
+                merge_boxes(boxes).for_each(|k| push((set, k, Bytes::new())));
             }
         }
     }
+    let elements: BTreeMap<String, Elements> = lists
+        .into_iter()
+        .map(|(name, list)| (name.to_string(), list.into_iter().collect()))
+        .collect();
     let mut structure = Structure::default();
     for c in &chains {
         structure.chains.insert(

@@ -61,11 +61,28 @@ fn allow_from_restricts_the_port_and_drops_contained_networks() {
     ]}));
     let d = desired(&s, &Facts::default());
     let e = &d.snapshot.elements;
-    assert_eq!(e["restricted"].len(), 1);
+    assert_eq!((e["restricted4"].len(), e["restricted6"].len()), (1, 1));
     let allow4: Vec<String> = e["allow4"].keys().map(|k| show_key(&ALLOW4, k)).collect();
     assert_eq!(allow4, ["ip 10.0.0.0/8 . tcp . 22"]);
     let allow6: Vec<String> = e["allow6"].keys().map(|k| show_key(&ALLOW6, k)).collect();
     assert_eq!(allow6, ["ip6 fd00::/8 . tcp . 22"]);
+}
+
+#[test]
+fn allow_from_restricts_only_the_families_it_is_published_on() {
+    // The same port published on an IPv4 address with allowFrom and on an IPv6 address
+    // without: IPv6 clients stay unrestricted.
+    let s = spec(json!({"publishedPorts": [
+        {"hostPort": 22, "hostIp": "192.168.1.1", "target": {"address": "10.0.0.2", "port": 22},
+         "allowFrom": ["10.0.0.0/8"]},
+        {"hostPort": 22, "hostIp": "fd00::1", "target": {"address": "fd00::2", "port": 22}}
+    ]}));
+    let mut problems = converge_core::Problems::default();
+    crate::validate(&s, "$.firewall", &mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
+    let e = desired(&s, &Facts::default()).snapshot.elements;
+    assert_eq!((e["restricted4"].len(), e["restricted6"].len()), (1, 0));
+    assert_eq!((e["allow4"].len(), e["allow6"].len()), (1, 0));
 }
 
 #[test]
