@@ -126,6 +126,7 @@ fn converge_runs(rt: &tokio::runtime::Runtime, n: u16, rows: &mut Vec<Row>) -> [
         let batch = rt.block_on(async {
             let o = fw.observe(s).await.expect("observe");
             let p = fw.plan(s, &o, &facts);
+            drop(o); // as the engine does
             let a = Instant::now();
             for out in fw.apply(s, p).await {
                 assert!(out.error.is_none(), "{out:?}");

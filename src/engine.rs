@@ -153,6 +153,9 @@ impl<R: Reconciler> Section for Bound<R> {
                 let published = r.publish(&observed);
                 let notes = r.notes(&observed);
                 let plan = r.plan(spec, &observed, &facts);
+                // Released before apply: a reconciler may update its cached view of the
+                // host in place once no pass holds it.
+                drop(observed);
                 let changes = plan.changes.clone();
                 if dry_run || plan.is_empty() {
                     return PassResult::Ran {

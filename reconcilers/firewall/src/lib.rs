@@ -5,15 +5,18 @@
 //! - `ruleset`: the table as data (sets, chains, rules, elements) and its messages;
 //! - `nfnl`: nf_tables netlink (encoding, batches, dumps, events);
 //! - `driver`: reading the table back and committing batches in the kernel;
-//! - `reconciler`: observe → plan (element delta or rebuild) → one atomic commit.
+//! - `reconciler`: observe → plan (element delta or rebuild) → one atomic commit;
+//! - `incremental`: the plan from the difference between the last spec and the next.
 
 pub mod driver;
+mod incremental;
 pub mod nfnl;
 mod reconciler;
 pub mod ruleset;
 
 pub use driver::{Kernel, NftDriver};
-pub use reconciler::{plan, Commit, Firewall, Observed};
+pub use incremental::{Patch, Source};
+pub use reconciler::{plan, Commit, Firewall, Observed, Then};
 
 use converge_core::Problems;
 use ipnet::IpNet;

@@ -257,6 +257,35 @@ pub struct Snapshot {
     pub elements: BTreeMap<String, Elements>,
 }
 
+/// An element whose data differs between two tables (`None`: absent; a changed map
+/// value is a delete and an add of the same key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ElementChange {
+    pub set: &'static SetDef,
+    pub key: Bytes,
+    pub old: Option<Bytes>,
+    pub new: Option<Bytes>,
+}
+
+impl Snapshot {
+    /// The table after `changes` are committed.
+    pub fn apply(&mut self, changes: &[ElementChange]) {
+        for c in changes {
+            if !self.elements.contains_key(c.set.name) {
+                self.elements
+                    .insert(c.set.name.to_string(), Elements::new());
+            }
+            let Some(set) = self.elements.get_mut(c.set.name) else {
+                continue;
+            };
+            match &c.new {
+                Some(data) => set.insert(c.key.clone(), data.clone()),
+                None => set.remove(&c.key),
+            };
+        }
+    }
+}
+
 /// One rule: its chain, a readable purpose (part of its tag) and its expressions.
 pub struct RuleDef {
     pub chain: &'static str,
