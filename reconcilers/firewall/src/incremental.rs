@@ -67,11 +67,15 @@ impl Source {
         }
         // The ports that differ lie between the common head and the common tail.
         let (a, b) = (&old.published_ports[..], &spec.published_ports[..]);
-        let at = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-        let tail = a[at..]
+        let (da, db) = (
+            old.published_ports.digests(),
+            spec.published_ports.digests(),
+        );
+        let at = da.iter().zip(db).take_while(|(x, y)| x == y).count();
+        let tail = da[at..]
             .iter()
             .rev()
-            .zip(b[at..].iter().rev())
+            .zip(db[at..].iter().rev())
             .take_while(|(x, y)| x == y)
             .count();
         let (gone, came) = (&a[at..a.len() - tail], &b[at..b.len() - tail]);
@@ -142,10 +146,9 @@ impl Source {
 
     /// The source of the table once `patch` is committed.
     pub fn apply(&mut self, patch: &Patch) {
-        self.spec.published_ports.splice(
-            patch.at..patch.at + patch.removed,
-            patch.inserted.iter().cloned(),
-        );
+        self.spec
+            .published_ports
+            .splice(patch.at..patch.at + patch.removed, &patch.inserted);
         self.unresolved.clone_from(&patch.unresolved);
     }
 
@@ -247,6 +250,7 @@ mod tests {
                 prop_assert_eq!(&table, &want.snapshot);
                 prop_assert_eq!(sorted(source.unresolved.clone()), sorted(want.unresolved));
                 prop_assert_eq!(&source.spec, &spec);
+                prop_assert_eq!(source.spec.published_ports.digests(), spec.published_ports.digests());
             }
         }
     }

@@ -34,7 +34,8 @@ pub struct FirewallSpec {
     /// Host ports forwarded (DNAT) to a container or an address. These are in addition
     /// to the `hostPort`s of the containers section and must not collide with them.
     #[serde(default)]
-    pub published_ports: Vec<PublishedPort>,
+    #[schemars(with = "Vec<PublishedPort>")]
+    pub published_ports: PublishedPorts,
     /// Filter for traffic addressed to this host itself (the `input` hook); absent:
     /// converge adds no input rules and the host's own policy applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,8 +54,84 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+/// The published ports, each with a digest taken once when the document is read: a
+/// pass finds the ports that changed since the last one by comparing 8-byte digests
+/// instead of every field (and string) of every port. Read-only, so a digest always
+/// matches its port; build one from a `Vec` to change it.
+#[derive(Clone, Debug, Default)]
+pub struct PublishedPorts {
+    ports: Vec<PublishedPort>,
+    digests: Vec<u64>,
+}
+
+impl PublishedPorts {
+    /// One digest per port, keyed per process (SipHash with random keys), so that no
+    /// document can be crafted to make two different ports look alike.
+    pub fn digests(&self) -> &[u64] {
+        &self.digests
+    }
+
+    /// Replaces the ports in `range` with `with`.
+    pub fn splice(&mut self, range: std::ops::Range<usize>, with: &[PublishedPort]) {
+        self.ports.splice(range.clone(), with.iter().cloned());
+        self.digests.splice(range, with.iter().map(digest));
+    }
+}
+
+fn digest(p: &PublishedPort) -> u64 {
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    std::hash::BuildHasher::hash_one(KEYS.get_or_init(Default::default), p)
+}
+
+impl From<Vec<PublishedPort>> for PublishedPorts {
+    fn from(ports: Vec<PublishedPort>) -> Self {
+        let digests = ports.iter().map(digest).collect();
+        Self { ports, digests }
+    }
+}
+
+impl<'a> IntoIterator for &'a PublishedPorts {
+    type Item = &'a PublishedPort;
+    type IntoIter = std::slice::Iter<'a, PublishedPort>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.ports.iter()
+    }
+}
+
+impl From<PublishedPorts> for Vec<PublishedPort> {
+    fn from(p: PublishedPorts) -> Self {
+        p.ports
+    }
+}
+
+impl std::ops::Deref for PublishedPorts {
+    type Target = [PublishedPort];
+    fn deref(&self) -> &[PublishedPort] {
+        &self.ports
+    }
+}
+
+impl PartialEq for PublishedPorts {
+    fn eq(&self, other: &Self) -> bool {
+        self.ports == other.ports
+    }
+}
+
+impl Serialize for PublishedPorts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.ports.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PublishedPorts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<PublishedPort>::deserialize(d).map(Self::from)
+    }
+}
+
 /// A host port forwarded to a container or an address.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PublishedPort {
     /// Transport protocol.
@@ -73,7 +150,7 @@ pub struct PublishedPort {
 }
 
 /// Destination of a published port: exactly one of `container` and `address`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortTarget {
     /// Name of a container of the containers section; its current address is used.

@@ -472,7 +472,9 @@ mod tests {
 
         // A changed target is a delete and an add of the same key, in one batch.
         let mut after = before.clone();
-        after.published_ports[5].target.port = 81;
+        let mut ports = before.published_ports.to_vec();
+        ports[5].target.port = 81;
+        after.published_ports = ports.into();
         let p = plan(&after, &observed(&before), &Facts::default());
         assert_eq!(p.changes.len(), 1);
         assert_eq!(p.changes[0].to_string(), "~ published-port ip tcp . 6");
@@ -494,8 +496,10 @@ mod tests {
             ))),
         };
         let mut after = spec(1..1001, 80);
-        after.published_ports.remove(10);
-        after.published_ports[5].target.port = 81;
+        let mut ports = after.published_ports.to_vec();
+        ports.remove(10);
+        ports[5].target.port = 81;
+        after.published_ports = ports.into();
         let whole = plan(&after, &observed(&before), &Facts::default());
         let fast = plan(&after, &known, &Facts::default());
         assert!(matches!(fast.actions[0].then, Then::Patch(_)));
