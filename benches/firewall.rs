@@ -171,16 +171,22 @@ fn converge_runs(rt: &tokio::runtime::Runtime, n: u16, rows: &mut Vec<Row>) -> [
             })
             .collect(),
     );
-    let parse = {
+    let (parse, validate) = {
         let doc = serde_json::to_string(&full).expect("serialize");
         let t = Instant::now();
-        let _: FirewallSpec = serde_json::from_str(&doc).expect("parse");
-        t.elapsed()
+        let parsed: FirewallSpec = serde_json::from_str(&doc).expect("parse");
+        let parse = t.elapsed();
+        let mut problems = converge_core::Problems::default();
+        let t = Instant::now();
+        converge_firewall::validate(&parsed, "$.firewall", &mut problems);
+        assert!(problems.is_empty());
+        (parse, t.elapsed())
     };
     rows.push(Row {
         op: format!(
-            "{n:>6} ports: port digests, once per document (parse: {:.3})",
-            ms(parse)
+            "{n:>6} ports: port digests, once per document (parse {:.3}, validate {:.3})",
+            ms(parse),
+            ms(validate)
         ),
         converge: ms(digests),
         nft_f: None,

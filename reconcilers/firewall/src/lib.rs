@@ -22,6 +22,7 @@ use converge_core::Problems;
 use ipnet::IpNet;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 pub use converge_containers::Protocol;
@@ -261,9 +262,15 @@ fn family(v4: bool) -> &'static str {
 
 /// Semantic checks of the section; `path` is its JSON path (`$.firewall`).
 pub fn validate(spec: &FirewallSpec, path: &str, problems: &mut Problems) {
-    let mut seen: Vec<(Protocol, u16, Option<IpAddr>, String)> = Vec::new();
-    for (i, p) in spec.published_ports.iter().enumerate() {
+    // Earlier entries by protocol and host port, so that 10,000 ports are not compared
+    // pairwise: every entry, and those that bind (a valid address, no clash).
+    type Earlier = HashMap<(Protocol, u16), Vec<usize>>;
+    let (mut earlier, mut bound): (Earlier, Earlier) = Default::default();
+    let ports = &spec.published_ports;
+    let host_ip_of = |p: &PublishedPort| p.host_ip.as_deref().and_then(|s| s.parse().ok());
+    for (i, p) in ports.iter().enumerate() {
         let pp = format!("{path}.publishedPorts[{i}]");
+        let same_port = (p.protocol, p.host_port);
         let mut host_ip = None;
         let mut host_ip_ok = true;
         if let Some(s) = &p.host_ip {
@@ -278,12 +285,11 @@ pub fn validate(spec: &FirewallSpec, path: &str, problems: &mut Problems) {
         if p.host_port == 0 {
             problems.push(format!("{pp}.hostPort"), "port must be 1-65535");
         } else if host_ip_ok {
-            let clash = seen.iter().find(|(proto, port, ip, _)| {
-                *proto == p.protocol
-                    && *port == p.host_port
-                    && converge_containers::host_ips_overlap(*ip, host_ip)
-            });
-            if let Some((_, _, _, first)) = clash {
+            let others = bound.get(&same_port).map(Vec::as_slice).unwrap_or_default();
+            let clash = others
+                .iter()
+                .find(|&&j| converge_containers::host_ips_overlap(host_ip_of(&ports[j]), host_ip));
+            if let Some(j) = clash {
                 problems.push_hint(
                     format!("{pp}.hostPort"),
                     format!(
@@ -291,10 +297,10 @@ pub fn validate(spec: &FirewallSpec, path: &str, problems: &mut Problems) {
                         p.protocol.as_str(),
                         p.host_port
                     ),
-                    format!("conflicts with {first}.hostPort"),
+                    format!("conflicts with {path}.publishedPorts[{j}].hostPort"),
                 );
             } else {
-                seen.push((p.protocol, p.host_port, host_ip, pp.clone()));
+                bound.entry(same_port).or_default().push(i);
             }
         }
         let tp = format!("{pp}.target");
@@ -349,13 +355,16 @@ pub fn validate(spec: &FirewallSpec, path: &str, problems: &mut Problems) {
             problems.push(format!("{tp}.port"), "port must be 1-65535");
         }
         // allowFrom restricts a protocol/port on every host address of a family.
-        let clash = spec.published_ports[..i].iter().position(|q| {
-            q.protocol == p.protocol
-                && q.host_port == p.host_port
-                && [false, true].into_iter().any(|v6| {
-                    matches!((restriction(q, v6), restriction(p, v6)), (Some(a), Some(b)) if a != b)
-                })
+        let others = earlier
+            .get(&same_port)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let clash = others.iter().copied().find(|&j| {
+            [false, true].into_iter().any(|v6| {
+                matches!((restriction(&ports[j], v6), restriction(p, v6)), (Some(a), Some(b)) if a != b)
+            })
         });
+        earlier.entry(same_port).or_default().push(i);
         if let Some(j) = clash {
             problems.push_hint(
                 format!("{pp}.allowFrom"),
