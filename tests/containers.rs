@@ -136,11 +136,16 @@ fn wait_converged(node: &TestNode, generation: u64, within: Duration) {
         &format!("converged at generation {generation}"),
         || {
             let s = status(node);
+            // Every section of the document has reported (right after a push the list
+            // can still be empty, and `all` of nothing is true).
             s["reconcilers"].as_array().is_some_and(|rs| {
-                rs.iter().all(|r| {
-                    r["observedGeneration"] == generation
-                        && (r["state"] == "Converged" || r["state"] == "Unmanaged")
-                })
+                ["containers", "dns", "firewall"]
+                    .iter()
+                    .all(|name| rs.iter().any(|r| r["reconciler"] == *name))
+                    && rs.iter().all(|r| {
+                        r["observedGeneration"] == generation
+                            && (r["state"] == "Converged" || r["state"] == "Unmanaged")
+                    })
             })
         },
     );
