@@ -151,10 +151,6 @@ impl Source {
             .splice(patch.at..patch.at + patch.removed, &patch.inserted);
         self.unresolved.clone_from(&patch.unresolved);
     }
-
-    pub fn unresolved(&self) -> &[String] {
-        &self.unresolved
-    }
 }
 
 #[cfg(test)]
