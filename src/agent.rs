@@ -96,7 +96,7 @@ fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     prepare_data_dir(&opts.data_dir)?;
-    let store = Store::open(&store_path(&opts.data_dir)).context("open store")?;
+    let mut store = Store::open(&store_path(&opts.data_dir)).context("open store")?;
     let mode = if opts.proxy {
         Mode::Proxy
     } else {
@@ -122,12 +122,20 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let sock = socket_path(&opts.data_dir);
     let listener = bind_socket(&sock).await?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let engine = Engine::start(
-        crate::registry::sections(&opts.data_dir, &opts.host, &opts.node_id),
-        opts.engine,
-        initial,
-        tx,
-    );
+    let sections = crate::registry::sections(&opts.data_dir, &opts.host, &opts.node_id);
+    // Every reconciler is listed from the start, so that "every reconciler reports
+    // generation N" is never true of an empty list right after a push.
+    let known: Vec<String> = store
+        .statuses()?
+        .into_iter()
+        .map(|s| s.reconciler)
+        .collect();
+    for s in &sections {
+        if !known.iter().any(|k| k == s.name()) {
+            store.put_status(&ReconcilerStatus::pending(s.name()))?;
+        }
+    }
+    let engine = Engine::start(sections, opts.engine, initial, tx);
     let shared = Arc::new(Shared {
         store: Mutex::new(store),
         engine,

@@ -23,6 +23,8 @@ use tracing::{info, warn, Instrument};
 /// Coarse state of one reconciler, as reported to the operator and control plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum State {
+    /// No pass has finished yet: no document so far, or its first pass is running.
+    Pending,
     /// Host matches the document's section.
     Converged,
     /// Working on a new generation (or verifying the last apply).
@@ -56,6 +58,22 @@ pub struct ReconcilerStatus {
     /// Notes about objects that are not failures (restarts, health).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub objects: Vec<ObjectNote>,
+}
+
+impl ReconcilerStatus {
+    /// The status of a reconciler before its first pass.
+    pub fn pending(reconciler: &str) -> Self {
+        Self {
+            reconciler: reconciler.to_string(),
+            state: State::Pending,
+            message: "waiting for its first pass".into(),
+            observed_generation: None,
+            last_transition: Utc::now(),
+            last_pass: None,
+            object_errors: Vec::new(),
+            objects: Vec::new(),
+        }
+    }
 }
 
 /// Result of one pass of one reconciler.

@@ -135,6 +135,7 @@ pub fn status_text(generation: Option<u64>, statuses: &[ReconcilerStatus], color
     for s in statuses {
         let state = format!("{:?}", s.state);
         let code = match s.state {
+            State::Pending => "2",
             State::Converged => "32",
             State::Progressing => "33",
             State::Degraded => "31",

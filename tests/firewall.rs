@@ -122,6 +122,13 @@ fn published_ports_carry_traffic_and_follow_the_document() {
     let backend = host.backend(1);
     serve(&backend, 9000, "backend");
     let _agent = start_agent(&host, &[]);
+    // Before any document, every reconciler is listed as pending.
+    let before = status(&host);
+    for r in before["reconcilers"].as_array().expect("reconcilers") {
+        assert_eq!(r["state"], "Pending", "{r}");
+        assert!(r["observedGeneration"].is_null(), "{r}");
+    }
+    assert_eq!(reconciler(&before, "firewall")["state"], "Pending");
     let b4 = backend.v4.to_string();
     let b6 = backend.v6.to_string();
     let host6: IpAddr = "fd00:251:1::1".parse().expect("literal");
