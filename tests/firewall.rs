@@ -143,6 +143,14 @@ fn published_ports_carry_traffic_and_follow_the_document() {
         if with_8080 {
             p.push(json!({"protocol": "tcp", "hostPort": 8080, "target": {"address": b4, "port": 9000}}));
         }
+        // IPv6 from other hosts: on every address, and restricted to the client.
+        p.push(
+            json!({"protocol": "tcp", "hostPort": 8444, "target": {"address": b6, "port": 9000}}),
+        );
+        p.push(
+            json!({"protocol": "tcp", "hostPort": 8445, "target": {"address": b6, "port": 9000},
+                      "allowFrom": [format!("{}/128", client.address6())]}),
+        );
         json!({"publishedPorts": p})
     };
     push_ok(&host, &doc(&host, 1, ports(true)));
@@ -162,6 +170,12 @@ fn published_ports_carry_traffic_and_follow_the_document() {
     assert_eq!(tcp_get(&client, at(a, 8081)).as_deref(), Some("backend"));
     assert_eq!(tcp_get(&stranger, at(a, 8081)), None);
     assert_eq!(tcp_get(&stranger, at(a, 8080)).as_deref(), Some("backend"));
+    // IPv6 from other hosts, through prerouting and forwarding.
+    let a6 = host.address6();
+    assert_eq!(tcp_get(&client, at(a6, 8444)).as_deref(), Some("backend"));
+    assert_eq!(tcp_get(&stranger, at(a6, 8444)).as_deref(), Some("backend"));
+    assert_eq!(tcp_get(&client, at(a6, 8445)).as_deref(), Some("backend"));
+    assert_eq!(tcp_get(&stranger, at(a6, 8445)), None);
 
     // Removing a port stops its traffic and leaves the others alone.
     push_ok(&host, &doc(&host, 2, ports(false)));

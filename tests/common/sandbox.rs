@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! netns cvg-hub-<pid>             br0 ── v<seq> ─┐ (veth)
-//! netns cvg-<name>-<pid>-<seq>    eth0 10.231.0.<idx>/24 ──┘
+//! netns cvg-<name>-<pid>-<seq>    eth0 10.231.0.<idx>/24, fd00:231::<idx>/64 ──┘
 //! ```
 //!
 //! Nothing is configured in the root network namespace: both veth ends are created directly
@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -271,7 +271,7 @@ fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
 pub struct Backend {
     netns: String,
     pub v4: Ipv4Addr,
-    pub v6: std::net::Ipv6Addr,
+    pub v6: Ipv6Addr,
 }
 
 impl Backend {
@@ -383,9 +383,11 @@ impl TestNode {
             &hub,
         ]));
         let addr = format!("{}/{PREFIX_LEN}", self.address());
+        let addr6 = format!("{}/64", self.address6());
         for args in [
             &["link", "set", "lo", "up"][..],
             &["addr", "add", &addr, "dev", NODE_IFACE],
+            &["-6", "addr", "add", &addr6, "dev", NODE_IFACE, "nodad"],
             &["link", "set", NODE_IFACE, "up"],
         ] {
             must(in_ns(&self.netns, "ip").args(args));
@@ -411,6 +413,11 @@ impl TestNode {
     /// The node's address on the bridge (10.231.0.2 ..= 10.231.0.254).
     pub fn address(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 231, 0, self.index)
+    }
+
+    /// The node's IPv6 address on the bridge (fd00:231::2 ..= fd00:231::fe).
+    pub fn address6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x231, 0, 0, 0, 0, 0, u16::from(self.index))
     }
 
     /// The node's interface on the bridge, inside its namespace.
