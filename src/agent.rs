@@ -126,13 +126,16 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // Every reconciler is listed from the start, so that "every reconciler reports
     // generation N" is never true of an empty list right after a push.
     let known: Vec<String> = store
-        .statuses()?
+        .statuses()
+        .context("read statuses")?
         .into_iter()
         .map(|s| s.reconciler)
         .collect();
     for s in &sections {
         if !known.iter().any(|k| k == s.name()) {
-            store.put_status(&ReconcilerStatus::pending(s.name()))?;
+            store
+                .put_status(&ReconcilerStatus::pending(s.name()))
+                .context("save status")?;
         }
     }
     let engine = Engine::start(sections, opts.engine, initial, tx);
