@@ -138,18 +138,12 @@ impl<D: NftDriver> Reconciler for Firewall<D> {
     }
 
     fn plan(&self, spec: &FirewallSpec, observed: &Observed, facts: &Facts) -> Plan<Commit> {
-        let p = plan(spec, observed, facts);
-        if p.actions.is_empty() && observed.source.is_none() && observed.table.exists {
+        let (p, converged) = plan_and_source(spec, observed, facts);
+        if let Some(source) = converged {
             // The kernel already holds this spec's table (a restart, a drift that
             // undid itself): remember what it is built from for the next passes.
-            let unresolved = spec
-                .published_ports
-                .iter()
-                .filter(|p| ruleset::port_elements(p, facts).is_none())
-                .map(ruleset::unresolved_note)
-                .collect();
             if let Some(o) = self.cache().as_mut().filter(|o| o.genid == observed.genid) {
-                o.source = Some(Arc::new(Source::new(spec, facts, unresolved)));
+                o.source = Some(Arc::new(source));
             }
         }
         p
@@ -197,13 +191,23 @@ impl<D: NftDriver> Reconciler for Firewall<D> {
 /// element delta between the observed and the desired table when their structure
 /// matches, else a rebuild.
 pub fn plan(spec: &FirewallSpec, observed: &Observed, facts: &Facts) -> Plan<Commit> {
+    plan_and_source(spec, observed, facts).0
+}
+
+/// The plan, and what the table is built from when the whole table was planned and
+/// found converged.
+fn plan_and_source(
+    spec: &FirewallSpec,
+    observed: &Observed,
+    facts: &Facts,
+) -> (Plan<Commit>, Option<Source>) {
     let patch = observed
         .source
         .as_ref()
         .filter(|_| observed.table.exists)
         .and_then(|s| s.patch(spec, facts));
     match patch {
-        Some(patch) => plan_patch(observed.genid, patch),
+        Some(patch) => (plan_patch(observed.genid, patch), None),
         None => plan_whole(spec, observed, facts),
     }
 }
@@ -232,7 +236,11 @@ fn plan_patch(genid: u32, patch: Patch) -> Plan<Commit> {
     }
 }
 
-fn plan_whole(spec: &FirewallSpec, observed: &Observed, facts: &Facts) -> Plan<Commit> {
+fn plan_whole(
+    spec: &FirewallSpec,
+    observed: &Observed,
+    facts: &Facts,
+) -> (Plan<Commit>, Option<Source>) {
     let desired = ruleset::desired(spec, facts);
     warn_unresolved(&desired.unresolved);
     let have = &observed.table;
@@ -264,28 +272,28 @@ fn plan_whole(spec: &FirewallSpec, observed: &Observed, facts: &Facts) -> Plan<C
     } else {
         delta_messages(&delta)
     };
-    if messages.is_empty() {
-        return Plan {
-            changes,
-            actions: Vec::new(),
-        };
-    }
     let Desired {
         snapshot,
         unresolved,
         ..
     } = desired;
-    Plan {
+    let source = Source::new(spec, facts, unresolved);
+    if messages.is_empty() {
+        let plan = Plan {
+            changes,
+            actions: Vec::new(),
+        };
+        return (plan, Some(source));
+    }
+    let plan = Plan {
         changes,
         actions: vec![Commit {
             genid: observed.genid,
             messages,
-            then: Then::Table(
-                Arc::new(snapshot),
-                Arc::new(Source::new(spec, facts, unresolved)),
-            ),
+            then: Then::Table(Arc::new(snapshot), Arc::new(source)),
         }],
-    }
+    };
+    (plan, None)
 }
 
 /// Appends the changes that turn `old` into `new`, elements of one set.

@@ -271,13 +271,7 @@ impl Snapshot {
     /// The table after `changes` are committed.
     pub fn apply(&mut self, changes: &[ElementChange]) {
         for c in changes {
-            if !self.elements.contains_key(c.set.name) {
-                self.elements
-                    .insert(c.set.name.to_string(), Elements::new());
-            }
-            let Some(set) = self.elements.get_mut(c.set.name) else {
-                continue;
-            };
+            let set = self.elements.entry(c.set.name.to_string()).or_default();
             match &c.new {
                 Some(data) => set.insert(c.key.clone(), data.clone()),
                 None => set.remove(&c.key),
