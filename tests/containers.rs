@@ -136,8 +136,9 @@ fn wait_converged(node: &TestNode, generation: u64, within: Duration) {
         &format!("converged at generation {generation}"),
         || {
             let s = status(node);
-            // Every section of the document has reported (right after a push the list
-            // can still be empty, and `all` of nothing is true).
+            // The agent lists every reconciler from start (Pending); naming the
+            // document's sections keeps `all` from passing on an empty list should it
+            // ever stop doing so.
             s["reconcilers"].as_array().is_some_and(|rs| {
                 ["containers", "dns", "firewall"]
                     .iter()

@@ -368,20 +368,7 @@ impl TestNode {
     fn setup(&self) {
         let hub = hub_netns();
         must(&mut ip(&["netns", "add", &self.netns]));
-        must(&mut ip(&[
-            "link",
-            "add",
-            NODE_IFACE,
-            "netns",
-            &self.netns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &self.hub_veth,
-            "netns",
-            &hub,
-        ]));
+        veth_pair((NODE_IFACE, &self.netns), (&self.hub_veth, &hub));
         let addr = format!("{}/{PREFIX_LEN}", self.address());
         let addr6 = format!("{}/64", self.address6());
         for args in [
@@ -507,20 +494,7 @@ impl TestNode {
             v4: Ipv4Addr::new(10, 251, n, 2),
             v6: format!("fd00:251:{n}::2").parse().expect("v6 literal"),
         };
-        must(&mut ip(&[
-            "link",
-            "add",
-            &here,
-            "netns",
-            &self.netns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns,
-        ]));
+        veth_pair((&here, &self.netns), ("eth0", &netns));
         let v4_here = format!("10.251.{n}.1/30");
         let v6_here = format!("fd00:251:{n}::1/64");
         for args in [
@@ -596,6 +570,13 @@ impl std::ops::DerefMut for Spawned {
     fn deref_mut(&mut self) -> &mut Child {
         &mut self.0
     }
+}
+
+/// A veth pair with each end created directly in its namespace: `(name, netns)`.
+fn veth_pair(a: (&str, &str), b: (&str, &str)) {
+    must(&mut ip(&[
+        "link", "add", a.0, "netns", a.1, "type", "veth", "peer", "name", b.0, "netns", b.1,
+    ]));
 }
 
 fn create_hub() {
