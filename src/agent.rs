@@ -3,7 +3,8 @@
 //! control-plane client lands.
 
 use crate::document::{self, Document, Format, Mode};
-use crate::engine::{Engine, EngineConfig, ReconcilerStatus, Report};
+use crate::engine::{Engine, EngineConfig, Report};
+use crate::status::ReconcilerStatus;
 use crate::store::{Store, StoreError};
 use anyhow::Context;
 use converge_core::Problems;

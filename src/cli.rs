@@ -3,9 +3,8 @@
 
 use crate::agent::{self, AgentOptions, Request};
 use crate::document::{self, Document, Format, Mode};
-use crate::engine::{
-    journal, object_errors, run_once, EngineConfig, PassResult, ReconcilerStatus, State,
-};
+use crate::engine::{journal, run_once, EngineConfig, PassResult};
+use crate::status::{self, Failures, ReconcilerStatus, State};
 use crate::output::{self, OutputFormat};
 use crate::registry::{self, HostOptions};
 use crate::store::Store;
@@ -310,9 +309,10 @@ async fn apply(
                 "no section in the document".to_string(),
                 vec![],
             ),
-            (PassResult::Failed(e), _) => (State::Degraded, e.clone(), vec![]),
+            (PassResult::Failed { error, .. }, _) => (State::Degraded, error.clone(), vec![]),
+            // One shot: nothing retries later, so any failure counts.
             (PassResult::Ran { outcomes, .. }, _) if outcomes.iter().any(|o| o.error.is_some()) => {
-                let errors = object_errors(outcomes);
+                let errors = Failures::of(outcomes).all();
                 let msg = format!("{} of {} actions failed", errors.len(), outcomes.len());
                 (State::Degraded, msg, errors)
             }
@@ -321,7 +321,9 @@ async fn apply(
                 format!("{} changes remain after apply", changes.len()),
                 vec![],
             ),
-            (_, Some(PassResult::Failed(e))) => (State::Degraded, format!("verify: {e}"), vec![]),
+            (_, Some(PassResult::Failed { error, .. })) => {
+                (State::Degraded, format!("verify: {error}"), vec![])
+            }
             _ => (
                 State::Converged,
                 "host matches the document".to_string(),
@@ -339,7 +341,12 @@ async fn apply(
             observed_generation: Some(generation),
             last_transition: now,
             last_pass: Some(now),
+            reason: Some(status::Reason::Document),
             object_errors: errors,
+            waiting: match verify.get(name) {
+                Some(PassResult::Ran { waiting, .. }) => status::waiting(waiting),
+                _ => Vec::new(),
+            },
             objects: match verify.get(name) {
                 Some(PassResult::Ran { notes, .. }) => notes.clone(),
                 _ => Vec::new(),

@@ -1,18 +1,22 @@
 //! The reconcile engine: one isolated tokio task per reconciler, kube-runtime style.
 //!
 //! Triggers: a new document, a change in the shared observed facts (for reconcilers
-//! that watch them), host events, a jittered periodic resync (drift repair) and
-//! backoff retries. A task runs one pass at a time (single flight); documents that
-//! arrive meanwhile coalesce in a `watch` channel, so only the newest is applied next.
-//! Each pass runs in its own spawned task, so a panic is contained and reported.
+//! that watch them), host events, a jittered periodic resync (drift repair), the
+//! wake-ups a pass asks for (`Plan::requeue_after`, waiting objects, objects failing on
+//! their own delay) and retries (soon for transient errors, back-off otherwise). A task
+//! runs one pass at a time (single flight); documents that arrive meanwhile coalesce in
+//! a `watch` channel, so only the newest is applied next. Each pass runs in its own
+//! spawned task, so a panic is contained and reported.
 
 use crate::document::Document;
-use chrono::{DateTime, Utc};
-use converge_core::{Change, Facts, FactsUpdate, ObjectNote, ObjectOutcome, Reconciler};
+use crate::status::{self, Failures, ObjectError, Reason, ReconcilerStatus, State};
+use chrono::Utc;
+use converge_core::{
+    Change, Facts, FactsUpdate, HostEvent, ObjectNote, ObjectOutcome, Reconciler, Waiting,
+};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,77 +24,34 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
-/// Coarse state of one reconciler, as reported to the operator and control plane.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum State {
-    /// No pass has finished yet: no document so far, or its first pass is running.
-    Pending,
-    /// Host matches the document's section.
-    Converged,
-    /// Working on a new generation (or verifying the last apply).
-    Progressing,
-    /// The last pass failed or some objects could not be converged; retrying.
-    Degraded,
-    /// The document has no section for this reconciler: nothing is managed.
-    Unmanaged,
-}
-
-/// One object the last pass could not converge.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ObjectError {
-    pub object: String,
-    pub error: String,
-}
-
-/// Status of one reconciler.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReconcilerStatus {
-    pub reconciler: String,
-    pub state: State,
-    pub message: String,
-    /// Generation of the document the last completed pass worked from.
-    pub observed_generation: Option<u64>,
-    pub last_transition: DateTime<Utc>,
-    pub last_pass: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub object_errors: Vec<ObjectError>,
-    /// Notes about objects that are not failures (restarts, health).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub objects: Vec<ObjectNote>,
-}
-
-impl ReconcilerStatus {
-    /// The status of a reconciler before its first pass.
-    pub fn pending(reconciler: &str) -> Self {
-        Self {
-            reconciler: reconciler.to_string(),
-            state: State::Pending,
-            message: "waiting for its first pass".into(),
-            observed_generation: None,
-            last_transition: Utc::now(),
-            last_pass: None,
-            object_errors: Vec::new(),
-            objects: Vec::new(),
-        }
-    }
-}
-
 /// Result of one pass of one reconciler.
 #[derive(Debug)]
 pub enum PassResult {
     /// The document has no section for this reconciler.
     Unmanaged,
-    /// The pass ran: planned `changes`; `outcomes` of the applied actions (empty on a
-    /// dry run or an empty plan); facts to publish.
+    /// The pass ran: planned `changes` and `waiting` objects; `outcomes` of the applied
+    /// actions (empty on a dry run or an empty plan); facts to publish; when the
+    /// reconciler wants its next pass.
     Ran {
         changes: Vec<Change>,
+        waiting: Vec<Waiting>,
         outcomes: Vec<ObjectOutcome>,
         facts: Option<FactsUpdate>,
         notes: Vec<ObjectNote>,
+        requeue_after: Option<Duration>,
     },
     /// Observing the host failed (or the pass panicked / timed out): nothing applied.
-    Failed(String),
+    /// `transient` failures are retried soon without Degraded.
+    Failed { error: String, transient: bool },
+}
+
+impl PassResult {
+    fn failed(error: String) -> Self {
+        PassResult::Failed {
+            error,
+            transient: false,
+        }
+    }
 }
 
 /// A reconciler bound to its section of the document, with its types erased so the
@@ -98,7 +59,7 @@ pub enum PassResult {
 pub trait Section: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn watches_facts(&self) -> bool;
-    fn host_events(&self) -> Option<BoxStream<'static, ()>>;
+    fn host_events(&self) -> Option<BoxStream<'static, HostEvent>>;
     fn pass(
         &self,
         doc: Arc<Document>,
@@ -135,7 +96,7 @@ impl<R: Reconciler> Section for Bound<R> {
         self.reconciler.watches_facts()
     }
 
-    fn host_events(&self) -> Option<BoxStream<'static, ()>> {
+    fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
         self.reconciler.host_events()
     }
 
@@ -161,38 +122,41 @@ impl<R: Reconciler> Section for Bound<R> {
                 };
                 let observed = match tokio::time::timeout(observe_timeout, r.observe(spec)).await {
                     Ok(Ok(o)) => o,
-                    Ok(Err(e)) => return PassResult::Failed(format!("observe: {e}")),
+                    Ok(Err(e)) => {
+                        return PassResult::Failed {
+                            transient: e.retry() == converge_core::Retry::Soon,
+                            error: format!("observe: {e}"),
+                        }
+                    }
                     Err(_) => {
-                        return PassResult::Failed(format!(
+                        return PassResult::failed(format!(
                             "observe timed out after {observe_timeout:?}"
                         ))
                     }
                 };
                 let published = r.publish(&observed);
                 let notes = r.notes(&observed);
-                let plan = r.plan(spec, &observed, &facts);
+                let mut plan = r.plan(spec, &observed, &facts);
                 // Released before apply: a reconciler may update its cached view of the
                 // host in place once no pass holds it.
                 drop(observed);
                 let changes = plan.changes.clone();
+                let requeue_after = plan.wake_after();
+                let waiting = std::mem::take(&mut plan.waiting);
+                let ran = |outcomes| PassResult::Ran {
+                    changes,
+                    waiting,
+                    outcomes,
+                    facts: published,
+                    notes,
+                    requeue_after,
+                };
                 if dry_run || plan.is_empty() {
-                    return PassResult::Ran {
-                        changes,
-                        outcomes: Vec::new(),
-                        facts: published,
-                        notes,
-                    };
+                    return ran(Vec::new());
                 }
-                match tokio::time::timeout(apply_timeout, r.apply(spec, plan)).await {
-                    Ok(outcomes) => PassResult::Ran {
-                        changes,
-                        outcomes,
-                        facts: published,
-                        notes,
-                    },
-                    Err(_) => {
-                        PassResult::Failed(format!("apply timed out after {apply_timeout:?}"))
-                    }
+                match tokio::time::timeout(apply_timeout, r.apply(plan)).await {
+                    Ok(outcomes) => ran(outcomes),
+                    Err(_) => PassResult::failed(format!("apply timed out after {apply_timeout:?}")),
                 }
             }
             .instrument(span),
@@ -212,6 +176,10 @@ pub struct EngineConfig {
     /// Passes in a row that still find changes right after applying before the
     /// reconciler is reported Degraded (something else keeps changing the host).
     pub max_verify_passes: u32,
+    /// Delay before retrying a transient failure (jittered to [0.5, 1]×).
+    pub transient_retry: Duration,
+    /// Transient failures in a row before they count as real ones (Degraded, back-off).
+    pub max_transient_retries: u32,
 }
 
 impl Default for EngineConfig {
@@ -222,6 +190,8 @@ impl Default for EngineConfig {
             backoff_max: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(20),
             max_verify_passes: 3,
+            transient_retry: Duration::from_millis(200),
+            max_transient_retries: 5,
         }
     }
 }
@@ -351,32 +321,61 @@ struct Worker {
     notes: Vec<ObjectNote>,
 }
 
+/// The timers and counters of one worker between passes.
+struct Schedule {
+    backoff: Backoff,
+    /// Retry after a failure (back-off or transient).
+    retry_at: Option<Instant>,
+    /// The wake-up the last pass asked for.
+    requeue_at: Option<Instant>,
+    next_resync: Instant,
+    verify_passes: u32,
+    transient_streak: u32,
+}
+
+/// How a pass ended, for the status and the next wake-up.
+struct Verdict {
+    state: State,
+    message: String,
+    errors: Vec<ObjectError>,
+    /// Run again at once (verify an apply).
+    again: bool,
+}
+
 impl Worker {
     async fn run(mut self) {
-        let mut backoff = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max);
+        let mut sched = Schedule {
+            backoff: Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max),
+            retry_at: None,
+            requeue_at: None,
+            next_resync: Instant::now() + jittered(self.cfg.resync),
+            verify_passes: 0,
+            transient_streak: 0,
+        };
         let mut events = self.section.host_events();
         let watches = self.section.watches_facts();
-        let mut retry_at: Option<Instant> = None;
-        let mut verify_passes = 0u32;
-        let mut next_resync = Instant::now() + jittered(self.cfg.resync);
         // A document present at start-up is applied at once.
-        let mut triggered = self.docs.borrow().is_some();
+        let mut next = self.docs.borrow().is_some().then_some(Reason::Document);
         loop {
-            if !triggered {
-                let far = Instant::now() + Duration::from_secs(86_400);
-                tokio::select! {
-                    _ = self.shutdown.changed() => return,
-                    r = self.docs.changed() => if r.is_err() { return },
-                    r = self.facts_rx.changed(), if watches => if r.is_err() { return },
-                    Some(()) = async { match events.as_mut() { Some(e) => e.next().await, None => None } }, if events.is_some() => {
-                        // One pass for a burst of events.
-                        while let Some(Some(())) = events.as_mut().and_then(|e| e.next().now_or_never()) {}
-                    },
-                    _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => {},
-                    _ = tokio::time::sleep_until(next_resync) => {},
+            let reason = match next.take() {
+                Some(r) => r,
+                None => {
+                    let far = Instant::now() + Duration::from_secs(86_400);
+                    tokio::select! {
+                        _ = self.shutdown.changed() => return,
+                        r = self.docs.changed() => if r.is_err() { return } else { Reason::Document },
+                        r = self.facts_rx.changed(), if watches => if r.is_err() { return } else { Reason::Facts },
+                        Some(HostEvent(object)) = async { match events.as_mut() { Some(e) => e.next().await, None => None } }, if events.is_some() => {
+                            // One pass for a burst of events.
+                            while let Some(Some(_)) = events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                            Reason::HostEvent(object)
+                        },
+                        _ = tokio::time::sleep_until(sched.retry_at.unwrap_or(far)), if sched.retry_at.is_some() => Reason::Retry,
+                        _ = tokio::time::sleep_until(sched.requeue_at.unwrap_or(far)), if sched.requeue_at.is_some() => Reason::Requeue,
+                        _ = tokio::time::sleep_until(sched.next_resync) => Reason::Resync,
+                    }
                 }
-            }
-            triggered = false;
+            };
             if *self.shutdown.borrow() {
                 return;
             }
@@ -384,20 +383,21 @@ impl Worker {
                 continue;
             };
             let facts = self.facts_rx.borrow_and_update().clone();
-            retry_at = None;
-            next_resync = Instant::now() + jittered(self.cfg.resync);
+            sched.retry_at = None;
+            sched.requeue_at = None;
+            sched.next_resync = Instant::now() + jittered(self.cfg.resync);
 
             let generation = doc.generation;
             if self.status.as_ref().and_then(|s| s.observed_generation) != Some(generation) {
-                self.report(
-                    State::Progressing,
-                    format!("applying generation {generation}"),
-                    None,
-                    Vec::new(),
-                    Vec::new(),
-                );
+                let progressing = Verdict {
+                    state: State::Progressing,
+                    message: format!("applying generation {generation}"),
+                    errors: Vec::new(),
+                    again: false,
+                };
+                self.report(progressing, None, &reason, Vec::new(), Vec::new());
             }
-            let span = tracing::info_span!("pass", generation);
+            let span = tracing::info_span!("pass", generation, reason = %reason);
             // The pass is created inside its own task too, so even a panic while
             // building the future is contained.
             let section = self.section.clone();
@@ -417,124 +417,166 @@ impl Worker {
             let result = match result {
                 Ok(r) => r,
                 Err(e) if e.is_panic() => {
-                    PassResult::Failed(format!("reconciler panicked: {}", panic_message(e)))
+                    PassResult::failed(format!("reconciler panicked: {}", panic_message(e)))
                 }
-                Err(e) => PassResult::Failed(format!("pass aborted: {e}")),
+                Err(e) => PassResult::failed(format!("pass aborted: {e}")),
             };
-            match result {
-                PassResult::Unmanaged => {
-                    backoff.reset();
-                    verify_passes = 0;
-                    self.report(
-                        State::Unmanaged,
-                        "no section in the document: nothing managed".into(),
-                        Some(generation),
-                        Vec::new(),
-                        Vec::new(),
+            let (verdict, waiting, journal) = self.judge(result, &mut sched);
+            // Verify an apply at once, whatever else is scheduled.
+            next = verdict.again.then_some(Reason::Verify);
+            self.report(verdict, Some(generation), &reason, waiting, journal);
+        }
+    }
+
+    /// Decides the status and the next wake-up from a pass's result.
+    fn judge(
+        &mut self,
+        result: PassResult,
+        sched: &mut Schedule,
+    ) -> (Verdict, Vec<ObjectError>, Vec<(String, String)>) {
+        let now = Instant::now();
+        let verdict = |state, message: String, errors| Verdict {
+            state,
+            message,
+            errors,
+            again: false,
+        };
+        match result {
+            PassResult::Unmanaged => {
+                sched.backoff.reset();
+                sched.verify_passes = 0;
+                sched.transient_streak = 0;
+                let msg = "no section in the document: nothing managed".to_string();
+                (verdict(State::Unmanaged, msg, Vec::new()), Vec::new(), Vec::new())
+            }
+            PassResult::Failed { error, transient } => {
+                let journal = vec![("*".to_string(), error.clone())];
+                if transient && self.transient(sched) {
+                    warn!(error = %error, "pass failed (transient), retrying soon");
+                    let msg = format!("retrying: {error}");
+                    return (verdict(State::Progressing, msg, Vec::new()), Vec::new(), journal);
+                }
+                let delay = sched.backoff.next_delay();
+                warn!(error = %error, retry_in = ?delay, "pass failed");
+                sched.retry_at = Some(now + delay);
+                (verdict(State::Degraded, error, Vec::new()), Vec::new(), journal)
+            }
+            PassResult::Ran {
+                changes,
+                waiting,
+                outcomes,
+                facts,
+                notes,
+                requeue_after,
+            } => {
+                self.notes = notes;
+                if let Some(update) = facts {
+                    self.facts_tx
+                        .send_if_modified(|f| Arc::make_mut(f).merge(update));
+                }
+                let failures = Failures::of(&outcomes);
+                let journal = journal(&changes, &failures.all());
+                let waiting = status::waiting(&waiting);
+                // Wake-ups the reconciler asked for: the plan's, and objects failing on
+                // their own delay.
+                sched.requeue_at = converge_core::earliest(requeue_after, failures.later_after)
+                    .map(|d| now + d);
+                if !failures.backoff.is_empty() {
+                    let delay = sched.backoff.next_delay();
+                    warn!(failed = failures.backoff.len(), retry_in = ?delay, "some objects failed");
+                    sched.retry_at = Some(now + delay);
+                    let msg = format!(
+                        "{} of {} actions failed",
+                        failures.backoff.len(),
+                        outcomes.len()
+                    );
+                    return (verdict(State::Degraded, msg, failures.all()), waiting, journal);
+                }
+                if !failures.soon.is_empty() && self.transient(sched) {
+                    let msg = format!("retrying {} transient failures", failures.soon.len());
+                    return (
+                        verdict(State::Progressing, msg, failures.all()),
+                        waiting,
+                        journal,
                     );
                 }
-                PassResult::Failed(msg) => {
-                    let delay = backoff.next_delay();
-                    warn!(error = %msg, retry_in = ?delay, "pass failed");
-                    retry_at = Some(Instant::now() + delay);
-                    self.report(
-                        State::Degraded,
-                        msg.clone(),
-                        Some(generation),
-                        Vec::new(),
-                        vec![("*".into(), msg)],
-                    );
-                }
-                PassResult::Ran {
-                    changes,
-                    outcomes,
-                    facts,
-                    notes,
-                } => {
-                    self.notes = notes;
-                    if let Some(update) = facts {
-                        self.facts_tx
-                            .send_if_modified(|f| Arc::make_mut(f).merge(update));
+                sched.transient_streak = 0;
+                if !changes.is_empty() {
+                    // Applied: re-observe at once to verify (and publish fresh facts).
+                    sched.verify_passes += 1;
+                    if sched.verify_passes > self.cfg.max_verify_passes {
+                        sched.retry_at = Some(now + sched.backoff.next_delay());
+                        let msg = format!("still {} changes after {} applies: something else keeps changing the host", changes.len(), sched.verify_passes - 1);
+                        return (verdict(State::Degraded, msg, failures.all()), waiting, journal);
                     }
-                    let errors = object_errors(&outcomes);
-                    let journal = journal(&changes, &errors);
-                    if !errors.is_empty() {
-                        let delay = backoff.next_delay();
-                        warn!(failed = errors.len(), retry_in = ?delay, "some objects failed");
-                        retry_at = Some(Instant::now() + delay);
-                        let msg = format!("{} of {} actions failed", errors.len(), outcomes.len());
-                        self.report(State::Degraded, msg, Some(generation), errors, journal);
-                    } else if !changes.is_empty() {
-                        // Applied: re-observe at once to verify (and publish fresh facts).
-                        verify_passes += 1;
-                        if verify_passes > self.cfg.max_verify_passes {
-                            let delay = backoff.next_delay();
-                            retry_at = Some(Instant::now() + delay);
-                            let msg = format!("still {} changes after {} applies: something else keeps changing the host", changes.len(), verify_passes - 1);
-                            self.report(
-                                State::Degraded,
-                                msg,
-                                Some(generation),
-                                Vec::new(),
-                                journal,
-                            );
-                        } else {
-                            info!(changes = changes.len(), "applied");
-                            triggered = true;
-                            self.report(
-                                State::Progressing,
-                                format!("applied {} changes, verifying", changes.len()),
-                                Some(generation),
-                                Vec::new(),
-                                journal,
-                            );
-                        }
-                    } else {
-                        backoff.reset();
-                        verify_passes = 0;
-                        self.report(
-                            State::Converged,
-                            "host matches the document".into(),
-                            Some(generation),
-                            Vec::new(),
-                            Vec::new(),
-                        );
-                    }
+                    info!(changes = changes.len(), "applied");
+                    let msg = format!("applied {} changes, verifying", changes.len());
+                    let mut v = verdict(State::Progressing, msg, failures.all());
+                    v.again = true;
+                    return (v, waiting, journal);
                 }
+                sched.backoff.reset();
+                sched.verify_passes = 0;
+                if !failures.later.is_empty() {
+                    let msg = format!("{} objects failing, each retried on its own delay", failures.later.len());
+                    return (verdict(State::Progressing, msg, failures.all()), waiting, journal);
+                }
+                let msg = if waiting.is_empty() {
+                    "host matches the document".to_string()
+                } else {
+                    format!("host matches the document; {} objects waiting", waiting.len())
+                };
+                (verdict(State::Converged, msg, Vec::new()), waiting, journal)
             }
         }
+    }
+
+    /// Counts a transient failure: schedules a quick retry and returns true, or
+    /// returns false once too many came in a row (then it is treated as a real one).
+    fn transient(&self, sched: &mut Schedule) -> bool {
+        sched.transient_streak += 1;
+        if sched.transient_streak > self.cfg.max_transient_retries {
+            return false;
+        }
+        let delay = self.cfg.transient_retry.mul_f64(0.5 + fastrand::f64() * 0.5);
+        sched.retry_at = Some(Instant::now() + delay);
+        true
     }
 
     /// Updates the status; sends a report when anything but the pass time changed.
     fn report(
         &mut self,
-        state: State,
-        message: String,
+        verdict: Verdict,
         generation: Option<u64>,
-        object_errors: Vec<ObjectError>,
+        reason: &Reason,
+        waiting: Vec<ObjectError>,
         journal: Vec<(String, String)>,
     ) {
         let now = Utc::now();
         let prev = self.status.take();
         let last_transition = match &prev {
-            Some(p) if p.state == state => p.last_transition,
+            Some(p) if p.state == verdict.state => p.last_transition,
             _ => now,
         };
         let status = ReconcilerStatus {
             reconciler: self.section.name().to_string(),
-            state,
-            message,
+            state: verdict.state,
+            message: verdict.message,
             observed_generation: generation.or(prev.as_ref().and_then(|p| p.observed_generation)),
             last_transition,
             last_pass: Some(now),
-            object_errors,
+            reason: Some(reason.clone()),
+            object_errors: verdict.errors,
+            waiting,
             objects: self.notes.clone(),
         };
         let unchanged = prev.as_ref().is_some_and(|p| {
             p.state == status.state
+                && p.reason == status.reason
                 && p.message == status.message
                 && p.observed_generation == status.observed_generation
                 && p.object_errors == status.object_errors
+                && p.waiting == status.waiting
                 && p.objects == status.objects
         });
         if !unchanged || !journal.is_empty() {
@@ -545,19 +587,6 @@ impl Worker {
         }
         self.status = Some(status);
     }
-}
-
-/// Per-object failures among a pass's outcomes.
-pub fn object_errors(outcomes: &[ObjectOutcome]) -> Vec<ObjectError> {
-    outcomes
-        .iter()
-        .filter_map(|o| {
-            o.error.as_ref().map(|e| ObjectError {
-                object: o.object.clone(),
-                error: e.clone(),
-            })
-        })
-        .collect()
 }
 
 /// Journal entries of a pass: one per planned change, one per failed object.
@@ -629,9 +658,9 @@ async fn isolated(
     match tokio::spawn(fut).await {
         Ok(r) => r,
         Err(e) if e.is_panic() => {
-            PassResult::Failed(format!("reconciler panicked: {}", panic_message(e)))
+            PassResult::failed(format!("reconciler panicked: {}", panic_message(e)))
         }
-        Err(e) => PassResult::Failed(format!("pass aborted: {e}")),
+        Err(e) => PassResult::failed(format!("pass aborted: {e}")),
     }
 }
 

@@ -11,5 +11,6 @@ pub mod memory;
 pub mod output;
 pub mod registry;
 pub mod schema;
+pub mod status;
 pub mod store;
 pub mod validate;

@@ -1,6 +1,7 @@
 //! Human and JSON rendering of validation problems, plans and statuses.
 
-use crate::engine::{PassResult, ReconcilerStatus, State};
+use crate::engine::PassResult;
+use crate::status::{ReconcilerStatus, State};
 use converge_core::{Change, Op, Problems};
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -36,23 +37,27 @@ pub fn plan_text(
     color: bool,
 ) -> String {
     let mut out = String::new();
-    let (mut add, mut change, mut remove) = (0, 0, 0);
+    let (mut add, mut change, mut remove, mut pending) = (0, 0, 0, 0);
     for (name, r) in results {
         match r {
             PassResult::Unmanaged => {
                 let _ = writeln!(out, "{name}: not in the document (left alone)");
             }
-            PassResult::Failed(e) => {
+            PassResult::Failed { error, .. } => {
                 let _ = writeln!(
                     out,
                     "{name}: {}",
-                    paint(color, "31", &format!("error: {e}"))
+                    paint(color, "31", &format!("error: {error}"))
                 );
             }
-            PassResult::Ran { changes, .. } if changes.is_empty() => {
+            PassResult::Ran {
+                changes, waiting, ..
+            } if changes.is_empty() && waiting.is_empty() => {
                 let _ = writeln!(out, "{name}: no changes");
             }
-            PassResult::Ran { changes, .. } => {
+            PassResult::Ran {
+                changes, waiting, ..
+            } => {
                 let _ = writeln!(out, "{name}:");
                 for c in changes {
                     match c.op {
@@ -61,6 +66,10 @@ pub fn plan_text(
                         Op::Delete => remove += 1,
                     }
                     write_change(&mut out, c, color);
+                }
+                for w in waiting {
+                    pending += 1;
+                    let _ = writeln!(out, "  {}", paint(color, "2", &w.to_string()));
                 }
             }
         }
@@ -71,10 +80,14 @@ pub fn plan_text(
             "{name}: section validated; its reconciler is not part of this build yet"
         );
     }
-    let _ = writeln!(
+    let _ = write!(
         out,
-        "\nPlan: {add} to add, {change} to change, {remove} to remove."
+        "\nPlan: {add} to add, {change} to change, {remove} to remove"
     );
+    if pending > 0 {
+        let _ = write!(out, "; {pending} waiting");
+    }
+    let _ = writeln!(out, ".");
     out
 }
 
@@ -102,11 +115,16 @@ pub fn plan_json(results: &BTreeMap<&'static str, PassResult>) -> serde_json::Va
     for (name, r) in results {
         let v = match r {
             PassResult::Unmanaged => serde_json::json!({"managed": false}),
-            PassResult::Failed(e) => serde_json::json!({"managed": true, "error": e}),
+            PassResult::Failed { error, .. } => {
+                serde_json::json!({"managed": true, "error": error})
+            }
             PassResult::Ran {
-                changes, outcomes, ..
+                changes,
+                waiting,
+                outcomes,
+                ..
             } => {
-                serde_json::json!({"managed": true, "changes": changes, "outcomes": outcomes})
+                serde_json::json!({"managed": true, "changes": changes, "waiting": waiting, "outcomes": outcomes})
             }
         };
         m.insert((*name).to_string(), v);
@@ -163,6 +181,9 @@ pub fn status_text(generation: Option<u64>, statuses: &[ReconcilerStatus], color
                 e.object,
                 e.error
             );
+        }
+        for w in &s.waiting {
+            let _ = writeln!(out, "  {} {}: {}", paint(color, "2", "…"), w.object, w.error);
         }
     }
     out

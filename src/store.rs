@@ -1,7 +1,7 @@
 //! Durable agent state in SQLite (WAL): documents by generation, the last good one,
 //! per-reconciler status, and an event journal. Migrations use `PRAGMA user_version`.
 
-use crate::engine::ReconcilerStatus;
+use crate::status::ReconcilerStatus;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 

@@ -1,5 +1,5 @@
 //! Engine tests with scripted sections and paused tokio time: isolation, coalescing,
-//! backoff, the facts hand-off and shutdown.
+//! backoff, requested wake-ups, error classes, the facts hand-off and shutdown.
 
 use super::*;
 use crate::document::{ApiVersion, Mode, Node};
@@ -58,7 +58,7 @@ impl Section for Scripted {
     fn watches_facts(&self) -> bool {
         self.watches
     }
-    fn host_events(&self) -> Option<BoxStream<'static, ()>> {
+    fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
         None
     }
     fn pass(
@@ -81,13 +81,23 @@ impl Section for Scripted {
     }
 }
 
-fn converged() -> PassResult {
+fn ran(changes: Vec<Change>, outcomes: Vec<ObjectOutcome>) -> PassResult {
     PassResult::Ran {
-        changes: vec![],
-        outcomes: vec![],
+        changes,
+        waiting: vec![],
+        outcomes,
         facts: None,
         notes: vec![],
+        requeue_after: None,
     }
+}
+
+fn converged() -> PassResult {
+    ran(vec![], vec![])
+}
+
+fn thing(id: &str) -> Change {
+    Change::new(converge_core::Op::Create, "thing", id)
 }
 
 fn cfg() -> EngineConfig {
@@ -135,18 +145,13 @@ async fn a_panicking_reconciler_does_not_block_another() {
 async fn one_failing_object_degrades_but_others_are_reported_applied() {
     let s = Scripted::new("objs", |_, _, n| {
         if n == 1 {
-            PassResult::Ran {
-                changes: vec![
-                    Change::new(converge_core::Op::Create, "thing", "a"),
-                    Change::new(converge_core::Op::Create, "thing", "b"),
-                ],
-                outcomes: vec![
+            ran(
+                vec![thing("a"), thing("b")],
+                vec![
                     ObjectOutcome::ok("thing a"),
                     ObjectOutcome::failed("thing b", "no space"),
                 ],
-                facts: None,
-                notes: vec![],
-            }
+            )
         } else {
             converged()
         }
@@ -158,7 +163,8 @@ async fn one_failing_object_degrades_but_others_are_reported_applied() {
         st.object_errors,
         vec![ObjectError {
             object: "thing b".into(),
-            error: "no space".into()
+            error: "no space".into(),
+            retry_in_secs: None,
         }]
     );
     // The backoff retry converges it.
@@ -200,10 +206,8 @@ async fn published_facts_trigger_watchers() {
             },
         );
         PassResult::Ran {
-            changes: vec![],
-            outcomes: vec![],
             facts: Some(FactsUpdate::Containers(c)),
-            notes: vec![],
+            ..converged()
         }
     });
     let mut watcher = Scripted::new("dns", |_, _, _| converged());
@@ -261,7 +265,7 @@ async fn shutdown_lets_the_in_flight_pass_finish() {
         fn watches_facts(&self) -> bool {
             false
         }
-        fn host_events(&self) -> Option<BoxStream<'static, ()>> {
+        fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
             None
         }
         fn pass(&self, _: Arc<Document>, _: Arc<Facts>, _: bool) -> BoxFuture<'static, PassResult> {
@@ -278,6 +282,202 @@ async fn shutdown_lets_the_in_flight_pass_finish() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     engine.shutdown().await;
     assert!(*finished.lock().unwrap());
+}
+
+/// Times of the passes so far, in seconds since the section was made.
+fn pass_times(times: &Arc<Mutex<Vec<f64>>>) -> Vec<f64> {
+    times.lock().unwrap().clone()
+}
+
+/// A scripted section that also records when each pass ran (paused clock).
+fn timed(
+    name: &'static str,
+    behaviour: impl Fn(usize) -> PassResult + Send + Sync + 'static,
+) -> (Scripted, Arc<Mutex<Vec<f64>>>) {
+    let t0 = Instant::now();
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let t = times.clone();
+    let s = Scripted::new(name, move |_, _, n| {
+        t.lock()
+            .unwrap()
+            .push((Instant::now() - t0).as_secs_f64());
+        behaviour(n)
+    });
+    (s, times)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_requested_wake_up_fires_at_its_time() {
+    let (s, times) = timed("sched", |_| PassResult::Ran {
+        requeue_after: Some(Duration::from_secs(7)),
+        ..converged()
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
+    let st = last_state(&mut rx, "sched", State::Converged).await;
+    assert_eq!(st.reason, Some(Reason::Document));
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    let t = pass_times(&times);
+    // At 0, 7, 14, 21 s: before the 60 s resync, exactly on time.
+    assert_eq!(t.len(), 4, "{t:?}");
+    for (i, at) in t.iter().enumerate() {
+        assert!((at - 7.0 * i as f64).abs() < 0.01, "{t:?}");
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_earlier_trigger_runs_before_a_requested_wake_up() {
+    let (s, times) = timed("sched", |_| PassResult::Ran {
+        requeue_after: Some(Duration::from_secs(30)),
+        ..converged()
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
+    last_state(&mut rx, "sched", State::Converged).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    engine.push(doc(2));
+    let st = last_state(&mut rx, "sched", State::Converged).await;
+    assert_eq!(st.observed_generation, Some(2));
+    assert_eq!(st.reason, Some(Reason::Document));
+    tokio::time::sleep(Duration::from_secs(36)).await;
+    let t = pass_times(&times);
+    // 0 (start), 5 (document), 35 (the wake-up the 5 s pass asked for).
+    assert_eq!(t.len(), 3, "{t:?}");
+    assert!((t[1] - 5.0).abs() < 0.01 && (t[2] - 35.0).abs() < 0.01, "{t:?}");
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transient_failure_retries_soon_without_degraded() {
+    let s = Scripted::new("flaky", |_, _, n| match n {
+        1 => PassResult::Failed {
+            error: "observe: daemon restarting".into(),
+            transient: true,
+        },
+        2 => ran(
+            vec![thing("a")],
+            vec![ObjectOutcome::from_result(
+                "thing a",
+                Err(converge_core::DriverError::Transient(
+                    "ruleset changed meanwhile".into(),
+                )),
+            )],
+        ),
+        _ => converged(),
+    });
+    let seen = s.seen.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
+    let start = Instant::now();
+    let st = last_state(&mut rx, "flaky", State::Converged).await;
+    assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
+    assert_eq!(seen.lock().unwrap().len(), 3);
+    assert_eq!(st.reason, Some(Reason::Retry));
+    // No report on the way said Degraded.
+    while let Ok(r) = rx.try_recv() {
+        assert_ne!(r.status.state, State::Degraded, "{:?}", r.status);
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_that_persist_become_degraded() {
+    let s = Scripted::new("stuck", |_, _, _| PassResult::Failed {
+        error: "observe: still restarting".into(),
+        transient: true,
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
+    let st = last_state(&mut rx, "stuck", State::Degraded).await;
+    assert!(st.message.contains("still restarting"), "{}", st.message);
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_object_on_its_own_delay_neither_degrades_nor_retries_hot() {
+    // Object b crash-loops: it asks to be retried in 30 s; object a converges.
+    let (s, times) = timed("objs", |n| match n {
+        1 => ran(
+            vec![thing("a"), thing("b")],
+            vec![
+                ObjectOutcome::ok("thing a"),
+                ObjectOutcome::from_result(
+                    "thing b",
+                    Err(converge_core::DriverError::RetryAfter {
+                        message: "crash loop back-off".into(),
+                        after: Duration::from_secs(30),
+                    }),
+                ),
+            ],
+        ),
+        // The verify pass: b waits, the plan says so.
+        2 => PassResult::Ran {
+            waiting: vec![Waiting::new("thing", "b", "crash loop back-off")
+                .retry_after(Duration::from_secs(30))],
+            ..converged()
+        },
+        _ => converged(),
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
+    let st = last_state(&mut rx, "objs", State::Converged).await;
+    assert_eq!(st.waiting.len(), 1, "{st:?}");
+    assert_eq!(st.waiting[0].object, "thing b");
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    assert_eq!(pass_times(&times).len(), 2, "no pass before b's delay");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = pass_times(&times);
+    assert_eq!(t.len(), 3, "{t:?}");
+    assert!((t[2] - 30.0).abs() < 0.01, "{t:?}");
+    let st = last_state(&mut rx, "objs", State::Converged).await;
+    assert_eq!(st.reason, Some(Reason::Requeue));
+    assert!(st.waiting.is_empty());
+    while let Ok(r) = rx.try_recv() {
+        assert_ne!(r.status.state, State::Degraded, "{:?}", r.status);
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_event_names_its_object_in_the_reason() {
+    struct Evented(tokio::sync::Mutex<Option<mpsc::UnboundedReceiver<HostEvent>>>);
+    impl Section for Evented {
+        fn name(&self) -> &'static str {
+            "evented"
+        }
+        fn watches_facts(&self) -> bool {
+            false
+        }
+        fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
+            let rx = self.0.try_lock().ok()?.take()?;
+            Some(tokio_stream_from(rx))
+        }
+        fn pass(&self, _: Arc<Document>, _: Arc<Facts>, _: bool) -> BoxFuture<'static, PassResult> {
+            Box::pin(async { converged() })
+        }
+    }
+    fn tokio_stream_from(
+        mut rx: mpsc::UnboundedReceiver<HostEvent>,
+    ) -> BoxStream<'static, HostEvent> {
+        Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    }
+    let (etx, erx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(
+        vec![Arc::new(Evented(tokio::sync::Mutex::new(Some(erx))))],
+        cfg(),
+        Some(doc(1)),
+        tx,
+    );
+    last_state(&mut rx, "evented", State::Converged).await;
+    etx.send(HostEvent("container web died".into())).unwrap();
+    let st = last_state(&mut rx, "evented", State::Converged).await;
+    assert_eq!(
+        st.reason,
+        Some(Reason::HostEvent("container web died".into()))
+    );
+    engine.shutdown().await;
 }
 
 #[test]

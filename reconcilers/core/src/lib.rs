@@ -1,6 +1,7 @@
 //! Shared vocabulary of every converge reconciler: the `Reconciler` trait, plans,
-//! per-object outcomes, the observed-facts hand-off, validation problems and small
-//! host helpers (atomic file writes, secret redaction).
+//! per-object outcomes and how they are retried, the observed-facts hand-off,
+//! validation problems, the vocabulary every section shares (names, protocols, address
+//! helpers) and small host helpers (atomic file writes, secret redaction).
 
 pub mod facts;
 pub mod fsutil;
@@ -8,9 +9,10 @@ pub mod plan;
 pub mod problems;
 pub mod reconciler;
 pub mod redact;
+pub mod vocab;
 
 pub use facts::{ContainerFacts, Facts, FactsUpdate};
-pub use plan::{Change, FieldChange, ObjectNote, ObjectOutcome, Op, Plan};
+pub use plan::{earliest, Change, FieldChange, ObjectNote, ObjectOutcome, Op, Plan, Retry, Waiting};
 pub use problems::{Problem, Problems};
-pub use reconciler::{with_timeout, DriverError, Reconciler};
+pub use reconciler::{with_timeout, DriverError, HostEvent, Reconciler};
 pub use redact::redact;

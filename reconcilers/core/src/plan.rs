@@ -1,7 +1,9 @@
 //! Plans: what a reconciler would change, for display (`changes`) and for apply (`actions`).
 
+use crate::DriverError;
 use serde::Serialize;
 use std::fmt;
+use std::time::Duration;
 
 /// Kind of change, printed terraform-style.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -77,15 +79,59 @@ impl fmt::Display for Change {
     }
 }
 
+/// An object that cannot converge yet and waits for something outside this pass (its
+/// container's address, a crash-loop delay, a schedule slot). `converge diff` shows it;
+/// nothing is applied for it and the reconciler is not Degraded because of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Waiting {
+    /// Object kind within the reconciler, as in [`Change::kind`].
+    pub kind: String,
+    pub id: String,
+    /// What it waits for, e.g. `waiting for its address`.
+    pub reason: String,
+    /// When to look again; `None`: when a trigger (facts, an event) arrives.
+    #[serde(skip)]
+    pub retry_after: Option<Duration>,
+}
+
+impl Waiting {
+    pub fn new(kind: impl Into<String>, id: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            id: id.into(),
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+}
+
+impl fmt::Display for Waiting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "~ {} {} ({})", self.kind, self.id, self.reason)
+    }
+}
+
 /// Result of `plan()`: a pure, deterministic description of the work.
 ///
 /// `changes` are what an operator reads; `actions` are the minimal driver operations
 /// that realise them (one action may cover many changes, e.g. one file rewrite).
-/// An empty plan (both empty) means converged.
+/// An empty plan (both empty) means converged; `waiting` objects and `requeue_after`
+/// do not count as work.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan<A> {
     pub changes: Vec<Change>,
     pub actions: Vec<A>,
+    /// Objects that cannot converge yet (see [`Waiting`]).
+    pub waiting: Vec<Waiting>,
+    /// The latest time, from now, at which this reconciler wants its next pass (a
+    /// schedule's next slot, re-resolving a DNS name); the engine honours the earliest
+    /// of this, the waiting objects' delays and its own triggers.
+    pub requeue_after: Option<Duration>,
 }
 
 impl<A> Default for Plan<A> {
@@ -93,6 +139,8 @@ impl<A> Default for Plan<A> {
         Self {
             changes: Vec::new(),
             actions: Vec::new(),
+            waiting: Vec::new(),
+            requeue_after: None,
         }
     }
 }
@@ -101,6 +149,38 @@ impl<A> Plan<A> {
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty() && self.actions.is_empty()
     }
+
+    /// When the next pass is wanted: `requeue_after` or the earliest waiting object.
+    pub fn wake_after(&self) -> Option<Duration> {
+        earliest(
+            self.requeue_after,
+            self.waiting.iter().filter_map(|w| w.retry_after),
+        )
+    }
+}
+
+/// The earliest of `first` and `rest`.
+pub fn earliest(
+    first: Option<Duration>,
+    rest: impl IntoIterator<Item = Duration>,
+) -> Option<Duration> {
+    rest.into_iter()
+        .fold(first, |acc, d| Some(acc.map_or(d, |a| a.min(d))))
+}
+
+/// How the engine retries a failed object.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Retry {
+    /// Something is wrong (a daemon refuses, a file cannot be written): the reconciler
+    /// is Degraded and retried with exponential back-off.
+    #[default]
+    Backoff,
+    /// Expected to clear by itself within moments (a concurrent change raced ours):
+    /// retried soon, not Degraded.
+    Soon,
+    /// This object waits for its own delay (crash-loop back-off): retried after it, on
+    /// its own; the reconciler is not Degraded and not retried hot.
+    After(Duration),
 }
 
 /// Outcome of applying one action, named by the object(s) it touched.
@@ -109,6 +189,9 @@ pub struct ObjectOutcome {
     pub object: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How a failure is retried (meaningless on success).
+    #[serde(skip)]
+    pub retry: Retry,
 }
 
 impl ObjectOutcome {
@@ -116,20 +199,28 @@ impl ObjectOutcome {
         Self {
             object: object.into(),
             error: None,
+            retry: Retry::Backoff,
         }
     }
 
+    /// A failure retried with back-off (the reconciler is Degraded meanwhile).
     pub fn failed(object: impl Into<String>, error: impl fmt::Display) -> Self {
         Self {
             object: object.into(),
             error: Some(error.to_string()),
+            retry: Retry::Backoff,
         }
     }
 
-    pub fn from_result<E: fmt::Display>(object: impl Into<String>, r: Result<(), E>) -> Self {
+    /// The outcome of a driver call, retried as the error's class says.
+    pub fn from_result(object: impl Into<String>, r: Result<(), DriverError>) -> Self {
         match r {
             Ok(()) => Self::ok(object),
-            Err(e) => Self::failed(object, e),
+            Err(e) => Self {
+                object: object.into(),
+                retry: e.retry(),
+                error: Some(e.to_string()),
+            },
         }
     }
 }

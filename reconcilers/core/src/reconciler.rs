@@ -1,6 +1,6 @@
 //! The `Reconciler` trait: observe (I/O) → plan (pure) → apply (I/O through a driver).
 
-use crate::{Facts, FactsUpdate, ObjectNote, ObjectOutcome, Plan};
+use crate::{Facts, FactsUpdate, ObjectNote, ObjectOutcome, Plan, Retry};
 use futures::stream::BoxStream;
 use std::future::Future;
 use std::time::Duration;
@@ -18,6 +18,13 @@ pub enum DriverError {
     },
     #[error("{0}")]
     Failed(String),
+    /// Expected to clear by itself within moments (a concurrent change raced ours, a
+    /// daemon restarting): retried soon, not reported as Degraded.
+    #[error("{0}")]
+    Transient(String),
+    /// This object must wait before it is tried again (crash-loop back-off).
+    #[error("{message}")]
+    RetryAfter { message: String, after: Duration },
 }
 
 impl DriverError {
@@ -27,7 +34,23 @@ impl DriverError {
             source,
         }
     }
+
+    /// How the engine retries what failed with this error.
+    pub fn retry(&self) -> Retry {
+        match self {
+            DriverError::Transient(_) => Retry::Soon,
+            DriverError::RetryAfter { after, .. } => Retry::After(*after),
+            DriverError::Timeout { .. } | DriverError::Io { .. } | DriverError::Failed(_) => {
+                Retry::Backoff
+            }
+        }
+    }
 }
+
+/// A host event that should trigger a pass, naming what changed (for the pass's
+/// reason in logs and status), e.g. `container web died`, `table inet converge`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostEvent(pub String);
 
 /// Runs `fut` with a deadline, naming the operation in the timeout error.
 pub async fn with_timeout<T>(
@@ -46,9 +69,11 @@ pub async fn with_timeout<T>(
 
 /// One reconciler: owns one section of the document and the host objects it created.
 ///
-/// Implementations must keep `plan` pure (no I/O, deterministic order) and return an
-/// empty plan when `observed` already matches `spec`; `apply` performs exactly the
-/// plan's actions, continues past a failing action, and reports one outcome per action.
+/// Implementations must keep `plan` pure (no I/O, no clock, no writes to `self`,
+/// deterministic order) and return an empty plan when `observed` already matches
+/// `spec`; `apply` performs exactly the plan's actions, continues past a failing action,
+/// and reports one outcome per action, classed by how it should be retried. A pass says
+/// when it wants to run again through `Plan::requeue_after` and `Plan::waiting`.
 pub trait Reconciler: Send + Sync + 'static {
     /// The reconciler's section of the document.
     type Spec: Send + Sync + 'static;
@@ -64,13 +89,14 @@ pub trait Reconciler: Send + Sync + 'static {
         false
     }
 
-    /// Reads the real host state relevant to `spec` (never only a cache).
+    /// Reads the real host state relevant to `spec` (never only a cache). An error
+    /// fails the whole pass; `DriverError::Transient` retries soon without Degraded.
     fn observe(
         &self,
         spec: &Self::Spec,
     ) -> impl Future<Output = Result<Self::Observed, DriverError>> + Send;
 
-    /// Pure diff of desired against observed.
+    /// Pure diff of desired against observed (what `converge diff` prints).
     fn plan(
         &self,
         spec: &Self::Spec,
@@ -79,11 +105,7 @@ pub trait Reconciler: Send + Sync + 'static {
     ) -> Plan<Self::Action>;
 
     /// Performs the plan's actions through the driver.
-    fn apply(
-        &self,
-        spec: &Self::Spec,
-        plan: Plan<Self::Action>,
-    ) -> impl Future<Output = Vec<ObjectOutcome>> + Send;
+    fn apply(&self, plan: Plan<Self::Action>) -> impl Future<Output = Vec<ObjectOutcome>> + Send;
 
     /// Facts this reconciler publishes for others, taken from what it observed.
     fn publish(&self, _observed: &Self::Observed) -> Option<FactsUpdate> {
@@ -96,7 +118,7 @@ pub trait Reconciler: Send + Sync + 'static {
     }
 
     /// Host events that should trigger a pass (runtime events, netlink, inotify).
-    fn host_events(&self) -> Option<BoxStream<'static, ()>> {
+    fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
         None
     }
 }
