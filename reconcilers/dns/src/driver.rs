@@ -2,13 +2,12 @@
 
 use crate::render::{conf_hash_of, Layout};
 use converge_core::fsutil::{read_optional, write_atomic};
-use converge_core::{with_timeout, DriverError};
+use converge_core::{with_timeout, DriverError, HostEvent};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// A dnsmasq process started by converge, found by its config file argument.
@@ -36,8 +35,9 @@ pub trait DnsDriver: Send + Sync + 'static {
         old: &[Running],
         hash: &str,
     ) -> impl Future<Output = Result<(), DriverError>> + Send;
-    /// A ping whenever one of our files changes on disk (drift, or our own write).
-    fn file_events(&self) -> Option<BoxStream<'static, ()>> {
+    /// An event naming the file whenever one of our files changes on disk (drift, or
+    /// our own write).
+    fn file_events(&self) -> Option<BoxStream<'static, HostEvent>> {
         None
     }
 }
@@ -233,9 +233,9 @@ impl DnsDriver for Dnsmasq {
         Ok(())
     }
 
-    fn file_events(&self) -> Option<BoxStream<'static, ()>> {
+    fn file_events(&self) -> Option<BoxStream<'static, HostEvent>> {
         use inotify::{Inotify, WatchMask};
-        let watch = || -> std::io::Result<BoxStream<'static, ()>> {
+        let watch = || -> std::io::Result<BoxStream<'static, HostEvent>> {
             self.ensure_dirs().map_err(std::io::Error::other)?;
             let inotify = Inotify::init()?;
             let mask = WatchMask::CLOSE_WRITE
@@ -251,7 +251,7 @@ impl DnsDriver for Dnsmasq {
                     let name = e.ok()?.name?.to_string_lossy().into_owned();
                     (name == "converge.hosts"
                         || (name.starts_with("dnsmasq-") && name.ends_with(".conf")))
-                    .then_some(())
+                    .then(|| HostEvent(format!("file {name}")))
                 })
                 .boxed())
         };
@@ -265,82 +265,5 @@ impl DnsDriver for Dnsmasq {
     }
 }
 
-/// In-memory driver for unit tests of the reconciler's logic.
-pub struct FakeDriver {
-    pub state: Mutex<FakeState>,
-    layout: Layout,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct FakeState {
-    pub hosts: Option<String>,
-    pub confs: BTreeMap<String, String>,
-    pub running: Vec<Running>,
-    pub restarts: usize,
-    pub hosts_writes: usize,
-    pub fail_restart: bool,
-}
-
-impl FakeDriver {
-    pub fn new(layout: Layout) -> Self {
-        Self {
-            state: Mutex::default(),
-            layout,
-        }
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
-        let mut guard = match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        f(&mut guard)
-    }
-
-    pub fn snapshot(&self) -> FakeState {
-        self.with(|s| s.clone())
-    }
-}
-
-impl DnsDriver for FakeDriver {
-    fn layout(&self) -> &Layout {
-        &self.layout
-    }
-    fn read_hosts(&self) -> Result<Option<String>, DriverError> {
-        Ok(self.with(|s| s.hosts.clone()))
-    }
-    fn write_hosts(&self, content: &str) -> Result<(), DriverError> {
-        self.with(|s| {
-            s.hosts = Some(content.to_string());
-            s.hosts_writes += 1;
-        });
-        Ok(())
-    }
-    fn read_confs(&self) -> Result<BTreeMap<String, String>, DriverError> {
-        Ok(self.with(|s| s.confs.clone()))
-    }
-    fn write_conf(&self, hash: &str, content: &str) -> Result<(), DriverError> {
-        self.with(|s| s.confs.insert(hash.to_string(), content.to_string()));
-        Ok(())
-    }
-    fn remove_stale_confs(&self, keep: &str) -> Result<(), DriverError> {
-        self.with(|s| s.confs.retain(|h, _| h == keep));
-        Ok(())
-    }
-    fn running(&self) -> Result<Vec<Running>, DriverError> {
-        Ok(self.with(|s| s.running.clone()))
-    }
-    async fn restart(&self, _old: &[Running], hash: &str) -> Result<(), DriverError> {
-        self.with(|s| {
-            if s.fail_restart {
-                return Err(DriverError::Failed("dnsmasq: failed to bind".into()));
-            }
-            s.restarts += 1;
-            s.running = vec![Running {
-                pid: 1000 + s.restarts as u32,
-                conf_hash: hash.to_string(),
-            }];
-            Ok(())
-        })
-    }
-}
+#[cfg(test)]
+pub mod fake;

@@ -1,7 +1,10 @@
 //! Unit tests of the DNS plan/apply logic against the in-memory driver.
 
 use super::*;
-use driver::FakeDriver;
+use crate::driver::fake::FakeDriver;
+use crate::render::Layout;
+use crate::spec::{DnsSpec, Record, RecordType};
+use converge_core::{Change, Facts};
 use proptest::prelude::*;
 
 fn spec(records: serde_json::Value) -> DnsSpec {
@@ -19,7 +22,7 @@ async fn converge(d: &Dns<FakeDriver>, s: &DnsSpec) -> Vec<Change> {
     let obs = d.observe(s).await.unwrap();
     let p = d.plan(s, &obs, &Facts::default());
     let changes = p.changes.clone();
-    let outcomes = d.apply(s, p).await;
+    let outcomes = d.apply(p).await;
     assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
     changes
 }
@@ -105,7 +108,7 @@ async fn failed_config_write_skips_restart_and_reports_both() {
     let s = spec(serde_json::json!([]));
     d.driver().state.lock().unwrap().fail_restart = true;
     let obs = d.observe(&s).await.unwrap();
-    let out = d.apply(&s, d.plan(&s, &obs, &Facts::default())).await;
+    let out = d.apply(d.plan(&s, &obs, &Facts::default())).await;
     let failed: Vec<_> = out.iter().filter(|o| o.error.is_some()).collect();
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].object, "process dnsmasq");
