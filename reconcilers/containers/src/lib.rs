@@ -2,13 +2,11 @@
 //! only the containers it labelled, replacing drifted ones without downtime where host
 //! ports allow, restarting dead ones on runtime events, and publishing their addresses.
 
-pub mod docker;
-pub mod fake;
+pub mod driver;
 pub mod plan;
-pub mod podman;
 pub mod reconciler;
-pub mod runtime;
 mod spec;
 
+pub use driver::{docker, podman};
 pub use reconciler::{Config, Containers};
 pub use spec::*;

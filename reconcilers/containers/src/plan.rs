@@ -1,11 +1,11 @@
 //! Pure planning: what the runtime must do so its managed containers match the spec.
 
-use crate::runtime::{
+use crate::driver::{
     CreateSpec, HealthSpec, RunState, RuntimeContainer, LABEL_HASH, LABEL_MANAGED, LABEL_NAME,
     LABEL_NODE,
 };
 use crate::spec::{parse_duration, parse_memory, Container, ContainerState, RestartPolicy};
-use converge_core::{redact, Change, FieldChange, Op, Plan};
+use converge_core::{redact, Change, FieldChange, Op, Plan, Waiting};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -35,6 +35,40 @@ pub struct Observed {
     pub images: BTreeMap<String, Option<String>>,
     /// Secret values by name, or why one could not be read.
     pub secrets: BTreeMap<String, Result<Secret, String>>,
+    /// Restarts converge made per container (document name) in the crash-loop window,
+    /// as of the observation.
+    pub crashes: BTreeMap<String, Crashes>,
+}
+
+/// Restarts of one container within the crash-loop window, as observed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Crashes {
+    /// Restarts in the window (0 after a quiet window).
+    pub count: u32,
+    /// Time since the last restart.
+    pub since_last: Duration,
+}
+
+/// Crash-loop window: restarts older than this are forgotten.
+pub const CRASH_WINDOW: Duration = Duration::from_secs(600);
+
+/// Delay before restart number `n` (0-based) of a crashing container: the first two
+/// are immediate, then 1 s doubling to 60 s.
+pub fn crash_delay(n: u32) -> Duration {
+    match n {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_secs(1u64 << (n - 2).min(6)).min(Duration::from_secs(60)),
+    }
+}
+
+impl Crashes {
+    /// How long the next restart must still wait (zero: it may happen now).
+    pub fn wait(&self) -> Duration {
+        if self.count == 0 || self.since_last > CRASH_WINDOW {
+            return Duration::ZERO;
+        }
+        crash_delay(self.count).saturating_sub(self.since_last)
+    }
 }
 
 /// One step of work on one container; steps of a container run in order.
@@ -335,7 +369,24 @@ pub fn plan(spec: &[Container], observed: &Observed, node: &str) -> Plan<Action>
                             Some(c.name.clone()),
                         ));
                 }
-                if wants_running && !running(k) && restart_allowed(c.restart, k) {
+                let crashes = observed.crashes.get(&c.name).copied().unwrap_or_default();
+                let wait = crashes.wait();
+                if wants_running && !running(k) && restart_allowed(c.restart, k) && !wait.is_zero() {
+                    // Crash-loop back-off: not a failure, a wait on this container alone.
+                    let exit = k.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "?".into());
+                    plan.waiting.push(
+                        Waiting::new(
+                            "container",
+                            &c.name,
+                            format!(
+                                "crash loop back-off: exited with {exit}, {} restarts, next in {:.1}s",
+                                crashes.count,
+                                wait.as_secs_f64()
+                            ),
+                        )
+                        .retry_after(wait),
+                    );
+                } else if wants_running && !running(k) && restart_allowed(c.restart, k) {
                     steps.push(Step::Start {
                         id: k.id.clone(),
                         exit_code: k.exit_code,

@@ -2,12 +2,12 @@
 //! with bounded concurrency and per-call timeouts, restart dead containers with a
 //! crash-loop back-off, publish container addresses as facts.
 
-use crate::plan::{self, Action, Observed, Secret, Step};
-use crate::runtime::{ContainerRuntime, CreateSpec, Health, RunState, LABEL_NAME};
+use crate::plan::{self, Action, Crashes, Observed, Secret, Step, CRASH_WINDOW};
+use crate::driver::{ContainerRuntime, CreateSpec, Health, RunState, LABEL_NAME};
 use crate::spec::Container;
 use converge_core::{
-    with_timeout, ContainerFacts, DriverError, Facts, FactsUpdate, ObjectNote, ObjectOutcome, Plan,
-    Reconciler,
+    with_timeout, ContainerFacts, DriverError, Facts, FactsUpdate, HostEvent, ObjectNote,
+    ObjectOutcome, Plan, Reconciler,
 };
 use futures::stream::{BoxStream, StreamExt};
 use std::collections::BTreeMap;
@@ -45,30 +45,18 @@ impl Config {
     }
 }
 
-/// Restarts of one container within the crash-loop window.
+/// A restart converge made, for the crash-loop back-off.
 #[derive(Clone, Copy, Debug)]
-struct Crashes {
+struct Restarts {
     count: u32,
     last: Instant,
-}
-
-/// Crash-loop window: restarts older than this are forgotten.
-const CRASH_WINDOW: Duration = Duration::from_secs(600);
-
-/// Delay before restart number `n` (0-based) of a crashing container: the first two
-/// are immediate, then 1 s doubling to 60 s.
-fn crash_delay(n: u32) -> Duration {
-    match n {
-        0 | 1 => Duration::ZERO,
-        n => Duration::from_secs(1u64 << (n - 2).min(6)).min(Duration::from_secs(60)),
-    }
 }
 
 /// The reconciler over a runtime driver.
 pub struct Containers<R> {
     runtime: R,
     config: Config,
-    crashes: Mutex<BTreeMap<String, Crashes>>,
+    crashes: Mutex<BTreeMap<String, Restarts>>,
 }
 
 impl<R: ContainerRuntime> Containers<R> {
@@ -99,32 +87,34 @@ impl<R: ContainerRuntime> Containers<R> {
             .map_err(|e| format!("cannot read {}: {e}", path.display()))
     }
 
-    /// Crash-loop gate for restarting `name`: Ok when a restart may happen now.
-    fn gate_restart(&self, name: &str, exit_code: Option<i64>) -> Result<u32, String> {
+    /// Records a restart of `name` (the plan already waited out its back-off).
+    fn record_restart(&self, name: &str) -> u32 {
         let mut crashes = self.crashes.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let entry = crashes.entry(name.to_string()).or_insert(Crashes {
+        let entry = crashes.entry(name.to_string()).or_insert(Restarts {
             count: 0,
             last: now,
         });
         if now.duration_since(entry.last) > CRASH_WINDOW {
             entry.count = 0;
         }
-        let wait = crash_delay(entry.count);
-        let since = now.duration_since(entry.last);
-        if entry.count > 0 && since < wait {
-            return Err(format!(
-                "crash loop back-off: exited with {}, {} restarts, next in {:.1}s",
-                exit_code
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "?".into()),
-                entry.count,
-                (wait - since).as_secs_f64()
-            ));
-        }
         entry.count += 1;
         entry.last = now;
-        Ok(entry.count)
+        entry.count
+    }
+
+    /// The restarts so far, as the plan sees them.
+    fn crashes(&self) -> BTreeMap<String, Crashes> {
+        let crashes = self.crashes.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        crashes
+            .iter()
+            .map(|(name, r)| {
+                let since_last = now.duration_since(r.last);
+                let count = if since_last > CRASH_WINDOW { 0 } else { r.count };
+                (name.clone(), Crashes { count, since_last })
+            })
+            .collect()
     }
 
     async fn remove(&self, id: &str, grace: Duration) -> Result<(), DriverError> {
@@ -221,9 +211,7 @@ impl<R: ContainerRuntime> Containers<R> {
                 self.create_and_start(&spec, start).await.map(drop)
             }
             Step::Start { id, exit_code } => {
-                let n = self
-                    .gate_restart(name, exit_code)
-                    .map_err(DriverError::Failed)?;
+                let n = self.record_restart(name);
                 info!(exit_code = ?exit_code, restarts = n, "starting");
                 self.call("start", self.runtime.start(&id)).await
             }
@@ -296,6 +284,7 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
             containers,
             images,
             secrets,
+            crashes: self.crashes(),
         })
     }
 
@@ -303,7 +292,7 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
         plan::plan(spec, observed, &self.config.node_id)
     }
 
-    async fn apply(&self, _spec: &Vec<Container>, plan: Plan<Action>) -> Vec<ObjectOutcome> {
+    async fn apply(&self, plan: Plan<Action>) -> Vec<ObjectOutcome> {
         let mut outcomes = Vec::new();
         // Pulls first (bounded); a container whose image could not be pulled fails
         // without touching its running instance.
@@ -392,12 +381,7 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
 
     /// Containers worth an operator's look: not running, unhealthy, or restarted.
     fn notes(&self, observed: &Observed) -> Vec<ObjectNote> {
-        let crashes = self
-            .crashes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let mut notes = Vec::new();
+let mut notes = Vec::new();
         for rc in &observed.containers {
             let Some(name) = rc.labels.get(LABEL_NAME) else {
                 continue;
@@ -417,7 +401,7 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
                 Some(Health::Starting) => parts.push("health check starting".into()),
                 _ => {}
             }
-            if let Some(c) = crashes.get(name).filter(|c| c.count > 0) {
+            if let Some(c) = observed.crashes.get(name).filter(|c| c.count > 0) {
                 parts.push(format!(
                     "restarted {} times in the last {} min",
                     c.count,
@@ -434,7 +418,7 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
         notes
     }
 
-    fn host_events(&self) -> Option<BoxStream<'static, ()>> {
+    fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
         Some(self.runtime.events())
     }
 }

@@ -1,7 +1,7 @@
 //! Unit tests of plan/apply against the in-memory runtime.
 
 use super::*;
-use crate::fake::FakeRuntime;
+use crate::driver::fake::FakeRuntime;
 use crate::plan::NEXT_SUFFIX;
 use converge_core::Op;
 use proptest::prelude::*;
@@ -38,7 +38,7 @@ async fn pass(
     let obs = c.observe(s).await.unwrap();
     let p = c.plan(s, &obs, &Facts::default());
     let changes = p.changes.clone();
-    (changes, c.apply(s, p).await)
+    (changes, c.apply(p).await)
 }
 
 async fn pending(c: &Containers<FakeRuntime>, s: &Vec<Container>) -> Plan<Action> {
@@ -181,14 +181,19 @@ async fn dead_container_is_restarted_with_crash_loop_back_off() {
     let (changes, out) = pass(&c, &s).await;
     ok(&out);
     assert_eq!(changes[0].fields[0].old.as_deref(), Some("exited (137)"));
-    // Second restart is immediate too; the third waits (back-off).
+    // Second restart is immediate too; the third waits (back-off): the plan says so and
+    // asks to run again when the delay is over, instead of failing the container.
     ok(&pass(&c, &s).await.1);
-    let (_, out) = pass(&c, &s).await;
-    let err = out[0].error.as_deref().unwrap_or_default();
+    let p = pending(&c, &s).await;
+    assert!(p.is_empty(), "{p:?}");
+    assert_eq!(p.waiting.len(), 1, "{p:?}");
+    let w = &p.waiting[0];
     assert!(
-        err.contains("crash loop back-off") && err.contains("2 restarts"),
-        "{err}"
+        w.id == "web" && w.reason.contains("crash loop back-off") && w.reason.contains("2 restarts"),
+        "{w:?}"
     );
+    let after = p.wake_after().expect("a wake-up");
+    assert!(after > Duration::ZERO && after <= Duration::from_secs(1), "{after:?}");
     // Status shows the exit code and the restart count.
     let notes = c.notes(&c.observe(&s).await.unwrap());
     assert_eq!(notes.len(), 1);
@@ -280,7 +285,7 @@ async fn secrets_are_injected_but_never_shown_and_a_missing_one_fails_its_contai
     let p = c.plan(&s, &obs, &Facts::default());
     let shown = format!("{:?} {:?} {:?}", p.changes, p.actions, obs);
     assert!(!shown.contains("s3cret-value"), "secret leaked: {shown}");
-    let out = c.apply(&s, p).await;
+    let out = c.apply(p).await;
     assert!(out.iter().any(|o| o.object == "container x"
         && o.error
             .as_deref()

@@ -11,11 +11,19 @@
 //! - `stop` sends the stop signal and SIGKILLs after the grace itself: podman-api 0.10
 //!   spells the stop endpoint's `timeout` parameter `Timeout`, which libpod ignores.
 
-use crate::runtime::{
+mod convert;
+mod events;
+mod health;
+
+use convert::*;
+use events::*;
+use health::*;
+
+use crate::driver::{
     inspect_all, port_bindings, ContainerRuntime, CreateSpec, Health, Mount, RunState,
-    RuntimeContainer, LABEL_MANAGED, LABEL_NODE,
+    RuntimeContainer, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
 };
-use converge_core::DriverError;
+use converge_core::{DriverError, HostEvent};
 use futures::channel::mpsc;
 use futures::stream::{BoxStream, StreamExt};
 use podman_api::models::{
@@ -54,23 +62,6 @@ const KILL_WAIT: Duration = Duration::from_secs(30);
 /// Podman's default health-check interval (used when the container's config has none).
 const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Container events that change what `observe` would see. Exec events (one pair per
-/// health probe) and mount/cleanup chatter are left out on purpose.
-const WATCHED_EVENTS: &[&str] = &[
-    "create",
-    "start",
-    "restart",
-    "stop",
-    "died",
-    "die",
-    "kill",
-    "oom",
-    "pause",
-    "unpause",
-    "rename",
-    "remove",
-    "health_status",
-];
 
 /// The Podman runtime. Cheap to clone; connecting is lazy (every call opens its own
 /// connection), so it can be built before the service is up.
@@ -276,68 +267,6 @@ impl Podman {
     }
 }
 
-/// Health-check tickers by container id, for hosts where podman cannot schedule them.
-#[derive(Default)]
-struct HealthTicks {
-    tasks: Mutex<HashMap<String, (u64, tokio::task::AbortHandle)>>,
-    next: AtomicU64,
-}
-
-impl HealthTicks {
-    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, tokio::task::AbortHandle)>> {
-        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn ensure(self: &Arc<Self>, api: podman_api::Podman, id: &str, interval: Duration) {
-        // Outside a tokio runtime there is nothing to run a ticker on.
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let mut tasks = self.tasks();
-        if tasks.get(id).is_some_and(|(_, h)| !h.is_finished()) {
-            return;
-        }
-        let generation = self.next.fetch_add(1, Ordering::Relaxed);
-        let me = Arc::clone(self);
-        let owned = id.to_string();
-        let handle = rt.spawn(async move {
-            run_health_checks(&api, &owned, interval).await;
-            let mut tasks = me.tasks();
-            if tasks.get(&owned).is_some_and(|(g, _)| *g == generation) {
-                tasks.remove(&owned);
-            }
-        });
-        debug!(
-            container = id,
-            ?interval,
-            "podman: running health checks for it"
-        );
-        tasks.insert(id.to_string(), (generation, handle.abort_handle()));
-    }
-
-    fn abort_all(&self) {
-        for (_, (_, h)) in self.tasks().drain() {
-            h.abort();
-        }
-    }
-}
-
-/// Runs the container's health check every `interval` until it stops or is removed
-/// (podman answers 409 / 404); podman itself applies start period and retries.
-async fn run_health_checks(api: &podman_api::Podman, id: &str, interval: Duration) {
-    loop {
-        tokio::time::sleep(interval).await;
-        match api.containers().get(id).healthcheck().await {
-            Ok(_) => {}
-            Err(e) if matches!(status(&e), Some(404 | 409)) => {
-                debug!(container = id, error = %e, "podman: health checks end");
-                return;
-            }
-            // Service restarting or similar: try again next interval.
-            Err(e) => debug!(container = id, error = %e, "podman: health check failed to run"),
-        }
-    }
-}
 
 fn failed(op: &str, id: &str, e: impl std::fmt::Display) -> DriverError {
     DriverError::Failed(format!("podman {op} {id}: {e}"))
@@ -352,297 +281,6 @@ fn status(e: &PodmanError) -> Option<u16> {
 
 fn status_is(e: &PodmanError, code: u16) -> bool {
     status(e) == Some(code)
-}
-
-/// Translates a [`CreateSpec`] into libpod's create body (a SpecGenerator).
-fn create_opts(spec: &CreateSpec) -> Result<ContainerCreateOpts, DriverError> {
-    let bad = |what: String| failed("create", &spec.name, what);
-
-    let mut b = ContainerCreateOpts::builder()
-        .name(&spec.name)
-        .image(&spec.image)
-        .annotations([(IMAGE_ANNOTATION, spec.image.as_str())])
-        .env(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .labels(spec.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        // converge restarts containers itself (crash-loop back-off, events).
-        .restart_policy(ContainerRestartPolicy::No)
-        .stop_timeout(spec.stop_grace.as_secs_f64().ceil() as u64);
-    if let Some(cmd) = &spec.command {
-        b = b.entrypoint(cmd);
-    }
-    if let Some(args) = &spec.args {
-        b = b.command(args);
-    }
-
-    // Ports without a host port are reachable on the container's address anyway.
-    let ports: Vec<PortMapping> = spec
-        .ports
-        .iter()
-        .filter_map(|p| {
-            Some(PortMapping {
-                container_port: Some(p.container_port),
-                host_port: Some(p.host_port?),
-                host_ip: p.host_ip.clone(),
-                protocol: Some(p.protocol.as_str().to_string()),
-                range: None,
-            })
-        })
-        .collect();
-    if !ports.is_empty() {
-        b = b.portmappings(ports);
-    }
-
-    let rw = |ro: bool| if ro { "ro" } else { "rw" }.to_string();
-    let (binds, named): (Vec<_>, Vec<_>) = spec.volumes.iter().partition(|v| v.is_bind());
-    if !named.is_empty() {
-        // Created on demand by podman when missing.
-        b = b.volumes(named.into_iter().map(|v| NamedVolume {
-            name: Some(v.source.clone()),
-            dest: Some(v.target.clone()),
-            options: Some(vec![rw(v.read_only)]),
-            is_anonymous: None,
-        }));
-    }
-    if !binds.is_empty() {
-        b = b.mounts(binds.into_iter().map(|v| ContainerMount {
-            _type: Some("bind".into()),
-            source: Some(v.source.clone()),
-            destination: Some(v.target.clone()),
-            options: Some(vec![rw(v.read_only)]),
-            uid_mappings: None,
-            gid_mappings: None,
-        }));
-    }
-
-    let cpu = match spec.cpus {
-        Some(c) if c.is_finite() && c > 0.0 => {
-            const PERIOD: u64 = 100_000;
-            Some(LinuxCpu {
-                period: Some(PERIOD),
-                quota: Some((c * PERIOD as f64).round() as i64),
-                cpus: None,
-                mems: None,
-                realtime_period: None,
-                realtime_runtime: None,
-                shares: None,
-            })
-        }
-        Some(c) => return Err(bad(format!("invalid cpu limit {c}"))),
-        None => None,
-    };
-    let memory = match spec.memory {
-        Some(m) => Some(LinuxMemory {
-            limit: Some(i64::try_from(m).map_err(|_| bad(format!("memory limit {m} too large")))?),
-            disable_oom_killer: None,
-            kernel: None,
-            kernel_tcp: None,
-            reservation: None,
-            swap: None,
-            swappiness: None,
-            use_hierarchy: None,
-        }),
-        None => None,
-    };
-    let pids = spec.pids.map(|p| LinuxPids {
-        limit: Some(i64::from(p)),
-    });
-    if cpu.is_some() || memory.is_some() || pids.is_some() {
-        b = b.resource_limits(LinuxResources {
-            cpu,
-            memory,
-            pids,
-            block_io: None,
-            devices: None,
-            hugepage_limits: None,
-            network: None,
-            rdma: None,
-            unified: None,
-        });
-    }
-
-    if let Some(h) = &spec.health {
-        if h.command.is_empty() {
-            return Err(bad("empty health-check command".into()));
-        }
-        let ns = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-        let mut test = vec!["CMD".to_string()];
-        test.extend(h.command.iter().cloned());
-        b = b.health_config(Schema2HealthConfig {
-            test: Some(test),
-            interval: Some(ns(h.interval)),
-            timeout: Some(ns(h.timeout)),
-            start_period: Some(ns(h.start_period)),
-            retries: Some(i64::from(h.retries)),
-        });
-    }
-
-    // A static address needs an explicit network; `podman` is the default one.
-    let network = match (&spec.network, spec.ip) {
-        (Some(n), _) => Some(n.as_str()),
-        (None, Some(_)) => Some("podman"),
-        (None, None) => None,
-    };
-    if let Some(net) = network {
-        let mut opts = serde_json::Map::new();
-        if let Some(ip) = spec.ip {
-            opts.insert("static_ips".into(), serde_json::json!([ip.to_string()]));
-        }
-        b = b
-            .net_namespace(Namespace {
-                nsmode: Some("bridge".into()),
-                value: None,
-            })
-            .networks([(net, serde_json::Value::Object(opts))]);
-    }
-
-    Ok(b.build())
-}
-
-fn run_state(status: &str) -> RunState {
-    match status {
-        "created" | "configured" | "initialized" => RunState::Created,
-        "running" => RunState::Running,
-        "paused" => RunState::Paused,
-        "restarting" => RunState::Restarting,
-        "exited" | "stopped" => RunState::Exited,
-        _ => RunState::Other,
-    }
-}
-
-fn health(status: &str) -> Option<Health> {
-    match status {
-        "starting" => Some(Health::Starting),
-        "healthy" => Some(Health::Healthy),
-        "unhealthy" => Some(Health::Unhealthy),
-        _ => None,
-    }
-}
-
-/// Podman reports bare hex image ids; the runtime contract (and Docker) uses `sha256:…`.
-fn image_id(id: &str) -> String {
-    if id.is_empty() || id.contains(':') {
-        id.to_string()
-    } else {
-        format!("sha256:{id}")
-    }
-}
-
-/// Builds the driver's view from an inspect response.
-fn runtime_container(c: InspectContainerData) -> RuntimeContainer {
-    let config = c.config;
-    let host = c.host_config;
-    let state = c.state;
-    let status = state
-        .as_ref()
-        .and_then(|s| s.status.clone())
-        .unwrap_or_default();
-    let run = run_state(&status);
-
-    let net = c.network_settings;
-    let mut networks: Vec<_> = net
-        .as_ref()
-        .and_then(|n| n.networks.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    networks.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut addresses: Vec<IpAddr> = Vec::new();
-    for (_, n) in &networks {
-        for a in [&n.ip_address, &n.global_i_pv_6_address]
-            .into_iter()
-            .flatten()
-            .chain(
-                [&n.secondary_ip_addresses, &n.secondary_i_pv_6_addresses]
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter_map(|a| a.addr.as_ref()),
-            )
-        {
-            if let Ok(ip) = a.parse::<IpAddr>() {
-                if !addresses.contains(&ip) {
-                    addresses.push(ip);
-                }
-            }
-        }
-    }
-
-    // Published ports as configured (HostConfig), so a stopped container reports the
-    // same ports as a running one; NetworkSettings only when HostConfig has none.
-    let bindings = host
-        .as_ref()
-        .and_then(|h| h.port_bindings.clone())
-        .filter(|b| !b.is_empty())
-        .or_else(|| net.as_ref().and_then(|n| n.ports.clone()))
-        .unwrap_or_default();
-    let ports = port_bindings(bindings, |b| (b.host_ip.as_deref(), b.host_port.as_deref()));
-
-    let mut mounts: Vec<Mount> = c
-        .mounts
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|m| {
-            let source = match m.type_.as_deref() {
-                Some("volume") => m.name?,
-                _ => m.source?,
-            };
-            Some(Mount {
-                source,
-                target: m.destination?,
-                read_only: !m.rw.unwrap_or(true),
-            })
-        })
-        .collect();
-    mounts.sort();
-
-    let labels: BTreeMap<String, String> = config
-        .as_ref()
-        .and_then(|c| c.labels.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    let image = config
-        .as_ref()
-        .and_then(|c| c.annotations.as_ref()?.get(IMAGE_ANNOTATION).cloned())
-        .or(c.image_name)
-        .or_else(|| config.as_ref().and_then(|c| c.image.clone()))
-        .unwrap_or_default();
-
-    RuntimeContainer {
-        id: c.id.unwrap_or_default(),
-        name: c
-            .name
-            .unwrap_or_default()
-            .trim_start_matches('/')
-            .to_string(),
-        labels,
-        image,
-        image_id: image_id(c.image.as_deref().unwrap_or_default()),
-        state: run,
-        // Only meaningful once the container is down.
-        exit_code: match run {
-            RunState::Exited => state.as_ref().and_then(|s| s.exit_code).map(i64::from),
-            _ => None,
-        },
-        health: state
-            .as_ref()
-            .and_then(|s| s.health.as_ref())
-            .and_then(|h| h.status.as_deref())
-            .and_then(health),
-        addresses,
-        ports,
-        mounts,
-        memory: host
-            .as_ref()
-            .and_then(|h| h.memory)
-            .filter(|m| *m > 0)
-            .map(|m| m as u64),
-        pids_limit: host
-            .as_ref()
-            .and_then(|h| h.pids_limit)
-            .filter(|p| *p > 0)
-            .and_then(|p| u32::try_from(p).ok()),
-    }
 }
 
 impl ContainerRuntime for Podman {
@@ -865,110 +503,20 @@ impl ContainerRuntime for Podman {
         self.inspect_tracked(id).await
     }
 
-    fn events(&self) -> BoxStream<'static, ()> {
+    fn events(&self) -> BoxStream<'static, HostEvent> {
         // The pump owns the client and borrows it for the libpod stream; it is polled as
         // part of the returned stream (no spawn), so dropping the stream stops it.
         let (tx, rx) = mpsc::channel(1);
         let pump = pump_events(self.inner.api.clone(), self.inner.inspected.clone(), tx);
-        let pump = futures::stream::once(pump).filter_map(|()| async { None::<()> });
+        let pump = futures::stream::once(pump).filter_map(|()| async { None::<HostEvent> });
         futures::stream::select(pump, rx).boxed()
-    }
-}
-
-/// Forwards one ping per relevant event of a converge-managed container into `tx`,
-/// reconnecting forever; a reconnect pings once since events may have been missed.
-async fn pump_events(
-    api: podman_api::Podman,
-    inspected: Arc<InspectCache>,
-    mut tx: mpsc::Sender<()>,
-) {
-    let mut ping = move || match tx.try_send(()) {
-        // Full: a ping is already pending, which is all the consumer needs.
-        Ok(()) => true,
-        Err(e) => !e.is_disconnected(),
-    };
-    let mut last_health: HashMap<String, Option<Health>> = HashMap::new();
-    let mut missed = false;
-    // Dropping the stream stops the pump: the cache must not outlive the events.
-    struct Off(Arc<InspectCache>);
-    impl Drop for Off {
-        fn drop(&mut self) {
-            self.0.set_live(false);
-        }
-    }
-    let _off = Off(inspected.clone());
-    loop {
-        // Ping first: the event stream only reports a dead socket once an event is due.
-        if let Err(e) = api.ping().await {
-            debug!(error = %e, "podman events: service unreachable, retrying");
-            missed = true;
-            tokio::time::sleep(RECONNECT_DELAY).await;
-            continue;
-        }
-        if missed && !ping() {
-            return;
-        }
-        let opts = EventsOpts::builder()
-            .stream(true)
-            .filters([
-                ("type".to_string(), vec!["container".to_string()]),
-                ("label".to_string(), vec![format!("{LABEL_MANAGED}=true")]),
-            ])
-            .build();
-        let mut events = api.events(&opts);
-        inspected.set_live(true);
-        while let Some(ev) = events.next().await {
-            let ev = match ev {
-                Ok(ev) => ev,
-                Err(e) => {
-                    warn!(error = %e, "podman events: stream failed, reconnecting");
-                    break;
-                }
-            };
-            if ev.typ != "container" {
-                continue;
-            }
-            // Whatever happened, the last inspect of this container is no longer trusted.
-            inspected.forget(&ev.actor.id);
-            if !WATCHED_EVENTS.contains(&ev.action.as_str()) {
-                continue;
-            }
-            let id = ev.actor.id;
-            let relevant = match ev.action.as_str() {
-                "health_status" => {
-                    // Sent on every probe: only a change of health matters.
-                    let now = match api.containers().get(&id).inspect().await {
-                        Ok(c) => c
-                            .state
-                            .and_then(|s| s.health)
-                            .and_then(|h| h.status)
-                            .as_deref()
-                            .and_then(health),
-                        Err(_) => None,
-                    };
-                    last_health.insert(id, now) != Some(now)
-                }
-                "remove" => {
-                    last_health.remove(&id);
-                    true
-                }
-                _ => true,
-            };
-            if relevant && !ping() {
-                return;
-            }
-        }
-        debug!("podman events: stream ended, reconnecting");
-        inspected.set_live(false);
-        missed = true;
-        tokio::time::sleep(RECONNECT_DELAY).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::sample_create_spec;
+    use crate::driver::sample_create_spec;
 
     /// The shared sample, on a named network with a static address.
     fn spec() -> CreateSpec {
@@ -1038,7 +586,7 @@ mod tests {
         assert_eq!(image_id("abc"), "sha256:abc");
         assert_eq!(image_id("sha256:abc"), "sha256:abc");
         assert_eq!(
-            crate::runtime::parse_port_key("53/udp"),
+            crate::driver::parse_port_key("53/udp"),
             Some((53, "udp".into()))
         );
     }

@@ -1,8 +1,14 @@
 //! The container runtime seen by the reconciler: one trait, implemented by the Podman
-//! driver (libpod API via podman-api), the Docker driver (bollard) and an in-memory fake.
+//! driver (libpod API via podman-api), the Docker driver (bollard) and, for unit tests
+//! only, an in-memory fake.
+
+pub mod docker;
+#[cfg(test)]
+pub mod fake;
+pub mod podman;
 
 use crate::spec::{ContainerPort, ContainerVolume};
-use converge_core::DriverError;
+use converge_core::{DriverError, HostEvent};
 use futures::stream::BoxStream;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -176,9 +182,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         id: &str,
     ) -> impl Future<Output = Result<Option<RuntimeContainer>, DriverError>> + Send;
 
-    /// A ping for every lifecycle event (die, start, health change, destroy) of a
-    /// converge-managed container. Reconnects on its own if the daemon restarts.
-    fn events(&self) -> BoxStream<'static, ()>;
+    /// An event naming the container for every lifecycle event (die, start, health
+    /// change, destroy) of a converge-managed one. Reconnects on its own if the daemon
+    /// restarts (and then reports the reconnection, since events may have been missed).
+    fn events(&self) -> BoxStream<'static, HostEvent>;
 }
 
 /// Stand-in when no runtime socket was found: every call fails with the reason, so a
@@ -225,7 +232,7 @@ impl ContainerRuntime for NoRuntime {
     async fn inspect(&self, _: &str) -> Result<Option<RuntimeContainer>, DriverError> {
         self.err()
     }
-    fn events(&self) -> BoxStream<'static, ()> {
+    fn events(&self) -> BoxStream<'static, HostEvent> {
         Box::pin(futures::stream::pending())
     }
 }

@@ -1,9 +1,9 @@
 //! Docker driver: [`ContainerRuntime`] over the Docker Engine API (bollard) on a unix
 //! socket. The API version is negotiated on first use (Debian's dockerd 20.10 speaks 1.41).
 
-use crate::runtime::{
+use crate::driver::{
     inspect_all, port_bindings, ContainerRuntime, CreateSpec, Health, Mount, RunState,
-    RuntimeContainer, LABEL_MANAGED, LABEL_NODE,
+    RuntimeContainer, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
 };
 use bollard::container::{
     Config as ContainerConfig, CreateContainerOptions, ListContainersOptions,
@@ -17,7 +17,7 @@ use bollard::models::{
     PortBinding as DockerPortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::system::EventsOptions;
-use converge_core::DriverError;
+use converge_core::{DriverError, HostEvent};
 use futures::stream::{BoxStream, StreamExt};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -547,7 +547,7 @@ impl ContainerRuntime for Docker {
         }
     }
 
-    fn events(&self) -> BoxStream<'static, ()> {
+    fn events(&self) -> BoxStream<'static, HostEvent> {
         let inner = self.inner.clone();
         futures::stream::unfold(EventState::Connect { missed: false }, move |state| {
             let inner = inner.clone();
@@ -555,6 +555,20 @@ impl ContainerRuntime for Docker {
         })
         .boxed()
     }
+}
+
+/// The host event for one Docker event: the container's document name and the action.
+fn event_of(ev: EventMessage) -> HostEvent {
+    let actor = ev.actor.unwrap_or_default();
+    let name = actor
+        .attributes
+        .and_then(|mut a| a.remove(LABEL_NAME))
+        .or(actor.id.map(|id| id.chars().take(12).collect()))
+        .unwrap_or_default();
+    HostEvent(format!(
+        "container {name} {}",
+        ev.action.unwrap_or_default()
+    ))
 }
 
 type EventStream = BoxStream<'static, Result<EventMessage, BollardError>>;
@@ -568,13 +582,14 @@ enum EventState {
 }
 
 /// Waits for the next ping, (re)subscribing as needed; never gives up.
-async fn next_event(inner: &Inner, mut state: EventState) -> ((), EventState) {
+async fn next_event(inner: &Inner, mut state: EventState) -> (HostEvent, EventState) {
     loop {
         state = match state {
             EventState::Connect { missed } => match subscribe(inner).await {
                 Ok(stream) if missed => {
                     // Something may have changed while we were away: one ping to resync.
-                    return ((), EventState::Open(stream));
+                    let reconnected = HostEvent("docker events reconnected".into());
+                    return (reconnected, EventState::Open(stream));
                 }
                 Ok(stream) => EventState::Open(stream),
                 Err(e) => {
@@ -584,7 +599,7 @@ async fn next_event(inner: &Inner, mut state: EventState) -> ((), EventState) {
                 }
             },
             EventState::Open(mut stream) => match stream.next().await {
-                Some(Ok(_)) => return ((), EventState::Open(stream)),
+                Some(Ok(ev)) => return (event_of(ev), EventState::Open(stream)),
                 Some(Err(e)) => {
                     warn!(error = %e, "docker events: stream failed, reconnecting");
                     tokio::time::sleep(RECONNECT_DELAY).await;
@@ -629,7 +644,7 @@ async fn subscribe(inner: &Inner) -> Result<EventStream, DriverError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::sample_create_spec as spec;
+    use crate::driver::sample_create_spec as spec;
 
     #[test]
     fn create_body_maps_every_field() {

@@ -1,10 +1,10 @@
 //! In-memory container runtime for unit tests of the reconciler's logic.
 
-use crate::runtime::{
+use crate::driver::{
     ContainerRuntime, CreateSpec, Health, Mount, PortBinding, RunState, RuntimeContainer,
     LABEL_MANAGED, LABEL_NODE,
 };
-use converge_core::DriverError;
+use converge_core::{DriverError, HostEvent};
 use futures::stream::BoxStream;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -209,7 +209,7 @@ impl ContainerRuntime for FakeRuntime {
         Ok(self.with(|s| s.containers.get(id).cloned()))
     }
 
-    fn events(&self) -> BoxStream<'static, ()> {
+    fn events(&self) -> BoxStream<'static, HostEvent> {
         Box::pin(futures::stream::pending())
     }
 }

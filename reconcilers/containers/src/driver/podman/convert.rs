@@ -1,0 +1,295 @@
+//! Conversion between converge's container types and libpod's: the create body from a
+//! [`CreateSpec`], and a [`RuntimeContainer`] from an inspect response.
+
+use super::*;
+
+/// Translates a [`CreateSpec`] into libpod's create body (a SpecGenerator).
+pub(super) fn create_opts(spec: &CreateSpec) -> Result<ContainerCreateOpts, DriverError> {
+    let bad = |what: String| failed("create", &spec.name, what);
+
+    let mut b = ContainerCreateOpts::builder()
+        .name(&spec.name)
+        .image(&spec.image)
+        .annotations([(IMAGE_ANNOTATION, spec.image.as_str())])
+        .env(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .labels(spec.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        // converge restarts containers itself (crash-loop back-off, events).
+        .restart_policy(ContainerRestartPolicy::No)
+        .stop_timeout(spec.stop_grace.as_secs_f64().ceil() as u64);
+    if let Some(cmd) = &spec.command {
+        b = b.entrypoint(cmd);
+    }
+    if let Some(args) = &spec.args {
+        b = b.command(args);
+    }
+
+    // Ports without a host port are reachable on the container's address anyway.
+    let ports: Vec<PortMapping> = spec
+        .ports
+        .iter()
+        .filter_map(|p| {
+            Some(PortMapping {
+                container_port: Some(p.container_port),
+                host_port: Some(p.host_port?),
+                host_ip: p.host_ip.clone(),
+                protocol: Some(p.protocol.as_str().to_string()),
+                range: None,
+            })
+        })
+        .collect();
+    if !ports.is_empty() {
+        b = b.portmappings(ports);
+    }
+
+    let rw = |ro: bool| if ro { "ro" } else { "rw" }.to_string();
+    let (binds, named): (Vec<_>, Vec<_>) = spec.volumes.iter().partition(|v| v.is_bind());
+    if !named.is_empty() {
+        // Created on demand by podman when missing.
+        b = b.volumes(named.into_iter().map(|v| NamedVolume {
+            name: Some(v.source.clone()),
+            dest: Some(v.target.clone()),
+            options: Some(vec![rw(v.read_only)]),
+            is_anonymous: None,
+        }));
+    }
+    if !binds.is_empty() {
+        b = b.mounts(binds.into_iter().map(|v| ContainerMount {
+            _type: Some("bind".into()),
+            source: Some(v.source.clone()),
+            destination: Some(v.target.clone()),
+            options: Some(vec![rw(v.read_only)]),
+            uid_mappings: None,
+            gid_mappings: None,
+        }));
+    }
+
+    let cpu = match spec.cpus {
+        Some(c) if c.is_finite() && c > 0.0 => {
+            const PERIOD: u64 = 100_000;
+            Some(LinuxCpu {
+                period: Some(PERIOD),
+                quota: Some((c * PERIOD as f64).round() as i64),
+                cpus: None,
+                mems: None,
+                realtime_period: None,
+                realtime_runtime: None,
+                shares: None,
+            })
+        }
+        Some(c) => return Err(bad(format!("invalid cpu limit {c}"))),
+        None => None,
+    };
+    let memory = match spec.memory {
+        Some(m) => Some(LinuxMemory {
+            limit: Some(i64::try_from(m).map_err(|_| bad(format!("memory limit {m} too large")))?),
+            disable_oom_killer: None,
+            kernel: None,
+            kernel_tcp: None,
+            reservation: None,
+            swap: None,
+            swappiness: None,
+            use_hierarchy: None,
+        }),
+        None => None,
+    };
+    let pids = spec.pids.map(|p| LinuxPids {
+        limit: Some(i64::from(p)),
+    });
+    if cpu.is_some() || memory.is_some() || pids.is_some() {
+        b = b.resource_limits(LinuxResources {
+            cpu,
+            memory,
+            pids,
+            block_io: None,
+            devices: None,
+            hugepage_limits: None,
+            network: None,
+            rdma: None,
+            unified: None,
+        });
+    }
+
+    if let Some(h) = &spec.health {
+        if h.command.is_empty() {
+            return Err(bad("empty health-check command".into()));
+        }
+        let ns = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        let mut test = vec!["CMD".to_string()];
+        test.extend(h.command.iter().cloned());
+        b = b.health_config(Schema2HealthConfig {
+            test: Some(test),
+            interval: Some(ns(h.interval)),
+            timeout: Some(ns(h.timeout)),
+            start_period: Some(ns(h.start_period)),
+            retries: Some(i64::from(h.retries)),
+        });
+    }
+
+    // A static address needs an explicit network; `podman` is the default one.
+    let network = match (&spec.network, spec.ip) {
+        (Some(n), _) => Some(n.as_str()),
+        (None, Some(_)) => Some("podman"),
+        (None, None) => None,
+    };
+    if let Some(net) = network {
+        let mut opts = serde_json::Map::new();
+        if let Some(ip) = spec.ip {
+            opts.insert("static_ips".into(), serde_json::json!([ip.to_string()]));
+        }
+        b = b
+            .net_namespace(Namespace {
+                nsmode: Some("bridge".into()),
+                value: None,
+            })
+            .networks([(net, serde_json::Value::Object(opts))]);
+    }
+
+    Ok(b.build())
+}
+
+pub(super) fn run_state(status: &str) -> RunState {
+    match status {
+        "created" | "configured" | "initialized" => RunState::Created,
+        "running" => RunState::Running,
+        "paused" => RunState::Paused,
+        "restarting" => RunState::Restarting,
+        "exited" | "stopped" => RunState::Exited,
+        _ => RunState::Other,
+    }
+}
+
+pub(super) fn health(status: &str) -> Option<Health> {
+    match status {
+        "starting" => Some(Health::Starting),
+        "healthy" => Some(Health::Healthy),
+        "unhealthy" => Some(Health::Unhealthy),
+        _ => None,
+    }
+}
+
+/// Podman reports bare hex image ids; the runtime contract (and Docker) uses `sha256:…`.
+pub(super) fn image_id(id: &str) -> String {
+    if id.is_empty() || id.contains(':') {
+        id.to_string()
+    } else {
+        format!("sha256:{id}")
+    }
+}
+
+/// Builds the driver's view from an inspect response.
+pub(super) fn runtime_container(c: InspectContainerData) -> RuntimeContainer {
+    let config = c.config;
+    let host = c.host_config;
+    let state = c.state;
+    let status = state
+        .as_ref()
+        .and_then(|s| s.status.clone())
+        .unwrap_or_default();
+    let run = run_state(&status);
+
+    let net = c.network_settings;
+    let mut networks: Vec<_> = net
+        .as_ref()
+        .and_then(|n| n.networks.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    networks.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    for (_, n) in &networks {
+        for a in [&n.ip_address, &n.global_i_pv_6_address]
+            .into_iter()
+            .flatten()
+            .chain(
+                [&n.secondary_ip_addresses, &n.secondary_i_pv_6_addresses]
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|a| a.addr.as_ref()),
+            )
+        {
+            if let Ok(ip) = a.parse::<IpAddr>() {
+                if !addresses.contains(&ip) {
+                    addresses.push(ip);
+                }
+            }
+        }
+    }
+
+    // Published ports as configured (HostConfig), so a stopped container reports the
+    // same ports as a running one; NetworkSettings only when HostConfig has none.
+    let bindings = host
+        .as_ref()
+        .and_then(|h| h.port_bindings.clone())
+        .filter(|b| !b.is_empty())
+        .or_else(|| net.as_ref().and_then(|n| n.ports.clone()))
+        .unwrap_or_default();
+    let ports = port_bindings(bindings, |b| (b.host_ip.as_deref(), b.host_port.as_deref()));
+
+    let mut mounts: Vec<Mount> = c
+        .mounts
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| {
+            let source = match m.type_.as_deref() {
+                Some("volume") => m.name?,
+                _ => m.source?,
+            };
+            Some(Mount {
+                source,
+                target: m.destination?,
+                read_only: !m.rw.unwrap_or(true),
+            })
+        })
+        .collect();
+    mounts.sort();
+
+    let labels: BTreeMap<String, String> = config
+        .as_ref()
+        .and_then(|c| c.labels.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let image = config
+        .as_ref()
+        .and_then(|c| c.annotations.as_ref()?.get(IMAGE_ANNOTATION).cloned())
+        .or(c.image_name)
+        .or_else(|| config.as_ref().and_then(|c| c.image.clone()))
+        .unwrap_or_default();
+
+    RuntimeContainer {
+        id: c.id.unwrap_or_default(),
+        name: c
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
+        labels,
+        image,
+        image_id: image_id(c.image.as_deref().unwrap_or_default()),
+        state: run,
+        // Only meaningful once the container is down.
+        exit_code: match run {
+            RunState::Exited => state.as_ref().and_then(|s| s.exit_code).map(i64::from),
+            _ => None,
+        },
+        health: state
+            .as_ref()
+            .and_then(|s| s.health.as_ref())
+            .and_then(|h| h.status.as_deref())
+            .and_then(health),
+        addresses,
+        ports,
+        mounts,
+        memory: host
+            .as_ref()
+            .and_then(|h| h.memory)
+            .filter(|m| *m > 0)
+            .map(|m| m as u64),
+        pids_limit: host
+            .as_ref()
+            .and_then(|h| h.pids_limit)
+            .filter(|p| *p > 0)
+            .and_then(|p| u32::try_from(p).ok()),
+    }
+}
