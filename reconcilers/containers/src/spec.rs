@@ -4,7 +4,6 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 /// The containers this node runs. Absent section: converge leaves containers it created
 /// earlier alone. Present: exactly these containers exist; any other container converge

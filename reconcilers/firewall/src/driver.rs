@@ -3,7 +3,7 @@
 
 use crate::nfnl::{self, msg, Attrs, Message, Nft, NlError};
 use crate::ruleset::{self, Snapshot, TABLE};
-use converge_core::DriverError;
+use converge_core::{DriverError, HostEvent};
 use futures::stream::BoxStream;
 
 /// What the reconciler needs from the kernel.
@@ -16,7 +16,7 @@ pub trait NftDriver: Send + Sync + 'static {
     /// longer `genid`.
     fn commit(&self, messages: &[Message], genid: u32) -> Result<(), CommitError>;
     /// Notifications that converge's table changed (by anyone).
-    fn events(&self) -> Option<BoxStream<'static, ()>>;
+    fn events(&self) -> Option<BoxStream<'static, HostEvent>>;
 }
 
 /// Why a commit failed: the ruleset moved under us (retry), or the kernel refused.
@@ -82,10 +82,14 @@ impl NftDriver for Kernel {
         }
     }
 
-    fn events(&self) -> Option<BoxStream<'static, ()>> {
+    fn events(&self) -> Option<BoxStream<'static, HostEvent>> {
         use futures::StreamExt;
         match nfnl::watch_table(TABLE) {
-            Ok(rx) => Some(tokio_stream(rx).boxed()),
+            Ok(rx) => Some(
+                tokio_stream(rx)
+                    .map(|()| HostEvent(format!("table inet {TABLE}")))
+                    .boxed(),
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, "no nftables notifications; drift is repaired at the next resync");
                 None

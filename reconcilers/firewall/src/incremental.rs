@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 /// What a table converge committed (or found converged) was built from: the table is
 /// exactly `ruleset::desired(spec, facts)` for any facts with these addresses.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Source {
     spec: FirewallSpec,
     /// Every container's addresses: the only facts the table depends on.
