@@ -2,7 +2,7 @@
 
 use crate::document::Document;
 use crate::engine::{Bound, Section};
-use converge_containers::runtime::NoRuntime;
+use converge_containers::driver::NoRuntime;
 use converge_containers::{Config as ContainersConfig, Containers};
 use converge_dns::driver::Dnsmasq;
 use converge_dns::{Dns, Layout};

@@ -11,7 +11,7 @@ use common::runtime::{
 use common::docker::{docker, docker_ok, start_docker, DockerDaemon, TEST_IMAGE};
 use common::sandbox::TestNode;
 use converge_containers::docker::Docker;
-use converge_containers::runtime::{
+use converge_containers::driver::{
     ContainerRuntime, CreateSpec, Health, HealthSpec, Mount, PortBinding, RunState,
 };
 use converge_containers::{ContainerPort, ContainerVolume, Protocol};

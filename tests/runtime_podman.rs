@@ -11,7 +11,7 @@ use common::runtime::{
 use common::podman::{podman, podman_ok, start_podman, PodmanService, TEST_IMAGE};
 use common::sandbox::{require_tool, TestNode};
 use converge_containers::podman::Podman;
-use converge_containers::runtime::{
+use converge_containers::driver::{
     ContainerRuntime, Health, HealthSpec, Mount, PortBinding, RunState, LABEL_MANAGED, LABEL_NODE,
 };
 use converge_containers::{ContainerPort, ContainerVolume, Protocol};

@@ -2,7 +2,7 @@
 //! of managed containers, and waiting on inspect data or event pings.
 
 use super::sandbox::TestNode;
-use converge_containers::runtime::{
+use converge_containers::driver::{
     ContainerRuntime, CreateSpec, RuntimeContainer, LABEL_HASH, LABEL_MANAGED, LABEL_NAME,
     LABEL_NODE,
 };
