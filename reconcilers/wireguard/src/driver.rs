@@ -129,6 +129,46 @@ pub fn wireguard_go_running(iface: &str) -> bool {
     UnixStream::connect(uapi_socket(iface)).is_ok()
 }
 
+/// The wireguard-go processes serving `iface` (wireguard-go re-executes itself with the
+/// same arguments when it daemonises, so its command line is `wireguard-go <iface>`).
+pub fn wireguard_go_pids(iface: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let mut args = cmd.split(|b| *b == 0);
+        let prog = args.next().unwrap_or_default();
+        if prog.ends_with(b"wireguard-go") && args.next() == Some(iface.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Stops the wireguard-go of `iface`: SIGTERM, then SIGKILL after `grace`.
+fn stop_wireguard_go(iface: &str, grace: Duration) {
+    let pids = wireguard_go_pids(iface);
+    for pid in &pids {
+        // SAFETY: signalling a process found serving our interface.
+        unsafe { libc::kill(*pid, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && !wireguard_go_pids(iface).is_empty() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for pid in wireguard_go_pids(iface) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
 fn nl(op: &str, e: io::Error) -> DriverError {
     match e.raw_os_error() {
         Some(libc::EAGAIN) => DriverError::Timeout {
@@ -244,7 +284,17 @@ impl System {
     fn start_wireguard_go(&self, iface: &str) -> Result<(), DriverError> {
         let sock = uapi_socket(iface);
         if wireguard_go_running(iface) {
-            return Ok(());
+            if self
+                .rtnl
+                .link(iface)
+                .map_err(|e| nl("read link", e))?
+                .is_some()
+            {
+                return Ok(());
+            }
+            // Its interface was deleted under it: a wireguard-go converge started for
+            // this interface, now serving nothing. Replace it.
+            stop_wireguard_go(iface, Duration::from_secs(3));
         }
         // A socket left by a killed wireguard-go (kill -9 leaves it behind).
         let _ = std::fs::remove_file(&sock);

@@ -155,7 +155,13 @@ impl Rtnl {
                         }
                         return Err(e.to_io());
                     }
-                    NetlinkPayload::InnerMessage(m) => found.push(m),
+                    NetlinkPayload::InnerMessage(m) => {
+                        found.push(m);
+                        // A plain get is answered by one message, without an ACK.
+                        if !dump && flags & NLM_F_ACK == 0 {
+                            return Ok(found);
+                        }
+                    }
                     _ => {}
                 }
             }
