@@ -36,7 +36,12 @@ fn peer(i: u32, salt: u8) -> WireguardPeer {
         public_key: key(i, salt).to_base64(),
         // Nothing is sent: no peer has traffic or keepalive, and the namespace has no way out.
         endpoint: Some(format!("10.97.{}.{}:51820", (i / 250) % 250, 1 + i % 250)),
-        allowed_ips: vec![format!("10.{}.{}.{}/32", 64 + i / 65536, (i / 256) % 256, i % 256)],
+        allowed_ips: vec![format!(
+            "10.{}.{}.{}/32",
+            64 + i / 65536,
+            (i / 256) % 256,
+            i % 256
+        )],
         persistent_keepalive: None,
         preshared_key_secret: None,
     }
@@ -57,10 +62,21 @@ fn spec(iface: &str, peers: Vec<WireguardPeer>) -> WireguardSpec {
 async fn pass(rec: &Rec, s: &WireguardSpec) -> Duration {
     let t = Instant::now();
     let obs = rec.observe(s).await.expect("observe");
+    let t1 = t.elapsed();
     let plan = rec.plan(s, &obs, &Facts::default());
+    let t2 = t.elapsed();
     drop(obs);
     let out = rec.apply(plan).await;
     let d = t.elapsed();
+    if std::env::var_os("BENCH_PHASES").is_some() {
+        eprintln!(
+            "  {} peers: observe {:.0} µs, plan {:.0} µs, apply {:.0} µs",
+            s.peers.len(),
+            t1.as_secs_f64() * 1e6,
+            (t2 - t1).as_secs_f64() * 1e6,
+            (d - t2).as_secs_f64() * 1e6
+        );
+    }
     let failed: Vec<_> = out.iter().filter(|o| o.error.is_some()).collect();
     assert!(failed.is_empty(), "{failed:?}");
     d
@@ -240,11 +256,27 @@ fn main() {
     println!("\nWireGuard, wireguard-go {} (ms, median)", wg_go_version());
     println!(
         "{:>6} | {:>9} | {:>24} | {:>24} | {:>8} | {:>16} | {:>12}",
-        "peers", "initial", "converge add/chg/rm", "wg syncconf add/chg/rm", "down/up", "syncconf÷conv(chg)", "down/up÷conv"
+        "peers",
+        "initial",
+        "converge add/chg/rm",
+        "wg syncconf add/chg/rm",
+        "down/up",
+        "syncconf÷conv(chg)",
+        "down/up÷conv"
     );
     for r in &rows {
-        let c = format!("{}/{}/{}", ms(r.converge[0]), ms(r.converge[1]), ms(r.converge[2]));
-        let w = format!("{}/{}/{}", ms(r.syncconf[0]), ms(r.syncconf[1]), ms(r.syncconf[2]));
+        let c = format!(
+            "{}/{}/{}",
+            ms(r.converge[0]),
+            ms(r.converge[1]),
+            ms(r.converge[2])
+        );
+        let w = format!(
+            "{}/{}/{}",
+            ms(r.syncconf[0]),
+            ms(r.syncconf[1]),
+            ms(r.syncconf[2])
+        );
         println!(
             "{:>6} | {:>9} | {:>24} | {:>24} | {:>8} | {:>17.1}x | {:>11.1}x",
             r.n,

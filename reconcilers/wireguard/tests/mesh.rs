@@ -84,7 +84,7 @@ fn mesh_pings_and_peer_churn_never_disturbs_another_session() {
             format!("10.77.{}.0/24", 1 + i % 5),
             format!("fd00:77:{}::/48", 1 + i % 5),
         ],
-        persistent_keepalive: (i % 2 == 0).then_some(25),
+        persistent_keepalive: i.is_multiple_of(2).then_some(25),
         preshared_key_secret: None,
     };
     let started = Instant::now();
