@@ -17,17 +17,31 @@ pub struct ContainerFacts {
     pub running: bool,
 }
 
+/// This node's WireGuard identity (published by `wireguard`): what the control plane
+/// builds the other nodes' peers from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WireguardFacts {
+    pub interface: String,
+    /// Base64 public key (never the private key).
+    pub public_key: String,
+    /// `kernel` or `userspace`.
+    pub backend: String,
+}
+
 /// Read-only snapshot of facts published by reconcilers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Facts {
     /// Managed containers by document name (published by `containers`).
     pub containers: BTreeMap<String, ContainerFacts>,
+    /// The node's WireGuard interface, once it has a key (published by `wireguard`).
+    pub wireguard: Option<WireguardFacts>,
 }
 
 /// A replacement for one part of [`Facts`], owned by exactly one reconciler.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FactsUpdate {
     Containers(BTreeMap<String, ContainerFacts>),
+    Wireguard(Option<WireguardFacts>),
 }
 
 impl Facts {
@@ -39,6 +53,13 @@ impl Facts {
                     return false;
                 }
                 self.containers = c;
+                true
+            }
+            FactsUpdate::Wireguard(w) => {
+                if self.wireguard == w {
+                    return false;
+                }
+                self.wireguard = w;
                 true
             }
         }

@@ -1,0 +1,765 @@
+//! The glue: observe (netlink, the device, keys, secrets, DNS) → plan → apply through
+//! the driver, with what is kept between passes, the node's key, notes and facts.
+//!
+//! Between passes converge keeps the device as last read (and patched by its own
+//! writes) and its routes (kept current by route notifications): reading 10,000 peers
+//! from wireguard-go takes ~150 ms, which a one-peer change must not pay. The device is
+//! read in full again when it is older than `Config::full_read_after` (so every engine
+//! resync re-reads it: a peer changed by hand is repaired within a resync), when the
+//! interface is new or was re-created, and after a failed write. The link and the
+//! addresses are read on every pass (one netlink round trip each).
+
+use crate::driver::{RouteChange, WgDriver};
+use crate::plan::{
+    self, peer_label, Action, ActionKind, Backend, Device, HostState, Inputs, KeyInput, Link,
+    Observed, PeerUpdate, SecretKey,
+};
+use crate::spec::{Endpoint, PublicKey, WireguardSpec};
+use converge_core::fsutil::write_atomic;
+use converge_core::{
+    with_timeout, DriverError, Facts, FactsUpdate, HostEvent, ObjectNote, ObjectOutcome, Plan,
+    Reconciler,
+};
+use futures::stream::BoxStream;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+use tracing::{debug, info, info_span, warn};
+
+/// Settings of the reconciler.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// converge's data directory; keys live in `<data_dir>/wireguard/<iface>.key`.
+    pub data_dir: PathBuf,
+    /// Local secrets (`<secrets_dir>/<name>`): `privateKeySecret`, `presharedKeySecret`.
+    pub secrets_dir: PathBuf,
+    /// Bound of each call that may block (device reads and writes, starting wireguard-go).
+    pub call_timeout: Duration,
+    /// The device is read in full again when the last full read is older than this.
+    pub full_read_after: Duration,
+    /// How long a resolved endpoint name is used before it is resolved again.
+    pub resolve_ttl: Duration,
+    /// Peers per device write (one UAPI request); a failing batch is retried peer by peer.
+    pub batch: usize,
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>, secrets_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            secrets_dir: secrets_dir.into(),
+            call_timeout: Duration::from_secs(30),
+            // Below the engine's resync (60 s minus 10 %), so that every resync re-reads.
+            full_read_after: Duration::from_secs(50),
+            resolve_ttl: Duration::from_secs(60),
+            batch: 512,
+        }
+    }
+}
+
+/// Where converge keeps the generated private key of `iface`.
+pub fn key_path(data_dir: &Path, iface: &str) -> PathBuf {
+    data_dir.join("wireguard").join(format!("{iface}.key"))
+}
+
+/// Errors of the key file helpers.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} does not hold a WireGuard key (base64 of 32 bytes)")]
+    Invalid(String),
+}
+
+fn parse_key(text: &str) -> Option<SecretKey> {
+    PublicKey::from_base64(text.trim()).map(|k| SecretKey(k.0))
+}
+
+fn read_key(path: &Path) -> Result<Option<SecretKey>, KeyError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => parse_key(&t)
+            .map(Some)
+            .ok_or_else(|| KeyError::Invalid(path.display().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(KeyError::Io {
+            path: path.display().to_string(),
+            source: e,
+        }),
+    }
+}
+
+fn write_key(path: &Path, key: &SecretKey) -> Result<(), KeyError> {
+    let io = |source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    // write_atomic sets the mode on the temp file before the rename: never readable by others.
+    write_atomic(
+        path,
+        format!("{}\n", PublicKey(key.0).to_base64()).as_bytes(),
+        0o600,
+    )
+    .map_err(io)
+}
+
+/// Replaces the generated private key of `iface` with a new one and returns the new
+/// public key (what `converge wireguard rotate-key` calls). The next pass sets it on the
+/// interface; every peer must learn the new public key before it can handshake again,
+/// so the control plane must be told (status and facts report it). Does nothing for a
+/// `privateKeySecret` key: rotate that secret instead.
+pub fn rotate_key(data_dir: &Path, iface: &str) -> Result<PublicKey, KeyError> {
+    let key = SecretKey(wireguard_control::Key::generate_private().0);
+    write_key(&key_path(data_dir, iface), &key)?;
+    Ok(key.public())
+}
+
+#[derive(Default)]
+struct Cache {
+    state: Arc<HostState>,
+    /// Whether `state.routes` was listed and the notification feed has been intact since.
+    routes_listed: bool,
+    device_read_at: Option<Instant>,
+    /// The link the device belongs to (a re-created link has a new index).
+    link: Option<Link>,
+    resolved: HashMap<String, (Instant, SocketAddr)>,
+}
+
+/// The WireGuard reconciler.
+pub struct WireguardReconciler<D: WgDriver> {
+    driver: Arc<D>,
+    config: Config,
+    cache: Mutex<Cache>,
+}
+
+fn short_err(e: &DriverError) -> String {
+    e.to_string()
+}
+
+impl<D: WgDriver> WireguardReconciler<D> {
+    pub fn new(driver: D, config: Config) -> Self {
+        Self {
+            driver: Arc::new(driver),
+            config,
+            cache: Mutex::default(),
+        }
+    }
+
+    pub fn driver(&self) -> &D {
+        &self.driver
+    }
+
+    fn cache(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a call that may block on a blocking thread, under the call deadline.
+    async fn slow<T: Send + 'static>(
+        &self,
+        op: &str,
+        f: impl FnOnce(&D) -> Result<T, DriverError> + Send + 'static,
+    ) -> Result<T, DriverError> {
+        let d = self.driver.clone();
+        with_timeout(op, self.config.call_timeout, async move {
+            tokio::task::spawn_blocking(move || f(&d))
+                .await
+                .map_err(|e| DriverError::Failed(format!("driver call panicked: {e}")))?
+        })
+        .await
+    }
+
+    fn private_key(&self, spec: &WireguardSpec) -> KeyInput {
+        let path = match &spec.private_key_secret {
+            Some(name) => self.config.secrets_dir.join(name),
+            None => key_path(&self.config.data_dir, &spec.interface),
+        };
+        match read_key(&path) {
+            Ok(Some(k)) => KeyInput::Ready(k),
+            Ok(None) if spec.private_key_secret.is_none() => KeyInput::Missing,
+            Ok(None) => KeyInput::Unreadable(format!("secret {} not found", path.display())),
+            Err(e) => KeyInput::Unreadable(e.to_string()),
+        }
+    }
+
+    /// Pre-shared keys and endpoint names of the peers that have them.
+    async fn inputs(&self, spec: &WireguardSpec) -> Inputs {
+        let parsed = spec.peers.parsed();
+        let mut psks = BTreeMap::new();
+        let mut names: Vec<(String, String, u16)> = Vec::new();
+        for &i in &parsed.with_inputs {
+            let Some(w) = &parsed.wants[i] else { continue };
+            if let Some(s) = &w.psk_secret {
+                if !psks.contains_key(s) {
+                    let path = self.config.secrets_dir.join(s);
+                    let v = match read_key(&path) {
+                        Ok(Some(k)) => Ok(k),
+                        Ok(None) => Err(format!("secret {} not found", path.display())),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    psks.insert(s.clone(), v);
+                }
+            }
+            if let Some(Endpoint::Host(h, port)) = &w.endpoint {
+                names.push((format!("{h}:{port}"), h.clone(), *port));
+            }
+        }
+        let mut resolved = BTreeMap::new();
+        for (key, host, port) in names {
+            if resolved.contains_key(&key) {
+                continue;
+            }
+            let cached = self.cache().resolved.get(&key).copied();
+            if let Some((at, addr)) = cached {
+                if at.elapsed() < self.config.resolve_ttl {
+                    resolved.insert(key, Ok(addr));
+                    continue;
+                }
+            }
+            let r = with_timeout("resolve endpoint", Duration::from_secs(5), async {
+                tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .map_err(|e| DriverError::io(format!("resolve {host}"), e))
+            })
+            .await;
+            let r = match r {
+                Ok(mut addrs) => addrs.next().ok_or_else(|| "no address".to_string()),
+                Err(e) => Err(short_err(&e)),
+            };
+            if let Ok(a) = r {
+                self.cache()
+                    .resolved
+                    .insert(key.clone(), (Instant::now(), a));
+            }
+            resolved.insert(key, r);
+        }
+        Inputs {
+            private_key: self.private_key(spec),
+            psks,
+            resolved,
+        }
+    }
+
+    async fn observe_inner(&self, spec: &WireguardSpec) -> Result<Observed, DriverError> {
+        let iface = spec.interface.clone();
+        let now = SystemTime::now();
+        let link = self.driver.link(&iface)?;
+        self.driver.watch(&iface, link.as_ref().map(|l| l.index));
+        let addresses = match &link {
+            Some(l) => self.driver.addresses(l.index)?,
+            None => Vec::new(),
+        };
+
+        // Routes: the notifications since the last pass, or a full list.
+        let changes = self.driver.route_changes()?;
+        let stale_device = {
+            let mut c = self.cache();
+            let c = &mut *c;
+            match changes {
+                Some(changes) if c.routes_listed => {
+                    let mut foreign = false;
+                    let state = Arc::make_mut(&mut c.state);
+                    for ch in changes {
+                        foreign |= match ch {
+                            RouteChange::Added(r) => state.routes.insert(r),
+                            RouteChange::Removed(r) => state.routes.remove(&r),
+                        };
+                    }
+                    if foreign {
+                        // Someone else changed our routes: compare everything.
+                        state.baseline = None;
+                    }
+                }
+                _ => c.routes_listed = false,
+            }
+            let due = c
+                .device_read_at
+                .is_none_or(|t| t.elapsed() >= self.config.full_read_after);
+            due || c.link.as_ref().map(|l| (l.index, l.backend))
+                != link.as_ref().map(|l| (l.index, l.backend))
+        };
+        let relist = stale_device || !self.cache().routes_listed;
+        if relist {
+            // Drop queued notifications first: the list is newer than all of them.
+            let _ = self.driver.route_changes()?;
+            let routes = self.driver.routes()?;
+            let mut c = self.cache();
+            let state = Arc::make_mut(&mut c.state);
+            state.routes = routes;
+            state.baseline = None;
+            c.routes_listed = true;
+        }
+        if stale_device {
+            let device = match &link {
+                Some(l) => {
+                    let (i, b) = (iface.clone(), l.backend);
+                    Some(
+                        self.slow("read device", move |d| d.read_device(&i, b))
+                            .await?,
+                    )
+                }
+                None => None,
+            };
+            let mut c = self.cache();
+            let state = Arc::make_mut(&mut c.state);
+            state.device = device;
+            state.baseline = None;
+            c.device_read_at = link.as_ref().map(|_| Instant::now());
+            c.link = link.clone();
+        } else {
+            // Same device; keep the fresh link state (MTU, up).
+            self.cache().link = link.clone();
+        }
+
+        let inputs = self.inputs(spec).await;
+        let mut obs = Observed {
+            interface: iface,
+            now,
+            link,
+            addresses,
+            state: self.cache().state.clone(),
+            inputs,
+            peers: spec.peers.parsed().clone(),
+        };
+        if obs.state.baseline.is_none() && obs.link.is_some() {
+            // Find out once whether the host already matches this document, so that
+            // the passes after this one compare only what changes.
+            let p = plan::plan(spec, &obs);
+            if p.actions.is_empty() {
+                let parsed = spec.peers.parsed();
+                let baseline = plan::Baseline {
+                    digests: parsed.digests.clone(),
+                    keys: parsed.keys.clone(),
+                    routing: spec.routing_digest(),
+                    oif: obs.link.as_ref().map_or(0, |l| l.index),
+                };
+                // Release our snapshot first so the cache is not copied.
+                obs.state = Arc::default();
+                let mut c = self.cache();
+                Arc::make_mut(&mut c.state).baseline = Some(baseline);
+                obs.state = c.state.clone();
+            }
+        }
+        Ok(obs)
+    }
+
+    fn backend(&self) -> Result<(u32, Backend), DriverError> {
+        self.cache()
+            .link
+            .as_ref()
+            .map(|l| (l.index, l.backend))
+            .ok_or_else(|| DriverError::Transient("the interface does not exist".into()))
+    }
+
+    /// Forgets the device so the next pass reads it in full (after a failed write:
+    /// wireguard-go applies a request line by line, so part of it may have landed).
+    fn invalidate_device(&self) {
+        let mut c = self.cache();
+        c.device_read_at = None;
+        Arc::make_mut(&mut c.state).baseline = None;
+    }
+
+    fn patch_device(&self, f: impl FnOnce(&mut Device)) {
+        let mut c = self.cache();
+        let state = Arc::make_mut(&mut c.state);
+        f(state.device.get_or_insert_with(Device::default));
+    }
+
+    async fn create(&self, iface: &str) -> Result<(), DriverError> {
+        let i = iface.to_string();
+        let backend = self.slow("create interface", move |d| d.create(&i)).await?;
+        let link = self.driver.link(iface)?.ok_or_else(|| {
+            DriverError::Failed(format!("interface {iface} vanished after it was created"))
+        })?;
+        info!(interface = iface, backend = %backend, "created the WireGuard interface");
+        let mut c = self.cache();
+        c.link = Some(link);
+        // A new device is empty: known without reading it.
+        c.device_read_at = Some(Instant::now());
+        Arc::make_mut(&mut c.state).device = Some(Device::default());
+        Ok(())
+    }
+
+    async fn set_key(&self, iface: &str, key: SecretKey) -> Result<(), DriverError> {
+        let (_, backend) = self.backend()?;
+        let public = key.public();
+        let i = iface.to_string();
+        self.slow("set private key", move |d| {
+            d.configure(&i, backend, Some(&key), None)
+        })
+        .await?;
+        self.patch_device(|d| d.public_key = Some(public));
+        info!(interface = iface, public_key = %public, "private key set");
+        Ok(())
+    }
+
+    async fn generate_key(&self, iface: &str) -> Result<(), DriverError> {
+        let path = key_path(&self.config.data_dir, iface);
+        let key = match read_key(&path) {
+            // Written since observe (a rotation): use it.
+            Ok(Some(k)) => k,
+            Ok(None) => {
+                let k = SecretKey(wireguard_control::Key::generate_private().0);
+                write_key(&path, &k).map_err(|e| DriverError::Failed(e.to_string()))?;
+                k
+            }
+            Err(e) => return Err(DriverError::Failed(e.to_string())),
+        };
+        self.set_key(iface, key).await
+    }
+
+    /// Applies a run of peer updates in batches; a failed batch is retried peer by
+    /// peer so that each peer gets its own outcome.
+    async fn set_peers(
+        &self,
+        iface: &str,
+        ups: Vec<PeerUpdate>,
+        out: &mut Vec<ObjectOutcome>,
+    ) -> bool {
+        let mut ok = true;
+        let backend = match self.backend() {
+            Ok((_, b)) => b,
+            Err(e) => {
+                for u in &ups {
+                    out.push(ObjectOutcome::failed(format!("peer {}", u.label), &e));
+                }
+                return false;
+            }
+        };
+        for chunk in ups.chunks(self.config.batch.max(1)) {
+            let batch: Vec<PeerUpdate> = chunk.to_vec();
+            let i = iface.to_string();
+            let r = self
+                .slow("set peers", move |d| {
+                    let refs: Vec<&PeerUpdate> = batch.iter().collect();
+                    d.set_peers(&i, backend, &refs)
+                })
+                .await;
+            match r {
+                Ok(()) => {
+                    for u in chunk {
+                        let _s = info_span!("peer", peer = %u.label).entered();
+                        debug!(fields = ?fields_of(u), "peer set");
+                        out.push(ObjectOutcome::ok(format!("peer {}", u.label)));
+                    }
+                    self.patch_device(|d| {
+                        for u in chunk {
+                            crate::plan::apply_peer(d, u);
+                        }
+                    });
+                }
+                Err(e) if chunk.len() > 1 => {
+                    warn!(error = %e, peers = chunk.len(), "batch failed; retrying peer by peer");
+                    self.invalidate_device();
+                    for u in chunk {
+                        let one = u.clone();
+                        let i = iface.to_string();
+                        let r = self
+                            .slow("set peer", move |d| d.set_peers(&i, backend, &[&one]))
+                            .await;
+                        let _s = info_span!("peer", peer = %u.label).entered();
+                        if let Err(e) = &r {
+                            warn!(error = %e, "peer not set");
+                            ok = false;
+                        }
+                        out.push(ObjectOutcome::from_result(format!("peer {}", u.label), r));
+                    }
+                }
+                Err(e) => {
+                    let _s = info_span!("peer", peer = %chunk[0].label).entered();
+                    warn!(error = %e, "peer not set");
+                    self.invalidate_device();
+                    ok = false;
+                    out.push(ObjectOutcome::from_result(
+                        format!("peer {}", chunk[0].label),
+                        Err(e),
+                    ));
+                }
+            }
+        }
+        ok
+    }
+
+    async fn remove_peers(
+        &self,
+        iface: &str,
+        keys: Vec<PublicKey>,
+        out: &mut Vec<ObjectOutcome>,
+    ) -> bool {
+        let backend = match self.backend() {
+            Ok((_, b)) => b,
+            Err(e) => {
+                for k in &keys {
+                    out.push(ObjectOutcome::failed(format!("peer {}", k.short()), &e));
+                }
+                return false;
+            }
+        };
+        let i = iface.to_string();
+        let ks = keys.clone();
+        let r = self
+            .slow("remove peers", move |d| d.remove_peers(&i, backend, &ks))
+            .await;
+        let ok = r.is_ok();
+        if ok {
+            self.patch_device(|d| {
+                for k in &keys {
+                    d.peers.remove(k);
+                }
+            });
+        } else {
+            self.invalidate_device();
+        }
+        for k in &keys {
+            let _s = info_span!("peer", peer = %k.short()).entered();
+            match &r {
+                Ok(()) => info!("peer removed"),
+                Err(e) => warn!(error = %e, "peer not removed"),
+            }
+            out.push(ObjectOutcome::from_result(
+                format!("peer {}", k.short()),
+                r.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| DriverError::Failed(e.to_string())),
+            ));
+        }
+        ok
+    }
+
+    async fn apply_one(&self, a: &Action) -> Result<(), DriverError> {
+        let iface = a.iface.as_str();
+        match &a.kind {
+            ActionKind::CreateInterface => self.create(iface).await,
+            ActionKind::GenerateKey => self.generate_key(iface).await,
+            ActionKind::SetPrivateKey(k) => self.set_key(iface, k.clone()).await,
+            ActionKind::SetListenPort(p) => {
+                let (_, backend) = self.backend()?;
+                let (i, p) = (iface.to_string(), *p);
+                self.slow("set listen port", move |d| {
+                    d.configure(&i, backend, None, Some(p))
+                })
+                .await?;
+                self.patch_device(|d| d.listen_port = p);
+                Ok(())
+            }
+            ActionKind::SetMtu(m) => self.driver.set_mtu(self.backend()?.0, *m),
+            ActionKind::SetUp => self.driver.set_up(self.backend()?.0),
+            ActionKind::AddAddress(n) => self.driver.add_address(self.backend()?.0, *n),
+            ActionKind::DelAddress(n) => self.driver.del_address(self.backend()?.0, *n),
+            ActionKind::AddRoute(dst) => {
+                let oif = self.backend()?.0;
+                self.driver.add_route(*dst, oif)?;
+                let r = plan::Route { dst: *dst, oif };
+                Arc::make_mut(&mut self.cache().state).routes.insert(r);
+                Ok(())
+            }
+            ActionKind::DelRoute(r) => {
+                self.driver.del_route(*r)?;
+                Arc::make_mut(&mut self.cache().state).routes.remove(r);
+                Ok(())
+            }
+            // Handled by apply.
+            ActionKind::SetPeer(_) | ActionKind::RemovePeer { .. } | ActionKind::Settle(_) => {
+                Ok(())
+            }
+        }
+    }
+}
+
+fn fields_of(u: &PeerUpdate) -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if u.allowed.is_some() {
+        f.push("allowedIps");
+    }
+    if u.endpoint.is_some() {
+        f.push("endpoint");
+    }
+    if u.keepalive.is_some() {
+        f.push("persistentKeepalive");
+    }
+    if u.psk.is_some() {
+        f.push("presharedKey");
+    }
+    f
+}
+
+impl<D: WgDriver> Reconciler for WireguardReconciler<D> {
+    type Spec = WireguardSpec;
+    type Observed = Observed;
+    type Action = Action;
+
+    fn name(&self) -> &'static str {
+        "wireguard"
+    }
+
+    async fn observe(&self, spec: &WireguardSpec) -> Result<Observed, DriverError> {
+        self.observe_inner(spec).await
+    }
+
+    fn plan(&self, spec: &WireguardSpec, observed: &Observed, _facts: &Facts) -> Plan<Action> {
+        plan::plan(spec, observed)
+    }
+
+    async fn apply(&self, plan: Plan<Action>) -> Vec<ObjectOutcome> {
+        let mut out = Vec::with_capacity(plan.actions.len());
+        let mut ok = true;
+        let mut actions = plan.actions.into_iter().peekable();
+        while let Some(a) = actions.next() {
+            let iface = a.iface.clone();
+            match a.kind {
+                ActionKind::SetPeer(first) => {
+                    let mut run = vec![first];
+                    while let Some(Action {
+                        kind: ActionKind::SetPeer(_),
+                        ..
+                    }) = actions.peek()
+                    {
+                        if let Some(Action {
+                            kind: ActionKind::SetPeer(u),
+                            ..
+                        }) = actions.next()
+                        {
+                            run.push(u);
+                        }
+                    }
+                    ok &= self.set_peers(&iface, run, &mut out).await;
+                }
+                ActionKind::RemovePeer { key } => {
+                    let mut run = vec![key];
+                    while let Some(Action {
+                        kind: ActionKind::RemovePeer { .. },
+                        ..
+                    }) = actions.peek()
+                    {
+                        if let Some(Action {
+                            kind: ActionKind::RemovePeer { key },
+                            ..
+                        }) = actions.next()
+                        {
+                            run.push(key);
+                        }
+                    }
+                    ok &= self.remove_peers(&iface, run, &mut out).await;
+                }
+                ActionKind::Settle(mut baseline) => {
+                    // Bookkeeping only: no outcome of its own.
+                    if ok {
+                        if let Ok((index, _)) = self.backend() {
+                            baseline.oif = index;
+                            Arc::make_mut(&mut self.cache().state).baseline = Some(baseline);
+                        }
+                    }
+                }
+                kind => {
+                    let a = Action { iface, kind };
+                    let object = a.object();
+                    let r = self.apply_one(&a).await;
+                    if let Err(e) = &r {
+                        warn!(object = %object, error = %e, "wireguard change failed");
+                        ok = false;
+                        if matches!(a.kind, ActionKind::CreateInterface) {
+                            // Nothing else can be done on a missing interface.
+                            out.push(ObjectOutcome::from_result(object, r));
+                            for rest in actions.by_ref() {
+                                if !matches!(rest.kind, ActionKind::Settle(_)) {
+                                    out.push(ObjectOutcome::failed(
+                                        rest.object(),
+                                        "the interface could not be created",
+                                    ));
+                                }
+                            }
+                            break;
+                        }
+                    } else {
+                        debug!(object = %object, "applied");
+                    }
+                    out.push(ObjectOutcome::from_result(object, r));
+                }
+            }
+        }
+        if !ok {
+            Arc::make_mut(&mut self.cache().state).baseline = None;
+        }
+        out
+    }
+
+    fn publish(&self, observed: &Observed) -> Option<FactsUpdate> {
+        let link = observed.link.as_ref()?;
+        let key = observed.state.device.as_ref()?.public_key?;
+        Some(FactsUpdate::Wireguard(Some(
+            converge_core::facts::WireguardFacts {
+                interface: observed.interface.clone(),
+                public_key: key.to_base64(),
+                backend: match link.backend {
+                    Backend::Kernel => "kernel".into(),
+                    Backend::Userspace => "userspace".into(),
+                },
+            },
+        )))
+    }
+
+    fn notes(&self, observed: &Observed) -> Vec<ObjectNote> {
+        let mut notes = Vec::new();
+        let Some(link) = &observed.link else {
+            return notes;
+        };
+        let device = observed.state.device.as_ref();
+        notes.push(ObjectNote {
+            object: format!("interface {}", observed.interface),
+            note: format!(
+                "backend {}, public key {}",
+                link.backend,
+                device
+                    .and_then(|d| d.public_key)
+                    .map_or_else(|| "not set".to_string(), |k| k.to_base64())
+            ),
+        });
+        let Some(device) = device else {
+            return notes;
+        };
+        let parsed = &observed.peers;
+        let mut peers: Vec<_> = device.peers.iter().collect();
+        peers.sort_by_key(|(k, _)| **k);
+        for (key, p) in peers {
+            let name = parsed
+                .index
+                .get(key)
+                .and_then(|&i| parsed.names.get(i))
+                .map_or("(not in the document)", String::as_str);
+            let handshake = match p.last_handshake {
+                Some(t) => format!(
+                    "last handshake {}s ago",
+                    observed.now.duration_since(t).unwrap_or_default().as_secs()
+                ),
+                None => "no handshake yet".to_string(),
+            };
+            notes.push(ObjectNote {
+                object: format!("peer {}", peer_label(name, key)),
+                note: format!(
+                    "{handshake}, rx {} B, tx {} B, endpoint {}",
+                    p.rx_bytes,
+                    p.tx_bytes,
+                    p.endpoint
+                        .map_or_else(|| "none".to_string(), |e| e.to_string())
+                ),
+            });
+        }
+        notes
+    }
+
+    fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
+        self.driver.host_events()
+    }
+}
+
+#[cfg(test)]
+mod tests;
