@@ -128,7 +128,7 @@ fn converge_runs(rt: &tokio::runtime::Runtime, n: u16, rows: &mut Vec<Row>) -> [
             let p = fw.plan(s, &o, &facts);
             drop(o); // as the engine does
             let a = Instant::now();
-            for out in fw.apply(s, p).await {
+            for out in fw.apply(p).await {
                 assert!(out.error.is_none(), "{out:?}");
             }
             a.elapsed()

@@ -4,9 +4,9 @@
 use crate::agent::{self, AgentOptions, Request};
 use crate::document::{self, Document, Format, Mode};
 use crate::engine::{journal, run_once, EngineConfig, PassResult};
-use crate::status::{self, Failures, ReconcilerStatus, State};
 use crate::output::{self, OutputFormat};
 use crate::registry::{self, HostOptions};
+use crate::status::{self, Failures, ReconcilerStatus, State};
 use crate::store::Store;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -148,7 +148,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     serde_json::to_string_pretty(&output::plan_json(&results))?
                 ),
             }
-            let failed = results.values().any(|r| matches!(r, PassResult::Failed(_)));
+            let failed = results
+                .values()
+                .any(|r| matches!(r, PassResult::Failed { .. }));
             Ok(ExitCode::from(if failed {
                 1
             } else if output::has_changes(&results) {

@@ -141,7 +141,7 @@ impl<R: Reconciler> Section for Bound<R> {
                 // host in place once no pass holds it.
                 drop(observed);
                 let changes = plan.changes.clone();
-                let requeue_after = plan.wake_after();
+                let requeue_after = plan.requeue_after;
                 let waiting = std::mem::take(&mut plan.waiting);
                 let ran = |outcomes| PassResult::Ran {
                     changes,
@@ -156,7 +156,9 @@ impl<R: Reconciler> Section for Bound<R> {
                 }
                 match tokio::time::timeout(apply_timeout, r.apply(plan)).await {
                     Ok(outcomes) => ran(outcomes),
-                    Err(_) => PassResult::failed(format!("apply timed out after {apply_timeout:?}")),
+                    Err(_) => {
+                        PassResult::failed(format!("apply timed out after {apply_timeout:?}"))
+                    }
                 }
             }
             .instrument(span),
@@ -447,19 +449,31 @@ impl Worker {
                 sched.verify_passes = 0;
                 sched.transient_streak = 0;
                 let msg = "no section in the document: nothing managed".to_string();
-                (verdict(State::Unmanaged, msg, Vec::new()), Vec::new(), Vec::new())
+                (
+                    verdict(State::Unmanaged, msg, Vec::new()),
+                    Vec::new(),
+                    Vec::new(),
+                )
             }
             PassResult::Failed { error, transient } => {
                 let journal = vec![("*".to_string(), error.clone())];
                 if transient && self.transient(sched) {
                     warn!(error = %error, "pass failed (transient), retrying soon");
                     let msg = format!("retrying: {error}");
-                    return (verdict(State::Progressing, msg, Vec::new()), Vec::new(), journal);
+                    return (
+                        verdict(State::Progressing, msg, Vec::new()),
+                        Vec::new(),
+                        journal,
+                    );
                 }
                 let delay = sched.backoff.next_delay();
                 warn!(error = %error, retry_in = ?delay, "pass failed");
                 sched.retry_at = Some(now + delay);
-                (verdict(State::Degraded, error, Vec::new()), Vec::new(), journal)
+                (
+                    verdict(State::Degraded, error, Vec::new()),
+                    Vec::new(),
+                    journal,
+                )
             }
             PassResult::Ran {
                 changes,
@@ -476,11 +490,13 @@ impl Worker {
                 }
                 let failures = Failures::of(&outcomes);
                 let journal = journal(&changes, &failures.all());
+                // Wake-ups the reconciler asked for: the plan's, waiting objects', and
+                // objects failing on their own delay.
+                let delays = waiting.iter().filter_map(|w| w.retry_after);
+                sched.requeue_at =
+                    converge_core::earliest(requeue_after, delays.chain(failures.later_after))
+                        .map(|d| now + d);
                 let waiting = status::waiting(&waiting);
-                // Wake-ups the reconciler asked for: the plan's, and objects failing on
-                // their own delay.
-                sched.requeue_at = converge_core::earliest(requeue_after, failures.later_after)
-                    .map(|d| now + d);
                 if !failures.backoff.is_empty() {
                     let delay = sched.backoff.next_delay();
                     warn!(failed = failures.backoff.len(), retry_in = ?delay, "some objects failed");
@@ -490,7 +506,11 @@ impl Worker {
                         failures.backoff.len(),
                         outcomes.len()
                     );
-                    return (verdict(State::Degraded, msg, failures.all()), waiting, journal);
+                    return (
+                        verdict(State::Degraded, msg, failures.all()),
+                        waiting,
+                        journal,
+                    );
                 }
                 if !failures.soon.is_empty() && self.transient(sched) {
                     let msg = format!("retrying {} transient failures", failures.soon.len());
@@ -507,7 +527,11 @@ impl Worker {
                     if sched.verify_passes > self.cfg.max_verify_passes {
                         sched.retry_at = Some(now + sched.backoff.next_delay());
                         let msg = format!("still {} changes after {} applies: something else keeps changing the host", changes.len(), sched.verify_passes - 1);
-                        return (verdict(State::Degraded, msg, failures.all()), waiting, journal);
+                        return (
+                            verdict(State::Degraded, msg, failures.all()),
+                            waiting,
+                            journal,
+                        );
                     }
                     info!(changes = changes.len(), "applied");
                     let msg = format!("applied {} changes, verifying", changes.len());
@@ -518,13 +542,23 @@ impl Worker {
                 sched.backoff.reset();
                 sched.verify_passes = 0;
                 if !failures.later.is_empty() {
-                    let msg = format!("{} objects failing, each retried on its own delay", failures.later.len());
-                    return (verdict(State::Progressing, msg, failures.all()), waiting, journal);
+                    let msg = format!(
+                        "{} objects failing, each retried on its own delay",
+                        failures.later.len()
+                    );
+                    return (
+                        verdict(State::Progressing, msg, failures.all()),
+                        waiting,
+                        journal,
+                    );
                 }
                 let msg = if waiting.is_empty() {
                     "host matches the document".to_string()
                 } else {
-                    format!("host matches the document; {} objects waiting", waiting.len())
+                    format!(
+                        "host matches the document; {} objects waiting",
+                        waiting.len()
+                    )
                 };
                 (verdict(State::Converged, msg, Vec::new()), waiting, journal)
             }
@@ -538,7 +572,10 @@ impl Worker {
         if sched.transient_streak > self.cfg.max_transient_retries {
             return false;
         }
-        let delay = self.cfg.transient_retry.mul_f64(0.5 + fastrand::f64() * 0.5);
+        let delay = self
+            .cfg
+            .transient_retry
+            .mul_f64(0.5 + fastrand::f64() * 0.5);
         sched.retry_at = Some(Instant::now() + delay);
         true
     }

@@ -183,7 +183,13 @@ pub fn status_text(generation: Option<u64>, statuses: &[ReconcilerStatus], color
             );
         }
         for w in &s.waiting {
-            let _ = writeln!(out, "  {} {}: {}", paint(color, "2", "…"), w.object, w.error);
+            let _ = writeln!(
+                out,
+                "  {} {}: {}",
+                paint(color, "2", "…"),
+                w.object,
+                w.error
+            );
         }
     }
     out

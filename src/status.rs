@@ -60,7 +60,7 @@ impl fmt::Display for Reason {
 }
 
 /// One object the last pass could not converge, or that waits for something.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectError {
     pub object: String,

@@ -2,7 +2,7 @@
 //! rules that span sections (names that must resolve, host ports that must not clash).
 
 use crate::document::{Document, Mode};
-use converge_containers::host_ips_overlap;
+use converge_core::vocab::host_ips_overlap;
 use converge_core::Problems;
 use std::collections::BTreeSet;
 use std::net::IpAddr;

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 const HOST_PORT: u16 = 18080;
 
-fn drain(rx: &mut mpsc::UnboundedReceiver<()>) -> usize {
+fn drain(rx: &mut mpsc::UnboundedReceiver<converge_core::HostEvent>) -> usize {
     let mut n = 0;
     while rx.try_recv().is_ok() {
         n += 1;

@@ -10,10 +10,10 @@ use common::runtime::{
 
 use common::podman::{podman, podman_ok, start_podman, PodmanService, TEST_IMAGE};
 use common::sandbox::{require_tool, TestNode};
-use converge_containers::podman::Podman;
 use converge_containers::driver::{
     ContainerRuntime, Health, HealthSpec, Mount, PortBinding, RunState, LABEL_MANAGED, LABEL_NODE,
 };
+use converge_containers::podman::Podman;
 use converge_containers::{ContainerPort, ContainerVolume, Protocol};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -282,7 +282,9 @@ async fn events_ping_for_managed_containers_only() {
     .await;
 
     podman_ok(&node, &svc, &["kill", "sleeper"]);
-    expect_ping(&mut rx, Duration::from_secs(10), "a ping after podman kill").await;
+    let event = expect_ping(&mut rx, Duration::from_secs(10), "a ping after podman kill").await;
+    // The event names the container by its document name, for the pass's reason.
+    assert!(event.0.starts_with("container sleeper "), "{event:?}");
     let dead = driver.inspect(&id).await.unwrap().unwrap();
     assert_eq!(dead.state, RunState::Exited);
     assert_eq!(dead.exit_code, Some(137));

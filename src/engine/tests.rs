@@ -96,6 +96,22 @@ fn converged() -> PassResult {
     ran(vec![], vec![])
 }
 
+/// A converged pass that also waits, publishes or asks for a wake-up.
+fn converged_with(
+    waiting: Vec<Waiting>,
+    facts: Option<FactsUpdate>,
+    requeue_after: Option<Duration>,
+) -> PassResult {
+    PassResult::Ran {
+        changes: vec![],
+        waiting,
+        outcomes: vec![],
+        facts,
+        notes: vec![],
+        requeue_after,
+    }
+}
+
 fn thing(id: &str) -> Change {
     Change::new(converge_core::Op::Create, "thing", id)
 }
@@ -205,10 +221,7 @@ async fn published_facts_trigger_watchers() {
                 running: true,
             },
         );
-        PassResult::Ran {
-            facts: Some(FactsUpdate::Containers(c)),
-            ..converged()
-        }
+        converged_with(vec![], Some(FactsUpdate::Containers(c)), None)
     });
     let mut watcher = Scripted::new("dns", |_, _, _| converged());
     watcher.watches = true;
@@ -298,9 +311,7 @@ fn timed(
     let times = Arc::new(Mutex::new(Vec::new()));
     let t = times.clone();
     let s = Scripted::new(name, move |_, _, n| {
-        t.lock()
-            .unwrap()
-            .push((Instant::now() - t0).as_secs_f64());
+        t.lock().unwrap().push((Instant::now() - t0).as_secs_f64());
         behaviour(n)
     });
     (s, times)
@@ -308,9 +319,8 @@ fn timed(
 
 #[tokio::test(start_paused = true)]
 async fn a_requested_wake_up_fires_at_its_time() {
-    let (s, times) = timed("sched", |_| PassResult::Ran {
-        requeue_after: Some(Duration::from_secs(7)),
-        ..converged()
+    let (s, times) = timed("sched", |_| {
+        converged_with(vec![], None, Some(Duration::from_secs(7)))
     });
     let (tx, mut rx) = mpsc::unbounded_channel();
     let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
@@ -328,9 +338,8 @@ async fn a_requested_wake_up_fires_at_its_time() {
 
 #[tokio::test(start_paused = true)]
 async fn an_earlier_trigger_runs_before_a_requested_wake_up() {
-    let (s, times) = timed("sched", |_| PassResult::Ran {
-        requeue_after: Some(Duration::from_secs(30)),
-        ..converged()
+    let (s, times) = timed("sched", |_| {
+        converged_with(vec![], None, Some(Duration::from_secs(30)))
     });
     let (tx, mut rx) = mpsc::unbounded_channel();
     let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
@@ -344,7 +353,10 @@ async fn an_earlier_trigger_runs_before_a_requested_wake_up() {
     let t = pass_times(&times);
     // 0 (start), 5 (document), 35 (the wake-up the 5 s pass asked for).
     assert_eq!(t.len(), 3, "{t:?}");
-    assert!((t[1] - 5.0).abs() < 0.01 && (t[2] - 35.0).abs() < 0.01, "{t:?}");
+    assert!(
+        (t[1] - 5.0).abs() < 0.01 && (t[2] - 35.0).abs() < 0.01,
+        "{t:?}"
+    );
     engine.shutdown().await;
 }
 
@@ -371,7 +383,11 @@ async fn a_transient_failure_retries_soon_without_degraded() {
     let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
     let start = Instant::now();
     let st = last_state(&mut rx, "flaky", State::Converged).await;
-    assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(seen.lock().unwrap().len(), 3);
     assert_eq!(st.reason, Some(Reason::Retry));
     // No report on the way said Degraded.
@@ -412,11 +428,12 @@ async fn an_object_on_its_own_delay_neither_degrades_nor_retries_hot() {
             ],
         ),
         // The verify pass: b waits, the plan says so.
-        2 => PassResult::Ran {
-            waiting: vec![Waiting::new("thing", "b", "crash loop back-off")
+        2 => converged_with(
+            vec![Waiting::new("thing", "b", "crash loop back-off")
                 .retry_after(Duration::from_secs(30))],
-            ..converged()
-        },
+            None,
+            None,
+        ),
         _ => converged(),
     });
     let (tx, mut rx) = mpsc::unbounded_channel();

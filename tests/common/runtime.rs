@@ -6,6 +6,7 @@ use converge_containers::driver::{
     ContainerRuntime, CreateSpec, RuntimeContainer, LABEL_HASH, LABEL_MANAGED, LABEL_NAME,
     LABEL_NODE,
 };
+use converge_core::HostEvent;
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::fs;
@@ -112,15 +113,18 @@ pub async fn wait_for<R: ContainerRuntime>(
     }
 }
 
-/// Forwards the driver's event pings into a channel (the stream subscribes on first poll).
+/// Forwards the driver's events into a channel (the stream subscribes on first poll).
 pub fn watch_events<R: ContainerRuntime>(
     driver: &R,
-) -> (mpsc::UnboundedReceiver<()>, tokio::task::JoinHandle<()>) {
+) -> (
+    mpsc::UnboundedReceiver<HostEvent>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, rx) = mpsc::unbounded_channel();
     let mut events = driver.events();
     let task = tokio::spawn(async move {
-        while let Some(()) = events.next().await {
-            if tx.send(()).is_err() {
+        while let Some(event) = events.next().await {
+            if tx.send(event).is_err() {
                 break;
             }
         }
@@ -129,15 +133,23 @@ pub fn watch_events<R: ContainerRuntime>(
 }
 
 /// Asserts that a ping arrives within `within`; `what` names the expected cause.
-pub async fn expect_ping(rx: &mut mpsc::UnboundedReceiver<()>, within: Duration, what: &str) {
+pub async fn expect_ping(
+    rx: &mut mpsc::UnboundedReceiver<HostEvent>,
+    within: Duration,
+    what: &str,
+) -> HostEvent {
     tokio::time::timeout(within, rx.recv())
         .await
         .unwrap_or_else(|_| panic!("no ping within {within:?}: expected {what}"))
-        .expect("event stream alive");
+        .expect("event stream alive")
 }
 
 /// Asserts that no ping arrives within `within`.
-pub async fn expect_no_ping(rx: &mut mpsc::UnboundedReceiver<()>, within: Duration, why: &str) {
+pub async fn expect_no_ping(
+    rx: &mut mpsc::UnboundedReceiver<HostEvent>,
+    within: Duration,
+    why: &str,
+) {
     assert!(
         tokio::time::timeout(within, rx.recv()).await.is_err(),
         "{why}"
@@ -145,6 +157,6 @@ pub async fn expect_no_ping(rx: &mut mpsc::UnboundedReceiver<()>, within: Durati
 }
 
 /// Waits until no ping has arrived for `quiet`, so later assertions see only new ones.
-pub async fn settle(rx: &mut mpsc::UnboundedReceiver<()>, quiet: Duration) {
+pub async fn settle(rx: &mut mpsc::UnboundedReceiver<HostEvent>, quiet: Duration) {
     while tokio::time::timeout(quiet, rx.recv()).await.is_ok() {}
 }

@@ -3,7 +3,7 @@
 //! lands in a later issue.
 
 use converge_core::problems::is_dns_name;
-use converge_core::vocab::{Unique, is_name, is_secret_name};
+use converge_core::vocab::{is_name, is_secret_name, Unique};
 use converge_core::Problems;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

@@ -371,9 +371,13 @@ pub fn plan(spec: &[Container], observed: &Observed, node: &str) -> Plan<Action>
                 }
                 let crashes = observed.crashes.get(&c.name).copied().unwrap_or_default();
                 let wait = crashes.wait();
-                if wants_running && !running(k) && restart_allowed(c.restart, k) && !wait.is_zero() {
+                if wants_running && !running(k) && restart_allowed(c.restart, k) && !wait.is_zero()
+                {
                     // Crash-loop back-off: not a failure, a wait on this container alone.
-                    let exit = k.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "?".into());
+                    let exit = k
+                        .exit_code
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "?".into());
                     plan.waiting.push(
                         Waiting::new(
                             "container",

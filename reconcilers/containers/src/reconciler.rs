@@ -2,8 +2,8 @@
 //! with bounded concurrency and per-call timeouts, restart dead containers with a
 //! crash-loop back-off, publish container addresses as facts.
 
-use crate::plan::{self, Action, Crashes, Observed, Secret, Step, CRASH_WINDOW};
 use crate::driver::{ContainerRuntime, CreateSpec, Health, RunState, LABEL_NAME};
+use crate::plan::{self, Action, Crashes, Observed, Secret, Step, CRASH_WINDOW};
 use crate::spec::Container;
 use converge_core::{
     with_timeout, ContainerFacts, DriverError, Facts, FactsUpdate, HostEvent, ObjectNote,
@@ -111,7 +111,11 @@ impl<R: ContainerRuntime> Containers<R> {
             .iter()
             .map(|(name, r)| {
                 let since_last = now.duration_since(r.last);
-                let count = if since_last > CRASH_WINDOW { 0 } else { r.count };
+                let count = if since_last > CRASH_WINDOW {
+                    0
+                } else {
+                    r.count
+                };
                 (name.clone(), Crashes { count, since_last })
             })
             .collect()
@@ -381,7 +385,7 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
 
     /// Containers worth an operator's look: not running, unhealthy, or restarted.
     fn notes(&self, observed: &Observed) -> Vec<ObjectNote> {
-let mut notes = Vec::new();
+        let mut notes = Vec::new();
         for rc in &observed.containers {
             let Some(name) = rc.labels.get(LABEL_NAME) else {
                 continue;

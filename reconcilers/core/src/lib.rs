@@ -12,7 +12,9 @@ pub mod redact;
 pub mod vocab;
 
 pub use facts::{ContainerFacts, Facts, FactsUpdate};
-pub use plan::{earliest, Change, FieldChange, ObjectNote, ObjectOutcome, Op, Plan, Retry, Waiting};
+pub use plan::{
+    earliest, Change, FieldChange, ObjectNote, ObjectOutcome, Op, Plan, Retry, Waiting,
+};
 pub use problems::{Problem, Problems};
 pub use reconciler::{with_timeout, DriverError, HostEvent, Reconciler};
 pub use redact::redact;

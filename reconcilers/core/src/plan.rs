@@ -149,14 +149,6 @@ impl<A> Plan<A> {
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty() && self.actions.is_empty()
     }
-
-    /// When the next pass is wanted: `requeue_after` or the earliest waiting object.
-    pub fn wake_after(&self) -> Option<Duration> {
-        earliest(
-            self.requeue_after,
-            self.waiting.iter().filter_map(|w| w.retry_after),
-        )
-    }
 }
 
 /// The earliest of `first` and `rest`.

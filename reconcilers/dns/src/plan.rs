@@ -133,7 +133,12 @@ fn waiting_records(spec: &DnsSpec, facts: &Facts) -> Vec<Waiting> {
             let id = format!("{} {}", r.name.trim_end_matches('.'), r.kind.as_str());
             let reason = match facts.containers.get(c) {
                 None => format!("waiting for container {c} to be reported"),
-                Some(f) if !f.addresses.iter().any(|a| a.is_ipv4() == (r.kind == RecordType::A)) => {
+                Some(f)
+                    if !f
+                        .addresses
+                        .iter()
+                        .any(|a| a.is_ipv4() == (r.kind == RecordType::A)) =>
+                {
                     format!("waiting for container {c}'s address")
                 }
                 Some(_) => return None,
@@ -210,4 +215,3 @@ fn diff_served(current: &render::Served, desired: &render::Served, out: &mut Vec
         }
     }
 }
-

@@ -156,4 +156,3 @@ impl<D: NftDriver> Reconciler for Firewall<D> {
         outcomes
     }
 }
-

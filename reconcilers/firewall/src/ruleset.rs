@@ -303,17 +303,17 @@ pub struct Desired {
     pub unresolved: Vec<String>,
 }
 
-mod expr;
-mod elements;
-mod messages;
 mod decode;
 mod display;
+mod elements;
+mod expr;
+mod messages;
 
-use expr::*;
-pub use elements::*;
-pub use messages::*;
 pub use decode::*;
 pub use display::*;
+pub use elements::*;
+use expr::*;
+pub use messages::*;
 
 #[cfg(test)]
 mod tests;

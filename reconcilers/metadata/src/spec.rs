@@ -3,7 +3,7 @@
 //! later issue.
 
 use converge_core::problems::is_dns_name;
-use converge_core::vocab::{key_path};
+use converge_core::vocab::key_path;
 use converge_core::Problems;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

@@ -3,7 +3,7 @@
 //! reconciler itself (rendering and reloading Caddy's config) lands in a later issue.
 
 use converge_core::problems::is_dns_name;
-use converge_core::vocab::{Unique, is_name, key_path};
+use converge_core::vocab::{is_name, key_path, Unique};
 use converge_core::Problems;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

@@ -62,7 +62,6 @@ const KILL_WAIT: Duration = Duration::from_secs(30);
 /// Podman's default health-check interval (used when the container's config has none).
 const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 
-
 /// The Podman runtime. Cheap to clone; connecting is lazy (every call opens its own
 /// connection), so it can be built before the service is up.
 #[derive(Clone)]
@@ -266,7 +265,6 @@ impl Podman {
         ticks.ensure(self.api().clone(), id, interval);
     }
 }
-
 
 fn failed(op: &str, id: &str, e: impl std::fmt::Display) -> DriverError {
     DriverError::Failed(format!("podman {op} {id}: {e}"))

@@ -189,11 +189,16 @@ async fn dead_container_is_restarted_with_crash_loop_back_off() {
     assert_eq!(p.waiting.len(), 1, "{p:?}");
     let w = &p.waiting[0];
     assert!(
-        w.id == "web" && w.reason.contains("crash loop back-off") && w.reason.contains("2 restarts"),
+        w.id == "web"
+            && w.reason.contains("crash loop back-off")
+            && w.reason.contains("2 restarts"),
         "{w:?}"
     );
-    let after = p.wake_after().expect("a wake-up");
-    assert!(after > Duration::ZERO && after <= Duration::from_secs(1), "{after:?}");
+    let after = w.retry_after.expect("a wake-up");
+    assert!(
+        after > Duration::ZERO && after <= Duration::from_secs(1),
+        "{after:?}"
+    );
     // Status shows the exit code and the restart count.
     let notes = c.notes(&c.observe(&s).await.unwrap());
     assert_eq!(notes.len(), 1);

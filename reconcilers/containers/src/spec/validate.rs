@@ -2,7 +2,9 @@
 //! resources and health checks, every problem with its JSON path.
 
 use super::*;
-use converge_core::vocab::{host_ips_overlap, is_env_name, is_name, is_secret_name, key_path, Unique};
+use converge_core::vocab::{
+    host_ips_overlap, is_env_name, is_name, is_secret_name, key_path, Unique,
+};
 use converge_core::Problems;
 use std::net::IpAddr;
 
@@ -269,6 +271,7 @@ fn validate_health_check(h: &HealthCheck, hp: &str, problems: &mut Problems) {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::time::Duration;
 
     fn parse(v: serde_json::Value) -> ContainersSpec {
         serde_json::from_value(v).unwrap()

@@ -233,7 +233,9 @@ pub(super) fn filter_hook(num: u32, policy: FilterPolicy) -> Hook {
 }
 
 /// Chains, sets and rules for `spec` (elements are added by [`desired`]).
-pub(super) fn structure(spec: &FirewallSpec) -> (Vec<ChainDef>, Vec<&'static SetDef>, Vec<RuleDef>) {
+pub(super) fn structure(
+    spec: &FirewallSpec,
+) -> (Vec<ChainDef>, Vec<&'static SetDef>, Vec<RuleDef>) {
     let mut chains = vec![
         ChainDef {
             name: "prerouting",

@@ -11,7 +11,9 @@ pub(super) struct HealthTicks {
 }
 
 impl HealthTicks {
-    pub(super) fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, tokio::task::AbortHandle)>> {
+    pub(super) fn tasks(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (u64, tokio::task::AbortHandle)>> {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
