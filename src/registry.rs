@@ -88,7 +88,7 @@ fn containers(host: &HostOptions, node_id: &str) -> Arc<dyn Section> {
         RuntimeChoice::Auto if host.docker_socket.exists() => docker(),
         RuntimeChoice::Auto => {
             let why = format!(
-                "no container runtime: neither {} nor {} exists (start podman or docker, or pass --podman-socket/--docker-socket)",
+                "neither {} nor {} exists",
                 host.podman_socket.display(),
                 host.docker_socket.display()
             );

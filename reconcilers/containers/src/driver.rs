@@ -186,6 +186,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// change, destroy) of a converge-managed one. Reconnects on its own if the daemon
     /// restarts (and then reports the reconnection, since events may have been missed).
     fn events(&self) -> BoxStream<'static, HostEvent>;
+
+    /// Which runtime and endpoint this is (`Podman at /run/podman/podman.sock`), so an
+    /// operator reading an error knows what was tried.
+    fn describe(&self) -> String;
 }
 
 /// Stand-in when no runtime socket was found: every call fails with the reason, so a
@@ -234,6 +238,9 @@ impl ContainerRuntime for NoRuntime {
     }
     fn events(&self) -> BoxStream<'static, HostEvent> {
         Box::pin(futures::stream::pending())
+    }
+    fn describe(&self) -> String {
+        "no container runtime".into()
     }
 }
 

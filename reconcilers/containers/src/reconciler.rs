@@ -269,7 +269,14 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
     async fn observe(&self, spec: &Vec<Container>) -> Result<Observed, DriverError> {
         let containers = self
             .call("list", self.runtime.list_managed(&self.config.node_id))
-            .await?;
+            .await
+            .map_err(|e| {
+                // The first call of a pass: name what was tried and how to change it.
+                DriverError::Failed(format!(
+                    "cannot list containers on {}: {e} (start it, or point converge elsewhere with --runtime, --podman-socket or --docker-socket)",
+                    self.runtime.describe()
+                ))
+            })?;
         let mut images = BTreeMap::new();
         for c in spec {
             if !images.contains_key(&c.image) {

@@ -547,6 +547,10 @@ impl ContainerRuntime for Docker {
         }
     }
 
+    fn describe(&self) -> String {
+        format!("Docker at {}", self.inner.socket.display())
+    }
+
     fn events(&self) -> BoxStream<'static, HostEvent> {
         let inner = self.inner.clone();
         futures::stream::unfold(EventState::Connect { missed: false }, move |state| {

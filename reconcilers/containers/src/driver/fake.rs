@@ -212,4 +212,8 @@ impl ContainerRuntime for FakeRuntime {
     fn events(&self) -> BoxStream<'static, HostEvent> {
         Box::pin(futures::stream::pending())
     }
+
+    fn describe(&self) -> String {
+        "the fake runtime".into()
+    }
 }

@@ -501,6 +501,10 @@ impl ContainerRuntime for Podman {
         self.inspect_tracked(id).await
     }
 
+    fn describe(&self) -> String {
+        format!("Podman at {}", self.inner.socket.display())
+    }
+
     fn events(&self) -> BoxStream<'static, HostEvent> {
         // The pump owns the client and borrows it for the libpod stream; it is polled as
         // part of the returned stream (no spawn), so dropping the stream stops it.

@@ -338,3 +338,25 @@ proptest! {
         })?;
     }
 }
+
+#[tokio::test]
+async fn an_unreachable_runtime_is_named_with_the_flags_that_change_it() {
+    let c = Containers::new(
+        crate::driver::NoRuntime(
+            "neither /run/podman/podman.sock nor /run/docker.sock exists".into(),
+        ),
+        Config::new("n1", "/nonexistent"),
+    );
+    let e = c
+        .observe(&spec(serde_json::json!([])))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no container runtime")
+            && e.contains("/run/podman/podman.sock")
+            && e.contains("--podman-socket")
+            && e.contains("--runtime"),
+        "{e}"
+    );
+}
