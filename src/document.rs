@@ -51,9 +51,11 @@ pub struct Document {
     pub api_version: ApiVersion,
     /// The node this document is for.
     pub node: Node,
-    /// Monotonic document number from the control plane, starting at 1. An agent refuses
-    /// a document whose generation is not greater than the last one it accepted.
-    #[schemars(range(min = 1))]
+    /// Monotonic document number from the control plane, from 1 to 2^53 − 1
+    /// (9007199254740991, the largest integer every JSON implementation reads exactly).
+    /// An agent refuses a document whose generation is not greater than the last one it
+    /// accepted.
+    #[schemars(range(min = 1, max = MAX_GENERATION))]
     pub generation: u64,
     /// When the control plane issued this document (RFC 3339).
     pub issued_at: DateTime<Utc>,
@@ -79,6 +81,9 @@ pub struct Document {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<converge_metadata::MetadataSpec>,
 }
+
+/// The largest generation: 2^53 − 1, exact in every JSON implementation.
+pub const MAX_GENERATION: u64 = (1 << 53) - 1;
 
 /// Input syntax of a document.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
