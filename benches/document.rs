@@ -1,6 +1,7 @@
 //! Benchmark of the document path on a large generated document (1,000 containers,
 //! 1,000 WireGuard peers, 10,000 published ports, 5,000 DNS records, 2,000 routes):
-//! parse + validate (target < 50 ms) and a no-op plan (target < 20 ms).
+//! parse + validate (target < 50 ms; includes the input-limits scan) and a no-op plan
+//! (target < 20 ms).
 //!
 //! `cargo bench --bench document` prints a table. `-- --write-doc PATH` also writes the
 //! document (for the idle-agent measurement in benches/idle_agent.sh).
@@ -133,6 +134,8 @@ fn main() {
         converge::validate::semantic(&parsed, &mut p);
         p
     });
+    let limits = converge::limits::Limits::default();
+    let (lmin, lmed) = time(iters, || converge::limits::check_json(&text, &limits));
     let (pmin, pmed) = time(iters, || parse(&text, Format::Json));
     let sections: Vec<(&str, (Duration, Duration))> = vec![
         (
@@ -223,6 +226,7 @@ fn main() {
             ms(med)
         );
     };
+    row("  limits scan (items, strings, NUL)", lmin, lmed, None);
     row("  typed parse (serde)", dmin, dmed, None);
     row("  semantic rules", vmin, vmed, None);
     for (name, (min, med)) in &sections {

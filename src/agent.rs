@@ -1,9 +1,16 @@
 //! The daemon (`converge agent`): stores accepted documents, runs the engine, persists
 //! status, and serves `push`/`status` on a unix socket (mode 0600) until the
 //! control-plane client lands.
+//!
+//! Socket protocol, one request per connection: the client sends a header line (a JSON
+//! [`Request`] ending in `\n`, at most 64 KiB); a `push` header is followed by the
+//! document's raw bytes up to the end of the stream (the client shuts down its write
+//! side). The agent reads at most `--max-document-bytes` + 1 of them, answers with one
+//! JSON [`Response`] and closes.
 
 use crate::document::{self, Document, Format, Mode};
 use crate::engine::{Engine, EngineConfig, Report};
+use crate::limits::{self, Limits};
 use crate::status::ReconcilerStatus;
 use crate::store::{Store, StoreError};
 use anyhow::Context;
@@ -11,19 +18,28 @@ use converge_core::Problems;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-/// Largest request accepted on the socket.
-const MAX_REQUEST: u64 = 64 << 20;
+/// Longest request header line on the socket.
+const MAX_HEADER: u64 = 64 << 10;
+/// After refusing an oversized document the agent reads (and drops) what the client
+/// still sends, at most this much for this long, so that the client gets to read the
+/// answer instead of a broken pipe.
+const DRAIN_BYTES: u64 = 1 << 30;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
 
-/// A request on the agent socket (one JSON object per connection).
+/// The header line of a request on the agent socket.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
-    Push { document: String, yaml: bool },
+    /// The document follows the header, raw (JSON, or YAML if `yaml`).
+    Push {
+        yaml: bool,
+    },
     Status,
 }
 
@@ -77,6 +93,8 @@ pub struct AgentOptions {
     pub node_id: String,
     pub proxy: bool,
     pub engine: EngineConfig,
+    /// Input limits for pushed documents.
+    pub limits: Limits,
 }
 
 struct Shared {
@@ -84,6 +102,7 @@ struct Shared {
     engine: Engine,
     mode: Mode,
     node_id: String,
+    limits: Limits,
 }
 
 fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
@@ -104,7 +123,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         Mode::Worker
     };
     let initial = match store.last_good()? {
-        Some((g, body)) => match document::parse(&body, Format::Json) {
+        Some((g, body)) => match document::parse_with(&body, Format::Json, &opts.limits) {
             Ok(doc) if doc.node.id != opts.node_id => {
                 error!(generation = g, document_node = %doc.node.id, "stored document is for another node; waiting for a new one");
                 None
@@ -145,6 +164,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         engine,
         mode,
         node_id: opts.node_id.clone(),
+        limits: opts.limits,
     });
     let persister = tokio::spawn(persist_reports(shared.clone(), rx));
     info!(socket = %sock.display(), ?mode, "agent started");
@@ -207,29 +227,38 @@ async fn persist_reports(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Re
     }
 }
 
-async fn serve(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
-    let mut buf = Vec::new();
-    (&mut stream)
-        .take(MAX_REQUEST)
-        .read_to_end(&mut buf)
+async fn serve(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(read);
+    let mut header = Vec::new();
+    (&mut reader)
+        .take(MAX_HEADER)
+        .read_until(b'\n', &mut header)
         .await?;
-    let response = match serde_json::from_slice::<Request>(&buf) {
-        Ok(Request::Push { document, yaml }) => {
+    let mut oversized = false;
+    let response = match serde_json::from_slice::<Request>(&header) {
+        Ok(Request::Push { yaml }) => {
             let format = if yaml { Format::Yaml } else { Format::Json };
-            push(shared, &document, format)
+            let bytes = limits::read_document_async(&mut reader, &shared.limits).await?;
+            oversized = bytes.len() > shared.limits.max_document_bytes;
+            accept(shared, &bytes, format)
         }
         Ok(Request::Status) => status(shared),
         Err(e) => Response::error(format!("bad request: {e}")),
     };
-    drop(buf);
-    stream.write_all(&serde_json::to_vec(&response)?).await?;
-    stream.shutdown().await?;
+    write.write_all(&serde_json::to_vec(&response)?).await?;
+    write.shutdown().await?;
     crate::memory::trim();
+    if oversized {
+        let mut rest = reader.take(DRAIN_BYTES);
+        let mut sink = tokio::io::sink();
+        let _ = tokio::time::timeout(DRAIN_TIME, tokio::io::copy(&mut rest, &mut sink)).await;
+    }
     Ok(())
 }
 
-fn push(shared: &Shared, text: &str, format: Format) -> Response {
-    let doc = match document::parse(text, format) {
+fn accept(shared: &Shared, bytes: &[u8], format: Format) -> Response {
+    let doc = match document::parse_bytes(bytes, format, &shared.limits) {
         Ok(d) => d,
         Err(problems) => {
             warn!(
@@ -299,8 +328,31 @@ fn status(shared: &Shared) -> Response {
     }
 }
 
-/// Client side: sends one request to the agent socket and reads the answer.
+/// Client side: sends one request without a body to the agent socket and reads the
+/// answer.
 pub async fn request(data_dir: &Path, req: &Request) -> anyhow::Result<Response> {
+    let mut stream = connect(data_dir, req).await?;
+    stream.shutdown().await?;
+    read_response(&mut stream).await
+}
+
+/// Client side: pushes a document (its raw bytes) to the agent and reads the answer.
+pub async fn push(data_dir: &Path, yaml: bool, document: &[u8]) -> anyhow::Result<Response> {
+    let mut stream = connect(data_dir, &Request::Push { yaml }).await?;
+    // The agent may answer before it has read everything (an oversized document) and
+    // close: its answer is still readable, so read it before giving up on the write.
+    let sent = stream.write_all(document).await;
+    let _ = stream.shutdown().await;
+    match read_response(&mut stream).await {
+        Ok(resp) => Ok(resp),
+        Err(e) => {
+            sent.context("send the document to the agent")?;
+            Err(e)
+        }
+    }
+}
+
+async fn connect(data_dir: &Path, req: &Request) -> anyhow::Result<UnixStream> {
     let sock = socket_path(data_dir);
     let mut stream = UnixStream::connect(&sock).await.with_context(|| {
         format!(
@@ -308,8 +360,13 @@ pub async fn request(data_dir: &Path, req: &Request) -> anyhow::Result<Response>
             sock.display()
         )
     })?;
-    stream.write_all(&serde_json::to_vec(req)?).await?;
-    stream.shutdown().await?;
+    let mut header = serde_json::to_vec(req)?;
+    header.push(b'\n');
+    stream.write_all(&header).await?;
+    Ok(stream)
+}
+
+async fn read_response(stream: &mut UnixStream) -> anyhow::Result<Response> {
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await?;
     serde_json::from_slice(&buf).context("bad response from agent")

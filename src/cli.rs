@@ -1,9 +1,10 @@
 //! Command line: argument definitions and the commands (validate, schema, diff, apply,
 //! agent, push, status).
 
-use crate::agent::{self, AgentOptions, Request};
+use crate::agent::{self, AgentOptions};
 use crate::document::{self, Document, Format, Mode};
 use crate::engine::{journal, run_once, EngineConfig, PassResult};
+use crate::limits::{self, Limits};
 use crate::output::{self, OutputFormat};
 use crate::registry::{self, HostOptions};
 use crate::status::{self, Failures, ReconcilerStatus, State};
@@ -36,8 +37,54 @@ pub struct Cli {
     pub log_format: LogFormat,
     #[command(flatten)]
     pub host: HostOptions,
+    #[command(flatten)]
+    pub limits: LimitOptions,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Input limits (see `src/limits.rs`), applied wherever a document is read: `validate`,
+/// `diff`, `apply` and `push` on this side, the agent on its socket.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LimitOptions {
+    /// Largest document accepted, in bytes (default 16 MiB).
+    #[arg(
+        long,
+        global = true,
+        env = "CONVERGE_MAX_DOCUMENT_BYTES",
+        default_value_t = limits::DEFAULT_MAX_DOCUMENT_BYTES as u64,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub max_document_bytes: u64,
+    /// Most items in one array, or entries in one object, of a document.
+    #[arg(
+        long,
+        global = true,
+        env = "CONVERGE_MAX_ITEMS",
+        default_value_t = limits::DEFAULT_MAX_ITEMS as u64,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub max_items: u64,
+    /// Longest string (or object key) in a document, in bytes (default 64 KiB).
+    #[arg(
+        long,
+        global = true,
+        env = "CONVERGE_MAX_STRING_BYTES",
+        default_value_t = limits::DEFAULT_MAX_STRING_BYTES as u64,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub max_string_bytes: u64,
+}
+
+impl LimitOptions {
+    pub fn limits(&self) -> Limits {
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Limits {
+            max_document_bytes: size(self.max_document_bytes),
+            max_items: size(self.max_items),
+            max_string_bytes: size(self.max_string_bytes),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -97,8 +144,9 @@ pub enum Command {
 /// Runs the parsed command line; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let color = std::io::stdout().is_terminal();
+    let limits = cli.limits.limits();
     match cli.command {
-        Command::Validate { file, output } => Ok(match document::load(&file)? {
+        Command::Validate { file, output } => Ok(match document::load(&file, &limits)? {
             Ok(doc) => {
                 match output {
                     OutputFormat::Text => {
@@ -125,7 +173,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reconciler,
             output,
         } => {
-            let Some(doc) = load_valid(&file, output)? else {
+            let Some(doc) = load_valid(&file, output, &limits)? else {
                 return Ok(ExitCode::from(1));
             };
             let mut sections = registry::sections(&cli.data_dir, &cli.host, &doc.node.id);
@@ -160,7 +208,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }))
         }
         Command::Apply { file, output } => {
-            apply(&cli.data_dir, &cli.host, &file, output, color).await
+            apply(&cli.data_dir, &cli.host, &file, output, color, &limits).await
         }
         Command::Agent {
             proxy,
@@ -181,22 +229,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 node_id,
                 proxy,
                 engine,
+                limits,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Push { file } => {
-            let text = std::fs::read_to_string(&file)
+            // Bounded read; the size is checked here too so that an oversized file is
+            // refused without a round trip. Everything else is the agent's to check.
+            let bytes = std::fs::File::open(&file)
+                .and_then(|f| limits::read_document(f, &limits))
                 .with_context(|| format!("cannot read {}", file.display()))?;
+            if bytes.len() > limits.max_document_bytes {
+                if let Err(p) = limits::document_text(&bytes, &limits) {
+                    print_problems(&file, &converge_core::Problems(vec![p]), OutputFormat::Text);
+                }
+                return Ok(ExitCode::from(1));
+            }
             let yaml = Format::from_path(&file) == Format::Yaml;
-            let resp = agent::request(
-                &cli.data_dir,
-                &Request::Push {
-                    document: text,
-                    yaml,
-                },
-            )
-            .await?;
+            let resp = agent::push(&cli.data_dir, yaml, &bytes).await?;
             if resp.ok {
                 println!(
                     "accepted generation {}",
@@ -245,8 +296,12 @@ fn print_problems(file: &Path, problems: &converge_core::Problems, output: Outpu
     }
 }
 
-fn load_valid(file: &Path, output: OutputFormat) -> anyhow::Result<Option<Document>> {
-    match document::load(file)? {
+fn load_valid(
+    file: &Path,
+    output: OutputFormat,
+    limits: &Limits,
+) -> anyhow::Result<Option<Document>> {
+    match document::load(file, limits)? {
         Ok(d) => Ok(Some(d)),
         Err(problems) => {
             print_problems(file, &problems, output);
@@ -274,8 +329,9 @@ async fn apply(
     file: &Path,
     output: OutputFormat,
     color: bool,
+    limits: &Limits,
 ) -> anyhow::Result<ExitCode> {
-    let Some(doc) = load_valid(file, output)? else {
+    let Some(doc) = load_valid(file, output, limits)? else {
         return Ok(ExitCode::from(1));
     };
     agent::prepare_data_dir(data_dir)?;

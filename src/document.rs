@@ -7,6 +7,7 @@
 //!   the section does not list are removed, so an empty section (`[]`, or `{"records": []}`)
 //!   removes everything that reconciler owns.
 
+use crate::limits::{self, Limits};
 use chrono::{DateTime, Utc};
 use converge_core::{Problem, Problems};
 use schemars::JsonSchema;
@@ -51,9 +52,11 @@ pub struct Document {
     pub api_version: ApiVersion,
     /// The node this document is for.
     pub node: Node,
-    /// Monotonic document number from the control plane, starting at 1. An agent refuses
-    /// a document whose generation is not greater than the last one it accepted.
-    #[schemars(range(min = 1))]
+    /// Monotonic document number from the control plane, from 1 to 2^53 − 1
+    /// (9007199254740991, the largest integer every JSON implementation reads exactly).
+    /// An agent refuses a document whose generation is not greater than the last one it
+    /// accepted.
+    #[schemars(range(min = 1, max = MAX_GENERATION))]
     pub generation: u64,
     /// When the control plane issued this document (RFC 3339).
     pub issued_at: DateTime<Utc>,
@@ -80,6 +83,9 @@ pub struct Document {
     pub metadata: Option<converge_metadata::MetadataSpec>,
 }
 
+/// The largest generation: 2^53 − 1, exact in every JSON implementation.
+pub const MAX_GENERATION: u64 = (1 << 53) - 1;
+
 /// Input syntax of a document.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -97,14 +103,42 @@ impl Format {
     }
 }
 
+/// Parses and fully validates a document under the default [`Limits`].
+pub fn parse(text: &str, format: Format) -> Result<Document, Problems> {
+    parse_with(text, format, &Limits::default())
+}
+
+/// Checks a document's bytes (size, byte-order mark, UTF-8; see
+/// [`limits::document_text`]), then parses and validates it: the one entry point for
+/// input from outside (files, the agent socket, the control plane).
+pub fn parse_bytes(bytes: &[u8], format: Format, limits: &Limits) -> Result<Document, Problems> {
+    let text = limits::document_text(bytes, limits).map_err(|p| Problems(vec![p]))?;
+    parse_with(text, format, limits)
+}
+
 /// Parses and fully validates a document. On failure returns every problem found,
 /// each with its JSON path; nothing about the host is read or changed.
 ///
-/// Fast path: a typed parse, then the semantic rules (which also enforce the few
-/// schema constraints serde does not: generation ≥ 1, node id pattern). Only when the
-/// typed parse fails is the JSON Schema run, to report every structural problem at once
-/// rather than serde's first one.
-pub fn parse(text: &str, format: Format) -> Result<Document, Problems> {
+/// Limits first (items, string length, NUL): for JSON one pass over the text before
+/// anything is allocated per value; YAML is parsed into a value and that is checked.
+/// Then the fast path: a typed parse, then the semantic rules (which also enforce the
+/// few schema constraints serde does not: generation range, node id pattern). Only when
+/// the typed parse fails is the JSON Schema run, to report every structural problem at
+/// once rather than serde's first one.
+pub fn parse_with(text: &str, format: Format, limits: &Limits) -> Result<Document, Problems> {
+    let mut value = None;
+    let over = match format {
+        Format::Json => limits::check_json(text, limits),
+        Format::Yaml => {
+            let v = parse_value(text, format)?;
+            let p = limits::check_value(&v, limits);
+            value = Some(v);
+            p
+        }
+    };
+    if !over.is_empty() {
+        return Err(over);
+    }
     let typed = match format {
         Format::Json => serde_json::from_str::<Document>(text).map_err(|e| e.to_string()),
         Format::Yaml => serde_yaml::from_str::<Document>(text).map_err(|e| e.to_string()),
@@ -112,7 +146,10 @@ pub fn parse(text: &str, format: Format) -> Result<Document, Problems> {
     let doc = match typed {
         Ok(doc) => doc,
         Err(first) => {
-            let value = parse_value(text, format)?;
+            let value = match value {
+                Some(v) => v,
+                None => parse_value(text, format)?,
+            };
             let problems = crate::schema::check(&value);
             return Err(if problems.is_empty() {
                 Problems(vec![Problem {
@@ -157,9 +194,11 @@ fn parse_value(text: &str, format: Format) -> Result<serde_json::Value, Problems
     }
 }
 
-/// Reads and parses a document file, choosing the format by extension.
-pub fn load(path: &std::path::Path) -> anyhow::Result<Result<Document, Problems>> {
-    let text = std::fs::read_to_string(path)
+/// Reads (at most the size limit + 1 bytes) and parses a document file, choosing the
+/// format by extension. `Err` is an I/O error; `Ok(Err)` lists the document's problems.
+pub fn load(path: &std::path::Path, limits: &Limits) -> anyhow::Result<Result<Document, Problems>> {
+    let bytes = std::fs::File::open(path)
+        .and_then(|f| limits::read_document(f, limits))
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    Ok(parse(&text, Format::from_path(path)))
+    Ok(parse_bytes(&bytes, Format::from_path(path), limits))
 }

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod cli;
 pub mod document;
 pub mod engine;
+pub mod limits;
 pub mod memory;
 pub mod output;
 pub mod registry;

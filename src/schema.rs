@@ -3,6 +3,7 @@
 
 use crate::document::Document;
 use converge_core::{Problem, Problems};
+use jsonschema::ValidationError;
 use std::sync::OnceLock;
 
 /// The document's JSON Schema (draft 2020-12) as pretty JSON, as checked in under
@@ -35,17 +36,90 @@ pub fn check(value: &serde_json::Value) -> Problems {
             hint: None,
         }]);
     };
-    let mut problems: Vec<Problem> = v
-        .iter_errors(value)
-        .map(|e| Problem {
-            path: pointer_to_path(&e.instance_path().to_string()),
-            message: shorten(&e.to_string()),
-            hint: None,
-        })
-        .collect();
+    let mut problems = Vec::new();
+    for e in v.iter_errors(value) {
+        deepest(&e, &mut problems);
+    }
     problems.sort_by(|a, b| a.path.cmp(&b.path));
     problems.dedup();
     Problems(problems)
+}
+
+/// Reports `e` at the deepest place it can name. An optional section or field is
+/// `anyOf: [{$ref: T}, {type: null}]` in the schema, and the validator reports a bad `T`
+/// as "not valid under any of the schemas listed in the 'anyOf' keyword" at the
+/// section; when the value is not null, the null branch is irrelevant, so the errors of
+/// the one remaining branch are reported instead (recursively: options nest). A value
+/// that matches none of a list of constants (documented enums) lists them.
+fn deepest(e: &ValidationError<'_>, out: &mut Vec<Problem>) {
+    use jsonschema::error::ValidationErrorKind as Kind;
+    let here = || pointer_to_path(e.instance_path().as_str());
+    if let Kind::AnyOf { context } | Kind::OneOfNotValid { context } = e.kind() {
+        let live: Vec<&Vec<ValidationError<'static>>> = context
+            .iter()
+            .filter(|branch| !only_not_null(branch, e))
+            .collect();
+        if let [branch] = live.as_slice() {
+            if !e.instance().is_null() && !branch.is_empty() {
+                branch.iter().for_each(|sub| deepest(sub, out));
+                return;
+            }
+        }
+        if let Some(allowed) = constants(context) {
+            out.push(Problem {
+                path: here(),
+                message: shorten(&format!("{} is not one of {allowed}", e.instance())),
+                hint: None,
+            });
+            return;
+        }
+    }
+    out.push(Problem {
+        path: here(),
+        message: shorten(&e.to_string()),
+        hint: None,
+    });
+}
+
+/// The branch failed only because the value at the same place is not `null`.
+fn only_not_null(branch: &[ValidationError<'_>], parent: &ValidationError<'_>) -> bool {
+    use jsonschema::error::{TypeKind, ValidationErrorKind as Kind};
+    match branch {
+        [only] => {
+            matches!(
+                only.kind(),
+                Kind::Type {
+                    kind: TypeKind::Single(jsonschema::JsonType::Null)
+                }
+            ) && only.instance_path() == parent.instance_path()
+        }
+        _ => false,
+    }
+}
+
+/// `"a", "b" or "c"` when every branch is a `const` (and maybe its `type`) that failed.
+fn constants(context: &[Vec<ValidationError<'_>>]) -> Option<String> {
+    use jsonschema::error::ValidationErrorKind as Kind;
+    let values: Option<Vec<String>> = context
+        .iter()
+        .map(|branch| {
+            let mut value = None;
+            for e in branch {
+                match e.kind() {
+                    Kind::Constant { expected_value } => value = Some(expected_value.to_string()),
+                    Kind::Type { .. } => {}
+                    _ => return None,
+                }
+            }
+            value
+        })
+        .collect();
+    let values = values.filter(|v| !v.is_empty())?;
+    // The validator's own wording for `enum`: "a", "b" or "c".
+    Some(match values.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => values.join(""),
+    })
 }
 
 /// `/containers/3/ports/0/hostPort` → `$.containers[3].ports[0].hostPort`.

@@ -1,7 +1,7 @@
 //! Semantic validation: each section's own rules (in its reconciler crate) plus the
 //! rules that span sections (names that must resolve, host ports that must not clash).
 
-use crate::document::{Document, Mode};
+use crate::document::{Document, Mode, MAX_GENERATION};
 use converge_core::vocab::host_ips_overlap;
 use converge_core::Problems;
 use std::collections::BTreeSet;
@@ -16,6 +16,15 @@ pub fn semantic(doc: &Document, problems: &mut Problems) {
             "$.generation",
             "generation must be at least 1",
             "the control plane numbers documents from 1",
+        );
+    } else if doc.generation > MAX_GENERATION {
+        problems.push_hint(
+            "$.generation",
+            format!(
+                "generation {} is larger than {MAX_GENERATION} (2^53 - 1)",
+                doc.generation
+            ),
+            "generations must stay exact in JSON and leave room to move forward",
         );
     }
     let id = &doc.node.id;

@@ -1,9 +1,10 @@
 //! The CLI as an operator uses it: validate the fixtures (every invalid one reports its
-//! expected problems), schema output, diff/apply exit codes against a real sandbox node.
+//! expected problems), schema output, diff/apply exit codes against a real sandbox node,
+//! input limits on files and on the agent socket.
 
 mod common;
 
-use common::agent::{converge, data, dns_doc};
+use common::agent::{converge, data, dns_doc, start_agent, status};
 use common::sandbox::{converge_bin, require_tool, TestNode};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -40,7 +41,10 @@ fn every_invalid_fixture_reports_its_expected_problems() {
     let mut docs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("fixtures/invalid")
         .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e != "expected"))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e != "expected" && e != "args")
+        })
         .collect();
     docs.sort();
     assert!(
@@ -52,7 +56,11 @@ fn every_invalid_fixture_reports_its_expected_problems() {
     for doc in &docs {
         let expected = std::fs::read_to_string(doc.with_extension("expected"))
             .unwrap_or_else(|_| panic!("{} has no .expected", doc.display()));
-        let (code, out, err) = run(&["validate", doc.to_str().expect("path")]);
+        // `NN-name.args`: extra flags, e.g. a small limit instead of a huge fixture.
+        let flags = std::fs::read_to_string(doc.with_extension("args")).unwrap_or_default();
+        let mut args: Vec<&str> = flags.split_whitespace().collect();
+        args.extend(["validate", doc.to_str().expect("path")]);
+        let (code, out, err) = run(&args);
         if code != 1 {
             failures.push(format!("{}: exit {code}, want 1", doc.display()));
         }
@@ -171,4 +179,152 @@ fn diff_and_apply_exit_codes_against_a_real_node() {
 /// JSON is valid YAML; writing it to a `.yaml` file exercises the YAML path.
 fn serde_yaml_like(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).expect("serialise")
+}
+
+/// A valid document of exactly `bytes` bytes (at least its minimal size): annotations of
+/// 60,000 bytes each (no string over its own limit), then spaces.
+fn padded_document(node_id: &str, generation: u64, bytes: usize) -> Vec<u8> {
+    let mut doc = json!({
+        "apiVersion": "converge/v1",
+        "node": {"id": node_id, "mode": "worker"},
+        "generation": generation,
+        "issuedAt": "2026-11-24T10:00:00Z",
+        "metadata": {"annotations": {}}
+    });
+    let base = serde_json::to_vec(&doc).expect("serialise").len();
+    // `"k0000000":"v…v",`
+    let each = 10 + 1 + 60_002 + 1;
+    let n = bytes.saturating_sub(base) / each;
+    let notes: serde_json::Map<String, serde_json::Value> = (0..n)
+        .map(|i| (format!("k{i:07}"), json!("v".repeat(60_000))))
+        .collect();
+    doc["metadata"]["annotations"] = serde_json::Value::Object(notes);
+    let mut text = serde_json::to_vec(&doc).expect("serialise");
+    let last = text.pop().expect("closing brace");
+    let len = bytes.saturating_sub(1).max(text.len());
+    text.resize(len, b' ');
+    text.push(last);
+    text
+}
+
+#[test]
+fn a_byte_order_mark_is_accepted() {
+    let bom = root().join("fixtures/bom.json");
+    let raw = std::fs::read(&bom).expect("fixtures/bom.json");
+    assert!(
+        raw.starts_with(b"\xEF\xBB\xBF"),
+        "the fixture starts with a BOM"
+    );
+    let (code, out, err) = run(&["validate", bom.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The YAML path too.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = dir.path().join("bom.yaml");
+    std::fs::write(&yaml, &raw).expect("write");
+    let (code, out, err) = run(&["validate", yaml.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn an_oversized_file_is_refused_before_it_is_parsed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let big = dir.path().join("big.json");
+    // 17 MiB: over the 16 MiB default. Valid otherwise, as a raised limit shows.
+    std::fs::write(&big, padded_document("worker-fra1-07", 1, 17 << 20)).expect("write");
+    let f = big.to_str().expect("path");
+    for cmd in ["validate", "diff", "apply"] {
+        let (code, out, err) = run(&["--data-dir", dir.path().to_str().expect("path"), cmd, f]);
+        assert_eq!(code, 1, "{cmd}: {out}{err}");
+        assert!(
+            err.contains("$: document is larger than 16777216 bytes"),
+            "{cmd}: {out}{err}"
+        );
+    }
+    let (code, out, err) = run(&["--max-document-bytes", "18000000", "validate", f]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The limits are also read from the environment.
+    let out = Command::new(converge_bin())
+        .args(["validate", f])
+        .env("CONVERGE_MAX_DOCUMENT_BYTES", "18000000")
+        .output()
+        .expect("run converge");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_agent_refuses_an_oversized_push_and_keeps_serving() {
+    let node = TestNode::new("limits");
+    let _agent = start_agent(&node, &[]);
+    let big = node.data_dir().join("big.json");
+    std::fs::write(&big, padded_document(node.name(), 1, 17 << 20)).expect("write");
+    let big = big.to_str().expect("path");
+
+    // `push` refuses it on its own side first...
+    let out = converge(&node, &["push", big]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("document is larger than 16777216 bytes"),
+        "{err}"
+    );
+
+    // ...and the agent refuses it too, when the client's limit is higher.
+    let out = converge(&node, &["--max-document-bytes", "100000000", "push", big]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("$: document is larger than 16777216 bytes") && err.contains("refused"),
+        "{err}"
+    );
+
+    // The agent is still serving: a normal document is accepted.
+    let ok = node.data_dir().join("ok.json");
+    std::fs::write(&ok, padded_document(node.name(), 2, 4096)).expect("write");
+    let out = converge(&node, &["push", ok.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(status(&node)["generation"], 2);
+}
+
+#[test]
+fn the_agent_applies_its_own_limits() {
+    let node = TestNode::new("agentlim");
+    let _agent = start_agent(&node, &["--max-document-bytes", "3000"]);
+    let doc = node.data_dir().join("doc.json");
+    std::fs::write(&doc, padded_document(node.name(), 1, 4000)).expect("write");
+    let out = converge(&node, &["push", doc.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("$: document is larger than 3000 bytes"),
+        "{err}"
+    );
+    // NUL, over the socket: refused with its path.
+    let nul = node.data_dir().join("nul.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&padded_document(node.name(), 1, 100)).expect("json");
+    v["metadata"]["motd"] = json!("hello\u{0}");
+    std::fs::write(&nul, serde_json::to_vec(&v).expect("serialise")).expect("write");
+    let out = converge(&node, &["push", nul.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("$.metadata.motd: string contains a NUL character"),
+        "{err}"
+    );
+    std::fs::write(&doc, padded_document(node.name(), 1, 2000)).expect("write");
+    let out = converge(&node, &["push", doc.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -215,8 +215,15 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    // Under `cargo test --all-targets` (no `--bench`): one small smoke run, so the
+    // benchmark keeps working without costing the suite minutes.
+    let default = if std::env::args().any(|a| a == "--bench") {
+        "10,100,1000,10000"
+    } else {
+        "10"
+    };
     let sizes: Vec<u32> = std::env::var("BENCH_PEERS")
-        .unwrap_or_else(|_| "10,100,1000,10000".into())
+        .unwrap_or_else(|_| default.into())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
