@@ -466,6 +466,7 @@ impl Worker {
                         journal,
                     );
                 }
+                sched.transient_streak = 0;
                 let delay = sched.backoff.next_delay();
                 warn!(error = %error, retry_in = ?delay, "pass failed");
                 sched.retry_at = Some(now + delay);
@@ -497,25 +498,24 @@ impl Worker {
                     converge_core::earliest(requeue_after, delays.chain(failures.later_after))
                         .map(|d| now + d);
                 let waiting = status::waiting(&waiting);
-                if !failures.backoff.is_empty() {
-                    let delay = sched.backoff.next_delay();
-                    warn!(failed = failures.backoff.len(), retry_in = ?delay, "some objects failed");
-                    sched.retry_at = Some(now + delay);
-                    let msg = format!(
-                        "{} of {} actions failed",
-                        failures.backoff.len(),
-                        outcomes.len()
-                    );
+                // Transient failures retry soon, until too many come in a row.
+                if failures.backoff.is_empty() && !failures.soon.is_empty() && self.transient(sched)
+                {
+                    let msg = format!("retrying {} transient failures", failures.soon.len());
                     return (
-                        verdict(State::Degraded, msg, failures.all()),
+                        verdict(State::Progressing, msg, failures.all()),
                         waiting,
                         journal,
                     );
                 }
-                if !failures.soon.is_empty() && self.transient(sched) {
-                    let msg = format!("retrying {} transient failures", failures.soon.len());
+                let failed = failures.backoff.len() + failures.soon.len();
+                if failed > 0 {
+                    let delay = sched.backoff.next_delay();
+                    warn!(failed, retry_in = ?delay, "some objects failed");
+                    sched.retry_at = Some(now + delay);
+                    let msg = format!("{failed} of {} actions failed", outcomes.len());
                     return (
-                        verdict(State::Progressing, msg, failures.all()),
+                        verdict(State::Degraded, msg, failures.all()),
                         waiting,
                         journal,
                     );

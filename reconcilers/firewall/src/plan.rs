@@ -329,6 +329,20 @@ mod tests {
     }
 
     #[test]
+    fn a_port_whose_container_has_no_address_waits_in_the_plan() {
+        let s: FirewallSpec = serde_json::from_value(json!({"publishedPorts": [
+            {"hostPort": 3000, "target": {"container": "app", "port": 80}}
+        ]}))
+        .unwrap();
+        let p = plan(&s, &observed(&FirewallSpec::default()), &Facts::default());
+        let shown: Vec<String> = p.waiting.iter().map(|w| w.to_string()).collect();
+        assert_eq!(
+            shown,
+            vec!["~ published-port tcp/3000 -> container app (waiting for its address)"]
+        );
+    }
+
+    #[test]
     fn missing_table_is_built_in_one_batch() {
         let s = spec(1..3, 80);
         let p = plan(&s, &observed(&FirewallSpec::default()), &Facts::default());

@@ -175,3 +175,33 @@ proptest! {
         })?;
     }
 }
+
+#[tokio::test]
+async fn a_record_whose_container_has_no_address_waits_in_the_plan() {
+    let d = dns();
+    let s = spec(serde_json::json!([
+        {"name": "api.internal", "type": "A", "container": "api"},
+        {"name": "web.internal", "type": "A", "values": ["10.0.0.1"]}
+    ]));
+    let p = pending(&d, &s).await;
+    let shown: Vec<String> = p.waiting.iter().map(|w| w.to_string()).collect();
+    assert_eq!(
+        shown,
+        vec!["~ record api.internal A (waiting for container api to be reported)"]
+    );
+    // Once the container is known with an address, nothing waits.
+    let mut facts = Facts::default();
+    facts.containers.insert(
+        "api".into(),
+        converge_core::ContainerFacts {
+            addresses: vec!["10.88.0.5".parse().unwrap()],
+            running: true,
+        },
+    );
+    let obs = d.observe(&s).await.unwrap();
+    assert!(d.plan(&s, &obs, &facts).waiting.is_empty());
+    // Known but without an IPv4 address: waiting for its address.
+    facts.containers.get_mut("api").unwrap().addresses.clear();
+    let w = d.plan(&s, &obs, &facts).waiting;
+    assert_eq!(w[0].reason, "waiting for container api's address");
+}
