@@ -176,7 +176,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(doc) = load_valid(&file, output, &limits)? else {
                 return Ok(ExitCode::from(1));
             };
-            let mut sections = registry::sections(&cli.data_dir, &cli.host, &doc.node.id);
+            let mut sections = registry::sections(
+                &cli.data_dir,
+                &cli.host,
+                &doc.node.id,
+                EngineConfig::default().resync,
+            );
             let mut unbuilt = unbuilt_sections(&doc, &sections);
             if let Some(r) = &reconciler {
                 if !registry::ALL.contains(&r.as_str()) {
@@ -353,7 +358,12 @@ async fn apply(
         "worker"
     };
     let generation = doc.generation;
-    let sections = registry::sections(data_dir, host, &doc.node.id);
+    let sections = registry::sections(
+        data_dir,
+        host,
+        &doc.node.id,
+        EngineConfig::default().resync,
+    );
     let unbuilt = unbuilt_sections(&doc, &sections);
     let doc = Arc::new(doc);
     let applied = run_once(&sections, doc.clone(), false).await;

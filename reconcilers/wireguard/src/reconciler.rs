@@ -575,6 +575,29 @@ impl<D: WgDriver> WireguardReconciler<D> {
     }
 }
 
+/// `t` as `YYYY-MM-DDTHH:MM:SSZ` (UTC; days to civil date after H. Hinnant).
+fn utc(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 fn fields_of(u: &PeerUpdate) -> Vec<&'static str> {
     let mut f = Vec::new();
     if u.allowed.is_some() {
@@ -735,11 +758,9 @@ impl<D: WgDriver> Reconciler for WireguardReconciler<D> {
                 .get(key)
                 .and_then(|&i| parsed.names.get(i))
                 .map_or("(not in the document)", String::as_str);
+            // An absolute time: status is read long after the pass that wrote it.
             let handshake = match p.last_handshake {
-                Some(t) => format!(
-                    "last handshake {}s ago",
-                    observed.now.duration_since(t).unwrap_or_default().as_secs()
-                ),
+                Some(t) => format!("last handshake {}", utc(t)),
                 None => "no handshake yet".to_string(),
             };
             notes.push(ObjectNote {
