@@ -339,8 +339,7 @@ fn rotate_key(
     agent::prepare_data_dir(data_dir)?;
     let public = converge_wireguard::rotate_key(data_dir, &iface)?;
     println!("{}", public.to_base64());
-    let running =
-        std::os::unix::net::UnixStream::connect(agent::socket_path(data_dir)).is_ok();
+    let running = std::os::unix::net::UnixStream::connect(agent::socket_path(data_dir)).is_ok();
     eprintln!(
         "{iface}: new key written to {}; {}. Peers must get the new public key before they can handshake again.",
         converge_wireguard::key_path(data_dir, &iface).display(),
@@ -436,12 +435,7 @@ async fn apply(
         "worker"
     };
     let generation = doc.generation;
-    let sections = registry::sections(
-        data_dir,
-        host,
-        &doc.node.id,
-        EngineConfig::default().resync,
-    );
+    let sections = registry::sections(data_dir, host, &doc.node.id, EngineConfig::default().resync);
     let unbuilt = unbuilt_sections(&doc, &sections);
     let doc = Arc::new(doc);
     let applied = run_once(&sections, doc.clone(), false).await;

@@ -143,9 +143,11 @@ fn wait_converged(m: &Mesh, generation: u64) -> Value {
 }
 
 fn wait_pings(from: &Mesh, to: IpAddr) {
-    wait_until(Duration::from_secs(15), &format!("{} pings {to}", from.node.name()), || {
-        from.pings(to)
-    });
+    wait_until(
+        Duration::from_secs(15),
+        &format!("{} pings {to}", from.node.name()),
+        || from.pings(to),
+    );
 }
 
 /// The pids of the wireguard-go serving `iface` (its command line is `wireguard-go <iface>`).
@@ -228,7 +230,10 @@ fn three_nodes_mesh_restart_adopts_and_peers_change_one_by_one() {
         }
         let private = std::fs::read_to_string(m.key_file()).expect("key file");
         let text = String::from_utf8_lossy(&converge(&m.node, &["status"]).stdout).into_owned();
-        assert!(text.contains(&m.public_key), "text status shows the key: {text}");
+        assert!(
+            text.contains(&m.public_key),
+            "text status shows the key: {text}"
+        );
         assert!(text.contains("last handshake"), "{text}");
         for shown in [text, status(&m.node).to_string()] {
             assert!(!shown.contains(private.trim()), "private key in status");
@@ -263,7 +268,11 @@ fn three_nodes_mesh_restart_adopts_and_peers_change_one_by_one() {
         go_pids,
         "the restarted agent adopts wireguard-go"
     );
-    assert_eq!(a.wg("latest-handshakes"), handshakes, "no session was reset");
+    assert_eq!(
+        a.wg("latest-handshakes"),
+        handshakes,
+        "no session was reset"
+    );
     for (key, t) in a.wg("transfer") {
         let old = &transfer[&key];
         let n = |s: &str| -> Vec<u64> { s.split('\t').map(|x| x.parse().unwrap_or(0)).collect() };
@@ -273,7 +282,11 @@ fn three_nodes_mesh_restart_adopts_and_peers_change_one_by_one() {
         );
     }
     for to in [&b, &c] {
-        assert!(a.pings(to.v4()), "A reaches {} after the restart", to.node.name());
+        assert!(
+            a.pings(to.v4()),
+            "A reaches {} after the restart",
+            to.node.name()
+        );
     }
 
     // Removing C from A's document stops A–C traffic only; restoring it restores it.
@@ -313,9 +326,11 @@ fn three_nodes_mesh_restart_adopts_and_peers_change_one_by_one() {
         String::from_utf8_lossy(&out.stdout).trim().to_string(),
     );
     assert_ne!(old_key, a.public_key);
-    wait_until(Duration::from_secs(5), "the new key on the interface", || {
-        a.node.run_ok("wg", ["show", &a.iface, "public-key"]).trim() == a.public_key
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "the new key on the interface",
+        || a.node.run_ok("wg", ["show", &a.iface, "public-key"]).trim() == a.public_key,
+    );
     wait_until(Duration::from_secs(5), "the new key in status", || {
         reconciler(&status(&a.node), "wireguard")["objects"]
             .to_string()
