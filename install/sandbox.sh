@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Quick start: the main job end to end on a local sandbox node.
-# Installs what it needs (Debian 12, root), builds converge, starts a sandbox node (its
-# own network namespace, data dir and Podman service), shows `converge diff` of
+# Quick start: the main job end to end on two local sandbox nodes.
+# Installs what it needs (Debian 12, root), builds converge, starts two sandbox nodes (each
+# its own network namespace and data dir, joined by a veth pair; the first also runs a
+# Podman service), creates each node's WireGuard key, shows `converge diff` of
 # fixtures/sandbox.json (fixtures/worker.json with a local busybox image, since there is
-# no registry here), has the agent converge it, shows status, the containers and the
-# DNS answers it serves, then changes one record and shows the diff of only that change. Cleans up at the end unless
-# KEEP=1. Usage: install/sandbox.sh
+# no registry here, and a WireGuard mesh with the second node), has the agents converge,
+# shows status, the containers, the DNS answers, the published ports, a ping through the
+# tunnel and the peer's last handshake in `converge status`, then changes one record and
+# shows the diff of only that change. Cleans up at the end unless KEEP=1.
+# Usage: install/sandbox.sh
 set -euo pipefail
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -32,7 +35,14 @@ bin="${CARGO_TARGET_DIR:-$repo/target}/release/converge"
 
 ns=converge-sandbox
 data=/var/tmp/converge-sandbox
+# The second node: only a WireGuard interface, meshed with the first.
+ns_b=converge-sandbox-b
+data_b=/var/tmp/converge-sandbox-b
+# wireguard-go's UAPI sockets (/var/run/wireguard) are shared by all namespaces.
+wg_a=wg-sandbox-a
+wg_b=wg-sandbox-b
 agent=""
+agent_b=""
 podman_cli() { nsenter --net="/run/netns/$ns" podman --root "$data/podman/root" --runroot "$data/podman/run" --tmpdir "$data/podman/tmp" "$@"; }
 # Removes everything a sandbox run (this one or an earlier, interrupted one) left.
 teardown() {
@@ -40,32 +50,50 @@ teardown() {
   [[ -f $data/dns/dnsmasq.pid ]] && kill "$(cat "$data/dns/dnsmasq.pid")" 2>/dev/null
   [[ -e /run/netns/$ns && -d $data/podman ]] && podman_cli rm -af -t 0 >/dev/null 2>&1
   pkill -f "unix://$data/podman.sock" 2>/dev/null
+  # What is left in the sandboxes (wireguard-go, which outlives its agent) goes with them.
+  for n in "$ns" "$ns_b"; do
+    [[ -e /run/netns/$n ]] && ip netns pids "$n" | xargs -r kill 2>/dev/null
+  done
+  sleep 0.2
   ip netns del "$ns" 2>/dev/null
+  ip netns del "$ns_b" 2>/dev/null
+  rm -f "/var/run/wireguard/$wg_a.sock" "/var/run/wireguard/$wg_b.sock"
   grep -o " $data/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null
-  rm -rf "$data"
+  rm -rf "$data" "$data_b"
   set -e
 }
 cleanup() {
   set +e
   [[ -n $agent ]] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null
+  [[ -n $agent_b ]] && kill "$agent_b" 2>/dev/null && wait "$agent_b" 2>/dev/null
   if [[ ${KEEP:-0} == 1 ]]; then
-    echo "KEEP=1: the sandbox (netns $ns, containers, dnsmasq) is left running; data in $data"
+    echo "KEEP=1: the sandboxes (netns $ns and $ns_b, containers, dnsmasq, wireguard-go) are left running; data in $data and $data_b"
     return
   fi
   teardown
   true
 }
 trap cleanup EXIT
-doc=fixtures/sandbox.json
+fixture=fixtures/sandbox.json
 
-banner "starting sandbox node: network namespace $ns, data dir $data"
+banner "starting sandbox nodes: network namespaces $ns and $ns_b (10.0.3.17 and 10.0.3.18 on a veth pair)"
 teardown
 ip netns add "$ns"
+ip netns add "$ns_b"
 in_ns() { nsenter --net="/run/netns/$ns" "$@"; }
+in_ns_b() { nsenter --net="/run/netns/$ns_b" "$@"; }
+ip link add sbx-a netns "$ns" type veth peer name sbx-b netns "$ns_b"
 in_ns ip link set lo up
-# The fixture's DNS listens on the node's mesh address; give the sandbox that address.
-listen=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["dns"]["listen"][0])' "$doc")
+in_ns ip addr add 10.0.3.17/24 dev sbx-a
+in_ns ip link set sbx-a up
+in_ns_b ip link set lo up
+in_ns_b ip addr add 10.0.3.18/24 dev sbx-b
+in_ns_b ip link set sbx-b up
+# The fixture's DNS listens on the node's mesh address; the WireGuard interface gets it
+# too, but DNS need not wait for the mesh: give the sandbox that address on lo as well.
+listen=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["dns"]["listen"][0])' "$fixture")
 in_ns ip addr add "$listen/32" dev lo
+mkdir -p "$data" "$data_b"
 
 banner "starting a Podman API service in the sandbox and importing a busybox image"
 mkdir -p "$data/podman/tmp" "$data/rootfs/bin"
@@ -77,6 +105,46 @@ nsenter --net="/run/netns/$ns" podman --root "$data/podman/root" --runroot "$dat
   system service --time=0 "unix://$data/podman.sock" 2>"$data/podman.log" &
 for _ in $(seq 100); do [[ -S $data/podman.sock ]] && break; sleep 0.1; done
 cv() { in_ns "$bin" --data-dir "$data" --runtime podman --podman-socket "$data/podman.sock" "$@"; }
+cv_b() { in_ns_b "$bin" --data-dir "$data_b" "$@"; }
+
+banner "each node's WireGuard key: converge wireguard rotate-key (the private key stays in <data-dir>/wireguard/, 0600)"
+key_a=$(cv wireguard rotate-key --interface "$wg_a")
+key_b=$(cv_b wireguard rotate-key --interface "$wg_b")
+echo "worker-fra1-07 ($wg_a): $key_a"
+echo "worker-fra1-08 ($wg_b): $key_b"
+
+# The documents: the fixture with its mesh reduced to the second node (with that node's
+# real public key), and the second node's own document meshing it back.
+doc="$data/sandbox.json"
+doc_b="$data_b/worker-fra1-08.json"
+python3 - "$fixture" "$doc" "$doc_b" "$wg_a" "$wg_b" "$key_a" "$key_b" <<'PY'
+import json, sys
+fixture, doc, doc_b, wg_a, wg_b, key_a, key_b = sys.argv[1:]
+d = json.load(open(fixture))
+w = d["wireguard"]
+w["interface"] = wg_a
+w.pop("privateKeySecret", None)  # converge's generated key
+w["peers"] = [{
+    "name": "worker-fra1-08", "publicKey": key_b, "endpoint": "10.0.3.18:51820",
+    "allowedIps": ["10.210.0.8/32", "fd00:210::8/128"], "persistentKeepalive": 25,
+}]
+json.dump(d, open(doc, "w"), indent=2)
+b = {
+    "apiVersion": "converge/v1",
+    "node": {"id": "worker-fra1-08", "mode": "worker"},
+    "generation": 1,
+    "issuedAt": d["issuedAt"],
+    "wireguard": {
+        "interface": wg_b, "listenPort": 51820,
+        "addresses": ["10.210.0.8/24", "fd00:210::8/64"],
+        "peers": [{
+            "name": "worker-fra1-07", "publicKey": key_a, "endpoint": "10.0.3.17:51820",
+            "allowedIps": ["10.210.0.7/32", "fd00:210::7/128"], "persistentKeepalive": 25,
+        }],
+    },
+}
+json.dump(b, open(doc_b, "w"), indent=2)
+PY
 
 banner "converge validate $doc"
 cv validate "$doc"
@@ -85,18 +153,23 @@ banner "converge diff $doc   (dry run against the sandbox's real state)"
 set +e; cv diff "$doc"; code=$?; set -e
 echo "(exit code $code: 2 = changes pending)"
 
-banner "starting the agent and pushing the document"
-mkdir -p "$data"
+banner "starting the agents and pushing the documents"
 # nsenter execs the agent, so $agent is its pid (a shell function would add a subshell).
+# A short resync so that status shows the peers' handshakes within seconds (each resync
+# reads the WireGuard device in full; the default is 60 s).
 node_id=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["node"]["id"])' "$doc")
 nsenter --net="/run/netns/$ns" "$bin" --data-dir "$data" --runtime podman --podman-socket "$data/podman.sock" \
-  agent --node-id "$node_id" 2>"$data/agent.log" &
+  agent --node-id "$node_id" --resync-secs 5 2>"$data/agent.log" &
 agent=$!
-for _ in $(seq 100); do [[ -S $data/converge.sock ]] && break; sleep 0.1; done
+nsenter --net="/run/netns/$ns_b" "$bin" --data-dir "$data_b" \
+  agent --node-id worker-fra1-08 --resync-secs 5 2>"$data_b/agent.log" &
+agent_b=$!
+for _ in $(seq 100); do [[ -S $data/converge.sock && -S $data_b/converge.sock ]] && break; sleep 0.1; done
 cv push "$doc"
+cv_b push "$doc_b"
 for _ in $(seq 150); do
-  # containers, firewall and dns
-  [[ $(cv status --output json | grep -c '"state": "Converged"') -ge 3 ]] && break
+  # containers, wireguard, firewall and dns
+  [[ $(cv status --output json | grep -c '"state": "Converged"') -ge 4 ]] && break
   sleep 0.2
 done
 
@@ -115,11 +188,27 @@ done
 banner "the result: published ports in converge's nftables table (container targets resolved to their addresses)"
 in_ns nft list map inet converge dnat4_on
 
+banner "the mesh: worker-fra1-07 pings worker-fra1-08 through the WireGuard tunnel (IPv4 and IPv6)"
+in_ns ping -c 3 -i 0.3 10.210.0.8
+in_ns ping -c 3 -i 0.3 fd00:210::8
+
+banner "converge status on worker-fra1-07: its public key and the peer's last handshake"
+# Peer statistics in status are as of the last resync (5 s here).
+for _ in $(seq 75); do
+  cv status | grep -q "peer worker-fra1-08.*last handshake" &&
+    cv_b status | grep -q "peer worker-fra1-07.*last handshake" && break
+  sleep 0.2
+done
+cv status
+echo
+echo "(worker-fra1-08:)"
+cv_b status | sed -n '/^wireguard/,$p'
+
 banner "one change: web.internal moves to 10.88.0.11 (generation 43)"
 changed=$(mktemp /tmp/converge-worker-XXXXXX.json)
-python3 - "$changed" <<'PY'
+python3 - "$changed" "$doc" <<'PY'
 import json, sys
-d = json.load(open("fixtures/sandbox.json"))
+d = json.load(open(sys.argv[2]))
 d["generation"] += 1
 for r in d["dns"]["records"]:
     if r["name"] == "web.internal" and r["type"] == "A":

@@ -142,7 +142,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let sock = socket_path(&opts.data_dir);
     let listener = bind_socket(&sock).await?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let sections = crate::registry::sections(&opts.data_dir, &opts.host, &opts.node_id);
+    let sections = crate::registry::sections(
+        &opts.data_dir,
+        &opts.host,
+        &opts.node_id,
+        opts.engine.resync,
+    );
     // Every reconciler is listed from the start, so that "every reconciler reports
     // generation N" is never true of an empty list right after a push.
     let known: Vec<String> = store

@@ -1,5 +1,5 @@
 //! Command line: argument definitions and the commands (validate, schema, diff, apply,
-//! agent, push, status).
+//! agent, push, status, wireguard rotate-key).
 
 use crate::agent::{self, AgentOptions};
 use crate::document::{self, Document, Format, Mode};
@@ -139,6 +139,23 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: OutputFormat,
     },
+    /// WireGuard: the node's key.
+    Wireguard {
+        #[command(subcommand)]
+        command: WireguardCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WireguardCommand {
+    /// Replace this node's generated private key (or create it) and print the new public
+    /// key. A running agent sets it on the interface at once; tunnels stay down until
+    /// each peer has the new public key (hand it to the control plane).
+    RotateKey {
+        /// The interface whose key to rotate (default: the accepted document's).
+        #[arg(long)]
+        interface: Option<String>,
+    },
 }
 
 /// Runs the parsed command line; returns the process exit code.
@@ -176,7 +193,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(doc) = load_valid(&file, output, &limits)? else {
                 return Ok(ExitCode::from(1));
             };
-            let mut sections = registry::sections(&cli.data_dir, &cli.host, &doc.node.id);
+            let mut sections = registry::sections(
+                &cli.data_dir,
+                &cli.host,
+                &doc.node.id,
+                EngineConfig::default().resync,
+            );
             let mut unbuilt = unbuilt_sections(&doc, &sections);
             if let Some(r) = &reconciler {
                 if !registry::ALL.contains(&r.as_str()) {
@@ -280,7 +302,67 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Wireguard {
+            command: WireguardCommand::RotateKey { interface },
+        } => rotate_key(&cli.data_dir, interface, &limits),
     }
+}
+
+/// `converge wireguard rotate-key`: writes a new key file for the interface and prints
+/// its public key; the agent watches the key directory and applies it at once. Refused
+/// when the accepted document takes this interface's key from a secret.
+fn rotate_key(
+    data_dir: &Path,
+    interface: Option<String>,
+    limits: &Limits,
+) -> anyhow::Result<ExitCode> {
+    let accepted = accepted_document(data_dir, limits)?;
+    let section = accepted.as_ref().and_then(|d| d.wireguard.as_ref());
+    let iface = match (interface, section) {
+        (Some(i), _) => i,
+        (None, Some(w)) => w.interface.clone(),
+        (None, None) => anyhow::bail!(
+            "the accepted document has no wireguard section; name the interface with --interface"
+        ),
+    };
+    if !converge_wireguard::is_interface_name(&iface) {
+        anyhow::bail!("{iface:?} is not an interface name (1-15 characters of [a-zA-Z0-9_=+.-])");
+    }
+    if let Some(w) = section.filter(|w| w.interface == iface) {
+        if let Some(secret) = &w.private_key_secret {
+            eprintln!(
+                "refused: the document takes the key of {iface} from secret {secret:?}; replace that secret instead"
+            );
+            return Ok(ExitCode::from(1));
+        }
+    }
+    agent::prepare_data_dir(data_dir)?;
+    let public = converge_wireguard::rotate_key(data_dir, &iface)?;
+    println!("{}", public.to_base64());
+    let running = std::os::unix::net::UnixStream::connect(agent::socket_path(data_dir)).is_ok();
+    eprintln!(
+        "{iface}: new key written to {}; {}. Peers must get the new public key before they can handshake again.",
+        converge_wireguard::key_path(data_dir, &iface).display(),
+        if running {
+            "the running agent sets it on the interface now"
+        } else {
+            "the agent sets it on the interface when it next runs"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The accepted document, if the store has one that still parses.
+fn accepted_document(data_dir: &Path, limits: &Limits) -> anyhow::Result<Option<Document>> {
+    let path = agent::store_path(data_dir);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let store = Store::open(&path).context("open store")?;
+    Ok(match store.last_good()? {
+        Some((_, body)) => document::parse_with(&body, Format::Json, limits).ok(),
+        None => None,
+    })
 }
 
 fn print_problems(file: &Path, problems: &converge_core::Problems, output: OutputFormat) {
@@ -353,7 +435,7 @@ async fn apply(
         "worker"
     };
     let generation = doc.generation;
-    let sections = registry::sections(data_dir, host, &doc.node.id);
+    let sections = registry::sections(data_dir, host, &doc.node.id, EngineConfig::default().resync);
     let unbuilt = unbuilt_sections(&doc, &sections);
     let doc = Arc::new(doc);
     let applied = run_once(&sections, doc.clone(), false).await;

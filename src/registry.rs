@@ -7,8 +7,13 @@ use converge_containers::{Config as ContainersConfig, Containers};
 use converge_dns::driver::Dnsmasq;
 use converge_dns::{Dns, Layout};
 use converge_firewall::{Firewall, Kernel};
+use converge_wireguard::driver::Unavailable;
+use converge_wireguard::{
+    Config as WireguardConfig, System, SystemConfig, WireguardReconciler, WireguardSpec,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Which container runtime the node uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -121,9 +126,47 @@ fn dnsmasq_binary() -> PathBuf {
     }
 }
 
+/// The wireguard-go binary: `$CONVERGE_WIREGUARD_GO`, else `wireguard-go` on PATH.
+fn wireguard_go_binary() -> PathBuf {
+    std::env::var_os("CONVERGE_WIREGUARD_GO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("wireguard-go"))
+}
+
+/// The WireGuard reconciler: generated keys under `<data_dir>/wireguard/`, secrets from
+/// `--secrets-dir`. Its netlink sockets are opened here, in the agent's network
+/// namespace; if that fails every pass reports why.
+fn wireguard(data_dir: &Path, host: &HostOptions, resync: Duration) -> Arc<dyn Section> {
+    let mut config = WireguardConfig::new(data_dir, &host.secrets_dir);
+    // Every resync reads the device in full (jitter takes up to 10 % off the period).
+    config.full_read_after = config.full_read_after.min(resync.mul_f64(0.85));
+    fn select(d: &Document) -> Option<&WireguardSpec> {
+        d.wireguard.as_ref()
+    }
+    let driver = System::new(SystemConfig {
+        wireguard_go: wireguard_go_binary(),
+        ..SystemConfig::default()
+    });
+    match driver {
+        Ok(d) => Arc::new(Bound::new(WireguardReconciler::new(d, config), select)),
+        Err(e) => {
+            let why = format!("cannot open netlink sockets: {e}");
+            Arc::new(Bound::new(
+                WireguardReconciler::new(Unavailable(why), config),
+                select,
+            ))
+        }
+    }
+}
+
 /// The reconcilers of this build with their real drivers: files under `data_dir`,
-/// containers labelled with `node_id`.
-pub fn sections(data_dir: &Path, host: &HostOptions, node_id: &str) -> Vec<Arc<dyn Section>> {
+/// containers labelled with `node_id`; `resync` is the engine's drift-repair period.
+pub fn sections(
+    data_dir: &Path,
+    host: &HostOptions,
+    node_id: &str,
+    resync: Duration,
+) -> Vec<Arc<dyn Section>> {
     let dns = Dns::new(Dnsmasq::new(
         Layout::new(data_dir.join("dns")),
         dnsmasq_binary(),
@@ -131,6 +174,7 @@ pub fn sections(data_dir: &Path, host: &HostOptions, node_id: &str) -> Vec<Arc<d
     let firewall = Firewall::new(Kernel::new());
     vec![
         containers(host, node_id),
+        wireguard(data_dir, host, resync),
         Arc::new(Bound::new(firewall, |d: &Document| d.firewall.as_ref())),
         Arc::new(Bound::new(dns, |d: &Document| d.dns.as_ref())),
     ]

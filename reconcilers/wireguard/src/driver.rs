@@ -93,6 +93,70 @@ pub trait WgDriver: Send + Sync + 'static {
     }
 }
 
+/// Stand-in when the real driver cannot be built (no netlink socket): every call fails
+/// with the reason, so a document with a `wireguard` section reports it as Degraded.
+pub struct Unavailable(pub String);
+
+impl Unavailable {
+    fn err<T>(&self) -> Result<T, DriverError> {
+        Err(DriverError::Failed(self.0.clone()))
+    }
+}
+
+impl WgDriver for Unavailable {
+    fn link(&self, _: &str) -> Result<Option<Link>, DriverError> {
+        self.err()
+    }
+    fn addresses(&self, _: u32) -> Result<Vec<IpNet>, DriverError> {
+        self.err()
+    }
+    fn routes(&self) -> Result<HashSet<Route>, DriverError> {
+        self.err()
+    }
+    fn route_changes(&self) -> Result<Option<Vec<RouteChange>>, DriverError> {
+        self.err()
+    }
+    fn read_device(&self, _: &str, _: Backend) -> Result<Device, DriverError> {
+        self.err()
+    }
+    fn create(&self, _: &str) -> Result<Backend, DriverError> {
+        self.err()
+    }
+    fn configure(
+        &self,
+        _: &str,
+        _: Backend,
+        _: Option<&SecretKey>,
+        _: Option<u16>,
+    ) -> Result<(), DriverError> {
+        self.err()
+    }
+    fn set_peers(&self, _: &str, _: Backend, _: &[&PeerUpdate]) -> Result<(), DriverError> {
+        self.err()
+    }
+    fn remove_peers(&self, _: &str, _: Backend, _: &[PublicKey]) -> Result<(), DriverError> {
+        self.err()
+    }
+    fn set_mtu(&self, _: u32, _: u32) -> Result<(), DriverError> {
+        self.err()
+    }
+    fn set_up(&self, _: u32) -> Result<(), DriverError> {
+        self.err()
+    }
+    fn add_address(&self, _: u32, _: IpNet) -> Result<(), DriverError> {
+        self.err()
+    }
+    fn del_address(&self, _: u32, _: IpNet) -> Result<(), DriverError> {
+        self.err()
+    }
+    fn add_route(&self, _: IpNet, _: u32) -> Result<(), DriverError> {
+        self.err()
+    }
+    fn del_route(&self, _: Route) -> Result<(), DriverError> {
+        self.err()
+    }
+}
+
 /// Settings of the real driver.
 #[derive(Clone, Debug)]
 pub struct SystemConfig {

@@ -10,7 +10,7 @@ pub mod spec;
 
 pub use driver::{System, SystemConfig, WgDriver};
 pub use plan::{plan, Action, ActionKind, Backend, Observed};
-pub use reconciler::{key_path, rotate_key, Config, KeyError, WireguardReconciler};
+pub use reconciler::{key_dir, key_path, rotate_key, Config, KeyError, WireguardReconciler};
 pub use spec::{
     is_interface_name, parse_endpoint, validate, Endpoint, PublicKey, WireguardPeer, WireguardSpec,
 };

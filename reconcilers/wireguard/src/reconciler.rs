@@ -28,6 +28,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, info, info_span, warn};
 
+mod keywatch;
+
 /// Settings of the reconciler.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -59,9 +61,20 @@ impl Config {
     }
 }
 
+/// The directory of converge's generated keys (0700), watched by the agent.
+pub fn key_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("wireguard")
+}
+
 /// Where converge keeps the generated private key of `iface`.
 pub fn key_path(data_dir: &Path, iface: &str) -> PathBuf {
-    data_dir.join("wireguard").join(format!("{iface}.key"))
+    key_dir(data_dir).join(format!("{iface}.key"))
+}
+
+fn make_key_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Errors of the key file helpers.
@@ -100,9 +113,7 @@ fn write_key(path: &Path, key: &SecretKey) -> Result<(), KeyError> {
         source,
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        make_key_dir(dir).map_err(io)?;
     }
     // write_atomic sets the mode on the temp file before the rename: never readable by others.
     write_atomic(
@@ -113,11 +124,12 @@ fn write_key(path: &Path, key: &SecretKey) -> Result<(), KeyError> {
     .map_err(io)
 }
 
-/// Replaces the generated private key of `iface` with a new one and returns the new
-/// public key (what `converge wireguard rotate-key` calls). The next pass sets it on the
-/// interface; every peer must learn the new public key before it can handshake again,
-/// so the control plane must be told (status and facts report it). Does nothing for a
-/// `privateKeySecret` key: rotate that secret instead.
+/// Replaces the generated private key of `iface` with a new one (or creates it) and
+/// returns the new public key (what `converge wireguard rotate-key` calls). A running
+/// agent sees the file change (it watches [`key_dir`]) and sets the key on the interface
+/// at once; every peer must learn the new public key before it can handshake again, so
+/// the control plane must be told (status and facts report it). A node whose document
+/// names a `privateKeySecret` does not use this file: rotate that secret instead.
 pub fn rotate_key(data_dir: &Path, iface: &str) -> Result<PublicKey, KeyError> {
     let key = SecretKey(wireguard_control::Key::generate_private().0);
     write_key(&key_path(data_dir, iface), &key)?;
@@ -575,6 +587,29 @@ impl<D: WgDriver> WireguardReconciler<D> {
     }
 }
 
+/// `t` as `YYYY-MM-DDTHH:MM:SSZ` (UTC; days to civil date after H. Hinnant).
+fn utc(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 fn fields_of(u: &PeerUpdate) -> Vec<&'static str> {
     let mut f = Vec::new();
     if u.allowed.is_some() {
@@ -735,11 +770,9 @@ impl<D: WgDriver> Reconciler for WireguardReconciler<D> {
                 .get(key)
                 .and_then(|&i| parsed.names.get(i))
                 .map_or("(not in the document)", String::as_str);
+            // An absolute time: status is read long after the pass that wrote it.
             let handshake = match p.last_handshake {
-                Some(t) => format!(
-                    "last handshake {}s ago",
-                    observed.now.duration_since(t).unwrap_or_default().as_secs()
-                ),
+                Some(t) => format!("last handshake {}", utc(t)),
                 None => "no handshake yet".to_string(),
             };
             notes.push(ObjectNote {
@@ -757,7 +790,19 @@ impl<D: WgDriver> Reconciler for WireguardReconciler<D> {
     }
 
     fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
-        self.driver.host_events()
+        // A key written while the agent runs (a rotation) is applied at once.
+        let dir = key_dir(&self.config.data_dir);
+        let keys = match make_key_dir(&dir).and_then(|()| keywatch::watch(&dir)) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "cannot watch the key directory; a rotated key is applied at the next resync");
+                None
+            }
+        };
+        match (self.driver.host_events(), keys) {
+            (Some(a), Some(b)) => Some(Box::pin(futures::stream::select(a, b))),
+            (a, b) => a.or(b),
+        }
     }
 }
 
