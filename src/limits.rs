@@ -204,18 +204,18 @@ struct Frame {
 /// JSON path. The scan does not validate the syntax (the parser does that next): on
 /// malformed input it never panics and reports at most what it saw.
 pub fn check_json(text: &str, limits: &Limits) -> Problems {
-    Problems(scan(text, Some(limits), text.len()).problems)
+    Problems(scan::<true>(text, limits, text.len()).problems)
 }
 
 /// How many values (array items, object entries and containers; roughly) JSON text has.
 pub fn json_values(text: &str) -> usize {
-    scan(text, None, text.len()).values
+    scan::<false>(text, &Limits::default(), text.len()).values
 }
 
 /// The JSON path of the value being read at byte `offset` of JSON text: where a parser
 /// that stopped there (serde's line and column) was.
 pub fn json_path_at(text: &str, offset: usize) -> String {
-    scan(text, None, offset).path
+    scan::<false>(text, &Limits::default(), offset).path
 }
 
 /// What [`scan`] found.
@@ -227,23 +227,21 @@ struct Scan {
 }
 
 /// Reads JSON text up to byte `until`, tracking the open arrays and objects; checks
-/// `limits` if given.
-#[inline]
-fn scan(text: &str, limits: Option<&Limits>, until: usize) -> Scan {
-    let b = text.as_bytes();
-    let until = until.min(b.len());
+/// `limits` if `CHECK` (a constant, so that the check-free scans cost nothing on the
+/// fast path's).
+fn scan<const CHECK: bool>(text: &str, limits: &Limits, until: usize) -> Scan {
+    // Bytes past `until` are not looked at (bounds the loops by the slice itself).
+    let b = &text.as_bytes()[..until.min(text.len())];
     let mut stack: Vec<Frame> = Vec::with_capacity(16);
     let mut problems = Vec::new();
     let mut values = 1;
     let mut i = 0;
-    while i < until {
+    while i < b.len() {
         // Numbers, literals, whitespace and colons mean nothing here: skip them.
-        while i < until && !SIGNIFICANT[usize::from(b[i])] {
+        while i < b.len() && !SIGNIFICANT[usize::from(b[i])] {
             i += 1;
         }
-        let Some(&c) = b.get(i).filter(|_| i < until) else {
-            break;
-        };
+        let Some(&c) = b.get(i) else { break };
         match c {
             b'"' => {
                 let start = i + 1;
@@ -270,7 +268,7 @@ fn scan(text: &str, limits: Option<&Limits>, until: usize) -> Scan {
                     }
                     _ => false,
                 };
-                if let Some(limits) = limits {
+                if CHECK {
                     if has_nul {
                         problems.push(nul(json_path(text, &stack, stack.len()), key));
                     }
@@ -294,7 +292,7 @@ fn scan(text: &str, limits: Option<&Limits>, until: usize) -> Scan {
             }
             c @ (b'[' | b'{') => {
                 if stack.len() == MAX_DEPTH {
-                    if limits.is_some() {
+                    if CHECK {
                         problems.push(too_deep(json_path(text, &stack, stack.len())));
                     }
                     break;
@@ -317,18 +315,11 @@ fn scan(text: &str, limits: Option<&Limits>, until: usize) -> Scan {
                     f.commas += 1;
                     f.expect_key = true;
                     // n commas: at least n + 1 items.
-                    if let Some(limits) = limits {
-                        if f.commas >= limits.max_items && !f.reported {
-                            f.reported = true;
-                            let array = f.array;
-                            let at = stack.len() - 1;
-                            problems.push(too_many(
-                                json_path(text, &stack, at),
-                                None,
-                                limits,
-                                array,
-                            ));
-                        }
+                    if CHECK && f.commas >= limits.max_items && !f.reported {
+                        f.reported = true;
+                        let array = f.array;
+                        let at = stack.len() - 1;
+                        problems.push(too_many(json_path(text, &stack, at), None, limits, array));
                     }
                 }
             }
