@@ -259,15 +259,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Push { file } => {
             // Bounded read; the size is checked here too so that an oversized file is
             // refused without a round trip. Everything else is the agent's to check.
-            let bytes = std::fs::File::open(&file)
-                .and_then(|f| limits::read_document(f, &limits))
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            if bytes.len() > limits.max_document_bytes {
-                if let Err(p) = limits::document_text(&bytes, &limits) {
-                    print_problems(&file, &converge_core::Problems(vec![p]), OutputFormat::Text);
+            let refused = match limits::read_file(&file, &limits)
+                .with_context(|| format!("cannot read {}", file.display()))?
+            {
+                Ok(bytes) if bytes.len() <= limits.max_document_bytes => Ok(bytes),
+                // Not a regular file, read up to the limit + 1.
+                Ok(_) => Err(limits::too_large(&limits)),
+                Err(p) => Err(p),
+            };
+            let bytes = match refused {
+                Ok(bytes) => bytes,
+                Err(p) => {
+                    let problems = converge_core::Problems(vec![p]);
+                    print_problems(&file, &problems, OutputFormat::Text);
+                    return Ok(ExitCode::from(1));
                 }
-                return Ok(ExitCode::from(1));
-            }
+            };
             let yaml = Format::from_path(&file) == Format::Yaml;
             let resp = agent::push(&cli.data_dir, yaml, &bytes).await?;
             if resp.ok {

@@ -116,6 +116,12 @@ pub fn parse_bytes(bytes: &[u8], format: Format, limits: &Limits) -> Result<Docu
     parse_with(text, format, limits)
 }
 
+/// Above this many values, a document that fails the typed parse reports only the
+/// typed parser's first problem instead of running the schema pass: the validator keeps
+/// every error in memory at once (16 MiB of `[0,0,…]` in a string list is 8 million of
+/// them, 4.5 GB), and the value it checks costs 30+ bytes per value on its own.
+pub const SCHEMA_PASS_MAX_VALUES: usize = 200_000;
+
 /// Parses and fully validates a document. On failure returns every problem found,
 /// each with its JSON path; nothing about the host is read or changed.
 ///
@@ -124,42 +130,24 @@ pub fn parse_bytes(bytes: &[u8], format: Format, limits: &Limits) -> Result<Docu
 /// Then the fast path: a typed parse, then the semantic rules (which also enforce the
 /// few schema constraints serde does not: generation range, node id pattern). Only when
 /// the typed parse fails is the JSON Schema run, to report every structural problem at
-/// once rather than serde's first one.
+/// once rather than serde's first one (for documents of at most
+/// [`SCHEMA_PASS_MAX_VALUES`] values; larger ones report serde's first problem).
 pub fn parse_with(text: &str, format: Format, limits: &Limits) -> Result<Document, Problems> {
-    let mut value = None;
-    let over = match format {
-        Format::Json => limits::check_json(text, limits),
-        Format::Yaml => {
-            let v = parse_value(text, format)?;
-            let p = limits::check_value(&v, limits);
-            value = Some(v);
-            p
+    let doc = match format {
+        Format::Json => {
+            let over = limits::check_json(text, limits);
+            if !over.is_empty() {
+                return Err(over);
+            }
+            serde_json::from_str::<Document>(text).map_err(|e| json_problems(text, &e))?
         }
-    };
-    if !over.is_empty() {
-        return Err(over);
-    }
-    let typed = match format {
-        Format::Json => serde_json::from_str::<Document>(text).map_err(|e| e.to_string()),
-        Format::Yaml => serde_yaml::from_str::<Document>(text).map_err(|e| e.to_string()),
-    };
-    let doc = match typed {
-        Ok(doc) => doc,
-        Err(first) => {
-            let value = match value {
-                Some(v) => v,
-                None => parse_value(text, format)?,
-            };
-            let problems = crate::schema::check(&value);
-            return Err(if problems.is_empty() {
-                Problems(vec![Problem {
-                    path: "$".into(),
-                    message: first,
-                    hint: None,
-                }])
-            } else {
-                problems
-            });
+        Format::Yaml => {
+            let value = parse_yaml_value(text)?;
+            let over = limits::check_value(&value, limits);
+            if !over.is_empty() {
+                return Err(over);
+            }
+            serde_yaml::from_str::<Document>(text).map_err(|e| yaml_problems(value, &e))?
         }
     };
     let mut problems = Problems::default();
@@ -171,34 +159,225 @@ pub fn parse_with(text: &str, format: Format, limits: &Limits) -> Result<Documen
     }
 }
 
-fn parse_value(text: &str, format: Format) -> Result<serde_json::Value, Problems> {
-    let syntax = |message: String| {
+/// The problems of JSON text that failed the typed parse with `e`.
+fn json_problems(text: &str, e: &serde_json::Error) -> Problems {
+    let one = |path: String, message: String, hint: Option<String>| {
         Problems(vec![Problem {
-            path: "$".into(),
+            path,
             message,
-            hint: None,
+            hint,
         }])
     };
-    match format {
-        // serde_json's message ends with "at line L column C".
-        Format::Json => {
-            serde_json::from_str(text).map_err(|e| syntax(format!("invalid JSON: {e}")))
-        }
-        Format::Yaml => serde_yaml::from_str(text).map_err(|e| {
-            let at = e
-                .location()
-                .map(|l| format!(" at line {} column {}", l.line(), l.column()))
-                .unwrap_or_default();
-            syntax(format!("invalid YAML{at}: {e}"))
-        }),
+    // serde_json's message ends with "at line L column C".
+    if e.is_syntax() || e.is_eof() {
+        return one("$".into(), format!("invalid JSON: {e}"), None);
     }
+    let values = limits::json_values(text);
+    if values <= SCHEMA_PASS_MAX_VALUES {
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(value) => {
+                let problems = crate::schema::check(&value);
+                if !problems.is_empty() {
+                    return problems;
+                }
+            }
+            Err(e) => return one("$".into(), format!("invalid JSON: {e}"), None),
+        }
+    }
+    // serde's problem, at the path where it stopped reading.
+    let path = limits::json_path_at(text, offset(text, e.line(), e.column()));
+    let hint = (values > SCHEMA_PASS_MAX_VALUES).then(|| {
+        format!(
+            "a document of more than {SCHEMA_PASS_MAX_VALUES} values reports only its first structural problem"
+        )
+    });
+    one(path, e.to_string(), hint)
 }
 
-/// Reads (at most the size limit + 1 bytes) and parses a document file, choosing the
-/// format by extension. `Err` is an I/O error; `Ok(Err)` lists the document's problems.
+/// The byte offset of serde_json's 1-based line and (byte) column.
+fn offset(text: &str, line: usize, column: usize) -> usize {
+    let start: usize = text
+        .split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(str::len)
+        .sum();
+    (start + column).min(text.len())
+}
+
+/// The problems of YAML (already parsed into `value`) that failed the typed parse.
+fn yaml_problems(value: serde_json::Value, e: &serde_yaml::Error) -> Problems {
+    let values = limits::value_count(&value);
+    if values <= SCHEMA_PASS_MAX_VALUES {
+        let problems = crate::schema::check(&value);
+        if !problems.is_empty() {
+            return problems;
+        }
+    }
+    drop(value);
+    Problems(vec![Problem {
+        path: "$".into(),
+        message: e.to_string(),
+        hint: (values > SCHEMA_PASS_MAX_VALUES).then(|| {
+            format!(
+                "a document of more than {SCHEMA_PASS_MAX_VALUES} values reports only its first structural problem"
+            )
+        }),
+    }])
+}
+
+fn parse_yaml_value(text: &str) -> Result<serde_json::Value, Problems> {
+    serde_yaml::from_str(text).map_err(|e| {
+        let at = e
+            .location()
+            .map(|l| format!(" at line {} column {}", l.line(), l.column()))
+            .unwrap_or_default();
+        Problems(vec![Problem {
+            path: "$".into(),
+            message: format!("invalid YAML{at}: {e}"),
+            hint: None,
+        }])
+    })
+}
+
+/// Reads (see [`limits::read_file`]: never more than the size limit + 1 bytes) and
+/// parses a document file, choosing the format by extension. `Err` is an I/O error;
+/// `Ok(Err)` lists the document's problems.
 pub fn load(path: &std::path::Path, limits: &Limits) -> anyhow::Result<Result<Document, Problems>> {
-    let bytes = std::fs::File::open(path)
-        .and_then(|f| limits::read_document(f, limits))
+    let read = limits::read_file(path, limits)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    Ok(parse_bytes(&bytes, Format::from_path(path), limits))
+    Ok(match read {
+        Ok(bytes) => parse_bytes(&bytes, Format::from_path(path), limits),
+        Err(p) => Err(Problems(vec![p])),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn doc(containers: serde_json::Value) -> String {
+        json!({
+            "apiVersion": "converge/v1",
+            "node": {"id": "n1", "mode": "worker"},
+            "generation": 1,
+            "issuedAt": "2026-11-24T10:00:00Z",
+            "containers": containers
+        })
+        .to_string()
+    }
+
+    fn problems(text: &str, format: Format) -> Vec<String> {
+        match parse(text, format) {
+            Ok(_) => vec![],
+            Err(p) => p
+                .iter()
+                .map(|p| format!("{}: {}", p.path, p.message))
+                .collect(),
+        }
+    }
+
+    /// Three containers with 70,000 arguments each: over the schema pass's size.
+    fn padding() -> Vec<serde_json::Value> {
+        (0..3)
+            .map(|i| json!({"name": format!("pad{i}"), "image": "b:1", "args": vec!["x"; 70_000]}))
+            .collect()
+    }
+
+    #[test]
+    fn a_large_document_reports_the_first_problem_at_its_path() {
+        for (bad, path, message) in [
+            (
+                json!({"name": "a", "image": "b:1", "command": ["sh", "-c", 0]}),
+                "$.containers[3].command[2]",
+                "invalid type: integer `0`, expected a string",
+            ),
+            (
+                json!({"name": "a", "imagee": "b:1"}),
+                "$.containers[3].imagee",
+                "unknown field `imagee`",
+            ),
+            (
+                json!({"name": "a"}),
+                "$.containers[3]",
+                "missing field `image`",
+            ),
+        ] {
+            let mut cs = padding();
+            cs.push(bad);
+            let got = problems(&doc(json!(cs)), Format::Json);
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert!(
+                got[0].starts_with(&format!("{path}: {message}")),
+                "{got:?} want {path}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_small_document_reports_every_problem() {
+        let text = doc(json!([
+            {"name": "a", "image": "b:1", "command": ["sh", 0]},
+            {"name": "c", "imagee": "b:1"}
+        ]));
+        let got = problems(&text, Format::Json);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0].starts_with("$.containers[0].command[1]: 0 is not of type"));
+    }
+
+    #[test]
+    fn a_large_yaml_document_reports_the_first_problem() {
+        let mut cs = padding();
+        cs.push(json!({"name": "a", "image": "b:1", "command": ["sh", {"x": 1}]}));
+        let text = doc(json!(cs));
+        let got = problems(&text, Format::Yaml);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains("invalid type: map"), "{got:?}");
+    }
+
+    #[test]
+    fn syntax_errors_name_line_and_column() {
+        let got = problems(
+            "{\n  \"apiVersion\": \"converge/v1\",\n  x\n}",
+            Format::Json,
+        );
+        assert_eq!(
+            got,
+            vec!["$: invalid JSON: key must be a string at line 3 column 3"]
+        );
+    }
+
+    #[test]
+    fn bytes_go_through_the_limits_first() {
+        let limits = Limits::default();
+        let text = doc(json!([]));
+        let mut with_bom = b"\xEF\xBB\xBF".to_vec();
+        with_bom.extend_from_slice(text.as_bytes());
+        assert!(parse_bytes(&with_bom, Format::Json, &limits).is_ok());
+        assert!(parse_bytes(&with_bom, Format::Yaml, &limits).is_ok());
+        let small = Limits {
+            max_document_bytes: 10,
+            ..limits
+        };
+        let err = parse_bytes(text.as_bytes(), Format::Json, &small).err();
+        assert_eq!(
+            err.map(|p| p.0[0].message.clone()),
+            Some("document is larger than 10 bytes".into())
+        );
+    }
+
+    #[test]
+    fn generations_are_bounded() {
+        for (generation, ok) in [
+            (0u64, false),
+            (1, true),
+            (MAX_GENERATION, true),
+            (MAX_GENERATION + 1, false),
+            (u64::MAX, false),
+        ] {
+            let text =
+                doc(json!([])).replace("\"generation\":1", &format!("\"generation\":{generation}"));
+            assert_eq!(parse(&text, Format::Json).is_ok(), ok, "{generation}");
+        }
+    }
 }

@@ -72,6 +72,33 @@ fn read_cap(limits: &Limits) -> u64 {
         .saturating_add(1)
 }
 
+/// Reads a document file: a regular file is refused from its size alone when it is over
+/// the limit (nothing read); anything else (a pipe) is read by [`read_document`].
+/// `Ok(Err)` is that refusal; the bytes still go through [`document_text`].
+pub fn read_file(
+    path: &std::path::Path,
+    limits: &Limits,
+) -> std::io::Result<Result<Vec<u8>, Problem>> {
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_file() && meta.len() > read_cap(limits) - 1 {
+        return Ok(Err(too_large(limits)));
+    }
+    read_document(file, limits).map(Ok)
+}
+
+/// The problem of a document over `max_document_bytes`.
+pub fn too_large(limits: &Limits) -> Problem {
+    Problem {
+        path: "$".into(),
+        message: format!(
+            "document is larger than {} bytes",
+            limits.max_document_bytes
+        ),
+        hint: Some("the limit is set with --max-document-bytes".into()),
+    }
+}
+
 /// The UTF-8 byte-order mark, accepted (and dropped) at the start of a document.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -79,14 +106,7 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 /// larger than the limit, an optional UTF-8 byte-order mark dropped, valid UTF-8.
 pub fn document_text<'a>(bytes: &'a [u8], limits: &Limits) -> Result<&'a str, Problem> {
     if bytes.len() > limits.max_document_bytes {
-        return Err(Problem {
-            path: "$".into(),
-            message: format!(
-                "document is larger than {} bytes",
-                limits.max_document_bytes
-            ),
-            hint: Some("the limit is set with --max-document-bytes".into()),
-        });
+        return Err(too_large(limits));
     }
     let (skip, body) = match bytes.strip_prefix(BOM) {
         Some(rest) => (BOM.len(), rest),
@@ -184,26 +204,59 @@ struct Frame {
 /// JSON path. The scan does not validate the syntax (the parser does that next): on
 /// malformed input it never panics and reports at most what it saw.
 pub fn check_json(text: &str, limits: &Limits) -> Problems {
-    let b = text.as_bytes();
+    Problems(scan::<true>(text, limits, text.len()).problems)
+}
+
+/// How many values (array items, object entries and containers; roughly) JSON text has.
+pub fn json_values(text: &str) -> usize {
+    scan::<false>(text, &Limits::default(), text.len()).values
+}
+
+/// The JSON path of the value being read at byte `offset` of JSON text: where a parser
+/// that stopped there (serde's line and column) was.
+pub fn json_path_at(text: &str, offset: usize) -> String {
+    scan::<false>(text, &Limits::default(), offset).path
+}
+
+/// What [`scan`] found.
+struct Scan {
+    problems: Vec<Problem>,
+    values: usize,
+    /// The path where the scan stopped.
+    path: String,
+}
+
+/// Reads JSON text up to byte `until`, tracking the open arrays and objects; checks
+/// `limits` if `CHECK` (a constant, so that the check-free scans cost nothing on the
+/// fast path's).
+fn scan<const CHECK: bool>(text: &str, limits: &Limits, until: usize) -> Scan {
+    // Bytes past `until` are not looked at (bounds the loops by the slice itself).
+    let b = &text.as_bytes()[..until.min(text.len())];
     let mut stack: Vec<Frame> = Vec::with_capacity(16);
     let mut problems = Vec::new();
+    let mut values = 1;
     let mut i = 0;
     while i < b.len() {
-        match b[i] {
+        // Numbers, literals, whitespace and colons mean nothing here: skip them.
+        while i < b.len() && !SIGNIFICANT[usize::from(b[i])] {
+            i += 1;
+        }
+        let Some(&c) = b.get(i) else { break };
+        match c {
             b'"' => {
                 let start = i + 1;
                 let mut j = start;
                 let mut has_nul = false;
-                while j < b.len() {
-                    match b[j] {
-                        b'"' => break,
-                        b'\\' => {
+                loop {
+                    j = quote_or_backslash(b, j);
+                    match b.get(j) {
+                        Some(b'\\') => {
                             if b[j + 1..].starts_with(b"u0000") {
                                 has_nul = true;
                             }
                             j += 2;
                         }
-                        _ => j += 1,
+                        _ => break,
                     }
                 }
                 let end = j.min(b.len());
@@ -215,31 +268,36 @@ pub fn check_json(text: &str, limits: &Limits) -> Problems {
                     }
                     _ => false,
                 };
-                if has_nul {
-                    problems.push(nul(json_path(text, &stack, stack.len()), key));
-                }
-                if end - start > limits.max_string_bytes {
-                    // Escapes make the raw text longer than the string: measure it.
-                    let len = text
-                        .get(i..=end)
-                        .and_then(|raw| serde_json::from_str::<String>(raw).ok())
-                        .map(|s| s.len());
-                    if let Some(len) = len.filter(|l| *l > limits.max_string_bytes) {
-                        problems.push(too_long(
-                            json_path(text, &stack, stack.len()),
-                            len,
-                            key,
-                            limits,
-                        ));
+                if CHECK {
+                    if has_nul {
+                        problems.push(nul(json_path(text, &stack, stack.len()), key));
+                    }
+                    if end - start > limits.max_string_bytes {
+                        // Escapes make the raw text longer than the string: measure it.
+                        let len = text
+                            .get(i..=end)
+                            .and_then(|raw| serde_json::from_str::<String>(raw).ok())
+                            .map(|s| s.len());
+                        if let Some(len) = len.filter(|l| *l > limits.max_string_bytes) {
+                            problems.push(too_long(
+                                json_path(text, &stack, stack.len()),
+                                len,
+                                key,
+                                limits,
+                            ));
+                        }
                     }
                 }
                 i = end;
             }
             c @ (b'[' | b'{') => {
                 if stack.len() == MAX_DEPTH {
-                    problems.push(too_deep(json_path(text, &stack, stack.len())));
+                    if CHECK {
+                        problems.push(too_deep(json_path(text, &stack, stack.len())));
+                    }
                     break;
                 }
+                values += 1;
                 stack.push(Frame {
                     array: c == b'[',
                     commas: 0,
@@ -252,11 +310,12 @@ pub fn check_json(text: &str, limits: &Limits) -> Problems {
                 stack.pop();
             }
             b',' => {
+                values += 1;
                 if let Some(f) = stack.last_mut() {
                     f.commas += 1;
                     f.expect_key = true;
                     // n commas: at least n + 1 items.
-                    if f.commas >= limits.max_items && !f.reported {
+                    if CHECK && f.commas >= limits.max_items && !f.reported {
                         f.reported = true;
                         let array = f.array;
                         let at = stack.len() - 1;
@@ -271,7 +330,53 @@ pub fn check_json(text: &str, limits: &Limits) -> Problems {
         }
         i += 1;
     }
-    Problems(problems)
+    let path = json_path(text, &stack, stack.len());
+    Scan {
+        problems,
+        values,
+        path,
+    }
+}
+
+/// The bytes [`check_json`] acts on outside strings.
+const SIGNIFICANT: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut k = 0;
+    let bytes = *b"\"[]{},";
+    while k < bytes.len() {
+        t[bytes[k] as usize] = true;
+        k += 1;
+    }
+    t
+};
+
+/// The index of the first `"` or `\` in `b` from `from` on (`b.len()` if none): eight
+/// bytes at a time, since most of a document's bytes are inside strings.
+#[inline]
+fn quote_or_backslash(b: &[u8], from: usize) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = ONES << 7;
+    // The lowest 0x80 bit set marks exactly the first byte equal to `c` (bits above it
+    // may be false positives, which the lowest-bit search never reads).
+    let found = |w: u64, c: u8| {
+        let x = w ^ (ONES * u64::from(c));
+        x.wrapping_sub(ONES) & !x & HIGH
+    };
+    let mut j = from;
+    while let Some(chunk) = b.get(j..j + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        let m = found(w, b'"') | found(w, b'\\');
+        if m != 0 {
+            return j + (m.trailing_zeros() / 8) as usize;
+        }
+        j += 8;
+    }
+    while j < b.len() && !matches!(b[j], b'"' | b'\\') {
+        j += 1;
+    }
+    j.min(b.len())
 }
 
 /// The JSON path of the current position inside the first `depth` open frames.
@@ -298,6 +403,15 @@ pub fn check_value(value: &serde_json::Value, limits: &Limits) -> Problems {
     let mut problems = Vec::new();
     walk(value, &mut String::from("$"), 0, limits, &mut problems);
     Problems(problems)
+}
+
+/// How many values (scalars, items, containers) a parsed value has.
+pub fn value_count(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(value_count).sum::<usize>(),
+        serde_json::Value::Object(m) => 1 + m.values().map(value_count).sum::<usize>(),
+        _ => 1,
+    }
 }
 
 fn walk(
@@ -387,6 +501,19 @@ mod tests {
     }
 
     #[test]
+    fn read_file_refuses_a_large_file_by_its_size() -> std::io::Result<()> {
+        let limits = small();
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("doc.json");
+        std::fs::write(&path, vec![b' '; 101])?;
+        assert_eq!(read_file(&path, &limits)?.err(), Some(too_large(&limits)));
+        std::fs::write(&path, vec![b' '; 100])?;
+        assert_eq!(read_file(&path, &limits)?.map(|b| b.len()), Ok(100));
+        assert!(read_file(&dir.path().join("missing"), &limits).is_err());
+        Ok(())
+    }
+
+    #[test]
     fn bom_is_dropped_and_bad_utf8_names_its_byte() {
         let l = Limits::default();
         assert_eq!(document_text(b"\xEF\xBB\xBF{}", &l).ok(), Some("{}"));
@@ -453,6 +580,27 @@ mod tests {
         assert_eq!(check_json(&text, &Limits::default()).len(), MAX_PROBLEMS);
         let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         assert_eq!(check_value(&value, &Limits::default()).len(), MAX_PROBLEMS);
+    }
+
+    #[test]
+    fn finds_the_first_quote_or_backslash() {
+        for text in [
+            "",
+            "a",
+            "abcdefgh",
+            "abcdefghijklmnop\"",
+            "ab\\c\"",
+            "\u{80}\u{ff}xyzabcdefg\"\"",
+            "aaaaaaaa\"aaaaaaa\\",
+        ] {
+            let b = text.as_bytes();
+            for from in 0..=b.len() {
+                let want = (from..b.len())
+                    .find(|i| matches!(b[*i], b'"' | b'\\'))
+                    .unwrap_or(b.len());
+                assert_eq!(quote_or_backslash(b, from), want, "{text:?} from {from}");
+            }
+        }
     }
 
     #[test]

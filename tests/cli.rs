@@ -242,6 +242,25 @@ fn an_oversized_file_is_refused_before_it_is_parsed() {
     }
     let (code, out, err) = run(&["--max-document-bytes", "18000000", "validate", f]);
     assert_eq!(code, 0, "{out}{err}");
+    // Not a regular file (no size to look at): read up to the limit + 1, then refused.
+    let mut child = Command::new(converge_bin())
+        .args(["validate", "/dev/stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run converge");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let body = std::fs::read(&big).expect("read");
+    // converge stops reading after the limit: the rest of the write fails.
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &body));
+    let out = child.wait_with_output().expect("wait");
+    let _ = writer.join();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("$: document is larger than 16777216 bytes"),
+        "{err}"
+    );
     // The limits are also read from the environment.
     let out = Command::new(converge_bin())
         .args(["validate", f])
