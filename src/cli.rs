@@ -207,10 +207,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         registry::ALL.join(", ")
                     );
                 }
-                sections.retain(|s| s.name() == r);
+                // A reconciler that uses facts (container addresses) is planned with
+                // them: the publishers run too, and only its plan is shown.
+                let watches = sections.iter().any(|s| s.name() == r && s.watches_facts());
+                sections.retain(|s| s.name() == r || (watches && !s.watches_facts()));
                 unbuilt.retain(|u| u == r);
             }
-            let results = run_once(&sections, Arc::new(doc), true).await;
+            let mut results = run_once(&sections, Arc::new(doc), true).await;
+            if let Some(r) = &reconciler {
+                results.retain(|name, _| name == r);
+            }
             match output {
                 OutputFormat::Text => print!("{}", output::plan_text(&results, &unbuilt, color)),
                 OutputFormat::Json => println!(
