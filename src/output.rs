@@ -173,23 +173,17 @@ pub fn status_text(generation: Option<u64>, statuses: &[ReconcilerStatus], color
         for n in &s.objects {
             let _ = writeln!(out, "  · {}: {}", n.object, n.note);
         }
-        for e in &s.object_errors {
-            let _ = writeln!(
-                out,
-                "  {} {}: {}",
-                paint(color, "31", "✗"),
-                e.object,
-                e.error
-            );
-        }
-        for w in &s.waiting {
-            let _ = writeln!(
-                out,
-                "  {} {}: {}",
-                paint(color, "2", "…"),
-                w.object,
-                w.error
-            );
+        // Failed objects, then waiting ones: same line, another mark.
+        for (mark, code, list) in [("✗", "31", &s.object_errors), ("…", "2", &s.waiting)] {
+            for e in list {
+                let _ = writeln!(
+                    out,
+                    "  {} {}: {}",
+                    paint(color, code, mark),
+                    e.object,
+                    e.error
+                );
+            }
         }
     }
     out
