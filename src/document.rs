@@ -63,6 +63,10 @@ pub struct Document {
     /// Containers to run (Podman or Docker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub containers: Option<converge_containers::ContainersSpec>,
+    /// Container networks converge creates and owns (bridges with fixed subnets, e.g. the
+    /// node's slice of the mesh's container address space).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub networks: Option<converge_containers::NetworksSpec>,
     /// WireGuard interface and peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<converge_wireguard::WireguardSpec>,

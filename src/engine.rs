@@ -17,6 +17,7 @@ use converge_core::{
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,16 +69,27 @@ pub trait Section: Send + Sync + 'static {
     ) -> BoxFuture<'static, PassResult>;
 }
 
+/// Picks a reconciler's spec out of the document: borrowed when it is one section,
+/// owned when the reconciler manages several (containers and networks); None when the
+/// document leaves it unmanaged.
+pub type Selector<S> = fn(&Document) -> Option<Cow<'_, S>>;
+
 /// Adapter from a typed [`Reconciler`] plus a section selector to a [`Section`].
-pub struct Bound<R: Reconciler> {
+pub struct Bound<R: Reconciler>
+where
+    R::Spec: Clone,
+{
     reconciler: Arc<R>,
-    select: fn(&Document) -> Option<&R::Spec>,
+    select: Selector<R::Spec>,
     observe_timeout: Duration,
     apply_timeout: Duration,
 }
 
-impl<R: Reconciler> Bound<R> {
-    pub fn new(reconciler: R, select: fn(&Document) -> Option<&R::Spec>) -> Self {
+impl<R: Reconciler> Bound<R>
+where
+    R::Spec: Clone,
+{
+    pub fn new(reconciler: R, select: Selector<R::Spec>) -> Self {
         Self {
             reconciler: Arc::new(reconciler),
             select,
@@ -87,7 +99,10 @@ impl<R: Reconciler> Bound<R> {
     }
 }
 
-impl<R: Reconciler> Section for Bound<R> {
+impl<R: Reconciler> Section for Bound<R>
+where
+    R::Spec: Clone,
+{
     fn name(&self) -> &'static str {
         self.reconciler.name()
     }
@@ -120,6 +135,7 @@ impl<R: Reconciler> Section for Bound<R> {
                 let Some(spec) = select(&doc) else {
                     return PassResult::Unmanaged;
                 };
+                let spec = spec.as_ref();
                 let observed = match tokio::time::timeout(observe_timeout, r.observe(spec)).await {
                     Ok(Ok(o)) => o,
                     Ok(Err(e)) => {

@@ -3,7 +3,7 @@
 use crate::document::Document;
 use crate::engine::{Bound, Section};
 use converge_containers::driver::NoRuntime;
-use converge_containers::{Config as ContainersConfig, Containers};
+use converge_containers::{Config as ContainersConfig, Containers, Workload};
 use converge_dns::driver::Dnsmasq;
 use converge_dns::{Dns, Layout};
 use converge_firewall::{Firewall, Kernel};
@@ -11,6 +11,7 @@ use converge_wireguard::driver::Unavailable;
 use converge_wireguard::{
     Config as WireguardConfig, System, SystemConfig, WireguardReconciler, WireguardSpec,
 };
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,8 +66,14 @@ pub struct HostOptions {
 /// The containers reconciler on the chosen runtime.
 fn containers(host: &HostOptions, node_id: &str) -> Arc<dyn Section> {
     let config = ContainersConfig::new(node_id, &host.secrets_dir);
-    fn select(d: &Document) -> Option<&Vec<converge_containers::Container>> {
-        d.containers.as_ref()
+    fn select(d: &Document) -> Option<Cow<'_, Workload>> {
+        if d.containers.is_none() && d.networks.is_none() {
+            return None;
+        }
+        Some(Cow::Owned(Workload {
+            containers: d.containers.clone(),
+            networks: d.networks.clone(),
+        }))
     }
     let podman = || {
         Arc::new(Bound::new(
@@ -102,7 +109,8 @@ fn containers(host: &HostOptions, node_id: &str) -> Arc<dyn Section> {
     }
 }
 
-/// Every section of the document, in document order.
+/// Every reconciler, in document order (the containers reconciler also owns the
+/// `networks` section).
 pub const ALL: [&str; 7] = [
     "containers",
     "wireguard",
@@ -140,8 +148,8 @@ fn wireguard(data_dir: &Path, host: &HostOptions, resync: Duration) -> Arc<dyn S
     let mut config = WireguardConfig::new(data_dir, &host.secrets_dir);
     // Every resync reads the device in full (jitter takes up to 10 % off the period).
     config.full_read_after = config.full_read_after.min(resync.mul_f64(0.85));
-    fn select(d: &Document) -> Option<&WireguardSpec> {
-        d.wireguard.as_ref()
+    fn select(d: &Document) -> Option<Cow<'_, WireguardSpec>> {
+        d.wireguard.as_ref().map(Cow::Borrowed)
     }
     let driver = System::new(SystemConfig {
         wireguard_go: wireguard_go_binary(),
@@ -175,15 +183,17 @@ pub fn sections(
     vec![
         containers(host, node_id),
         wireguard(data_dir, host, resync),
-        Arc::new(Bound::new(firewall, |d: &Document| d.firewall.as_ref())),
-        Arc::new(Bound::new(dns, |d: &Document| d.dns.as_ref())),
+        Arc::new(Bound::new(firewall, |d: &Document| {
+            d.firewall.as_ref().map(Cow::Borrowed)
+        })),
+        Arc::new(Bound::new(dns, |d: &Document| d.dns.as_ref().map(Cow::Borrowed))),
     ]
 }
 
-/// Whether the document has a section for `name`.
+/// Whether the document has a section for reconciler `name`.
 pub fn has_section(doc: &Document, name: &str) -> bool {
     match name {
-        "containers" => doc.containers.is_some(),
+        "containers" => doc.containers.is_some() || doc.networks.is_some(),
         "wireguard" => doc.wireguard.is_some(),
         "firewall" => doc.firewall.is_some(),
         "dns" => doc.dns.is_some(),

@@ -5,6 +5,7 @@ use crate::document::{Document, Mode, MAX_GENERATION};
 use converge_core::vocab::host_ips_overlap;
 use converge_core::Problems;
 use std::collections::BTreeSet;
+use ipnet::IpNet;
 use std::net::IpAddr;
 
 /// Runs every semantic rule, appending all problems found.
@@ -44,6 +45,11 @@ pub fn semantic(doc: &Document, problems: &mut Problems) {
     if let Some(c) = &doc.containers {
         converge_containers::validate(c, "$.containers", problems);
     }
+    let subnets = doc
+        .networks
+        .as_ref()
+        .map(|n| converge_containers::validate_networks(n, "$.networks", problems))
+        .unwrap_or_default();
     if let Some(w) = &doc.wireguard {
         converge_wireguard::validate(w, "$.wireguard", problems);
     }
@@ -63,6 +69,75 @@ pub fn semantic(doc: &Document, problems: &mut Problems) {
         converge_metadata::validate(m, "$.metadata", problems);
     }
     cross_section(doc, problems);
+    container_networks(doc, &subnets, problems);
+}
+
+/// Rules between the networks converge owns and the rest: a container's static address
+/// lies inside its network, and no container subnet overlaps the mesh (the WireGuard
+/// addresses and every peer's allowed IPs), or routing to it would be ambiguous.
+fn container_networks(doc: &Document, subnets: &[(IpNet, String)], problems: &mut Problems) {
+    let Some(networks) = &doc.networks else {
+        return;
+    };
+    for (i, c) in doc.containers.iter().flatten().enumerate() {
+        let (Some(n), Some(ip)) = (&c.network, &c.ip) else {
+            continue;
+        };
+        let (Some(net), Ok(ip)) = (
+            networks.iter().find(|x| &x.name == n),
+            ip.parse::<IpAddr>(),
+        ) else {
+            continue;
+        };
+        let want = converge_containers::plan::network_spec(net, &doc.node.id);
+        match want.subnets.iter().find(|(s, _)| s.contains(&ip)) {
+            None => problems.push_hint(
+                format!("$.containers[{i}].ip"),
+                format!("{ip} is not inside network {n}"),
+                format!(
+                    "its subnets: {}",
+                    want.subnets
+                        .iter()
+                        .map(|(s, _)| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            Some((s, gw)) if ip == *gw || ip == s.network() || ip == s.broadcast() => problems
+                .push(
+                    format!("$.containers[{i}].ip"),
+                    format!("{ip} is the gateway, network or broadcast address of {s}"),
+                ),
+            Some(_) => {}
+        }
+    }
+    let Some(wg) = &doc.wireguard else { return };
+    let mesh = wg
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a, format!("$.wireguard.addresses[{i}]")))
+        .chain(wg.peers.iter().enumerate().flat_map(|(i, p)| {
+            p.allowed_ips
+                .iter()
+                .enumerate()
+                .map(move |(j, a)| (a, format!("$.wireguard.peers[{i}].allowedIps[{j}]")))
+        }));
+    for (text, at) in mesh {
+        let Ok(net) = text.parse::<IpNet>() else {
+            continue; // reported by the wireguard section's own checks
+        };
+        let net = net.trunc();
+        for (subnet, sp) in subnets {
+            if converge_containers::nets_overlap(subnet, &net) {
+                problems.push_hint(
+                    sp.clone(),
+                    format!("{subnet} overlaps {text} ({at})"),
+                    "container subnets must lie outside the mesh addresses and every peer's allowed IPs",
+                );
+            }
+        }
+    }
 }
 
 fn cross_section(doc: &Document, problems: &mut Problems) {

@@ -10,6 +10,7 @@ pub mod podman;
 use crate::spec::{ContainerPort, ContainerVolume};
 use converge_core::{DriverError, HostEvent};
 use futures::stream::BoxStream;
+use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::IpAddr;
@@ -78,6 +79,24 @@ pub struct RuntimeContainer {
     /// Memory limit in bytes (None = unlimited).
     pub memory: Option<u64>,
     pub pids_limit: Option<u32>,
+}
+
+/// A container network as the runtime reports it (any network, converge's or not).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuntimeNetwork {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Its subnets with their gateways, as the runtime reports them (unparsed).
+    pub subnets: Vec<(String, Option<String>)>,
+}
+
+/// Everything needed to create one network: a bridge with these subnets and gateways.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetworkCreate {
+    pub name: String,
+    pub subnets: Vec<(IpNet, IpAddr)>,
+    /// converge's ownership labels.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Health check as handed to the runtime (durations already parsed).
@@ -176,6 +195,24 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Removes a named volume (only when the document asks for it).
     fn remove_volume(&self, name: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
 
+    /// Every network on the host (the reconciler decides ownership by labels).
+    fn list_networks(&self) -> impl Future<Output = Result<Vec<RuntimeNetwork>, DriverError>> + Send;
+
+    /// The names of every container attached to a network, whoever created them.
+    fn network_users(
+        &self,
+        network: &str,
+    ) -> impl Future<Output = Result<Vec<String>, DriverError>> + Send;
+
+    /// Creates a bridge network.
+    fn create_network(
+        &self,
+        spec: &NetworkCreate,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Removes a network (a missing one is success; one still in use fails).
+    fn remove_network(&self, name: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
+
     /// Re-inspects one container (health and state while waiting during a replace).
     fn inspect(
         &self,
@@ -234,6 +271,18 @@ impl ContainerRuntime for NoRuntime {
         self.err()
     }
     async fn inspect(&self, _: &str) -> Result<Option<RuntimeContainer>, DriverError> {
+        self.err()
+    }
+    async fn list_networks(&self) -> Result<Vec<RuntimeNetwork>, DriverError> {
+        self.err()
+    }
+    async fn network_users(&self, _: &str) -> Result<Vec<String>, DriverError> {
+        self.err()
+    }
+    async fn create_network(&self, _: &NetworkCreate) -> Result<(), DriverError> {
+        self.err()
+    }
+    async fn remove_network(&self, _: &str) -> Result<(), DriverError> {
         self.err()
     }
     fn events(&self) -> BoxStream<'static, HostEvent> {

@@ -1,10 +1,17 @@
-//! Pure planning: what the runtime must do so its managed containers match the spec.
+//! Pure planning: what the runtime must do so its managed containers and networks match
+//! the spec.
+
+mod networks;
+
+pub use networks::{desired as network_spec, owned as owned_network, IN_USE_RETRY};
 
 use crate::driver::{
-    CreateSpec, HealthSpec, RunState, RuntimeContainer, LABEL_HASH, LABEL_MANAGED, LABEL_NAME,
-    LABEL_NODE,
+    CreateSpec, HealthSpec, NetworkCreate, RunState, RuntimeContainer, RuntimeNetwork,
+    LABEL_HASH, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
 };
-use crate::spec::{parse_duration, parse_memory, Container, ContainerState, RestartPolicy};
+use crate::spec::{
+    parse_duration, parse_memory, Container, ContainerState, RestartPolicy, Workload,
+};
 use converge_core::{redact, Change, FieldChange, Op, Plan, Waiting};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,6 +45,10 @@ pub struct Observed {
     /// Restarts converge made per container (document name) in the crash-loop window,
     /// as of the observation.
     pub crashes: BTreeMap<String, Crashes>,
+    /// Every network on the host (read only when the document has a networks section).
+    pub networks: Vec<RuntimeNetwork>,
+    /// The containers (runtime names, anyone's) attached to each network converge owns.
+    pub network_users: BTreeMap<String, Vec<String>>,
 }
 
 /// Restarts of one container within the crash-loop window, as observed.
@@ -114,7 +125,30 @@ pub enum Step {
     },
 }
 
-/// One driver operation unit.
+impl Step {
+    /// The network a new instance made by this step attaches to, if named.
+    pub fn network(&self) -> Option<&str> {
+        match self {
+            Step::Create { spec, .. }
+            | Step::StartFirst { spec, .. }
+            | Step::StopFirst { spec, .. } => spec.network.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// One step of work on one network; steps of a network run in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NetStep {
+    /// Stop (grace, then kill) and remove a container of converge's attached to it.
+    RemoveContainer { id: String, grace: Duration },
+    /// Remove the network.
+    Remove,
+    Create(NetworkCreate),
+}
+
+/// One driver operation unit. `apply` runs pulls, then networks, then containers, then
+/// network removals.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// Pull an image needed by `for_containers` (runs before their steps).
@@ -122,10 +156,16 @@ pub enum Action {
         image: String,
         for_containers: Vec<String>,
     },
+    /// Create or replace a network (runs before every container's steps).
+    Network { name: String, steps: Vec<NetStep> },
     /// Ordered steps for one container (by document name).
     Container { name: String, steps: Vec<Step> },
-    /// The container cannot be built (e.g. a secret is missing): reported as failed.
-    Invalid { name: String, error: String },
+    /// Remove a network converge created (runs after every container's steps, so the
+    /// containers leaving it are gone).
+    RemoveNetwork { name: String },
+    /// The object (`container web`, `network mesh`) cannot be built or changed (a
+    /// secret is missing, a foreign network holds the name): reported as failed.
+    Invalid { object: String, error: String },
 }
 
 /// The runtime-level desired state of one document container, or why it cannot be built.
@@ -295,8 +335,41 @@ fn field_changes(old: Option<&str>, new: &Container) -> Vec<FieldChange> {
         .collect()
 }
 
-/// The pure plan for the whole section.
-pub fn plan(spec: &[Container], observed: &Observed, node: &str) -> Plan<Action> {
+/// The pure plan for the `containers` and `networks` sections (each may be absent:
+/// then what converge created for it is left alone).
+pub fn plan(spec: &Workload, observed: &Observed, node: &str) -> Plan<Action> {
+    let containers = spec.containers.as_deref();
+    let nets = match &spec.networks {
+        Some(n) => networks::plan(n, containers, observed, node),
+        None => networks::NetworkPlan::default(),
+    };
+    let mut plan = match containers {
+        Some(c) => plan_containers(c, observed, node, &nets.replaced),
+        None => Plan::default(),
+    };
+    let mut changes = nets.changes;
+    changes.append(&mut plan.changes);
+    plan.changes = changes;
+    plan.waiting.extend(nets.waiting);
+    // Pulls stay first; networks before the containers, removals after them.
+    let pulls = plan
+        .actions
+        .iter()
+        .take_while(|a| matches!(a, Action::Pull { .. }))
+        .count();
+    plan.actions.splice(pulls..pulls, nets.before);
+    plan.actions.extend(nets.after);
+    plan
+}
+
+/// The containers' part of the plan; the containers on a `replaced` network are
+/// recreated (the network's own action removes their instances first).
+fn plan_containers(
+    spec: &[Container],
+    observed: &Observed,
+    node: &str,
+    replaced: &BTreeSet<String>,
+) -> Plan<Action> {
     let mut plan = Plan::default();
     let mut pulls: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut by_name: BTreeMap<&str, Vec<&RuntimeContainer>> = BTreeMap::new();
@@ -306,7 +379,18 @@ pub fn plan(spec: &[Container], observed: &Observed, node: &str) -> Plan<Action>
         }
     }
     for c in spec {
-        let cands = by_name.remove(c.name.as_str()).unwrap_or_default();
+        let mut cands = by_name.remove(c.name.as_str()).unwrap_or_default();
+        // Instances on a network being replaced are removed by the network's action.
+        let on_replaced = c.network.as_ref().filter(|n| replaced.contains(*n));
+        if let Some(users) = on_replaced.and_then(|n| observed.network_users.get(n)) {
+            cands.retain(|rc| !users.contains(&rc.name));
+        }
+        let recreated = on_replaced.filter(|_| {
+            observed
+                .containers
+                .iter()
+                .any(|rc| rc.labels.get(LABEL_NAME) == Some(&c.name))
+        });
         let (want, hash) = match desired(c, node, &observed.secrets) {
             Ok(d) => d,
             Err(e) => {
@@ -319,7 +403,7 @@ pub fn plan(spec: &[Container], observed: &Observed, node: &str) -> Plan<Action>
                     )),
                 );
                 plan.actions.push(Action::Invalid {
-                    name: c.name.clone(),
+                    object: format!("container {}", c.name),
                     error: e,
                 });
                 continue;
@@ -514,6 +598,14 @@ pub fn plan(spec: &[Container], observed: &Observed, node: &str) -> Plan<Action>
                     change = Some(ch);
                 }
             }
+        }
+        if let (Some(ch), Some(n)) = (change.as_mut(), recreated) {
+            ch.op = Op::Update;
+            ch.fields.push(FieldChange::new(
+                "network",
+                None,
+                Some(format!("recreated on the replaced network {n}")),
+            ));
         }
         if let Some(ch) = change {
             plan.changes.push(ch);

@@ -3,8 +3,8 @@
 //! crash-loop back-off, publish container addresses as facts.
 
 use crate::driver::{ContainerRuntime, CreateSpec, Health, RunState, LABEL_NAME};
-use crate::plan::{self, Action, Crashes, Observed, Secret, Step, CRASH_WINDOW};
-use crate::spec::Container;
+use crate::plan::{self, Action, Crashes, NetStep, Observed, Secret, Step, CRASH_WINDOW};
+use crate::spec::Workload;
 use converge_core::{
     with_timeout, ContainerFacts, DriverError, Facts, FactsUpdate, HostEvent, ObjectNote,
     ObjectOutcome, Plan, Reconciler,
@@ -243,6 +243,34 @@ impl<R: ContainerRuntime> Containers<R> {
         }
     }
 
+    async fn run_network(&self, name: String, steps: Vec<NetStep>) -> ObjectOutcome {
+        let span = tracing::info_span!("network", name = %name);
+        let r = async {
+            for step in steps {
+                match step {
+                    NetStep::RemoveContainer { id, grace } => {
+                        info!(container = %id, "removing a container on the network being replaced");
+                        self.remove(&id, grace).await?;
+                    }
+                    NetStep::Remove => {
+                        info!("removing");
+                        self.call("network remove", self.runtime.remove_network(&name))
+                            .await?;
+                    }
+                    NetStep::Create(spec) => {
+                        info!(subnets = ?spec.subnets, "creating");
+                        self.call("network create", self.runtime.create_network(&spec))
+                            .await?;
+                    }
+                }
+            }
+            Ok::<(), DriverError>(())
+        }
+        .instrument(span)
+        .await;
+        ObjectOutcome::from_result(format!("network {name}"), r)
+    }
+
     async fn run_container(&self, name: String, steps: Vec<Step>) -> ObjectOutcome {
         let span = tracing::info_span!("container", name = %name);
         let r = async {
@@ -258,7 +286,7 @@ impl<R: ContainerRuntime> Containers<R> {
 }
 
 impl<R: ContainerRuntime> Reconciler for Containers<R> {
-    type Spec = Vec<Container>;
+    type Spec = Workload;
     type Observed = Observed;
     type Action = Action;
 
@@ -266,7 +294,7 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
         "containers"
     }
 
-    async fn observe(&self, spec: &Vec<Container>) -> Result<Observed, DriverError> {
+    async fn observe(&self, spec: &Workload) -> Result<Observed, DriverError> {
         let containers = self
             .call("list", self.runtime.list_managed(&self.config.node_id))
             .await
@@ -277,6 +305,23 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
                     self.runtime.describe()
                 ))
             })?;
+        let mut networks = Vec::new();
+        let mut network_users = BTreeMap::new();
+        if spec.networks.is_some() {
+            networks = self
+                .call("network list", self.runtime.list_networks())
+                .await?;
+            for n in networks
+                .iter()
+                .filter(|n| plan::owned_network(n, &self.config.node_id))
+            {
+                let users = self
+                    .call("network users", self.runtime.network_users(&n.name))
+                    .await?;
+                network_users.insert(n.name.clone(), users);
+            }
+        }
+        let spec = spec.containers.as_deref().unwrap_or_default();
         let mut images = BTreeMap::new();
         for c in spec {
             if !images.contains_key(&c.image) {
@@ -296,10 +341,12 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
             images,
             secrets,
             crashes: self.crashes(),
+            networks,
+            network_users,
         })
     }
 
-    fn plan(&self, spec: &Vec<Container>, observed: &Observed, _facts: &Facts) -> Plan<Action> {
+    fn plan(&self, spec: &Workload, observed: &Observed, _facts: &Facts) -> Plan<Action> {
         plan::plan(spec, observed, &self.config.node_id)
     }
 
@@ -308,6 +355,7 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
         // Pulls first (bounded); a container whose image could not be pulled fails
         // without touching its running instance.
         let mut blocked: BTreeMap<String, String> = BTreeMap::new();
+        let mut blocked_networks: BTreeMap<String, String> = BTreeMap::new();
         let (pulls, work): (Vec<Action>, Vec<Action>) = plan
             .actions
             .into_iter()
@@ -341,6 +389,32 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
             }
             outcomes.push(ObjectOutcome::from_result(format!("image {image}"), r));
         }
+        // Networks next; a container whose network could not be made fails untouched.
+        let (nets, work): (Vec<Action>, Vec<Action>) = work
+            .into_iter()
+            .partition(|a| matches!(a, Action::Network { .. }));
+        for a in nets {
+            if let Action::Network { name, steps } = a {
+                let outcome = self.run_network(name.clone(), steps).await;
+                if let Some(e) = &outcome.error {
+                    blocked_networks.insert(name, e.clone());
+                }
+                outcomes.push(outcome);
+            }
+        }
+        for a in &work {
+            if let Action::Container { name, steps } = a {
+                let net = steps.iter().find_map(Step::network);
+                if let Some((n, e)) = net.and_then(|n| blocked_networks.get_key_value(n)) {
+                    blocked
+                        .entry(name.clone())
+                        .or_insert_with(|| format!("network {n} not available: {e}"));
+                }
+            }
+        }
+        let (removals, work): (Vec<Action>, Vec<Action>) = work
+            .into_iter()
+            .partition(|a| matches!(a, Action::RemoveNetwork { .. }));
         let results: Vec<ObjectOutcome> = futures::stream::iter(work)
             .map(|a| {
                 let blocked = match &a {
@@ -355,11 +429,14 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
                         (Action::Container { name, steps }, None) => {
                             self.run_container(name, steps).await
                         }
-                        (Action::Invalid { name, error }, _) => {
-                            ObjectOutcome::failed(format!("container {name}"), error)
+                        (Action::Invalid { object, error }, _) => {
+                            ObjectOutcome::failed(object, error)
                         }
                         (Action::Pull { image, .. }, _) => {
                             ObjectOutcome::ok(format!("image {image}"))
+                        }
+                        (Action::Network { name, .. } | Action::RemoveNetwork { name }, _) => {
+                            ObjectOutcome::ok(format!("network {name}"))
                         }
                     }
                 }
@@ -368,6 +445,16 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
             .collect()
             .await;
         outcomes.extend(results);
+        // Last: networks the document dropped (the containers leaving them are gone).
+        for a in removals {
+            if let Action::RemoveNetwork { name } = a {
+                let r = self
+                    .call("network remove", self.runtime.remove_network(&name))
+                    .instrument(tracing::info_span!("network", name = %name))
+                    .await;
+                outcomes.push(ObjectOutcome::from_result(format!("network {name}"), r));
+            }
+        }
         outcomes.sort_by(|a, b| a.object.cmp(&b.object));
         outcomes
     }

@@ -10,6 +10,50 @@ use std::collections::BTreeMap;
 /// created is removed. Containers converge did not create are never touched.
 pub type ContainersSpec = Vec<Container>;
 
+/// The container networks converge creates and owns on this node. Absent section:
+/// networks converge created earlier are left alone. Present: exactly these exist; any
+/// other network converge created is removed once no container uses it. Networks
+/// converge did not create (`podman`, `bridge`, an operator's own) are never touched,
+/// and containers may still attach to them by name.
+pub type NetworksSpec = Vec<Network>;
+
+/// What the containers reconciler manages: the `containers` and `networks` sections
+/// (networks are created before the containers that use them and removed after them,
+/// so one reconciler orders both). Either may be absent (unmanaged).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Workload {
+    pub containers: Option<ContainersSpec>,
+    pub networks: Option<NetworksSpec>,
+}
+
+/// A bridge network for containers, e.g. the node's slice of the mesh's container
+/// address space that its WireGuard peers route to it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Network {
+    /// Network name, unique on the node (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at most 63
+    /// characters); containers attach with `network: <name>`.
+    pub name: String,
+    /// One IPv4 and at most one IPv6 subnet. Subnets must not overlap each other, the
+    /// WireGuard addresses or any peer's allowed IPs. Changing them replaces the network
+    /// (and recreates the containers converge runs on it) unless a container converge
+    /// does not manage uses it.
+    #[schemars(length(min = 1, max = 2))]
+    pub subnets: Vec<NetworkSubnet>,
+}
+
+/// One subnet of a container network.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkSubnet {
+    /// CIDR, e.g. `10.210.1.0/24` or `fd00:210:1::/64`; host bits must be zero.
+    pub subnet: String,
+    /// Gateway address on the host's bridge, inside the subnet; absent: its first
+    /// address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+}
+
 /// Label prefix reserved for converge's own bookkeeping labels.
 pub const RESERVED_LABEL_PREFIX: &str = "converge.";
 
@@ -58,10 +102,12 @@ pub struct Container {
     /// Extra container labels. Keys starting with `converge.` are reserved.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// Name of the container network to attach to; absent: the runtime's default network.
+    /// Name of the container network to attach to: one of `networks`, or a network that
+    /// exists on the host; absent: the runtime's default network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
-    /// Static address on `network` (requires `network`); absent: assigned by the runtime.
+    /// Static address on `network` (requires `network`; inside its subnet when it is one
+    /// of `networks`); absent: assigned by the runtime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
     /// Whether the container should be running or exist stopped.

@@ -2,8 +2,8 @@
 //! socket. The API version is negotiated on first use (Debian's dockerd 20.10 speaks 1.41).
 
 use crate::driver::{
-    inspect_all, port_bindings, ContainerRuntime, CreateSpec, Health, Mount, RunState,
-    RuntimeContainer, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
+    inspect_all, port_bindings, ContainerRuntime, CreateSpec, Health, Mount, NetworkCreate,
+    RunState, RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
 };
 use bollard::container::{
     Config as ContainerConfig, CreateContainerOptions, ListContainersOptions,
@@ -11,9 +11,11 @@ use bollard::container::{
 };
 use bollard::errors::Error as BollardError;
 use bollard::image::CreateImageOptions;
+use bollard::network::{CreateNetworkOptions, ListNetworksOptions};
 use bollard::models::{
     ContainerInspectResponse, ContainerStateStatusEnum, EndpointIpamConfig, EndpointSettings,
-    EventMessage, HealthConfig, HealthStatusEnum, HostConfig, MountPointTypeEnum, MountTypeEnum,
+    EventMessage, HealthConfig, HealthStatusEnum, HostConfig, Ipam, IpamConfig,
+    MountPointTypeEnum, MountTypeEnum,
     PortBinding as DockerPortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::system::EventsOptions;
@@ -536,6 +538,88 @@ impl ContainerRuntime for Docker {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(api_failed("volume remove", name, e)),
+        }
+    }
+
+    async fn list_networks(&self) -> Result<Vec<RuntimeNetwork>, DriverError> {
+        let listed = self
+            .client()
+            .await?
+            .list_networks(None::<ListNetworksOptions<String>>)
+            .await
+            .map_err(|e| api_failed("network list", "", e))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|n| {
+                Some(RuntimeNetwork {
+                    name: n.name?,
+                    labels: n.labels.unwrap_or_default().into_iter().collect(),
+                    subnets: n
+                        .ipam
+                        .and_then(|i| i.config)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|c| Some((c.subnet?, c.gateway)))
+                        .collect(),
+                })
+            })
+            .collect())
+    }
+
+    async fn network_users(&self, network: &str) -> Result<Vec<String>, DriverError> {
+        let filters = HashMap::from([("network".to_string(), vec![network.to_string()])]);
+        let listed = self
+            .client()
+            .await?
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| api_failed("list", network, e))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|c| c.names?.into_iter().next())
+            .map(|n| n.trim_start_matches('/').to_string())
+            .collect())
+    }
+
+    async fn create_network(&self, spec: &NetworkCreate) -> Result<(), DriverError> {
+        let config = spec
+            .subnets
+            .iter()
+            .map(|(net, gw)| IpamConfig {
+                subnet: Some(net.to_string()),
+                gateway: Some(gw.to_string()),
+                ..Default::default()
+            })
+            .collect();
+        let opts = CreateNetworkOptions {
+            name: spec.name.clone(),
+            check_duplicate: true,
+            driver: "bridge".to_string(),
+            ipam: Ipam {
+                config: Some(config),
+                ..Default::default()
+            },
+            enable_ipv6: spec.subnets.iter().any(|(net, _)| net.addr().is_ipv6()),
+            labels: spec.labels.clone().into_iter().collect(),
+            ..Default::default()
+        };
+        self.client()
+            .await?
+            .create_network(opts)
+            .await
+            .map(drop)
+            .map_err(|e| api_failed("network create", &spec.name, e))
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<(), DriverError> {
+        match self.client().await?.remove_network(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(api_failed("network remove", name, e)),
         }
     }
 

@@ -1,8 +1,8 @@
 //! In-memory container runtime for unit tests of the reconciler's logic.
 
 use crate::driver::{
-    ContainerRuntime, CreateSpec, Health, Mount, PortBinding, RunState, RuntimeContainer,
-    LABEL_MANAGED, LABEL_NODE,
+    ContainerRuntime, CreateSpec, Health, Mount, NetworkCreate, PortBinding, RunState,
+    RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NODE,
 };
 use converge_core::{DriverError, HostEvent};
 use futures::stream::BoxStream;
@@ -24,7 +24,14 @@ pub struct FakeState {
     pub log: Vec<String>,
     /// New containers of these names exit immediately after start (crash).
     pub crash_on_start: BTreeSet<String>,
+    /// Networks by name (the default `podman` network is implicit).
+    pub networks: BTreeMap<String, RuntimeNetwork>,
+    /// The network each container (by id) is attached to.
+    pub attached: BTreeMap<String, String>,
 }
+
+/// The runtime's default network, which always exists in the fake.
+pub const DEFAULT_NETWORK: &str = "podman";
 
 /// The fake runtime.
 #[derive(Default)]
@@ -86,8 +93,15 @@ impl ContainerRuntime for FakeRuntime {
             let image_id = s.images.get(&spec.image).cloned().ok_or_else(|| {
                 DriverError::Failed(format!("fake create: no image {}", spec.image))
             })?;
+            let network = spec.network.as_deref().unwrap_or(DEFAULT_NETWORK);
+            if network != DEFAULT_NETWORK && !s.networks.contains_key(network) {
+                return Err(DriverError::Failed(format!(
+                    "fake create: no network {network}"
+                )));
+            }
             s.next_id += 1;
             let id = format!("c{}", s.next_id);
+            s.attached.insert(id.clone(), network.to_string());
             s.log.push(format!("create {}", spec.name));
             for v in spec.volumes.iter().filter(|v| !v.is_bind()) {
                 s.volumes.insert(v.source.clone());
@@ -179,6 +193,7 @@ impl ContainerRuntime for FakeRuntime {
     async fn remove(&self, id: &str) -> Result<(), DriverError> {
         self.with(|s| {
             if let Some(c) = s.containers.remove(id) {
+                s.attached.remove(id);
                 s.log.push(format!("remove {}", c.name));
             }
             Ok(())
@@ -207,6 +222,60 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn inspect(&self, id: &str) -> Result<Option<RuntimeContainer>, DriverError> {
         Ok(self.with(|s| s.containers.get(id).cloned()))
+    }
+
+    async fn list_networks(&self) -> Result<Vec<RuntimeNetwork>, DriverError> {
+        Ok(self.with(|s| s.networks.values().cloned().collect()))
+    }
+
+    async fn network_users(&self, network: &str) -> Result<Vec<String>, DriverError> {
+        Ok(self.with(|s| {
+            s.attached
+                .iter()
+                .filter(|(_, n)| *n == network)
+                .filter_map(|(id, _)| s.containers.get(id).map(|c| c.name.clone()))
+                .collect()
+        }))
+    }
+
+    async fn create_network(&self, spec: &NetworkCreate) -> Result<(), DriverError> {
+        self.with(|s| {
+            if s.networks.contains_key(&spec.name) {
+                return Err(DriverError::Failed(format!(
+                    "fake network create: {} exists",
+                    spec.name
+                )));
+            }
+            s.log.push(format!("create network {}", spec.name));
+            let subnets = spec
+                .subnets
+                .iter()
+                .map(|(net, gw)| (net.to_string(), Some(gw.to_string())))
+                .collect();
+            s.networks.insert(
+                spec.name.clone(),
+                RuntimeNetwork {
+                    name: spec.name.clone(),
+                    labels: spec.labels.clone(),
+                    subnets,
+                },
+            );
+            Ok(())
+        })
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<(), DriverError> {
+        self.with(|s| {
+            if s.attached.values().any(|n| n == name) {
+                return Err(DriverError::Failed(format!(
+                    "fake network remove: {name} is in use"
+                )));
+            }
+            if s.networks.remove(name).is_some() {
+                s.log.push(format!("remove network {name}"));
+            }
+            Ok(())
+        })
     }
 
     fn events(&self) -> BoxStream<'static, HostEvent> {

@@ -20,19 +20,19 @@ use events::*;
 use health::*;
 
 use crate::driver::{
-    inspect_all, port_bindings, ContainerRuntime, CreateSpec, Health, Mount, RunState,
-    RuntimeContainer, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
+    inspect_all, port_bindings, ContainerRuntime, CreateSpec, Health, Mount, NetworkCreate,
+    RunState, RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
 };
 use converge_core::{DriverError, HostEvent};
 use futures::channel::mpsc;
 use futures::stream::{BoxStream, StreamExt};
 use podman_api::models::{
     ContainerMount, InspectContainerData, LinuxCpu, LinuxMemory, LinuxPids, LinuxResources,
-    NamedVolume, Namespace, PortMapping, Schema2HealthConfig,
+    NamedVolume, Namespace, PortMapping, Schema2HealthConfig, Subnet,
 };
 use podman_api::opts::{
     ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter, ContainerListOpts,
-    ContainerRestartPolicy, EventsOpts, PullOpts,
+    ContainerRestartPolicy, EventsOpts, NetworkCreateOpts, NetworkListOpts, PullOpts,
 };
 use podman_api::Error as PodmanError;
 use std::collections::{BTreeMap, HashMap};
@@ -494,6 +494,80 @@ impl ContainerRuntime for Podman {
             Ok(()) => Ok(()),
             Err(e) if status_is(&e, 404) => Ok(()),
             Err(e) => Err(failed("volume remove", name, e)),
+        }
+    }
+
+    async fn list_networks(&self) -> Result<Vec<RuntimeNetwork>, DriverError> {
+        let listed = self
+            .api()
+            .networks()
+            .list(&NetworkListOpts::default())
+            .await
+            .map_err(|e| failed("network list", "", e))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|n| {
+                Some(RuntimeNetwork {
+                    name: n.name?,
+                    labels: n.labels.unwrap_or_default().into_iter().collect(),
+                    subnets: n
+                        .subnets
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|s| Some((s.subnet?, s.gateway)))
+                        .collect(),
+                })
+            })
+            .collect())
+    }
+
+    async fn network_users(&self, network: &str) -> Result<Vec<String>, DriverError> {
+        let opts = ContainerListOpts::builder()
+            .all(true)
+            .filter([ContainerListFilter::Network(network.into())])
+            .build();
+        let listed = self
+            .api()
+            .containers()
+            .list(&opts)
+            .await
+            .map_err(|e| failed("list", network, e))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|c| c.names?.into_iter().next())
+            .collect())
+    }
+
+    async fn create_network(&self, spec: &NetworkCreate) -> Result<(), DriverError> {
+        let subnets = spec.subnets.iter().map(|(net, gw)| Subnet {
+            subnet: Some(net.to_string()),
+            gateway: Some(gw.to_string()),
+            lease_range: None,
+        });
+        let opts = NetworkCreateOpts::builder()
+            .name(&spec.name)
+            .driver("bridge")
+            .labels(spec.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .ipv6_enabled(spec.subnets.iter().any(|(net, _)| net.addr().is_ipv6()))
+            .subnets(subnets)
+            .build();
+        self.api()
+            .networks()
+            .create(&opts)
+            .await
+            .map(drop)
+            .map_err(|e| failed("network create", &spec.name, e))
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<(), DriverError> {
+        // Not forced: a network a container still uses stays (and reports why).
+        match self.api().networks().get(name).remove().await {
+            Ok(reports) => match reports.into_iter().find_map(|r| r.err) {
+                Some(e) if !e.is_empty() => Err(failed("network remove", name, e)),
+                _ => Ok(()),
+            },
+            Err(e) if status_is(&e, 404) => Ok(()),
+            Err(e) => Err(failed("network remove", name, e)),
         }
     }
 

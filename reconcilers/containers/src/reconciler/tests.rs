@@ -23,8 +23,19 @@ fn rt() -> Containers<FakeRuntime> {
     Containers::new(fake, Config::new(NODE, secrets))
 }
 
-fn spec(v: serde_json::Value) -> Vec<Container> {
-    serde_json::from_value(v).unwrap()
+fn spec(v: serde_json::Value) -> Workload {
+    Workload {
+        containers: Some(serde_json::from_value(v).unwrap()),
+        networks: None,
+    }
+}
+
+/// A spec with both sections.
+fn with_networks(containers: serde_json::Value, networks: serde_json::Value) -> Workload {
+    Workload {
+        containers: Some(serde_json::from_value(containers).unwrap()),
+        networks: Some(serde_json::from_value(networks).unwrap()),
+    }
 }
 
 fn web(env: &str) -> serde_json::Value {
@@ -33,7 +44,7 @@ fn web(env: &str) -> serde_json::Value {
 
 async fn pass(
     c: &Containers<FakeRuntime>,
-    s: &Vec<Container>,
+    s: &Workload,
 ) -> (Vec<converge_core::Change>, Vec<ObjectOutcome>) {
     let obs = c.observe(s).await.unwrap();
     let p = c.plan(s, &obs, &Facts::default());
@@ -41,7 +52,7 @@ async fn pass(
     (changes, c.apply(p).await)
 }
 
-async fn pending(c: &Containers<FakeRuntime>, s: &Vec<Container>) -> Plan<Action> {
+async fn pending(c: &Containers<FakeRuntime>, s: &Workload) -> Plan<Action> {
     let obs = c.observe(s).await.unwrap();
     c.plan(s, &obs, &Facts::default())
 }
@@ -127,7 +138,7 @@ async fn an_interrupted_replace_is_finished_without_orphans() {
     // Simulate kill -9 after the new instance started but before the old was removed.
     let s2 = spec(serde_json::json!([web("b")]));
     let obs = c.observe(&s2).await.unwrap();
-    let (mut temp, _) = plan::desired(&s2[0], NODE, &obs.secrets).unwrap();
+    let (mut temp, _) = plan::desired(&s2.containers.as_deref().unwrap_or_default()[0], NODE, &obs.secrets).unwrap();
     temp.name = format!("web{NEXT_SUFFIX}");
     let id = c.runtime().create(&temp).await.unwrap();
     c.runtime().start(&id).await.unwrap();
@@ -152,7 +163,7 @@ async fn a_stale_temporary_instance_does_not_block_the_next_replace() {
     // An interrupted replace towards spec "b" left `web--next`; the document moved on to "c".
     let s_b = spec(serde_json::json!([web("b")]));
     let obs = c.observe(&s_b).await.unwrap();
-    let (mut temp, _) = plan::desired(&s_b[0], NODE, &obs.secrets).unwrap();
+    let (mut temp, _) = plan::desired(&s_b.containers.as_deref().unwrap_or_default()[0], NODE, &obs.secrets).unwrap();
     temp.name = format!("web{NEXT_SUFFIX}");
     let id = c.runtime().create(&temp).await.unwrap();
     c.runtime().start(&id).await.unwrap();
@@ -305,9 +316,15 @@ async fn secrets_are_injected_but_never_shown_and_a_missing_one_fails_its_contai
     assert!(env.is_some());
 }
 
-fn arb_spec() -> impl Strategy<Value = Vec<Container>> {
-    let one = (0u8..4, 0u8..3, any::<bool>(), proptest::option::of(8000u16..8003), any::<bool>()).prop_map(|(n, env, img, port, stopped)| {
+fn arb_spec() -> impl Strategy<Value = Workload> {
+    // Networks n0 and n1, each absent or on one of two subnets; containers on n0, n1 or
+    // the default network (a container on an absent network is moved to the default).
+    let nets = proptest::collection::vec(proptest::option::of(0u8..2), 2..=2);
+    let one = (0u8..4, 0u8..3, any::<bool>(), proptest::option::of(8000u16..8003), any::<bool>(), 0u8..3).prop_map(|(n, env, img, port, stopped, net)| {
         let mut v = serde_json::json!({"name": format!("c{n}"), "image": if img { "localhost/busybox:test" } else { "localhost/other:1" }, "env": {"E": env.to_string()}});
+        if net < 2 {
+            v["network"] = format!("n{net}").into();
+        }
         if let Some(p) = port {
             v["ports"] = serde_json::json!([{"containerPort": 80, "hostPort": p + u16::from(n) * 10}]);
         }
@@ -316,10 +333,28 @@ fn arb_spec() -> impl Strategy<Value = Vec<Container>> {
         }
         v
     });
-    proptest::collection::vec(one, 0..5).prop_map(|mut v| {
+    (nets, proptest::collection::vec(one, 0..5)).prop_map(|(nets, mut v)| {
         v.sort_by_key(|c| c["name"].as_str().unwrap_or_default().to_string());
         v.dedup_by_key(|c| c["name"].clone());
-        spec(serde_json::Value::Array(v))
+        let networks: Vec<serde_json::Value> = nets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let s = (*s)?;
+                Some(serde_json::json!({"name": format!("n{i}"), "subnets": [{"subnet": format!("10.{}.{s}.0/24", 200 + i)}]}))
+            })
+            .collect();
+        for c in &mut v {
+            let declared = c["network"].as_str().is_some_and(|n| {
+                networks.iter().any(|x| x["name"].as_str() == Some(n))
+            });
+            if !declared {
+                if let Some(o) = c.as_object_mut() {
+                    o.remove("network");
+                }
+            }
+        }
+        with_networks(serde_json::Value::Array(v), serde_json::Value::Array(networks))
     })
 }
 
@@ -359,4 +394,171 @@ async fn an_unreachable_runtime_is_named_with_the_flags_that_change_it() {
             && e.contains("--runtime"),
         "{e}"
     );
+}
+
+fn net(name: &str, subnet: &str) -> serde_json::Value {
+    serde_json::json!({"name": name, "subnets": [{"subnet": subnet}]})
+}
+
+fn on(name: &str, network: &str) -> serde_json::Value {
+    serde_json::json!({"name": name, "image": "localhost/busybox:test", "network": network})
+}
+
+/// A container converge does not manage, attached to `network`.
+fn foreign_on(c: &Containers<FakeRuntime>, name: &str, network: &str) {
+    c.runtime().with(|s| {
+        let id = format!("foreign-{name}");
+        s.containers.insert(
+            id.clone(),
+            crate::driver::RuntimeContainer {
+                id: id.clone(),
+                name: name.into(),
+                labels: Default::default(),
+                image: "localhost/busybox:test".into(),
+                image_id: "sha256:x".into(),
+                state: crate::driver::RunState::Running,
+                exit_code: None,
+                health: None,
+                addresses: Vec::new(),
+                ports: Vec::new(),
+                mounts: Vec::new(),
+                memory: None,
+                pids_limit: None,
+            },
+        );
+        s.attached.insert(id, network.into());
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_network_is_created_before_its_containers_and_then_converged() {
+    let c = rt();
+    let s = with_networks(
+        serde_json::json!([on("web", "mesh")]),
+        serde_json::json!([net("mesh", "10.210.1.0/24")]),
+    );
+    let (changes, out) = pass(&c, &s).await;
+    ok(&out);
+    let shown: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+    assert_eq!(shown, ["+ network mesh", "+ container web"]);
+    assert_eq!(
+        log(&c)[..2],
+        ["create network mesh".to_string(), "create web".to_string()]
+    );
+    let n = c.runtime().with(|s| s.networks["mesh"].clone());
+    assert_eq!(
+        n.subnets,
+        [("10.210.1.0/24".to_string(), Some("10.210.1.1".to_string()))]
+    );
+    assert!(pending(&c, &s).await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_changed_subnet_replaces_the_network_and_recreates_its_containers() {
+    let c = rt();
+    let nets = |subnet| serde_json::json!([net("mesh", subnet), net("other", "10.220.0.0/24")]);
+    let containers = serde_json::json!([on("web", "mesh"), on("db", "other")]);
+    ok(&pass(&c, &with_networks(containers.clone(), nets("10.210.1.0/24")))
+        .await
+        .1);
+    log(&c);
+    let s = with_networks(containers, nets("10.210.2.0/24"));
+    let (changes, out) = pass(&c, &s).await;
+    ok(&out);
+    let shown: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+    assert_eq!(shown, ["~ network mesh", "~ container web"], "db untouched");
+    assert_eq!(
+        log(&c),
+        [
+            "stop web",
+            "remove web",
+            "remove network mesh",
+            "create network mesh",
+            "create web",
+            "start web"
+        ]
+    );
+    assert!(pending(&c, &s).await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_network_a_foreign_container_uses_is_neither_replaced_nor_removed() {
+    let c = rt();
+    let s = with_networks(
+        serde_json::json!([on("web", "mesh")]),
+        serde_json::json!([net("mesh", "10.210.1.0/24")]),
+    );
+    ok(&pass(&c, &s).await.1);
+    foreign_on(&c, "theirs", "mesh");
+    log(&c);
+    // Subnet change: reported on the network, nothing removed.
+    let s2 = with_networks(
+        serde_json::json!([on("web", "mesh")]),
+        serde_json::json!([net("mesh", "10.210.9.0/24")]),
+    );
+    let (_, out) = pass(&c, &s2).await;
+    let failed: Vec<&ObjectOutcome> = out.iter().filter(|o| o.error.is_some()).collect();
+    assert_eq!(failed.len(), 1, "{out:?}");
+    assert_eq!(failed[0].object, "network mesh");
+    assert!(failed[0]
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("theirs")));
+    assert!(log(&c).is_empty(), "nothing touched");
+    // Dropped from the document: converge's container goes, the network waits.
+    let s3 = with_networks(serde_json::json!([]), serde_json::json!([]));
+    let p = pending(&c, &s3).await;
+    assert_eq!(p.waiting.len(), 1, "{:?}", p.waiting);
+    assert!(p.waiting[0].to_string().contains("theirs"));
+    ok(&c.apply(p).await);
+    assert_eq!(log(&c), ["stop web", "remove web"]);
+    assert!(c.runtime().with(|s| s.networks.contains_key("mesh")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_network_goes_after_its_containers_unless_one_stays() {
+    let c = rt();
+    let s = with_networks(
+        serde_json::json!([on("web", "mesh"), on("db", "mesh")]),
+        serde_json::json!([net("mesh", "10.210.1.0/24")]),
+    );
+    ok(&pass(&c, &s).await.1);
+    // db still names the network the document no longer declares: the removal waits.
+    let keep_db = with_networks(serde_json::json!([on("db", "mesh")]), serde_json::json!([]));
+    let p = pending(&c, &keep_db).await;
+    assert!(p.waiting.iter().any(|w| w.id == "mesh"), "{:?}", p.waiting);
+    log(&c);
+    let s = with_networks(serde_json::json!([]), serde_json::json!([]));
+    let (changes, out) = pass(&c, &s).await;
+    ok(&out);
+    assert!(changes.iter().any(|c| c.to_string() == "- network mesh"));
+    let l = log(&c);
+    assert_eq!(l.last().map(String::as_str), Some("remove network mesh"), "{l:?}");
+    assert!(pending(&c, &s).await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_foreign_network_with_the_name_is_reported_and_left_alone() {
+    let c = rt();
+    c.runtime().with(|s| {
+        s.networks.insert(
+            "mesh".into(),
+            crate::driver::RuntimeNetwork {
+                name: "mesh".into(),
+                labels: Default::default(),
+                subnets: vec![("10.1.0.0/24".into(), None)],
+            },
+        );
+    });
+    let s = with_networks(
+        serde_json::json!([]),
+        serde_json::json!([net("mesh", "10.210.1.0/24")]),
+    );
+    let (_, out) = pass(&c, &s).await;
+    assert!(out.iter().any(|o| o.object == "network mesh"
+        && o.error
+            .as_deref()
+            .is_some_and(|e| e.contains("did not create"))));
+    let n = c.runtime().with(|s| s.networks["mesh"].clone());
+    assert_eq!(n.subnets, [("10.1.0.0/24".to_string(), None)]);
 }
