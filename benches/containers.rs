@@ -270,10 +270,13 @@ fn noop_pass(socket: &str) -> ((Duration, Duration), (Duration, Duration)) {
         .enable_all()
         .build()
         .expect("runtime");
-    let spec: Vec<converge_containers::Container> = serde_json::from_value(json!((0..200)
-        .map(|i| json!({"name": format!("c{i}"), "image": IMAGE, "command": ["sleep", "3600"], "env": {"V": if i == 7 { "2" } else { "1" }}, "stopGracePeriod": "1s"}))
-        .collect::<Vec<_>>()))
-    .expect("spec");
+    let spec = converge_containers::Workload {
+        containers: Some(serde_json::from_value(json!((0..200)
+            .map(|i| json!({"name": format!("c{i}"), "image": IMAGE, "command": ["sleep", "3600"], "env": {"V": if i == 7 { "2" } else { "1" }}, "stopGracePeriod": "1s"}))
+            .collect::<Vec<_>>()))
+        .expect("spec")),
+        networks: None,
+    };
     let c = Containers::new(
         Podman::new(Path::new(socket)),
         Config::new("bench", "/nonexistent"),

@@ -186,7 +186,9 @@ pub fn sections(
         Arc::new(Bound::new(firewall, |d: &Document| {
             d.firewall.as_ref().map(Cow::Borrowed)
         })),
-        Arc::new(Bound::new(dns, |d: &Document| d.dns.as_ref().map(Cow::Borrowed))),
+        Arc::new(Bound::new(dns, |d: &Document| {
+            d.dns.as_ref().map(Cow::Borrowed)
+        })),
     ]
 }
 

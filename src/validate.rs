@@ -4,8 +4,8 @@
 use crate::document::{Document, Mode, MAX_GENERATION};
 use converge_core::vocab::host_ips_overlap;
 use converge_core::Problems;
-use std::collections::BTreeSet;
 use ipnet::IpNet;
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 /// Runs every semantic rule, appending all problems found.
@@ -83,10 +83,8 @@ fn container_networks(doc: &Document, subnets: &[(IpNet, String)], problems: &mu
         let (Some(n), Some(ip)) = (&c.network, &c.ip) else {
             continue;
         };
-        let (Some(net), Ok(ip)) = (
-            networks.iter().find(|x| &x.name == n),
-            ip.parse::<IpAddr>(),
-        ) else {
+        let (Some(net), Ok(ip)) = (networks.iter().find(|x| &x.name == n), ip.parse::<IpAddr>())
+        else {
             continue;
         };
         let want = converge_containers::plan::network_spec(net, &doc.node.id);

@@ -573,3 +573,35 @@ async fn events_resubscribe_after_daemon_restart() {
     events_task.abort();
     drop(daemon);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networks_through_the_driver() {
+    let node = TestNode::new("dkr-net");
+    let daemon = start_docker(&node);
+    let driver = daemon_driver(&daemon);
+    common::runtime::network_contract(
+        &driver,
+        &node,
+        |net, name| {
+            docker_ok(
+                &node,
+                &daemon,
+                &[
+                    "run",
+                    "-d",
+                    "--name",
+                    name,
+                    "--network",
+                    net,
+                    TEST_IMAGE,
+                    "sleep",
+                    "600",
+                ],
+            );
+        },
+        |name| {
+            docker_ok(&node, &daemon, &["rm", "-f", name]);
+        },
+    )
+    .await;
+}

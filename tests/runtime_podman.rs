@@ -485,3 +485,35 @@ async fn events_reconnect_after_service_restart() {
     );
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networks_through_the_driver() {
+    let node = TestNode::new("pdm-net");
+    let svc = start_podman(&node);
+    let driver = driver(&svc);
+    common::runtime::network_contract(
+        &driver,
+        &node,
+        |net, name| {
+            podman_ok(
+                &node,
+                &svc,
+                &[
+                    "run",
+                    "-d",
+                    "--name",
+                    name,
+                    "--network",
+                    net,
+                    TEST_IMAGE,
+                    "sleep",
+                    "600",
+                ],
+            );
+        },
+        |name| {
+            podman_ok(&node, &svc, &["rm", "-f", "-t", "0", name]);
+        },
+    )
+    .await;
+}

@@ -16,6 +16,7 @@ fn doc(generation: u64) -> Arc<Document> {
         generation,
         issued_at: Utc::now(),
         containers: None,
+        networks: None,
         wireguard: None,
         firewall: None,
         dns: None,

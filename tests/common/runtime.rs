@@ -160,3 +160,88 @@ pub async fn expect_no_ping(
 pub async fn settle(rx: &mut mpsc::UnboundedReceiver<HostEvent>, quiet: Duration) {
     while tokio::time::timeout(quiet, rx.recv()).await.is_ok() {}
 }
+
+/// The network half of the driver contract, the same on every runtime: a converge
+/// network is created with its subnets and labels, a container gets a static address on
+/// it, the network lists its users (`foreign`, a container the runtime's CLI attached,
+/// included) and cannot be removed while used, then is removed; removing a missing one
+/// is success. `attach_foreign(network, name)` starts a foreign container on it with
+/// the runtime's CLI, `remove_foreign(name)` removes it.
+pub async fn network_contract<R: ContainerRuntime>(
+    driver: &R,
+    node: &TestNode,
+    attach_foreign: impl Fn(&str, &str),
+    remove_foreign: impl Fn(&str),
+) {
+    use converge_containers::driver::NetworkCreate;
+    let name = format!("cvg-{}", node.name());
+    let v4: ipnet::IpNet = "10.231.5.0/24".parse().expect("subnet");
+    let v6: ipnet::IpNet = "fd00:231:5::/64".parse().expect("subnet");
+    let gw4: std::net::IpAddr = "10.231.5.1".parse().expect("gateway");
+    let gw6: std::net::IpAddr = "fd00:231:5::1".parse().expect("gateway");
+    let mut net_labels = labels(node, &name);
+    net_labels.remove(LABEL_HASH);
+    let spec = NetworkCreate {
+        name: name.clone(),
+        subnets: vec![(v4, gw4), (v6, gw6)],
+        labels: net_labels.clone(),
+    };
+    driver.create_network(&spec).await.expect("create network");
+    let listed = driver.list_networks().await.expect("list networks");
+    let n = listed
+        .iter()
+        .find(|n| n.name == name)
+        .unwrap_or_else(|| panic!("{name} not listed: {listed:?}"));
+    for (k, v) in &net_labels {
+        assert_eq!(n.labels.get(k), Some(v), "label {k} on {name}");
+    }
+    let mut subnets: Vec<(String, Option<String>)> = n.subnets.clone();
+    subnets.sort();
+    assert_eq!(
+        subnets,
+        [
+            (v4.to_string(), Some(gw4.to_string())),
+            (v6.to_string(), Some(gw6.to_string()))
+        ]
+    );
+    assert!(
+        driver.create_network(&spec).await.is_err(),
+        "a second network of the same name is refused"
+    );
+
+    let mut c = simple_spec(node, "on-net", &["sleep", "600"]);
+    c.network = Some(name.clone());
+    c.ip = Some("10.231.5.10".parse().expect("ip"));
+    let id = driver.create(&c).await.expect("create on the network");
+    driver.start(&id).await.expect("start");
+    let rc = driver.inspect(&id).await.expect("inspect").expect("exists");
+    assert!(
+        rc.addresses.contains(&"10.231.5.10".parse().expect("ip")),
+        "static address on the network: {:?}",
+        rc.addresses
+    );
+    attach_foreign(&name, "foreign-on-net");
+    let mut users = driver.network_users(&name).await.expect("users");
+    users.sort();
+    assert_eq!(users, ["foreign-on-net", "on-net"]);
+    let err = driver
+        .remove_network(&name)
+        .await
+        .expect_err("a network in use is not removed");
+    assert!(err.to_string().contains(&name), "{err}");
+
+    driver.remove(&id).await.expect("remove container");
+    assert_eq!(
+        driver.network_users(&name).await.expect("users"),
+        ["foreign-on-net"]
+    );
+    assert!(driver.remove_network(&name).await.is_err(), "still used");
+    remove_foreign("foreign-on-net");
+    driver.remove_network(&name).await.expect("remove network");
+    let listed = driver.list_networks().await.expect("list networks");
+    assert!(!listed.iter().any(|n| n.name == name), "{listed:?}");
+    driver
+        .remove_network(&name)
+        .await
+        .expect("removing a missing network is success");
+}

@@ -196,7 +196,9 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn remove_volume(&self, name: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
 
     /// Every network on the host (the reconciler decides ownership by labels).
-    fn list_networks(&self) -> impl Future<Output = Result<Vec<RuntimeNetwork>, DriverError>> + Send;
+    fn list_networks(
+        &self,
+    ) -> impl Future<Output = Result<Vec<RuntimeNetwork>, DriverError>> + Send;
 
     /// The names of every container attached to a network, whoever created them.
     fn network_users(

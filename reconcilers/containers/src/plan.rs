@@ -6,8 +6,8 @@ mod networks;
 pub use networks::{desired as network_spec, owned as owned_network, IN_USE_RETRY};
 
 use crate::driver::{
-    CreateSpec, HealthSpec, NetworkCreate, RunState, RuntimeContainer, RuntimeNetwork,
-    LABEL_HASH, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
+    CreateSpec, HealthSpec, NetworkCreate, RunState, RuntimeContainer, RuntimeNetwork, LABEL_HASH,
+    LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
 };
 use crate::spec::{
     parse_duration, parse_memory, Container, ContainerState, RestartPolicy, Workload,
@@ -141,7 +141,10 @@ impl Step {
 #[derive(Clone, Debug, PartialEq)]
 pub enum NetStep {
     /// Stop (grace, then kill) and remove a container of converge's attached to it.
-    RemoveContainer { id: String, grace: Duration },
+    RemoveContainer {
+        id: String,
+        grace: Duration,
+    },
     /// Remove the network.
     Remove,
     Create(NetworkCreate),

@@ -11,13 +11,12 @@ use bollard::container::{
 };
 use bollard::errors::Error as BollardError;
 use bollard::image::CreateImageOptions;
-use bollard::network::{CreateNetworkOptions, ListNetworksOptions};
 use bollard::models::{
     ContainerInspectResponse, ContainerStateStatusEnum, EndpointIpamConfig, EndpointSettings,
-    EventMessage, HealthConfig, HealthStatusEnum, HostConfig, Ipam, IpamConfig,
-    MountPointTypeEnum, MountTypeEnum,
-    PortBinding as DockerPortBinding, RestartPolicy, RestartPolicyNameEnum,
+    EventMessage, HealthConfig, HealthStatusEnum, HostConfig, Ipam, IpamConfig, MountPointTypeEnum,
+    MountTypeEnum, PortBinding as DockerPortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
+use bollard::network::{CreateNetworkOptions, ListNetworksOptions};
 use bollard::system::EventsOptions;
 use converge_core::{DriverError, HostEvent};
 use futures::stream::{BoxStream, StreamExt};

@@ -560,8 +560,9 @@ impl ContainerRuntime for Podman {
     }
 
     async fn remove_network(&self, name: &str) -> Result<(), DriverError> {
-        // Not forced: a network a container still uses stays (and reports why).
-        match self.api().networks().get(name).remove().await {
+        // `delete`, never podman-api's `remove`: that one forces, which removes every
+        // container on the network, foreign ones included.
+        match self.api().networks().get(name).delete().await {
             Ok(reports) => match reports.into_iter().find_map(|r| r.err) {
                 Some(e) if !e.is_empty() => Err(failed("network remove", name, e)),
                 _ => Ok(()),

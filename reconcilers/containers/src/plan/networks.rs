@@ -190,8 +190,11 @@ pub fn plan(
                 "its subnets changed, but containers converge does not manage use it ({}): not replaced; move them off it",
                 strangers.join(", ")
             );
-            out.changes
-                .push(change.with_field(FieldChange::new("error", None, Some(error.clone()))));
+            out.changes.push(change.with_field(FieldChange::new(
+                "error",
+                None,
+                Some(error.clone()),
+            )));
             out.before.push(Action::Invalid {
                 object: format!("network {}", n.name),
                 error,
@@ -242,7 +245,8 @@ pub fn plan(
             .map(String::as_str)
             .collect();
         if staying.is_empty() {
-            out.changes.push(Change::new(Op::Delete, "network", &rn.name));
+            out.changes
+                .push(Change::new(Op::Delete, "network", &rn.name));
             out.after.push(Action::RemoveNetwork {
                 name: rn.name.clone(),
             });

@@ -138,7 +138,12 @@ async fn an_interrupted_replace_is_finished_without_orphans() {
     // Simulate kill -9 after the new instance started but before the old was removed.
     let s2 = spec(serde_json::json!([web("b")]));
     let obs = c.observe(&s2).await.unwrap();
-    let (mut temp, _) = plan::desired(&s2.containers.as_deref().unwrap_or_default()[0], NODE, &obs.secrets).unwrap();
+    let (mut temp, _) = plan::desired(
+        &s2.containers.as_deref().unwrap_or_default()[0],
+        NODE,
+        &obs.secrets,
+    )
+    .unwrap();
     temp.name = format!("web{NEXT_SUFFIX}");
     let id = c.runtime().create(&temp).await.unwrap();
     c.runtime().start(&id).await.unwrap();
@@ -163,7 +168,12 @@ async fn a_stale_temporary_instance_does_not_block_the_next_replace() {
     // An interrupted replace towards spec "b" left `web--next`; the document moved on to "c".
     let s_b = spec(serde_json::json!([web("b")]));
     let obs = c.observe(&s_b).await.unwrap();
-    let (mut temp, _) = plan::desired(&s_b.containers.as_deref().unwrap_or_default()[0], NODE, &obs.secrets).unwrap();
+    let (mut temp, _) = plan::desired(
+        &s_b.containers.as_deref().unwrap_or_default()[0],
+        NODE,
+        &obs.secrets,
+    )
+    .unwrap();
     temp.name = format!("web{NEXT_SUFFIX}");
     let id = c.runtime().create(&temp).await.unwrap();
     c.runtime().start(&id).await.unwrap();
@@ -458,9 +468,12 @@ async fn a_changed_subnet_replaces_the_network_and_recreates_its_containers() {
     let c = rt();
     let nets = |subnet| serde_json::json!([net("mesh", subnet), net("other", "10.220.0.0/24")]);
     let containers = serde_json::json!([on("web", "mesh"), on("db", "other")]);
-    ok(&pass(&c, &with_networks(containers.clone(), nets("10.210.1.0/24")))
-        .await
-        .1);
+    ok(&pass(
+        &c,
+        &with_networks(containers.clone(), nets("10.210.1.0/24")),
+    )
+    .await
+    .1);
     log(&c);
     let s = with_networks(containers, nets("10.210.2.0/24"));
     let (changes, out) = pass(&c, &s).await;
@@ -533,7 +546,11 @@ async fn a_dropped_network_goes_after_its_containers_unless_one_stays() {
     ok(&out);
     assert!(changes.iter().any(|c| c.to_string() == "- network mesh"));
     let l = log(&c);
-    assert_eq!(l.last().map(String::as_str), Some("remove network mesh"), "{l:?}");
+    assert_eq!(
+        l.last().map(String::as_str),
+        Some("remove network mesh"),
+        "{l:?}"
+    );
     assert!(pending(&c, &s).await.is_empty());
 }
 

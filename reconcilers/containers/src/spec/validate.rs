@@ -575,10 +575,9 @@ pub fn validate_networks(
             }
             if let Some(g) = &s.gateway {
                 match g.parse::<IpAddr>() {
-                    Err(_) => problems.push(
-                        format!("{sp}.gateway"),
-                        format!("not an IP address: {g:?}"),
-                    ),
+                    Err(_) => {
+                        problems.push(format!("{sp}.gateway"), format!("not an IP address: {g:?}"))
+                    }
                     Ok(a) if !net.contains(&a) || a == net.network() || a == net.broadcast() => {
                         problems.push_hint(
                             format!("{sp}.gateway"),
