@@ -139,7 +139,9 @@ b = {
         "addresses": ["10.210.0.8/24", "fd00:210::8/64"],
         "peers": [{
             "name": "worker-fra1-07", "publicKey": key_a, "endpoint": "10.0.3.17:51820",
-            "allowedIps": ["10.210.0.7/32", "fd00:210::7/128"], "persistentKeepalive": 25,
+            # worker-fra1-07's container network (fixture: networks.apps) routes through it.
+            "allowedIps": ["10.210.0.7/32", "fd00:210::7/128", "10.89.7.0/24"],
+            "persistentKeepalive": 25,
         }],
     },
 }
@@ -192,6 +194,12 @@ banner "the mesh: worker-fra1-07 pings worker-fra1-08 through the WireGuard tunn
 in_ns ping -c 3 -i 0.3 10.210.0.8
 in_ns ping -c 3 -i 0.3 fd00:210::8
 
+banner "the mesh: worker-fra1-08 reaches the web container (10.89.7.10 on converge's network apps) through the tunnel"
+# worker-fra1-08 routes 10.89.7.0/24 to the peer; worker-fra1-07's firewall forwards
+# only 10.210.0.8 -> 10.89.7.10:80 into the subnet.
+podman_cli network inspect apps --format 'network {{.Name}}: {{range .Subnets}}{{.Subnet}} gateway {{.Gateway}}{{end}}, labels {{.Labels}}'
+in_ns_b curl -sS -m 5 -o /dev/null -w 'GET http://10.89.7.10/busybox from worker-fra1-08: HTTP %{http_code}, %{size_download} bytes\n' http://10.89.7.10/busybox
+
 banner "converge status on worker-fra1-07: its public key and the peer's last handshake"
 # Peer statistics in status are as of the last resync (5 s here).
 for _ in $(seq 75); do
@@ -204,7 +212,7 @@ echo
 echo "(worker-fra1-08:)"
 cv_b status | sed -n '/^wireguard/,$p'
 
-banner "one change: web.internal moves to 10.88.0.11 (generation 43)"
+banner "one change: web.internal moves to 10.89.7.11 (generation 43)"
 changed=$(mktemp /tmp/converge-worker-XXXXXX.json)
 python3 - "$changed" "$doc" <<'PY'
 import json, sys
@@ -212,7 +220,7 @@ d = json.load(open(sys.argv[2]))
 d["generation"] += 1
 for r in d["dns"]["records"]:
     if r["name"] == "web.internal" and r["type"] == "A":
-        r["values"] = ["10.88.0.11"]
+        r["values"] = ["10.89.7.11"]
 json.dump(d, open(sys.argv[1], "w"), indent=2)
 PY
 set +e; cv diff "$changed" --reconciler dns; code=$?; set -e
