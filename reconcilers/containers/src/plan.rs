@@ -6,13 +6,13 @@ mod networks;
 pub use networks::{desired as network_spec, owned as owned_network, IN_USE_RETRY};
 
 use crate::driver::{
-    CreateSpec, HealthSpec, NetworkCreate, RunState, RuntimeContainer, RuntimeNetwork, LABEL_HASH,
-    LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
+    CreateSpec, Health, HealthSpec, NetworkCreate, RunState, RuntimeContainer, RuntimeNetwork,
+    LABEL_HASH, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
 };
 use crate::spec::{
     parse_duration, parse_memory, Container, ContainerState, RestartPolicy, Workload,
 };
-use converge_core::{redact, Change, FieldChange, Op, Plan, Waiting};
+use converge_core::{redact, Change, Facts, FieldChange, Op, Plan, Waiting};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -49,6 +49,26 @@ pub struct Observed {
     pub networks: Vec<RuntimeNetwork>,
     /// The containers (runtime names, anyone's) attached to each network converge owns.
     pub network_users: BTreeMap<String, Vec<String>>,
+    /// The spec hash each document container should have (None: it cannot be built).
+    pub fresh: BTreeMap<String, String>,
+    /// Per container being switched over: how long ago its new instance (still under
+    /// the temporary name) was first seen ready.
+    pub switching: BTreeMap<String, Duration>,
+}
+
+/// How long an old instance keeps serving while consumers (the firewall) still send
+/// traffic to it after its replacement is ready; then it is stopped anyway.
+pub const SWITCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often a pass looks whether the consumers have switched.
+pub const SWITCH_POLL: Duration = Duration::from_millis(250);
+/// Pause between the consumers' switch and stopping the old instance, so requests it
+/// accepted just before finish.
+pub const DRAIN_SETTLE: Duration = Duration::from_secs(1);
+
+/// Whether an instance is running and, if it has a health check, healthy.
+pub fn ready(rc: &RuntimeContainer) -> bool {
+    rc.state == RunState::Running
+        && !matches!(rc.health, Some(Health::Starting | Health::Unhealthy))
 }
 
 /// Restarts of one container within the crash-loop window, as observed.
@@ -97,6 +117,18 @@ pub enum Step {
         old: Vec<String>,
         final_name: String,
     },
+    /// Zero-drop replace, first half: create `spec` under a temporary name, start it and
+    /// wait until healthy. A later pass stops the old instance once no consumer sends
+    /// traffic to it (facts `in_use`), then renames the new one.
+    StartNext {
+        spec: CreateSpec,
+    },
+    /// Wait `DRAIN_SETTLE`, then stop (grace, then kill) and remove: an old instance
+    /// the consumers have just switched away from.
+    Retire {
+        id: String,
+        grace: Duration,
+    },
     /// Replace when host ports forbid two instances: stop and remove `old`, then create.
     StopFirst {
         spec: CreateSpec,
@@ -131,6 +163,7 @@ impl Step {
         match self {
             Step::Create { spec, .. }
             | Step::StartFirst { spec, .. }
+            | Step::StartNext { spec }
             | Step::StopFirst { spec, .. } => spec.network.as_deref(),
             _ => None,
         }
@@ -340,14 +373,14 @@ fn field_changes(old: Option<&str>, new: &Container) -> Vec<FieldChange> {
 
 /// The pure plan for the `containers` and `networks` sections (each may be absent:
 /// then what converge created for it is left alone).
-pub fn plan(spec: &Workload, observed: &Observed, node: &str) -> Plan<Action> {
+pub fn plan(spec: &Workload, observed: &Observed, node: &str, facts: &Facts) -> Plan<Action> {
     let containers = spec.containers.as_deref();
     let nets = match &spec.networks {
         Some(n) => networks::plan(n, containers, observed, node),
         None => networks::NetworkPlan::default(),
     };
     let mut plan = match containers {
-        Some(c) => plan_containers(c, observed, node, &nets.replaced),
+        Some(c) => plan_containers(c, observed, node, facts, &nets.replaced),
         None => Plan::default(),
     };
     let mut changes = nets.changes;
@@ -371,6 +404,7 @@ fn plan_containers(
     spec: &[Container],
     observed: &Observed,
     node: &str,
+    facts: &Facts,
     replaced: &BTreeSet<String>,
 ) -> Plan<Action> {
     let mut plan = Plan::default();
@@ -428,10 +462,44 @@ fn plan_containers(
         let mut change: Option<Change> = None;
         match keep {
             Some(k) => {
+                // A ready replacement under the temporary name: the old instance goes
+                // once no consumer sends traffic to it any more (or after a timeout).
+                let switching = k.name != c.name && ready(k);
+                let olds: Vec<&RuntimeContainer> = cands
+                    .iter()
+                    .copied()
+                    .filter(|rc| rc.id != k.id && running(rc))
+                    .collect();
+                let old_addresses: Vec<std::net::IpAddr> =
+                    olds.iter().flat_map(|rc| rc.addresses.clone()).collect();
+                let users = facts.users_of(&old_addresses);
+                let waited = observed.switching.get(&c.name).copied().unwrap_or_default();
+                if switching && !users.is_empty() && waited < SWITCH_TIMEOUT {
+                    plan.waiting.push(
+                        Waiting::new(
+                            "container",
+                            &c.name,
+                            format!(
+                                "new instance ready; the old one serves until {} switch{} to it",
+                                users.join(", "),
+                                if users.len() == 1 { "es" } else { "" }
+                            ),
+                        )
+                        .retry_after(SWITCH_POLL),
+                    );
+                    continue;
+                }
                 for rc in cands.iter().filter(|rc| rc.id != k.id) {
-                    steps.push(Step::Remove {
-                        id: rc.id.clone(),
-                        grace,
+                    steps.push(if switching && running(rc) {
+                        Step::Retire {
+                            id: rc.id.clone(),
+                            grace,
+                        }
+                    } else {
+                        Step::Remove {
+                            id: rc.id.clone(),
+                            grace,
+                        }
                     });
                     change
                         .get_or_insert_with(|| Change::new(Op::Update, "container", &c.name))
@@ -563,12 +631,25 @@ fn plan_containers(
                     }
                     let has_host_ports = want.ports.iter().any(|p| p.host_port.is_some());
                     let old_running = cands.iter().any(|rc| running(rc));
-                    if wants_running && old_running && !has_host_ports {
-                        ch.fields.push(FieldChange::new(
-                            "strategy",
-                            None,
-                            Some("start new, wait healthy, stop old".into()),
-                        ));
+                    // Consumers sending traffic to the old instance switch before it stops.
+                    let old_addresses: Vec<std::net::IpAddr> = cands
+                        .iter()
+                        .filter(|rc| running(rc))
+                        .flat_map(|rc| rc.addresses.clone())
+                        .collect();
+                    let users = facts.users_of(&old_addresses);
+                    // Two instances cannot hold the same host port or static address.
+                    if wants_running && old_running && !has_host_ports && want.ip.is_none() {
+                        let strategy = if users.is_empty() {
+                            "start new, wait healthy, stop old".to_string()
+                        } else {
+                            format!(
+                                "start new, wait healthy, switch {}, stop old",
+                                users.join(", ")
+                            )
+                        };
+                        ch.fields
+                            .push(FieldChange::new("strategy", None, Some(strategy)));
                         let mut temp = want;
                         temp.name = format!("{}{NEXT_SUFFIX}", c.name);
                         // A stale temporary instance (an interrupted replace towards an
@@ -581,17 +662,25 @@ fn plan_containers(
                                 grace: temp.stop_grace,
                             });
                         }
-                        steps.push(Step::StartFirst {
-                            spec: temp,
-                            old: old.iter().map(|rc| rc.id.clone()).collect(),
-                            final_name: c.name.clone(),
-                        });
+                        if users.is_empty() {
+                            steps.push(Step::StartFirst {
+                                spec: temp,
+                                old: old.iter().map(|rc| rc.id.clone()).collect(),
+                                final_name: c.name.clone(),
+                            });
+                        } else {
+                            steps.push(Step::StartNext { spec: temp });
+                        }
                     } else {
-                        ch.fields.push(FieldChange::new(
-                            "strategy",
-                            None,
-                            Some("stop old, start new (host ports)".into()),
-                        ));
+                        let strategy = if !(wants_running && old_running) {
+                            "remove old, create new"
+                        } else if has_host_ports {
+                            "stop old, start new (host ports)"
+                        } else {
+                            "stop old, start new (static ip)"
+                        };
+                        ch.fields
+                            .push(FieldChange::new("strategy", None, Some(strategy.into())));
                         steps.push(Step::StopFirst {
                             spec: want,
                             old,

@@ -2,7 +2,9 @@
 //! with bounded concurrency and per-call timeouts, restart dead containers with a
 //! crash-loop back-off, publish container addresses as facts.
 
-use crate::driver::{ContainerRuntime, CreateSpec, Health, RunState, LABEL_NAME};
+use crate::driver::{
+    ContainerRuntime, CreateSpec, Health, RunState, RuntimeContainer, LABEL_HASH, LABEL_NAME,
+};
 use crate::plan::{self, Action, Crashes, NetStep, Observed, Secret, Step, CRASH_WINDOW};
 use crate::spec::Workload;
 use converge_core::{
@@ -57,6 +59,9 @@ pub struct Containers<R> {
     runtime: R,
     config: Config,
     crashes: Mutex<BTreeMap<String, Restarts>>,
+    /// When each replacement instance (by id) was first seen ready under its
+    /// temporary name: the switch-over's clock.
+    ready_since: Mutex<BTreeMap<String, Instant>>,
 }
 
 impl<R: ContainerRuntime> Containers<R> {
@@ -65,6 +70,7 @@ impl<R: ContainerRuntime> Containers<R> {
             runtime,
             config,
             crashes: Mutex::new(BTreeMap::new()),
+            ready_since: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -101,6 +107,35 @@ impl<R: ContainerRuntime> Containers<R> {
         entry.count += 1;
         entry.last = now;
         entry.count
+    }
+
+    /// How long each container's replacement (a fresh, ready instance still under the
+    /// temporary name) has been ready, as the plan sees it.
+    fn switching(
+        &self,
+        containers: &[RuntimeContainer],
+        fresh: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, Duration> {
+        let mut since = self.ready_since.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let mut out = BTreeMap::new();
+        let mut seen = Vec::new();
+        for rc in containers {
+            let Some(name) = rc.labels.get(LABEL_NAME) else {
+                continue;
+            };
+            let is_fresh = rc
+                .labels
+                .get(LABEL_HASH)
+                .is_some_and(|h| fresh.get(name) == Some(h));
+            if rc.name != *name && is_fresh && plan::ready(rc) {
+                let t = *since.entry(rc.id.clone()).or_insert(now);
+                out.insert(name.clone(), now.duration_since(t));
+                seen.push(rc.id.clone());
+            }
+        }
+        since.retain(|id, _| seen.contains(id));
+        out
     }
 
     /// The restarts so far, as the plan sees them.
@@ -206,6 +241,21 @@ impl<R: ContainerRuntime> Containers<R> {
                 }
                 self.call("rename", self.runtime.rename(&id, &final_name))
                     .await
+            }
+            Step::StartNext { spec } => {
+                info!(image = %spec.image, "replacing: new instance first, consumers switch before the old one stops");
+                let id = self.create_and_start(&spec, true).await?;
+                if let Err(e) = self.wait_ready(&id, spec.health.is_some()).await {
+                    warn!(error = %e, "replacement not ready: keeping the old instance");
+                    let _ = self.call("remove", self.runtime.remove(&id)).await;
+                    return Err(e);
+                }
+                Ok(())
+            }
+            Step::Retire { id, grace } => {
+                info!("consumers switched to the new instance: stopping the old one");
+                tokio::time::sleep(plan::DRAIN_SETTLE).await;
+                self.remove(&id, grace).await
             }
             Step::StopFirst { spec, old, start } => {
                 info!(image = %spec.image, "replacing: old instance first (host ports)");
@@ -331,11 +381,19 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
                 images.insert(c.image.clone(), id);
             }
         }
-        let secrets = spec
+        let secrets: BTreeMap<String, Result<Secret, String>> = spec
             .iter()
             .flat_map(|c| c.secret_env.values())
             .map(|s| (s.clone(), self.read_secret(s)))
             .collect();
+        let fresh: BTreeMap<String, String> = spec
+            .iter()
+            .filter_map(|c| {
+                let (_, hash) = plan::desired(c, &self.config.node_id, &secrets).ok()?;
+                Some((c.name.clone(), hash))
+            })
+            .collect();
+        let switching = self.switching(&containers, &fresh);
         Ok(Observed {
             containers,
             images,
@@ -343,11 +401,13 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
             crashes: self.crashes(),
             networks,
             network_users,
+            fresh,
+            switching,
         })
     }
 
-    fn plan(&self, spec: &Workload, observed: &Observed, _facts: &Facts) -> Plan<Action> {
-        plan::plan(spec, observed, &self.config.node_id)
+    fn plan(&self, spec: &Workload, observed: &Observed, facts: &Facts) -> Plan<Action> {
+        plan::plan(spec, observed, &self.config.node_id, facts)
     }
 
     async fn apply(&self, plan: Plan<Action>) -> Vec<ObjectOutcome> {
@@ -461,14 +521,29 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
 
     fn publish(&self, observed: &Observed) -> Option<FactsUpdate> {
         let mut facts: BTreeMap<String, ContainerFacts> = BTreeMap::new();
+        let mut chosen: BTreeMap<String, (bool, bool)> = BTreeMap::new();
         for rc in &observed.containers {
             let Some(name) = rc.labels.get(LABEL_NAME) else {
                 continue;
             };
             let running = rc.state == RunState::Running;
             let entry = facts.entry(name.clone()).or_default();
-            // A running instance under the final name wins over a stale or temporary one.
-            if running && (!entry.running || rc.name == *name) {
+            // A ready instance with the document's spec wins (during a replacement
+            // consumers switch to it before the old one stops), then a running one under
+            // the final name, then any running one.
+            let rank = |rc: &RuntimeContainer| {
+                let fresh = rc
+                    .labels
+                    .get(LABEL_HASH)
+                    .is_some_and(|h| observed.fresh.get(name) == Some(h));
+                (fresh && plan::ready(rc), rc.name == *name)
+            };
+            let better = match chosen.get(name) {
+                None => true,
+                Some(best) => rank(rc) > *best,
+            };
+            if running && (!entry.running || better) {
+                chosen.insert(name.clone(), rank(rc));
                 let mut addresses = rc.addresses.clone();
                 addresses.sort_by_key(|a| (a.is_ipv6(), *a));
                 *entry = ContainerFacts { addresses, running };

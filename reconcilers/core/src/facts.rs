@@ -6,7 +6,7 @@
 //! wakes the reconcilers that declared `watches_facts`.
 
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 /// What the containers reconciler last saw of one container it manages.
@@ -35,6 +35,11 @@ pub struct Facts {
     pub containers: BTreeMap<String, ContainerFacts>,
     /// The node's WireGuard interface, once it has a key (published by `wireguard`).
     pub wireguard: Option<WireguardFacts>,
+    /// The addresses each consumer (`firewall`, …) sends traffic to right now, as it
+    /// has them in force on the host. The containers reconciler stops an instance it
+    /// replaced only once no consumer uses its address any more (deploys that drop
+    /// nothing).
+    pub in_use: BTreeMap<String, BTreeSet<IpAddr>>,
 }
 
 /// A replacement for one part of [`Facts`], owned by exactly one reconciler.
@@ -42,9 +47,23 @@ pub struct Facts {
 pub enum FactsUpdate {
     Containers(BTreeMap<String, ContainerFacts>),
     Wireguard(Option<WireguardFacts>),
+    /// The addresses one consumer has in force (replaces that consumer's entry).
+    InUse {
+        consumer: String,
+        addresses: BTreeSet<IpAddr>,
+    },
 }
 
 impl Facts {
+    /// The consumers that send traffic to any of `addresses` right now.
+    pub fn users_of(&self, addresses: &[IpAddr]) -> Vec<&str> {
+        self.in_use
+            .iter()
+            .filter(|(_, used)| addresses.iter().any(|a| used.contains(a)))
+            .map(|(consumer, _)| consumer.as_str())
+            .collect()
+    }
+
     /// Applies `update`; returns true when the snapshot changed.
     pub fn merge(&mut self, update: FactsUpdate) -> bool {
         match update {
@@ -60,6 +79,16 @@ impl Facts {
                     return false;
                 }
                 self.wireguard = w;
+                true
+            }
+            FactsUpdate::InUse {
+                consumer,
+                addresses,
+            } => {
+                if self.in_use.get(&consumer) == Some(&addresses) {
+                    return false;
+                }
+                self.in_use.insert(consumer, addresses);
                 true
             }
         }

@@ -5,8 +5,10 @@
 use crate::driver::{CommitError, NftDriver};
 use crate::plan::{plan, Action, Commit, Observed, Then};
 use crate::FirewallSpec;
-use converge_core::{DriverError, Facts, HostEvent, ObjectOutcome, Plan, Reconciler};
+use converge_core::{DriverError, Facts, FactsUpdate, HostEvent, ObjectOutcome, Plan, Reconciler};
 use futures::stream::BoxStream;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 
@@ -17,6 +19,8 @@ pub struct Firewall<D> {
     /// unchanged generation proves the kernel still holds exactly this table and observe
     /// can skip the dump (one netlink round trip instead of reading every element).
     cache: Mutex<Option<Observed>>,
+    /// The DNAT targets of the table at a generation (recomputed only when it moved).
+    targets: Mutex<Option<(u32, BTreeSet<IpAddr>)>>,
 }
 
 impl<D: NftDriver> Firewall<D> {
@@ -24,6 +28,7 @@ impl<D: NftDriver> Firewall<D> {
         Self {
             driver: Arc::new(driver),
             cache: Mutex::new(None),
+            targets: Mutex::new(None),
         }
     }
 
@@ -85,6 +90,24 @@ impl<D: NftDriver> Reconciler for Firewall<D> {
     /// Container targets follow the containers' addresses.
     fn watches_facts(&self) -> bool {
         true
+    }
+
+    /// The addresses the DNAT maps send traffic to, so that a replaced container is
+    /// stopped only once this firewall no longer forwards to it.
+    fn publish(&self, observed: &Observed) -> Option<FactsUpdate> {
+        let mut memo = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        let addresses = match memo.as_ref() {
+            Some((genid, t)) if *genid == observed.genid => t.clone(),
+            _ => {
+                let t = crate::ruleset::targets(&observed.table);
+                *memo = Some((observed.genid, t.clone()));
+                t
+            }
+        };
+        Some(FactsUpdate::InUse {
+            consumer: "firewall".into(),
+            addresses,
+        })
     }
 
     /// A deleted table, flushed chain or edited element is restored at once.

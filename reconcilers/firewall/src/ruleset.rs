@@ -13,7 +13,7 @@ use converge_core::Facts;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use smallvec::SmallVec;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 pub const TABLE: &str = "converge";
@@ -217,6 +217,29 @@ const ALL_SETS: [&SetDef; 12] = [
 /// The definition of the set called `name`, if converge has one.
 pub fn set_def(name: &str) -> Option<&'static SetDef> {
     ALL_SETS.iter().copied().find(|s| s.name == name)
+}
+
+/// Every address the table's DNAT maps send traffic to (the first field of each map
+/// element's data), i.e. the targets this firewall uses right now.
+pub fn targets(snapshot: &Snapshot) -> BTreeSet<IpAddr> {
+    let mut out = BTreeSet::new();
+    for (name, elements) in &snapshot.elements {
+        let Some(def) = set_def(name) else { continue };
+        let len = match def.data.first() {
+            Some(Field::Addr4) => 4,
+            Some(Field::Addr6) => 16,
+            _ => continue,
+        };
+        for data in elements.values() {
+            let ip = match data.get(..len) {
+                Some(b) if len == 4 => <[u8; 4]>::try_from(b).ok().map(IpAddr::from),
+                Some(b) => <[u8; 16]>::try_from(b).ok().map(IpAddr::from),
+                None => None,
+            };
+            out.extend(ip);
+        }
+    }
+    out
 }
 
 /// A base chain's hook, or none for a regular chain.

@@ -579,3 +579,115 @@ async fn a_foreign_network_with_the_name_is_reported_and_left_alone() {
     let n = c.runtime().with(|s| s.networks["mesh"].clone());
     assert_eq!(n.subnets, [("10.1.0.0/24".to_string(), None)]);
 }
+
+/// Facts where the firewall sends traffic to `addresses`.
+fn firewall_uses(addresses: &[std::net::IpAddr]) -> Facts {
+    let mut f = Facts::default();
+    f.in_use
+        .insert("firewall".into(), addresses.iter().copied().collect());
+    f
+}
+
+fn published(c: &Containers<FakeRuntime>, obs: &Observed, name: &str) -> Vec<std::net::IpAddr> {
+    match c.publish(obs) {
+        Some(FactsUpdate::Containers(f)) => f[name].addresses.clone(),
+        _ => Vec::new(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replacement_switches_consumers_before_the_old_instance_stops() {
+    let c = rt();
+    let s = spec(serde_json::json!([web("a")]));
+    ok(&pass(&c, &s).await.1);
+    let obs = c.observe(&s).await.unwrap();
+    let old = published(&c, &obs, "web");
+    assert_eq!(old.len(), 1);
+    log(&c);
+
+    // The firewall forwards to the old instance: the new one starts, the old keeps serving.
+    let s2 = spec(serde_json::json!([web("b")]));
+    let facts = firewall_uses(&old);
+    let obs = c.observe(&s2).await.unwrap();
+    let p = c.plan(&s2, &obs, &facts);
+    assert!(
+        p.changes[0]
+            .fields
+            .iter()
+            .any(|f| f.new.as_deref() == Some("start new, wait healthy, switch firewall, stop old")),
+        "{:?}",
+        p.changes
+    );
+    ok(&c.apply(p).await);
+    assert_eq!(
+        log(&c),
+        [
+            format!("create web{NEXT_SUFFIX}"),
+            format!("start web{NEXT_SUFFIX}")
+        ]
+    );
+
+    // Facts now point at the new instance; the old waits while the firewall still uses it.
+    let obs = c.observe(&s2).await.unwrap();
+    let new = published(&c, &obs, "web");
+    assert_ne!(new, old, "the ready replacement is published");
+    let p = c.plan(&s2, &obs, &facts);
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert_eq!(p.waiting.len(), 1);
+    assert!(p.waiting[0].reason.contains("firewall"), "{}", p.waiting[0]);
+    assert_eq!(p.waiting[0].retry_after, Some(crate::plan::SWITCH_POLL));
+
+    // Once the firewall has switched, the old one is retired and the new one renamed.
+    let facts = firewall_uses(&new);
+    let p = c.plan(&s2, &obs, &facts);
+    assert!(p.waiting.is_empty());
+    ok(&c.apply(p).await);
+    assert_eq!(
+        log(&c),
+        [
+            "stop web",
+            "remove web",
+            format!("rename web{NEXT_SUFFIX} web").as_str()
+        ]
+    );
+    let obs = c.observe(&s2).await.unwrap();
+    assert_eq!(
+        published(&c, &obs, "web"),
+        new,
+        "renaming keeps the address"
+    );
+    assert!(c.plan(&s2, &obs, &facts).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_old_instance_still_in_use_after_the_timeout_is_stopped_anyway() {
+    let c = rt();
+    ok(&pass(&c, &spec(serde_json::json!([web("a")]))).await.1);
+    let s2 = spec(serde_json::json!([web("b")]));
+    let mut obs = c.observe(&s2).await.unwrap();
+    let old = published(&c, &obs, "web");
+    let facts = firewall_uses(&old);
+    ok(&c.apply(c.plan(&s2, &obs, &facts)).await);
+    obs = c.observe(&s2).await.unwrap();
+    assert!(!c.plan(&s2, &obs, &facts).waiting.is_empty());
+    obs.switching
+        .insert("web".into(), crate::plan::SWITCH_TIMEOUT);
+    let p = c.plan(&s2, &obs, &facts);
+    assert!(p.waiting.is_empty());
+    assert!(
+        matches!(&p.actions[..], [Action::Container { steps, .. }] if matches!(steps[0], Step::Retire { .. }))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_static_ip_replaces_stop_first() {
+    let c = rt();
+    let w = |env: &str| serde_json::json!([{"name": "web", "image": "localhost/busybox:test", "env": {"MODE": env}, "network": "podman", "ip": "10.88.0.50"}]);
+    ok(&pass(&c, &spec(w("a"))).await.1);
+    let (changes, out) = pass(&c, &spec(w("b"))).await;
+    ok(&out);
+    assert!(changes[0]
+        .fields
+        .iter()
+        .any(|f| f.new.as_deref() == Some("stop old, start new (static ip)")));
+}
