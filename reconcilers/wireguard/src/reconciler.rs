@@ -21,6 +21,7 @@ use converge_core::{
     Reconciler,
 };
 use futures::stream::BoxStream;
+use ipnet::IpNet;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -141,6 +142,10 @@ struct Cache {
     state: Arc<HostState>,
     /// Whether `state.routes` was listed and the notification feed has been intact since.
     routes_listed: bool,
+    /// The interface's addresses as the last pass saw them. The kernel flushes a link's
+    /// IPv4 routes without a notification when its last IPv4 address goes or the link
+    /// is set down, so either makes a pass list the routes again.
+    seen_addresses: Vec<IpNet>,
     device_read_at: Option<Instant>,
     /// The link the device belongs to (a re-created link has a new index).
     link: Option<Link>,
@@ -293,6 +298,15 @@ impl<D: WgDriver> WireguardReconciler<D> {
                 }
                 _ => c.routes_listed = false,
             }
+            // The watch saw the link go down or lose an address since the last pass
+            // (also when it came back up before this pass), or this pass sees it.
+            let flushed = self.driver.routes_flushed()
+                || link.as_ref().is_some_and(|l| !l.up)
+                || c.seen_addresses.iter().any(|a| !addresses.contains(a));
+            if flushed {
+                c.routes_listed = false;
+            }
+            c.seen_addresses.clone_from(&addresses);
             let due = c
                 .device_read_at
                 .is_none_or(|t| t.elapsed() >= self.config.full_read_after);
@@ -565,7 +579,13 @@ impl<D: WgDriver> WireguardReconciler<D> {
             }
             ActionKind::SetMtu(m) => self.driver.set_mtu(self.backend()?.0, *m),
             ActionKind::SetUp => self.driver.set_up(self.backend()?.0),
-            ActionKind::AddAddress(n) => self.driver.add_address(self.backend()?.0, *n),
+            ActionKind::AddAddress(n) => {
+                self.driver.add_address(self.backend()?.0, *n)?;
+                self.cache().seen_addresses.push(*n);
+                Ok(())
+            }
+            // Left in `seen_addresses`: the next pass lists the routes again, as the
+            // kernel may have flushed some with the address.
             ActionKind::DelAddress(n) => self.driver.del_address(self.backend()?.0, *n),
             ActionKind::AddRoute(dst) => {
                 let oif = self.backend()?.0;

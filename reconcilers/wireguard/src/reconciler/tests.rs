@@ -200,6 +200,36 @@ fn drift_is_repaired() {
 }
 
 #[test]
+fn routes_flushed_silently_by_the_kernel_are_restored() {
+    let e = env();
+    let r = reconciler(&e, Duration::from_secs(3600));
+    let s = spec(vec![peer(1, &nets(1)), peer(2, &nets(2))]);
+    let v4 = |h: &crate::driver::fake::FakeHost| {
+        h.routes.iter().filter(|r| r.dst.addr().is_ipv4()).count()
+    };
+    rt().block_on(async {
+        pass(&r, &s).await;
+        assert_eq!(v4(&r.driver().host()), 2);
+        // The last IPv4 address deleted by hand: its IPv4 routes go, unannounced.
+        r.driver()
+            .host()
+            .delete_address("10.210.0.1/24".parse().unwrap());
+        assert_eq!(v4(&r.driver().host()), 0);
+        let p = pass(&r, &s).await;
+        let shown: Vec<String> = p.changes.iter().map(|c| c.to_string()).collect();
+        assert_eq!(shown.len(), 3, "the address and both routes: {shown:?}");
+        assert_eq!(v4(&r.driver().host()), 2);
+        assert!(planned(&r, &s).await.is_empty());
+        // The link set down by hand: up again, with its routes.
+        r.driver().host().set_down();
+        assert!(r.driver().host().routes.is_empty());
+        pass(&r, &s).await;
+        assert_eq!(r.driver().host().routes.len(), 4);
+        assert!(planned(&r, &s).await.is_empty());
+    });
+}
+
+#[test]
 fn rotate_key_sets_a_new_key_on_the_next_pass() {
     let e = env();
     let r = reconciler(&e, Duration::from_secs(3600));
