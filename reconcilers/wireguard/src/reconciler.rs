@@ -149,6 +149,9 @@ struct Cache {
     device_read_at: Option<Instant>,
     /// The link the device belongs to (a re-created link has a new index).
     link: Option<Link>,
+    /// Who holds each allowed IP of `state.device`, built on first use after the device
+    /// was (re)read and kept current by converge's own peer writes.
+    owners: Option<plan::Owners>,
     resolved: HashMap<String, (Instant, SocketAddr)>,
 }
 
@@ -339,6 +342,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
             let state = Arc::make_mut(&mut c.state);
             state.device = device;
             state.baseline = None;
+            c.owners = None;
             c.device_read_at = link.as_ref().map(|_| Instant::now());
             c.link = link.clone();
         } else {
@@ -391,6 +395,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
     fn invalidate_device(&self) {
         let mut c = self.cache();
         c.device_read_at = None;
+        c.owners = None;
         Arc::make_mut(&mut c.state).baseline = None;
     }
 
@@ -398,6 +403,24 @@ impl<D: WgDriver> WireguardReconciler<D> {
         let mut c = self.cache();
         let state = Arc::make_mut(&mut c.state);
         f(state.device.get_or_insert_with(Device::default));
+    }
+
+    /// Patches converge's copy of the device after its own peer writes (`set`: these
+    /// updates; `removed`: these keys), through the owner index: the cost of the change,
+    /// not of the device.
+    fn patch_peers(&self, set: &[PeerUpdate], removed: &[PublicKey]) {
+        let mut c = self.cache();
+        let c = &mut *c;
+        let device = Arc::make_mut(&mut c.state)
+            .device
+            .get_or_insert_with(Device::default);
+        let owners = c.owners.get_or_insert_with(|| plan::owners_of(device));
+        for u in set {
+            plan::apply_peer_indexed(device, owners, u);
+        }
+        for k in removed {
+            plan::remove_peer_indexed(device, owners, k);
+        }
     }
 
     async fn create(&self, iface: &str) -> Result<(), DriverError> {
@@ -411,6 +434,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
         c.link = Some(link);
         // A new device is empty: known without reading it.
         c.device_read_at = Some(Instant::now());
+        c.owners = None;
         Arc::make_mut(&mut c.state).device = Some(Device::default());
         Ok(())
     }
@@ -477,11 +501,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
                         debug!(fields = ?fields_of(u), "peer set");
                         out.push(ObjectOutcome::ok(format!("peer {}", u.label)));
                     }
-                    self.patch_device(|d| {
-                        for u in chunk {
-                            crate::plan::apply_peer(d, u);
-                        }
-                    });
+                    self.patch_peers(chunk, &[]);
                 }
                 Err(e) if chunk.len() > 1 => {
                     warn!(error = %e, peers = chunk.len(), "batch failed; retrying peer by peer");
@@ -537,11 +557,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
             .await;
         let ok = r.is_ok();
         if ok {
-            self.patch_device(|d| {
-                for k in &keys {
-                    d.peers.remove(k);
-                }
-            });
+            self.patch_peers(&[], &keys);
         } else {
             self.invalidate_device();
         }
