@@ -269,8 +269,7 @@ impl LivePing {
         p
     }
 
-    /// Stops it (SIGINT: it prints its summary); (sent, lost among all but the last
-    /// one sent, which may still be in flight).
+    /// Stops it (SIGINT: it prints its summary); (sent, lost as [`lost`] counts them).
     fn stop(mut self) -> (u32, u32) {
         assert!(
             self.child.try_wait().ok().flatten().is_none(),
@@ -291,9 +290,21 @@ impl LivePing {
             .filter_map(|l| l.split("icmp_seq=").nth(1))
             .filter_map(|r| r.split(' ').next()?.parse().ok())
             .collect();
-        let lost = (1..sent).filter(|s| !answered.contains(s)).count() as u32;
-        (sent, lost)
+        (sent, lost(sent, &answered).len() as u32)
     }
+}
+
+/// The lost pings among `sent`: those unanswered below the highest answered one, and
+/// the unanswered tail too when it is longer than 100 ms of pings (the tunnel did not
+/// come back); a shorter tail may still have been in flight when the ping was stopped.
+fn lost(sent: u32, answered: &HashSet<u32>) -> Vec<u32> {
+    let last = answered.iter().copied().max().unwrap_or(0);
+    let tail = if sent - last.min(sent) > 20 {
+        sent
+    } else {
+        last
+    };
+    (1..=tail).filter(|s| !answered.contains(s)).collect()
 }
 
 /// Runs `ops` while the live tunnel is pinged; the window ends 200 ms after them, so
