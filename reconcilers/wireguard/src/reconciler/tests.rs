@@ -467,6 +467,48 @@ proptest! {
 }
 
 #[test]
+fn notes_follow_the_device_and_the_names() {
+    let e = env();
+    // Every pass reads the device in full, as a resync does.
+    let r = reconciler(&e, Duration::ZERO);
+    let s = spec(vec![peer(1, &nets(1)), peer(2, &nets(2))]);
+    rt().block_on(async {
+        pass(&r, &s).await;
+        let fresh = |obs: &Observed| {
+            let other = reconciler(&e, Duration::ZERO);
+            other.notes(obs)
+        };
+        let obs = r.observe(&s).await.unwrap();
+        let first = r.notes(&obs);
+        assert_eq!(first, fresh(&obs));
+        assert!(first[1].note.contains("rx 0 B"), "{first:?}");
+        drop(obs);
+        // New statistics on a full read, a peer renamed in the document.
+        r.driver()
+            .host()
+            .device
+            .peers
+            .get_mut(&key(2))
+            .unwrap()
+            .rx_bytes = 4242;
+        let mut renamed = peer(1, &nets(1));
+        renamed.name = "renamed".into();
+        let s2 = spec(vec![renamed, peer(2, &nets(2))]);
+        let obs = r.observe(&s2).await.unwrap();
+        let second = r.notes(&obs);
+        assert_eq!(second, fresh(&obs));
+        assert!(second[1].object.starts_with("peer renamed ("), "{second:?}");
+        assert!(second[2].note.contains("rx 4242 B"), "{second:?}");
+        // A peer gone from the device has no note.
+        drop(obs);
+        r.driver().host().device.peers.remove(&key(1));
+        let obs = r.observe(&s2).await.unwrap();
+        assert_eq!(r.notes(&obs).len(), 2);
+        assert_eq!(r.notes(&obs), fresh(&obs));
+    });
+}
+
+#[test]
 fn handshake_times_in_notes_are_utc() {
     let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
     assert_eq!(utc(at(0)), "1970-01-01T00:00:00Z");
