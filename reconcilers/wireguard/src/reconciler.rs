@@ -207,8 +207,8 @@ pub struct WireguardReconciler<D: WgDriver> {
     driver: Arc<D>,
     config: Config,
     cache: Mutex<Cache>,
-    /// The peer notes of the last `notes` call, by key.
-    notes: Mutex<HashMap<PublicKey, PeerNote>>,
+    /// The peer notes of the last `notes` call, sorted by key.
+    notes: Mutex<Vec<(PublicKey, PeerNote)>>,
 }
 
 fn short_err(e: &DriverError) -> String {
@@ -852,19 +852,23 @@ impl<D: WgDriver> Reconciler for WireguardReconciler<D> {
         peers.sort_unstable_by_key(|(k, _)| **k);
         notes.reserve(peers.len());
         let mut memo = self.notes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut old = std::mem::replace(&mut *memo, HashMap::with_capacity(peers.len()));
+        // Both sorted by key: one merge, no hashing.
+        let mut old = std::mem::replace(&mut *memo, Vec::with_capacity(peers.len()))
+            .into_iter()
+            .peekable();
         for (key, p) in peers {
             let name = parsed
                 .index
                 .get(key)
                 .and_then(|&i| parsed.names.get(i))
                 .map_or("(not in the document)", String::as_str);
-            let entry = match old.remove(key) {
-                Some(e) if e.made_from(name, p) => e,
+            while old.next_if(|(k, _)| k < key).is_some() {}
+            let entry = match old.next_if(|(k, _)| k == key) {
+                Some((_, e)) if e.made_from(name, p) => e,
                 _ => PeerNote::new(name, key, p),
             };
             notes.push(entry.note.clone());
-            memo.insert(*key, entry);
+            memo.push((*key, entry));
         }
         notes
     }
