@@ -5,21 +5,30 @@
 //! without touching a peer; removing a peer stops its traffic and restoring it restores
 //! it, without disturbing the other peer's session; `converge wireguard rotate-key` is
 //! applied by the running agent at once.
+//!
+//! Churn: while A pings B every 5 ms, peer C is added, changed (endpoint, allowed IPs,
+//! keepalive) and removed 100 times on A, each step a generation pushed to A's agent
+//! and converged before the next: no A–B packet is lost and A–B's session is not reset.
+//! Drift: an address or route deleted by hand, the interface deleted and wireguard-go
+//! killed are repaired at once by an agent with a 300 s resync (netlink watch); a peer
+//! removed or changed by hand with `wg set` (no event) at the next resync.
 
 mod common;
 
 use common::agent::{converge, data, push_ok, reconciler, start_agent, status};
 use common::sandbox::{pid_alive, require_tool, wait_until, Spawned, TestNode};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const PORT: u16 = 51820;
 /// Frequent resyncs: status (peer handshakes) follows within seconds, and every pass
 /// during the test must leave the sessions alone.
 const RESYNC: &[&str] = &["--resync-secs", "2"];
+/// No resync during a test: what is repaired was noticed through an event.
+const NO_RESYNC: &[&str] = &["--resync-secs", "300"];
 
 /// One meshed node: the sandbox node, its interface, its public key and its agent.
 struct Mesh {
@@ -51,6 +60,13 @@ impl Mesh {
 
     /// The node's document meshing it with `peers`.
     fn doc(&self, generation: u64, peers: &[&Mesh]) -> Value {
+        self.doc_with(generation, peers, None)
+    }
+
+    /// The node's document with `peers` and one more peer entry, if given.
+    fn doc_with(&self, generation: u64, peers: &[&Mesh], extra: Option<Value>) -> Value {
+        let mut list: Vec<Value> = peers.iter().map(|p| p.peer()).collect();
+        list.extend(extra);
         json!({
             "apiVersion": "converge/v1",
             "node": {"id": self.node.name(), "mode": "worker"},
@@ -60,7 +76,7 @@ impl Mesh {
                 "interface": self.iface,
                 "listenPort": PORT,
                 "addresses": [format!("{}/24", self.v4()), format!("{}/64", self.v6())],
-                "peers": peers.iter().map(|p| p.peer()).collect::<Vec<_>>(),
+                "peers": list,
             }
         })
     }
@@ -95,11 +111,13 @@ impl Drop for Mesh {
 }
 
 /// Creates node `n` and its key with `converge wireguard rotate-key` (before any
-/// agent runs), checked against `wg pubkey` of the key file.
-fn mesh_node(n: u8) -> Mesh {
+/// agent runs), checked against `wg pubkey` of the key file, and starts its agent with
+/// `agent_args`. `tag` keeps the interface names of tests running at once apart (the
+/// UAPI socket directory is shared by every namespace).
+fn mesh_node(tag: &str, n: u8, agent_args: &[&str]) -> Mesh {
     let letter = char::from(b'a' + n - 1);
     let node = TestNode::new(&format!("wg{letter}"));
-    let iface = format!("wg-{}-{letter}", std::process::id());
+    let iface = format!("wg{tag}-{}-{letter}", std::process::id());
     let out = converge(&node, &["wireguard", "rotate-key", "--interface", &iface]);
     assert!(
         out.status.success(),
@@ -129,8 +147,108 @@ fn mesh_node(n: u8) -> Mesh {
         m.public_key,
         "rotate-key prints the public key of the key file"
     );
-    m.agent = Some(start_agent(&m.node, RESYNC));
+    m.agent = Some(start_agent(&m.node, agent_args));
     m
+}
+
+/// A continuous ping (every 5 ms) from a node, its replies written to a file in the
+/// node's data dir; stopped with SIGINT.
+struct LivePing {
+    child: Spawned,
+    out: PathBuf,
+}
+
+impl LivePing {
+    fn start(from: &Mesh, to: IpAddr) -> LivePing {
+        let out = from.node.data_dir().join(format!("ping-{to}.txt"));
+        let file = std::fs::File::create(&out).expect("ping output file");
+        let mut cmd = from.node.command("ping");
+        cmd.args(["-n", "-i", "0.005", &to.to_string()])
+            .stdout(file)
+            .stderr(std::process::Stdio::null());
+        let ping = LivePing {
+            child: from.node.spawn(&mut cmd),
+            out,
+        };
+        wait_until(Duration::from_secs(5), "the first ping reply", || {
+            std::fs::read_to_string(&ping.out).is_ok_and(|t| t.contains("icmp_seq="))
+        });
+        ping
+    }
+
+    /// Stops the ping, which must still be running; returns how many were sent and
+    /// the sequence numbers of those lost (see [`lost`]).
+    fn stop(mut self) -> (u32, Vec<u32>) {
+        assert!(
+            self.child.try_wait().expect("ping status").is_none(),
+            "the ping ended before it was stopped"
+        );
+        // SAFETY: SIGINT to the ping this test started (nsenter execs it: same pid).
+        unsafe { libc::kill(self.child.pid() as libc::pid_t, libc::SIGINT) };
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(&self.out).expect("ping output");
+        let sent: u32 = text
+            .lines()
+            .find_map(|l| l.split_once(" packets transmitted"))
+            .and_then(|(n, _)| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ping summary in {text}"));
+        let answered: HashSet<u32> = text
+            .lines()
+            .filter(|l| l.contains(" bytes from "))
+            .filter_map(|l| l.split("icmp_seq=").nth(1))
+            .filter_map(|r| r.split(' ').next()?.parse().ok())
+            .collect();
+        (sent, lost(sent, &answered))
+    }
+}
+
+/// The lost pings among `sent`: those unanswered below the highest answered one, and
+/// the unanswered tail too when it is longer than 100 ms of pings (the tunnel did not
+/// come back); a shorter tail may still have been in flight when the ping was stopped.
+fn lost(sent: u32, answered: &HashSet<u32>) -> Vec<u32> {
+    let last = answered.iter().copied().max().unwrap_or(0);
+    let tail = if sent - last.min(sent) > 20 {
+        sent
+    } else {
+        last
+    };
+    (1..=tail).filter(|s| !answered.contains(s)).collect()
+}
+
+/// One peer of `wg show <iface> dump`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct WgPeer {
+    endpoint: String,
+    /// Sorted.
+    allowed: Vec<String>,
+    handshake: u64,
+    rx: u64,
+    tx: u64,
+    /// Seconds, or `off`.
+    keepalive: String,
+}
+
+/// `wg show <iface> dump` on `m`, peers only, by public key.
+fn wg_dump(m: &Mesh) -> BTreeMap<String, WgPeer> {
+    let out = m.node.run_ok("wg", ["show", &m.iface, "dump"]);
+    out.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let n = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let mut allowed: Vec<String> = f.get(3)?.split(',').map(String::from).collect();
+            allowed.sort();
+            let peer = WgPeer {
+                endpoint: f.get(2)?.to_string(),
+                allowed,
+                handshake: n(4),
+                rx: n(5),
+                tx: n(6),
+                keepalive: f.get(7)?.to_string(),
+            };
+            Some((f[0].to_string(), peer))
+        })
+        .collect()
 }
 
 fn wait_converged(m: &Mesh, generation: u64) -> Value {
@@ -176,7 +294,7 @@ fn three_nodes_mesh_restart_adopts_and_peers_change_one_by_one() {
     for tool in ["wireguard-go", "wg", "ping"] {
         require_tool(tool);
     }
-    let [a, b, c] = [mesh_node(1), mesh_node(2), mesh_node(3)];
+    let [a, b, c] = [1, 2, 3].map(|n| mesh_node("", n, RESYNC));
     let all = [&a, &b, &c];
     for m in all {
         let peers: Vec<&Mesh> = all.iter().copied().filter(|p| p.n != m.n).collect();
@@ -340,4 +458,242 @@ fn three_nodes_mesh_restart_adopts_and_peers_change_one_by_one() {
     push_ok(&c.node, &c.doc(2, &[&a, &b]));
     wait_pings(&a, b.v4());
     wait_pings(&c, a.v6());
+}
+
+#[test]
+fn churn_of_one_peer_through_the_agent_loses_no_packet_of_another() {
+    for tool in ["wireguard-go", "wg", "ping"] {
+        require_tool(tool);
+    }
+    let [a, b, c] = [1, 2, 3].map(|n| mesh_node("c", n, RESYNC));
+    // C does not know A: it never answers A's handshakes, so A never treats C's endpoint
+    // as roamed and every endpoint change is applied.
+    push_ok(&a.node, &a.doc(1, &[&b]));
+    push_ok(&b.node, &b.doc(1, &[&a, &c]));
+    push_ok(&c.node, &c.doc(1, &[&b]));
+    wait_converged(&a, 1);
+    wait_pings(&a, b.v4());
+    let c_peer = |i: u32| -> (Value, (String, Vec<String>, String)) {
+        let endpoint = format!("{}:{}", c.node.address(), PORT + (i % 2) as u16);
+        let mut allowed = vec![
+            format!("{}/32", c.v4()),
+            format!("10.77.{}.0/24", 10 + i % 5),
+        ];
+        allowed.sort();
+        let mut v = json!({
+            "name": c.node.name(),
+            "publicKey": c.public_key,
+            "endpoint": endpoint,
+            "allowedIps": allowed,
+        });
+        let keepalive = if i % 2 == 0 {
+            v["persistentKeepalive"] = json!(25);
+            "25"
+        } else {
+            "off"
+        };
+        (v, (endpoint, allowed, keepalive.to_string()))
+    };
+
+    let ping = LivePing::start(&a, b.v4());
+    std::thread::sleep(Duration::from_millis(200));
+    let before = wg_dump(&a)[&b.public_key].clone();
+    let started = Instant::now();
+    let mut generation = 1;
+    for i in 0..100 {
+        for step in [Some(i), Some(i + 1), None] {
+            generation += 1;
+            let (extra, want) = step.map(c_peer).unzip();
+            push_ok(&a.node, &a.doc_with(generation, &[&b], extra));
+            wait_converged(&a, generation);
+            // Really applied, field by field, before the next push.
+            let have = wg_dump(&a)
+                .get(&c.public_key)
+                .map(|p| (p.endpoint.clone(), p.allowed.clone(), p.keepalive.clone()));
+            assert_eq!(have, want, "C on A after generation {generation}");
+        }
+    }
+    let churn = started.elapsed();
+    let after = wg_dump(&a)[&b.public_key].clone();
+    // Time for the replies to the pings sent during the churn.
+    std::thread::sleep(Duration::from_millis(200));
+    let (sent, lost) = ping.stop();
+    let pushes = generation - 1;
+    eprintln!(
+        "churn: {pushes} generations pushed and converged in {churn:.2?} ({:.1} pushes/s); ping A->B every 5 ms: {sent} sent, {} lost",
+        f64::from(pushes as u32) / churn.as_secs_f64(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "A-B packets lost: icmp_seq {lost:?}");
+    assert_eq!(
+        after.handshake, before.handshake,
+        "A-B latest handshake changed (reset)"
+    );
+    assert!(
+        after.rx > before.rx && after.tx > before.tx,
+        "A-B transfer counters only grow: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        (&after.endpoint, &after.allowed, &after.keepalive),
+        (&before.endpoint, &before.allowed, &before.keepalive),
+        "B's peer entry on A untouched"
+    );
+    assert!(
+        !wg_dump(&a).contains_key(&c.public_key),
+        "C gone at the end"
+    );
+    let routes = a.node.run_ok("ip", ["route", "show", "proto", "156"]);
+    assert!(
+        !routes.contains("10.77.0.3") && !routes.contains("10.77.1"),
+        "C's routes gone: {routes}"
+    );
+}
+
+/// Polls `done` (10 s at most) and prints how long the repair took.
+fn repaired(what: &str, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    wait_until(Duration::from_secs(10), what, &mut done);
+    eprintln!("drift: {what} after {:.2?}", t.elapsed());
+}
+
+/// Whether A's interface has everything its document gives it towards `b`: up, both
+/// addresses, both routes, B as a peer with its allowed IPs and no keepalive.
+fn complete(a: &Mesh, b: &Mesh) -> bool {
+    let run = |args: &[&str]| {
+        let out = a.node.run("ip", args);
+        if out.status.success() {
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        } else {
+            String::new()
+        }
+    };
+    let addrs = run(&["addr", "show", "dev", &a.iface]);
+    let up = addrs.lines().next().is_some_and(|l| l.contains(",UP"));
+    let routes = run(&["route", "show", "proto", "156", "dev", &a.iface])
+        + &run(&["-6", "route", "show", "proto", "156", "dev", &a.iface]);
+    let out = a.node.run("wg", ["show", &a.iface, "dump"]);
+    let peer_ok = out.status.success() && {
+        let want = {
+            let mut v = vec![format!("{}/32", b.v4()), format!("{}/128", b.v6())];
+            v.sort();
+            v
+        };
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                let mut allowed: Vec<String> = f
+                    .get(3)
+                    .unwrap_or(&"")
+                    .split(',')
+                    .map(String::from)
+                    .collect();
+                allowed.sort();
+                f[0] == b.public_key && allowed == want && f.get(7) == Some(&"off")
+            })
+    };
+    up && addrs.contains(&format!("{}/24", a.v4()))
+        && addrs.contains(&format!("{}/64", a.v6()))
+        && routes.contains(&format!("{} ", b.v4()))
+        && routes.contains(&format!("{} ", b.v6()))
+        && peer_ok
+}
+
+#[test]
+fn drift_through_the_agent_is_repaired_at_once_or_at_the_resync() {
+    for tool in ["wireguard-go", "wg", "ping", "ip"] {
+        require_tool(tool);
+    }
+    let mut a = mesh_node("d", 1, NO_RESYNC);
+    let b = mesh_node("d", 2, RESYNC);
+    push_ok(&a.node, &a.doc(1, &[&b]));
+    push_ok(&b.node, &b.doc(1, &[&a]));
+    wait_converged(&a, 1);
+    wait_pings(&a, b.v4());
+    wait_pings(&a, b.v6());
+    assert!(complete(&a, &b));
+
+    // With a 300 s resync, what the netlink watch reports is repaired at once.
+    let iface = a.iface.clone();
+    for (what, cmd) in [
+        (
+            "IPv4 address deleted",
+            vec!["addr", "del", "10.77.0.1/24", "dev", &iface],
+        ),
+        (
+            "IPv6 address deleted",
+            vec!["-6", "addr", "del", "fd00:77::1/64", "dev", &iface],
+        ),
+        (
+            "route deleted",
+            vec!["route", "del", "10.77.0.2/32", "dev", &iface],
+        ),
+        (
+            "IPv6 route deleted",
+            vec!["-6", "route", "del", "fd00:77::2/128", "dev", &iface],
+        ),
+        ("interface set down", vec!["link", "set", &iface, "down"]),
+        ("interface deleted", vec!["link", "del", &iface]),
+    ] {
+        let pids = wireguard_go_pids(&a.iface);
+        // Succeeds, so the drift happened (the repair may be done before a check here).
+        a.node.run_ok("ip", &cmd);
+        repaired(what, || complete(&a, &b));
+        if what == "interface deleted" {
+            wait_until(Duration::from_secs(5), "a new wireguard-go", || {
+                let now = wireguard_go_pids(&a.iface);
+                now.len() == 1 && now != pids
+            });
+        }
+        wait_pings(&a, b.v4());
+        wait_pings(&a, b.v6());
+    }
+
+    // wireguard-go killed: its TUN device goes with it, which the watch reports.
+    let pids = wireguard_go_pids(&a.iface);
+    assert_eq!(pids.len(), 1, "one wireguard-go");
+    // SAFETY: kill -9 of the wireguard-go serving this test's interface.
+    unsafe { libc::kill(pids[0] as libc::pid_t, libc::SIGKILL) };
+    wait_until(Duration::from_secs(5), "wireguard-go gone", || {
+        !pid_alive(pids[0])
+    });
+    repaired("wireguard-go killed", || {
+        let now = wireguard_go_pids(&a.iface);
+        now.len() == 1 && now != pids && complete(&a, &b)
+    });
+    wait_pings(&a, b.v4());
+    wait_converged(&a, 1);
+
+    // A peer removed or changed with `wg set` makes no event: repaired when the device
+    // is read in full again, at every resync (here 2 s).
+    let mut agent = a.agent.take().expect("agent");
+    agent.kill().expect("kill the agent");
+    let _ = agent.wait();
+    let before = reconciler(&status(&a.node), "wireguard")["lastPass"].clone();
+    a.agent = Some(start_agent(&a.node, RESYNC));
+    wait_until(Duration::from_secs(20), "a pass of the new agent", || {
+        let r = reconciler(&status(&a.node), "wireguard");
+        r["lastPass"] != before && r["state"] == "Converged"
+    });
+    a.node
+        .run_ok("wg", ["set", &a.iface, "peer", &b.public_key, "remove"]);
+    repaired("peer removed with wg set", || complete(&a, &b));
+    wait_pings(&a, b.v4());
+    a.node.run_ok(
+        "wg",
+        [
+            "set",
+            &a.iface,
+            "peer",
+            &b.public_key,
+            "allowed-ips",
+            "10.77.9.9/32",
+            "persistent-keepalive",
+            "7",
+        ],
+    );
+    repaired("peer changed with wg set", || complete(&a, &b));
+    wait_pings(&a, b.v4());
+    wait_pings(&a, b.v6());
 }

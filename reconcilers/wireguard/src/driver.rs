@@ -21,7 +21,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wireguard_control::{DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
@@ -85,6 +85,12 @@ pub trait WgDriver: Send + Sync + 'static {
     fn del_route(&self, route: Route) -> Result<(), DriverError>;
     /// Tells the event watch which interface to report on.
     fn watch(&self, _iface: &str, _index: Option<u32>) {}
+    /// Whether the event watch saw the interface go down or lose an address since the
+    /// last call: the kernel may then have flushed its IPv4 routes without notifying
+    /// (so the route cache must be listed again).
+    fn routes_flushed(&self) -> bool {
+        false
+    }
     /// "Something changed" pings: the interface deleted (which is also what a killed
     /// wireguard-go looks like: its TUN device goes with it) or set down, an address
     /// removed from it, one of converge's routes removed.
@@ -285,6 +291,8 @@ fn peer_builder(p: &PeerUpdate) -> PeerConfigBuilder {
 struct Target {
     iface: Mutex<String>,
     index: AtomicU32,
+    /// Set by the watch on a link down or an address removal, taken by `routes_flushed`.
+    flushed: AtomicBool,
 }
 
 /// The real driver.
@@ -638,6 +646,10 @@ impl WgDriver for System {
             .store(index.unwrap_or(0), Ordering::Relaxed);
     }
 
+    fn routes_flushed(&self) -> bool {
+        self.target.flushed.swap(false, Ordering::Relaxed)
+    }
+
     fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
         let sock = self
             .events
@@ -696,6 +708,15 @@ fn interesting(target: &Target, notices: &[Notice]) -> Option<String> {
         return None;
     }
     let index = target.index.load(Ordering::Relaxed);
+    let flushing = notices.iter().any(|n| match n {
+        Notice::LinkChanged(l) => l.name == iface && !l.up,
+        Notice::AddressRemoved(i, _) => *i == index && index != 0,
+        _ => false,
+    });
+    if flushing {
+        // Before the event is handed on: the pass it causes must see the flag.
+        target.flushed.store(true, Ordering::Relaxed);
+    }
     notices.iter().find_map(|n| match n {
         Notice::LinkRemoved(l) if l.name == iface => Some(format!(
             "interface {iface} deleted (or its wireguard-go exited)"

@@ -704,5 +704,69 @@ pub fn apply_peer(dev: &mut Device, p: &PeerUpdate) {
     }
 }
 
+/// Which peer holds each allowed IP of a device (WireGuard gives an allowed IP to one
+/// peer at a time), so that [`apply_peer_indexed`] need not look at every peer.
+pub type Owners = HashMap<IpNet, PublicKey>;
+
+/// The owner index of `dev`: one pass over its peers.
+pub fn owners_of(dev: &Device) -> Owners {
+    let mut owners = HashMap::with_capacity(dev.peers.len());
+    for (k, p) in &dev.peers {
+        for n in &p.allowed {
+            owners.insert(*n, *k);
+        }
+    }
+    owners
+}
+
+/// [`apply_peer`] with the owner index kept alongside: costs the size of this update,
+/// not of the device (the loop over every peer is what a one-peer change at 10,000
+/// peers must not pay). `owners` must be [`owners_of`] `dev` on entry; it is on exit.
+pub fn apply_peer_indexed(dev: &mut Device, owners: &mut Owners, p: &PeerUpdate) {
+    if let Some(allowed) = &p.allowed {
+        if let Some(old) = dev.peers.get(&p.key) {
+            for n in &old.allowed {
+                if !allowed.contains(n) && owners.get(n) == Some(&p.key) {
+                    owners.remove(n);
+                }
+            }
+        }
+        for n in allowed {
+            match owners.insert(*n, p.key) {
+                Some(k) if k != p.key => {
+                    if let Some(other) = dev.peers.get_mut(&k) {
+                        other.allowed.retain(|x| x != n);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let e = dev.peers.entry(p.key).or_default();
+    if let Some(a) = &p.allowed {
+        e.allowed = a.clone();
+    }
+    if let Some(ep) = p.endpoint {
+        e.endpoint = Some(ep);
+    }
+    if let Some(k) = p.keepalive {
+        e.keepalive = k;
+    }
+    if let Some(psk) = &p.psk {
+        e.psk = psk.as_ref().map(SecretKey::fingerprint);
+    }
+}
+
+/// Removes a peer from `dev` and its allowed IPs from `owners` (as [`owners_of`]).
+pub fn remove_peer_indexed(dev: &mut Device, owners: &mut Owners, key: &PublicKey) {
+    if let Some(p) = dev.peers.remove(key) {
+        for n in &p.allowed {
+            if owners.get(n) == Some(key) {
+                owners.remove(n);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -42,6 +42,40 @@ impl FakeHost {
         self.addresses.clear();
         self.device = Device::default();
     }
+
+    /// Deletes an address by hand. As the kernel does, removing the link's last IPv4
+    /// address flushes its IPv4 routes without a notification.
+    pub fn delete_address(&mut self, addr: IpNet) {
+        self.addresses.remove(&addr);
+        if addr.addr().is_ipv4() && !self.addresses.iter().any(|a| a.addr().is_ipv4()) {
+            self.flush_ipv4_routes();
+        }
+    }
+
+    /// Sets the link down by hand: the kernel flushes its IPv4 routes silently (IPv6
+    /// ones go with a notification).
+    pub fn set_down(&mut self) {
+        let Some(l) = self.link.as_mut() else { return };
+        l.up = false;
+        let index = l.index;
+        self.flush_ipv4_routes();
+        let gone: Vec<Route> = self
+            .routes
+            .iter()
+            .filter(|r| r.oif == index)
+            .copied()
+            .collect();
+        for r in gone {
+            self.routes.remove(&r);
+            self.changes.push(RouteChange::Removed(r));
+        }
+    }
+
+    fn flush_ipv4_routes(&mut self) {
+        let index = self.link.as_ref().map(|l| l.index);
+        self.routes
+            .retain(|r| Some(r.oif) != index || !r.dst.addr().is_ipv4());
+    }
 }
 
 #[derive(Default)]

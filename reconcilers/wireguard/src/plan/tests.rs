@@ -310,3 +310,45 @@ fn with_a_baseline_only_changed_peers_are_compared() {
     Arc::make_mut(&mut obs.state).baseline = None;
     assert_eq!(plan(&after, &obs).actions.len(), 5);
 }
+
+proptest::proptest! {
+    /// The indexed patch of converge's device copy agrees with the plain one (and the
+    /// index with the device) after any sequence of updates and removals.
+    #[test]
+    fn indexed_patch_agrees_with_apply_peer(
+        ops in proptest::collection::vec(
+            (0u8..4, proptest::option::of(proptest::collection::vec(0u8..6, 0..4)), proptest::bool::ANY),
+            0..40,
+        )
+    ) {
+        let net = |i: u8| -> IpNet { format!("10.1.{i}.0/24").parse().unwrap() };
+        let mut plain = Device::default();
+        let mut indexed = Device::default();
+        let mut owners = owners_of(&indexed);
+        for (k, allowed, remove) in ops {
+            if remove {
+                plain.peers.remove(&key(k));
+                remove_peer_indexed(&mut indexed, &mut owners, &key(k));
+            } else {
+                let mut allowed: Option<Vec<IpNet>> =
+                    allowed.map(|a| a.into_iter().map(net).collect());
+                if let Some(a) = allowed.as_mut() {
+                    a.sort();
+                    a.dedup();
+                }
+                let u = PeerUpdate {
+                    key: key(k),
+                    label: String::new(),
+                    allowed,
+                    endpoint: None,
+                    keepalive: Some(u16::from(k)),
+                    psk: None,
+                };
+                apply_peer(&mut plain, &u);
+                apply_peer_indexed(&mut indexed, &mut owners, &u);
+            }
+            proptest::prop_assert_eq!(&plain, &indexed);
+            proptest::prop_assert_eq!(&owners, &owners_of(&indexed));
+        }
+    }
+}

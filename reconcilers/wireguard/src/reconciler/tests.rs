@@ -200,6 +200,36 @@ fn drift_is_repaired() {
 }
 
 #[test]
+fn routes_flushed_silently_by_the_kernel_are_restored() {
+    let e = env();
+    let r = reconciler(&e, Duration::from_secs(3600));
+    let s = spec(vec![peer(1, &nets(1)), peer(2, &nets(2))]);
+    let v4 = |h: &crate::driver::fake::FakeHost| {
+        h.routes.iter().filter(|r| r.dst.addr().is_ipv4()).count()
+    };
+    rt().block_on(async {
+        pass(&r, &s).await;
+        assert_eq!(v4(&r.driver().host()), 2);
+        // The last IPv4 address deleted by hand: its IPv4 routes go, unannounced.
+        r.driver()
+            .host()
+            .delete_address("10.210.0.1/24".parse().unwrap());
+        assert_eq!(v4(&r.driver().host()), 0);
+        let p = pass(&r, &s).await;
+        let shown: Vec<String> = p.changes.iter().map(|c| c.to_string()).collect();
+        assert_eq!(shown.len(), 3, "the address and both routes: {shown:?}");
+        assert_eq!(v4(&r.driver().host()), 2);
+        assert!(planned(&r, &s).await.is_empty());
+        // The link set down by hand: up again, with its routes.
+        r.driver().host().set_down();
+        assert!(r.driver().host().routes.is_empty());
+        pass(&r, &s).await;
+        assert_eq!(r.driver().host().routes.len(), 4);
+        assert!(planned(&r, &s).await.is_empty());
+    });
+}
+
+#[test]
 fn rotate_key_sets_a_new_key_on_the_next_pass() {
     let e = env();
     let r = reconciler(&e, Duration::from_secs(3600));
@@ -434,6 +464,48 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+#[test]
+fn notes_follow_the_device_and_the_names() {
+    let e = env();
+    // Every pass reads the device in full, as a resync does.
+    let r = reconciler(&e, Duration::ZERO);
+    let s = spec(vec![peer(1, &nets(1)), peer(2, &nets(2))]);
+    rt().block_on(async {
+        pass(&r, &s).await;
+        let fresh = |obs: &Observed| {
+            let other = reconciler(&e, Duration::ZERO);
+            other.notes(obs)
+        };
+        let obs = r.observe(&s).await.unwrap();
+        let first = r.notes(&obs);
+        assert_eq!(first, fresh(&obs));
+        assert!(first[1].note.contains("rx 0 B"), "{first:?}");
+        drop(obs);
+        // New statistics on a full read, a peer renamed in the document.
+        r.driver()
+            .host()
+            .device
+            .peers
+            .get_mut(&key(2))
+            .unwrap()
+            .rx_bytes = 4242;
+        let mut renamed = peer(1, &nets(1));
+        renamed.name = "renamed".into();
+        let s2 = spec(vec![renamed, peer(2, &nets(2))]);
+        let obs = r.observe(&s2).await.unwrap();
+        let second = r.notes(&obs);
+        assert_eq!(second, fresh(&obs));
+        assert!(second[1].object.starts_with("peer renamed ("), "{second:?}");
+        assert!(second[2].note.contains("rx 4242 B"), "{second:?}");
+        // A peer gone from the device has no note.
+        drop(obs);
+        r.driver().host().device.peers.remove(&key(1));
+        let obs = r.observe(&s2).await.unwrap();
+        assert_eq!(r.notes(&obs).len(), 2);
+        assert_eq!(r.notes(&obs), fresh(&obs));
+    });
 }
 
 #[test]
