@@ -341,6 +341,7 @@ fn three_nodes_mesh_restart_adopts_and_peers_change_one_by_one() {
         let iface = note(&st, &format!("interface {}", m.iface)).unwrap_or_default();
         assert!(iface.contains(&m.public_key), "{iface}");
         assert!(iface.contains("backend userspace"), "{iface}");
+        assert!(iface.contains(", key from 20"), "{iface}");
         for p in all.iter().filter(|p| p.n != m.n) {
             let peer = note(&st, &format!("peer {}", p.node.name())).unwrap_or_default();
             let endpoint = format!("endpoint {}:{PORT}", p.node.address());
@@ -696,4 +697,29 @@ fn drift_through_the_agent_is_repaired_at_once_or_at_the_resync() {
     repaired("peer changed with wg set", || complete(&a, &b));
     wait_pings(&a, b.v4());
     wait_pings(&a, b.v6());
+
+    // The document renames A's interface: the new one is created (with a key of its
+    // own), the old one deleted, and its wireguard-go exits with its device.
+    let old_iface = a.iface.clone();
+    let old_pids = wireguard_go_pids(&old_iface);
+    a.iface = format!("{old_iface}r");
+    push_ok(&a.node, &a.doc(2, &[&b]));
+    wait_converged(&a, 2);
+    assert!(
+        !a.node
+            .run("ip", ["link", "show", &old_iface])
+            .status
+            .success(),
+        "{old_iface} deleted"
+    );
+    wait_until(Duration::from_secs(5), "the old wireguard-go exits", || {
+        old_pids.iter().all(|p| !pid_alive(*p))
+    });
+    a.public_key = a
+        .node
+        .run_ok("wg", ["show", &a.iface, "public-key"])
+        .trim()
+        .to_string();
+    push_ok(&b.node, &b.doc(2, &[&a]));
+    wait_pings(&a, b.v4());
 }

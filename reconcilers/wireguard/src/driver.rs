@@ -52,6 +52,9 @@ pub trait WgDriver: Send + Sync + 'static {
     fn read_device(&self, iface: &str, backend: Backend) -> Result<Device, DriverError>;
     /// Creates the interface: a kernel link where the module exists, else wireguard-go.
     fn create(&self, iface: &str) -> Result<Backend, DriverError>;
+    /// Deletes a WireGuard interface converge created (wireguard-go exits when its
+    /// device goes); a missing one is success.
+    fn delete(&self, iface: &str) -> Result<(), DriverError>;
     /// Sets the private key and/or listen port (never touches peers).
     fn configure(
         &self,
@@ -141,6 +144,9 @@ impl WgDriver for Unavailable {
         self.err()
     }
     fn remove_peers(&self, _: &str, _: Backend, _: &[PublicKey]) -> Result<(), DriverError> {
+        self.err()
+    }
+    fn delete(&self, _: &str) -> Result<(), DriverError> {
         self.err()
     }
     fn set_mtu(&self, _: u32, _: u32) -> Result<(), DriverError> {
@@ -596,6 +602,17 @@ impl WgDriver for System {
             u = u.remove_peer_by_key(&Key(k.0));
         }
         self.update(iface, backend, u)
+    }
+
+    fn delete(&self, iface: &str) -> Result<(), DriverError> {
+        // `link` refuses an interface of that name that is no WireGuard device.
+        match self.link(iface)? {
+            Some(l) => self
+                .rtnl
+                .del_link(l.index)
+                .map_err(|e| nl("delete link", e)),
+            None => Ok(()),
+        }
     }
 
     fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), DriverError> {

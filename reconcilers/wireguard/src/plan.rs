@@ -173,6 +173,9 @@ pub struct Observed {
     pub inputs: Inputs,
     /// The section's peers as parsed (names for notes).
     pub peers: Arc<Parsed>,
+    /// Interfaces converge created that the section no longer names (renamed) and that
+    /// still exist: removed.
+    pub stale: Vec<String>,
 }
 
 /// One peer change, only the fields that differ.
@@ -214,6 +217,8 @@ pub enum ActionKind {
     },
     AddRoute(IpNet),
     DelRoute(Route),
+    /// Delete an interface converge created under a name the section no longer uses.
+    DeleteInterface,
     /// Bookkeeping, no host change: when every earlier action succeeded, the host now
     /// matches this document (the reconciler records it as the baseline).
     Settle(Baseline),
@@ -224,9 +229,10 @@ impl Action {
     pub fn object(&self) -> String {
         let i = &self.iface;
         match &self.kind {
-            ActionKind::CreateInterface | ActionKind::SetMtu(_) | ActionKind::SetUp => {
-                format!("interface {i}")
-            }
+            ActionKind::CreateInterface
+            | ActionKind::DeleteInterface
+            | ActionKind::SetMtu(_)
+            | ActionKind::SetUp => format!("interface {i}"),
             ActionKind::SetListenPort(_) => format!("interface {i} listen port"),
             ActionKind::GenerateKey | ActionKind::SetPrivateKey(_) => format!("key {i}"),
             ActionKind::AddAddress(a) | ActionKind::DelAddress(a) => format!("address {a} {i}"),
@@ -369,6 +375,16 @@ pub fn plan(spec: &WireguardSpec, obs: &Observed) -> Plan<Action> {
             // Filled in by apply when the interface is created by this plan.
             oif: link.map_or(0, |l| l.index),
         }));
+    }
+    // The old interface of a rename goes last, once the new one carries the peers.
+    for name in &obs.stale {
+        b.plan
+            .changes
+            .push(Change::new(Op::Delete, "interface", name.as_str()));
+        b.plan.actions.push(Action {
+            iface: name.clone(),
+            kind: ActionKind::DeleteInterface,
+        });
     }
     let dns_names = parsed.with_inputs.iter().any(|&i| {
         parsed.wants[i]

@@ -67,6 +67,39 @@ pub fn key_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wireguard")
 }
 
+/// The list of interfaces converge created (one name per line), so that a renamed one
+/// is removed; not a `*.key` file, so writing it does not wake the key watch.
+fn created_path(data_dir: &Path) -> PathBuf {
+    key_dir(data_dir).join("interfaces")
+}
+
+/// The interfaces converge created, as recorded.
+fn created(data_dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(created_path(data_dir))
+        .map(|t| {
+            t.lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Records that converge created (`add`) or deleted `iface`.
+fn record_created(data_dir: &Path, iface: &str, add: bool) -> Result<(), DriverError> {
+    let mut names = created(data_dir);
+    names.retain(|n| n != iface);
+    if add {
+        names.push(iface.to_string());
+    }
+    let text: String = names.iter().map(|n| format!("{n}\n")).collect();
+    make_key_dir(&key_dir(data_dir))
+        .and_then(|()| {
+            converge_core::fsutil::write_atomic(&created_path(data_dir), text.as_bytes(), 0o600)
+        })
+        .map_err(|e| DriverError::io("record the interfaces converge created", e))
+}
+
 /// Where converge keeps the generated private key of `iface`.
 pub fn key_path(data_dir: &Path, iface: &str) -> PathBuf {
     key_dir(data_dir).join(format!("{iface}.key"))
@@ -401,6 +434,12 @@ impl<D: WgDriver> WireguardReconciler<D> {
         }
 
         let inputs = self.inputs(spec).await;
+        let mut stale = Vec::new();
+        for name in created(&self.config.data_dir) {
+            if name != iface && self.driver.link(&name).ok().flatten().is_some() {
+                stale.push(name);
+            }
+        }
         let mut obs = Observed {
             interface: iface,
             now,
@@ -409,6 +448,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
             state: self.cache().state.clone(),
             inputs,
             peers: spec.peers.parsed().clone(),
+            stale,
         };
         if obs.state.baseline.is_none() && obs.link.is_some() {
             // Find out once whether the host already matches this document, so that
@@ -480,6 +520,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
             DriverError::Failed(format!("interface {iface} vanished after it was created"))
         })?;
         info!(interface = iface, backend = %backend, "created the WireGuard interface");
+        record_created(&self.config.data_dir, iface, true)?;
         let mut c = self.cache();
         c.link = Some(link);
         // A new device is empty: known without reading it.
@@ -642,6 +683,11 @@ impl<D: WgDriver> WireguardReconciler<D> {
                 .await?;
                 self.patch_device(|d| d.listen_port = p);
                 Ok(())
+            }
+            ActionKind::DeleteInterface => {
+                info!(interface = %a.iface, "deleting the interface the document renamed");
+                self.driver.delete(&a.iface)?;
+                record_created(&self.config.data_dir, &a.iface, false)
             }
             ActionKind::SetMtu(m) => self.driver.set_mtu(self.backend()?.0, *m),
             ActionKind::SetUp => self.driver.set_up(self.backend()?.0),
@@ -834,10 +880,17 @@ impl<D: WgDriver> Reconciler for WireguardReconciler<D> {
             return notes;
         };
         let device = observed.state.device.as_ref();
+        // When the generated key was written (first use or `rotate-key`), so status
+        // shows a rotation; a key from `privateKeySecret` has no key file.
+        let written = std::fs::metadata(key_path(&self.config.data_dir, &observed.interface))
+            .and_then(|m| m.modified())
+            .ok()
+            .map(|t| format!(", key from {}", utc(t)))
+            .unwrap_or_default();
         notes.push(ObjectNote {
             object: format!("interface {}", observed.interface),
             note: format!(
-                "backend {}, public key {}",
+                "backend {}, public key {}{written}",
                 link.backend,
                 device
                     .and_then(|d| d.public_key)

@@ -197,6 +197,17 @@ impl Rtnl {
         .map(drop)
     }
 
+    /// Deletes link `index`; one already gone is success.
+    pub fn del_link(&self, index: u32) -> io::Result<()> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        match self.request(RouteNetlinkMessage::DelLink(m), NLM_F_ACK) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn set_mtu(&self, index: u32, mtu: u32) -> io::Result<()> {
         let mut m = LinkMessage::default();
         m.header.index = index;

@@ -6,7 +6,7 @@ use crate::plan::{Backend, Device, Link, PeerUpdate, Route, SecretKey};
 use crate::spec::PublicKey;
 use converge_core::DriverError;
 use ipnet::IpNet;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 #[derive(Debug, Default)]
@@ -22,6 +22,10 @@ pub struct FakeHost {
     pub calls: Vec<String>,
     /// Number of full device reads.
     pub device_reads: usize,
+    /// WireGuard links under other names (an interface the document renamed).
+    pub others: BTreeMap<String, Link>,
+    /// The name `link` was created under (None: it answers to any name).
+    pub link_name: Option<String>,
 }
 
 impl FakeHost {
@@ -106,8 +110,13 @@ impl Fake {
 }
 
 impl WgDriver for Fake {
-    fn link(&self, _iface: &str) -> Result<Option<Link>, DriverError> {
-        Ok(self.host().link.clone())
+    fn link(&self, iface: &str) -> Result<Option<Link>, DriverError> {
+        let h = self.host();
+        let main = h.link_name.as_deref().is_none_or(|n| n == iface);
+        Ok(h.others
+            .get(iface)
+            .cloned()
+            .or_else(|| h.link.clone().filter(|_| main)))
     }
 
     fn addresses(&self, index: u32) -> Result<Vec<IpNet>, DriverError> {
@@ -130,11 +139,21 @@ impl WgDriver for Fake {
         Ok(h.device.clone())
     }
 
-    fn create(&self, _iface: &str) -> Result<Backend, DriverError> {
+    fn create(&self, iface: &str) -> Result<Backend, DriverError> {
         let mut h = self.host();
+        if let (Some(l), Some(name)) = (h.link.take(), h.link_name.take()) {
+            // Another interface becomes one of the others; this one is created.
+            if name != iface {
+                h.others.insert(name, l);
+            } else {
+                h.link = Some(l);
+                h.link_name = Some(name);
+            }
+        }
         if h.link.is_some() {
             return Err(DriverError::Failed("exists".into()));
         }
+        h.link_name = Some(iface.to_string());
         h.next_index += 1;
         h.link = Some(Link {
             index: h.next_index + 10,
@@ -145,6 +164,15 @@ impl WgDriver for Fake {
         h.device = Device::default();
         h.calls.push("create".into());
         Ok(Backend::Userspace)
+    }
+
+    fn delete(&self, iface: &str) -> Result<(), DriverError> {
+        let mut h = self.host();
+        h.calls.push(format!("delete {iface}"));
+        if h.others.remove(iface).is_none() && h.link_name.as_deref().is_none_or(|n| n == iface) {
+            h.delete_link();
+        }
+        Ok(())
     }
 
     fn configure(

@@ -81,6 +81,7 @@ fn converged(s: &WireguardSpec) -> Observed {
             ..Inputs::default()
         },
         peers: s.peers.parsed().clone(),
+        stale: Vec::new(),
     }
 }
 
@@ -97,6 +98,7 @@ fn kinds(p: &Plan<Action>) -> Vec<String> {
 fn variant(k: &ActionKind) -> &'static str {
     match k {
         ActionKind::CreateInterface => "create",
+        ActionKind::DeleteInterface => "delete",
         ActionKind::GenerateKey => "generate",
         ActionKind::SetPrivateKey(_) => "key",
         ActionKind::SetListenPort(_) => "port",
@@ -351,4 +353,20 @@ proptest::proptest! {
             proptest::prop_assert_eq!(&owners, &owners_of(&indexed));
         }
     }
+}
+
+#[test]
+fn a_renamed_interface_is_deleted_after_the_new_one_is_set_up() {
+    let s = spec(vec![peer(1, &["10.210.0.2/32"])]);
+    let obs = Observed {
+        stale: vec!["wg-old".into()],
+        ..converged(&s)
+    };
+    let p = plan(&s, &obs);
+    let shown: Vec<String> = p.changes.iter().map(|c| c.to_string()).collect();
+    assert_eq!(shown, ["- interface wg-old"]);
+    assert_eq!(
+        p.actions.last().map(|a| (a.iface.as_str(), a.kind.clone())),
+        Some(("wg-old", ActionKind::DeleteInterface))
+    );
 }

@@ -515,3 +515,29 @@ fn handshake_times_in_notes_are_utc() {
     assert_eq!(utc(at(951_782_400)), "2000-02-29T00:00:00Z");
     assert_eq!(utc(at(1_796_123_045)), "2026-12-01T11:04:05Z");
 }
+
+#[test]
+fn a_renamed_interface_replaces_the_old_one() {
+    let e = env();
+    let r = reconciler(&e, Duration::from_secs(3600));
+    let s = spec(vec![peer(1, &nets(1))]);
+    rt().block_on(async {
+        pass(&r, &s).await;
+        let renamed = WireguardSpec {
+            interface: "wg1".into(),
+            ..s.clone()
+        };
+        let p = pass(&r, &renamed).await;
+        let shown: Vec<String> = p.changes.iter().map(|c| c.to_string()).collect();
+        assert!(shown.contains(&"+ interface wg1".to_string()), "{shown:?}");
+        assert_eq!(shown.last().map(String::as_str), Some("- interface wg0"));
+        let calls = r.driver().host().calls.clone();
+        assert_eq!(
+            calls.last().map(String::as_str),
+            Some("delete wg0"),
+            "{calls:?}"
+        );
+        assert!(r.driver().host().others.is_empty());
+        assert!(planned(&r, &renamed).await.is_empty());
+    });
+}
