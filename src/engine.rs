@@ -513,6 +513,7 @@ impl Worker {
                 sched.requeue_at =
                     converge_core::earliest(requeue_after, delays.chain(failures.later_after))
                         .map(|d| now + d);
+                let under_way = waiting.iter().filter(|w| w.in_progress).count();
                 let waiting = status::waiting(&waiting);
                 // Transient failures retry soon, until too many come in a row.
                 if failures.backoff.is_empty() && !failures.soon.is_empty() && self.transient(sched)
@@ -564,6 +565,15 @@ impl Worker {
                     );
                     return (
                         verdict(State::Progressing, msg, failures.all()),
+                        waiting,
+                        journal,
+                    );
+                }
+                if under_way > 0 {
+                    let msg =
+                        format!("{under_way} changes under way, waiting on other reconcilers");
+                    return (
+                        verdict(State::Progressing, msg, Vec::new()),
                         waiting,
                         journal,
                     );

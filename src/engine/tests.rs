@@ -509,3 +509,38 @@ fn backoff_grows_with_jitter_and_caps() {
     b.reset();
     assert!(b.next_delay() <= Duration::from_millis(500));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_change_under_way_is_progressing_until_it_completes() {
+    // Passes 1-2 wait on a step of a change under way (a replacement waiting for the
+    // firewall to switch); pass 3 finds it done.
+    let (s, _times) = timed("swap", |n| match n {
+        1 | 2 => converged_with(
+            vec![Waiting::new(
+                "container",
+                "web",
+                "old instance serves until firewall switches",
+            )
+            .retry_after(Duration::from_millis(250))
+            .in_progress()],
+            None,
+            None,
+        ),
+        _ => converged(),
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
+    let mut st = last_state(&mut rx, "swap", State::Progressing).await;
+    while !st.message.contains("under way") {
+        assert_ne!(st.state, State::Converged, "converged while under way");
+        st = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("no report")
+            .expect("closed")
+            .status;
+    }
+    assert_eq!(st.waiting.len(), 1);
+    let st = last_state(&mut rx, "swap", State::Converged).await;
+    assert!(st.waiting.is_empty());
+    engine.shutdown().await;
+}

@@ -485,7 +485,8 @@ fn plan_containers(
                                 if users.len() == 1 { "es" } else { "" }
                             ),
                         )
-                        .retry_after(SWITCH_POLL),
+                        .retry_after(SWITCH_POLL)
+                        .in_progress(),
                     );
                     continue;
                 }

@@ -92,6 +92,10 @@ pub struct Waiting {
     /// When to look again; `None`: when a trigger (facts, an event) arrives.
     #[serde(skip)]
     pub retry_after: Option<Duration>,
+    /// A step of a change under way (a replacement waiting for consumers to switch),
+    /// not a lasting condition: the reconciler is Progressing, not Converged, meanwhile.
+    #[serde(skip)]
+    pub in_progress: bool,
 }
 
 impl Waiting {
@@ -101,11 +105,18 @@ impl Waiting {
             id: id.into(),
             reason: reason.into(),
             retry_after: None,
+            in_progress: false,
         }
     }
 
     pub fn retry_after(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
+        self
+    }
+
+    /// Marks it as a step of a change under way (see `in_progress`).
+    pub fn in_progress(mut self) -> Self {
+        self.in_progress = true;
         self
     }
 }
