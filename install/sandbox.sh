@@ -43,7 +43,8 @@ wg_a=wg-sandbox-a
 wg_b=wg-sandbox-b
 agent=""
 agent_b=""
-podman_cli() { nsenter --net="/run/netns/$ns" podman --root "$data/podman/root" --runroot "$data/podman/run" --tmpdir "$data/podman/tmp" "$@"; }
+# Network definitions go to the sandbox's own directory (by default they are host-global).
+podman_cli() { nsenter --net="/run/netns/$ns" podman --root "$data/podman/root" --runroot "$data/podman/run" --tmpdir "$data/podman/tmp" --network-config-dir "$data/podman/networks" "$@"; }
 # Removes everything a sandbox run (this one or an earlier, interrupted one) left.
 teardown() {
   set +e
@@ -96,13 +97,13 @@ in_ns ip addr add "$listen/32" dev lo
 mkdir -p "$data" "$data_b"
 
 banner "starting a Podman API service in the sandbox and importing a busybox image"
-mkdir -p "$data/podman/tmp" "$data/rootfs/bin"
+mkdir -p "$data/podman/tmp" "$data/podman/networks" "$data/rootfs/bin"
 chmod 755 "$data"
 cp /bin/busybox "$data/rootfs/bin/"
 for c in sh ls cat sleep httpd nc wget echo true; do ln -sf busybox "$data/rootfs/bin/$c"; done
 tar -C "$data/rootfs" -c . | podman_cli import - localhost/busybox:test >/dev/null
 nsenter --net="/run/netns/$ns" podman --root "$data/podman/root" --runroot "$data/podman/run" --tmpdir "$data/podman/tmp" \
-  system service --time=0 "unix://$data/podman.sock" 2>"$data/podman.log" &
+  --network-config-dir "$data/podman/networks" system service --time=0 "unix://$data/podman.sock" 2>"$data/podman.log" &
 for _ in $(seq 100); do [[ -S $data/podman.sock ]] && break; sleep 0.1; done
 cv() { in_ns "$bin" --data-dir "$data" --runtime podman --podman-socket "$data/podman.sock" "$@"; }
 cv_b() { in_ns_b "$bin" --data-dir "$data_b" "$@"; }

@@ -83,19 +83,26 @@ fn fetch(node: &TestNode, url: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Waits until each of `names` reports `generation` converged.
+/// Waits until each of `names` reports `generation` converged (the last status in the
+/// panic message otherwise).
 fn wait_converged(node: &TestNode, names: &[&str], generation: u64) {
-    wait_until(
-        Duration::from_secs(60),
-        &format!("{} converged at {generation}", node.name()),
-        || {
-            let st = status(node);
-            names.iter().all(|n| {
-                let r = reconciler(&st, n);
-                r["state"] == "Converged" && r["observedGeneration"] == generation
-            })
-        },
-    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = status(node);
+        let done = names.iter().all(|n| {
+            let r = reconciler(&st, n);
+            r["state"] == "Converged" && r["observedGeneration"] == generation
+        });
+        if done {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} not converged at {generation}: {st:#}",
+            node.name()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 const A_RECONCILERS: &[&str] = &["containers", "wireguard", "firewall"];
@@ -133,18 +140,19 @@ fn a_container_on_worker_a_is_reachable_from_b_through_the_mesh() {
     wait_converged(&b, &["wireguard"], 1);
 
     // The network is converge's, with the document's subnet and gateway.
-    let inspect = podman_ok(
-        &a,
-        &svc,
-        &[
-            "network",
-            "inspect",
-            "apps",
-            "--format",
-            "{{range .Subnets}}{{.Subnet}} {{.Gateway}}{{end}} {{index .Labels \"converge.managed\"}}",
-        ],
+    let apps = |format: &str| {
+        podman_ok(
+            &a,
+            &svc,
+            &["network", "inspect", "apps", "--format", format],
+        )
+        .trim()
+        .to_string()
+    };
+    assert_eq!(
+        apps("{{range .Subnets}}{{.Subnet}} {{.Gateway}}{{end}} {{index .Labels \"converge.managed\"}}"),
+        "10.231.1.0/24 10.231.1.1 true"
     );
-    assert_eq!(inspect.trim(), "10.231.1.0/24 10.231.1.1 true");
 
     // B reaches web through the tunnel; A's firewall forwards 8080 only.
     wait_until(
@@ -171,18 +179,10 @@ fn a_container_on_worker_a_is_reachable_from_b_through_the_mesh() {
     push_ok(&b, &doc_b);
     wait_converged(&a, A_RECONCILERS, 2);
     wait_converged(&b, &["wireguard"], 2);
-    let subnet = podman_ok(
-        &a,
-        &svc,
-        &[
-            "network",
-            "inspect",
-            "apps",
-            "--format",
-            "{{range .Subnets}}{{.Subnet}}{{end}}",
-        ],
+    assert_eq!(
+        apps("{{range .Subnets}}{{.Subnet}}{{end}}"),
+        "10.231.2.0/24"
     );
-    assert_eq!(subnet.trim(), "10.231.2.0/24");
     wait_until(
         Duration::from_secs(20),
         "B fetches web at its new address",

@@ -75,6 +75,9 @@ impl Drop for PodmanService {
     }
 }
 
+/// The node's own storage, run and tmp dirs, and its own network config dir: network
+/// definitions (CNI or netavark) are host-global by default (`/etc/cni/net.d`), and
+/// a network one test node creates must not exist for another.
 fn global_args(root: &Path, runroot: &Path, tmpdir: &Path) -> Vec<String> {
     vec![
         "--root".into(),
@@ -83,6 +86,8 @@ fn global_args(root: &Path, runroot: &Path, tmpdir: &Path) -> Vec<String> {
         runroot.display().to_string(),
         "--tmpdir".into(),
         tmpdir.display().to_string(),
+        "--network-config-dir".into(),
+        root.with_file_name("networks").display().to_string(),
     ]
 }
 
@@ -123,6 +128,8 @@ pub fn start_podman(node: &TestNode) -> PodmanService {
     let base = node.data_dir().join("podman");
     let tmpdir = base.join("tmp");
     fs::create_dir_all(&tmpdir).expect("create podman tmp dir");
+    fs::create_dir_all(node.podman_root().with_file_name("networks"))
+        .expect("create podman network config dir");
     let svc = PodmanService {
         socket: node.data_dir().join("podman.sock"),
         root: node.podman_root(),

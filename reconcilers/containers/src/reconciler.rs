@@ -218,6 +218,18 @@ impl<R: ContainerRuntime> Containers<R> {
         }
     }
 
+    /// Starts a replacement instance and waits until it is ready; one that does not get
+    /// there is removed and the old instance stays.
+    async fn start_replacement(&self, spec: &CreateSpec) -> Result<String, DriverError> {
+        let id = self.create_and_start(spec, true).await?;
+        if let Err(e) = self.wait_ready(&id, spec.health.is_some()).await {
+            warn!(error = %e, "replacement not ready: keeping the old instance");
+            let _ = self.call("remove", self.runtime.remove(&id)).await;
+            return Err(e);
+        }
+        Ok(id)
+    }
+
     async fn run_step(&self, name: &str, step: Step) -> Result<(), DriverError> {
         match step {
             Step::Create { spec, start } => {
@@ -230,12 +242,7 @@ impl<R: ContainerRuntime> Containers<R> {
                 final_name,
             } => {
                 info!(image = %spec.image, "replacing: new instance first");
-                let id = self.create_and_start(&spec, true).await?;
-                if let Err(e) = self.wait_ready(&id, spec.health.is_some()).await {
-                    warn!(error = %e, "replacement not ready: keeping the old instance");
-                    let _ = self.call("remove", self.runtime.remove(&id)).await;
-                    return Err(e);
-                }
+                let id = self.start_replacement(&spec).await?;
                 for o in &old {
                     self.remove(o, spec.stop_grace).await?;
                 }
@@ -244,13 +251,7 @@ impl<R: ContainerRuntime> Containers<R> {
             }
             Step::StartNext { spec } => {
                 info!(image = %spec.image, "replacing: new instance first, consumers switch before the old one stops");
-                let id = self.create_and_start(&spec, true).await?;
-                if let Err(e) = self.wait_ready(&id, spec.health.is_some()).await {
-                    warn!(error = %e, "replacement not ready: keeping the old instance");
-                    let _ = self.call("remove", self.runtime.remove(&id)).await;
-                    return Err(e);
-                }
-                Ok(())
+                self.start_replacement(&spec).await.map(drop)
             }
             Step::Retire { id, grace } => {
                 info!("consumers switched to the new instance: stopping the old one");

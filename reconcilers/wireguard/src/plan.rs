@@ -705,7 +705,11 @@ pub fn apply_peer(dev: &mut Device, p: &PeerUpdate) {
             }
         }
     }
-    let e = dev.peers.entry(p.key).or_default();
+    set_fields(dev.peers.entry(p.key).or_default(), p);
+}
+
+/// Sets the fields `p` gives on the device copy's peer.
+fn set_fields(e: &mut PeerState, p: &PeerUpdate) {
     if let Some(a) = &p.allowed {
         e.allowed = a.clone();
     }
@@ -758,19 +762,7 @@ pub fn apply_peer_indexed(dev: &mut Device, owners: &mut Owners, p: &PeerUpdate)
             }
         }
     }
-    let e = dev.peers.entry(p.key).or_default();
-    if let Some(a) = &p.allowed {
-        e.allowed = a.clone();
-    }
-    if let Some(ep) = p.endpoint {
-        e.endpoint = Some(ep);
-    }
-    if let Some(k) = p.keepalive {
-        e.keepalive = k;
-    }
-    if let Some(psk) = &p.psk {
-        e.psk = psk.as_ref().map(SecretKey::fingerprint);
-    }
+    set_fields(dev.peers.entry(p.key).or_default(), p);
 }
 
 /// Removes a peer from `dev` and its allowed IPs from `owners` (as [`owners_of`]).
