@@ -139,8 +139,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         },
         None => None,
     };
-    let sock = socket_path(&opts.data_dir);
-    let listener = bind_socket(&sock).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     let sections = crate::registry::sections(
         &opts.data_dir,
@@ -163,6 +161,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 .context("save status")?;
         }
     }
+    // The socket appears only now: whoever waits for it (`converge status`, which reads
+    // the store) then sees every reconciler listed.
+    let sock = socket_path(&opts.data_dir);
+    let listener = bind_socket(&sock).await?;
     let engine = Engine::start(sections, opts.engine, initial, tx);
     let shared = Arc::new(Shared {
         store: Mutex::new(store),

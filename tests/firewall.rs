@@ -128,7 +128,11 @@ fn published_ports_carry_traffic_and_follow_the_document() {
         assert_eq!(r["state"], "Pending", "{r}");
         assert!(r["observedGeneration"].is_null(), "{r}");
     }
-    assert_eq!(reconciler(&before, "firewall")["state"], "Pending");
+    assert_eq!(
+        reconciler(&before, "firewall")["state"],
+        "Pending",
+        "{before:#}"
+    );
     let b4 = backend.v4.to_string();
     let b6 = backend.v6.to_string();
     let host6: IpAddr = "fd00:251:1::1".parse().expect("literal");
