@@ -1,6 +1,6 @@
-//! The `metadata` section of the document: node labels and annotations, hostname and
-//! message of the day, and their semantic validation. The reconciler itself lands in a
-//! later issue.
+//! The metadata reconciler: node labels and annotations, and the projects whose metadata
+//! the node serves to its containers (stored in SQLite, read over a token-scoped HTTP API
+//! with blocking watches).
 
 pub mod spec;
 
