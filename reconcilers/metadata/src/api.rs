@@ -51,7 +51,13 @@ impl RateLimits {
         let rate = f64::from(per_second.max(1));
         let now = Instant::now();
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, last) = map.entry(id.to_string()).or_insert((rate, now));
+        // No allocation on the hot path: the id is copied once per project.
+        if !map.contains_key(id) {
+            map.insert(id.to_string(), (rate, now));
+        }
+        let Some((tokens, last)) = map.get_mut(id) else {
+            return false;
+        };
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
         *last = now;
         if *tokens >= 1.0 {
@@ -315,7 +321,8 @@ fn admit(state: &ApiState, headers: &HeaderMap, uri: &Uri) -> Result<Arc<Project
     if has_body {
         return Err((StatusCode::PAYLOAD_TOO_LARGE, "requests have no body"));
     }
-    if uri.to_string().len() > MAX_URI {
+    let uri_len = uri.path_and_query().map_or(0, |p| p.as_str().len());
+    if uri_len > MAX_URI {
         return Err((StatusCode::URI_TOO_LONG, "request URI too long"));
     }
     let Some(auth) = headers.get(header::AUTHORIZATION) else {

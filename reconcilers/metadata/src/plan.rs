@@ -54,6 +54,8 @@ impl Served {
         let listen = match &spec.listen {
             // Validation has checked every address.
             Some(list) => list.iter().filter_map(|a| a.parse().ok()).collect(),
+            // Labels alone open no port.
+            None if spec.projects.is_empty() => BTreeSet::new(),
             None => std::iter::once(IpAddr::V4(Ipv4Addr::LOCALHOST))
                 .chain(gateways.iter().copied())
                 .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
@@ -265,13 +267,21 @@ mod tests {
     #[test]
     fn listen_defaults_to_loopback_and_gateways() {
         let gw: IpAddr = "10.89.7.1".parse().unwrap();
-        let s = served(json!({}), &[gw]);
+        assert!(
+            served(json!({}), &[gw]).listen.is_empty(),
+            "no projects, no port"
+        );
+        let one = json!([{"id": "a", "tokenSha256": H1}]);
+        let s = served(json!({"projects": one}), &[gw]);
         let want: BTreeSet<SocketAddr> = ["127.0.0.1:8500", "10.89.7.1:8500"]
             .iter()
             .map(|a| a.parse().unwrap())
             .collect();
         assert_eq!(s.listen, want);
-        let s = served(json!({"listen": ["127.0.0.2:9000"]}), &[gw]);
+        let s = served(
+            json!({"projects": one, "listen": ["127.0.0.2:9000"]}),
+            &[gw],
+        );
         assert_eq!(s.listen.len(), 1);
         assert!(served(json!({"listen": []}), &[gw]).listen.is_empty());
     }

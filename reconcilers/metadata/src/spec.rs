@@ -33,10 +33,10 @@ pub struct MetadataSpec {
     /// (`GET /v1/metadata/{path}`); each bearer token reads its own project only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub projects: Vec<Project>,
-    /// Addresses (`ip:port`) the read API listens on. Absent: `127.0.0.1:8500` plus port
-    /// 8500 on the gateway address of every container network of the document (where
-    /// containers reach the node, as `metadata.internal:8500` with a DNS record). An
-    /// empty list serves nothing over TCP.
+    /// Addresses (`ip:port`) the read API listens on. Absent: when there are projects,
+    /// `127.0.0.1:8500` plus port 8500 on the gateway address of every container
+    /// network of the document (where containers reach the node, as
+    /// `metadata.internal:8500` with a DNS record). An empty list serves nothing over TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<Vec<String>>,
 }

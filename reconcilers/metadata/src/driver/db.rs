@@ -172,6 +172,12 @@ impl Db {
 
     /// Every stored project with its entries.
     pub fn read_all(&self) -> Result<BTreeMap<String, StoredProject>, DbError> {
+        // Reading never creates the file (`converge diff` changes nothing); the first
+        // write does.
+        if file_id(&self.path).is_none() {
+            *self.lock() = None;
+            return Ok(BTreeMap::new());
+        }
         let guard = self.conn()?;
         let Some(open) = guard.as_ref() else {
             return Ok(BTreeMap::new());
@@ -300,6 +306,9 @@ impl Db {
 
     /// The listen addresses recorded by the last serving process.
     pub fn listen_addrs(&self) -> Result<BTreeSet<SocketAddr>, DbError> {
+        if file_id(&self.path).is_none() {
+            return Ok(BTreeSet::new());
+        }
         let guard = self.conn()?;
         let Some(open) = guard.as_ref() else {
             return Ok(BTreeSet::new());
