@@ -9,7 +9,7 @@
 use crate::snapshot::{ProjectData, Published};
 use crate::spec::is_entry_path;
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Response, StatusCode, Uri};
 use axum::routing::get;
 use axum::Router;
@@ -409,13 +409,14 @@ async fn prepare(
     Ok((project, query))
 }
 
+// The request is taken whole (not the `HeaderMap`/`Uri` extractors): those clone the
+// headers and URI of every request.
 async fn entry(
     State(state): State<Arc<ApiState>>,
     UrlPath(path): UrlPath<String>,
-    headers: HeaderMap,
-    uri: Uri,
+    req: Request,
 ) -> Response<Body> {
-    let (project, query) = match prepare(&state, &headers, &uri).await {
+    let (project, query) = match prepare(&state, req.headers(), req.uri()).await {
         Ok(p) => p,
         Err((status, message)) => return error(status, message),
     };
@@ -439,8 +440,8 @@ async fn entry(
     }
 }
 
-async fn list(State(state): State<Arc<ApiState>>, headers: HeaderMap, uri: Uri) -> Response<Body> {
-    let (project, query) = match prepare(&state, &headers, &uri).await {
+async fn list(State(state): State<Arc<ApiState>>, req: Request) -> Response<Body> {
+    let (project, query) = match prepare(&state, req.headers(), req.uri()).await {
         Ok(p) => p,
         Err((status, message)) => return error(status, message),
     };
