@@ -9,7 +9,7 @@ mod common;
 
 use common::agent::{converge, data, reconciler, start_agent, status};
 use common::podman::{podman, start_podman, TEST_IMAGE};
-use common::sandbox::{require_tool, wait_until, TestNode};
+use common::sandbox::{converge_bin, require_tool, wait_until, Spawned, TestNode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -145,6 +145,24 @@ fn get(node: &TestNode, path: &str, token: Option<&str>, extra: &str) -> Resp {
         .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
+/// Starts the agent with debug logs into a file (to check what never appears in them).
+fn start_logged_agent(node: &TestNode) -> (Spawned, std::path::PathBuf) {
+    let log = node.data_dir().join("agent.log");
+    let sock = data(node).join("converge.sock");
+    let mut cmd = node.command(converge_bin());
+    cmd.arg("--data-dir")
+        .arg(data(node))
+        .args(["agent", "--node-id", node.name()])
+        .env("CONVERGE_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    let child = node.spawn(&mut cmd);
+    wait_until(Duration::from_secs(10), "agent socket", || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
+    (child, log)
+}
+
 fn matrix_doc(node: &TestNode, generation: u64) -> Value {
     let mut d = envelope(node, generation);
     d["metadata"] = json!({"projects": [
@@ -160,7 +178,7 @@ fn matrix_doc(node: &TestNode, generation: u64) -> Value {
 #[test]
 fn authorization_matrix_and_hardening() {
     let node = TestNode::new("mdauth");
-    let _agent = start_agent(&node, &[]);
+    let (_agent, log) = start_logged_agent(&node);
     push_fast(&node, &matrix_doc(&node, 1));
     wait_converged(&node, 1);
 
@@ -278,6 +296,20 @@ fn authorization_matrix_and_hardening() {
     assert!(!converge(&node, &["metadata", "inspect", "nope"])
         .status
         .success());
+
+    // Debug logs name projects, never a token, a full token hash or a value.
+    let logged = std::fs::read_to_string(&log).expect("agent log");
+    assert!(logged.contains("project written"), "{logged}");
+    for secret in [
+        "token-alpha".to_string(),
+        "token-beta".to_string(),
+        sha("token-alpha"),
+        sha("token-beta"),
+        "10.0.0.1".to_string(),
+        "only-beta\":".to_string(),
+    ] {
+        assert!(!logged.contains(&secret), "{secret} in the agent's log");
+    }
 }
 
 /// Generation `g`: project `hammer` with 20 entries all carrying `g`, so a reader can

@@ -354,6 +354,68 @@ mod tests {
         }
     }
 
+    /// A section from small alphabets, so that successive specs share projects,
+    /// entries and values.
+    fn arb_section() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let entries = proptest::collection::btree_map(
+            prop::sample::select(vec!["a", "b", "c/d", "c/e"]),
+            prop::sample::select(vec![
+                json!(1),
+                json!("x"),
+                json!({"k": [1, 2]}),
+                json!(null),
+            ]),
+            0..4,
+        );
+        let project = (
+            prop::sample::select(vec!["p", "q", "r"]),
+            prop::sample::select(vec![H1, H2]),
+            prop::option::of(1u32..3),
+            entries,
+        );
+        (
+            proptest::collection::vec(project, 0..3),
+            prop::option::of(proptest::collection::btree_set(
+                prop::sample::select(vec!["127.0.0.1:1", "127.0.0.1:2"]),
+                0..3,
+            )),
+        )
+            .prop_map(|(projects, listen)| {
+                // Unique ids and hashes, as validation demands.
+                let mut seen = BTreeSet::new();
+                let projects: Vec<serde_json::Value> = projects
+                    .into_iter()
+                    .filter(|(id, h, _, _)| seen.insert(*id) && seen.insert(*h))
+                    .map(|(id, h, rate, e)| {
+                        json!({"id": id, "tokenSha256": h, "rateLimit": rate, "entries": e})
+                    })
+                    .collect();
+                match listen {
+                    Some(l) => json!({"projects": projects, "listen": l}),
+                    None => json!({"projects": projects}),
+                }
+            })
+    }
+
+    proptest::proptest! {
+        /// plan(apply(plan(s))) is empty, from whatever the previous spec left.
+        #[test]
+        fn plan_after_apply_is_empty(
+            specs in proptest::collection::vec(arb_section(), 1..6)
+        ) {
+            let gw: IpAddr = "10.89.7.1".parse().unwrap();
+            let mut o = Observed { listening: Some(BTreeSet::new()), ..Default::default() };
+            for spec in specs {
+                let s = served(spec, &[gw]);
+                let p = plan(&s, &o, &Facts::default());
+                o = apply(o, &p);
+                let again = plan(&s, &o, &Facts::default());
+                proptest::prop_assert!(again.is_empty(), "{:?}", again.changes);
+            }
+        }
+    }
+
     #[test]
     fn without_a_server_listeners_are_not_planned() {
         let s = served(json!({}), &[]);
