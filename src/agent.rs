@@ -41,6 +41,11 @@ pub enum Request {
         yaml: bool,
     },
     Status,
+    /// Admin: one metadata project as stored (entries included). Only on this socket,
+    /// never on the metadata API's TCP listeners.
+    MetadataInspect {
+        project: String,
+    },
 }
 
 /// The agent's answer.
@@ -55,6 +60,9 @@ pub struct Response {
     pub generation: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub statuses: Vec<ReconcilerStatus>,
+    /// The answer to `MetadataInspect`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
 }
 
 impl Response {
@@ -103,6 +111,7 @@ struct Shared {
     mode: Mode,
     node_id: String,
     limits: Limits,
+    data_dir: PathBuf,
 }
 
 fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
@@ -140,7 +149,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         None => None,
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    let sections = crate::registry::sections(
+    let sections = crate::registry::agent_sections(
         &opts.data_dir,
         &opts.host,
         &opts.node_id,
@@ -172,6 +181,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         mode,
         node_id: opts.node_id.clone(),
         limits: opts.limits,
+        data_dir: opts.data_dir.clone(),
     });
     let persister = tokio::spawn(persist_reports(shared.clone(), rx));
     info!(socket = %sock.display(), ?mode, "agent started");
@@ -251,6 +261,7 @@ async fn serve(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
             accept(shared, &bytes, format)
         }
         Ok(Request::Status) => status(shared),
+        Ok(Request::MetadataInspect { project }) => metadata_inspect(shared, &project),
         Err(e) => Response::error(format!("bad request: {e}")),
     };
     write.write_all(&serde_json::to_vec(&response)?).await?;
@@ -319,6 +330,37 @@ pub fn check_mode(doc: &Document, mode: Mode) -> Result<(), String> {
             mode,
             if doc.node.mode == Mode::Proxy { "" } else { "out" }
         ))
+    }
+}
+
+/// One project as the metadata database holds it: the token hash shortened, entries in
+/// full (the socket is root's only, 0600).
+fn metadata_inspect(shared: &Shared, project: &str) -> Response {
+    let path = converge_metadata::db_path(&shared.data_dir);
+    match converge_metadata::inspect(&path, project) {
+        Ok(Some(p)) => {
+            let entries: serde_json::Map<String, serde_json::Value> = p
+                .entries
+                .iter()
+                .map(|(k, v)| {
+                    let value = serde_json::from_str(v).unwrap_or(serde_json::Value::Null);
+                    (k.clone(), value)
+                })
+                .collect();
+            Response {
+                ok: true,
+                metadata: Some(serde_json::json!({
+                    "project": project,
+                    "tokenSha256": format!("{}…", p.token_sha256.get(..12).unwrap_or("")),
+                    "rateLimit": p.rate_limit,
+                    "index": p.index,
+                    "entries": entries,
+                })),
+                ..Default::default()
+            }
+        }
+        Ok(None) => Response::error(format!("no metadata project {project:?} on this node")),
+        Err(e) => Response::error(e.to_string()),
     }
 }
 

@@ -144,6 +144,17 @@ pub enum Command {
         #[command(subcommand)]
         command: WireguardCommand,
     },
+    /// Metadata: inspect what the node serves (through the agent socket; root only).
+    Metadata {
+        #[command(subcommand)]
+        command: MetadataCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MetadataCommand {
+    /// Print one project as stored: index, rate limit, token hash prefix, every entry.
+    Inspect { project: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -318,6 +329,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Wireguard {
             command: WireguardCommand::RotateKey { interface },
         } => rotate_key(&cli.data_dir, interface, &limits),
+        Command::Metadata {
+            command: MetadataCommand::Inspect { project },
+        } => {
+            let resp =
+                agent::request(&cli.data_dir, &agent::Request::MetadataInspect { project }).await?;
+            match resp.metadata {
+                Some(m) if resp.ok => {
+                    println!("{}", serde_json::to_string_pretty(&m)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                _ => {
+                    eprintln!("{}", resp.error.unwrap_or_else(|| "no answer".into()));
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
     }
 }
 

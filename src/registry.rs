@@ -7,6 +7,7 @@ use converge_containers::{Config as ContainersConfig, Containers, Workload};
 use converge_dns::driver::Dnsmasq;
 use converge_dns::{Dns, Layout};
 use converge_firewall::{Firewall, Kernel};
+use converge_metadata::{Metadata, Served};
 use converge_wireguard::driver::Unavailable;
 use converge_wireguard::{
     Config as WireguardConfig, System, SystemConfig, WireguardReconciler, WireguardSpec,
@@ -167,13 +168,61 @@ fn wireguard(data_dir: &Path, host: &HostOptions, resync: Duration) -> Arc<dyn S
     }
 }
 
+/// The metadata section resolved against the document: its default listen addresses
+/// include the gateway of every container network (where containers reach the node),
+/// so the metadata reconciler needs no knowledge of the containers section.
+fn served(d: &Document) -> Option<Cow<'_, Served>> {
+    let m = d.metadata.as_ref()?;
+    let gateways: Vec<std::net::IpAddr> = d
+        .networks
+        .iter()
+        .flatten()
+        .flat_map(|n| converge_containers::plan::network_spec(n, &d.node.id).subnets)
+        .map(|(_, gw)| gw)
+        .collect();
+    Some(Cow::Owned(Served::new(m, &gateways)))
+}
+
+/// The metadata reconciler: the database `<data_dir>/metadata.db`, and in the agent
+/// (`serve`) the read API, serving the stored data from construction on.
+fn metadata(data_dir: &Path, serve: bool) -> Arc<dyn Section> {
+    let driver = if serve {
+        converge_metadata::Host::serving(data_dir)
+    } else {
+        converge_metadata::Host::offline(data_dir)
+    };
+    Arc::new(Bound::new(Metadata::new(driver), served))
+}
+
+/// The agent's reconcilers: as [`sections`], plus the metadata read API served by this
+/// process (needs the tokio runtime).
+pub fn agent_sections(
+    data_dir: &Path,
+    host: &HostOptions,
+    node_id: &str,
+    resync: Duration,
+) -> Vec<Arc<dyn Section>> {
+    build(data_dir, host, node_id, resync, true)
+}
+
 /// The reconcilers of this build with their real drivers: files under `data_dir`,
 /// containers labelled with `node_id`; `resync` is the engine's drift-repair period.
+/// One-shot commands (`apply`, `diff`) write the metadata database but serve nothing.
 pub fn sections(
     data_dir: &Path,
     host: &HostOptions,
     node_id: &str,
     resync: Duration,
+) -> Vec<Arc<dyn Section>> {
+    build(data_dir, host, node_id, resync, false)
+}
+
+fn build(
+    data_dir: &Path,
+    host: &HostOptions,
+    node_id: &str,
+    resync: Duration,
+    serve: bool,
 ) -> Vec<Arc<dyn Section>> {
     let dns = Dns::new(Dnsmasq::new(
         Layout::new(data_dir.join("dns")),
@@ -189,6 +238,7 @@ pub fn sections(
         Arc::new(Bound::new(dns, |d: &Document| {
             d.dns.as_ref().map(Cow::Borrowed)
         })),
+        metadata(data_dir, serve),
     ]
 }
 
