@@ -8,13 +8,15 @@
 //! side). The agent reads at most `--max-document-bytes` + 1 of them, answers with one
 //! JSON [`Response`] and closes.
 
+use crate::control::identity::Identity;
+use crate::control::sealed;
 use crate::document::{self, Document, Format, Mode};
 use crate::engine::{Engine, EngineConfig, Report};
 use crate::limits::{self, Limits};
 use crate::status::ReconcilerStatus;
 use crate::store::{Store, StoreError};
 use anyhow::Context;
-use converge_core::Problems;
+use converge_core::{Problems, SecretSource};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -97,12 +99,16 @@ pub struct AgentOptions {
     pub limits: Limits,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     store: Mutex<Store>,
     engine: Engine,
     mode: Mode,
     node_id: String,
     limits: Limits,
+    /// Opens the document's sealed secrets (the node's sealing key).
+    sealing: crypto_box::SecretKey,
+    /// The reconcilers' secret source: updated when a document is accepted.
+    secrets: SecretSource,
 }
 
 fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
@@ -122,16 +128,25 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     } else {
         Mode::Worker
     };
+    let identity = Identity::load_or_create(&opts.data_dir).context("node keys")?;
+    let secrets = SecretSource::new(&opts.host.secrets_dir);
     let initial = match store.last_good()? {
         Some((g, body)) => match document::parse_with(&body, Format::Json, &opts.limits) {
             Ok(doc) if doc.node.id != opts.node_id => {
                 error!(generation = g, document_node = %doc.node.id, "stored document is for another node; waiting for a new one");
                 None
             }
-            Ok(doc) => {
-                info!(generation = g, "resuming from the last good document");
-                Some(Arc::new(doc))
-            }
+            Ok(doc) => match sealed::open_all(identity.sealing_secret(), doc.secrets.as_ref()) {
+                Ok(values) => {
+                    info!(generation = g, "resuming from the last good document");
+                    secrets.set_sealed(values);
+                    Some(Arc::new(doc))
+                }
+                Err(e) => {
+                    error!(generation = g, error = %e, "stored document's secrets cannot be opened; waiting for a new one");
+                    None
+                }
+            },
             Err(p) => {
                 error!(generation = g, problems = %p.len(), "stored document no longer validates; waiting for a new one");
                 None
@@ -142,11 +157,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let sock = socket_path(&opts.data_dir);
     let listener = bind_socket(&sock).await?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let sections = crate::registry::sections(
+    let sections = crate::registry::sections_with(
         &opts.data_dir,
         &opts.host,
         &opts.node_id,
         opts.engine.resync,
+        &secrets,
     );
     // Every reconciler is listed from the start, so that "every reconciler reports
     // generation N" is never true of an empty list right after a push.
@@ -170,6 +186,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         mode,
         node_id: opts.node_id.clone(),
         limits: opts.limits,
+        sealing: identity.sealing_secret().clone(),
+        secrets,
     });
     let persister = tokio::spawn(persist_reports(shared.clone(), rx));
     info!(socket = %sock.display(), ?mode, "agent started");
@@ -287,6 +305,12 @@ fn accept(shared: &Shared, bytes: &[u8], format: Format) -> Response {
             doc.node.id, shared.node_id
         ));
     }
+    // Secrets are opened before anything is stored: a document whose secrets this node
+    // cannot open is refused like an invalid one. Values stay in memory only.
+    let opened = match sealed::open_all(&shared.sealing, doc.secrets.as_ref()) {
+        Ok(v) => v,
+        Err(e) => return Response::error(e.to_string()),
+    };
     let canonical = match serde_json::to_string(&doc) {
         Ok(c) => c,
         Err(e) => return Response::error(format!("cannot serialise document: {e}")),
@@ -296,7 +320,12 @@ fn accept(shared: &Shared, bytes: &[u8], format: Format) -> Response {
         Err(e @ StoreError::Stale { .. }) => return Response::error(e.to_string()),
         Err(e) => return Response::error(format!("not stored: {e}")),
     }
-    info!(generation = doc.generation, "accepted document");
+    info!(
+        generation = doc.generation,
+        secrets = opened.len(),
+        "accepted document"
+    );
+    shared.secrets.set_sealed(opened);
     let generation = doc.generation;
     shared.engine.push(Arc::new(doc));
     Response {

@@ -4,6 +4,7 @@ use crate::document::Document;
 use crate::engine::{Bound, Section};
 use converge_containers::driver::NoRuntime;
 use converge_containers::{Config as ContainersConfig, Containers};
+use converge_core::SecretSource;
 use converge_dns::driver::Dnsmasq;
 use converge_dns::{Dns, Layout};
 use converge_firewall::{Firewall, Kernel};
@@ -63,8 +64,9 @@ pub struct HostOptions {
 }
 
 /// The containers reconciler on the chosen runtime.
-fn containers(host: &HostOptions, node_id: &str) -> Arc<dyn Section> {
-    let config = ContainersConfig::new(node_id, &host.secrets_dir);
+fn containers(host: &HostOptions, node_id: &str, secrets: &SecretSource) -> Arc<dyn Section> {
+    let mut config = ContainersConfig::new(node_id, &host.secrets_dir);
+    config.secrets = secrets.clone();
     fn select(d: &Document) -> Option<&Vec<converge_containers::Container>> {
         d.containers.as_ref()
     }
@@ -136,8 +138,14 @@ fn wireguard_go_binary() -> PathBuf {
 /// The WireGuard reconciler: generated keys under `<data_dir>/wireguard/`, secrets from
 /// `--secrets-dir`. Its netlink sockets are opened here, in the agent's network
 /// namespace; if that fails every pass reports why.
-fn wireguard(data_dir: &Path, host: &HostOptions, resync: Duration) -> Arc<dyn Section> {
+fn wireguard(
+    data_dir: &Path,
+    host: &HostOptions,
+    resync: Duration,
+    secrets: &SecretSource,
+) -> Arc<dyn Section> {
     let mut config = WireguardConfig::new(data_dir, &host.secrets_dir);
+    config.secrets = secrets.clone();
     // Every resync reads the device in full (jitter takes up to 10 % off the period).
     config.full_read_after = config.full_read_after.min(resync.mul_f64(0.85));
     fn select(d: &Document) -> Option<&WireguardSpec> {
@@ -167,14 +175,32 @@ pub fn sections(
     node_id: &str,
     resync: Duration,
 ) -> Vec<Arc<dyn Section>> {
+    sections_with(
+        data_dir,
+        host,
+        node_id,
+        resync,
+        &SecretSource::new(&host.secrets_dir),
+    )
+}
+
+/// [`sections`] reading secrets from `secrets` (the agent's handle, which it updates
+/// with the opened sealed values of each accepted document).
+pub fn sections_with(
+    data_dir: &Path,
+    host: &HostOptions,
+    node_id: &str,
+    resync: Duration,
+    secrets: &SecretSource,
+) -> Vec<Arc<dyn Section>> {
     let dns = Dns::new(Dnsmasq::new(
         Layout::new(data_dir.join("dns")),
         dnsmasq_binary(),
     ));
     let firewall = Firewall::new(Kernel::new());
     vec![
-        containers(host, node_id),
-        wireguard(data_dir, host, resync),
+        containers(host, node_id, secrets),
+        wireguard(data_dir, host, resync, secrets),
         Arc::new(Bound::new(firewall, |d: &Document| d.firewall.as_ref())),
         Arc::new(Bound::new(dns, |d: &Document| d.dns.as_ref())),
     ]
