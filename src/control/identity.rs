@@ -97,7 +97,8 @@ fn write_key(path: &Path, key: &[u8; 32]) -> Result<(), IdentityError> {
     converge_core::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(io(path))
 }
 
-fn read_or_make(path: &Path) -> Result<Zeroizing<[u8; 32]>, IdentityError> {
+/// Reads a 32-byte secret key file, or makes it (0600) if it does not exist.
+pub(crate) fn read_or_make(path: &Path) -> Result<Zeroizing<[u8; 32]>, IdentityError> {
     if let Some(k) = read_key(path)? {
         return Ok(k);
     }
