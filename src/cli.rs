@@ -290,11 +290,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(doc) = load_valid(&file, output, &limits)? else {
                 return Ok(ExitCode::from(1));
             };
-            let mut sections = registry::sections(
+            let secrets = secret_source(&cli.data_dir, &cli.host, &doc)?;
+            let mut sections = registry::sections_with(
                 &cli.data_dir,
                 &cli.host,
                 &doc.node.id,
                 EngineConfig::default().resync,
+                &secrets,
             );
             let mut unbuilt = unbuilt_sections(&doc, &sections);
             if let Some(r) = &reconciler {
@@ -500,6 +502,25 @@ fn rotate_key(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Secrets for one-shot commands: local files, then the document's sealed values opened
+/// with this node's key (when it has one). Values stay in memory.
+fn secret_source(
+    data_dir: &Path,
+    host: &HostOptions,
+    doc: &Document,
+) -> anyhow::Result<converge_core::SecretSource> {
+    let source = converge_core::SecretSource::new(&host.secrets_dir);
+    if doc.secrets.as_ref().is_some_and(|s| !s.is_empty()) {
+        let identity = crate::control::identity::Identity::load(data_dir)
+            .context("the document has sealed secrets but this node has no sealing key")?;
+        source.set_sealed(crate::control::sealed::open_all(
+            identity.sealing_secret(),
+            doc.secrets.as_ref(),
+        )?);
+    }
+    Ok(source)
+}
+
 /// The accepted document, if the store has one that still parses.
 fn accepted_document(data_dir: &Path, limits: &Limits) -> anyhow::Result<Option<Document>> {
     let path = agent::store_path(data_dir);
@@ -583,7 +604,14 @@ async fn apply(
         "worker"
     };
     let generation = doc.generation;
-    let sections = registry::sections(data_dir, host, &doc.node.id, EngineConfig::default().resync);
+    let secrets = secret_source(data_dir, host, &doc)?;
+    let sections = registry::sections_with(
+        data_dir,
+        host,
+        &doc.node.id,
+        EngineConfig::default().resync,
+        &secrets,
+    );
     let unbuilt = unbuilt_sections(&doc, &sections);
     let doc = Arc::new(doc);
     let applied = run_once(&sections, doc.clone(), false).await;

@@ -321,6 +321,11 @@ impl Plane {
 
     async fn publish_nats(&self, id: &str) {
         let Some(js) = self.js.get() else { return };
+        // While disconnected the client would buffer the message and send it on
+        // reconnect, after newer ones maybe: publish only the current file, when connected.
+        if js.client().connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
         let bytes = match lock(&self.published).get(id) {
             Some(p) if !p.bytes.is_empty() => p.bytes.clone(),
             _ => return,
