@@ -162,6 +162,10 @@ pub enum Command {
         /// Enroll again with new keys although this node is enrolled.
         #[arg(long)]
         force: bool,
+        /// PEM file of the certificate (or CA) to trust for the control plane's HTTPS,
+        /// besides the public roots; pinned in control.json.
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
     /// The reference control plane.
     ControlPlane {
@@ -205,6 +209,12 @@ pub enum ControlPlaneCommand {
         /// nats-server's pid file (SIGHUP reloads the authorization file).
         #[arg(long)]
         nats_pid_file: Option<PathBuf>,
+        /// TLS certificate chain (PEM): serve HTTPS. Needs --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Print a new one-time registration token.
     Token {
@@ -429,7 +439,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             name,
             proxy,
             force,
+            ca,
         } => {
+            let ca_pem = match ca {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?,
+                ),
+                None => None,
+            };
             let name = match name {
                 Some(n) => n,
                 None => hostname()?,
@@ -443,6 +460,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     name,
                     proxy,
                     force,
+                    ca_pem,
                 },
             )
             .await?;
@@ -723,6 +741,8 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
             nats_password,
             nats_auth_file,
             nats_pid_file,
+            tls_cert,
+            tls_key,
         } => {
             let nats = match nats {
                 Some(url) => Some(plane::NatsOptions {
@@ -746,6 +766,7 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
                 public_url,
                 nats,
                 limits,
+                tls: tls_cert.zip(tls_key),
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -46,6 +46,74 @@ impl Cp {
             server: None,
             use_nats,
         };
+        // A private CA and a certificate for the control plane's address: HTTPS with
+        // rustls, the CA trusted by the nodes through `join --ca`.
+        require_tool("openssl");
+        let r = |f: &str| cp.root.join(f).display().to_string();
+        fs::write(
+            cp.root.join("leaf.ext"),
+            format!(
+                "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:{}\n",
+                cp.node.address()
+            ),
+        )
+        .expect("ext");
+        for args in [
+            vec![
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=converge test CA",
+                "-keyout",
+                &r("ca.key"),
+                "-out",
+                &r("ca.crt"),
+            ],
+            vec![
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-subj",
+                "/CN=converge-cp",
+                "-keyout",
+                &r("tls.key"),
+                "-out",
+                &r("tls.csr"),
+            ],
+            vec![
+                "x509",
+                "-req",
+                "-in",
+                &r("tls.csr"),
+                "-CA",
+                &r("ca.crt"),
+                "-CAkey",
+                &r("ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &r("leaf.ext"),
+                "-out",
+                &r("tls.crt"),
+            ],
+        ] {
+            let out = std::process::Command::new("openssl")
+                .args(&args)
+                .output()
+                .expect("openssl");
+            assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+        }
         if use_nats {
             require_tool("nats-server");
             let conf = format!(
@@ -72,7 +140,11 @@ impl Cp {
     }
 
     fn http_url(&self) -> String {
-        format!("http://{}:{HTTP_PORT}", self.node.address())
+        format!("https://{}:{HTTP_PORT}", self.node.address())
+    }
+
+    fn ca(&self) -> String {
+        self.root.join("ca.crt").display().to_string()
     }
 
     fn log(&self) -> String {
@@ -113,6 +185,10 @@ impl Cp {
             .arg("--data")
             .arg(self.root.join("data"))
             .args(["--listen", &format!("{}:{HTTP_PORT}", self.node.address())])
+            .arg("--tls-cert")
+            .arg(self.root.join("tls.crt"))
+            .arg("--tls-key")
+            .arg(self.root.join("tls.key"))
             .env("CONVERGE_NATS_PASSWORD", CP_PASSWORD)
             .stdout(Stdio::null())
             .stderr(log);
@@ -237,8 +313,11 @@ fn stderr(out: &Output) -> String {
 
 fn join(node: &TestNode, cp: &Cp, token: &str, extra: &[&str]) -> Output {
     let url = cp.http_url();
+    let ca = cp.ca();
     let mut args = vec![
         "join",
+        "--ca",
+        &ca,
         "--url",
         &url,
         "--token",
@@ -359,6 +438,28 @@ fn enrollment_good_reused_and_expired_tokens() {
     let pinned = control_json(&a);
     assert_eq!(pinned["nodeId"], "ea");
     assert_eq!(pinned["transport"]["kind"], "https");
+    assert!(pinned["transport"]["url"]
+        .as_str()
+        .is_some_and(|u| u.starts_with("https://")));
+    // Without trusting the control plane's certificate, no enrollment.
+    let out = converge(
+        &b,
+        &[
+            "join",
+            "--url",
+            &cp.http_url(),
+            "--token",
+            &cp.token(600),
+            "--name",
+            "eb",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot reach the control plane"),
+        "{}",
+        stderr(&out)
+    );
     let identity = fs::read_to_string(data(&a).join("identity.key")).expect("key");
     let record = cp.record("ea");
     assert_eq!(record["facts"]["arch"], std::env::consts::ARCH);
@@ -807,6 +908,40 @@ fn https_documents_and_status() {
         text.contains("ha") && text.contains("dns=Unmanaged"),
         "{text}"
     );
+    // Requests not signed by the node's key are refused.
+    let ca = fs::read(cp.ca()).expect("ca");
+    let url = cp.http_url();
+    let codes = cp.node.in_netns(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client = reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca pem"))
+                .build()
+                .expect("client");
+            let unsigned = client
+                .get(format!("{url}/v1/nodes/ha/document?after=0"))
+                .send()
+                .await
+                .expect("unsigned request");
+            let forged = client
+                .post(format!("{url}/v1/nodes/ha/status"))
+                .header("x-converge-node", "ha")
+                .header(
+                    "x-converge-time",
+                    chrono::Utc::now().timestamp().to_string(),
+                )
+                .header("x-converge-signature", "AAAA")
+                .body("{}")
+                .send()
+                .await
+                .expect("forged request");
+            (unsigned.status().as_u16(), forged.status().as_u16())
+        })
+    });
+    assert_eq!(codes, (401, 401));
     // An invalid document is refused by the control plane itself: nothing is sent.
     cp.publish("ha", &json!({"apiVersion": "converge/v1", "generation": 3}));
     std::thread::sleep(Duration::from_secs(2));

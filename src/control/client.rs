@@ -24,6 +24,7 @@ pub async fn run(config: ControlConfig, identity: Identity, node: Arc<dyn Node>)
                 url,
                 &config.node_id,
                 identity.signing_key().clone(),
+                config.ca_cert.as_deref(),
             ) {
                 Ok(t) => run_client(t, node, heartbeat).await,
                 Err(e) => error!(error = %e, "control-plane client not started"),

@@ -72,6 +72,8 @@ pub struct JoinOptions<'a> {
     pub name: String,
     pub proxy: bool,
     pub force: bool,
+    /// PEM certificate(s) to trust for the control plane's HTTPS (pinned in control.json).
+    pub ca_pem: Option<String>,
 }
 
 /// Enrolls this node; returns the pinned configuration.
@@ -103,9 +105,8 @@ pub async fn join(
         facts: facts(data_dir, host, opts.proxy),
     };
     let base = opts.url.trim_end_matches('/');
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()?;
+    let client =
+        super::protocol::http_client(opts.ca_pem.as_deref(), std::time::Duration::from_secs(30))?;
     let resp = client
         .post(format!("{base}/v1/enroll"))
         .json(&req)
@@ -127,6 +128,7 @@ pub async fn join(
         node_id: answer.node_id,
         signing_key: answer.signing_key,
         transport: answer.transport,
+        ca_cert: opts.ca_pem,
         enrolled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         heartbeat_secs: 15,
     };

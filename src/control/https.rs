@@ -24,12 +24,14 @@ pub struct HttpsTransport {
 }
 
 impl HttpsTransport {
-    pub fn new(base: &str, node_id: &str, key: SigningKey) -> Result<Self, TransportError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(POLL_SECS + 15))
-            .build()
-            .map_err(|e| TransportError::Failed(e.to_string()))?;
+    pub fn new(
+        base: &str,
+        node_id: &str,
+        key: SigningKey,
+        ca_pem: Option<&str>,
+    ) -> Result<Self, TransportError> {
+        let client = super::protocol::http_client(ca_pem, Duration::from_secs(POLL_SECS + 15))
+            .map_err(|e| TransportError::Failed(format!("{e:#}")))?;
         Ok(HttpsTransport {
             client,
             base: base.trim_end_matches('/').to_string(),

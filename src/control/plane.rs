@@ -53,6 +53,8 @@ pub struct ServeOptions {
     pub public_url: Option<String>,
     pub nats: Option<NatsOptions>,
     pub limits: Limits,
+    /// TLS certificate chain and key (PEM): serve HTTPS (rustls) instead of plain HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// `<data>/control-plane.db`.
@@ -565,10 +567,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         signing,
         docs: opts.docs.clone(),
         limits: opts.limits,
-        public_url: opts
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", opts.listen)),
+        public_url: opts.public_url.clone().unwrap_or_else(|| {
+            let scheme = if opts.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", opts.listen)
+        }),
         nats: opts.nats.clone(),
         js: tokio::sync::OnceCell::new(),
         published: Mutex::new(HashMap::new()),
@@ -600,6 +602,22 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .with_context(|| format!("listen on {}", opts.listen))?;
     info!(listen = %opts.listen, key_id = %super::identity::key_id(&signing_key(&opts.data)?.verifying_key()), "control plane serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    if let Some((cert, key)) = &opts.tls {
+        let acceptor = tls_acceptor(cert, key)?;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, _)) => {
+                        tokio::spawn(serve_tls(acceptor.clone(), tcp, app.clone()));
+                    }
+                    Err(e) => warn!(error = %e, "accept failed"),
+                },
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        return Ok(());
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             tokio::select! {
@@ -609,6 +627,50 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         })
         .await?;
     Ok(())
+}
+
+/// A rustls server configuration from PEM files (ring provider, TLS 1.2 and 1.3).
+fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("read {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parse {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("read the TLS key {}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("TLS certificate and key")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// One HTTPS connection: handshake (bounded), then HTTP/1.1 with keep-alive.
+async fn serve_tls(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    app: axum::Router,
+) {
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+        .await
+    {
+        tracing::debug!(error = %e, "HTTPS connection ended");
+    }
 }
 
 /// Puts raw envelope bytes under a node's key (an operator tool: publish an envelope

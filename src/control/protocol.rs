@@ -101,6 +101,10 @@ pub struct ControlConfig {
     pub signing_key: String,
     pub transport: Transport,
     pub enrolled_at: String,
+    /// PEM certificate(s) the node trusts for the control plane's HTTPS, besides the
+    /// public roots (a private CA or a self-signed certificate), from `join --ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
     /// Seconds between status messages when nothing changes (heartbeat).
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
@@ -108,6 +112,25 @@ pub struct ControlConfig {
 
 fn default_heartbeat() -> u64 {
     15
+}
+
+/// An HTTP client for the control plane (rustls; public roots plus `ca_pem` if given).
+pub fn http_client(
+    ca_pem: Option<&str>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<reqwest::Client> {
+    use anyhow::Context;
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(timeout);
+    if let Some(pem) = ca_pem {
+        for cert in
+            reqwest::Certificate::from_pem_bundle(pem.as_bytes()).context("CA certificate (PEM)")?
+        {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    b.build().context("HTTP client")
 }
 
 impl ControlConfig {
