@@ -320,6 +320,17 @@ async fn serve(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
 }
 
 fn accept(shared: &Shared, bytes: &[u8], format: Format) -> Response {
+    accept_expecting(shared, bytes, format, None)
+}
+
+/// [`accept`], refusing a document whose generation is not `expected` (the generation
+/// a control-plane envelope signed).
+fn accept_expecting(
+    shared: &Shared,
+    bytes: &[u8],
+    format: Format,
+    expected: Option<u64>,
+) -> Response {
     let doc = match document::parse_bytes(bytes, format, &shared.limits) {
         Ok(d) => d,
         Err(problems) => {
@@ -335,6 +346,12 @@ fn accept(shared: &Shared, bytes: &[u8], format: Format) -> Response {
             };
         }
     };
+    if let Some(g) = expected.filter(|g| *g != doc.generation) {
+        return Response::error(format!(
+            "$.generation: the envelope signed generation {g} but the document says {}",
+            doc.generation
+        ));
+    }
     if let Err(e) = check_mode(&doc, shared.mode) {
         return Response::error(e);
     }
@@ -493,19 +510,7 @@ impl crate::control::transport::Node for ControlNode {
             Err(e) => return refused(Some(env.generation), e.to_string()),
         };
         // The envelope's generation is what was signed; the document must agree.
-        match document::parse_bytes(&doc, Format::Json, &shared.limits) {
-            Ok(d) if d.generation != env.generation => {
-                return refused(
-                    Some(env.generation),
-                    format!(
-                        "envelope generation {} but document generation {}",
-                        env.generation, d.generation
-                    ),
-                )
-            }
-            _ => {}
-        }
-        let resp = accept(shared, &doc, Format::Json);
+        let resp = accept_expecting(shared, &doc, Format::Json, Some(env.generation));
         if resp.ok {
             let digest = hex::encode(sha2::Sha256::digest(&doc));
             if let Err(e) = lock(&shared.store).put_state(CONTROL_DOCUMENT_KEY, &digest) {

@@ -100,6 +100,7 @@ struct Plane {
     published: Mutex<HashMap<String, Published>>,
     /// Bumped whenever an envelope changes; long polls wait on it.
     changed: tokio::sync::watch::Sender<u64>,
+    enrolling: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -186,6 +187,8 @@ impl Plane {
     }
 
     fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, (StatusCode, String)> {
+        // One enrollment at a time: each rewrites the NATS authorization file.
+        let _one = lock(&self.enrolling);
         let bad = |m: &str| (StatusCode::BAD_REQUEST, m.to_string());
         if parse_public_key(&req.public_key).is_none() {
             return Err(bad("publicKey is not an Ed25519 public key"));
@@ -285,6 +288,10 @@ impl Plane {
             if !fresh {
                 match build_envelope(&self.signing, &path, node, &self.limits) {
                     Ok((generation, bytes)) => {
+                        // A node that already has this generation (a control-plane
+                        // restart re-reads every file) is not sent a re-sealed copy,
+                        // which it would report as a replay.
+                        let has_it = node.accepted_generation.is_some_and(|a| a >= generation);
                         info!(node = %id, generation, "publishing document");
                         lock(&self.published).insert(
                             id.to_string(),
@@ -293,7 +300,7 @@ impl Plane {
                                 sealing_key: node.sealing_key.clone(),
                                 generation,
                                 bytes: Arc::new(bytes),
-                                on_nats: false,
+                                on_nats: has_it,
                             },
                         );
                         self.changed.send_modify(|n| *n += 1);
@@ -575,6 +582,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         js: tokio::sync::OnceCell::new(),
         published: Mutex::new(HashMap::new()),
         changed,
+        enrolling: Mutex::new(()),
     });
     if let Some(n) = opts.nats.clone() {
         plane.write_nats_auth()?;
