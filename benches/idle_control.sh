@@ -31,7 +31,7 @@ pid_file: "$DIR/nats.pid"
 include ./auth.conf
 CONF
 echo 'authorization { users = [ {user: "converge-cp", password: "bench"} ] }' >"$DIR/auth.conf"
-in_ns /usr/sbin/nats-server -c "$DIR/nats.conf" >"$DIR/nats.log" 2>&1 &
+nsenter --net="/run/netns/$NS" /usr/sbin/nats-server -c "$DIR/nats.conf" >"$DIR/nats.log" 2>&1 &
 PIDS+=($!)
 sleep 1
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -41,7 +41,8 @@ hz=$(getconf CLK_TCK)
 measure() { # transport extra-serve-args...
     local name=$1; shift
     local node="$DIR/node-$name" port=$((8440 + ${#name}))
-    CONVERGE_NATS_PASSWORD=bench in_ns "$BIN" control-plane serve --dir "$DIR/docs" --data "$DIR/cp-$name" \
+    # nsenter directly (not the function): `$!` is then the program's own pid.
+    CONVERGE_NATS_PASSWORD=bench nsenter --net="/run/netns/$NS" "$BIN" control-plane serve --dir "$DIR/docs" --data "$DIR/cp-$name" \
         --listen "127.0.0.1:$port" "$@" 2>"$DIR/cp-$name.log" &
     PIDS+=($!)
     sleep 1
@@ -50,7 +51,7 @@ measure() { # transport extra-serve-args...
     in_ns "$BIN" --data-dir "$node" join --url "http://127.0.0.1:$port" --token "$token" --name "bench-$name" >/dev/null
     printf '{"apiVersion":"converge/v1","node":{"id":"bench-%s","mode":"worker"},"generation":1,"issuedAt":"2026-11-24T10:00:00Z","secrets":{"k":"v"}}' "$name" \
         >"$DIR/docs/bench-$name.json"
-    in_ns "$BIN" --data-dir "$node" --secrets-dir "$DIR/none" agent --node-id "bench-$name" 2>"$DIR/agent-$name.log" &
+    nsenter --net="/run/netns/$NS" "$BIN" --data-dir "$node" --secrets-dir "$DIR/none" agent --node-id "bench-$name" 2>"$DIR/agent-$name.log" &
     local agent=$!
     PIDS+=($agent)
     for _ in $(seq 100); do
