@@ -25,8 +25,8 @@ pub fn inbox_prefix(node_id: &str) -> String {
     format!("_INBOX_{node_id}")
 }
 
-/// `POST /v1/enroll` body.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `POST /v1/enroll` body. `Debug` redacts the token.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollRequest {
     pub token: String,
@@ -37,6 +37,18 @@ pub struct EnrollRequest {
     /// Base64 X25519 public key (secrets are sealed to it).
     pub sealing_key: String,
     pub facts: Facts,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("token", &converge_core::redact(&self.token))
+            .field("name", &self.name)
+            .field("public_key", &self.public_key)
+            .field("sealing_key", &self.sealing_key)
+            .field("facts", &self.facts)
+            .finish()
+    }
 }
 
 /// What a node reports about itself at enrollment and in every status.
@@ -56,8 +68,9 @@ pub struct Facts {
     pub mode: String,
 }
 
-/// How the node reaches the control plane after enrollment.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// How the node reaches the control plane after enrollment. `Debug` redacts the
+/// password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Transport {
     Nats {
@@ -68,6 +81,24 @@ pub enum Transport {
     Https {
         url: String,
     },
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Nats {
+                url,
+                user,
+                password,
+            } => f
+                .debug_struct("Nats")
+                .field("url", url)
+                .field("user", user)
+                .field("password", &converge_core::redact(password))
+                .finish(),
+            Transport::Https { url } => f.debug_struct("Https").field("url", url).finish(),
+        }
+    }
 }
 
 impl Transport {
@@ -292,6 +323,33 @@ mod tests {
         assert!(!verify_request(
             &pk, "POST", "/v1/x", 100, 1000, &sig, b"{}"
         ));
+    }
+
+    #[test]
+    fn debug_output_redacts_credentials() {
+        let t = Transport::Nats {
+            url: "nats://x".into(),
+            user: "n1".into(),
+            password: "pa55word".into(),
+        };
+        let cfg = ControlConfig {
+            url: "https://cp".into(),
+            node_id: "n1".into(),
+            signing_key: String::new(),
+            transport: t,
+            ca_cert: None,
+            enrolled_at: String::new(),
+            heartbeat_secs: 15,
+        };
+        assert!(!format!("{cfg:?}").contains("pa55word"));
+        let req = EnrollRequest {
+            token: "t0ken-secret".into(),
+            name: "n1".into(),
+            public_key: String::new(),
+            sealing_key: String::new(),
+            facts: Facts::default(),
+        };
+        assert!(!format!("{req:?}").contains("t0ken-secret"));
     }
 
     #[test]
