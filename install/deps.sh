@@ -8,7 +8,7 @@ APT_PACKAGES=(
   build-essential pkg-config libclang-dev
   iproute2 iputils-ping procps psmisc
   dnsmasq-base dnsutils nftables iptables
-  curl ca-certificates wget busybox-static
+  curl ca-certificates openssl wget busybox-static
   python3 python3-venv
   podman runc docker.io
   wireguard-tools wireguard-go

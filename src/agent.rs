@@ -8,14 +8,20 @@
 //! side). The agent reads at most `--max-document-bytes` + 1 of them, answers with one
 //! JSON [`Response`] and closes.
 
+use crate::control::envelope::{Envelope, EnvelopeError};
+use crate::control::identity::Identity;
+use crate::control::protocol::{ControlConfig, StatusMessage};
+use crate::control::sealed;
+use crate::control::transport::{Accepted, ControlState};
 use crate::document::{self, Document, Format, Mode};
 use crate::engine::{Engine, EngineConfig, Report};
 use crate::limits::{self, Limits};
 use crate::status::ReconcilerStatus;
 use crate::store::{Store, StoreError};
 use anyhow::Context;
-use converge_core::Problems;
+use converge_core::{Problems, SecretSource};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -105,13 +111,24 @@ pub struct AgentOptions {
     pub limits: Limits,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     store: Mutex<Store>,
     engine: Engine,
     mode: Mode,
     node_id: String,
     limits: Limits,
+    /// Opens the document's sealed secrets (the node's sealing key).
+    sealing: crypto_box::SecretKey,
+    /// The reconcilers' secret source: updated when a document is accepted.
+    secrets: SecretSource,
+    /// Notified when a reconciler's status is saved (the control client reports it).
+    status_changed: Arc<tokio::sync::Notify>,
     data_dir: PathBuf,
+    host: crate::registry::HostOptions,
+    /// The control plane's signing key pinned at enrollment (`None`: not enrolled).
+    pinned: Option<ed25519_dalek::VerifyingKey>,
+    /// Status is sent at least this often while connected.
+    heartbeat: Duration,
 }
 
 fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
@@ -131,16 +148,36 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     } else {
         Mode::Worker
     };
+    let identity = Identity::load_or_create(&opts.data_dir).context("node keys")?;
+    let control = ControlConfig::load(&opts.data_dir)?;
+    if let Some(c) = &control {
+        if c.node_id != opts.node_id {
+            anyhow::bail!(
+                "this node is enrolled as {:?} ({}), not {:?}: drop --node-id or enroll again",
+                c.node_id,
+                ControlConfig::path(&opts.data_dir).display(),
+                opts.node_id
+            );
+        }
+    }
+    let secrets = SecretSource::new(&opts.host.secrets_dir);
     let initial = match store.last_good()? {
         Some((g, body)) => match document::parse_with(&body, Format::Json, &opts.limits) {
             Ok(doc) if doc.node.id != opts.node_id => {
                 error!(generation = g, document_node = %doc.node.id, "stored document is for another node; waiting for a new one");
                 None
             }
-            Ok(doc) => {
-                info!(generation = g, "resuming from the last good document");
-                Some(Arc::new(doc))
-            }
+            Ok(doc) => match sealed::open_all(identity.sealing_secret(), doc.secrets.as_ref()) {
+                Ok(values) => {
+                    info!(generation = g, "resuming from the last good document");
+                    secrets.set_sealed(values);
+                    Some(Arc::new(doc))
+                }
+                Err(e) => {
+                    error!(generation = g, error = %e, "stored document's secrets cannot be opened; waiting for a new one");
+                    None
+                }
+            },
             Err(p) => {
                 error!(generation = g, problems = %p.len(), "stored document no longer validates; waiting for a new one");
                 None
@@ -154,6 +191,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         &opts.host,
         &opts.node_id,
         opts.engine.resync,
+        &secrets,
     );
     // Every reconciler is listed from the start, so that "every reconciler reports
     // generation N" is never true of an empty list right after a push.
@@ -181,10 +219,26 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         mode,
         node_id: opts.node_id.clone(),
         limits: opts.limits,
+        sealing: identity.sealing_secret().clone(),
+        secrets,
+        status_changed: Arc::new(tokio::sync::Notify::new()),
         data_dir: opts.data_dir.clone(),
+        host: opts.host.clone(),
+        pinned: match &control {
+            Some(c) => Some(c.pinned_key()?),
+            None => None,
+        },
+        heartbeat: Duration::from_secs(control.as_ref().map_or(15, |c| c.heartbeat_secs.max(1))),
     });
     let persister = tokio::spawn(persist_reports(shared.clone(), rx));
     info!(socket = %sock.display(), ?mode, "agent started");
+    if let Some(control) = control {
+        tokio::spawn(crate::control::client::run(
+            control,
+            identity,
+            Arc::new(ControlNode(shared.clone())),
+        ));
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -228,14 +282,15 @@ async fn bind_socket(sock: &Path) -> anyhow::Result<UnixListener> {
 
 async fn persist_reports(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Report>) {
     while let Some(report) = rx.recv().await {
-        let shared = shared.clone();
+        let writer = shared.clone();
         let res = tokio::task::spawn_blocking(move || {
-            let mut store = lock(&shared.store);
+            let mut store = lock(&writer.store);
             store.put_status(&report.status)?;
             store.journal(&report.status.reconciler, &report.journal)
         })
         .await;
         crate::memory::trim();
+        shared.status_changed.notify_one();
         match res {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!(error = %e, "cannot persist status"),
@@ -276,6 +331,17 @@ async fn serve(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
 }
 
 fn accept(shared: &Shared, bytes: &[u8], format: Format) -> Response {
+    accept_expecting(shared, bytes, format, None)
+}
+
+/// [`accept`], refusing a document whose generation is not `expected` (the generation
+/// a control-plane envelope signed).
+fn accept_expecting(
+    shared: &Shared,
+    bytes: &[u8],
+    format: Format,
+    expected: Option<u64>,
+) -> Response {
     let doc = match document::parse_bytes(bytes, format, &shared.limits) {
         Ok(d) => d,
         Err(problems) => {
@@ -291,6 +357,12 @@ fn accept(shared: &Shared, bytes: &[u8], format: Format) -> Response {
             };
         }
     };
+    if let Some(g) = expected.filter(|g| *g != doc.generation) {
+        return Response::error(format!(
+            "$.generation: the envelope signed generation {g} but the document says {}",
+            doc.generation
+        ));
+    }
     if let Err(e) = check_mode(&doc, shared.mode) {
         return Response::error(e);
     }
@@ -300,6 +372,12 @@ fn accept(shared: &Shared, bytes: &[u8], format: Format) -> Response {
             doc.node.id, shared.node_id
         ));
     }
+    // Secrets are opened before anything is stored: a document whose secrets this node
+    // cannot open is refused like an invalid one. Values stay in memory only.
+    let opened = match sealed::open_all(&shared.sealing, doc.secrets.as_ref()) {
+        Ok(v) => v,
+        Err(e) => return Response::error(e.to_string()),
+    };
     let canonical = match serde_json::to_string(&doc) {
         Ok(c) => c,
         Err(e) => return Response::error(format!("cannot serialise document: {e}")),
@@ -309,7 +387,12 @@ fn accept(shared: &Shared, bytes: &[u8], format: Format) -> Response {
         Err(e @ StoreError::Stale { .. }) => return Response::error(e.to_string()),
         Err(e) => return Response::error(format!("not stored: {e}")),
     }
-    info!(generation = doc.generation, "accepted document");
+    info!(
+        generation = doc.generation,
+        secrets = opened.len(),
+        "accepted document"
+    );
+    shared.secrets.set_sealed(opened);
     let generation = doc.generation;
     shared.engine.push(Arc::new(doc));
     Response {
@@ -419,4 +502,114 @@ async fn read_response(stream: &mut UnixStream) -> anyhow::Result<Response> {
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await?;
     serde_json::from_slice(&buf).context("bad response from agent")
+}
+
+/// Store key of the control-plane connection state (shown by `converge status`).
+pub const CONTROL_STATE_KEY: &str = "control";
+/// Store key of the SHA-256 of the last document accepted from the control plane, so a
+/// re-delivery of that very document is not reported as a replay.
+const CONTROL_DOCUMENT_KEY: &str = "control_document_sha256";
+
+/// The agent as the control-plane client sees it: envelopes go through the same accept
+/// path as a socket push, after the envelope is verified.
+struct ControlNode(Arc<Shared>);
+
+impl crate::control::transport::Node for ControlNode {
+    fn accept_envelope(&self, bytes: &[u8]) -> Accepted {
+        let shared = &self.0;
+        let refused = |generation, error: String| Accepted::Refused { generation, error };
+        let env = match Envelope::parse(bytes) {
+            Ok(e) => e,
+            Err(e) => return refused(None, e.to_string()),
+        };
+        let Some(pinned) = shared.pinned else {
+            return refused(Some(env.generation), "no pinned control-plane key".into());
+        };
+        let applied = match lock(&shared.store).current_generation() {
+            Ok(g) => g,
+            Err(e) => return refused(Some(env.generation), e.to_string()),
+        };
+        let doc = match env.verify(&pinned, &shared.node_id, applied) {
+            Ok(d) => d,
+            Err(EnvelopeError::Stale { offered, applied }) if offered == applied => {
+                // The same document again (a reconnect re-delivers the newest value)?
+                let seen = lock(&shared.store)
+                    .get_state(CONTROL_DOCUMENT_KEY)
+                    .ok()
+                    .flatten();
+                let this = env
+                    .verify(&pinned, &shared.node_id, None)
+                    .map(|d| hex::encode(sha2::Sha256::digest(&d)))
+                    .ok();
+                if this.is_some() && seen == this {
+                    return Accepted::AlreadyApplied;
+                }
+                return refused(
+                    Some(offered),
+                    EnvelopeError::Stale { offered, applied }.to_string(),
+                );
+            }
+            Err(e) => return refused(Some(env.generation), e.to_string()),
+        };
+        // The envelope's generation is what was signed; the document must agree.
+        let resp = accept_expecting(shared, &doc, Format::Json, Some(env.generation));
+        if resp.ok {
+            let digest = hex::encode(sha2::Sha256::digest(&doc));
+            if let Err(e) = lock(&shared.store).put_state(CONTROL_DOCUMENT_KEY, &digest) {
+                warn!(error = %e, "cannot record the accepted document's digest");
+            }
+            Accepted::Accepted(env.generation)
+        } else {
+            let mut error = resp.error.unwrap_or_else(|| "refused".into());
+            if !resp.problems.is_empty() {
+                let first: Vec<String> = resp
+                    .problems
+                    .0
+                    .iter()
+                    .take(5)
+                    .map(|p| p.to_string())
+                    .collect();
+                error = format!("{error}: {}", first.join("; "));
+            }
+            refused(Some(env.generation), error)
+        }
+    }
+
+    fn status(&self) -> StatusMessage {
+        let shared = &self.0;
+        let store = lock(&shared.store);
+        StatusMessage {
+            node_id: shared.node_id.clone(),
+            sent_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            accepted_generation: store.current_generation().ok().flatten(),
+            reconcilers: store.statuses().unwrap_or_default(),
+            facts: crate::control::enroll::facts(
+                &shared.data_dir,
+                &shared.host,
+                shared.mode == Mode::Proxy,
+            ),
+            heartbeat_secs: shared.heartbeat.as_secs(),
+        }
+    }
+
+    fn applied(&self) -> Option<u64> {
+        lock(&self.0.store).current_generation().ok().flatten()
+    }
+
+    fn set_control_state(&self, state: &ControlState) {
+        let res = serde_json::to_string(state)
+            .map_err(|e| e.to_string())
+            .and_then(|s| {
+                lock(&self.0.store)
+                    .put_state(CONTROL_STATE_KEY, &s)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = res {
+            warn!(error = %e, "cannot record the control-plane connection state");
+        }
+    }
+
+    fn status_changed(&self) -> Arc<tokio::sync::Notify> {
+        self.0.status_changed.clone()
+    }
 }

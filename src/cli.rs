@@ -149,12 +149,119 @@ pub enum Command {
         #[command(subcommand)]
         command: MetadataCommand,
     },
+    /// Enroll this node with a control plane (one-time registration token). The agent
+    /// then receives signed documents from it; `push` stays the operator's local path.
+    Join {
+        /// The control plane's URL (e.g. https://cp.example:8443).
+        #[arg(long)]
+        url: String,
+        /// One-time registration token (`converge control-plane token`).
+        #[arg(long, env = "CONVERGE_JOIN_TOKEN")]
+        token: String,
+        /// Node name to ask for (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// This node is a proxy.
+        #[arg(long)]
+        proxy: bool,
+        /// Enroll again with new keys although this node is enrolled.
+        #[arg(long)]
+        force: bool,
+        /// PEM file of the certificate (or CA) to trust for the control plane's HTTPS,
+        /// besides the public roots; pinned in control.json.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// The reference control plane.
+    ControlPlane {
+        #[command(subcommand)]
+        command: ControlPlaneCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum MetadataCommand {
     /// Print one project as stored: index, rate limit, token hash prefix, every entry.
     Inspect { project: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ControlPlaneCommand {
+    /// Serve enrollment and documents from DIR (`<node-id>.json|yaml`, republished when
+    /// a file changes); over NATS JetStream with --nats, else over HTTPS long poll.
+    Serve {
+        /// Documents, one file per node id; plaintext `secrets` values are sealed to the
+        /// node on the way out.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Control-plane state (signing key, tokens, nodes, status).
+        #[arg(long)]
+        data: PathBuf,
+        /// HTTP listen address (enrollment; documents and status without --nats).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+        /// URL nodes use to reach this server (default http://<listen>).
+        #[arg(long)]
+        public_url: Option<String>,
+        /// NATS server URL: documents in the KV bucket `converge`, status on
+        /// `converge.status.<node>`.
+        #[arg(long)]
+        nats: Option<String>,
+        /// NATS URL handed to nodes (default: --nats).
+        #[arg(long)]
+        nats_public_url: Option<String>,
+        #[arg(long, default_value = "converge-cp")]
+        nats_user: String,
+        #[arg(long, env = "CONVERGE_NATS_PASSWORD", default_value = "")]
+        nats_password: String,
+        /// Authorization file included by nats-server; rewritten on each enrollment.
+        #[arg(long)]
+        nats_auth_file: Option<PathBuf>,
+        /// nats-server's pid file (SIGHUP reloads the authorization file).
+        #[arg(long)]
+        nats_pid_file: Option<PathBuf>,
+        /// TLS certificate chain (PEM): serve HTTPS. Needs --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
+    /// Print a new one-time registration token.
+    Token {
+        #[arg(long)]
+        data: PathBuf,
+        /// Seconds the token stays valid.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
+    },
+    /// Enrolled nodes: accepted and converged generation, conditions, last seen.
+    Nodes {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: OutputFormat,
+    },
+    /// Print the signed envelope of FILE for NODE (secrets sealed to it).
+    Sign {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        node: String,
+        file: PathBuf,
+    },
+    /// Put an envelope (JSON file) under NODE's key of the NATS KV bucket as is.
+    Put {
+        #[arg(long)]
+        nats: String,
+        #[arg(long, default_value = "converge-cp")]
+        nats_user: String,
+        #[arg(long, env = "CONVERGE_NATS_PASSWORD", default_value = "")]
+        nats_password: String,
+        #[arg(long)]
+        node: String,
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,11 +311,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(doc) = load_valid(&file, output, &limits)? else {
                 return Ok(ExitCode::from(1));
             };
-            let mut sections = registry::sections(
+            let secrets = secret_source(&cli.data_dir, &cli.host, &doc)?;
+            let mut sections = registry::sections_with(
                 &cli.data_dir,
                 &cli.host,
                 &doc.node.id,
                 EngineConfig::default().resync,
+                &secrets,
             );
             let mut unbuilt = unbuilt_sections(&doc, &sections);
             if let Some(r) = &reconciler {
@@ -313,14 +422,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = Store::open(&agent::store_path(&cli.data_dir)).context("open store")?;
             let generation = store.current_generation()?;
             let statuses = store.statuses()?;
+            let control: Option<crate::control::transport::ControlState> = store
+                .get_state(agent::CONTROL_STATE_KEY)?
+                .and_then(|s| serde_json::from_str(&s).ok());
             match output {
                 OutputFormat::Text => {
-                    print!("{}", output::status_text(generation, &statuses, color))
+                    print!("{}", output::status_text(generation, &statuses, color));
+                    if let Some(c) = &control {
+                        println!("{}", control_line(c));
+                    }
                 }
                 OutputFormat::Json => println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &serde_json::json!({"generation": generation, "reconcilers": statuses})
+                        &serde_json::json!({"generation": generation, "reconcilers": statuses, "control": control})
                     )?
                 ),
             }
@@ -345,6 +460,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Join {
+            url,
+            token,
+            name,
+            proxy,
+            force,
+            ca,
+        } => {
+            let ca_pem = match ca {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?,
+                ),
+                None => None,
+            };
+            let name = match name {
+                Some(n) => n,
+                None => hostname()?,
+            };
+            let config = crate::control::enroll::join(
+                &cli.data_dir,
+                &cli.host,
+                crate::control::enroll::JoinOptions {
+                    url: &url,
+                    token: &token,
+                    name,
+                    proxy,
+                    force,
+                    ca_pem,
+                },
+            )
+            .await?;
+            println!("{}", config.node_id);
+            eprintln!(
+                "enrolled as {:?}; documents over {}; start (or restart) `converge agent`",
+                config.node_id,
+                config.transport.describe()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ControlPlane { command } => control_plane(command, limits).await,
     }
 }
 
@@ -390,6 +545,25 @@ fn rotate_key(
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Secrets for one-shot commands: local files, then the document's sealed values opened
+/// with this node's key (when it has one). Values stay in memory.
+fn secret_source(
+    data_dir: &Path,
+    host: &HostOptions,
+    doc: &Document,
+) -> anyhow::Result<converge_core::SecretSource> {
+    let source = converge_core::SecretSource::new(&host.secrets_dir);
+    if doc.secrets.as_ref().is_some_and(|s| !s.is_empty()) {
+        let identity = crate::control::identity::Identity::load(data_dir)
+            .context("the document has sealed secrets but this node has no sealing key")?;
+        source.set_sealed(crate::control::sealed::open_all(
+            identity.sealing_secret(),
+            doc.secrets.as_ref(),
+        )?);
+    }
+    Ok(source)
 }
 
 /// The accepted document, if the store has one that still parses.
@@ -475,7 +649,14 @@ async fn apply(
         "worker"
     };
     let generation = doc.generation;
-    let sections = registry::sections(data_dir, host, &doc.node.id, EngineConfig::default().resync);
+    let secrets = secret_source(data_dir, host, &doc)?;
+    let sections = registry::sections_with(
+        data_dir,
+        host,
+        &doc.node.id,
+        EngineConfig::default().resync,
+        &secrets,
+    );
     let unbuilt = unbuilt_sections(&doc, &sections);
     let doc = Arc::new(doc);
     let applied = run_once(&sections, doc.clone(), false).await;
@@ -552,6 +733,152 @@ async fn apply(
         ),
     }
     Ok(ExitCode::from(if degraded { 1 } else { 0 }))
+}
+
+/// `control: connected (nats …) since T` / `control: disconnected since T (…); the last
+/// good document stays in force`.
+fn control_line(c: &crate::control::transport::ControlState) -> String {
+    if c.connected {
+        format!("control: connected ({}) since {}", c.transport, c.since)
+    } else {
+        format!(
+            "control: disconnected ({}) since {}{}; converging the last good document",
+            c.transport,
+            c.since,
+            c.error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// `converge control-plane …`.
+async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::Result<ExitCode> {
+    use crate::control::plane;
+    match command {
+        ControlPlaneCommand::Serve {
+            dir,
+            data,
+            listen,
+            public_url,
+            nats,
+            nats_public_url,
+            nats_user,
+            nats_password,
+            nats_auth_file,
+            nats_pid_file,
+            tls_cert,
+            tls_key,
+        } => {
+            let nats = match nats {
+                Some(url) => Some(plane::NatsOptions {
+                    public_url: nats_public_url.unwrap_or_else(|| url.clone()),
+                    url,
+                    user: nats_user,
+                    password: nats_password,
+                    auth_file: nats_auth_file.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--nats needs --nats-auth-file (per-node users are written there)"
+                        )
+                    })?,
+                    pid_file: nats_pid_file,
+                }),
+                None => None,
+            };
+            plane::serve(plane::ServeOptions {
+                docs: dir,
+                data,
+                listen,
+                public_url,
+                nats,
+                limits,
+                tls: tls_cert.zip(tls_key),
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::Token { data, ttl_secs } => {
+            println!("{}", plane::new_token(&data, ttl_secs)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::Nodes { data, output } => {
+            let nodes =
+                crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?.nodes()?;
+            match output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&nodes)?),
+                OutputFormat::Text => print!("{}", nodes_text(&nodes)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::Sign { data, node, file } => {
+            let store = crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?;
+            let record = store
+                .node(&node)?
+                .ok_or_else(|| anyhow::anyhow!("no enrolled node {node:?}"))?;
+            let (_, bytes) =
+                plane::build_envelope(&plane::signing_key(&data)?, &file, &record, &limits)?;
+            println!("{}", String::from_utf8_lossy(&bytes));
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::Put {
+            nats,
+            nats_user,
+            nats_password,
+            node,
+            file,
+        } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+            plane::put(&nats, &nats_user, &nats_password, &node, bytes).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn nodes_text(nodes: &[crate::control::plane_store::NodeRecord]) -> String {
+    use std::fmt::Write;
+    let g = |v: Option<u64>| v.map(|g| g.to_string()).unwrap_or_else(|| "-".into());
+    let mut out = format!(
+        "{:<20} {:>8} {:>9}  {:<24} CONDITIONS\n",
+        "NODE", "ACCEPTED", "CONVERGED", "LAST SEEN"
+    );
+    for n in nodes {
+        let conditions: Vec<String> = n
+            .status
+            .as_ref()
+            .and_then(|s| s["reconcilers"].as_array())
+            .map(|rs| {
+                rs.iter()
+                    .map(|r| {
+                        format!(
+                            "{}={}",
+                            r["reconciler"].as_str().unwrap_or("?"),
+                            r["state"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<20} {:>8} {:>9}  {:<24} {}",
+            n.id,
+            g(n.accepted_generation),
+            g(n.converged_generation),
+            n.last_seen.as_deref().unwrap_or("never"),
+            conditions.join(" ")
+        );
+        if let Some(r) = &n.refused {
+            let _ = writeln!(
+                out,
+                "{:<20} refused generation {}: {}",
+                "",
+                r["generation"],
+                r["error"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    out
 }
 
 /// The host name, the default node id.

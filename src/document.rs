@@ -85,6 +85,12 @@ pub struct Document {
     /// Node metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<converge_metadata::MetadataSpec>,
+    /// Secret values sealed to this node: secret name → base64 of an X25519 sealed box
+    /// (libsodium `crypto_box_seal`) made with the node's sealing key. Opened only in the
+    /// agent's memory; the store keeps them sealed. A local file `<secrets dir>/<name>`
+    /// overrides a value. See docs/protocol.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// The largest generation: 2^53 − 1, exact in every JSON implementation.

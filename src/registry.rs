@@ -4,6 +4,7 @@ use crate::document::Document;
 use crate::engine::{Bound, Section};
 use converge_containers::driver::NoRuntime;
 use converge_containers::{Config as ContainersConfig, Containers, Workload};
+use converge_core::SecretSource;
 use converge_dns::driver::Dnsmasq;
 use converge_dns::{Dns, Layout};
 use converge_firewall::{Firewall, Kernel};
@@ -65,8 +66,9 @@ pub struct HostOptions {
 }
 
 /// The containers reconciler on the chosen runtime.
-fn containers(host: &HostOptions, node_id: &str) -> Arc<dyn Section> {
-    let config = ContainersConfig::new(node_id, &host.secrets_dir);
+fn containers(host: &HostOptions, node_id: &str, secrets: &SecretSource) -> Arc<dyn Section> {
+    let mut config = ContainersConfig::new(node_id, &host.secrets_dir);
+    config.secrets = secrets.clone();
     fn select(d: &Document) -> Option<Cow<'_, Workload>> {
         if d.containers.is_none() && d.networks.is_none() {
             return None;
@@ -145,8 +147,14 @@ fn wireguard_go_binary() -> PathBuf {
 /// The WireGuard reconciler: generated keys under `<data_dir>/wireguard/`, secrets from
 /// `--secrets-dir`. Its netlink sockets are opened here, in the agent's network
 /// namespace; if that fails every pass reports why.
-fn wireguard(data_dir: &Path, host: &HostOptions, resync: Duration) -> Arc<dyn Section> {
+fn wireguard(
+    data_dir: &Path,
+    host: &HostOptions,
+    resync: Duration,
+    secrets: &SecretSource,
+) -> Arc<dyn Section> {
     let mut config = WireguardConfig::new(data_dir, &host.secrets_dir);
+    config.secrets = secrets.clone();
     // Every resync reads the device in full (jitter takes up to 10 % off the period).
     config.full_read_after = config.full_read_after.min(resync.mul_f64(0.85));
     fn select(d: &Document) -> Option<Cow<'_, WireguardSpec>> {
@@ -194,27 +202,42 @@ fn metadata(data_dir: &Path, serve: bool) -> Arc<dyn Section> {
     Arc::new(Bound::new(Metadata::new(driver), served))
 }
 
-/// The agent's reconcilers: as [`sections`], plus the metadata read API served by this
-/// process (needs the tokio runtime).
+/// The agent's reconcilers: as [`sections_with`], plus the metadata read API served by
+/// this process (needs the tokio runtime).
 pub fn agent_sections(
     data_dir: &Path,
     host: &HostOptions,
     node_id: &str,
     resync: Duration,
+    secrets: &SecretSource,
 ) -> Vec<Arc<dyn Section>> {
-    build(data_dir, host, node_id, resync, true)
+    build(data_dir, host, node_id, resync, secrets, true)
 }
 
 /// The reconcilers of this build with their real drivers: files under `data_dir`,
-/// containers labelled with `node_id`; `resync` is the engine's drift-repair period.
-/// One-shot commands (`apply`, `diff`) write the metadata database but serve nothing.
+/// containers labelled with `node_id`; `resync` is the engine's drift-repair period;
+/// secrets from `--secrets-dir` only. One-shot commands (`apply`, `diff`) write the
+/// metadata database but serve nothing.
 pub fn sections(
     data_dir: &Path,
     host: &HostOptions,
     node_id: &str,
     resync: Duration,
 ) -> Vec<Arc<dyn Section>> {
-    build(data_dir, host, node_id, resync, false)
+    let secrets = SecretSource::new(&host.secrets_dir);
+    build(data_dir, host, node_id, resync, &secrets, false)
+}
+
+/// [`sections`] reading secrets from `secrets` (also holding the opened sealed values
+/// of the document).
+pub fn sections_with(
+    data_dir: &Path,
+    host: &HostOptions,
+    node_id: &str,
+    resync: Duration,
+    secrets: &SecretSource,
+) -> Vec<Arc<dyn Section>> {
+    build(data_dir, host, node_id, resync, secrets, false)
 }
 
 fn build(
@@ -222,6 +245,7 @@ fn build(
     host: &HostOptions,
     node_id: &str,
     resync: Duration,
+    secrets: &SecretSource,
     serve: bool,
 ) -> Vec<Arc<dyn Section>> {
     let dns = Dns::new(Dnsmasq::new(
@@ -230,8 +254,8 @@ fn build(
     ));
     let firewall = Firewall::new(Kernel::new());
     vec![
-        containers(host, node_id),
-        wireguard(data_dir, host, resync),
+        containers(host, node_id, secrets),
+        wireguard(data_dir, host, resync, secrets),
         Arc::new(Bound::new(firewall, |d: &Document| {
             d.firewall.as_ref().map(Cow::Borrowed)
         })),

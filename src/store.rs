@@ -150,6 +150,27 @@ impl Store {
         Ok(())
     }
 
+    /// A small named value of agent state (e.g. the control-plane connection).
+    pub fn put_state(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO state (key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// A value saved with [`Store::put_state`].
+    pub fn get_state(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT value FROM state WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// The last good document's generation and text.
     pub fn last_good(&self) -> Result<Option<(u64, String)>, StoreError> {
         let Some(g) = self.current_generation()? else {

@@ -7,6 +7,7 @@ use crate::driver::{
 };
 use crate::plan::{self, Action, Crashes, NetStep, Observed, Secret, Step, CRASH_WINDOW};
 use crate::spec::Workload;
+use converge_core::SecretSource;
 use converge_core::{
     with_timeout, ContainerFacts, DriverError, Facts, FactsUpdate, HostEvent, ObjectNote,
     ObjectOutcome, Plan, Reconciler,
@@ -23,8 +24,9 @@ use tracing::{info, warn, Instrument};
 pub struct Config {
     /// This node's id (ownership label `converge.node`).
     pub node_id: String,
-    /// Directory of local secret files (`<dir>/<secret name>`), until sealed secrets land.
-    pub secrets_dir: PathBuf,
+    /// Secret values: a local file `<secrets dir>/<name>` overrides the document's
+    /// sealed value of the same name.
+    pub secrets: SecretSource,
     /// Concurrent pulls / container operations.
     pub parallel: usize,
     /// Bound of one runtime call (create, start, stop, …).
@@ -38,7 +40,7 @@ impl Config {
     pub fn new(node_id: impl Into<String>, secrets_dir: impl Into<PathBuf>) -> Self {
         Self {
             node_id: node_id.into(),
-            secrets_dir: secrets_dir.into(),
+            secrets: SecretSource::new(secrets_dir.into()),
             parallel: 4,
             call_timeout: Duration::from_secs(30),
             pull_timeout: Duration::from_secs(600),
@@ -87,10 +89,11 @@ impl<R: ContainerRuntime> Containers<R> {
     }
 
     fn read_secret(&self, name: &str) -> Result<Secret, String> {
-        let path = self.config.secrets_dir.join(name);
-        std::fs::read_to_string(&path)
-            .map(|s| Secret(s.trim_end_matches('\n').to_string()))
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        match self.config.secrets.get(name) {
+            Ok(Some(s)) => Ok(Secret(s.trim_end_matches('\n').to_string())),
+            Ok(None) => Err(format!("{} not found", self.config.secrets.describe(name))),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Records a restart of `name` (the plan already waited out its back-off).

@@ -9,6 +9,7 @@ pub mod plan;
 pub mod problems;
 pub mod reconciler;
 pub mod redact;
+pub mod secrets;
 pub mod vocab;
 
 pub use facts::{ContainerFacts, Facts, FactsUpdate};
@@ -18,3 +19,4 @@ pub use plan::{
 pub use problems::{Problem, Problems};
 pub use reconciler::{with_timeout, DriverError, HostEvent, Reconciler};
 pub use redact::redact;
+pub use secrets::{SecretError, SecretSource};

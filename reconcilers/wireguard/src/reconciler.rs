@@ -16,6 +16,7 @@ use crate::plan::{
 };
 use crate::spec::{Endpoint, PublicKey, WireguardSpec};
 use converge_core::fsutil::write_atomic;
+use converge_core::SecretSource;
 use converge_core::{
     with_timeout, DriverError, Facts, FactsUpdate, HostEvent, ObjectNote, ObjectOutcome, Plan,
     Reconciler,
@@ -36,8 +37,9 @@ mod keywatch;
 pub struct Config {
     /// converge's data directory; keys live in `<data_dir>/wireguard/<iface>.key`.
     pub data_dir: PathBuf,
-    /// Local secrets (`<secrets_dir>/<name>`): `privateKeySecret`, `presharedKeySecret`.
-    pub secrets_dir: PathBuf,
+    /// Secrets for `privateKeySecret`, `presharedKeySecret`: a local file
+    /// `<secrets dir>/<name>` overrides the document's sealed value.
+    pub secrets: SecretSource,
     /// Bound of each call that may block (device reads and writes, starting wireguard-go).
     pub call_timeout: Duration,
     /// The device is read in full again when the last full read is older than this.
@@ -52,7 +54,7 @@ impl Config {
     pub fn new(data_dir: impl Into<PathBuf>, secrets_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
-            secrets_dir: secrets_dir.into(),
+            secrets: SecretSource::new(secrets_dir.into()),
             call_timeout: Duration::from_secs(30),
             // Below the engine's resync (60 s minus 10 %), so that every resync re-reads.
             full_read_after: Duration::from_secs(50),
@@ -281,15 +283,34 @@ impl<D: WgDriver> WireguardReconciler<D> {
         .await
     }
 
+    /// A key held in a secret (local file override, else the sealed value).
+    fn secret_key(&self, name: &str) -> Result<Option<SecretKey>, KeyError> {
+        match self.config.secrets.get(name) {
+            Ok(Some(t)) => parse_key(&t)
+                .map(Some)
+                .ok_or_else(|| KeyError::Invalid(format!("secret {name:?}"))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(KeyError::Io {
+                path: e.path,
+                source: e.source,
+            }),
+        }
+    }
+
     fn private_key(&self, spec: &WireguardSpec) -> KeyInput {
-        let path = match &spec.private_key_secret {
-            Some(name) => self.config.secrets_dir.join(name),
-            None => key_path(&self.config.data_dir, &spec.interface),
+        let read = match &spec.private_key_secret {
+            Some(name) => self.secret_key(name),
+            None => read_key(&key_path(&self.config.data_dir, &spec.interface)),
         };
-        match read_key(&path) {
+        match read {
             Ok(Some(k)) => KeyInput::Ready(k),
             Ok(None) if spec.private_key_secret.is_none() => KeyInput::Missing,
-            Ok(None) => KeyInput::Unreadable(format!("secret {} not found", path.display())),
+            Ok(None) => KeyInput::Unreadable(format!(
+                "{} not found",
+                self.config
+                    .secrets
+                    .describe(spec.private_key_secret.as_deref().unwrap_or_default())
+            )),
             Err(e) => KeyInput::Unreadable(e.to_string()),
         }
     }
@@ -303,10 +324,9 @@ impl<D: WgDriver> WireguardReconciler<D> {
             let Some(w) = &parsed.wants[i] else { continue };
             if let Some(s) = &w.psk_secret {
                 if !psks.contains_key(s) {
-                    let path = self.config.secrets_dir.join(s);
-                    let v = match read_key(&path) {
+                    let v = match self.secret_key(s) {
                         Ok(Some(k)) => Ok(k),
-                        Ok(None) => Err(format!("secret {} not found", path.display())),
+                        Ok(None) => Err(format!("{} not found", self.config.secrets.describe(s))),
                         Err(e) => Err(e.to_string()),
                     };
                     psks.insert(s.clone(), v);

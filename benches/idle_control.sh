@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Measures an idle `converge agent` holding a live control-plane connection (NATS
+# JetStream, then HTTPS long poll) with a small converged document: resident memory
+# (target < 20 MB) and CPU over the window (target < 0.5 %), heartbeats included.
+# Runs nats-server, the reference control plane and the agent in one network namespace
+# on 127.0.0.1; cleans up after itself. Needs root and nats-server.
+# Usage: benches/idle_control.sh [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-60}
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin converge
+BIN="$TARGET_DIR/release/converge"
+NS="cvg-idlecp-$$"
+DIR=$(mktemp -d /tmp/cvg-idlecp-XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    ip netns del "$NS" 2>/dev/null || true
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+in_ns() { nsenter --net="/run/netns/$NS" "$@"; }
+ip netns add "$NS"
+in_ns ip link set lo up
+mkdir -p "$DIR/docs" "$DIR/cp"
+cat >"$DIR/nats.conf" <<CONF
+listen: 127.0.0.1:4222
+jetstream { store_dir: "$DIR/js" }
+pid_file: "$DIR/nats.pid"
+include ./auth.conf
+CONF
+echo 'authorization { users = [ {user: "converge-cp", password: "bench"} ] }' >"$DIR/auth.conf"
+nsenter --net="/run/netns/$NS" /usr/sbin/nats-server -c "$DIR/nats.conf" >"$DIR/nats.log" 2>&1 &
+PIDS+=($!)
+sleep 1
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+hz=$(getconf CLK_TCK)
+
+measure() { # transport extra-serve-args...
+    local name=$1; shift
+    local node="$DIR/node-$name" port=$((8440 + ${#name}))
+    # nsenter directly (not the function): `$!` is then the program's own pid.
+    CONVERGE_NATS_PASSWORD=bench nsenter --net="/run/netns/$NS" "$BIN" control-plane serve --dir "$DIR/docs" --data "$DIR/cp-$name" \
+        --listen "127.0.0.1:$port" "$@" 2>"$DIR/cp-$name.log" &
+    PIDS+=($!)
+    sleep 1
+    local token
+    token=$("$BIN" control-plane token --data "$DIR/cp-$name")
+    in_ns "$BIN" --data-dir "$node" join --url "http://127.0.0.1:$port" --token "$token" --name "bench-$name" >/dev/null
+    printf '{"apiVersion":"converge/v1","node":{"id":"bench-%s","mode":"worker"},"generation":1,"issuedAt":"2026-11-24T10:00:00Z","secrets":{"k":"v"}}' "$name" \
+        >"$DIR/docs/bench-$name.json"
+    nsenter --net="/run/netns/$NS" "$BIN" --data-dir "$node" --secrets-dir "$DIR/none" agent --node-id "bench-$name" 2>"$DIR/agent-$name.log" &
+    local agent=$!
+    PIDS+=($agent)
+    for _ in $(seq 100); do
+        "$BIN" --data-dir "$node" status 2>/dev/null | grep -q "control: connected" && \
+            "$BIN" --data-dir "$node" status | grep -q "accepted generation: 1" && break
+        sleep 0.2
+    done
+    sleep 3
+    local t0 t1 rss1 hwm cpu
+    t0=$(ticks "$agent")
+    sleep "$SECS"
+    t1=$(ticks "$agent"); rss1=$(rss_kb "$agent"); hwm=$(awk '/VmHWM/ {print $2}' "/proc/$agent/status")
+    cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" -v s="$SECS" 'BEGIN { printf "%.3f", (b - a) / hz / s * 100 }')
+    "$BIN" --data-dir "$node" status | tail -1
+    awk -v n="$name" -v r="$rss1" -v h="$hwm" -v c="$cpu" -v s="$SECS" \
+        'BEGIN { printf "%-6s idle %3d s: RSS %5.1f MB (peak %5.1f MB, target 20), CPU %.3f %% (target 0.5)\n", n, s, r/1024, h/1024, c }'
+}
+measure nats --nats nats://127.0.0.1:4222 --nats-auth-file "$DIR/auth.conf" --nats-pid-file "$DIR/nats.pid"
+measure https

@@ -1,0 +1,150 @@
+//! Simulated fleet over NATS JetStream: N lightweight node clients (a real connection
+//! each, a push consumer on its own key of the `converge` bucket, the agent's watch;
+//! an acknowledgement on its status subject per envelope; no reconcilers), one
+//! publisher. Prints the time from the start of publishing one new generation for all
+//! nodes until each node's acknowledgement arrived (p50, p99, max), and this process's
+//! RSS and CPU per connection. Every client uses one bench user (no per-node
+//! permissions). Usage: `cargo run --release --example fleet -- nats://127.0.0.1:4222 USER PASSWORD N`.
+
+use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
+use futures::StreamExt;
+use std::time::{Duration, Instant};
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_secs() -> f64 {
+    // utime + stime in clock ticks (100 Hz on Linux).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [url, user, password, n] = args.as_slice() else {
+        anyhow::bail!("usage: fleet NATS_URL USER PASSWORD NODES");
+    };
+    let (url, user, password) = (url.clone(), user.clone(), password.clone());
+    let n: usize = n.parse()?;
+    let connect = || {
+        async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            .connect(url.clone())
+    };
+    let cp = connect().await?;
+    let js = async_nats::jetstream::new(cp.clone());
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "KV_converge".into(),
+        subjects: vec!["$KV.converge.>".into()],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await?;
+    let mut acks = cp.subscribe("converge.status.*").await?;
+    let rss0 = rss_kb();
+    let (ready_tx, mut ready) = tokio::sync::mpsc::channel::<()>(n);
+    let started = Instant::now();
+    for i in 0..n {
+        let client = loop {
+            match connect().await {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let ready_tx = ready_tx.clone();
+        tokio::spawn(async move {
+            let js = async_nats::jetstream::new(client.clone());
+            let id = format!("bench-{i}");
+            let consumer = loop {
+                let r = js
+                    .create_consumer_on_stream(
+                        push::Config {
+                            deliver_subject: client.new_inbox(),
+                            name: Some(format!("w-{id}")),
+                            filter_subject: format!("$KV.converge.{id}"),
+                            deliver_policy: DeliverPolicy::New,
+                            ack_policy: AckPolicy::None,
+                            ..Default::default()
+                        },
+                        "KV_converge",
+                    )
+                    .await;
+                match r {
+                    Ok(c) => break c,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            let Ok(mut messages) = consumer.messages().await else {
+                return;
+            };
+            let _ = ready_tx.send(()).await;
+            while let Some(Ok(m)) = messages.next().await {
+                let _ = client
+                    .publish(format!("converge.status.{id}"), m.payload.clone())
+                    .await;
+            }
+        });
+    }
+    for _ in 0..n {
+        ready.recv().await;
+    }
+    let setup = started.elapsed();
+    let rss_conn = rss_kb();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cpu_idle0 = cpu_secs();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle_cpu = (cpu_secs() - cpu_idle0) / 10.0 * 100.0;
+    // One new generation for every node; a 1 KiB envelope-sized payload.
+    let payload: Vec<u8> = vec![b'x'; 1024];
+    let t0 = Instant::now();
+    let mut pending = Vec::with_capacity(n);
+    for i in 0..n {
+        pending.push(
+            js.publish(format!("$KV.converge.bench-{i}"), payload.clone().into())
+                .await?,
+        );
+    }
+    let published = t0.elapsed();
+    let mut lat = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while lat.len() < n {
+        match tokio::time::timeout_at(deadline, acks.next()).await {
+            Ok(Some(_)) => lat.push(t0.elapsed()),
+            _ => break,
+        }
+    }
+    for p in pending {
+        let _ = p.await;
+    }
+    lat.sort();
+    let q = |f: f64| {
+        lat.get(((lat.len() as f64 * f) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "nodes {n}: setup {setup:?}, publish loop {published:?}; acknowledged {}/{n}: p50 {:?}, p99 {:?}, max {:?}",
+        lat.len(),
+        q(0.50),
+        q(0.99),
+        lat.last().copied().unwrap_or_default()
+    );
+    println!(
+        "client process: RSS {:.1} MB for {n} connections ({:.1} KB each), idle CPU {:.2} % for all",
+        rss_conn as f64 / 1024.0,
+        (rss_conn.saturating_sub(rss0)) as f64 / n as f64,
+        idle_cpu
+    );
+    Ok(())
+}

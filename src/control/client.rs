@@ -1,0 +1,34 @@
+//! Starts the node's control-plane client on the transport named in `control.json`.
+
+use super::identity::Identity;
+use super::protocol::{ControlConfig, Transport as Wire};
+use super::transport::{run_client, Node};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::error;
+
+/// Runs the client for the agent's lifetime.
+pub async fn run(config: ControlConfig, identity: Identity, node: Arc<dyn Node>) {
+    let heartbeat = Duration::from_secs(config.heartbeat_secs.max(1));
+    match &config.transport {
+        Wire::Nats {
+            url,
+            user,
+            password,
+        } => match super::nats::connect(url, user, password, &config.node_id).await {
+            Ok(t) => run_client(t, node, heartbeat).await,
+            Err(e) => error!(error = %e, "control-plane client not started"),
+        },
+        Wire::Https { url } => {
+            match super::https::HttpsTransport::new(
+                url,
+                &config.node_id,
+                identity.signing_key().clone(),
+                config.ca_cert.as_deref(),
+            ) {
+                Ok(t) => run_client(t, node, heartbeat).await,
+                Err(e) => error!(error = %e, "control-plane client not started"),
+            }
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The control-plane connection: the node's identity, signed envelopes, sealed secrets,
+//! enrollment, the transports (NATS JetStream, HTTPS) and the reference control plane.
+
+pub mod client;
+pub mod enroll;
+pub mod envelope;
+pub mod https;
+pub mod identity;
+pub mod nats;
+pub mod plane;
+pub mod plane_store;
+pub mod protocol;
+pub mod sealed;
+pub mod transport;

@@ -1,0 +1,228 @@
+//! NATS JetStream transport. The node watches its own key of the KV bucket `converge`
+//! (a push consumer filtered to `$KV.converge.<node>`, delivering the last value first)
+//! and publishes status on `converge.status.<node>`. Only APIs of nats-server 2.9 are
+//! used (one filter subject per consumer, named through the API subject so that the
+//! server's permissions can pin the filter: see [`node_permissions`]).
+
+use super::protocol::{inbox_prefix, status_subject, NodeMessage, BUCKET, STREAM};
+use super::transport::{backoff, Event, Transport, TransportError};
+use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+/// The node's NATS client.
+#[derive(Clone)]
+pub struct NatsTransport {
+    client: async_nats::Client,
+    url: String,
+    node_id: String,
+    conn: Arc<tokio::sync::Mutex<mpsc::Receiver<async_nats::Event>>>,
+}
+
+/// Connects (in the background: the first attempt may fail and is retried) as the node.
+pub async fn connect(
+    url: &str,
+    user: &str,
+    password: &str,
+    node_id: &str,
+) -> Result<NatsTransport, TransportError> {
+    let (tx, rx) = mpsc::channel(64);
+    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(inbox_prefix(node_id))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .reconnect_delay_callback(backoff)
+        .event_callback(move |ev| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.try_send(ev);
+            }
+        })
+        .connect(url)
+        .await
+        .map_err(|e| TransportError::Failed(format!("nats connect {url}: {e}")))?;
+    Ok(NatsTransport {
+        client,
+        url: url.to_string(),
+        node_id: node_id.to_string(),
+        conn: Arc::new(tokio::sync::Mutex::new(rx)),
+    })
+}
+
+/// Subject of the node's key in the bucket.
+pub fn key_subject(node_id: &str) -> String {
+    format!("$KV.{BUCKET}.{node_id}")
+}
+
+impl NatsTransport {
+    async fn watch(&self) -> Result<push::Messages, String> {
+        let js = async_nats::jetstream::new(self.client.clone());
+        // A named ephemeral consumer: the name and the filter are in the API subject
+        // (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`), which the server's
+        // permissions restrict to this node's key.
+        let name = format!("w-{}-{:016x}", self.node_id, fastrand::u64(..));
+        let consumer = js
+            .create_consumer_on_stream(
+                push::Config {
+                    deliver_subject: self.client.new_inbox(),
+                    name: Some(name),
+                    filter_subject: key_subject(&self.node_id),
+                    deliver_policy: DeliverPolicy::LastPerSubject,
+                    ack_policy: AckPolicy::None,
+                    inactive_threshold: Duration::from_secs(30),
+                    ..Default::default()
+                },
+                STREAM,
+            )
+            .await
+            .map_err(|e| format!("watch: {e}"))?;
+        consumer.messages().await.map_err(|e| format!("watch: {e}"))
+    }
+
+    async fn run(self, events: mpsc::Sender<Event>) {
+        let mut conn = self.conn.clone().lock_owned().await;
+        let mut attempt = 0usize;
+        loop {
+            if self.client.connection_state() != async_nats::connection::State::Connected {
+                // Wait for the client's own reconnect loop.
+                match conn.recv().await {
+                    Some(async_nats::Event::Connected) => {}
+                    Some(_) => continue,
+                    None => return,
+                }
+            }
+            let mut messages = match self.watch().await {
+                Ok(m) => m,
+                Err(e) => {
+                    if events.send(Event::Disconnected(e)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+            };
+            attempt = 0;
+            if events.send(Event::Connected).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    m = messages.next() => match m {
+                        Some(Ok(m)) => {
+                            let op = m.headers.as_ref().and_then(|h| h.get("KV-Operation")).map(|v| v.as_str().to_string());
+                            if matches!(op.as_deref(), Some("DEL" | "PURGE")) {
+                                continue;
+                            }
+                            if events.send(Event::Envelope(m.payload.to_vec())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            debug!(error = %e, "watch ended");
+                            break;
+                        }
+                        None => break,
+                    },
+                    ev = conn.recv() => match ev {
+                        // The ephemeral consumer may be gone (server restart): make a new
+                        // one, which delivers the newest value first.
+                        Some(async_nats::Event::Connected) => break,
+                        Some(async_nats::Event::Disconnected) => {
+                            if events.send(Event::Disconnected("nats connection lost".into())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(_) => {}
+                        None => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Transport for NatsTransport {
+    fn start(&self, events: mpsc::Sender<Event>, _after: u64) {
+        tokio::spawn(self.clone().run(events));
+    }
+
+    async fn send(&self, msg: &NodeMessage) -> Result<(), TransportError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(TransportError::Disconnected(self.url.clone()));
+        }
+        let body = serde_json::to_vec(msg).map_err(|e| TransportError::Failed(e.to_string()))?;
+        self.client
+            .publish(status_subject(&self.node_id), body.into())
+            .await
+            .map_err(|e| TransportError::Failed(e.to_string()))?;
+        self.client
+            .flush()
+            .await
+            .map_err(|e| TransportError::Failed(e.to_string()))
+    }
+
+    fn describe(&self) -> String {
+        format!("nats {}", self.url)
+    }
+}
+
+/// The permissions of one node's NATS user: its own key, its own status subject, its
+/// own inbox, nothing else.
+pub fn node_permissions(node_id: &str) -> (Vec<String>, Vec<String>) {
+    (
+        vec![
+            format!(
+                "$JS.API.CONSUMER.CREATE.{STREAM}.*.{}",
+                key_subject(node_id)
+            ),
+            status_subject(node_id),
+        ],
+        vec![format!("{}.>", inbox_prefix(node_id))],
+    )
+}
+
+/// One user of the server's authorization block.
+pub struct User<'a> {
+    pub user: &'a str,
+    pub password: &'a str,
+    /// `None`: everything (the control plane).
+    pub permissions: Option<(Vec<String>, Vec<String>)>,
+}
+
+fn quoted(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+/// Renders an `authorization { users = [...] }` block for nats-server's configuration
+/// (included from the main file; reloaded with SIGHUP).
+pub fn render_authorization(users: &[User<'_>]) -> String {
+    let mut out = String::from(
+        "# Written by `converge control-plane serve`; do not edit.\nauthorization {\n  users = [\n",
+    );
+    for u in users {
+        let perms = match &u.permissions {
+            None => "{publish: \">\", subscribe: \">\"}".to_string(),
+            Some((publish, subscribe)) => {
+                let list =
+                    |v: &Vec<String>| v.iter().map(|s| quoted(s)).collect::<Vec<_>>().join(", ");
+                format!(
+                    "{{publish: {{allow: [{}]}}, subscribe: {{allow: [{}]}}}}",
+                    list(publish),
+                    list(subscribe)
+                )
+            }
+        };
+        out.push_str(&format!(
+            "    {{user: {}, password: {}, permissions: {perms}}}\n",
+            quoted(u.user),
+            quoted(u.password)
+        ));
+    }
+    out.push_str("  ]\n}\n");
+    out
+}

@@ -1,0 +1,701 @@
+//! The reference control plane (`converge control-plane serve`): enrolls nodes with
+//! one-time tokens, signs and publishes `<dir>/<node-id>.json|yaml` (sealing plaintext
+//! `secrets` values for the node), over NATS JetStream KV or HTTPS long poll, and
+//! records what nodes report. Small on purpose: docs/protocol.md is the contract.
+
+use super::envelope::Envelope;
+use super::identity::{parse_public_key, parse_sealing_key, read_or_make};
+use super::plane_store::{NodeRecord, PlaneError, PlaneStore};
+use super::protocol::{
+    sanitize_node_id, verify_request, EnrollRequest, EnrollResponse, NodeMessage, Transport,
+    BUCKET, H_NODE, H_SIGNATURE, H_TIME, STREAM,
+};
+use crate::document::{self, Format};
+use crate::limits::Limits;
+use anyhow::Context;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ed25519_dalek::SigningKey;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+/// NATS settings of the control plane.
+#[derive(Clone, Debug)]
+pub struct NatsOptions {
+    /// Where the control plane connects.
+    pub url: String,
+    /// The URL handed to nodes (default: `url`).
+    pub public_url: String,
+    pub user: String,
+    pub password: String,
+    /// The authorization file nats-server includes; rewritten on each enrollment.
+    pub auth_file: PathBuf,
+    /// nats-server's pid file: SIGHUP makes it reload the authorization file.
+    pub pid_file: Option<PathBuf>,
+}
+
+/// `control-plane serve` options.
+pub struct ServeOptions {
+    pub docs: PathBuf,
+    pub data: PathBuf,
+    pub listen: SocketAddr,
+    /// The URL nodes use for HTTPS documents (default: `http://<listen>`).
+    pub public_url: Option<String>,
+    pub nats: Option<NatsOptions>,
+    pub limits: Limits,
+    /// TLS certificate chain and key (PEM): serve HTTPS (rustls) instead of plain HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// `<data>/control-plane.db`.
+pub fn db_path(data: &Path) -> PathBuf {
+    data.join("control-plane.db")
+}
+
+/// The control plane's signing key, made on first use (`<data>/signing.key`, 0600).
+pub fn signing_key(data: &Path) -> anyhow::Result<SigningKey> {
+    std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
+    let seed = read_or_make(&data.join("signing.key"))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// A new one-time registration token valid for `ttl_secs`.
+pub fn new_token(data: &Path, ttl_secs: i64) -> anyhow::Result<String> {
+    use rand_core::RngCore;
+    std::fs::create_dir_all(data)?;
+    let mut raw = [0u8; 24];
+    rand_core::OsRng.fill_bytes(&mut raw);
+    let token = hex::encode(raw);
+    PlaneStore::open(&db_path(data))?.add_token(&token, ttl_secs)?;
+    Ok(token)
+}
+
+/// One node's current envelope.
+struct Published {
+    file_hash: String,
+    sealing_key: String,
+    generation: u64,
+    bytes: Arc<Vec<u8>>,
+    on_nats: bool,
+}
+
+struct Plane {
+    store: Mutex<PlaneStore>,
+    signing: SigningKey,
+    docs: PathBuf,
+    limits: Limits,
+    public_url: String,
+    nats: Option<NatsOptions>,
+    js: tokio::sync::OnceCell<async_nats::jetstream::Context>,
+    published: Mutex<HashMap<String, Published>>,
+    /// Bumped whenever an envelope changes; long polls wait on it.
+    changed: tokio::sync::watch::Sender<u64>,
+    enrolling: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Builds the envelope for one document file: secrets sealed to the node, validated,
+/// signed. The plaintext stays in the file on this host.
+pub fn build_envelope(
+    signing: &SigningKey,
+    file: &Path,
+    node: &NodeRecord,
+    limits: &Limits,
+) -> anyhow::Result<(u64, Vec<u8>)> {
+    let raw = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    let mut value: serde_json::Value = match Format::from_path(file) {
+        Format::Yaml => serde_yaml::from_slice(&raw).context("YAML")?,
+        Format::Json => serde_json::from_slice(&raw).context("JSON")?,
+    };
+    if let Some(secrets) = value.get_mut("secrets").and_then(|s| s.as_object_mut()) {
+        let to = parse_sealing_key(&node.sealing_key)
+            .ok_or_else(|| anyhow::anyhow!("node {} has no valid sealing key", node.id))?;
+        for (name, v) in secrets.iter_mut() {
+            let plain = v
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("secrets.{name}: not a string"))?;
+            *v = serde_json::Value::String(super::sealed::seal(&to, name, plain.as_bytes())?);
+        }
+    }
+    let bytes = serde_json::to_vec(&value)?;
+    let doc = match document::parse_bytes(&bytes, Format::Json, limits) {
+        Ok(d) => d,
+        Err(p) => anyhow::bail!(
+            "invalid document ({} problems; first: {})",
+            p.len(),
+            p.0.first().map(|p| p.to_string()).unwrap_or_default()
+        ),
+    };
+    if doc.node.id != node.id {
+        anyhow::bail!(
+            "$.node.id is {:?}, the file is for {:?}",
+            doc.node.id,
+            node.id
+        );
+    }
+    let issued = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let env = Envelope::sign(signing, &node.id, doc.generation, &issued, &bytes)?;
+    Ok((doc.generation, serde_json::to_vec(&env)?))
+}
+
+impl Plane {
+    fn write_nats_auth(&self) -> anyhow::Result<()> {
+        let Some(n) = &self.nats else { return Ok(()) };
+        let nodes = lock(&self.store).nodes()?;
+        let mut users = vec![super::nats::User {
+            user: &n.user,
+            password: &n.password,
+            permissions: None,
+        }];
+        for node in &nodes {
+            if let Some(pw) = &node.nats_password {
+                users.push(super::nats::User {
+                    user: &node.id,
+                    password: pw,
+                    permissions: Some(super::nats::node_permissions(&node.id)),
+                });
+            }
+        }
+        let text = super::nats::render_authorization(&users);
+        converge_core::fsutil::write_atomic(&n.auth_file, text.as_bytes(), 0o600)
+            .with_context(|| format!("write {}", n.auth_file.display()))?;
+        if let Some(pid_file) = &n.pid_file {
+            let pid: i32 = std::fs::read_to_string(pid_file)
+                .with_context(|| format!("read {}", pid_file.display()))?
+                .trim()
+                .parse()
+                .with_context(|| format!("{}: not a pid", pid_file.display()))?;
+            // SAFETY: plain syscall on a pid read from nats-server's own pid file.
+            if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+                anyhow::bail!("cannot signal nats-server ({pid}) to reload");
+            }
+        }
+        Ok(())
+    }
+
+    fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, (StatusCode, String)> {
+        // One enrollment at a time: each rewrites the NATS authorization file.
+        let _one = lock(&self.enrolling);
+        let bad = |m: &str| (StatusCode::BAD_REQUEST, m.to_string());
+        if parse_public_key(&req.public_key).is_none() {
+            return Err(bad("publicKey is not an Ed25519 public key"));
+        }
+        if parse_sealing_key(&req.sealing_key).is_none() {
+            return Err(bad("sealingKey is not an X25519 public key"));
+        }
+        let id = sanitize_node_id(&req.name);
+        let internal = |e: PlaneError| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+        lock(&self.store)
+            .use_token(&req.token, &id)
+            .map_err(|e| match e {
+                PlaneError::Sql(_) => internal(e),
+                other => (StatusCode::FORBIDDEN, other.to_string()),
+            })?;
+        let password = self.nats.as_ref().map(|_| {
+            use rand_core::RngCore;
+            let mut raw = [0u8; 24];
+            rand_core::OsRng.fill_bytes(&mut raw);
+            hex::encode(raw)
+        });
+        let record = NodeRecord {
+            id: id.clone(),
+            name: req.name.clone(),
+            public_key: req.public_key.clone(),
+            sealing_key: req.sealing_key.clone(),
+            facts: serde_json::to_value(&req.facts).unwrap_or_default(),
+            enrolled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            nats_password: password.clone(),
+            last_seen: None,
+            accepted_generation: None,
+            converged_generation: None,
+            status: None,
+            refused: None,
+        };
+        lock(&self.store).put_node(&record).map_err(internal)?;
+        // A re-enrolled node has a new sealing key: seal its document again.
+        lock(&self.published).remove(&id);
+        self.write_nats_auth()
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+        info!(node = %id, "node enrolled");
+        let transport = match (&self.nats, password) {
+            (Some(n), Some(password)) => Transport::Nats {
+                url: n.public_url.clone(),
+                user: id.clone(),
+                password,
+            },
+            _ => Transport::Https {
+                url: self.public_url.clone(),
+            },
+        };
+        Ok(EnrollResponse {
+            node_id: id,
+            signing_key: B64.encode(self.signing.verifying_key().as_bytes()),
+            transport,
+        })
+    }
+
+    /// One pass over the documents directory: (re)builds and publishes changed files.
+    async fn scan(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.docs) else {
+            return;
+        };
+        let nodes = match lock(&self.store).nodes() {
+            Ok(n) => n,
+            Err(e) => {
+                error!(error = %e, "cannot read nodes");
+                return;
+            }
+        };
+        for entry in dir.flatten() {
+            let path = entry.path();
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or_default();
+            if !matches!(ext, "json" | "yaml" | "yml") {
+                continue;
+            }
+            let Some(id) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let Some(node) = nodes.iter().find(|n| n.id == id) else {
+                continue;
+            };
+            let Ok(raw) = std::fs::read(&path) else {
+                continue;
+            };
+            let file_hash = hex::encode(Sha256::digest(&raw));
+            let current = lock(&self.published).get(id).map(|p| {
+                (
+                    p.file_hash == file_hash && p.sealing_key == node.sealing_key,
+                    p.on_nats,
+                )
+            });
+            let (fresh, on_nats) = current.unwrap_or((false, false));
+            if !fresh {
+                match build_envelope(&self.signing, &path, node, &self.limits) {
+                    Ok((generation, bytes)) => {
+                        // A node that already has this generation (a control-plane
+                        // restart re-reads every file) is not sent a re-sealed copy,
+                        // which it would report as a replay.
+                        let has_it = node.accepted_generation.is_some_and(|a| a >= generation);
+                        info!(node = %id, generation, "publishing document");
+                        lock(&self.published).insert(
+                            id.to_string(),
+                            Published {
+                                file_hash,
+                                sealing_key: node.sealing_key.clone(),
+                                generation,
+                                bytes: Arc::new(bytes),
+                                on_nats: has_it,
+                            },
+                        );
+                        self.changed.send_modify(|n| *n += 1);
+                    }
+                    Err(e) => {
+                        // Remember the bad file so it is not rebuilt every pass.
+                        warn!(file = %path.display(), error = %format!("{e:#}"), "document not published");
+                        lock(&self.published).insert(
+                            id.to_string(),
+                            Published {
+                                file_hash,
+                                sealing_key: node.sealing_key.clone(),
+                                generation: 0,
+                                bytes: Arc::new(Vec::new()),
+                                on_nats: true,
+                            },
+                        );
+                        continue;
+                    }
+                }
+            } else if on_nats {
+                continue;
+            }
+            self.publish_nats(id).await;
+        }
+    }
+
+    async fn publish_nats(&self, id: &str) {
+        let Some(js) = self.js.get() else { return };
+        // While disconnected the client would buffer the message and send it on
+        // reconnect, after newer ones maybe: publish only the current file, when connected.
+        if js.client().connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
+        let bytes = match lock(&self.published).get(id) {
+            Some(p) if !p.bytes.is_empty() => p.bytes.clone(),
+            _ => return,
+        };
+        match kv_put(js, id, bytes.to_vec()).await {
+            Ok(()) => {
+                if let Some(p) = lock(&self.published).get_mut(id) {
+                    p.on_nats = true;
+                }
+            }
+            Err(e) => warn!(node = %id, error = %e, "KV put failed; retrying on the next pass"),
+        }
+    }
+
+    fn record(&self, id: &str, msg: NodeMessage) {
+        let store = lock(&self.store);
+        let res = match &msg {
+            NodeMessage::Status(s) => {
+                let converged = s
+                    .reconcilers
+                    .iter()
+                    .filter(|r| r.state != crate::status::State::Unmanaged)
+                    .map(|r| r.observed_generation)
+                    .min()
+                    .flatten()
+                    .or(s.accepted_generation.filter(|_| {
+                        s.reconcilers
+                            .iter()
+                            .all(|r| r.state == crate::status::State::Unmanaged)
+                    }));
+                store.put_status(
+                    id,
+                    s.accepted_generation,
+                    converged,
+                    &serde_json::to_value(&msg).unwrap_or_default(),
+                )
+            }
+            NodeMessage::Refused {
+                generation, error, ..
+            } => {
+                warn!(node = %id, ?generation, %error, "node refused a document");
+                store.put_refusal(id, &serde_json::to_value(&msg).unwrap_or_default())
+            }
+        };
+        if let Err(e) = res {
+            error!(node = %id, error = %e, "cannot record status");
+        }
+    }
+
+    /// Checks a node's request signature; returns the node.
+    fn authenticate(
+        &self,
+        id: &str,
+        method: &str,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<NodeRecord, (StatusCode, String)> {
+        let h = |n: &str| {
+            headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+        };
+        let denied = || {
+            (
+                StatusCode::UNAUTHORIZED,
+                "bad request signature".to_string(),
+            )
+        };
+        if h(H_NODE) != id {
+            return Err(denied());
+        }
+        let node = lock(&self.store)
+            .node(id)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .ok_or_else(denied)?;
+        let key = parse_public_key(&node.public_key).ok_or_else(denied)?;
+        let time: i64 = h(H_TIME).parse().map_err(|_| denied())?;
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        if !verify_request(
+            &key,
+            method,
+            path,
+            time,
+            chrono::Utc::now().timestamp(),
+            h(H_SIGNATURE),
+            body,
+        ) {
+            return Err(denied());
+        }
+        Ok(node)
+    }
+}
+
+fn err(code: StatusCode, msg: String) -> Response {
+    (code, Json(serde_json::json!({ "error": msg }))).into_response()
+}
+
+async fn enroll(State(plane): State<Arc<Plane>>, Json(req): Json<EnrollRequest>) -> Response {
+    match plane.enroll(req) {
+        Ok(r) => Json(r).into_response(),
+        Err((code, msg)) => {
+            warn!(%msg, "enrollment refused");
+            err(code, msg)
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct After {
+    #[serde(default)]
+    after: u64,
+}
+
+async fn document(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(id): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<After>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    if let Err((c, m)) = plane.authenticate(&id, "GET", &uri, &headers, b"") {
+        return err(c, m);
+    }
+    let mut changed = plane.changed.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(super::https::POLL_SECS);
+    loop {
+        let ready = lock(&plane.published)
+            .get(&id)
+            .filter(|p| p.generation > q.after && !p.bytes.is_empty())
+            .map(|p| p.bytes.clone());
+        if let Some(bytes) = ready {
+            return ([("content-type", "application/json")], bytes.to_vec()).into_response();
+        }
+        match tokio::time::timeout_at(deadline, changed.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return StatusCode::NO_CONTENT.into_response(),
+        }
+    }
+}
+
+async fn status(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(id): UrlPath<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err((c, m)) = plane.authenticate(&id, "POST", &uri, &headers, &body) {
+        return err(c, m);
+    }
+    match serde_json::from_slice::<NodeMessage>(&body) {
+        Ok(msg) => {
+            plane.record(&id, msg);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => err(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// Connects to NATS as the control plane, makes the bucket, records status messages.
+async fn run_nats(plane: Arc<Plane>, n: NatsOptions) -> anyhow::Result<()> {
+    let client =
+        async_nats::ConnectOptions::with_user_and_password(n.user.clone(), n.password.clone())
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .reconnect_delay_callback(super::transport::backoff)
+            .connect(&n.url)
+            .await
+            .with_context(|| format!("connect {}", n.url))?;
+    let js = async_nats::jetstream::new(client.clone());
+    // The bucket's stream, made directly: async-nats' `create_key_value` first asks for
+    // account info in a form nats-server 2.9 does not answer. Same settings as a KV
+    // bucket of history 1 (what `nats kv add` makes).
+    loop {
+        let made = js
+            .get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: STREAM.to_string(),
+                subjects: vec![format!("$KV.{BUCKET}.>")],
+                max_messages_per_subject: 1,
+                discard: async_nats::jetstream::stream::DiscardPolicy::New,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                storage: async_nats::jetstream::stream::StorageType::File,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await;
+        match made {
+            Ok(_) => break,
+            Err(e) => {
+                warn!(error = %e, "cannot open the KV bucket's stream; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    let _ = plane.js.set(js);
+    // Everything not yet on NATS goes out on the next scan.
+    let mut sub = client.subscribe("converge.status.*").await?;
+    info!(url = %n.url, "control plane on NATS");
+    while let Some(m) = sub.next().await {
+        let id = m
+            .subject
+            .as_str()
+            .trim_start_matches("converge.status.")
+            .to_string();
+        match serde_json::from_slice::<NodeMessage>(&m.payload) {
+            Ok(msg) => plane.record(&id, msg),
+            Err(e) => warn!(node = %id, error = %e, "bad status message"),
+        }
+    }
+    Ok(())
+}
+
+/// Puts a value under `key` of the bucket (a JetStream publish to `$KV.converge.<key>`,
+/// acknowledged by the stream).
+async fn kv_put(
+    js: &async_nats::jetstream::Context,
+    key: &str,
+    bytes: Vec<u8>,
+) -> anyhow::Result<()> {
+    js.publish(format!("$KV.{BUCKET}.{key}"), bytes.into())
+        .await?
+        .await?;
+    Ok(())
+}
+
+/// Runs the control plane until SIGTERM/SIGINT.
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let signing = signing_key(&opts.data)?;
+    let store = PlaneStore::open(&db_path(&opts.data))?;
+    let (changed, _) = tokio::sync::watch::channel(0);
+    let plane = Arc::new(Plane {
+        store: Mutex::new(store),
+        signing,
+        docs: opts.docs.clone(),
+        limits: opts.limits,
+        public_url: opts.public_url.clone().unwrap_or_else(|| {
+            let scheme = if opts.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", opts.listen)
+        }),
+        nats: opts.nats.clone(),
+        js: tokio::sync::OnceCell::new(),
+        published: Mutex::new(HashMap::new()),
+        changed,
+        enrolling: Mutex::new(()),
+    });
+    if let Some(n) = opts.nats.clone() {
+        plane.write_nats_auth()?;
+        let p = plane.clone();
+        tokio::spawn(async move {
+            if let Err(e) = run_nats(p, n).await {
+                error!(error = %format!("{e:#}"), "NATS side stopped");
+            }
+        });
+    }
+    let scanner = plane.clone();
+    tokio::spawn(async move {
+        loop {
+            scanner.scan().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let app = axum::Router::new()
+        .route("/v1/enroll", axum::routing::post(enroll))
+        .route("/v1/nodes/{id}/document", axum::routing::get(document))
+        .route("/v1/nodes/{id}/status", axum::routing::post(status))
+        .with_state(plane);
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("listen on {}", opts.listen))?;
+    info!(listen = %opts.listen, key_id = %super::identity::key_id(&signing_key(&opts.data)?.verifying_key()), "control plane serving");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    if let Some((cert, key)) = &opts.tls {
+        let acceptor = tls_acceptor(cert, key)?;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, _)) => {
+                        tokio::spawn(serve_tls(acceptor.clone(), tcp, app.clone()));
+                    }
+                    Err(e) => warn!(error = %e, "accept failed"),
+                },
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        return Ok(());
+    }
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        })
+        .await?;
+    Ok(())
+}
+
+/// A rustls server configuration from PEM files (ring provider, TLS 1.2 and 1.3).
+fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("read {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parse {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("read the TLS key {}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("TLS certificate and key")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// One HTTPS connection: handshake (bounded), then HTTP/1.1 with keep-alive.
+async fn serve_tls(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    app: axum::Router,
+) {
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+        .await
+    {
+        tracing::debug!(error = %e, "HTTPS connection ended");
+    }
+}
+
+/// Puts raw envelope bytes under a node's key (an operator tool: publish an envelope
+/// signed elsewhere; the tests use it to offer forged and replayed envelopes).
+pub async fn put(
+    url: &str,
+    user: &str,
+    password: &str,
+    node: &str,
+    bytes: Vec<u8>,
+) -> anyhow::Result<()> {
+    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .connect(url)
+        .await
+        .with_context(|| format!("connect {url}"))?;
+    let js = async_nats::jetstream::new(client.clone());
+    kv_put(&js, node, bytes).await.context("put")?;
+    client.flush().await?;
+    Ok(())
+}

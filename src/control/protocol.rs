@@ -1,0 +1,361 @@
+//! Wire types shared by the node and the reference control plane (docs/protocol.md):
+//! enrollment, the transport credentials, the node's pinned `control.json`, the
+//! messages a node sends (status, refusal) and the signature on HTTPS requests.
+
+use crate::status::ReconcilerStatus;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// The KV bucket holding one envelope per node (key = node id).
+pub const BUCKET: &str = "converge";
+/// The JetStream stream behind [`BUCKET`].
+pub const STREAM: &str = "KV_converge";
+
+/// Subject a node publishes its status and refusals on.
+pub fn status_subject(node_id: &str) -> String {
+    format!("converge.status.{node_id}")
+}
+
+/// The node's inbox prefix (its only subscribe permission).
+pub fn inbox_prefix(node_id: &str) -> String {
+    format!("_INBOX_{node_id}")
+}
+
+/// `POST /v1/enroll` body. `Debug` redacts the token.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollRequest {
+    pub token: String,
+    /// Requested node name (the host name by default); the id may differ.
+    pub name: String,
+    /// Base64 Ed25519 public key (the node's identity).
+    pub public_key: String,
+    /// Base64 X25519 public key (secrets are sealed to it).
+    pub sealing_key: String,
+    pub facts: Facts,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("token", &converge_core::redact(&self.token))
+            .field("name", &self.name)
+            .field("public_key", &self.public_key)
+            .field("sealing_key", &self.sealing_key)
+            .field("facts", &self.facts)
+            .finish()
+    }
+}
+
+/// What a node reports about itself at enrollment and in every status.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Facts {
+    pub hostname: String,
+    pub arch: String,
+    pub kernel: String,
+    pub converge_version: String,
+    /// `podman`, `docker` or `none` (which API socket exists).
+    pub container_runtime: String,
+    /// WireGuard public keys of the interfaces whose generated key exists.
+    #[serde(default)]
+    pub wireguard_public_keys: std::collections::BTreeMap<String, String>,
+    /// `worker` or `proxy`.
+    pub mode: String,
+}
+
+/// How the node reaches the control plane after enrollment. `Debug` redacts the
+/// password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Transport {
+    Nats {
+        url: String,
+        user: String,
+        password: String,
+    },
+    Https {
+        url: String,
+    },
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Nats {
+                url,
+                user,
+                password,
+            } => f
+                .debug_struct("Nats")
+                .field("url", url)
+                .field("user", user)
+                .field("password", &converge_core::redact(password))
+                .finish(),
+            Transport::Https { url } => f.debug_struct("Https").field("url", url).finish(),
+        }
+    }
+}
+
+impl Transport {
+    pub fn describe(&self) -> String {
+        match self {
+            Transport::Nats { url, .. } => format!("nats {url}"),
+            Transport::Https { url } => format!("https {url}"),
+        }
+    }
+}
+
+/// `POST /v1/enroll` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollResponse {
+    pub node_id: String,
+    /// Base64 Ed25519 public key the control plane signs documents with.
+    pub signing_key: String,
+    pub transport: Transport,
+}
+
+/// `<data-dir>/control.json`: the enrollment the agent runs its client from (0600: it
+/// holds the transport password).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlConfig {
+    /// The control plane's enrollment URL.
+    pub url: String,
+    pub node_id: String,
+    /// The pinned signing key (base64 Ed25519).
+    pub signing_key: String,
+    pub transport: Transport,
+    pub enrolled_at: String,
+    /// PEM certificate(s) the node trusts for the control plane's HTTPS, besides the
+    /// public roots (a private CA or a self-signed certificate), from `join --ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
+    /// Seconds between status messages when nothing changes (heartbeat).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+}
+
+fn default_heartbeat() -> u64 {
+    15
+}
+
+/// An HTTP client for the control plane (rustls; public roots plus `ca_pem` if given).
+pub fn http_client(
+    ca_pem: Option<&str>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<reqwest::Client> {
+    use anyhow::Context;
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(timeout);
+    if let Some(pem) = ca_pem {
+        for cert in
+            reqwest::Certificate::from_pem_bundle(pem.as_bytes()).context("CA certificate (PEM)")?
+        {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    b.build().context("HTTP client")
+}
+
+impl ControlConfig {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("control.json")
+    }
+
+    /// The pinned configuration, if the node is enrolled.
+    pub fn load(data_dir: &Path) -> anyhow::Result<Option<ControlConfig>> {
+        use anyhow::Context;
+        let path = Self::path(data_dir);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(
+                serde_json::from_slice(&b).with_context(|| format!("parse {}", path.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+        }
+    }
+
+    pub fn save(&self, data_dir: &Path) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let path = Self::path(data_dir);
+        let body = serde_json::to_vec_pretty(self)?;
+        converge_core::fsutil::write_atomic(&path, &body, 0o600)
+            .with_context(|| format!("write {}", path.display()))
+    }
+
+    pub fn pinned_key(&self) -> anyhow::Result<VerifyingKey> {
+        super::identity::parse_public_key(&self.signing_key)
+            .ok_or_else(|| anyhow::anyhow!("control.json: signingKey is not an Ed25519 key"))
+    }
+}
+
+/// What a node sends to the control plane.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum NodeMessage {
+    /// Sent on change (coalesced) and every heartbeat.
+    Status(Box<StatusMessage>),
+    /// A document the node refused; nothing changed on the host.
+    Refused {
+        #[serde(rename = "nodeId")]
+        node_id: String,
+        #[serde(rename = "sentAt")]
+        sent_at: String,
+        generation: Option<u64>,
+        error: String,
+    },
+}
+
+/// The node's status.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusMessage {
+    pub node_id: String,
+    pub sent_at: String,
+    /// The generation the node accepted (received, validated, stored).
+    pub accepted_generation: Option<u64>,
+    /// Per-reconciler conditions; each carries the generation it converged to.
+    pub reconcilers: Vec<ReconcilerStatus>,
+    pub facts: Facts,
+    pub heartbeat_secs: u64,
+}
+
+/// Headers of a signed HTTPS request.
+pub const H_NODE: &str = "x-converge-node";
+pub const H_TIME: &str = "x-converge-time";
+pub const H_SIGNATURE: &str = "x-converge-signature";
+/// How far a signed request's time may be from the control plane's clock.
+pub const MAX_SKEW_SECS: i64 = 300;
+
+/// The bytes a node signs for an HTTPS request:
+/// `converge/request/v1\n<METHOD>\n<path and query>\n<unix time>\n<hex sha256 of body>`.
+pub fn request_bytes(method: &str, path_and_query: &str, time: i64, body: &[u8]) -> Vec<u8> {
+    format!(
+        "converge/request/v1\n{method}\n{path_and_query}\n{time}\n{}",
+        hex::encode(Sha256::digest(body))
+    )
+    .into_bytes()
+}
+
+/// Signs a request: returns the signature header value.
+pub fn sign_request(
+    key: &SigningKey,
+    method: &str,
+    path_and_query: &str,
+    time: i64,
+    body: &[u8],
+) -> String {
+    B64.encode(
+        key.sign(&request_bytes(method, path_and_query, time, body))
+            .to_bytes(),
+    )
+}
+
+/// Checks a request signature and its time window.
+pub fn verify_request(
+    key: &VerifyingKey,
+    method: &str,
+    path_and_query: &str,
+    time: i64,
+    now: i64,
+    signature: &str,
+    body: &[u8],
+) -> bool {
+    if (now - time).abs() > MAX_SKEW_SECS {
+        return false;
+    }
+    let Some(sig) = B64
+        .decode(signature)
+        .ok()
+        .and_then(|b| <[u8; 64]>::try_from(b).ok())
+    else {
+        return false;
+    };
+    key.verify(
+        &request_bytes(method, path_and_query, time, body),
+        &Signature::from_bytes(&sig),
+    )
+    .is_ok()
+}
+
+/// Node ids the control plane assigns: `[A-Za-z0-9_-]`, no dots, because the id is a
+/// single token of NATS subjects and permissions.
+pub fn sanitize_node_id(name: &str) -> String {
+    let mut id: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if !id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
+        id.insert(0, 'n');
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_signatures_bind_method_path_time_and_body() {
+        let id = crate::control::identity::Identity::ephemeral();
+        let sig = sign_request(id.signing_key(), "POST", "/v1/x", 100, b"{}");
+        let pk = id.public_key();
+        assert!(verify_request(&pk, "POST", "/v1/x", 100, 120, &sig, b"{}"));
+        assert!(!verify_request(&pk, "GET", "/v1/x", 100, 120, &sig, b"{}"));
+        assert!(!verify_request(&pk, "POST", "/v1/y", 100, 120, &sig, b"{}"));
+        assert!(!verify_request(
+            &pk, "POST", "/v1/x", 100, 120, &sig, b"{ }"
+        ));
+        assert!(!verify_request(
+            &pk, "POST", "/v1/x", 100, 1000, &sig, b"{}"
+        ));
+    }
+
+    #[test]
+    fn debug_output_redacts_credentials() {
+        let t = Transport::Nats {
+            url: "nats://x".into(),
+            user: "n1".into(),
+            password: "pa55word".into(),
+        };
+        let cfg = ControlConfig {
+            url: "https://cp".into(),
+            node_id: "n1".into(),
+            signing_key: String::new(),
+            transport: t,
+            ca_cert: None,
+            enrolled_at: String::new(),
+            heartbeat_secs: 15,
+        };
+        assert!(!format!("{cfg:?}").contains("pa55word"));
+        let req = EnrollRequest {
+            token: "t0ken-secret".into(),
+            name: "n1".into(),
+            public_key: String::new(),
+            sealing_key: String::new(),
+            facts: Facts::default(),
+        };
+        assert!(!format!("{req:?}").contains("t0ken-secret"));
+    }
+
+    #[test]
+    fn node_ids_are_one_subject_token() {
+        assert_eq!(sanitize_node_id("web.example.com"), "web-example-com");
+        assert_eq!(sanitize_node_id("-x"), "n-x");
+        assert_eq!(sanitize_node_id("cvg-a_1"), "cvg-a_1");
+    }
+}

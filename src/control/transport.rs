@@ -1,0 +1,163 @@
+//! The node's control-plane client, independent of the transport: receives envelopes and
+//! hands them to the agent's accept path, reports refusals, sends status on change
+//! (coalesced) and every heartbeat, and records whether it is connected.
+
+use super::protocol::{NodeMessage, StatusMessage};
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tracing::{info, warn};
+
+/// What a transport reports to the client loop.
+#[derive(Debug)]
+pub enum Event {
+    /// Connected and watching for documents.
+    Connected,
+    /// Lost the connection; the transport reconnects by itself.
+    Disconnected(String),
+    /// An envelope (JSON bytes), not yet verified.
+    Envelope(Vec<u8>),
+}
+
+/// Transport failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("not connected: {0}")]
+    Disconnected(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One way of talking to the control plane (NATS JetStream, HTTPS).
+pub trait Transport: Clone + Send + Sync + 'static {
+    /// Starts receiving documents newer than `after` in the background, reconnecting
+    /// with jittered backoff; events go to `events` until it closes.
+    fn start(&self, events: mpsc::Sender<Event>, after: u64);
+    /// Sends one message (status or refusal) to the control plane.
+    fn send(&self, msg: &NodeMessage) -> impl Future<Output = Result<(), TransportError>> + Send;
+    /// What it connects to, for status (no credentials).
+    fn describe(&self) -> String;
+}
+
+/// The outcome of an envelope at the agent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Accepted {
+    Accepted(u64),
+    /// The very document already applied (e.g. re-delivered after a reconnect).
+    AlreadyApplied,
+    Refused {
+        generation: Option<u64>,
+        error: String,
+    },
+}
+
+/// The connection state shown by `converge status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlState {
+    pub transport: String,
+    pub connected: bool,
+    pub since: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The agent side the client drives.
+pub trait Node: Send + Sync + 'static {
+    fn accept_envelope(&self, bytes: &[u8]) -> Accepted;
+    fn status(&self) -> StatusMessage;
+    fn applied(&self) -> Option<u64>;
+    fn set_control_state(&self, state: &ControlState);
+    /// Notified whenever a reconciler's status is saved.
+    fn status_changed(&self) -> Arc<Notify>;
+}
+
+/// Jittered exponential backoff: 250 ms doubling to 15 s, times a random factor in
+/// [0.5, 1] so that a fleet does not reconnect in lock-step after a server restart.
+pub fn backoff(attempt: usize) -> Duration {
+    let base = Duration::from_millis(250).saturating_mul(1u32 << attempt.min(6));
+    base.min(Duration::from_secs(15))
+        .mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+/// Status changes within this window go out as one message.
+const COALESCE: Duration = Duration::from_millis(200);
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Runs the client until the transport's event channel closes (never, in the agent).
+pub async fn run_client<T: Transport>(transport: T, node: Arc<dyn Node>, heartbeat: Duration) {
+    let (tx, mut rx) = mpsc::channel(16);
+    transport.start(tx, node.applied().unwrap_or(0));
+    let mut state = ControlState {
+        transport: transport.describe(),
+        connected: false,
+        since: now(),
+        error: Some("connecting".into()),
+    };
+    node.set_control_state(&state);
+    let changed = node.status_changed();
+    let mut tick = tokio::time::interval(heartbeat.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut due: Option<tokio::time::Instant> = None;
+    loop {
+        let send_now = tokio::select! {
+            ev = rx.recv() => match ev {
+                None => break,
+                Some(Event::Connected) => {
+                    info!(transport = %state.transport, "connected to the control plane");
+                    state = ControlState { connected: true, since: now(), error: None, ..state };
+                    node.set_control_state(&state);
+                    // At least once per (re)connection: the control plane learns where we are.
+                    true
+                }
+                Some(Event::Disconnected(why)) => {
+                    if state.connected {
+                        warn!(error = %why, "disconnected from the control plane; the last good document stays in force");
+                        state = ControlState { connected: false, since: now(), error: Some(why), ..state };
+                    } else {
+                        state.error = Some(why);
+                    }
+                    node.set_control_state(&state);
+                    false
+                }
+                Some(Event::Envelope(bytes)) => {
+                    match node.accept_envelope(&bytes) {
+                        Accepted::Accepted(g) => info!(generation = g, "accepted a document from the control plane"),
+                        Accepted::AlreadyApplied => {}
+                        Accepted::Refused { generation, error } => {
+                            warn!(?generation, %error, "refused a document from the control plane; nothing changed");
+                            let msg = NodeMessage::Refused {
+                                node_id: node.status().node_id,
+                                sent_at: now(),
+                                generation,
+                                error,
+                            };
+                            if let Err(e) = transport.send(&msg).await {
+                                warn!(error = %e, "cannot report the refusal");
+                            }
+                        }
+                    }
+                    true
+                }
+            },
+            _ = changed.notified() => {
+                due.get_or_insert_with(|| tokio::time::Instant::now() + COALESCE);
+                false
+            }
+            _ = async { match due { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => true,
+            _ = tick.tick() => true,
+        };
+        if send_now {
+            due = None;
+            let msg = NodeMessage::Status(Box::new(node.status()));
+            if let Err(e) = transport.send(&msg).await {
+                tracing::debug!(error = %e, "status not sent");
+            }
+        }
+    }
+}

@@ -1,0 +1,950 @@
+//! The control-plane connection end to end: a real nats-server and the reference control
+//! plane (`converge control-plane serve`) in their own sandbox node, real agents enrolled
+//! with `converge join` in theirs. Enrollment tokens; refusal of forged, misaddressed and
+//! replayed envelopes with the host unchanged; sealed secrets (round trip and absence
+//! from logs, diff, status and stores); disconnect/reconnect on both transports; per-node
+//! isolation on NATS.
+//!
+//! The servers listen on the control-plane node's bridge address rather than 127.0.0.1:
+//! the agents run in other network namespaces, where the host's loopback is not reachable.
+
+mod common;
+
+use common::agent::{converge, data};
+use common::sandbox::{converge_bin, require_tool, wait_until, Spawned, TestNode};
+use serde_json::{json, Value};
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+const NATS_SERVER: &str = "/usr/sbin/nats-server";
+const CP_USER: &str = "converge-cp";
+const CP_PASSWORD: &str = "cp-test-password";
+const NATS_PORT: u16 = 4222;
+const HTTP_PORT: u16 = 8443;
+
+/// A control plane (and, for NATS, its nats-server) in a sandbox node of its own.
+struct Cp {
+    node: TestNode,
+    root: PathBuf,
+    nats: Option<Spawned>,
+    server: Option<Spawned>,
+    use_nats: bool,
+}
+
+impl Cp {
+    fn new(use_nats: bool) -> Cp {
+        let node = TestNode::new("cp");
+        let root = node.data_dir().join("cp");
+        fs::create_dir_all(root.join("docs")).expect("docs dir");
+        fs::create_dir_all(root.join("data")).expect("data dir");
+        let mut cp = Cp {
+            node,
+            root,
+            nats: None,
+            server: None,
+            use_nats,
+        };
+        // A private CA and a certificate for the control plane's address: HTTPS with
+        // rustls, the CA trusted by the nodes through `join --ca`.
+        require_tool("openssl");
+        let r = |f: &str| cp.root.join(f).display().to_string();
+        fs::write(
+            cp.root.join("leaf.ext"),
+            format!(
+                "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:{}\n",
+                cp.node.address()
+            ),
+        )
+        .expect("ext");
+        for args in [
+            vec![
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=converge test CA",
+                "-keyout",
+                &r("ca.key"),
+                "-out",
+                &r("ca.crt"),
+            ],
+            vec![
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-subj",
+                "/CN=converge-cp",
+                "-keyout",
+                &r("tls.key"),
+                "-out",
+                &r("tls.csr"),
+            ],
+            vec![
+                "x509",
+                "-req",
+                "-in",
+                &r("tls.csr"),
+                "-CA",
+                &r("ca.crt"),
+                "-CAkey",
+                &r("ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &r("leaf.ext"),
+                "-out",
+                &r("tls.crt"),
+            ],
+        ] {
+            let out = std::process::Command::new("openssl")
+                .args(&args)
+                .output()
+                .expect("openssl");
+            assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+        }
+        if use_nats {
+            require_tool("nats-server");
+            let conf = format!(
+                "listen: \"{addr}:{NATS_PORT}\"\njetstream {{ store_dir: \"{js}\" }}\npid_file: \"{pid}\"\nlog_file: \"{log}\"\nmax_payload: 8MB\ninclude ./auth.conf\n",
+                addr = cp.node.address(),
+                js = cp.root.join("js").display(),
+                pid = cp.root.join("nats.pid").display(),
+                log = cp.root.join("nats.log").display(),
+            );
+            fs::write(cp.root.join("nats.conf"), conf).expect("nats.conf");
+            fs::write(
+                cp.root.join("auth.conf"),
+                format!("authorization {{ users = [ {{user: \"{CP_USER}\", password: \"{CP_PASSWORD}\"}} ] }}\n"),
+            )
+            .expect("auth.conf");
+            cp.start_nats();
+        }
+        cp.start_server();
+        cp
+    }
+
+    fn nats_url(&self) -> String {
+        format!("nats://{}:{NATS_PORT}", self.node.address())
+    }
+
+    fn http_url(&self) -> String {
+        format!("https://{}:{HTTP_PORT}", self.node.address())
+    }
+
+    fn ca(&self) -> String {
+        self.root.join("ca.crt").display().to_string()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.root.join("cp.log")).unwrap_or_default()
+    }
+
+    fn start_nats(&mut self) {
+        let log = self.root.join("nats.log");
+        let _ = fs::remove_file(&log);
+        let mut cmd = self.node.command(NATS_SERVER);
+        cmd.arg("-c")
+            .arg(self.root.join("nats.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.nats = Some(self.node.spawn(&mut cmd));
+        wait_until(Duration::from_secs(15), "nats-server ready", || {
+            fs::read_to_string(&log).is_ok_and(|l| l.contains("Server is ready"))
+        });
+    }
+
+    fn stop_nats(&mut self) {
+        if let Some(mut c) = self.nats.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn start_server(&mut self) {
+        let before = self.log().matches("control plane serving").count();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("cp.log"))
+            .expect("cp.log");
+        let mut cmd = self.node.command(converge_bin());
+        cmd.args(["control-plane", "serve", "--dir"])
+            .arg(self.root.join("docs"))
+            .arg("--data")
+            .arg(self.root.join("data"))
+            .args(["--listen", &format!("{}:{HTTP_PORT}", self.node.address())])
+            .arg("--tls-cert")
+            .arg(self.root.join("tls.crt"))
+            .arg("--tls-key")
+            .arg(self.root.join("tls.key"))
+            .env("CONVERGE_NATS_PASSWORD", CP_PASSWORD)
+            .stdout(Stdio::null())
+            .stderr(log);
+        if self.use_nats {
+            cmd.args(["--nats", &self.nats_url(), "--nats-user", CP_USER])
+                .arg("--nats-auth-file")
+                .arg(self.root.join("auth.conf"))
+                .arg("--nats-pid-file")
+                .arg(self.root.join("nats.pid"));
+        }
+        self.server = Some(self.node.spawn(&mut cmd));
+        wait_until(Duration::from_secs(15), "control plane serving", || {
+            self.log().matches("control plane serving").count() > before
+        });
+    }
+
+    fn stop_server(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        self.node
+            .command(converge_bin())
+            .args(args)
+            .env("CONVERGE_NATS_PASSWORD", CP_PASSWORD)
+            .output()
+            .expect("run converge control-plane")
+    }
+
+    fn data(&self) -> String {
+        self.root.join("data").display().to_string()
+    }
+
+    fn token(&self, ttl: i64) -> String {
+        let out = self.cli(&[
+            "control-plane",
+            "token",
+            "--data",
+            &self.data(),
+            // `=`: a negative ttl (an expired token) is not taken for a flag.
+            &format!("--ttl-secs={ttl}"),
+        ]);
+        assert!(out.status.success(), "token: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Writes `<docs>/<node>.json` atomically (the control plane never reads half a file).
+    fn publish(&self, node: &str, doc: &Value) {
+        let tmp = self.root.join(format!(".{node}.tmp"));
+        fs::write(&tmp, serde_json::to_vec_pretty(doc).expect("json")).expect("write doc");
+        fs::rename(&tmp, self.root.join("docs").join(format!("{node}.json"))).expect("rename");
+    }
+
+    fn nodes(&self) -> Vec<Value> {
+        let out = self.cli(&[
+            "control-plane",
+            "nodes",
+            "--data",
+            &self.data(),
+            "-o",
+            "json",
+        ]);
+        assert!(out.status.success(), "nodes: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).expect("nodes json")
+    }
+
+    fn record(&self, id: &str) -> Value {
+        self.nodes()
+            .into_iter()
+            .find(|n| n["id"] == id)
+            .unwrap_or(Value::Null)
+    }
+
+    /// The control plane's signed envelope of `doc` for `node`.
+    fn sign(&self, node: &str, doc: &Value) -> String {
+        let file = self
+            .root
+            .join(format!("sign-{node}-{}.json", doc["generation"]));
+        fs::write(&file, serde_json::to_vec(doc).expect("json")).expect("write");
+        let out = self.cli(&[
+            "control-plane",
+            "sign",
+            "--data",
+            &self.data(),
+            "--node",
+            node,
+            file.to_str().expect("path"),
+        ]);
+        assert!(out.status.success(), "sign: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Puts raw envelope text under `node`'s key, bypassing the directory.
+    fn put(&self, node: &str, envelope: &str) {
+        let file = self.root.join(format!("put-{node}.json"));
+        fs::write(&file, envelope).expect("write");
+        let out = self.cli(&[
+            "control-plane",
+            "put",
+            "--nats",
+            &self.nats_url(),
+            "--nats-user",
+            CP_USER,
+            "--node",
+            node,
+            file.to_str().expect("path"),
+        ]);
+        assert!(out.status.success(), "put: {}", stderr(&out));
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn join(node: &TestNode, cp: &Cp, token: &str, extra: &[&str]) -> Output {
+    let url = cp.http_url();
+    let ca = cp.ca();
+    let mut args = vec![
+        "join",
+        "--ca",
+        &ca,
+        "--url",
+        &url,
+        "--token",
+        token,
+        "--name",
+        node.name(),
+    ];
+    args.extend_from_slice(extra);
+    converge(node, &args)
+}
+
+fn join_ok(node: &TestNode, cp: &Cp) {
+    let out = join(node, cp, &cp.token(600), &[]);
+    assert!(out.status.success(), "join: {}", stderr(&out));
+}
+
+fn agent_log(node: &TestNode) -> PathBuf {
+    node.data_dir().join("agent.log")
+}
+
+/// Starts the enrolled agent with its log in `agent.log` and a private secrets dir.
+fn start_agent(node: &TestNode) -> Spawned {
+    let sock = data(node).join("converge.sock");
+    let _ = fs::remove_file(&sock);
+    let secrets = node.data_dir().join("secrets");
+    fs::create_dir_all(&secrets).expect("secrets dir");
+    let log = fs::File::create(agent_log(node)).expect("agent log");
+    let mut cmd = node.command(converge_bin());
+    cmd.arg("--data-dir")
+        .arg(data(node))
+        .arg("--secrets-dir")
+        .arg(&secrets)
+        .args(["agent", "--node-id", node.name()])
+        .env("CONVERGE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log);
+    let child = node.spawn(&mut cmd);
+    wait_until(Duration::from_secs(10), "agent socket", || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
+    child
+}
+
+fn doc(node: &str, generation: u64) -> Value {
+    json!({
+        "apiVersion": "converge/v1",
+        "node": {"id": node, "mode": "worker"},
+        "generation": generation,
+        "issuedAt": "2026-11-24T10:00:00Z"
+    })
+}
+
+fn status(node: &TestNode) -> Value {
+    let out = converge(node, &["status", "--output", "json"]);
+    assert!(out.status.success(), "status: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_accepted(node: &TestNode, generation: u64) {
+    poll(
+        Duration::from_secs(30),
+        &format!("{} accepts {generation}", node.name()),
+        || (status(node)["generation"] == generation).then_some(()),
+    );
+}
+
+/// Generations in the node's store.
+fn stored_generations(node: &TestNode) -> Vec<u64> {
+    let db = rusqlite::Connection::open(data(node).join("state.db")).expect("open store");
+    let mut st = db
+        .prepare("SELECT generation FROM documents ORDER BY generation")
+        .expect("query");
+    let rows = st
+        .query_map([], |r| r.get::<_, i64>(0))
+        .expect("rows")
+        .map(|r| u64::try_from(r.expect("row")).expect("generation"))
+        .collect();
+    rows
+}
+
+fn control_json(node: &TestNode) -> Value {
+    serde_json::from_slice(&fs::read(data(node).join("control.json")).expect("control.json"))
+        .expect("control.json parses")
+}
+
+#[test]
+fn enrollment_good_reused_and_expired_tokens() {
+    use std::os::unix::fs::PermissionsExt;
+    let cp = Cp::new(false);
+    let a = TestNode::new("ea");
+    let b = TestNode::new("eb");
+    let token = cp.token(600);
+    let out = join(&a, &cp, &token, &[]);
+    assert!(out.status.success(), "good token: {}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ea");
+    for f in ["control.json", "identity.key", "sealing.key"] {
+        let mode = fs::metadata(data(&a).join(f))
+            .expect(f)
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    let pinned = control_json(&a);
+    assert_eq!(pinned["nodeId"], "ea");
+    assert_eq!(pinned["transport"]["kind"], "https");
+    assert!(pinned["transport"]["url"]
+        .as_str()
+        .is_some_and(|u| u.starts_with("https://")));
+    // Without trusting the control plane's certificate, no enrollment.
+    let out = converge(
+        &b,
+        &[
+            "join",
+            "--url",
+            &cp.http_url(),
+            "--token",
+            &cp.token(600),
+            "--name",
+            "eb",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot reach the control plane"),
+        "{}",
+        stderr(&out)
+    );
+    let identity = fs::read_to_string(data(&a).join("identity.key")).expect("key");
+    let record = cp.record("ea");
+    assert_eq!(record["facts"]["arch"], std::env::consts::ARCH);
+    assert!(!record["facts"]["kernel"]
+        .as_str()
+        .unwrap_or_default()
+        .is_empty());
+    // The private key never left the node.
+    assert!(!fs::read(cp.root.join("data/control-plane.db"))
+        .map(|b| String::from_utf8_lossy(&b).contains(identity.trim()))
+        .unwrap_or(false));
+
+    // Reused token: refused (on another node too).
+    let out = join(&b, &cp, &token, &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already used"), "{}", stderr(&out));
+    // Expired token.
+    let out = join(&b, &cp, &cp.token(-1), &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
+    assert!(!data(&b).join("control.json").exists());
+    // Unknown token.
+    let out = join(&b, &cp, "0123456789abcdef", &[]);
+    assert!(
+        stderr(&out).contains("unknown registration token"),
+        "{}",
+        stderr(&out)
+    );
+
+    // An enrolled node refuses to join again without --force, and keeps its keys.
+    let out = join(&a, &cp, &cp.token(600), &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("already enrolled"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        fs::read_to_string(data(&a).join("identity.key")).expect("key"),
+        identity
+    );
+    let out = join(&a, &cp, &cp.token(600), &["--force"]);
+    assert!(out.status.success(), "--force: {}", stderr(&out));
+    assert_ne!(
+        fs::read_to_string(data(&a).join("identity.key")).expect("key"),
+        identity
+    );
+}
+
+#[test]
+fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() {
+    let cp = Cp::new(true);
+    let a = TestNode::new("na");
+    let b = TestNode::new("nb");
+    join_ok(&a, &cp);
+    join_ok(&b, &cp);
+    assert_eq!(control_json(&a)["transport"]["kind"], "nats");
+    let _agent_a = start_agent(&a);
+    let _agent_b = start_agent(&b);
+    let old = cp.sign("na", &doc("na", 1));
+    cp.publish("na", &doc("na", 1));
+    cp.publish("nb", &doc("nb", 1));
+    wait_accepted(&a, 1);
+    wait_accepted(&b, 1);
+    cp.publish("na", &doc("na", 2));
+    wait_accepted(&a, 2);
+    // Status reaches the control plane: accepted and converged generation 2.
+    poll(
+        Duration::from_secs(20),
+        "status of na at the control plane",
+        || {
+            let r = cp.record("na");
+            (r["acceptedGeneration"] == 2 && r["convergedGeneration"] == 2).then_some(())
+        },
+    );
+    assert_eq!(status(&a)["control"]["connected"], true);
+
+    let refused = |what: &str, generation: u64, needle: &str| {
+        poll(Duration::from_secs(20), what, || {
+            let r = cp.record("na")["refused"].clone();
+            (r["generation"] == generation
+                && r["error"].as_str().is_some_and(|e| e.contains(needle)))
+            .then_some(())
+        });
+        assert_eq!(status(&a)["generation"], 2, "{what}: host unchanged");
+        assert_eq!(
+            stored_generations(&a),
+            vec![1, 2],
+            "{what}: store unchanged"
+        );
+    };
+
+    // A forged envelope: a valid signature of another document.
+    let mut forged: Value = serde_json::from_str(&cp.sign("na", &doc("na", 5))).expect("envelope");
+    let other = {
+        use base64::Engine as _;
+        let mut d = doc("na", 5);
+        d["dns"] =
+            json!({"zone": "evil", "listen": ["127.0.0.1"], "port": 53, "ttl": 5, "records": []});
+        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&d).expect("json"))
+    };
+    forged["document"] = json!(other);
+    cp.put("na", &forged.to_string());
+    refused("forged", 5, "bad signature");
+    // Unsigned.
+    forged["signature"] = json!("");
+    forged["generation"] = json!(6);
+    cp.put("na", &forged.to_string());
+    refused("unsigned", 6, "unsigned");
+    // Another node's (correctly signed) document offered under this node's key.
+    cp.put("na", &cp.sign("nb", &doc("nb", 7)));
+    refused("other node", 7, "is for node");
+    // Replay of an old, correctly signed envelope (rollback).
+    cp.put("na", &old);
+    refused("replay", 1, "not newer");
+
+    // Isolation: with na's credentials nothing of nb's is readable, and na cannot speak
+    // for nb.
+    let pinned = control_json(&a);
+    let user = pinned["transport"]["user"]
+        .as_str()
+        .expect("user")
+        .to_string();
+    let password = pinned["transport"]["password"]
+        .as_str()
+        .expect("password")
+        .to_string();
+    let url = cp.nats_url();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let seen = std::thread::scope(|s| {
+        let spy = s.spawn(|| {
+            cp.node.in_netns(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(isolation_probe(&url, &user, &password, ready_tx))
+            })
+        });
+        let _ = ready.recv_timeout(Duration::from_secs(60));
+        cp.publish("nb", &doc("nb", 2));
+        wait_accepted(&b, 2);
+        spy.join().expect("probe thread")
+    });
+    assert!(seen.is_empty(), "na saw nb's data: {seen:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !cp.record("nb")["refused"]
+            .to_string()
+            .contains("forged by na"),
+        "na published a status for nb"
+    );
+}
+
+/// Runs as node `na`: tries to read `nb`'s document and to speak for it; signals `ready`
+/// once its subscriptions are in place. Returns what it managed to see (nothing, if the
+/// permissions hold).
+async fn isolation_probe(
+    url: &str,
+    user: &str,
+    password: &str,
+    ready: std::sync::mpsc::Sender<()>,
+) -> Vec<String> {
+    use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
+    use futures::StreamExt;
+    let mut seen = Vec::new();
+    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(format!("_INBOX_{user}"))
+        .connect(url)
+        .await
+        .expect("na connects with its own credentials");
+    let mut js = async_nats::jetstream::new(client.clone());
+    js.set_timeout(Duration::from_secs(3));
+    let watch = |key: &str| push::Config {
+        deliver_subject: client.new_inbox(),
+        name: Some(format!("spy-{key}")),
+        filter_subject: format!("$KV.converge.{key}"),
+        deliver_policy: DeliverPolicy::LastPerSubject,
+        ack_policy: AckPolicy::None,
+        ..Default::default()
+    };
+    // Positive control: the agent's own way of watching works for its own key and
+    // delivers its document, so the same call for nb's key would too if it were allowed.
+    let own = js
+        .create_consumer_on_stream(watch(user), "KV_converge")
+        .await
+        .expect("na watches its own key");
+    let mut own = own.messages().await.expect("own messages");
+    let got = tokio::time::timeout(Duration::from_secs(5), own.next())
+        .await
+        .expect("own document delivered");
+    assert!(got.is_some_and(|m| m.is_ok_and(|m| !m.payload.is_empty())));
+    match js
+        .create_consumer_on_stream(watch("nb"), "KV_converge")
+        .await
+    {
+        Ok(c) => {
+            let mut m = c.messages().await.expect("messages");
+            if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(3), m.next()).await {
+                seen.push(format!("watch of nb: {} bytes", m.payload.len()));
+            } else {
+                seen.push("a consumer on nb's key was created".into());
+            }
+        }
+        Err(e) => eprintln!("watch of nb refused: {e}"),
+    }
+    // Raw API calls: a consumer without the filter in the subject, a durable one, direct
+    // and stream message gets.
+    for (subject, body) in [
+        (
+            "$JS.API.CONSUMER.CREATE.KV_converge",
+            r#"{"stream_name":"KV_converge","config":{"filter_subject":"$KV.converge.nb","deliver_subject":"_INBOX_na.x","deliver_policy":"last_per_subject","ack_policy":"none"}}"#,
+        ),
+        (
+            "$JS.API.CONSUMER.DURABLE.CREATE.KV_converge.spy",
+            r#"{"stream_name":"KV_converge","config":{"durable_name":"spy","filter_subject":"$KV.converge.nb","deliver_subject":"_INBOX_na.x","deliver_policy":"last_per_subject","ack_policy":"none"}}"#,
+        ),
+        ("$JS.API.DIRECT.GET.KV_converge.$KV.converge.nb", ""),
+        (
+            "$JS.API.STREAM.MSG.GET.KV_converge",
+            r#"{"last_by_subj":"$KV.converge.nb"}"#,
+        ),
+    ] {
+        let r = tokio::time::timeout(
+            Duration::from_secs(3),
+            client.request(subject.to_string(), body.as_bytes().to_vec().into()),
+        )
+        .await;
+        if let Ok(Ok(m)) = r {
+            let text = String::from_utf8_lossy(&m.payload).to_string();
+            if !text.contains("\"error\"") {
+                seen.push(format!("{subject}: {text}"));
+            }
+        }
+    }
+    // Subscriptions outside its inbox are refused by the server; whatever arrives on them
+    // while nb receives generation 2 counts as seen.
+    let mut subs = Vec::new();
+    for subject in ["$KV.converge.nb", "_INBOX_nb.>", "_INBOX.>", ">"] {
+        if let Ok(s) = client.subscribe(subject.to_string()).await {
+            subs.push(s);
+        }
+    }
+    // Speaking for nb: a status message on nb's subject.
+    let forged = json!({"type": "refused", "nodeId": "nb", "sentAt": "2026-01-01T00:00:00Z",
+        "generation": 99, "error": "forged by na"});
+    let _ = client
+        .publish(
+            "converge.status.nb",
+            serde_json::to_vec(&forged).expect("json").into(),
+        )
+        .await;
+    let _ = client.flush().await;
+    let _ = ready.send(());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    let mut all = futures::stream::select_all(subs);
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, all.next()).await {
+        seen.push(format!("{}: {} bytes", m.subject, m.payload.len()));
+    }
+    seen
+}
+
+/// A WireGuard key used as the secret: its public half shows in status once the
+/// reconciler has opened the sealed value and set it on the interface.
+const WG_PRIVATE: [u8; 32] = [7; 32];
+
+#[test]
+fn sealed_secret_round_trip_and_absence_from_logs_diff_status_and_stores() {
+    use base64::Engine as _;
+    require_tool("wireguard-go");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let secret = b64.encode(WG_PRIVATE);
+    let public = b64.encode(
+        crypto_box::SecretKey::from(WG_PRIVATE)
+            .public_key()
+            .as_bytes(),
+    );
+    let cp = Cp::new(true);
+    let node = TestNode::new("sa");
+    join_ok(&node, &cp);
+    let _agent = start_agent(&node);
+    let iface = format!("wgc{}", std::process::id() % 100_000);
+    let mut d = doc("sa", 1);
+    d["wireguard"] = json!({"interface": iface, "privateKeySecret": "wg-key", "listenPort": 51820,
+        "addresses": ["10.99.7.1/24"], "peers": []});
+    d["secrets"] = json!({"wg-key": secret});
+    cp.publish("sa", &d);
+    wait_accepted(&node, 1);
+    // Round trip: the interface runs with the key from the sealed secret.
+    poll(
+        Duration::from_secs(30),
+        "wireguard converged with the sealed key",
+        || {
+            let s = status(&node);
+            let wg = s["reconcilers"]
+                .as_array()
+                .and_then(|r| r.iter().find(|r| r["reconciler"] == "wireguard").cloned())
+                .unwrap_or(Value::Null);
+            (wg["state"] == "Converged" && wg.to_string().contains(&public)).then_some(())
+        },
+    );
+    // What travelled and is stored is sealed: the store holds the document as received.
+    let db = rusqlite::Connection::open(data(&node).join("state.db")).expect("store");
+    let body: String = db
+        .query_row("SELECT body FROM documents WHERE generation = 1", [], |r| {
+            r.get(0)
+        })
+        .expect("stored document");
+    let stored: Value = serde_json::from_str(&body).expect("stored json");
+    let sealed = stored["secrets"]["wg-key"].as_str().expect("sealed value");
+    assert_ne!(sealed, secret);
+    assert!(
+        b64.decode(sealed).expect("base64").len() >= 48 + 32,
+        "a sealed box"
+    );
+    // `converge diff` of the stored document opens the secret in memory: no changes.
+    let file = node.data_dir().join("stored.json");
+    fs::write(&file, &body).expect("write");
+    let diff = converge(&node, &["diff", file.to_str().expect("path")]);
+    assert_eq!(diff.status.code(), Some(0), "diff: {}", stderr(&diff));
+    let status_text = converge(&node, &["status"]);
+    let mut places = vec![
+        ("diff output".to_string(), stderr(&diff).into_bytes()),
+        ("status".to_string(), stderr(&status_text).into_bytes()),
+        (
+            "status json".to_string(),
+            status(&node).to_string().into_bytes(),
+        ),
+        (
+            "control plane nodes".to_string(),
+            serde_json::to_vec(&cp.nodes()).expect("json"),
+        ),
+    ];
+    // Every file the node and the control plane wrote (store, WAL, logs), except the
+    // control plane's document directory, which holds the plaintext by design.
+    for dir in [
+        data(&node),
+        node.data_dir().to_path_buf(),
+        cp.root.join("data"),
+        cp.root.clone(),
+    ] {
+        for entry in fs::read_dir(&dir).expect("dir").flatten() {
+            let p = entry.path();
+            if p.is_file() && !p.starts_with(cp.root.join("docs")) {
+                places.push((p.display().to_string(), fs::read(&p).unwrap_or_default()));
+            }
+        }
+    }
+    assert!(places
+        .iter()
+        .any(|(p, _)| p.ends_with("state.db-wal") || p.ends_with("state.db")));
+    for (place, bytes) in &places {
+        assert!(
+            !String::from_utf8_lossy(bytes).contains(&secret),
+            "the secret value appears in {place}"
+        );
+    }
+    assert!(fs::read_to_string(agent_log(&node))
+        .expect("agent log")
+        .contains("accepted document"));
+}
+
+/// Stop the transport, publish two generations, bring it back: the node converges to the
+/// newest and never stores the one in between; meanwhile status says disconnected.
+fn disconnect_and_reconnect(use_nats: bool, name: &str) {
+    let mut cp = Cp::new(use_nats);
+    let node = TestNode::new(name);
+    join_ok(&node, &cp);
+    let _agent = start_agent(&node);
+    cp.publish(name, &doc(name, 1));
+    wait_accepted(&node, 1);
+    poll(Duration::from_secs(10), "connected", || {
+        (status(&node)["control"]["connected"] == true).then_some(())
+    });
+    if use_nats {
+        cp.stop_nats();
+    } else {
+        cp.stop_server();
+    }
+    poll(Duration::from_secs(60), "disconnected in status", || {
+        (status(&node)["control"]["connected"] == false).then_some(())
+    });
+    let text = String::from_utf8_lossy(&converge(&node, &["status"]).stdout).to_string();
+    assert!(text.contains("control: disconnected"), "{text}");
+    cp.publish(name, &doc(name, 2));
+    std::thread::sleep(Duration::from_secs(1));
+    cp.publish(name, &doc(name, 3));
+    std::thread::sleep(Duration::from_secs(1));
+    if use_nats {
+        cp.start_nats();
+    } else {
+        cp.start_server();
+    }
+    let t0 = Instant::now();
+    wait_accepted(&node, 3);
+    eprintln!(
+        "{}: converged to generation 3 {:?} after the server came back",
+        if use_nats { "nats" } else { "https" },
+        t0.elapsed()
+    );
+    assert_eq!(
+        stored_generations(&node),
+        vec![1, 3],
+        "generation 2 skipped"
+    );
+    poll(Duration::from_secs(20), "connected again", || {
+        (status(&node)["control"]["connected"] == true).then_some(())
+    });
+    poll(
+        Duration::from_secs(20),
+        "status at the control plane",
+        || (cp.record(name)["acceptedGeneration"] == 3).then_some(()),
+    );
+}
+
+#[test]
+fn nats_disconnect_and_reconnect_converges_to_the_newest() {
+    disconnect_and_reconnect(true, "dn");
+}
+
+#[test]
+fn https_disconnect_and_reconnect_converges_to_the_newest() {
+    disconnect_and_reconnect(false, "dh");
+}
+
+#[test]
+fn https_documents_and_status() {
+    let cp = Cp::new(false);
+    let node = TestNode::new("ha");
+    join_ok(&node, &cp);
+    let _agent = start_agent(&node);
+    cp.publish("ha", &doc("ha", 1));
+    wait_accepted(&node, 1);
+    cp.publish("ha", &doc("ha", 2));
+    wait_accepted(&node, 2);
+    poll(Duration::from_secs(20), "status over https", || {
+        let r = cp.record("ha");
+        (r["acceptedGeneration"] == 2 && r["convergedGeneration"] == 2).then_some(())
+    });
+    let text = String::from_utf8_lossy(
+        &cp.cli(&["control-plane", "nodes", "--data", &cp.data()])
+            .stdout,
+    )
+    .to_string();
+    assert!(
+        text.contains("ha") && text.contains("dns=Unmanaged"),
+        "{text}"
+    );
+    // Requests not signed by the node's key are refused.
+    let ca = fs::read(cp.ca()).expect("ca");
+    let url = cp.http_url();
+    let codes = cp.node.in_netns(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client = reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca pem"))
+                .build()
+                .expect("client");
+            let unsigned = client
+                .get(format!("{url}/v1/nodes/ha/document?after=0"))
+                .send()
+                .await
+                .expect("unsigned request");
+            let forged = client
+                .post(format!("{url}/v1/nodes/ha/status"))
+                .header("x-converge-node", "ha")
+                .header(
+                    "x-converge-time",
+                    chrono::Utc::now().timestamp().to_string(),
+                )
+                .header("x-converge-signature", "AAAA")
+                .body("{}")
+                .send()
+                .await
+                .expect("forged request");
+            (unsigned.status().as_u16(), forged.status().as_u16())
+        })
+    });
+    assert_eq!(codes, (401, 401));
+    // An invalid document is refused by the control plane itself: nothing is sent.
+    cp.publish("ha", &json!({"apiVersion": "converge/v1", "generation": 3}));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(status(&node)["generation"], 2);
+    assert!(cp.log().contains("document not published"));
+}
