@@ -23,6 +23,16 @@ pub struct RoutesSpec {
     pub acme_email: Option<String>,
 }
 
+/// What the routes reconciler is given: its section plus the WireGuard peers' mesh
+/// addresses (the first address of each peer's `allowedIps`), resolved from the
+/// document by the agent, since a reconciler sees only its own section.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoutesInput {
+    pub spec: RoutesSpec,
+    /// Peer name to the address its `peer` upstreams dial.
+    pub peers: BTreeMap<String, IpAddr>,
+}
+
 /// One route: requests for `hosts` (and `path`) proxied to its upstreams, or redirected.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
