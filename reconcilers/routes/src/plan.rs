@@ -304,6 +304,20 @@ pub fn splice(base: &Value, routes: &BTreeMap<String, OwnedRoute>) -> Value {
         }
         object_at(&mut v, &["apps", "http", "servers"]).insert(key.to_string(), srv);
     }
+    let internal = ordered.iter().any(|(_, r)| {
+        r.policy
+            .as_ref()
+            .and_then(|p| p.pointer("/issuers/0/module"))
+            .is_some_and(|m| m == "internal")
+    });
+    if internal {
+        // Caddy would otherwise install its local CA into the host's trust store on
+        // every load; a proxy's clients get the root from <data-dir>/caddy instead.
+        // Only set when nobody configured it (a foreign setting is kept).
+        object_at(&mut v, &["apps", "pki", "certificate_authorities", "local"])
+            .entry("install_trust")
+            .or_insert(Value::Bool(false));
+    }
     let policies: Vec<Value> = ordered
         .iter()
         .filter_map(|(_, r)| r.policy.clone())

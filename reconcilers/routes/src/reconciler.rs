@@ -11,6 +11,11 @@ use converge_core::{
 use std::collections::BTreeMap;
 use tracing::{info, info_span, warn, Instrument};
 
+/// How often, and how far apart, observe asks a running Caddy for its configuration
+/// before concluding its admin endpoint is gone (about 3 s in all).
+const ADMIN_ATTEMPTS: u32 = 15;
+const ADMIN_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The routes reconciler over a driver.
 pub struct Routes<D> {
     driver: D,
@@ -180,14 +185,27 @@ impl<D: CaddyDriver> Reconciler for Routes<D> {
 
     async fn observe(&self, input: &RoutesInput) -> Result<Observed, DriverError> {
         let process = self.driver.process()?;
-        let config = match (self.driver.get_config().await, &process) {
-            (Ok(c), _) => Some(c),
-            // converge runs Caddy: not answering means start (or restart) it.
-            (Err(e), Process::Managed { pids, .. }) => {
-                info!(error = %e, running = pids.len(), "caddy admin API not answering");
-                None
+        let mut attempt = 0;
+        let config = loop {
+            attempt += 1;
+            match (self.driver.get_config().await, &process) {
+                (Ok(c), _) => break Some(c),
+                // Not running: start it.
+                (Err(e), Process::Managed { pids, .. }) if pids.is_empty() => {
+                    info!(error = %e, "caddy is not running");
+                    break None;
+                }
+                // Caddy replaces its admin listener on every configuration load, so a
+                // running Caddy may briefly not answer: ask again before concluding
+                // its admin endpoint is gone (Caddy < 2.7 after a full wipe), which
+                // is repaired by restarting it.
+                (Err(e), Process::Managed { pids, .. }) if attempt >= ADMIN_ATTEMPTS => {
+                    warn!(error = %e, running = pids.len(), "caddy runs but its admin API does not answer: restarting it");
+                    break None;
+                }
+                (Err(e), Process::External) if attempt >= ADMIN_ATTEMPTS => return Err(e),
+                (Err(_), _) => tokio::time::sleep(ADMIN_RETRY).await,
             }
-            (Err(e), Process::External) => return Err(e),
         };
         let mut secrets = BTreeMap::new();
         for r in input

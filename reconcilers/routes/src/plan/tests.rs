@@ -105,6 +105,11 @@ fn one_change_for_many_routes_then_nothing_and_foreign_objects_kept() {
         cfg["apps"]["http"]["servers"][HTTP_SERVER]["routes"][0]["@id"],
         "converge-route-c"
     );
+    // Caddy must not install its local CA into the host's trust store.
+    assert_eq!(
+        cfg["apps"]["pki"]["certificate_authorities"]["local"]["install_trust"],
+        json!(false)
+    );
     // Converged: nothing to do.
     let again = plan(&inp, &observed(cfg.clone()), &facts());
     assert!(again.is_empty(), "{:?}", again.changes);
