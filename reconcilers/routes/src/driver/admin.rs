@@ -144,6 +144,28 @@ impl Admin {
         }
     }
 
+    /// `PATCH path` with `body` (one object by path or `/id/<@id>`): one reload. Used by
+    /// the benchmark to compare with converge's single change.
+    pub async fn patch(&self, path: &str, body: &Value) -> Result<(), DriverError> {
+        let bytes = serde_json::to_vec(body)
+            .map_err(|e| DriverError::Failed(format!("encode caddy object: {e}")))?;
+        let r = with_timeout(
+            "caddy PATCH",
+            LOAD_TIMEOUT,
+            self.call(Method::PATCH, path, Some(bytes), None),
+        )
+        .await?;
+        if r.status.is_success() {
+            Ok(())
+        } else {
+            Err(DriverError::Failed(format!(
+                "caddy PATCH {path}: {} {}",
+                r.status,
+                error_text(&r.body)
+            )))
+        }
+    }
+
     /// `GET /reverse_proxy/upstreams`.
     pub async fn upstreams(&self) -> Result<Vec<UpstreamStatus>, DriverError> {
         let r = with_timeout(
