@@ -49,10 +49,13 @@ impl<D: CaddyDriver> Routes<D> {
         let first = self.driver.load(&load.config, load.etag.as_deref()).await;
         let refusal = match first {
             Ok(()) => {
+                for n in &load.changed {
+                    info_span!("route", name = %n).in_scope(|| info!("applied"));
+                }
                 return objects(&load.changed)
                     .into_iter()
                     .map(ObjectOutcome::ok)
-                    .collect()
+                    .collect();
             }
             Err(LoadError::Driver(e)) => {
                 if matches!(e, DriverError::Transient(_)) {
@@ -134,7 +137,8 @@ impl<D: CaddyDriver> Routes<D> {
                     }
                 }
                 Err(LoadError::Refused(m)) if set.len() == 1 => {
-                    warn!(route = %set[0], error = %m, "caddy refused the route");
+                    info_span!("route", name = %set[0])
+                        .in_scope(|| warn!(error = %m, "caddy refused the route"));
                     outcomes.push(ObjectOutcome::failed(
                         format!("route {}", set[0]),
                         format!("caddy refused: {m}"),
