@@ -60,8 +60,7 @@ pub fn big_document(listen: &str) -> Value {
             json!({
                 "name": format!("route-{i}"),
                 "hosts": [format!("app-{i}.example.com")],
-                "upstream": {"container": format!("svc-{}", i % 1000)},
-                "port": 8000
+                "upstreams": [{"container": format!("svc-{}", i % 1000), "port": 8000}]
             })
         })
         .collect();

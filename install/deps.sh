@@ -61,6 +61,10 @@ if [[ ! -x $VENV/bin/moto_server ]]; then
 fi
 ln -sf "$VENV/bin/moto_server" /usr/local/bin/moto_server
 
+# Caddy for the routes reconciler: the pinned version tests run against (Debian's caddy,
+# 2.6.2, stays at /usr/bin/caddy for CONVERGE_TEST_CADDY=/usr/bin/caddy runs).
+"$(dirname "${BASH_SOURCE[0]}")/caddy.sh"
+
 # Rust comes from rustup, which this script cannot fetch (registries only).
 if [[ -f $HOME/.cargo/env ]]; then
   # shellcheck source=/dev/null

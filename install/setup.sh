@@ -50,6 +50,21 @@ if ((${#missing[@]})); then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# --- caddy (proxy nodes) -----------------------------------------------------------------
+# The routes reconciler runs the pinned Caddy that install/caddy.sh puts on PATH.
+if ((proxy)); then
+  for pkg in python3 python3-venv; do
+    status=$(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null || true)
+    if [[ $status != ii* ]]; then
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -q
+      apt-get install -y -q --no-install-recommends python3 python3-venv
+      break
+    fi
+  done
+  "$repo/install/caddy.sh"
+fi
+
 # --- binary -----------------------------------------------------------------------------
 if [[ -z $binary ]]; then
   if [[ -f $HOME/.cargo/env ]]; then

@@ -9,6 +9,8 @@ use converge_dns::driver::Dnsmasq;
 use converge_dns::{Dns, Layout};
 use converge_firewall::{Firewall, Kernel};
 use converge_metadata::{Metadata, Served};
+use converge_routes::driver::{Caddy, CaddyConfig};
+use converge_routes::{Routes, RoutesInput};
 use converge_wireguard::driver::Unavailable;
 use converge_wireguard::{
     Config as WireguardConfig, System, SystemConfig, WireguardReconciler, WireguardSpec,
@@ -63,6 +65,15 @@ pub struct HostOptions {
         default_value = "/etc/converge/secrets"
     )]
     pub secrets_dir: PathBuf,
+    /// The caddy binary the routes reconciler runs (proxy nodes).
+    #[arg(long, global = true, env = "CONVERGE_CADDY", default_value = "caddy")]
+    pub caddy: PathBuf,
+    /// Admin socket of a Caddy run by someone else (e.g. its systemd unit, with
+    /// `admin unix//run/caddy/admin.sock` in its config): converge then talks to it and
+    /// neither starts nor stops Caddy. Default: converge runs its own Caddy under
+    /// `<data-dir>/caddy/`.
+    #[arg(long, global = true, env = "CONVERGE_CADDY_ADMIN_SOCKET")]
+    pub caddy_admin_socket: Option<PathBuf>,
 }
 
 /// The containers reconciler on the chosen runtime.
@@ -214,6 +225,35 @@ pub fn agent_sections(
     build(data_dir, host, node_id, resync, secrets, true)
 }
 
+/// The routes reconciler: Caddy under `<data_dir>/caddy/` (or the given admin socket).
+/// It sees its section plus each WireGuard peer's mesh address (the first address of
+/// its `allowedIps`), which `peer` upstreams dial.
+fn routes(data_dir: &Path, host: &HostOptions) -> Arc<dyn Section> {
+    let driver = Caddy::new(CaddyConfig {
+        binary: host.caddy.clone(),
+        dir: data_dir.join("caddy"),
+        external_admin: host.caddy_admin_socket.clone(),
+        secrets_dir: host.secrets_dir.clone(),
+    });
+    fn select(d: &Document) -> Option<Cow<'_, RoutesInput>> {
+        let spec = d.routes.as_ref()?;
+        let peers = d
+            .wireguard
+            .iter()
+            .flat_map(|w| w.peers.iter())
+            .filter_map(|p| {
+                let first = p.allowed_ips.first()?.parse::<ipnet::IpNet>().ok()?;
+                Some((p.name.clone(), first.addr()))
+            })
+            .collect();
+        Some(Cow::Owned(RoutesInput {
+            spec: spec.clone(),
+            peers,
+        }))
+    }
+    Arc::new(Bound::new(Routes::new(driver), select))
+}
+
 /// The reconcilers of this build with their real drivers: files under `data_dir`,
 /// containers labelled with `node_id`; `resync` is the engine's drift-repair period;
 /// secrets from `--secrets-dir` only. One-shot commands (`apply`, `diff`) write the
@@ -263,6 +303,8 @@ fn build(
             d.dns.as_ref().map(Cow::Borrowed)
         })),
         metadata(data_dir, serve),
+        // Unmanaged on workers: validation refuses a routes section there.
+        routes(data_dir, host),
     ]
 }
 

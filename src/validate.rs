@@ -186,20 +186,21 @@ fn cross_section(doc: &Document, problems: &mut Problems) {
             .flat_map(|w| w.peers.iter().map(|p| p.name.as_str()))
             .collect();
         for (i, r) in routes.routes.iter().enumerate() {
-            if let Some(c) = &r.upstream.container {
-                need_container(
-                    problems,
-                    format!("$.routes.routes[{i}].upstream.container"),
-                    c,
-                );
-            }
-            if let Some(p) = &r.upstream.peer {
-                if !peers.contains(p.as_str()) {
-                    problems.push_hint(
-                        format!("$.routes.routes[{i}].upstream.peer"),
-                        format!("names WireGuard peer {p:?}, which is not in $.wireguard.peers"),
-                        "add the peer or route to a container or address",
-                    );
+            for (j, u) in r.upstreams.iter().enumerate() {
+                let up = format!("$.routes.routes[{i}].upstreams[{j}]");
+                if let Some(c) = &u.container {
+                    need_container(problems, format!("{up}.container"), c);
+                }
+                if let Some(p) = &u.peer {
+                    if !peers.contains(p.as_str()) {
+                        problems.push_hint(
+                            format!("{up}.peer"),
+                            format!(
+                                "names WireGuard peer {p:?}, which is not in $.wireguard.peers"
+                            ),
+                            "add the peer or route to a container or address",
+                        );
+                    }
                 }
             }
         }

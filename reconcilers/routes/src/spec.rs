@@ -3,7 +3,7 @@
 //! reconciler itself (rendering and reloading Caddy's config) lands in a later issue.
 
 use converge_core::problems::is_dns_name;
-use converge_core::vocab::{is_name, key_path, Unique};
+use converge_core::vocab::{is_name, is_secret_name, key_path, Unique};
 use converge_core::Problems;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,17 @@ pub struct RoutesSpec {
     pub acme_email: Option<String>,
 }
 
-/// One route: requests for `hosts` (and `path`) proxied to one upstream.
+/// What the routes reconciler is given: its section plus the WireGuard peers' mesh
+/// addresses (the first address of each peer's `allowedIps`), resolved from the
+/// document by the agent, since a reconciler sees only its own section.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoutesInput {
+    pub spec: RoutesSpec,
+    /// Peer name to the address its `peer` upstreams dial.
+    pub peers: BTreeMap<String, IpAddr>,
+}
+
+/// One route: requests for `hosts` (and `path`) proxied to its upstreams, or redirected.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Route {
@@ -35,33 +45,149 @@ pub struct Route {
     /// Path prefix, starting with `/`, e.g. `/api/`; absent: every path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// Where requests go: exactly one of `container`, `peer` and `address`.
-    pub upstream: RouteUpstream,
-    /// Upstream port; required with `container` or `peer`, not allowed with `address`.
+    /// Where requests go (at least one unless `redirect` is set; none with `redirect`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<Upstream>,
+    /// How requests are spread over several upstreams.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub load_balancing: LoadBalancing,
+    /// Active health check: upstreams failing it get no requests until they pass again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
+    pub health_check: Option<HealthCheck>,
     /// How the route's certificate is obtained.
     #[serde(default)]
     pub tls: TlsMode,
-    /// Headers set on the request forwarded to the upstream, name to value (replacing
-    /// any the client sent).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
+    /// With `tls: certificate`: the secret holding the PEM certificate chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_secret: Option<String>,
+    /// With `tls: certificate`: the secret holding the PEM private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret: Option<String>,
+    /// Header changes on the request forwarded to the upstream.
+    #[serde(default, skip_serializing_if = "HeaderChanges::is_empty")]
+    pub request_headers: HeaderChanges,
+    /// Header changes on the response sent back to the client.
+    #[serde(default, skip_serializing_if = "HeaderChanges::is_empty")]
+    pub response_headers: HeaderChanges,
+    /// Answer every request with a redirect instead of proxying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    /// Largest request body accepted, in bytes (larger ones get 413); absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
 }
 
-/// The upstream of a route: exactly one of the three.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// One upstream of a route: exactly one of `container`, `peer` and `address`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct RouteUpstream {
-    /// Name of a container of the containers section (on this node).
+pub struct Upstream {
+    /// Name of a container of the containers section (on this node); its current
+    /// address comes from the containers reconciler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
-    /// Name of a wireguard peer; requests go to the first address of its `allowedIps`.
+    /// Name of a wireguard peer: requests go to the first address of its `allowedIps`
+    /// (a port that node publishes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
-    /// A fixed `host:port` or `[ipv6]:port`.
+    /// A fixed `host:port` or `[ipv6]:port` (a mesh address and port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Port; required with `container` or `peer`, not allowed with `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// Load-balancing policy over a route's upstreams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancing {
+    /// Each upstream in turn.
+    #[default]
+    RoundRobin,
+    /// The upstream with the fewest requests in flight.
+    LeastConn,
+    /// A random upstream.
+    Random,
+    /// The first available upstream in the list (fail-over).
+    First,
+    /// By the client's address (the same client keeps its upstream).
+    IpHash,
+}
+
+impl LoadBalancing {
+    /// Caddy's `selection_policy` name.
+    pub fn caddy_policy(self) -> &'static str {
+        match self {
+            LoadBalancing::RoundRobin => "round_robin",
+            LoadBalancing::LeastConn => "least_conn",
+            LoadBalancing::Random => "random",
+            LoadBalancing::First => "first",
+            LoadBalancing::IpHash => "ip_hash",
+        }
+    }
+}
+
+/// Active health check of a route's upstreams.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// Path requested on each upstream, e.g. `/healthz`.
+    pub path: String,
+    /// Time between checks (`500ms`, `10s`, `1m`).
+    #[serde(default = "default_interval")]
+    pub interval: String,
+    /// Time a check may take.
+    #[serde(default = "default_timeout")]
+    pub timeout: String,
+    /// Status a healthy upstream answers; absent: any 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_status: Option<u16>,
+}
+
+fn default_interval() -> String {
+    "10s".to_string()
+}
+
+fn default_timeout() -> String {
+    "5s".to_string()
+}
+
+/// Header changes: `set` replaces (or adds) headers, `remove` deletes them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeaderChanges {
+    /// Header name to value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    /// Header names removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl HeaderChanges {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// A redirect answered by the proxy itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Redirect {
+    /// Target URL, e.g. `https://www.example.com{uri}` (`{uri}` is the request's path
+    /// and query).
+    pub to: String,
+    /// 301, 302, 307 or 308.
+    #[serde(default = "default_redirect_status")]
+    pub status: u16,
+}
+
+fn default_redirect_status() -> u16 {
+    308
 }
 
 /// Certificate source of a route.
@@ -75,6 +201,18 @@ pub enum TlsMode {
     Internal,
     /// Plain HTTP only.
     Off,
+    /// The certificate and key in `certificateSecret` and `keySecret`.
+    Certificate,
+}
+
+/// Whether `s` is a Go duration converge accepts: digits then `ms`, `s`, `m` or `h`,
+/// not zero.
+pub fn is_duration(s: &str) -> bool {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (n, unit) = s.split_at(digits);
+    (1..=9).contains(&n.len())
+        && n.bytes().any(|b| b != b'0')
+        && ["ms", "s", "m", "h"].contains(&unit)
 }
 
 /// Whether `name` is an HTTP header field name (an RFC 9110 token).
@@ -199,8 +337,117 @@ pub fn validate(spec: &RoutesSpec, path: &str, problems: &mut Problems) {
                 }
             }
         }
-        let up = format!("{rp}.upstream");
-        let u = &r.upstream;
+        validate_upstreams(r, &rp, problems);
+        if let Some(h) = &r.health_check {
+            let hp = format!("{rp}.healthCheck");
+            if !h.path.starts_with('/')
+                || h.path
+                    .contains(|c: char| c.is_whitespace() || c.is_control())
+            {
+                problems.push_hint(
+                    format!("{hp}.path"),
+                    format!("invalid health check path {:?}", h.path),
+                    "e.g. /healthz",
+                );
+            }
+            for (field, v) in [("interval", &h.interval), ("timeout", &h.timeout)] {
+                if !is_duration(v) {
+                    problems.push_hint(
+                        format!("{hp}.{field}"),
+                        format!("invalid duration {v:?}"),
+                        "e.g. 500ms, 10s, 1m",
+                    );
+                }
+            }
+            if let Some(st) = h.expect_status {
+                if !(100..=599).contains(&st) {
+                    problems.push(
+                        format!("{hp}.expectStatus"),
+                        format!("{st} is not an HTTP status"),
+                    );
+                }
+            }
+            if r.redirect.is_some() {
+                problems.push(hp, "a redirect route has no upstreams to check");
+            }
+        }
+        validate_tls(r, &rp, problems);
+        validate_headers(
+            &r.request_headers,
+            &format!("{rp}.requestHeaders"),
+            problems,
+        );
+        validate_headers(
+            &r.response_headers,
+            &format!("{rp}.responseHeaders"),
+            problems,
+        );
+        if let Some(rd) = &r.redirect {
+            let rdp = format!("{rp}.redirect");
+            if !(rd.to.starts_with("https://")
+                || rd.to.starts_with("http://")
+                || rd.to.starts_with('/'))
+                || rd
+                    .to
+                    .contains(|c: char| c.is_whitespace() || c.is_control())
+            {
+                problems.push_hint(
+                    format!("{rdp}.to"),
+                    format!("invalid redirect target {:?}", rd.to),
+                    "an absolute URL or a path, e.g. https://www.example.com{uri}",
+                );
+            }
+            if ![301, 302, 307, 308].contains(&rd.status) {
+                problems.push_hint(
+                    format!("{rdp}.status"),
+                    format!("{} is not a redirect status", rd.status),
+                    "301, 302, 307 or 308",
+                );
+            }
+        }
+        if r.max_body_bytes == Some(0) {
+            problems.push(
+                format!("{rp}.maxBodyBytes"),
+                "maxBodyBytes must be at least 1",
+            );
+        }
+    }
+    if let Some(e) = &spec.acme_email {
+        let ok = e.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty()
+                && !local.contains(|c: char| c.is_whitespace() || c == '@')
+                && domain.contains('.')
+                && is_dns_name(domain, false)
+        });
+        if !ok {
+            problems.push(
+                format!("{path}.acmeEmail"),
+                format!("not an email address: {e:?}"),
+            );
+        }
+    }
+}
+
+fn validate_upstreams(r: &Route, rp: &str, problems: &mut Problems) {
+    if r.redirect.is_some() {
+        if !r.upstreams.is_empty() {
+            problems.push_hint(
+                format!("{rp}.upstreams"),
+                "a redirect route has no upstreams",
+                "remove upstreams or redirect",
+            );
+        }
+        return;
+    }
+    if r.upstreams.is_empty() {
+        problems.push_hint(
+            format!("{rp}.upstreams"),
+            "at least one upstream is required",
+            "or set redirect",
+        );
+    }
+    for (j, u) in r.upstreams.iter().enumerate() {
+        let up = format!("{rp}.upstreams[{j}]");
         let kinds = [u.container.is_some(), u.peer.is_some(), u.address.is_some()]
             .iter()
             .filter(|k| **k)
@@ -237,51 +484,76 @@ pub fn validate(spec: &RoutesSpec, path: &str, problems: &mut Problems) {
                     "host:port or [ipv6]:port, e.g. 10.210.0.9:8080",
                 );
             }
-            if r.port.is_some() && kinds == 1 {
+            if u.port.is_some() && kinds == 1 {
                 problems.push_hint(
-                    format!("{rp}.port"),
-                    "port is not allowed with upstream.address",
+                    format!("{up}.port"),
+                    "port is not allowed with address",
                     "put the port in the address (host:port)",
                 );
             }
-        } else if kinds == 1 && r.port.is_none() {
+        } else if kinds == 1 && u.port.is_none() {
             problems.push_hint(
-                format!("{rp}.port"),
-                "port is required with upstream.container and upstream.peer",
+                format!("{up}.port"),
+                "port is required with container and peer",
                 "the port the upstream listens on, e.g. 8080",
             );
         }
-        if r.port == Some(0) {
-            problems.push(format!("{rp}.port"), "port must be 1-65535");
-        }
-        for (k, v) in &r.headers {
-            let hp = key_path(&format!("{rp}.headers"), k);
-            if !is_header_name(k) {
-                problems.push(hp, format!("invalid header name {k:?}"));
-            } else if RESERVED_HEADERS.contains(&k.to_ascii_lowercase().as_str()) {
-                problems.push_hint(
-                    hp,
-                    format!("header {k:?} is managed by the proxy"),
-                    "remove it",
-                );
-            } else if v.contains(['\r', '\n', '\0']) {
-                problems.push(hp, "header value must not contain CR, LF or NUL");
-            }
+        if u.port == Some(0) {
+            problems.push(format!("{up}.port"), "port must be 1-65535");
         }
     }
-    if let Some(e) = &spec.acme_email {
-        let ok = e.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty()
-                && !local.contains(|c: char| c.is_whitespace() || c == '@')
-                && domain.contains('.')
-                && is_dns_name(domain, false)
-        });
-        if !ok {
-            problems.push(
-                format!("{path}.acmeEmail"),
-                format!("not an email address: {e:?}"),
-            );
+}
+
+fn validate_tls(r: &Route, rp: &str, problems: &mut Problems) {
+    let is_cert = r.tls == TlsMode::Certificate;
+    for (field, v) in [
+        ("certificateSecret", &r.certificate_secret),
+        ("keySecret", &r.key_secret),
+    ] {
+        match v {
+            Some(name) if !is_cert => problems.push_hint(
+                format!("{rp}.{field}"),
+                format!("{field} {name:?} is only used with tls certificate"),
+                "set tls to certificate or remove it",
+            ),
+            Some(name) if !is_secret_name(name) => problems.push(
+                format!("{rp}.{field}"),
+                format!("invalid secret name {name:?}"),
+            ),
+            None if is_cert => problems.push_hint(
+                format!("{rp}.{field}"),
+                format!("{field} is required with tls certificate"),
+                "the name of a local secret holding the PEM data",
+            ),
+            _ => {}
         }
+    }
+}
+
+fn validate_headers(h: &HeaderChanges, path: &str, problems: &mut Problems) {
+    let check_name = |hp: String, k: &str, problems: &mut Problems| {
+        if !is_header_name(k) {
+            problems.push(hp, format!("invalid header name {k:?}"));
+            false
+        } else if RESERVED_HEADERS.contains(&k.to_ascii_lowercase().as_str()) {
+            problems.push_hint(
+                hp,
+                format!("header {k:?} is managed by the proxy"),
+                "remove it",
+            );
+            false
+        } else {
+            true
+        }
+    };
+    for (k, v) in &h.set {
+        let hp = key_path(&format!("{path}.set"), k);
+        if check_name(hp.clone(), k, problems) && v.contains(['\r', '\n', '\0']) {
+            problems.push(hp, "header value must not contain CR, LF or NUL");
+        }
+    }
+    for (i, k) in h.remove.iter().enumerate() {
+        check_name(format!("{path}.remove[{i}]"), k, problems);
     }
 }
 
@@ -306,18 +578,29 @@ mod tests {
             "acmeEmail": "ops@example.com",
             "routes": [
                 {"name": "web", "hosts": ["example.com", "www.example.com"],
-                 "upstream": {"container": "web"}, "port": 8080},
+                 "upstreams": [{"container": "web", "port": 8080}]},
                 {"name": "api", "hosts": ["example.com"], "path": "/api/",
-                 "upstream": {"peer": "worker-fra1-07"}, "port": 8081,
-                 "headers": {"X-Forwarded-Prefix": "/api"}},
+                 "upstreams": [{"peer": "worker-fra1-07", "port": 8081},
+                               {"address": "10.210.0.8:8081"}],
+                 "loadBalancing": "leastConn",
+                 "healthCheck": {"path": "/healthz", "interval": "2s", "expectStatus": 200},
+                 "requestHeaders": {"set": {"X-Forwarded-Prefix": "/api"}, "remove": ["X-Debug"]},
+                 "responseHeaders": {"set": {"Strict-Transport-Security": "max-age=31536000"}},
+                 "maxBodyBytes": 10485760},
                 {"name": "apps", "hosts": ["*.apps.internal"], "tls": "internal",
-                 "upstream": {"address": "[fd00:210::9]:8080"}},
+                 "upstreams": [{"address": "[fd00:210::9]:8080"}]},
                 {"name": "legacy", "hosts": ["legacy.example.com"], "tls": "off",
-                 "upstream": {"address": "legacy.internal:80"}}
+                 "upstreams": [{"address": "legacy.internal:80"}]},
+                {"name": "own", "hosts": ["own.example.com"], "tls": "certificate",
+                 "certificateSecret": "own-crt", "keySecret": "own-key",
+                 "upstreams": [{"address": "10.210.0.9:80"}]},
+                {"name": "old", "hosts": ["old.example.com"],
+                 "redirect": {"to": "https://example.com{uri}", "status": 301}}
             ]
         }));
         assert_eq!(problems(&s), Vec::<String>::new());
         assert_eq!(s.routes[0].tls, TlsMode::Auto);
+        assert_eq!(s.routes[1].health_check.as_ref().unwrap().timeout, "5s");
         let back: RoutesSpec = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
         assert_eq!(back, s);
     }
@@ -327,13 +610,20 @@ mod tests {
         let s = spec(json!({
             "acmeEmail": "not-an-email",
             "routes": [
-                {"name": "web", "hosts": ["example.com"], "path": "/", "upstream": {"container": "web"}, "port": 80},
+                {"name": "web", "hosts": ["example.com"], "path": "/", "upstreams": [{"container": "web", "port": 80}]},
                 {"name": "web", "hosts": ["EXAMPLE.com", "bad_host.com", "*.wild.example.com"],
-                 "upstream": {"container": "web", "peer": "p"}, "port": 80},
-                {"name": "x", "hosts": [], "path": "api", "upstream": {}},
-                {"name": "y", "hosts": ["y.example.com"], "upstream": {"address": "y.internal"}, "port": 0},
-                {"name": "z", "hosts": ["z.example.com"], "upstream": {"peer": "hub"},
-                 "headers": {"Host": "x", "Bad Header": "y", "X-Ok": "a\nb"}}
+                 "upstreams": [{"container": "web", "peer": "p", "port": 80}]},
+                {"name": "x", "hosts": [], "path": "api", "upstreams": []},
+                {"name": "y", "hosts": ["y.example.com"], "upstreams": [{"address": "y.internal", "port": 0}]},
+                {"name": "z", "hosts": ["z.example.com"], "upstreams": [{"peer": "hub"}],
+                 "requestHeaders": {"set": {"Host": "x", "Bad Header": "y", "X-Ok": "a\nb"}, "remove": ["Connection"]}},
+                {"name": "t", "hosts": ["t.example.com"], "tls": "certificate", "keySecret": "k/../x",
+                 "upstreams": [{"address": "10.0.0.1:80"}],
+                 "healthCheck": {"path": "health", "interval": "0s", "timeout": "5 s", "expectStatus": 700},
+                 "maxBodyBytes": 0},
+                {"name": "r", "hosts": ["r.example.com"], "certificateSecret": "c",
+                 "upstreams": [{"address": "10.0.0.1:80"}],
+                 "redirect": {"to": "example.com", "status": 200}}
             ]
         }));
         assert_eq!(
@@ -343,20 +633,42 @@ mod tests {
                 "$.routes.routes[1].hosts[0]",
                 "$.routes.routes[1].hosts[1]",
                 "$.routes.routes[1].hosts[2]",
-                "$.routes.routes[1].upstream",
+                "$.routes.routes[1].upstreams[0]",
                 "$.routes.routes[2].path",
                 "$.routes.routes[2].hosts",
-                "$.routes.routes[2].upstream",
-                "$.routes.routes[3].upstream.address",
-                "$.routes.routes[3].port",
-                "$.routes.routes[3].port",
-                "$.routes.routes[4].port",
-                "$.routes.routes[4].headers[\"Bad Header\"]",
-                "$.routes.routes[4].headers.Host",
-                "$.routes.routes[4].headers[\"X-Ok\"]",
+                "$.routes.routes[2].upstreams",
+                "$.routes.routes[3].upstreams[0].address",
+                "$.routes.routes[3].upstreams[0].port",
+                "$.routes.routes[3].upstreams[0].port",
+                "$.routes.routes[4].upstreams[0].port",
+                "$.routes.routes[4].requestHeaders.set[\"Bad Header\"]",
+                "$.routes.routes[4].requestHeaders.set.Host",
+                "$.routes.routes[4].requestHeaders.set[\"X-Ok\"]",
+                "$.routes.routes[4].requestHeaders.remove[0]",
+                "$.routes.routes[5].healthCheck.path",
+                "$.routes.routes[5].healthCheck.interval",
+                "$.routes.routes[5].healthCheck.timeout",
+                "$.routes.routes[5].healthCheck.expectStatus",
+                "$.routes.routes[5].certificateSecret",
+                "$.routes.routes[5].keySecret",
+                "$.routes.routes[5].maxBodyBytes",
+                "$.routes.routes[6].upstreams",
+                "$.routes.routes[6].certificateSecret",
+                "$.routes.routes[6].redirect.to",
+                "$.routes.routes[6].redirect.status",
                 "$.routes.acmeEmail",
             ]
         );
+    }
+
+    #[test]
+    fn durations() {
+        for ok in ["1s", "500ms", "10m", "2h"] {
+            assert!(is_duration(ok), "{ok}");
+        }
+        for bad in ["", "0s", "s", "1", "1.5s", "-1s", "1d", "1234567890s"] {
+            assert!(!is_duration(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -1,0 +1,237 @@
+//! The Caddy process converge runs: started detached (`caddy start` forks `caddy run`
+//! and exits once it is up, so Caddy outlives the agent), found again by scanning
+//! `/proc` for its config argument, and watched with a pidfd so its exit is an event.
+
+use converge_core::fsutil::write_atomic;
+use converge_core::{with_timeout, DriverError, HostEvent};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+fn config_file(dir: &Path) -> PathBuf {
+    dir.join("caddy.json")
+}
+
+fn admin_listen(dir: &Path) -> String {
+    format!("unix/{}", dir.join("admin.sock").display())
+}
+
+/// The configuration Caddy starts with: the admin endpoint only. Routes are added by
+/// the pass that started it, so a start never depends on a route Caddy might refuse.
+pub fn bootstrap(dir: &Path) -> Value {
+    json!({
+        "admin": {
+            "listen": admin_listen(dir),
+            // Caddy's own copy would only go stale: the document is the source of truth.
+            "config": {"persist": false},
+        }
+    })
+}
+
+/// `caddy version` of `binary` (first word), `None` if it cannot be run.
+pub fn version(binary: &Path) -> Option<String> {
+    let out = std::process::Command::new(binary)
+        .arg("version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().next().map(str::to_string)
+}
+
+/// `v2.11.7` or `2.6.2` → (2, 11).
+pub fn parse_version(v: &str) -> Option<(u32, u32)> {
+    let mut it = v.trim_start_matches('v').split('.');
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// Whether `pid` is running; a zombie is not.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Every `caddy run` process on our config file. Scanning /proc (not a pid file) also
+/// finds one a crashed agent left behind.
+pub fn running(dir: &Path) -> Result<Vec<u32>, DriverError> {
+    let conf = config_file(dir);
+    let conf = conf.as_os_str().as_encoded_bytes();
+    let procs = std::fs::read_dir("/proc").map_err(|e| DriverError::io("list /proc", e))?;
+    let mut found = Vec::new();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_run = args.get(1).is_some_and(|a| *a == b"run");
+        let ours = args.windows(2).any(|w| w[0] == b"--config" && w[1] == conf);
+        if is_run && ours && alive(pid) {
+            found.push(pid);
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+/// Stops `stop` (SIGTERM, then SIGKILL after a grace), then starts Caddy on the
+/// bootstrap configuration; returns once its admin endpoint is up.
+pub async fn start(binary: &Path, dir: &Path, stop: &[u32]) -> Result<(), DriverError> {
+    for pid in stop {
+        signal(*pid, libc::SIGTERM);
+    }
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    while stop.iter().any(|p| alive(*p)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for pid in stop.iter().filter(|p| alive(**p)) {
+        signal(*pid, libc::SIGKILL);
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| DriverError::io(format!("create {}", dir.display()), e))?;
+    }
+    let conf = config_file(dir);
+    let text = serde_json::to_vec_pretty(&bootstrap(dir))
+        .map_err(|e| DriverError::Failed(format!("encode bootstrap config: {e}")))?;
+    write_atomic(&conf, &text, 0o600)
+        .map_err(|e| DriverError::io(format!("write {}", conf.display()), e))?;
+    // A stale socket file makes Caddy's listen fail.
+    let _ = std::fs::remove_file(dir.join("admin.sock"));
+    let log_path = dir.join("caddy.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| DriverError::io(format!("open {}", log_path.display()), e))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| DriverError::io("duplicate log handle", e))?;
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.arg("start")
+        .arg("--config")
+        .arg(&conf)
+        .arg("--pidfile")
+        .arg(dir.join("caddy.pid"))
+        // Certificates and the local CA under converge's directory, not root's home.
+        .env("XDG_DATA_HOME", dir.join("data"))
+        .env("XDG_CONFIG_HOME", dir.join("config"))
+        // The admin endpoint a wiped configuration falls back to (honoured by 2.7+;
+        // 2.6 falls back to localhost:2019, and converge then restarts it).
+        .env("CADDY_ADMIN", admin_listen(dir))
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    // Its own session: a signal to the agent's process group does not reach Caddy.
+    // SAFETY: setsid is async-signal-safe and touches no memory of this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| DriverError::io(format!("spawn {} start", binary.display()), e))?;
+    // `caddy start` exits 0 once the background `caddy run` has loaded its config.
+    let status = with_timeout("caddy start", START_TIMEOUT, async {
+        child
+            .wait()
+            .await
+            .map_err(|e| DriverError::io("wait for caddy start", e))
+    })
+    .await?;
+    if !status.success() {
+        let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+        return Err(DriverError::Failed(format!(
+            "caddy start exited with {status}: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )));
+    }
+    Ok(())
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: fd is a new descriptor this process owns.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An event each time a watched Caddy process exits (a pidfd becomes readable when
+/// its process ends); `pids` is updated by observe and start.
+pub fn exit_events(pids: tokio::sync::watch::Receiver<Vec<u32>>) -> BoxStream<'static, HostEvent> {
+    futures::stream::unfold((pids, None), |(mut pids, mut exited)| async move {
+        loop {
+            let current = pids.borrow_and_update().clone();
+            let pid = current.first().copied().filter(|p| Some(*p) != exited);
+            let Some(pid) = pid else {
+                // Nothing (new) to watch: wait until observe or start sees a process.
+                pids.changed().await.ok()?;
+                continue;
+            };
+            exited = Some(pid);
+            let Some(fd) = pidfd_open(pid) else {
+                // Already gone before we could watch it.
+                return Some((
+                    HostEvent(format!("process caddy {pid} exited")),
+                    (pids, exited),
+                ));
+            };
+            // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open (the same
+            // descriptor) until it is dropped.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            };
+            let Ok(afd) = registered else {
+                pids.changed().await.ok()?;
+                continue;
+            };
+            tokio::select! {
+                r = afd.readable() => {
+                    drop(r);
+                    return Some((HostEvent(format!("process caddy {pid} exited")), (pids, exited)));
+                }
+                changed = pids.changed() => {
+                    changed.ok()?;
+                    // Watch whatever runs now (the same pid is watched again).
+                    exited = None;
+                }
+            }
+        }
+    })
+    .boxed()
+}
