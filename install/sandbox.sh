@@ -118,10 +118,19 @@ echo "worker-fra1-08 ($wg_b): $key_b"
 # real public key), and the second node's own document meshing it back.
 doc="$data/sandbox.json"
 doc_b="$data_b/worker-fra1-08.json"
-python3 - "$fixture" "$doc" "$doc_b" "$wg_a" "$wg_b" "$key_a" "$key_b" <<'PY'
-import json, sys
-fixture, doc, doc_b, wg_a, wg_b, key_a, key_b = sys.argv[1:]
+# The metadata API's bearer token for project storefront: only its SHA-256 travels in
+# the document.
+md_token=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
+python3 - "$fixture" "$doc" "$doc_b" "$wg_a" "$wg_b" "$key_a" "$key_b" "$md_token" <<'PY'
+import hashlib, json, sys
+fixture, doc, doc_b, wg_a, wg_b, key_a, key_b, md_token = sys.argv[1:]
 d = json.load(open(fixture))
+d["metadata"]["projects"] = [{
+    "id": "storefront",
+    "tokenSha256": hashlib.sha256(md_token.encode()).hexdigest(),
+    "entries": {"db/host": "postgres.internal", "db/port": 5432,
+                "features": {"newCheckout": True}},
+}]
 w = d["wireguard"]
 w["interface"] = wg_a
 w.pop("privateKeySecret", None)  # converge's generated key
@@ -200,6 +209,14 @@ banner "the mesh: worker-fra1-08 reaches the web container (10.89.7.10 on conver
 # only 10.210.0.8 -> 10.89.7.10:80 into the subnet.
 podman_cli network inspect apps --format 'network {{.Name}}: {{range .Subnets}}{{.Subnet}} gateway {{.Gateway}}{{end}}, labels {{.Labels}}'
 in_ns_b curl -sS -m 5 -o /dev/null -w 'GET http://10.89.7.10/busybox from worker-fra1-08: HTTP %{http_code}, %{size_download} bytes\n' http://10.89.7.10/busybox
+
+banner "the metadata API: project storefront, read with its bearer token (on 127.0.0.1:8500 and the network's gateway)"
+in_ns curl -sS -m 5 -H 'Converge-Metadata: true' -H "Authorization: Bearer $md_token" \
+  'http://127.0.0.1:8500/v1/metadata/?prefix=db/'; echo
+echo "from inside the web container, at the gateway of its network:"
+podman_cli exec web wget -q -O- --header 'Converge-Metadata: true' --header "Authorization: Bearer $md_token" \
+  http://10.89.7.1:8500/v1/metadata/features; echo
+printf 'without the token: HTTP %s\n' "$(in_ns curl -s -o /dev/null -w '%{http_code}' -H 'Converge-Metadata: true' http://127.0.0.1:8500/v1/metadata/db/host)"
 
 banner "converge status on worker-fra1-07: its public key and the peer's last handshake"
 # Peer statistics in status are as of the last resync (5 s here).
