@@ -269,6 +269,109 @@ fn validate_health_check(h: &HealthCheck, hp: &str, problems: &mut Problems) {
     }
 }
 
+/// Semantic checks of the `networks` section; `path` is its JSON path (`$.networks`).
+/// Returns the parsed subnets with their paths, for the cross-section overlap checks.
+pub fn validate_networks(
+    spec: &[Network],
+    path: &str,
+    problems: &mut Problems,
+) -> Vec<(IpNet, String)> {
+    let mut names = Unique::new("network name", path);
+    let mut all: Vec<(IpNet, String)> = Vec::new();
+    for (i, n) in spec.iter().enumerate() {
+        let np = format!("{path}[{i}]");
+        if !is_name(&n.name) {
+            problems.push_hint(
+                format!("{np}.name"),
+                format!("invalid network name {:?}", n.name),
+                "use [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 63 characters",
+            );
+        } else {
+            names.check(&n.name, i, format!("{np}.name"), problems);
+        }
+        if n.subnets.is_empty() || n.subnets.len() > 2 {
+            problems.push_hint(
+                format!("{np}.subnets"),
+                format!("{} subnets", n.subnets.len()),
+                "give one IPv4 subnet and at most one IPv6 subnet",
+            );
+        }
+        let mut families = BTreeSet::new();
+        for (j, s) in n.subnets.iter().enumerate() {
+            let sp = format!("{np}.subnets[{j}]");
+            let Some(net) = parse_subnet(&s.subnet, &format!("{sp}.subnet"), problems) else {
+                continue;
+            };
+            if !families.insert(matches!(net, IpNet::V6(_))) {
+                problems.push_hint(
+                    format!("{sp}.subnet"),
+                    "a second subnet of the same address family",
+                    "give one IPv4 subnet and at most one IPv6 subnet",
+                );
+            }
+            if let Some(g) = &s.gateway {
+                match g.parse::<IpAddr>() {
+                    Err(_) => {
+                        problems.push(format!("{sp}.gateway"), format!("not an IP address: {g:?}"))
+                    }
+                    Ok(a) if !net.contains(&a) || a == net.network() || a == net.broadcast() => {
+                        problems.push_hint(
+                            format!("{sp}.gateway"),
+                            format!("{a} is not a host address of {net}"),
+                            "leave it out to use the subnet's first address",
+                        )
+                    }
+                    Ok(_) => {}
+                }
+            }
+            if let Some((other, op)) = all.iter().find(|(o, _)| nets_overlap(o, &net)) {
+                problems.push_hint(
+                    format!("{sp}.subnet"),
+                    format!("{net} overlaps {other}"),
+                    format!("{op} already uses it; give every network its own range"),
+                );
+            }
+            all.push((net, format!("{sp}.subnet")));
+        }
+    }
+    all
+}
+
+/// Parses a container subnet: a CIDR with zero host bits and room for a gateway and
+/// containers (at most /30 for IPv4, /126 for IPv6).
+fn parse_subnet(s: &str, at: &str, problems: &mut Problems) -> Option<IpNet> {
+    let Ok(net) = s.parse::<IpNet>() else {
+        problems.push_hint(
+            at,
+            format!("not a CIDR subnet: {s:?}"),
+            "e.g. 10.210.1.0/24 or fd00:210:1::/64",
+        );
+        return None;
+    };
+    if net.trunc() != net {
+        problems.push_hint(
+            at,
+            format!("{s} has host bits set"),
+            format!("the subnet is {}", net.trunc()),
+        );
+        return None;
+    }
+    if net.prefix_len() > net.max_prefix_len() - 2 {
+        problems.push_hint(
+            at,
+            format!("{s} is too small for a gateway and containers"),
+            "use at most /30 for IPv4 and /126 for IPv6",
+        );
+        return None;
+    }
+    Some(net)
+}
+
+/// Whether two networks share an address.
+pub fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -531,107 +634,4 @@ mod tests {
         assert!(host_ips_overlap(ip("::"), ip("fd00::1")));
         assert!(!host_ips_overlap(ip("10.0.0.2"), ip("10.0.0.1")));
     }
-}
-
-/// Semantic checks of the `networks` section; `path` is its JSON path (`$.networks`).
-/// Returns the parsed subnets with their paths, for the cross-section overlap checks.
-pub fn validate_networks(
-    spec: &[Network],
-    path: &str,
-    problems: &mut Problems,
-) -> Vec<(IpNet, String)> {
-    let mut names = Unique::new("network name", path);
-    let mut all: Vec<(IpNet, String)> = Vec::new();
-    for (i, n) in spec.iter().enumerate() {
-        let np = format!("{path}[{i}]");
-        if !is_name(&n.name) {
-            problems.push_hint(
-                format!("{np}.name"),
-                format!("invalid network name {:?}", n.name),
-                "use [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 63 characters",
-            );
-        } else {
-            names.check(&n.name, i, format!("{np}.name"), problems);
-        }
-        if n.subnets.is_empty() || n.subnets.len() > 2 {
-            problems.push_hint(
-                format!("{np}.subnets"),
-                format!("{} subnets", n.subnets.len()),
-                "give one IPv4 subnet and at most one IPv6 subnet",
-            );
-        }
-        let mut families = BTreeSet::new();
-        for (j, s) in n.subnets.iter().enumerate() {
-            let sp = format!("{np}.subnets[{j}]");
-            let Some(net) = parse_subnet(&s.subnet, &format!("{sp}.subnet"), problems) else {
-                continue;
-            };
-            if !families.insert(matches!(net, IpNet::V6(_))) {
-                problems.push_hint(
-                    format!("{sp}.subnet"),
-                    "a second subnet of the same address family",
-                    "give one IPv4 subnet and at most one IPv6 subnet",
-                );
-            }
-            if let Some(g) = &s.gateway {
-                match g.parse::<IpAddr>() {
-                    Err(_) => {
-                        problems.push(format!("{sp}.gateway"), format!("not an IP address: {g:?}"))
-                    }
-                    Ok(a) if !net.contains(&a) || a == net.network() || a == net.broadcast() => {
-                        problems.push_hint(
-                            format!("{sp}.gateway"),
-                            format!("{a} is not a host address of {net}"),
-                            "leave it out to use the subnet's first address",
-                        )
-                    }
-                    Ok(_) => {}
-                }
-            }
-            if let Some((other, op)) = all.iter().find(|(o, _)| nets_overlap(o, &net)) {
-                problems.push_hint(
-                    format!("{sp}.subnet"),
-                    format!("{net} overlaps {other}"),
-                    format!("{op} already uses it; give every network its own range"),
-                );
-            }
-            all.push((net, format!("{sp}.subnet")));
-        }
-    }
-    all
-}
-
-/// Parses a container subnet: a CIDR with zero host bits and room for a gateway and
-/// containers (at most /30 for IPv4, /126 for IPv6).
-fn parse_subnet(s: &str, at: &str, problems: &mut Problems) -> Option<IpNet> {
-    let Ok(net) = s.parse::<IpNet>() else {
-        problems.push_hint(
-            at,
-            format!("not a CIDR subnet: {s:?}"),
-            "e.g. 10.210.1.0/24 or fd00:210:1::/64",
-        );
-        return None;
-    };
-    if net.trunc() != net {
-        problems.push_hint(
-            at,
-            format!("{s} has host bits set"),
-            format!("the subnet is {}", net.trunc()),
-        );
-        return None;
-    }
-    if net.prefix_len() > net.max_prefix_len() - 2 {
-        problems.push_hint(
-            at,
-            format!("{s} is too small for a gateway and containers"),
-            "use at most /30 for IPv4 and /126 for IPv6",
-        );
-        return None;
-    }
-    Some(net)
-}
-
-/// Whether two networks share an address.
-pub fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
 }
