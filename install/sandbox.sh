@@ -112,12 +112,12 @@ banner "each node's WireGuard key: converge wireguard rotate-key (the private ke
 key_a=$(cv wireguard rotate-key --interface "$wg_a")
 key_b=$(cv_b wireguard rotate-key --interface "$wg_b")
 echo "worker-fra1-07 ($wg_a): $key_a"
-echo "worker-fra1-08 ($wg_b): $key_b"
+echo "proxy-fra1-01 ($wg_b): $key_b"
 
 # The documents: the fixture with its mesh reduced to the second node (with that node's
 # real public key), and the second node's own document meshing it back.
 doc="$data/sandbox.json"
-doc_b="$data_b/worker-fra1-08.json"
+doc_b="$data_b/proxy-fra1-01.json"
 # The metadata API's bearer token for project storefront: only its SHA-256 travels in
 # the document.
 md_token=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
@@ -135,18 +135,18 @@ w = d["wireguard"]
 w["interface"] = wg_a
 w.pop("privateKeySecret", None)  # converge's generated key
 w["peers"] = [{
-    "name": "worker-fra1-08", "publicKey": key_b, "endpoint": "10.0.3.18:51820",
-    "allowedIps": ["10.210.0.8/32", "fd00:210::8/128"], "persistentKeepalive": 25,
+    "name": "proxy-fra1-01", "publicKey": key_b, "endpoint": "10.0.3.18:51820",
+    "allowedIps": ["10.210.0.1/32", "fd00:210::1/128"], "persistentKeepalive": 25,
 }]
 json.dump(d, open(doc, "w"), indent=2)
 b = {
     "apiVersion": "converge/v1",
-    "node": {"id": "worker-fra1-08", "mode": "worker"},
+    "node": {"id": "proxy-fra1-01", "mode": "proxy"},
     "generation": 1,
     "issuedAt": d["issuedAt"],
     "wireguard": {
         "interface": wg_b, "listenPort": 51820,
-        "addresses": ["10.210.0.8/24", "fd00:210::8/64"],
+        "addresses": ["10.210.0.1/24", "fd00:210::1/64"],
         "peers": [{
             "name": "worker-fra1-07", "publicKey": key_a, "endpoint": "10.0.3.17:51820",
             # worker-fra1-07's container network (fixture: networks.apps) routes through it.
@@ -155,6 +155,12 @@ b = {
         }],
     },
 }
+# The proxy's route: HTTPS (Caddy's internal CA) to the api container's port that
+# worker-fra1-07 publishes on its mesh address for the proxy only (allowFrom).
+b["routes"] = {"routes": [{
+    "name": "api", "hosts": ["api.storefront.test"], "tls": "internal",
+    "upstreams": [{"peer": "worker-fra1-07", "port": 8081}],
+}]}
 json.dump(b, open(doc_b, "w"), indent=2)
 PY
 
@@ -174,14 +180,14 @@ nsenter --net="/run/netns/$ns" "$bin" --data-dir "$data" --runtime podman --podm
   agent --node-id "$node_id" --resync-secs 5 2>"$data/agent.log" &
 agent=$!
 nsenter --net="/run/netns/$ns_b" "$bin" --data-dir "$data_b" \
-  agent --node-id worker-fra1-08 --resync-secs 5 2>"$data_b/agent.log" &
+  agent --proxy --node-id proxy-fra1-01 --resync-secs 5 2>"$data_b/agent.log" &
 agent_b=$!
 for _ in $(seq 100); do [[ -S $data/converge.sock && -S $data_b/converge.sock ]] && break; sleep 0.1; done
 cv push "$doc"
 cv_b push "$doc_b"
 for _ in $(seq 150); do
-  # containers, wireguard, firewall and dns
-  [[ $(cv status --output json | grep -c '"state": "Converged"') -ge 4 ]] && break
+  # containers, wireguard, firewall, dns and metadata
+  [[ $(cv status --output json | grep -c '"state": "Converged"') -ge 5 ]] && break
   sleep 0.2
 done
 
@@ -200,15 +206,27 @@ done
 banner "the result: published ports in converge's nftables table (container targets resolved to their addresses)"
 in_ns nft list map inet converge dnat4_on
 
-banner "the mesh: worker-fra1-07 pings worker-fra1-08 through the WireGuard tunnel (IPv4 and IPv6)"
-in_ns ping -c 3 -i 0.3 10.210.0.8
-in_ns ping -c 3 -i 0.3 fd00:210::8
+banner "the mesh: worker-fra1-07 pings proxy-fra1-01 through the WireGuard tunnel (IPv4 and IPv6)"
+in_ns ping -c 3 -i 0.3 10.210.0.1
+in_ns ping -c 3 -i 0.3 fd00:210::1
 
-banner "the mesh: worker-fra1-08 reaches the web container (10.89.7.10 on converge's network apps) through the tunnel"
-# worker-fra1-08 routes 10.89.7.0/24 to the peer; worker-fra1-07's firewall forwards
-# only 10.210.0.8 -> 10.89.7.10:80 into the subnet.
+banner "the mesh: proxy-fra1-01 reaches the web container (10.89.7.10 on converge's network apps) through the tunnel"
+# proxy-fra1-01 routes 10.89.7.0/24 to the peer; worker-fra1-07's firewall forwards
+# only 10.210.0.1 -> 10.89.7.10:80 into the subnet.
 podman_cli network inspect apps --format 'network {{.Name}}: {{range .Subnets}}{{.Subnet}} gateway {{.Gateway}}{{end}}, labels {{.Labels}}'
-in_ns_b curl -sS -m 5 -o /dev/null -w 'GET http://10.89.7.10/busybox from worker-fra1-08: HTTP %{http_code}, %{size_download} bytes\n' http://10.89.7.10/busybox
+in_ns_b curl -sS -m 5 -o /dev/null -w 'GET http://10.89.7.10/busybox from proxy-fra1-01: HTTP %{http_code}, %{size_download} bytes\n' http://10.89.7.10/busybox
+
+banner "the proxy: proxy-fra1-01 serves https://api.storefront.test (Caddy, tls internal) and routes it over the mesh to the api container on worker-fra1-07"
+ca="$data_b/caddy/data/caddy/pki/authorities/local/root.crt"
+for _ in $(seq 100); do
+  [[ -f $ca ]] && in_ns_b curl -sf -m 2 --cacert "$ca" --resolve api.storefront.test:443:127.0.0.1 \
+    -o /dev/null https://api.storefront.test/busybox && break
+  sleep 0.2
+done
+in_ns_b curl -sS -m 5 --cacert "$ca" --resolve api.storefront.test:443:127.0.0.1 -o /dev/null \
+  -w 'GET https://api.storefront.test/busybox on proxy-fra1-01: HTTP %{http_code}, %{size_download} bytes, TLS verified against the proxy'"'"'s CA\n' \
+  https://api.storefront.test/busybox
+cv_b status | sed -n '/^routes/,/^[a-z]/p' | head -4
 
 banner "the metadata API: project storefront, read with its bearer token (on 127.0.0.1:8500 and the network's gateway)"
 in_ns curl -sS -m 5 -H 'Converge-Metadata: true' -H "Authorization: Bearer $md_token" \
@@ -221,13 +239,13 @@ printf 'without the token: HTTP %s\n' "$(in_ns curl -s -o /dev/null -w '%{http_c
 banner "converge status on worker-fra1-07: its public key and the peer's last handshake"
 # Peer statistics in status are as of the last resync (5 s here).
 for _ in $(seq 75); do
-  cv status | grep -q "peer worker-fra1-08.*last handshake" &&
+  cv status | grep -q "peer proxy-fra1-01.*last handshake" &&
     cv_b status | grep -q "peer worker-fra1-07.*last handshake" && break
   sleep 0.2
 done
 cv status
 echo
-echo "(worker-fra1-08:)"
+echo "(proxy-fra1-01:)"
 cv_b status | sed -n '/^wireguard/,$p'
 
 banner "one change: web.internal moves to 10.89.7.11 (generation 43)"
