@@ -164,6 +164,27 @@ b["routes"] = {"routes": [{
 json.dump(b, open(doc_b, "w"), indent=2)
 PY
 
+banner "a control plane (converge control-plane serve, HTTPS, in the first sandbox) enrolls proxy-fra1-01: converge join"
+# The reference control plane signs the documents in $cp/docs (one file per node id) and
+# hands them to enrolled nodes; the node pins its signing key at enrollment.
+cp="$data/control-plane"
+mkdir -p "$cp/docs"
+# A private CA for its HTTPS, which the node pins at enrollment (join --ca).
+ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+openssl req -x509 "${ec[@]}" -days 1 -subj /CN=converge-sandbox-ca \
+  -keyout "$cp/ca.key" -out "$cp/ca.crt" 2>/dev/null
+openssl req "${ec[@]}" -subj /CN=10.0.3.17 -keyout "$cp/tls.key" -out "$cp/tls.csr" 2>/dev/null
+printf 'subjectAltName=IP:10.0.3.17\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$cp/tls.ext"
+openssl x509 -req -in "$cp/tls.csr" -CA "$cp/ca.crt" -CAkey "$cp/ca.key" -CAcreateserial -days 1 \
+  -extfile "$cp/tls.ext" -out "$cp/tls.crt" 2>/dev/null
+in_ns "$bin" control-plane serve --dir "$cp/docs" --data "$cp/data" --listen 10.0.3.17:8443 \
+  --tls-cert "$cp/tls.crt" --tls-key "$cp/tls.key" 2>"$cp/cp.log" &
+for _ in $(seq 100); do grep -q "control plane serving" "$cp/cp.log" && break; sleep 0.1; done
+token=$(in_ns "$bin" control-plane token --data "$cp/data")
+cv_b join --url https://10.0.3.17:8443 --token "$token" --name proxy-fra1-01 --proxy --ca "$cp/ca.crt"
+# Its document goes to the control plane, not to its socket.
+cp "$doc_b" "$cp/docs/proxy-fra1-01.json"
+
 banner "converge validate $doc"
 cv validate "$doc"
 
@@ -184,7 +205,6 @@ nsenter --net="/run/netns/$ns_b" "$bin" --data-dir "$data_b" \
 agent_b=$!
 for _ in $(seq 100); do [[ -S $data/converge.sock && -S $data_b/converge.sock ]] && break; sleep 0.1; done
 cv push "$doc"
-cv_b push "$doc_b"
 for _ in $(seq 150); do
   # containers, wireguard, firewall, dns and metadata
   [[ $(cv status --output json | grep -c '"state": "Converged"') -ge 5 ]] && break
@@ -227,6 +247,15 @@ in_ns_b curl -sS -m 5 --cacert "$ca" --resolve api.storefront.test:443:127.0.0.1
   -w 'GET https://api.storefront.test/busybox on proxy-fra1-01: HTTP %{http_code}, %{size_download} bytes, TLS verified against the proxy'"'"'s CA\n' \
   https://api.storefront.test/busybox
 cv_b status | sed -n '/^routes/,/^[a-z]/p' | head -4
+
+banner "the control plane's view: proxy-fra1-01 received its signed document and reports back"
+# Status reaches it on change and with every heartbeat (15 s).
+for _ in $(seq 200); do
+  in_ns "$bin" control-plane nodes --data "$cp/data" -o json | grep -Eq '"convergedGeneration": *1' && break
+  sleep 0.2
+done
+in_ns "$bin" control-plane nodes --data "$cp/data"
+cv_b status | grep '^control' || true
 
 banner "the metadata API: project storefront, read with its bearer token (on 127.0.0.1:8500 and the network's gateway)"
 in_ns curl -sS -m 5 -H 'Converge-Metadata: true' -H "Authorization: Bearer $md_token" \

@@ -614,4 +614,59 @@ fn proxy_routes_over_the_mesh_to_containers_on_two_workers() {
             "the stream on B survived every reload: {summary}"
         );
     }
+
+    // Deploys behind route A: worker 1's container is replaced again and again (a new
+    // generation each, no route change, so no Caddy load). Worker 1's firewall switches
+    // its published port to each new instance before the old one stops (facts
+    // `in_use`): no request fails.
+    // Route A to worker 1 only, so every request meets the replacements.
+    g += 1;
+    push_ok(&px, &doc(g, mesh_routes(&[w1.name()], 3, tag)));
+    wait_routes(&px, g);
+    let stop2 = px.data_dir().join("traffic2.stop");
+    let out2 = px.data_dir().join("traffic2.json");
+    let mut client2 = px.command("python3");
+    client2
+        .arg(&script)
+        .args(["client", "127.0.0.1", "443", "a.test", "b.test"])
+        .arg(&ca)
+        .arg(&stop2)
+        .arg(&out2);
+    let _client2 = px.spawn(&mut client2);
+    let ready2 = PathBuf::from(format!("{}.ready", out2.display()));
+    wait_until(Duration::from_secs(30), "second client up", || {
+        ready2.exists()
+    });
+    let replacements = env_count("CONVERGE_TEST_REPLACEMENTS", 20);
+    let loads_before = loads(&px);
+    for r in 0..replacements {
+        let generation = 2 + r;
+        let mut d = worker_doc(&w1, &if_1, 2, peer(&px, &key_p, 1));
+        d["generation"] = json!(generation);
+        d["containers"][0]["env"] = json!({"DEPLOY": generation.to_string()});
+        push_ok(&w1, &d);
+        wait_until(Duration::from_secs(60), "replacement done", || {
+            let r = reconciler(&status(&w1), "containers");
+            r["state"] == "Converged" && r["observedGeneration"] == generation
+        });
+    }
+    std::fs::write(&stop2, "").expect("stop file");
+    wait_until(Duration::from_secs(30), "client summary", || out2.exists());
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(&out2).expect("summary")).expect("json");
+    eprintln!(
+        "caddy {version}: {replacements} replacements of worker 1's container; requests to A: {} sent, {} failed {}",
+        summary["requests"], summary["failed"], summary["failures"],
+    );
+    assert_eq!(
+        loads(&px),
+        loads_before,
+        "deploys behind a route load nothing"
+    );
+    assert!(summary["requests"].as_u64().unwrap_or(0) > 0, "{summary}");
+    assert_eq!(
+        summary["failed"].as_u64(),
+        Some(0),
+        "no request failed during the replacements: {summary}"
+    );
 }

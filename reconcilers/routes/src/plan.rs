@@ -86,6 +86,30 @@ pub struct Config {
     pub value: Value,
 }
 
+/// Every address Caddy's configuration dials (`"dial": "ip:port"` anywhere in it): the
+/// upstreams this proxy sends traffic to right now (facts `in_use`).
+pub fn dialed(config: &Value) -> std::collections::BTreeSet<std::net::IpAddr> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut stack = vec![config];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(m) => {
+                if let Some(addr) = m
+                    .get("dial")
+                    .and_then(Value::as_str)
+                    .and_then(|d| d.parse::<std::net::SocketAddr>().ok())
+                {
+                    out.insert(addr.ip());
+                }
+                stack.extend(m.values());
+            }
+            Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// One upstream as Caddy's `/reverse_proxy/upstreams` reports it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 pub struct UpstreamStatus {

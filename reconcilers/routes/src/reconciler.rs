@@ -6,7 +6,7 @@ use crate::driver::{CaddyDriver, LoadError};
 use crate::plan::{self, splice, Action, Load, Observed, OwnedRoute, Process};
 use crate::spec::{RoutesInput, TlsMode};
 use converge_core::{
-    DriverError, Facts, HostEvent, ObjectNote, ObjectOutcome, Plan, Reconciler, Retry,
+    DriverError, Facts, FactsUpdate, HostEvent, ObjectNote, ObjectOutcome, Plan, Reconciler, Retry,
 };
 use std::collections::BTreeMap;
 use tracing::{info, info_span, warn, Instrument};
@@ -180,6 +180,20 @@ impl<D: CaddyDriver> Reconciler for Routes<D> {
     /// Container upstreams follow the containers reconciler's addresses.
     fn watches_facts(&self) -> bool {
         true
+    }
+
+    /// The upstream addresses Caddy dials, so that a container replaced behind a route
+    /// is stopped only once the route points at its successor.
+    fn publish(&self, observed: &Observed) -> Option<FactsUpdate> {
+        let addresses = observed
+            .config
+            .as_ref()
+            .map(|c| plan::dialed(&c.value))
+            .unwrap_or_default();
+        Some(FactsUpdate::InUse {
+            consumer: "routes".into(),
+            addresses,
+        })
     }
 
     /// Caddy exiting is repaired at once (restarted, routes restored).

@@ -206,3 +206,15 @@ fn stream_close_delay_only_where_caddy_has_it() {
     assert!(with.contains("stream_close_delay"));
     assert!(!without.contains("stream_close_delay"));
 }
+
+#[test]
+fn dialed_addresses_are_every_upstream_in_the_configuration() {
+    let config = serde_json::json!({"apps": {"http": {"servers": {
+        "converge-https": {"routes": [{"handle": [{"handler": "reverse_proxy",
+            "upstreams": [{"dial": "10.210.0.7:8081"}, {"dial": "[fd00::7]:80"}]}]}]},
+        "theirs": {"routes": [{"handle": [{"handler": "reverse_proxy",
+            "upstreams": [{"dial": "localhost:9000"}, {"dial": "10.1.2.3:80"}]}]}]}
+    }}}});
+    let got: Vec<String> = dialed(&config).iter().map(|a| a.to_string()).collect();
+    assert_eq!(got, ["10.1.2.3", "10.210.0.7", "fd00::7"]);
+}
