@@ -7,6 +7,7 @@ pub mod facts;
 pub mod fsutil;
 pub mod plan;
 pub mod problems;
+pub mod process;
 pub mod reconciler;
 pub mod redact;
 pub mod secrets;

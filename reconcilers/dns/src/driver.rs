@@ -2,6 +2,7 @@
 
 use crate::render::{conf_hash_of, Layout};
 use converge_core::fsutil::{read_optional, write_atomic};
+use converge_core::process::{alive, signal};
 use converge_core::{with_timeout, DriverError, HostEvent};
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -97,27 +98,6 @@ fn read(path: &Path) -> Result<Option<String>, DriverError> {
 fn write(path: &Path, content: &str) -> Result<(), DriverError> {
     write_atomic(path, content.as_bytes(), 0o644)
         .map_err(|e| DriverError::io(format!("write {}", path.display()), e))
-}
-
-/// Whether `pid` is running; a zombie (exited, not yet reaped by its new parent) is not.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may contain spaces.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => false,
-    }
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
-    }
 }
 
 impl DnsDriver for Dnsmasq {

@@ -3,6 +3,7 @@
 //! `/proc` for its config argument, and watched with a pidfd so its exit is an event.
 
 use converge_core::fsutil::write_atomic;
+use converge_core::process::{alive, signal};
 use converge_core::{with_timeout, DriverError, HostEvent};
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -50,27 +51,6 @@ pub fn version(binary: &Path) -> Option<String> {
 pub fn parse_version(v: &str) -> Option<(u32, u32)> {
     let mut it = v.trim_start_matches('v').split('.');
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-}
-
-/// Whether `pid` is running; a zombie is not.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may contain spaces.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => false,
-    }
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
-    }
 }
 
 /// Every `caddy run` process on our config file. Scanning /proc (not a pid file) also
