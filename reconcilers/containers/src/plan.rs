@@ -49,11 +49,35 @@ pub struct Observed {
     pub networks: Vec<RuntimeNetwork>,
     /// The containers (runtime names, anyone's) attached to each network converge owns.
     pub network_users: BTreeMap<String, Vec<String>>,
-    /// The spec hash each document container should have (None: it cannot be built).
-    pub fresh: BTreeMap<String, String>,
+    /// The runtime-level desired state of each document container with its spec hash
+    /// ([`desired`], built once per pass), or why it cannot be built.
+    pub desired: BTreeMap<String, Result<(CreateSpec, String), String>>,
     /// Per container being switched over: how long ago its new instance (still under
     /// the temporary name) was first seen ready.
     pub switching: BTreeMap<String, Duration>,
+}
+
+impl Observed {
+    /// Whether a managed instance was created from its document entry as it is now.
+    pub fn is_fresh(&self, rc: &RuntimeContainer) -> bool {
+        let Some(name) = rc.labels.get(LABEL_NAME) else {
+            return false;
+        };
+        match self.desired.get(name) {
+            Some(Ok((_, hash))) => rc.labels.get(LABEL_HASH) == Some(hash),
+            _ => false,
+        }
+    }
+}
+
+/// The stop grace period a document entry asks for (default 10 s).
+pub fn stop_grace(entry: &Container) -> Duration {
+    parse_duration(&entry.stop_grace_period).unwrap_or(Duration::from_secs(10))
+}
+
+/// The document entry a managed container was created from (its `converge.spec` label).
+pub fn recorded(rc: &RuntimeContainer) -> Option<Container> {
+    serde_json::from_str(rc.labels.get(LABEL_SPEC)?).ok()
 }
 
 /// How long an old instance keeps serving while consumers (the firewall) still send
@@ -265,7 +289,7 @@ pub fn desired(
         labels,
         network: c.network.clone(),
         ip: c.ip.as_deref().and_then(|s| s.parse().ok()),
-        stop_grace: parse_duration(&c.stop_grace_period).unwrap_or(Duration::from_secs(10)),
+        stop_grace: stop_grace(c),
     };
     Ok((spec, hash))
 }
@@ -428,7 +452,11 @@ fn plan_containers(
                 .iter()
                 .any(|rc| rc.labels.get(LABEL_NAME) == Some(&c.name))
         });
-        let (want, hash) = match desired(c, node, &observed.secrets) {
+        let built = match observed.desired.get(&c.name) {
+            Some(d) => d.clone(),
+            None => desired(c, node, &observed.secrets),
+        };
+        let (want, hash) = match built {
             Ok(d) => d,
             Err(e) => {
                 // Shown, and failed at apply time so the status names the container.
@@ -710,12 +738,8 @@ fn plan_containers(
     }
     // Managed containers the document no longer lists.
     for (name, cands) in by_name {
-        let spec_label = cands.iter().find_map(|rc| rc.labels.get(LABEL_SPEC));
-        let old: Option<Container> = spec_label.and_then(|s| serde_json::from_str(s).ok());
-        let grace = old
-            .as_ref()
-            .and_then(|o| parse_duration(&o.stop_grace_period))
-            .unwrap_or(Duration::from_secs(10));
+        let old: Option<Container> = cands.iter().find_map(|rc| recorded(rc));
+        let grace = old.as_ref().map_or(Duration::from_secs(10), stop_grace);
         let mut steps: Vec<Step> = cands
             .iter()
             .map(|rc| Step::Remove {

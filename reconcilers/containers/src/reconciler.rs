@@ -2,9 +2,7 @@
 //! with bounded concurrency and per-call timeouts, restart dead containers with a
 //! crash-loop back-off, publish container addresses as facts.
 
-use crate::driver::{
-    ContainerRuntime, CreateSpec, Health, RunState, RuntimeContainer, LABEL_HASH, LABEL_NAME,
-};
+use crate::driver::{ContainerRuntime, CreateSpec, Health, RunState, RuntimeContainer, LABEL_NAME};
 use crate::plan::{self, Action, Crashes, NetStep, Observed, Secret, Step, CRASH_WINDOW};
 use crate::spec::Workload;
 use converge_core::SecretSource;
@@ -114,24 +112,16 @@ impl<R: ContainerRuntime> Containers<R> {
 
     /// How long each container's replacement (a fresh, ready instance still under the
     /// temporary name) has been ready, as the plan sees it.
-    fn switching(
-        &self,
-        containers: &[RuntimeContainer],
-        fresh: &BTreeMap<String, String>,
-    ) -> BTreeMap<String, Duration> {
+    fn switching(&self, observed: &Observed) -> BTreeMap<String, Duration> {
         let mut since = self.ready_since.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let mut out = BTreeMap::new();
         let mut seen = Vec::new();
-        for rc in containers {
+        for rc in &observed.containers {
             let Some(name) = rc.labels.get(LABEL_NAME) else {
                 continue;
             };
-            let is_fresh = rc
-                .labels
-                .get(LABEL_HASH)
-                .is_some_and(|h| fresh.get(name) == Some(h));
-            if rc.name != *name && is_fresh && plan::ready(rc) {
+            if rc.name != *name && observed.is_fresh(rc) && plan::ready(rc) {
                 let t = *since.entry(rc.id.clone()).or_insert(now);
                 out.insert(name.clone(), now.duration_since(t));
                 seen.push(rc.id.clone());
@@ -390,24 +380,26 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
             .flat_map(|c| c.secret_env.values())
             .map(|s| (s.clone(), self.read_secret(s)))
             .collect();
-        let fresh: BTreeMap<String, String> = spec
+        // Built once here: the plan and the switch-over both need the spec hashes.
+        let desired = spec
             .iter()
-            .filter_map(|c| {
-                let (_, hash) = plan::desired(c, &self.config.node_id, &secrets).ok()?;
-                Some((c.name.clone(), hash))
+            .map(|c| {
+                let d = plan::desired(c, &self.config.node_id, &secrets);
+                (c.name.clone(), d)
             })
             .collect();
-        let switching = self.switching(&containers, &fresh);
-        Ok(Observed {
+        let mut observed = Observed {
             containers,
             images,
             secrets,
             crashes: self.crashes(),
             networks,
             network_users,
-            fresh,
-            switching,
-        })
+            desired,
+            switching: BTreeMap::new(),
+        };
+        observed.switching = self.switching(&observed);
+        Ok(observed)
     }
 
     fn plan(&self, spec: &Workload, observed: &Observed, facts: &Facts) -> Plan<Action> {
@@ -536,11 +528,7 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
             // consumers switch to it before the old one stops), then a running one under
             // the final name, then any running one.
             let rank = |rc: &RuntimeContainer| {
-                let fresh = rc
-                    .labels
-                    .get(LABEL_HASH)
-                    .is_some_and(|h| observed.fresh.get(name) == Some(h));
-                (fresh && plan::ready(rc), rc.name == *name)
+                (observed.is_fresh(rc) && plan::ready(rc), rc.name == *name)
             };
             let better = match chosen.get(name) {
                 None => true,

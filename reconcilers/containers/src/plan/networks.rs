@@ -2,9 +2,9 @@
 //! whose subnets changed (only when no foreign container uses it), remove the ones the
 //! document dropped once nothing that stays uses them.
 
-use super::{Action, NetStep, Observed};
+use super::{recorded, stop_grace, Action, NetStep, Observed};
 use crate::driver::{NetworkCreate, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME, LABEL_NODE};
-use crate::spec::{parse_duration, Container, Network};
+use crate::spec::{Container, Network};
 use converge_core::{Change, FieldChange, Op, Waiting};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
@@ -90,18 +90,6 @@ fn show(subnets: impl IntoIterator<Item = (IpNet, Option<IpAddr>)>) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Stop grace of a managed container from its document entry label (default 10 s).
-fn grace_of(observed: &Observed, runtime_name: &str) -> Duration {
-    observed
-        .containers
-        .iter()
-        .find(|rc| rc.name == runtime_name)
-        .and_then(|rc| rc.labels.get(super::LABEL_SPEC))
-        .and_then(|s| serde_json::from_str::<Container>(s).ok())
-        .and_then(|c| parse_duration(&c.stop_grace_period))
-        .unwrap_or(Duration::from_secs(10))
 }
 
 /// The networks' plan. `containers` is the document's containers section (None:
@@ -208,7 +196,7 @@ pub fn plan(
                 let rc = observed.containers.iter().find(|rc| &rc.name == u)?;
                 Some(NetStep::RemoveContainer {
                     id: rc.id.clone(),
-                    grace: grace_of(observed, u),
+                    grace: recorded(rc).map_or(Duration::from_secs(10), |c| stop_grace(&c)),
                 })
             })
             .collect();
