@@ -312,7 +312,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             };
             let secrets = secret_source(&cli.data_dir, &cli.host, &doc)?;
-            let mut sections = registry::sections_with(
+            let mut sections = registry::sections(
                 &cli.data_dir,
                 &cli.host,
                 &doc.node.id,
@@ -650,7 +650,7 @@ async fn apply(
     };
     let generation = doc.generation;
     let secrets = secret_source(data_dir, host, &doc)?;
-    let sections = registry::sections_with(
+    let sections = registry::sections(
         data_dir,
         host,
         &doc.node.id,

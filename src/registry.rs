@@ -213,7 +213,7 @@ fn metadata(data_dir: &Path, serve: bool) -> Arc<dyn Section> {
     Arc::new(Bound::new(Metadata::new(driver), served))
 }
 
-/// The agent's reconcilers: as [`sections_with`], plus the metadata read API served by
+/// The agent's reconcilers: as [`sections`], plus the metadata read API served by
 /// this process (needs the tokio runtime).
 pub fn agent_sections(
     data_dir: &Path,
@@ -256,21 +256,9 @@ fn routes(data_dir: &Path, host: &HostOptions) -> Arc<dyn Section> {
 
 /// The reconcilers of this build with their real drivers: files under `data_dir`,
 /// containers labelled with `node_id`; `resync` is the engine's drift-repair period;
-/// secrets from `--secrets-dir` only. One-shot commands (`apply`, `diff`) write the
-/// metadata database but serve nothing.
+/// secrets from `secrets` (local files, and the document's opened sealed values). For
+/// one-shot commands (`apply`, `diff`): the metadata database is written, nothing served.
 pub fn sections(
-    data_dir: &Path,
-    host: &HostOptions,
-    node_id: &str,
-    resync: Duration,
-) -> Vec<Arc<dyn Section>> {
-    let secrets = SecretSource::new(&host.secrets_dir);
-    build(data_dir, host, node_id, resync, &secrets, false)
-}
-
-/// [`sections`] reading secrets from `secrets` (also holding the opened sealed values
-/// of the document).
-pub fn sections_with(
     data_dir: &Path,
     host: &HostOptions,
     node_id: &str,
