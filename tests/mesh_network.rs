@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::agent::{converge, push_ok, reconciler, start_agent, status};
+use common::agent::{push_ok, reconciler, start_agent, status, wireguard_key};
 use common::podman::{podman_ok, start_podman, TEST_IMAGE};
 use common::sandbox::{require_tool, wait_until, TestNode};
 use serde_json::{json, Value};
@@ -19,16 +19,8 @@ const RESYNC: &[&str] = &["--resync-secs", "5"];
 /// A node's WireGuard interface name and public key, made before its agent runs.
 fn key(node: &TestNode, letter: char) -> (String, String) {
     let iface = format!("wg-{}-n{letter}", std::process::id());
-    let out = converge(node, &["wireguard", "rotate-key", "--interface", &iface]);
-    assert!(
-        out.status.success(),
-        "rotate-key: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        iface,
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    )
+    let public = wireguard_key(node, &iface);
+    (iface, public)
 }
 
 fn wireguard(iface: &str, me: u8, peer: &TestNode, peer_key: &str, peer_ips: &[&str]) -> Value {

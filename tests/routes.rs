@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::agent::{converge, data, push_ok, reconciler, start_agent, status};
+use common::agent::{data, push_ok, reconciler, start_agent, status, wireguard_key};
 use common::podman::{start_podman, TEST_IMAGE};
 use common::sandbox::{require_tool, wait_until, TestNode};
 use serde_json::{json, Value};
@@ -371,16 +371,8 @@ const WG_PORT: u16 = 51820;
 
 fn key(node: &TestNode, tag: &str) -> (String, String) {
     let iface = format!("wg-{}-{tag}", std::process::id() % 100_000);
-    let out = converge(node, &["wireguard", "rotate-key", "--interface", &iface]);
-    assert!(
-        out.status.success(),
-        "rotate-key: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        iface,
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    )
+    let public = wireguard_key(node, &iface);
+    (iface, public)
 }
 
 fn mesh_addr(i: u8) -> String {

@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::agent::{converge, data, push_ok, reconciler, start_agent, status};
+use common::agent::{converge, data, push_ok, reconciler, start_agent, status, wireguard_key};
 use common::sandbox::{pid_alive, require_tool, wait_until, Spawned, TestNode};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
@@ -118,13 +118,7 @@ fn mesh_node(tag: &str, n: u8, agent_args: &[&str]) -> Mesh {
     let letter = char::from(b'a' + n - 1);
     let node = TestNode::new(&format!("wg{letter}"));
     let iface = format!("wg{tag}-{}-{letter}", std::process::id());
-    let out = converge(&node, &["wireguard", "rotate-key", "--interface", &iface]);
-    assert!(
-        out.status.success(),
-        "rotate-key: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let public_key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let public_key = wireguard_key(&node, &iface);
     let mut m = Mesh {
         node,
         n,

@@ -91,3 +91,15 @@ pub fn reconciler(status: &Value, name: &str) -> Value {
         .cloned()
         .unwrap_or(Value::Null)
 }
+
+/// Generates the node's WireGuard key for `iface` with `converge wireguard rotate-key`
+/// (before its agent runs); returns the public key it prints.
+pub fn wireguard_key(node: &TestNode, iface: &str) -> String {
+    let out = converge(node, &["wireguard", "rotate-key", "--interface", iface]);
+    assert!(
+        out.status.success(),
+        "rotate-key: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
