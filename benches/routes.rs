@@ -282,7 +282,7 @@ fn main() {
                 binary: bin,
                 dir: dir.clone(),
                 external_admin: None,
-                secrets_dir: dir.join("secrets"),
+                secrets: converge_core::SecretSource::new(dir.join("secrets")),
             }));
             let admin = Admin::new(dir.join("admin.sock"));
             let mut lines = vec![format!(

@@ -138,6 +138,11 @@ w["peers"] = [{
     "name": "proxy-fra1-01", "publicKey": key_b, "endpoint": "10.0.3.18:51820",
     "allowedIps": ["10.210.0.1/32", "fd00:210::1/128"], "persistentKeepalive": 25,
 }]
+# The reference control plane runs in this node's namespace (10.0.3.17:8443): its input
+# policy (drop) must let the proxy's connections in, or only the connection the proxy
+# opened before the firewall converged would reach it.
+d["firewall"]["input"]["allow"].append(
+    {"from": ["10.0.3.18/32"], "protocol": "tcp", "ports": [8443]})
 json.dump(d, open(doc, "w"), indent=2)
 b = {
     "apiVersion": "converge/v1",
@@ -248,9 +253,9 @@ in_ns_b curl -sS -m 5 --cacert "$ca" --resolve api.storefront.test:443:127.0.0.1
   https://api.storefront.test/busybox
 cv_b status | sed -n '/^routes/,/^[a-z]/p' | head -4
 
-banner "the control plane's view: proxy-fra1-01 accepted its signed document (its status as reported)"
-for _ in $(seq 100); do
-  in_ns "$bin" control-plane nodes --data "$cp/data" -o json | grep -Eq '"acceptedGeneration": *1' && break
+banner "the control plane's view: proxy-fra1-01 accepted its signed document and converged to it (its status as reported)"
+for _ in $(seq 150); do
+  in_ns "$bin" control-plane nodes --data "$cp/data" -o json | grep -Eq '"convergedGeneration": *1' && break
   sleep 0.2
 done
 in_ns "$bin" control-plane nodes --data "$cp/data"

@@ -228,12 +228,12 @@ pub fn agent_sections(
 /// The routes reconciler: Caddy under `<data_dir>/caddy/` (or the given admin socket).
 /// It sees its section plus each WireGuard peer's mesh address (the first address of
 /// its `allowedIps`), which `peer` upstreams dial.
-fn routes(data_dir: &Path, host: &HostOptions) -> Arc<dyn Section> {
+fn routes(data_dir: &Path, host: &HostOptions, secrets: &SecretSource) -> Arc<dyn Section> {
     let driver = Caddy::new(CaddyConfig {
         binary: host.caddy.clone(),
         dir: data_dir.join("caddy"),
         external_admin: host.caddy_admin_socket.clone(),
-        secrets_dir: host.secrets_dir.clone(),
+        secrets: secrets.clone(),
     });
     fn select(d: &Document) -> Option<Cow<'_, RoutesInput>> {
         let spec = d.routes.as_ref()?;
@@ -292,7 +292,7 @@ fn build(
         })),
         metadata(data_dir, serve),
         // Unmanaged on workers: validation refuses a routes section there.
-        routes(data_dir, host),
+        routes(data_dir, host, secrets),
     ]
 }
 

@@ -129,12 +129,14 @@ impl Transport for HttpsTransport {
             .send()
             .await
             .map_err(|e| TransportError::Disconnected(e.to_string()))?;
-        if resp.status().is_success() {
+        let code = resp.status();
+        if code.is_success() {
             Ok(())
         } else {
+            let body = resp.text().await.unwrap_or_default();
             Err(TransportError::Failed(format!(
-                "status: HTTP {}",
-                resp.status()
+                "status: HTTP {code}: {}",
+                body.chars().take(200).collect::<String>()
             )))
         }
     }

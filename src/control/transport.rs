@@ -104,6 +104,8 @@ pub async fn run_client<T: Transport>(transport: T, node: Arc<dyn Node>, heartbe
     let mut tick = tokio::time::interval(heartbeat.max(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut due: Option<tokio::time::Instant> = None;
+    // Status messages not delivered in a row.
+    let mut failures = 0usize;
     loop {
         let send_now = tokio::select! {
             ev = rx.recv() => match ev {
@@ -155,9 +157,138 @@ pub async fn run_client<T: Transport>(transport: T, node: Arc<dyn Node>, heartbe
         if send_now {
             due = None;
             let msg = NodeMessage::Status(Box::new(node.status()));
-            if let Err(e) = transport.send(&msg).await {
-                tracing::debug!(error = %e, "status not sent");
+            match transport.send(&msg).await {
+                Ok(()) if failures > 0 => {
+                    info!(
+                        after = failures,
+                        "status delivered to the control plane again"
+                    );
+                    failures = 0;
+                    if state.connected {
+                        state.error = None;
+                        node.set_control_state(&state);
+                    }
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    // At least once: the newest status goes out again after a backoff,
+                    // not only at the next heartbeat. Reported once per streak.
+                    if failures == 0 {
+                        warn!(error = %e, "status not delivered to the control plane; retrying");
+                    }
+                    if state.connected && state.error.is_none() {
+                        state.error = Some(format!("status not delivered: {e}"));
+                        node.set_control_state(&state);
+                    }
+                    failures += 1;
+                    due = Some(tokio::time::Instant::now() + backoff(failures));
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::protocol::Facts;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// Refuses the first `fail` sends; records when each send was tried.
+    #[derive(Clone)]
+    struct Flaky {
+        fail: Arc<AtomicUsize>,
+        tries: Arc<Mutex<Vec<tokio::time::Instant>>>,
+        delivered: Arc<AtomicUsize>,
+        events: Arc<Mutex<Option<mpsc::Sender<Event>>>>,
+    }
+
+    impl Transport for Flaky {
+        fn start(&self, events: mpsc::Sender<Event>, _after: u64) {
+            *self.events.lock().unwrap() = Some(events);
+        }
+        async fn send(&self, _msg: &NodeMessage) -> Result<(), TransportError> {
+            self.tries.lock().unwrap().push(tokio::time::Instant::now());
+            if self
+                .fail
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(TransportError::Disconnected("connection timed out".into()));
+            }
+            self.delivered.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    #[derive(Default)]
+    struct Quiet {
+        states: Mutex<Vec<ControlState>>,
+        changed: Arc<Notify>,
+    }
+
+    impl Node for Quiet {
+        fn accept_envelope(&self, _bytes: &[u8]) -> Accepted {
+            Accepted::AlreadyApplied
+        }
+        fn status(&self) -> StatusMessage {
+            StatusMessage {
+                node_id: "n".into(),
+                sent_at: now(),
+                accepted_generation: Some(1),
+                reconcilers: Vec::new(),
+                facts: Facts::default(),
+                heartbeat_secs: 60,
+            }
+        }
+        fn applied(&self) -> Option<u64> {
+            Some(1)
+        }
+        fn set_control_state(&self, state: &ControlState) {
+            self.states.lock().unwrap().push(state.clone());
+        }
+        fn status_changed(&self) -> Arc<Notify> {
+            self.changed.clone()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn undelivered_status_is_retried_before_the_heartbeat_and_shown() {
+        let t = Flaky {
+            fail: Arc::new(AtomicUsize::new(3)),
+            tries: Arc::default(),
+            delivered: Arc::default(),
+            events: Arc::default(),
+        };
+        let node = Arc::new(Quiet::default());
+        let start = tokio::time::Instant::now();
+        tokio::spawn(run_client(t.clone(), node.clone(), Duration::from_secs(60)));
+        tokio::task::yield_now().await;
+        let tx = t.events.lock().unwrap().clone().expect("started");
+        tx.send(Event::Connected).await.expect("client running");
+        // Three failures with backoff (at most 0.5 + 1 + 2 s), then delivered: well
+        // before the 60 s heartbeat.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(t.delivered.load(Ordering::SeqCst), 1);
+        let tries = t.tries.lock().unwrap().clone();
+        assert_eq!(tries.len(), 4, "3 failures, then 1 delivery");
+        assert!(tries[3] - start < Duration::from_secs(5));
+        let states = node.states.lock().unwrap().clone();
+        let errors: Vec<Option<String>> = states.iter().map(|s| s.error.clone()).collect();
+        assert!(
+            errors.contains(&Some(
+                "status not delivered: not connected: connection timed out".into()
+            )),
+            "{errors:?}"
+        );
+        assert_eq!(
+            states.last().and_then(|s| s.error.clone()),
+            None,
+            "cleared once delivered"
+        );
     }
 }

@@ -3,8 +3,7 @@
 //! given, the Caddy process converge starts and finds again (`process.rs`).
 
 use crate::plan::{Config, Process, UpstreamStatus};
-use converge_core::fsutil::read_optional;
-use converge_core::{DriverError, HostEvent};
+use converge_core::{DriverError, HostEvent, SecretSource};
 use futures::stream::BoxStream;
 use serde_json::Value;
 use std::future::Future;
@@ -44,7 +43,7 @@ pub trait CaddyDriver: Send + Sync + 'static {
     fn upstreams(&self) -> impl Future<Output = Result<Vec<UpstreamStatus>, DriverError>> + Send;
     /// Starts Caddy on its bootstrap configuration, stopping `stop` first.
     fn start(&self, stop: &[u32]) -> impl Future<Output = Result<(), DriverError>> + Send;
-    /// A local secret (`--secrets-dir`), `None` when missing.
+    /// A secret (local file or sealed in the document), `None` when missing.
     fn read_secret(&self, name: &str) -> Result<Option<String>, DriverError>;
     /// An event as soon as the Caddy process converge watches exits.
     fn events(&self) -> Option<BoxStream<'static, HostEvent>> {
@@ -63,8 +62,9 @@ pub struct CaddyConfig {
     /// An existing Caddy's admin socket (a systemd unit runs Caddy): converge then
     /// neither starts nor stops Caddy.
     pub external_admin: Option<PathBuf>,
-    /// Local secrets directory (`--secrets-dir`).
-    pub secrets_dir: PathBuf,
+    /// Certificates and keys: local files (`--secrets-dir`) or the document's sealed
+    /// secrets.
+    pub secrets: SecretSource,
 }
 
 /// The real driver.
@@ -145,8 +145,10 @@ impl CaddyDriver for Caddy {
     }
 
     fn read_secret(&self, name: &str) -> Result<Option<String>, DriverError> {
-        let path = self.config.secrets_dir.join(name);
-        read_optional(&path).map_err(|e| DriverError::io(format!("read secret {name}"), e))
+        self.config
+            .secrets
+            .get(name)
+            .map_err(|e| DriverError::Failed(e.to_string()))
     }
 
     fn events(&self) -> Option<BoxStream<'static, HostEvent>> {
