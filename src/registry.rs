@@ -203,6 +203,17 @@ fn backups(
     if let Some(b) = std::env::var_os("CONVERGE_BORG") {
         cfg.borg = PathBuf::from(b);
     }
+    // Test-only compressed time: `SCALE@UNIX_SECONDS` (tests/backups.rs).
+    if let Ok(v) = std::env::var("CONVERGE_TEST_BACKUPS_TIME") {
+        let parsed = v.split_once('@').and_then(|(s, e)| {
+            let epoch = chrono::DateTime::from_timestamp(e.parse().ok()?, 0)?;
+            Some((s.parse::<u32>().ok()?, epoch))
+        });
+        if let Some((scale, epoch)) = parsed {
+            tracing::warn!(scale, "backups: compressed test time");
+            cfg.compressed_clock(scale, epoch);
+        }
+    }
     let podman = || Some(RuntimeCli::podman(Some(&host.podman_socket)));
     let docker = || Some(RuntimeCli::docker(Some(&host.docker_socket)));
     cfg.runtime = match host.runtime {

@@ -38,6 +38,11 @@ pub trait BackupsDriver: Send + Sync + 'static {
     fn now(&self) -> DateTime<Utc>;
     /// When this agent (driver) started.
     fn agent_start(&self) -> DateTime<Utc>;
+    /// How many times faster than real time `now` runs (1 in production; tests
+    /// compress time): the reconciler divides its wake-up delays by it.
+    fn time_scale(&self) -> u32 {
+        1
+    }
     fn read_state(&self) -> Result<State, DriverError>;
     /// Durably replaces the record (atomic write).
     fn write_state(&self, s: &State) -> Result<(), DriverError>;
@@ -102,6 +107,8 @@ pub struct HostConfig {
     pub runtime: Option<RuntimeCli>,
     pub secrets: SecretSource,
     pub clock: Clock,
+    /// See [`BackupsDriver::time_scale`]; must match `clock`.
+    pub time_scale: u32,
     pub timeouts: Timeouts,
 }
 
@@ -113,8 +120,18 @@ impl HostConfig {
             runtime: None,
             secrets,
             clock: Arc::new(Utc::now),
+            time_scale: 1,
             timeouts: Timeouts::default(),
         }
+    }
+
+    /// Test-only compressed time: `now` runs `scale` times faster than real time from
+    /// `epoch` on (continuous across agent restarts that use the same epoch).
+    pub fn compressed_clock(&mut self, scale: u32, epoch: DateTime<Utc>) {
+        let scale = scale.max(1);
+        self.time_scale = scale;
+        self.clock =
+            Arc::new(move || epoch + (Utc::now() - epoch) * i32::try_from(scale).unwrap_or(1));
     }
 }
 
@@ -376,7 +393,10 @@ impl Host {
             converge: 1,
             sources: sources.clone(),
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+        // borg expands `{placeholders}` in comments; `{{`/`}}` are literal braces.
+        .replace('{', "{{")
+        .replace('}', "}}");
         let target = format!("{}::{}", access.location, run.archive);
         let mut args: Vec<OsString> = os(&[
             "create",
@@ -819,6 +839,10 @@ impl BackupsDriver for Host {
 
     fn agent_start(&self) -> DateTime<Utc> {
         self.started
+    }
+
+    fn time_scale(&self) -> u32 {
+        self.cfg.time_scale
     }
 
     fn read_state(&self) -> Result<State, DriverError> {

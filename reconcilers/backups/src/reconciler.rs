@@ -223,7 +223,16 @@ impl<D: BackupsDriver> Reconciler for Backups<D> {
     }
 
     fn plan(&self, spec: &BackupsSpec, observed: &Observed, facts: &Facts) -> Plan<Action> {
-        plan(spec, observed, facts)
+        let mut p = plan(spec, observed, facts);
+        // Delays are in the driver's time; the engine sleeps in real time.
+        let scale = self.shared.driver.time_scale();
+        if scale > 1 {
+            p.requeue_after = p.requeue_after.map(|d| d / scale);
+            for w in &mut p.waiting {
+                w.retry_after = w.retry_after.map(|d| d / scale);
+            }
+        }
+        p
     }
 
     fn notes(&self, o: &Observed) -> Vec<ObjectNote> {
