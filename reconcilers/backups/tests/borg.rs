@@ -353,3 +353,204 @@ async fn lock_of_a_killed_borg_is_broken_and_the_next_backup_succeeds() {
     );
     assert!(env.archives().contains(&"src-20261201T1001Z".to_string()));
 }
+
+/// Podman with its own storage under the test's temp dir (no service, no network).
+struct Podman {
+    args: Vec<String>,
+}
+
+impl Podman {
+    fn new(root: &Path) -> Podman {
+        Podman {
+            args: vec![
+                "--root".into(),
+                root.join("root").display().to_string(),
+                "--runroot".into(),
+                root.join("run").display().to_string(),
+            ],
+        }
+    }
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("podman")
+            .args(&self.args)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(&self.args)
+            .args(["rm", "-fa", "-t", "0"])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_in_use_needs_a_hook_and_a_dump_streams_or_fails_cleanly() {
+    let env = Env::new();
+    let pm = Podman::new(&env.path("podman"));
+    // A busybox image, a volume with data, a running container using it.
+    let rootfs = env.path("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for a in ["sh", "cat", "sleep", "sync", "true"] {
+        symlink("busybox", rootfs.join("bin").join(a)).unwrap();
+    }
+    let tar = env.path("rootfs.tar");
+    assert!(Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
+    pm.run(&[
+        "import",
+        &tar.display().to_string(),
+        "localhost/busybox:backups",
+    ]);
+    pm.run(&["volume", "create", "appdata"]);
+    let vol = PathBuf::from(pm.run(&[
+        "volume",
+        "inspect",
+        "--format",
+        "{{.Mountpoint}}",
+        "appdata",
+    ]));
+    make_source(&vol);
+    pm.run(&[
+        "run",
+        "-d",
+        "--name",
+        "app",
+        "--network",
+        "none",
+        "-v",
+        "appdata:/data",
+        "localhost/busybox:backups",
+        "sleep",
+        "600",
+    ]);
+
+    let mut cfg = HostConfig::new(&env.path("data"), SecretSource::new(env.path("secrets")));
+    let c = env.clock.clone();
+    cfg.clock = Arc::new(move || *c.lock().unwrap());
+    cfg.runtime = Some(converge_backups::driver::runtime::RuntimeCli {
+        binary: "podman".into(),
+        global_args: pm.args.clone(),
+    });
+    let r = Backups::new(Host::new(cfg), false);
+    let repo = env.path("repo").display().to_string();
+    let spec = |sched: serde_json::Value, restores: serde_json::Value| -> BackupsSpec {
+        serde_json::from_value(json!({
+            "repositories": [{"name": "local", "kind": "borg", "url": repo, "passphraseSecret": "borg-pass"}],
+            "schedules": [sched],
+            "restores": restores
+        })).unwrap()
+    };
+    // In use, no hook, no freeze: refused, nothing archived.
+    let s = spec(
+        json!({"name": "vol", "repository": "local", "volumes": ["appdata"], "cron": "* * * * *"}),
+        json!([]),
+    );
+    pass(&r, &s).await;
+    env.set("2026-12-01T10:01:00.5Z");
+    pass(&r, &s).await;
+    let last = env.state().schedules["vol"].last.clone().unwrap();
+    assert_eq!(last.status, RunStatus::Failed);
+    assert!(
+        last.message.contains("in use by running container(s) app"),
+        "{}",
+        last.message
+    );
+    assert!(env.archives().is_empty());
+    // With a preHook run inside the container (here `sync`): archived.
+    let s = spec(
+        json!({"name": "vol", "repository": "local", "volumes": ["appdata"], "cron": "* * * * *",
+                        "preHook": {"command": ["sync"], "container": "app"}}),
+        json!([]),
+    );
+    env.set("2026-12-01T10:02:00.5Z");
+    pass(&r, &s).await;
+    let last = env.state().schedules["vol"].last.clone().unwrap();
+    assert_eq!(last.status, RunStatus::Done, "{last:?}");
+    // A dump streamed from the container with --content-from-command.
+    let s = spec(
+        json!({"name": "db", "repository": "local", "cron": "* * * * *",
+                        "dump": {"command": ["cat", "/data/dir/b.bin"], "container": "app", "fileName": "b.dump"}}),
+        json!([]),
+    );
+    pass(&r, &s).await; // baseline
+    env.set("2026-12-01T10:03:00.5Z");
+    pass(&r, &s).await;
+    assert_eq!(
+        env.state().schedules["db"].last.clone().unwrap().status,
+        RunStatus::Done
+    );
+    // A dump that fails half-way: the run fails, no archive is left.
+    let s = spec(
+        json!({"name": "db", "repository": "local", "cron": "* * * * *",
+                        "dump": {"command": ["sh", "-c", "cat /data/a.txt; exit 3"], "container": "app", "fileName": "b.dump"}}),
+        json!([]),
+    );
+    env.set("2026-12-01T10:04:00.5Z");
+    pass(&r, &s).await;
+    let last = env.state().schedules["db"].last.clone().unwrap();
+    assert_eq!(last.status, RunStatus::Failed, "{last:?}");
+    let names = env.archives();
+    assert_eq!(
+        names,
+        ["vol-20261201T1002Z", "db-20261201T1003Z"],
+        "no archive from the failed dump"
+    );
+    // Restores: the volume side-by-side into a new volume, the dump into a path.
+    let dumpdir = env.path("dump-out").display().to_string();
+    let s = spec(
+        json!({"name": "db", "repository": "local", "cron": "0 0 1 1 *"}),
+        json!([
+            {"id": "r1", "repository": "local", "archive": "vol-20261201T1002Z", "targetVolume": "appdata", "mode": "side-by-side"},
+            {"id": "r2", "repository": "local", "archive": "db-20261201T1003Z", "targetPath": dumpdir, "mode": "replace"}
+        ]),
+    );
+    let mut s = s;
+    s.schedules[0].dump =
+        Some(serde_json::from_value(json!({"command": ["true"], "fileName": "x"})).unwrap());
+    pass(&r, &s).await;
+    pass(&r, &s).await;
+    let st = env.state();
+    assert_eq!(
+        st.restores["r1"].status,
+        RunStatus::Done,
+        "{:?}",
+        st.restores["r1"]
+    );
+    assert_eq!(
+        st.restores["r2"].status,
+        RunStatus::Done,
+        "{:?}",
+        st.restores["r2"]
+    );
+    let restored = PathBuf::from(pm.run(&[
+        "volume",
+        "inspect",
+        "--format",
+        "{{.Mountpoint}}",
+        "appdata-restore-r1",
+    ]));
+    assert_eq!(tree(&restored), tree(&vol));
+    assert_eq!(
+        std::fs::read(env.path("dump-out/b.dump")).unwrap(),
+        std::fs::read(vol.join("dir/b.bin")).unwrap()
+    );
+}
