@@ -239,7 +239,7 @@ impl<D: BackupsDriver> Reconciler for Backups<D> {
         let mut notes = Vec::new();
         let fmt = |r: &RunRecord| {
             let when = r.finished.unwrap_or(r.started).format("%Y-%m-%dT%H:%M:%SZ");
-            let mut s = format!("{:?} at {when}", r.status).to_lowercase();
+            let mut s = format!("{} at {when}", format!("{:?}", r.status).to_lowercase());
             if !r.message.is_empty() {
                 s.push_str(": ");
                 s.push_str(&r.message);
