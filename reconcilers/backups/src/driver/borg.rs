@@ -279,7 +279,7 @@ impl Borg {
                         }
                         "progress_percent" => {
                             if let (Some(c), Some(t)) = (l.current, l.total) {
-                                let pct = if t == 0 { 100 } else { c * 100 / t };
+                                let pct = (c * 100).checked_div(t).unwrap_or(100);
                                 progress.set(format!("{pct} % of {}", human(t)));
                             }
                         }

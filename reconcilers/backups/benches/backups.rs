@@ -1,0 +1,165 @@
+//! Backup of a 1 GB volume-like directory: converge's path (a reconciler pass that runs
+//! the schedule's slot: record, `borg create --log-json --progress --json` with the
+//! passphrase through a pipe, record) vs a plain `borg create` of the same data.
+//! Incompressible data from a fixed seed; each approach gets a fresh repository and
+//! its own cold borg cache; the data is read once beforehand so both see it in the
+//! page cache. Rounds alternate (plain, converge, ...) to spread the machine's noise.
+//! `cargo bench -p converge-backups --bench backups` (`BENCH_BACKUP_MB`, `BENCH_ROUNDS`).
+//! Not a pass/fail test: it prints a table.
+
+use chrono::{DateTime, Utc};
+use converge_backups::plan::{RunStatus, State};
+use converge_backups::{Backups, BackupsSpec, Host, HostConfig};
+use converge_core::{Facts, Reconciler, SecretSource};
+use serde_json::json;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+const PASSPHRASE: &str = "bench-passphrase";
+
+fn write_data(dir: &Path, mb: usize) {
+    std::fs::create_dir_all(dir).expect("data dir");
+    let per_file = 64usize << 20;
+    let files = (mb << 20).div_ceil(per_file);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; 1 << 20];
+    for f in 0..files {
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(dir.join(format!("f{f:03}"))).expect("file"),
+        );
+        for _ in 0..(per_file >> 20) {
+            for chunk in buf.chunks_exact_mut(8) {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                chunk.copy_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+            }
+            out.write_all(&buf).expect("write");
+        }
+    }
+}
+
+fn borg(base: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("borg")
+        .args(args)
+        .env("BORG_PASSPHRASE", PASSPHRASE)
+        .env("BORG_BASE_DIR", base)
+        .output()
+        .expect("borg")
+}
+
+fn plain(work: &Path, data: &Path, round: usize) -> f64 {
+    let repo = work.join(format!("plain-repo-{round}"));
+    let base = work.join(format!("plain-base-{round}"));
+    let r = repo.display().to_string();
+    assert!(borg(&base, &["init", "--encryption=repokey-blake2", &r])
+        .status
+        .success());
+    let t = Instant::now();
+    let out = borg(
+        &base,
+        &[
+            "create",
+            &format!("{r}::plain"),
+            &data.display().to_string(),
+        ],
+    );
+    let secs = t.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    secs
+}
+
+fn t(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s)
+        .expect("time")
+        .with_timezone(&Utc)
+}
+
+async fn converge(work: &Path, data: &Path, round: usize) -> f64 {
+    let dir = work.join(format!("converge-{round}"));
+    std::fs::create_dir_all(dir.join("secrets")).expect("secrets");
+    std::fs::write(dir.join("secrets/pass"), PASSPHRASE).expect("secret");
+    let clock = Arc::new(Mutex::new(t("2026-12-01T10:00:30Z")));
+    let mut cfg = HostConfig::new(&dir.join("data"), SecretSource::new(dir.join("secrets")));
+    let c = clock.clone();
+    cfg.clock = Arc::new(move || *c.lock().unwrap_or_else(|p| p.into_inner()));
+    let r = Backups::new(Host::new(cfg), false);
+    let spec: BackupsSpec = serde_json::from_value(json!({
+        "repositories": [{"name": "local", "kind": "borg", "url": dir.join("repo"), "passphraseSecret": "pass"}],
+        "schedules": [{"name": "vol", "repository": "local", "paths": [data], "cron": "* * * * *"}]
+    }))
+    .expect("spec");
+    pass(&r, &spec).await; // init + baseline, not timed
+    *clock.lock().unwrap_or_else(|p| p.into_inner()) = t("2026-12-01T10:01:00.5Z");
+    let start = Instant::now();
+    pass(&r, &spec).await;
+    let secs = start.elapsed().as_secs_f64();
+    let st: State =
+        serde_json::from_slice(&std::fs::read(dir.join("data/backups/state.json")).expect("state"))
+            .expect("state json");
+    let last = st.schedules["vol"].last.clone().expect("ran");
+    assert_eq!(last.status, RunStatus::Done, "{last:?}");
+    secs
+}
+
+async fn pass(r: &Backups<Host>, spec: &BackupsSpec) {
+    let o = r.observe(spec).await.expect("observe");
+    let p = r.plan(spec, &o, &Facts::default());
+    let out = r.apply(p).await;
+    assert!(out.iter().all(|o| o.error.is_none()), "{out:?}");
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mb: usize = std::env::var("BENCH_BACKUP_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let work = tempfile::Builder::new()
+        .prefix("converge-bench-backups.")
+        .tempdir_in("/var/tmp")
+        .expect("work dir");
+    let data = work.path().join("volume");
+    write_data(&data, mb);
+    // Page cache warm for both approaches.
+    for e in std::fs::read_dir(&data).expect("data").flatten() {
+        let _ = std::fs::read(e.path());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (mut p, mut c) = (Vec::new(), Vec::new());
+    println!("| round | plain borg create (s) | converge pass (s) | ratio |");
+    println!("|---|---|---|---|");
+    for i in 0..rounds {
+        let a = plain(work.path(), &data, i);
+        let b = rt.block_on(converge(work.path(), &data, i));
+        println!("| {} | {a:.2} | {b:.2} | {:.3} |", i + 1, b / a);
+        p.push(a);
+        c.push(b);
+    }
+    let (mp, mc) = (median(&mut p), median(&mut c));
+    println!("| median | {mp:.2} | {mc:.2} | {:.3} |", mc / mp);
+    println!("data: {mb} MiB incompressible (fixed seed), repokey-blake2, lz4 (borg default)");
+    println!(
+        "overhead of converge: {:+.1} % (target <= 5 %)",
+        (mc / mp - 1.0) * 100.0
+    );
+}
