@@ -401,7 +401,6 @@ impl Host {
         let mut args: Vec<OsString> = os(&[
             "create",
             "--log-json",
-            "--progress",
             "--json",
             "--lock-wait",
             "60",
