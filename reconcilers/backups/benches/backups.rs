@@ -5,7 +5,8 @@
 //! its own cold borg cache; the data is read once beforehand so both see it in the
 //! page cache. Rounds alternate (plain, converge, ...) to spread the machine's noise.
 //! `cargo bench -p converge-backups --bench backups` (`BENCH_BACKUP_MB`, `BENCH_ROUNDS`).
-//! Not a pass/fail test: it prints a table.
+//! Not a pass/fail test: it prints a table. Under `cargo test` it runs a 16 MiB smoke
+//! version.
 
 use chrono::{DateTime, Utc};
 use converge_backups::plan::{RunStatus, State};
@@ -137,14 +138,20 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    let mb: usize = std::env::var("BENCH_BACKUP_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    // `cargo bench` passes --bench; under `cargo test --all-targets` a 16 MiB, one-round
+    // smoke run checks the harness.
+    let full = std::env::args().any(|a| a == "--bench");
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (mb, rounds) = if full {
+        (env("BENCH_BACKUP_MB", 1024), env("BENCH_ROUNDS", 3))
+    } else {
+        (16, 1)
+    };
     let work = tempfile::Builder::new()
         .prefix("converge-bench-backups.")
         .tempdir_in("/var/tmp")
