@@ -2,8 +2,10 @@
 //! a `* * * * *` schedule under compressed test time (`CONVERGE_TEST_BACKUPS_TIME`,
 //! the agent's backups clock runs N times faster) gives exactly one archive per slot,
 //! also across a kill -9 and restart of the agent; a kill -9 of the agent during a
-//! backup: the next agent finishes that slot (one archive), `borg check` is clean, and
-//! the passphrase was never in the running borg's arguments or environment.
+//! backup (its orphaned borg finishes the archive), then of the agent and its borg
+//! together (a stale lock): the next agent finishes each slot (one archive), `borg
+//! check` is clean, and the passphrase was never in the running borg's arguments or
+//! environment.
 
 mod common;
 
@@ -268,10 +270,62 @@ fn kill9_during_backup_next_agent_finishes_the_slot_borg_check_clean() {
         },
     );
     let s = state(&node)["schedules"]["src"].clone();
+    assert_eq!(s["last"]["status"], "done", "{s}");
+    assert_slot_archived(&node, &slot);
+
+    // Second: kill -9 the agent *and* its borg (a whole-cgroup kill): the lock stays
+    // behind; the next agent breaks it (its holder is dead, no borg uses the repo) and
+    // runs the slot again.
+    std::fs::write(node.data_dir().join("src/new"), random_bytes(99, 400 << 20)).expect("new data");
+    let agent_pid = agent.id();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (pid, started) = loop {
+        let st = state(&node)["schedules"]["src"]["started"].clone();
+        let creating = borg_pids(&repo).into_iter().find(|p| {
+            parent_of(*p) == Some(agent_pid)
+                && std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"create"))
+        });
+        if let (Some(p), true) = (creating, st.is_object()) {
+            break (p, st);
+        }
+        assert!(Instant::now() < deadline, "no second borg create seen");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    kill9(&mut agent);
+    // SAFETY: plain kill(2) of the borg process this test saw.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    wait_no_borg(&repo);
+    let lock_left = repo.join("lock.exclusive").exists();
+    let mut agent = start_agent(&node, 10, epoch);
+    let slot2 = started["slot"].clone();
+    wait_until(Duration::from_secs(180), "the killed slot finished", || {
+        let s = state(&node)["schedules"]["src"].clone();
+        s["started"].is_null() && s["lastSlot"].as_str() >= slot2.as_str()
+    });
     kill9(&mut agent);
     wait_no_borg(&repo);
-    assert_eq!(s["last"]["status"], "done", "{s}");
-    let names = check_one_archive_per_slot(&node);
+    assert_slot_archived(&node, &slot2);
+    assert!(!repo.join("lock.exclusive").exists(), "lock left behind");
+    let check = borg(&node, &["check", &repo.display().to_string()]);
+    assert!(
+        check.status.success(),
+        "borg check: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    eprintln!("second kill: stale lock left by the killed borg: {lock_left}");
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The archive of `slot` exists, once, and no archive is there twice.
+fn assert_slot_archived(node: &TestNode, slot: &Value) {
+    let names = check_one_archive_per_slot(node);
     let slot_archive = format!(
         "src-{}",
         chrono::DateTime::parse_from_rfc3339(slot.as_str().expect("slot"))
@@ -281,11 +335,5 @@ fn kill9_during_backup_next_agent_finishes_the_slot_borg_check_clean() {
     assert!(
         names.contains(&slot_archive),
         "{slot_archive} not in {names:?}"
-    );
-    let check = borg(&node, &["check", &repo.display().to_string()]);
-    assert!(
-        check.status.success(),
-        "borg check: {}",
-        String::from_utf8_lossy(&check.stderr)
     );
 }
