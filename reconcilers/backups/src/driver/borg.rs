@@ -201,10 +201,11 @@ impl Borg {
         Ok((cmd, fd))
     }
 
-    /// Spawns borg with stdout piped (for `export-tar … -`); stderr is discarded.
+    /// Spawns borg with stdout piped (for `export-tar … -`) and stderr piped (the export
+    /// module drains it and quotes its end when borg fails).
     pub fn spawn_stdout(&self, access: &Access, args: &[OsString]) -> Result<Child, DriverError> {
         let (mut cmd, fd) = self.command(access, args)?;
-        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let child = cmd
             .spawn()
             .map_err(|e| DriverError::io(format!("run {}", self.binary.display()), e))?;
