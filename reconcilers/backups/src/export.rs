@@ -135,8 +135,9 @@ pub enum ExportError {
         bucket: String,
         key: String,
         operation: &'static str,
+        // Boxed: object_store's error is large and would bloat every Result.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     #[error("export to s3://{bucket}/{key}: an upload task failed: {reason}")]
     Task {
@@ -559,7 +560,7 @@ fn store_error(
         bucket: target.bucket.clone(),
         key: target.key.clone(),
         operation,
-        source,
+        source: Box::new(source),
     }
 }
 
