@@ -318,7 +318,14 @@ pub async fn abort_orphans(journal_dir: &Path, target: &S3Target) -> Result<usiz
         if record.endpoint != target.endpoint || record.bucket != target.bucket {
             continue;
         }
-        if in_flight(&file) || record.owner_alive() {
+        // This process's entries are orphans unless their export is still running (an abort
+        // that failed leaves one behind); another process's only once that process is gone.
+        let running = if record.pid == std::process::id() {
+            in_flight(&name)
+        } else {
+            record.owner_alive()
+        };
+        if running {
             continue;
         }
         let Ok(path) = ObjectPath::parse(&record.key) else {
@@ -600,23 +607,28 @@ async fn tail_text(task: Option<tokio::task::JoinHandle<Vec<u8>>>) -> String {
     }
 }
 
-/// Journal files of exports running in this process: `abort_orphans` must not abort them.
-static IN_FLIGHT: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+/// Journal file names of exports running in this process: `abort_orphans` must not abort
+/// them. Names, not paths, so that the journal directory may be spelled differently; they
+/// hash endpoint, bucket, key and upload id, so they are unique.
+static IN_FLIGHT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
 
-fn in_flight(file: &Path) -> bool {
+fn in_flight(name: &str) -> bool {
     IN_FLIGHT
         .lock()
-        .map(|set| set.as_ref().is_some_and(|s| s.contains(file)))
+        .map(|set| set.as_ref().is_some_and(|s| s.contains(name)))
         .unwrap_or(true)
 }
 
 fn set_in_flight(file: &Path, on: bool) {
+    let Some(name) = file.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
     if let Ok(mut set) = IN_FLIGHT.lock() {
         let set = set.get_or_insert_with(HashSet::new);
         if on {
-            set.insert(file.to_path_buf());
+            set.insert(name);
         } else {
-            set.remove(file);
+            set.remove(&name);
         }
     }
 }

@@ -263,6 +263,38 @@ async fn url_ttl_over_a_day_is_refused_before_anything_starts() {
     assert!(matches!(err, ExportError::InvalidTtl { .. }), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_orphans_leaves_a_running_export_alone() {
+    let Some(moto) = Moto::start() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    create_bucket(&moto, "exports");
+    let t = target(&moto, "exports", "running.tar");
+    let journal = tmp.path().join("journal");
+    // Data, a pause during which abort_orphans runs, then the rest.
+    let script = format!(
+        "head -c {} /dev/urandom; sleep 3; head -c 1000 /dev/urandom",
+        PART_SIZE
+    );
+    let running = tokio::spawn({
+        let (t, journal) = (t.clone(), journal.clone());
+        let child = sh(&script).spawn().expect("spawn");
+        async move { export(child, &t, TTL, &journal, |_| {}).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while journal_files(&journal).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no journal entry");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(abort_orphans(&journal, &t).await.expect("abort orphans"), 0);
+    let outcome = running
+        .await
+        .expect("join")
+        .expect("the running export completes");
+    assert_eq!(outcome.bytes, PART_SIZE as u64 + 1000);
+    assert_eq!(open_uploads(&moto, "exports"), 0);
+    assert!(journal_files(&journal).is_empty());
+}
+
 /// The exporting process of `kill_9_mid_export_leaves_nothing_after_abort_orphans`: the
 /// test binary re-executed with EXPORT_CHILD_ROLE set. Without it, this test does nothing.
 #[test]
@@ -371,4 +403,153 @@ async fn kill_9_mid_export_leaves_nothing_after_abort_orphans() {
         journal_files(&journal)
     );
     assert_eq!(abort_orphans(&journal, &t).await.expect("again"), 0);
+}
+
+const SIGV4_KEY_ID: &str = "AKIDCONVERGETEST";
+const SIGV4_SECRET: &str = "sigv4-secret-DO-NOT-LOG";
+
+/// An in-process s3s-fs server on 127.0.0.1 that verifies SigV4 (headers and presigned
+/// URLs, expiry included) for one key pair. Returns its endpoint; the server stops with
+/// the test's runtime.
+async fn sigv4_server(root: &Path) -> String {
+    let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs root");
+    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(
+        SIGV4_KEY_ID,
+        SIGV4_SECRET,
+    ));
+    let service = builder.build();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = service.clone();
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+async fn get(url: &str) -> (u16, bytes::Bytes) {
+    let resp = reqwest::get(url).await.expect("GET");
+    let status = resp.status().as_u16();
+    (status, resp.bytes().await.expect("body"))
+}
+
+fn query_param(url: &str, name: &str) -> String {
+    let query = url.split_once('?').expect("query").1;
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("{name} missing in {url}"))
+        .to_string()
+}
+
+/// moto checks neither signatures nor expiry: this proves the export's signed requests and
+/// the presigned URL against a server that does (s3s verifies SigV4 and X-Amz-Expires).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presigned_url_is_verified_by_a_sigv4_server_and_expires() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("s3");
+    std::fs::create_dir_all(root.join("exports/node-1")).expect("bucket dir");
+    let endpoint = sigv4_server(&root).await;
+    let t = S3Target {
+        endpoint,
+        region: "us-east-1".into(),
+        bucket: "exports".into(),
+        key: "node-1/signed.tar".into(),
+        access_key_id: SIGV4_KEY_ID.into(),
+        secret_access_key: SIGV4_SECRET.into(),
+    };
+    // Another object the tampered URL could reach if the signature were not checked.
+    std::fs::write(root.join("exports/node-1/other.tar"), b"not yours").expect("other");
+
+    // The export itself (create, parts, complete) passes SigV4 verification.
+    let source = tmp.path().join("payload");
+    random_file(&source, PART_SIZE as u64 + 4321, 11);
+    let mut cat = tokio::process::Command::new("cat");
+    cat.arg(&source).stdout(Stdio::piped());
+    let outcome = export(
+        cat.spawn().expect("cat"),
+        &t,
+        Duration::from_secs(600),
+        &tmp.path().join("journal"),
+        |_| {},
+    )
+    .await
+    .expect("export to the SigV4-checking server");
+    assert_eq!(outcome.parts, 2);
+    let (status, body) = get(&outcome.url).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        body,
+        std::fs::read(&source).expect("payload"),
+        "served bytes differ"
+    );
+
+    // Tampering with the key, the signature or the lifetime breaks the signature.
+    let other_key = outcome
+        .url
+        .replace("/node-1/signed.tar?", "/node-1/other.tar?");
+    assert_ne!(other_key, outcome.url);
+    let sig = query_param(&outcome.url, "X-Amz-Signature");
+    let flipped = format!(
+        "{}{}",
+        &sig[..sig.len() - 1],
+        if sig.ends_with('0') { '1' } else { '0' }
+    );
+    let bad_sig = outcome.url.replace(&sig, &flipped);
+    let longer = outcome
+        .url
+        .replace("X-Amz-Expires=600", "X-Amz-Expires=86400");
+    let unsigned = outcome.url.split_once('?').expect("query").0.to_string();
+    let wrong_secret = presign_get(
+        &S3Target {
+            secret_access_key: "not-the-secret".into(),
+            ..t.clone()
+        },
+        Duration::from_secs(600),
+    )
+    .expect("presign")
+    .0;
+    for (what, url) in [
+        ("changed key", &other_key),
+        ("changed signature", &bad_sig),
+        ("changed expiry", &longer),
+        ("no signature", &unsigned),
+        ("wrong secret", &wrong_secret),
+    ] {
+        let (status, body) = get(url).await;
+        assert_eq!(status, 403, "{what}: {}", String::from_utf8_lossy(&body));
+    }
+
+    // Expiry: a 1 s URL carries X-Amz-Expires=1 and is refused once it has expired.
+    let (short, expires_at) = presign_get(&t, Duration::from_secs(1)).expect("presign");
+    assert_eq!(query_param(&short, "X-Amz-Expires"), "1");
+    assert_eq!(query_param(&short, "X-Amz-Algorithm"), "AWS4-HMAC-SHA256");
+    let signed_at = query_param(&short, "X-Amz-Date");
+    assert_eq!(
+        expires_at.format("%Y%m%dT%H%M%SZ").to_string(),
+        (chrono::NaiveDateTime::parse_from_str(&signed_at, "%Y%m%dT%H%M%SZ")
+            .expect("X-Amz-Date")
+            .and_utc()
+            + chrono::Duration::seconds(1))
+        .format("%Y%m%dT%H%M%SZ")
+        .to_string()
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, body) = get(&short).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 403, "expired URL: {body}");
+    assert!(body.contains("expired"), "refused for expiry: {body}");
+    // ... while a URL signed now with a longer lifetime still works.
+    let (fresh, _) = presign_get(&t, Duration::from_secs(60)).expect("presign");
+    assert_eq!(get(&fresh).await.0, 200);
 }
