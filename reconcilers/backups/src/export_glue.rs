@@ -4,8 +4,7 @@
 
 use crate::driver::borg::{human, Progress};
 use crate::driver::{ExportDone, Host};
-// Switch to `crate::export` when the export branch is merged (see export_stub.rs).
-use crate::export_stub as export;
+use crate::export;
 use crate::spec::{parse_ttl, BackupRepository, Export, MAX_URL_TTL};
 use converge_core::DriverError;
 use serde::Deserialize;

@@ -9,8 +9,8 @@
 
 pub mod cron;
 pub mod driver;
+pub mod export;
 mod export_glue;
-mod export_stub;
 pub mod plan;
 pub mod reconciler;
 pub mod spec;
