@@ -553,4 +553,20 @@ async fn volume_in_use_needs_a_hook_and_a_dump_streams_or_fails_cleanly() {
         std::fs::read(env.path("dump-out/b.dump")).unwrap(),
         std::fs::read(vol.join("dir/b.bin")).unwrap()
     );
+    // The documented freeze: no hook, `freeze: true`: the containers using the volume
+    // are paused for the archive and running again afterwards.
+    let s = spec(
+        json!({"name": "frz", "repository": "local", "volumes": ["appdata"], "cron": "* * * * *", "freeze": true}),
+        json!([]),
+    );
+    pass(&r, &s).await; // baseline at 10:04:00.5
+    env.set("2026-12-01T10:05:00.5Z");
+    pass(&r, &s).await;
+    let last = env.state().schedules["frz"].last.clone().unwrap();
+    assert_eq!(last.status, RunStatus::Done, "{last:?}");
+    assert_eq!(
+        pm.run(&["inspect", "--format", "{{.State.Status}}", "app"]),
+        "running"
+    );
+    assert!(env.archives().contains(&"frz-20261201T1005Z".to_string()));
 }
