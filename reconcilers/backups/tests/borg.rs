@@ -357,11 +357,13 @@ async fn lock_of_a_killed_borg_is_broken_and_the_next_backup_succeeds() {
 /// Podman with its own storage under the test's temp dir (no service, no network).
 struct Podman {
     args: Vec<String>,
+    root: PathBuf,
 }
 
 impl Podman {
     fn new(root: &Path) -> Podman {
         Podman {
+            root: root.join("root"),
             args: vec![
                 "--root".into(),
                 root.join("root").display().to_string(),
@@ -390,6 +392,12 @@ impl Drop for Podman {
         let _ = Command::new("podman")
             .args(&self.args)
             .args(["rm", "-fa", "-t", "0"])
+            .output();
+        // Podman's overlay driver bind-mounts its own directory; the temp dir can only
+        // be removed once it is gone.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.root.join("overlay"))
             .output();
     }
 }
