@@ -131,6 +131,14 @@ d["metadata"]["projects"] = [{
     "entries": {"db/host": "postgres.internal", "db/port": 5432,
                 "features": {"newCheckout": True}},
 }]
+# Backups into a local borg repository of the sandbox (no passphrase secret here), and
+# no restore or export of archives that do not exist yet.
+import os
+bk = d["backups"]
+bk["repositories"] = [{"name": "local", "kind": "borg",
+                       "url": os.path.join(os.path.dirname(os.path.abspath(doc)), "borg-repo")}]
+bk.pop("restores", None)
+bk.pop("exports", None)
 w = d["wireguard"]
 w["interface"] = wg_a
 w.pop("privateKeySecret", None)  # converge's generated key

@@ -2,6 +2,8 @@
 
 use crate::document::Document;
 use crate::engine::{Bound, Section};
+use converge_backups::driver::runtime::RuntimeCli;
+use converge_backups::{Backups, BackupsSpec};
 use converge_containers::driver::NoRuntime;
 use converge_containers::{Config as ContainersConfig, Containers, Workload};
 use converge_core::SecretSource;
@@ -187,6 +189,49 @@ fn wireguard(
     }
 }
 
+/// The backups reconciler: its record and borg's cache under `<data_dir>/backups/`,
+/// borg from `$CONVERGE_BORG` (else `borg` on PATH), volumes and container hooks through
+/// the chosen runtime's CLI against its socket. In the agent (`background`) a backup runs
+/// in its own task and a later pass records it; one-shot commands wait for it.
+fn backups(
+    data_dir: &Path,
+    host: &HostOptions,
+    secrets: &SecretSource,
+    background: bool,
+) -> Arc<dyn Section> {
+    let mut cfg = converge_backups::HostConfig::new(data_dir, secrets.clone());
+    if let Some(b) = std::env::var_os("CONVERGE_BORG") {
+        cfg.borg = PathBuf::from(b);
+    }
+    // Test-only compressed time: `SCALE@UNIX_SECONDS` (tests/backups.rs).
+    if let Ok(v) = std::env::var("CONVERGE_TEST_BACKUPS_TIME") {
+        let parsed = v.split_once('@').and_then(|(s, e)| {
+            let epoch = chrono::DateTime::from_timestamp(e.parse().ok()?, 0)?;
+            Some((s.parse::<u32>().ok()?, epoch))
+        });
+        if let Some((scale, epoch)) = parsed {
+            tracing::warn!(scale, "backups: compressed test time");
+            cfg.compressed_clock(scale, epoch);
+        }
+    }
+    let podman = || Some(RuntimeCli::podman(Some(&host.podman_socket)));
+    let docker = || Some(RuntimeCli::docker(Some(&host.docker_socket)));
+    cfg.runtime = match host.runtime {
+        RuntimeChoice::Podman => podman(),
+        RuntimeChoice::Docker => docker(),
+        RuntimeChoice::Auto if host.podman_socket.exists() => podman(),
+        RuntimeChoice::Auto if host.docker_socket.exists() => docker(),
+        RuntimeChoice::Auto => None,
+    };
+    fn select(d: &Document) -> Option<Cow<'_, BackupsSpec>> {
+        d.backups.as_ref().map(Cow::Borrowed)
+    }
+    Arc::new(Bound::new(
+        Backups::new(converge_backups::Host::new(cfg), background),
+        select,
+    ))
+}
+
 /// The metadata section resolved against the document: its default listen addresses
 /// include the gateway of every container network (where containers reach the node),
 /// so the metadata reconciler needs no knowledge of the containers section.
@@ -290,6 +335,7 @@ fn build(
         Arc::new(Bound::new(dns, |d: &Document| {
             d.dns.as_ref().map(Cow::Borrowed)
         })),
+        backups(data_dir, host, secrets, serve),
         metadata(data_dir, serve),
         // Unmanaged on workers: validation refuses a routes section there.
         routes(data_dir, host, secrets),

@@ -1,6 +1,5 @@
-//! The `backups` section of the document: backup repositories and scheduled backup
-//! jobs, and their semantic validation. The reconciler itself (timers, runs, pruning)
-//! lands in a later issue.
+//! The `backups` section of the document: repositories, schedules, restores and
+//! exports, and their semantic validation (every problem with its JSON path).
 
 use converge_core::problems::is_dns_name;
 use converge_core::vocab::{is_name, is_secret_name, Unique};
@@ -8,7 +7,7 @@ use converge_core::Problems;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Backup repositories and the jobs writing to them.
+/// Backup repositories, scheduled backups, one-off restores and exports.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BackupsSpec {
@@ -17,7 +16,14 @@ pub struct BackupsSpec {
     pub repositories: Vec<BackupRepository>,
     /// What is backed up, when, and how long it is kept.
     #[serde(default)]
-    pub jobs: Vec<BackupJob>,
+    pub schedules: Vec<Schedule>,
+    /// Restores of an archive into a volume or path; each `id` runs exactly once.
+    #[serde(default)]
+    pub restores: Vec<Restore>,
+    /// Exports of an archive to S3 as a tar stream with a presigned download link; each
+    /// `id` runs exactly once.
+    #[serde(default)]
+    pub exports: Vec<Export>,
 }
 
 /// Kind of backup repository.
@@ -26,8 +32,38 @@ pub struct BackupsSpec {
 pub enum RepositoryKind {
     /// A BorgBackup repository, local or over SSH.
     Borg,
-    /// An S3-compatible object store bucket.
+    /// An S3-compatible object store bucket (typed, not a borg repository: the
+    /// reconciler reports it as unsupported for schedules, restores and exports).
     S3,
+}
+
+/// borg's repository encryption mode (`borg init --encryption`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encryption {
+    /// No encryption, no authentication.
+    None,
+    /// Authenticated (HMAC-SHA256), not encrypted; needs a passphrase.
+    Authenticated,
+    /// Authenticated (BLAKE2b), not encrypted; needs a passphrase.
+    AuthenticatedBlake2,
+    /// AES-CTR + HMAC-SHA256, key in the repository; needs a passphrase.
+    Repokey,
+    /// AES-CTR + BLAKE2b, key in the repository; needs a passphrase.
+    RepokeyBlake2,
+}
+
+impl Encryption {
+    /// The `borg init --encryption` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encryption::None => "none",
+            Encryption::Authenticated => "authenticated",
+            Encryption::AuthenticatedBlake2 => "authenticated-blake2",
+            Encryption::Repokey => "repokey",
+            Encryption::RepokeyBlake2 => "repokey-blake2",
+        }
+    }
 }
 
 /// One backup repository.
@@ -35,12 +71,13 @@ pub enum RepositoryKind {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BackupRepository {
     /// Repository name, unique in the section (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at most 63
-    /// characters); jobs refer to it.
+    /// characters); schedules, restores and exports refer to it.
     pub name: String,
     /// Repository kind.
     pub kind: RepositoryKind,
     /// Location. borg: an absolute path or `ssh://[user@]host[:port]/path`;
-    /// s3: `s3://bucket[/prefix]`.
+    /// s3: `s3://bucket[/prefix]`. A missing borg repository is initialised; a
+    /// repository is never deleted.
     pub url: String,
     /// s3 only: endpoint URL of a non-AWS store, e.g. `https://s3.fr-par.scw.cloud`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,85 +92,252 @@ pub struct BackupRepository {
     /// borg over SSH). Required for s3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+    /// borg only: encryption used when the repository is initialised (default
+    /// `repokey-blake2` with a passphrase, `none` without). Never changes an existing
+    /// repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }
 
-/// One scheduled backup job.
+impl BackupRepository {
+    /// The encryption mode `borg init` gets.
+    pub fn encryption_mode(&self) -> Encryption {
+        self.encryption
+            .unwrap_or(if self.passphrase_secret.is_some() {
+                Encryption::RepokeyBlake2
+            } else {
+                Encryption::None
+            })
+    }
+}
+
+/// What to do with slots missed while the node (or the agent) was down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Missed {
+    /// Run one backup at start for the latest missed slot (default).
+    #[default]
+    RunOnce,
+    /// Skip missed slots; wait for the next one.
+    Skip,
+}
+
+/// A command run around a backup, on the host or inside a container.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct BackupJob {
-    /// Job name, unique in the section (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at most 63
-    /// characters).
+pub struct Hook {
+    /// The command (argv form, no shell); a non-zero exit status fails the run.
+    pub command: Vec<String>,
+    /// Run it inside this running container (`podman exec` / `docker exec`) instead of
+    /// on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// A consistent dump streamed into the archive (`borg create --content-from-command`):
+/// the archive holds the command's standard output as one file; a failing command
+/// fails the backup, so a torn dump is never reported as success.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Dump {
+    /// The dump command (argv form), e.g. `["pg_dumpall", "-U", "postgres"]`.
+    pub command: Vec<String>,
+    /// Run it inside this running container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// Name of the file in the archive, e.g. `pgdata.sql`.
+    pub file_name: String,
+}
+
+/// One scheduled backup.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Schedule {
+    /// Schedule name, unique in the section (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at most 63
+    /// characters); archives are named `<name>-<slot, UTC, %Y%m%dT%H%MZ>`.
     pub name: String,
     /// Name of the repository to write to.
     pub repository: String,
     /// Absolute host paths to back up.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
-    /// Named container volumes to back up.
+    /// Named container volumes to back up (resolved to their host mount points).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
-    /// When to run, as a 5-field cron expression in the node's local time
-    /// (`minute hour day-of-month month day-of-week`), e.g. `30 2 * * *`.
-    pub schedule: String,
-    /// How many archives to keep after each run; absent: keep everything.
+    /// Instead of paths and volumes: a dump command whose output is the archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dump: Option<Dump>,
+    /// When to run: 5-field cron (`minute hour day-of-month month day-of-week`) in
+    /// `timeZone`, e.g. `30 2 * * *`.
+    pub cron: String,
+    /// IANA time zone of `cron`, e.g. `Europe/Paris` (default `UTC`). A slot in a
+    /// daylight-saving gap runs at the first minute after it; a slot in a repeated hour
+    /// runs once, at its first occurrence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// Slots missed while the agent was not running.
+    #[serde(default)]
+    pub missed: Missed,
+    /// How many archives to keep after each successful backup (`borg prune`); absent:
+    /// keep everything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
-    /// Command run before the backup (argv form), e.g. a database dump; a non-zero exit
-    /// status fails the run.
+    /// Run `borg compact` after pruning (frees space; takes longer).
+    #[serde(default)]
+    pub compact: bool,
+    /// Run before the backup (e.g. a dump into the volume, or flushing a database); a
+    /// non-zero exit fails the run and nothing is archived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pre_command: Option<Vec<String>>,
+    pub pre_hook: Option<Hook>,
+    /// Run after the backup, whatever its outcome (e.g. resuming writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_hook: Option<Hook>,
+    /// Pause the running containers that use `volumes` while they are archived (the
+    /// documented freeze). Without it (and without a hook or dump), a volume in use by
+    /// a running container is refused rather than archived torn.
+    #[serde(default)]
+    pub freeze: bool,
 }
 
-/// Archives to keep, per period.
+/// Archives to keep, per period (`borg prune --keep-*`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Retention {
+    /// Number of hourly archives to keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_hourly: Option<u32>,
     /// Number of daily archives to keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub daily: Option<u32>,
+    pub keep_daily: Option<u32>,
     /// Number of weekly archives to keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub weekly: Option<u32>,
+    pub keep_weekly: Option<u32>,
     /// Number of monthly archives to keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub monthly: Option<u32>,
+    pub keep_monthly: Option<u32>,
 }
 
-/// Checks one cron field: a comma-separated list of `*`, `N`, `N-M`, each optionally
-/// followed by `/step`, with numbers in `min..=max`.
-fn cron_field_ok(field: &str, min: u32, max: u32) -> bool {
-    let num = |s: &str| {
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| s.parse::<u32>().ok())
-            .flatten()
-            .filter(|n| (min..=max).contains(n))
-    };
-    field.split(',').all(|item| {
-        let (range, step) = match item.split_once('/') {
-            Some((r, s)) => (r, Some(s)),
-            None => (item, None),
+impl Retention {
+    /// The `borg prune` arguments, in a fixed order.
+    pub fn prune_args(&self) -> Vec<String> {
+        [
+            ("--keep-hourly", self.keep_hourly),
+            ("--keep-daily", self.keep_daily),
+            ("--keep-weekly", self.keep_weekly),
+            ("--keep-monthly", self.keep_monthly),
+        ]
+        .into_iter()
+        .filter_map(|(flag, n)| n.map(|n| format!("{flag}={n}")))
+        .collect()
+    }
+}
+
+/// How a restore lands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreMode {
+    /// The target's content is replaced by the archive's (extracted next to it first,
+    /// then swapped in; the target directory itself stays, so mounts keep working).
+    Replace,
+    /// The archive is extracted next to the target: a new volume
+    /// `<targetVolume>-restore-<id>`, or the directory `<targetPath>.restore-<id>`.
+    SideBySide,
+}
+
+/// One restore, run exactly once per `id`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Restore {
+    /// Restore id, unique in the section; a done (or failed) id is never run again.
+    pub id: String,
+    /// Repository holding the archive.
+    pub repository: String,
+    /// Archive name, e.g. `pgdata-20261201T0230Z`.
+    pub archive: String,
+    /// Which source of the archive to restore: a volume name or an absolute path as
+    /// the schedule listed it; default: the archive's only source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Named container volume to restore into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_volume: Option<String>,
+    /// Absolute host path to restore into (instead of a volume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_path: Option<String>,
+    /// `replace` or `side-by-side`.
+    pub mode: RestoreMode,
+}
+
+/// Where an export goes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct S3Destination {
+    /// Endpoint URL, e.g. `https://s3.fr-par.scw.cloud` or `http://127.0.0.1:9000`.
+    pub endpoint: String,
+    /// Bucket name.
+    pub bucket: String,
+    /// Object key, e.g. `exports/pgdata-20261201.tar`.
+    pub key: String,
+    /// Region (default `us-east-1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Name of the secret holding the credentials as JSON:
+    /// `{"accessKeyId": "…", "secretAccessKey": "…"}`.
+    pub credentials_secret: String,
+}
+
+/// One export of an archive to S3, run exactly once per `id`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Export {
+    /// Export id, unique in the section; a done (or failed) id is never run again.
+    pub id: String,
+    /// Repository holding the archive.
+    pub repository: String,
+    /// Archive name.
+    pub archive: String,
+    /// Destination object.
+    pub s3: S3Destination,
+    /// Lifetime of the presigned GET URL, e.g. `1h`, `30m`, `24h` (at most 24 h).
+    pub url_ttl: String,
+}
+
+/// Parses a duration such as `90s`, `30m`, `1h30m` (units `s`, `m`, `h`).
+pub fn parse_ttl(s: &str) -> Option<std::time::Duration> {
+    let mut total: u64 = 0;
+    let mut num = String::new();
+    let mut any = false;
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return None,
         };
-        let step_ok = step.is_none_or(|s| {
-            s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u32>().is_ok_and(|n| n >= 1)
-        });
-        let range_ok = range == "*"
-            || match range.split_once('-') {
-                Some((a, b)) => matches!((num(a), num(b)), (Some(a), Some(b)) if a <= b),
-                None => num(range).is_some(),
-            };
-        step_ok && range_ok
-    })
+        let n: u64 = num.parse().ok()?;
+        total = total.checked_add(n.checked_mul(unit)?)?;
+        num.clear();
+        any = true;
+    }
+    (any && num.is_empty() && total > 0).then(|| std::time::Duration::from_secs(total))
+}
+
+/// Whether `s` is a borg archive name converge accepts: 1-200 of `[A-Za-z0-9._+-]`.
+pub fn is_archive_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 200
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
+        && !s.starts_with('.')
 }
 
 /// Whether `s` is a 5-field cron expression (numeric fields only).
 pub fn is_cron_schedule(s: &str) -> bool {
-    let fields: Vec<&str> = s.split_whitespace().collect();
-    let bounds = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)];
-    fields.len() == 5
-        && fields
-            .iter()
-            .zip(bounds)
-            .all(|(f, (min, max))| cron_field_ok(f, min, max))
+    crate::cron::Cron::parse(s).is_some()
 }
 
 fn check_borg_url(url: &str) -> bool {
@@ -216,6 +420,22 @@ pub fn validate(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
                         "an absolute path (/srv/backup/repo) or ssh://[user@]host[:port]/path",
                     );
                 }
+                if r.encryption.is_some_and(|e| e != Encryption::None)
+                    && r.passphrase_secret.is_none()
+                {
+                    problems.push_hint(
+                        format!("{rp}.passphraseSecret"),
+                        "an encrypted or authenticated repository needs a passphrase",
+                        "name the secret holding it, or set encryption to none",
+                    );
+                }
+                if r.encryption == Some(Encryption::None) && r.passphrase_secret.is_some() {
+                    problems.push_hint(
+                        format!("{rp}.encryption"),
+                        "encryption none takes no passphrase",
+                        "remove passphraseSecret, or choose repokey-blake2",
+                    );
+                }
                 for (field, v) in [("endpoint", &r.endpoint), ("region", &r.region)] {
                     if v.is_some() {
                         problems.push_hint(
@@ -252,6 +472,13 @@ pub fn validate(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
                         problems.push(format!("{rp}.region"), format!("invalid region {reg:?}"));
                     }
                 }
+                if r.encryption.is_some() {
+                    problems.push_hint(
+                        format!("{rp}.encryption"),
+                        "encryption applies to borg repositories only",
+                        "remove it",
+                    );
+                }
                 if r.credentials_secret.is_none() {
                     problems.push_hint(
                         format!("{rp}.credentialsSecret"),
@@ -275,23 +502,13 @@ pub fn validate(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
             }
         }
     }
-    let mut jobs = Unique::new("job name", format!("{path}.jobs"));
-    for (i, j) in spec.jobs.iter().enumerate() {
-        let jp = format!("{path}.jobs[{i}]");
-        if !is_name(&j.name) {
-            problems.push_hint(
-                format!("{jp}.name"),
-                format!("invalid job name {:?}", j.name),
-                "use [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 63 characters",
-            );
-        } else {
-            jobs.check(&j.name, i, format!("{jp}.name"), problems);
-        }
-        if !spec.repositories.iter().any(|r| r.name == j.repository) {
+    let repo = |name: &str| spec.repositories.iter().find(|r| r.name == name);
+    let check_repo = |field: String, name: &str, problems: &mut Problems| match repo(name) {
+        None => {
             let available: Vec<&str> = spec.repositories.iter().map(|r| r.name.as_str()).collect();
             problems.push_hint(
-                format!("{jp}.repository"),
-                format!("no repository named {:?}", j.repository),
+                field,
+                format!("no repository named {name:?}"),
                 if available.is_empty() {
                     format!("define it in {path}.repositories")
                 } else {
@@ -299,15 +516,41 @@ pub fn validate(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
                 },
             );
         }
-        if j.paths.is_empty() && j.volumes.is_empty() {
+        Some(r) if r.kind != RepositoryKind::Borg => problems.push_hint(
+            field,
+            format!("repository {name:?} is not a borg repository"),
+            "schedules, restores and exports need a borg repository",
+        ),
+        Some(_) => {}
+    };
+    let mut schedules = Unique::new("schedule name", format!("{path}.schedules"));
+    for (i, j) in spec.schedules.iter().enumerate() {
+        let jp = format!("{path}.schedules[{i}]");
+        if !is_name(&j.name) {
             problems.push_hint(
-                jp.clone(),
-                "job backs up nothing",
-                "list at least one of paths and volumes",
+                format!("{jp}.name"),
+                format!("invalid schedule name {:?}", j.name),
+                "use [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 63 characters",
             );
+        } else {
+            schedules.check(&j.name, i, format!("{jp}.name"), problems);
+        }
+        check_repo(format!("{jp}.repository"), &j.repository, problems);
+        match (&j.dump, j.paths.is_empty() && j.volumes.is_empty()) {
+            (None, true) => problems.push_hint(
+                jp.clone(),
+                "schedule backs up nothing",
+                "list at least one of paths and volumes, or a dump",
+            ),
+            (Some(_), false) => problems.push_hint(
+                format!("{jp}.dump"),
+                "a dump is the whole archive",
+                "use a separate schedule for paths and volumes",
+            ),
+            _ => {}
         }
         for (k, p) in j.paths.iter().enumerate() {
-            if !p.starts_with('/') {
+            if !p.starts_with('/') || p.contains('\0') {
                 problems.push_hint(
                     format!("{jp}.paths[{k}]"),
                     format!("path {p:?} is not absolute"),
@@ -323,29 +566,194 @@ pub fn validate(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
                 );
             }
         }
-        if !is_cron_schedule(&j.schedule) {
+        if crate::cron::Cron::parse(&j.cron).is_none() {
             problems.push_hint(
-                format!("{jp}.schedule"),
-                format!("invalid schedule {:?}", j.schedule),
+                format!("{jp}.cron"),
+                format!("invalid cron {:?}", j.cron),
                 "5 cron fields: minute hour day-of-month month day-of-week, e.g. \"30 2 * * *\"",
             );
         }
+        if let Some(tz) = &j.time_zone {
+            if tz.parse::<chrono_tz::Tz>().is_err() {
+                problems.push_hint(
+                    format!("{jp}.timeZone"),
+                    format!("unknown time zone {tz:?}"),
+                    "an IANA name such as Europe/Paris or UTC",
+                );
+            }
+        }
         if let Some(r) = &j.retention {
-            let keeps = [r.daily, r.weekly, r.monthly]
+            let keeps = [r.keep_hourly, r.keep_daily, r.keep_weekly, r.keep_monthly]
                 .iter()
                 .any(|n| n.is_some_and(|n| n > 0));
             if !keeps {
                 problems.push_hint(
                     format!("{jp}.retention"),
                     "retention keeps no archives",
-                    "set at least one of daily, weekly, monthly above 0, or omit retention to keep everything",
+                    "set at least one of keepHourly, keepDaily, keepWeekly, keepMonthly above 0, or omit retention to keep everything",
                 );
             }
         }
-        if let Some(c) = &j.pre_command {
-            if c.first().is_none_or(String::is_empty) {
-                problems.push(format!("{jp}.preCommand"), "preCommand must not be empty");
+        for (field, hook) in [("preHook", &j.pre_hook), ("postHook", &j.post_hook)] {
+            if let Some(h) = hook {
+                check_command(&format!("{jp}.{field}"), &h.command, &h.container, problems);
             }
+        }
+        if let Some(d) = &j.dump {
+            check_command(&format!("{jp}.dump"), &d.command, &d.container, problems);
+            let f = &d.file_name;
+            if f.is_empty() || f.contains('/') || f.contains('\0') || f == "." || f == ".." {
+                problems.push_hint(
+                    format!("{jp}.dump.fileName"),
+                    format!("invalid file name {f:?}"),
+                    "a plain file name such as db.sql",
+                );
+            }
+        }
+        if j.freeze && j.volumes.is_empty() {
+            problems.push_hint(
+                format!("{jp}.freeze"),
+                "freeze applies to volumes only",
+                "remove it, or list the volumes",
+            );
+        }
+    }
+    let mut restores = Unique::new("restore id", format!("{path}.restores"));
+    for (i, r) in spec.restores.iter().enumerate() {
+        let rp = format!("{path}.restores[{i}]");
+        check_id(&rp, &r.id, i, &mut restores, problems);
+        check_repo(format!("{rp}.repository"), &r.repository, problems);
+        check_archive(&rp, &r.archive, problems);
+        match (&r.target_volume, &r.target_path) {
+            (Some(v), None) => {
+                if !is_name(v) {
+                    problems.push(
+                        format!("{rp}.targetVolume"),
+                        format!("invalid volume name {v:?}"),
+                    );
+                }
+            }
+            (None, Some(p)) => {
+                if !p.starts_with('/') || p.contains('\0') || p == "/" {
+                    problems.push_hint(
+                        format!("{rp}.targetPath"),
+                        format!("path {p:?} is not an absolute path below /"),
+                        "e.g. /srv/data",
+                    );
+                }
+            }
+            _ => problems.push_hint(
+                rp.clone(),
+                "a restore needs exactly one of targetVolume and targetPath",
+                "name the volume or the host path to restore into",
+            ),
+        }
+        if let Some(s) = &r.source {
+            if !(is_name(s) || s.starts_with('/')) {
+                problems.push_hint(
+                    format!("{rp}.source"),
+                    format!("invalid source {s:?}"),
+                    "a volume name or an absolute path the schedule backed up",
+                );
+            }
+        }
+    }
+    let mut exports = Unique::new("export id", format!("{path}.exports"));
+    for (i, e) in spec.exports.iter().enumerate() {
+        let ep = format!("{path}.exports[{i}]");
+        check_id(&ep, &e.id, i, &mut exports, problems);
+        check_repo(format!("{ep}.repository"), &e.repository, problems);
+        check_archive(&ep, &e.archive, problems);
+        if !check_http_url(&e.s3.endpoint) {
+            problems.push_hint(
+                format!("{ep}.s3.endpoint"),
+                format!("invalid endpoint URL {:?}", e.s3.endpoint),
+                "e.g. https://s3.eu-central-1.amazonaws.com",
+            );
+        }
+        if !check_s3_url(&format!("s3://{}", e.s3.bucket)) || e.s3.bucket.contains('/') {
+            problems.push_hint(
+                format!("{ep}.s3.bucket"),
+                format!("invalid bucket {:?}", e.s3.bucket),
+                "3-63 of [a-z0-9.-]",
+            );
+        }
+        if e.s3.key.is_empty() || e.s3.key.len() > 1024 || e.s3.key.starts_with('/') {
+            problems.push_hint(
+                format!("{ep}.s3.key"),
+                format!("invalid object key {:?}", e.s3.key),
+                "1-1024 bytes, not starting with /",
+            );
+        }
+        if let Some(reg) = &e.s3.region {
+            if reg.is_empty()
+                || !reg
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                problems.push(format!("{ep}.s3.region"), format!("invalid region {reg:?}"));
+            }
+        }
+        if !is_secret_name(&e.s3.credentials_secret) {
+            problems.push(
+                format!("{ep}.s3.credentialsSecret"),
+                format!("invalid secret name {:?}", e.s3.credentials_secret),
+            );
+        }
+        match parse_ttl(&e.url_ttl) {
+            Some(d) if d <= MAX_URL_TTL => {}
+            Some(_) => problems.push_hint(
+                format!("{ep}.urlTtl"),
+                format!("urlTtl {:?} is over 24 h", e.url_ttl),
+                "at most 24h",
+            ),
+            None => problems.push_hint(
+                format!("{ep}.urlTtl"),
+                format!("invalid duration {:?}", e.url_ttl),
+                "e.g. 30m, 1h, 24h",
+            ),
+        }
+    }
+}
+
+/// The longest lifetime of an export's presigned URL.
+pub const MAX_URL_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+fn check_id<'a>(p: &str, id: &'a str, i: usize, unique: &mut Unique<'a>, problems: &mut Problems) {
+    if !is_name(id) {
+        problems.push_hint(
+            format!("{p}.id"),
+            format!("invalid id {id:?}"),
+            "use [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 63 characters",
+        );
+    } else {
+        unique.check(id, i, format!("{p}.id"), problems);
+    }
+}
+
+fn check_archive(p: &str, archive: &str, problems: &mut Problems) {
+    if !is_archive_name(archive) {
+        problems.push_hint(
+            format!("{p}.archive"),
+            format!("invalid archive name {archive:?}"),
+            "1-200 of [A-Za-z0-9._+-], e.g. pgdata-20261201T0230Z",
+        );
+    }
+}
+
+fn check_command(p: &str, command: &[String], container: &Option<String>, problems: &mut Problems) {
+    if command.first().is_none_or(String::is_empty) {
+        problems.push(format!("{p}.command"), "command must not be empty");
+    }
+    if command.iter().any(|a| a.contains('\0')) {
+        problems.push(format!("{p}.command"), "command contains a NUL byte");
+    }
+    if let Some(c) = container {
+        if !is_name(c) {
+            problems.push(
+                format!("{p}.container"),
+                format!("invalid container name {c:?}"),
+            );
         }
     }
 }
@@ -370,15 +778,27 @@ mod tests {
             "repositories": [
                 {"name": "local", "kind": "borg", "url": "/srv/backup/borg", "passphraseSecret": "borg-pass"},
                 {"name": "offsite", "kind": "borg", "url": "ssh://borg@backup.example.net:2222/./repo",
-                 "credentialsSecret": "borg-ssh-key"},
+                 "credentialsSecret": "borg-ssh-key", "encryption": "none"},
                 {"name": "s3", "kind": "s3", "url": "s3://acme-backups/fra1", "endpoint": "https://s3.fr-par.scw.cloud",
                  "region": "fr-par", "credentialsSecret": "s3-creds", "passphraseSecret": "restic-pass"}
             ],
-            "jobs": [
-                {"name": "pg", "repository": "s3", "volumes": ["pgdata"], "schedule": "*/15 * * * *",
-                 "preCommand": ["pg_dumpall", "-f", "/srv/dump.sql"], "retention": {"daily": 7, "weekly": 4}},
-                {"name": "etc", "repository": "local", "paths": ["/etc", "/srv/app"], "schedule": "30 2 * * 1-5,0",
-                 "retention": {"monthly": 12}}
+            "schedules": [
+                {"name": "pg", "repository": "local", "cron": "*/15 * * * *", "timeZone": "Europe/Paris",
+                 "dump": {"command": ["pg_dumpall", "-U", "postgres"], "container": "postgres", "fileName": "pg.sql"},
+                 "retention": {"keepDaily": 7, "keepWeekly": 4}, "missed": "skip"},
+                {"name": "etc", "repository": "offsite", "paths": ["/etc", "/srv/app"], "volumes": ["app-data"],
+                 "cron": "30 2 * * 1-5,0", "retention": {"keepMonthly": 12}, "compact": true, "freeze": true,
+                 "preHook": {"command": ["sync"]}, "postHook": {"command": ["true"], "container": "app"}}
+            ],
+            "restores": [
+                {"id": "r1", "repository": "local", "archive": "pg-20261201T0215Z", "targetVolume": "pgdata", "mode": "side-by-side"},
+                {"id": "r2", "repository": "offsite", "archive": "etc-20261201T0130Z", "source": "/etc",
+                 "targetPath": "/srv/restore/etc", "mode": "replace"}
+            ],
+            "exports": [
+                {"id": "e1", "repository": "local", "archive": "pg-20261201T0215Z",
+                 "s3": {"endpoint": "http://127.0.0.1:9000", "bucket": "exports", "key": "pg/1.tar",
+                        "credentialsSecret": "s3-export"}, "urlTtl": "24h"}
             ]
         })
     }
@@ -389,6 +809,11 @@ mod tests {
         assert_eq!(problems(&s), Vec::<String>::new());
         let back: BackupsSpec = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+        assert_eq!(
+            s.repositories[0].encryption_mode(),
+            Encryption::RepokeyBlake2
+        );
+        assert_eq!(s.repositories[1].encryption_mode(), Encryption::None);
     }
 
     #[test]
@@ -397,7 +822,9 @@ mod tests {
             {"name": "a", "kind": "borg", "url": "relative/path", "region": "x"},
             {"name": "a", "kind": "borg", "url": "ssh://host"},
             {"name": "b", "kind": "s3", "url": "s3://UPPER", "endpoint": "ftp://x", "region": "EU"},
-            {"name": "c", "kind": "s3", "url": "https://bucket", "credentialsSecret": "bad secret"}
+            {"name": "c", "kind": "s3", "url": "https://bucket", "credentialsSecret": "bad secret"},
+            {"name": "d", "kind": "borg", "url": "/r", "encryption": "repokey"},
+            {"name": "e", "kind": "borg", "url": "/r", "encryption": "none", "passphraseSecret": "p"}
         ]}));
         assert_eq!(
             problems(&s),
@@ -412,18 +839,22 @@ mod tests {
                 "$.backups.repositories[2].credentialsSecret",
                 "$.backups.repositories[3].url",
                 "$.backups.repositories[3].credentialsSecret",
+                "$.backups.repositories[4].passphraseSecret",
+                "$.backups.repositories[5].encryption",
             ]
         );
     }
 
     #[test]
-    fn job_rules() {
+    fn schedule_rules() {
         let mut v = good();
-        v["jobs"] = json!([
-            {"name": "x", "repository": "nope", "schedule": "0 3 * * *", "paths": ["etc"]},
-            {"name": "x", "repository": "local", "schedule": "daily"},
-            {"name": "y", "repository": "local", "schedule": "60 * * * *", "volumes": ["bad vol"],
-             "retention": {"daily": 0}, "preCommand": []}
+        v["schedules"] = json!([
+            {"name": "x", "repository": "nope", "cron": "0 3 * * *", "paths": ["etc"]},
+            {"name": "x", "repository": "local", "cron": "daily"},
+            {"name": "y", "repository": "s3", "cron": "60 * * * *", "volumes": ["bad vol"], "timeZone": "Mars/Olympus",
+             "retention": {"keepDaily": 0}, "preHook": {"command": []}, "postHook": {"command": ["x"], "container": "a b"}},
+            {"name": "z", "repository": "local", "cron": "* * * * *", "paths": ["/a"], "freeze": true,
+             "dump": {"command": ["d"], "fileName": "a/b"}}
         ]);
         let s = spec(v);
         let mut p = Problems::default();
@@ -432,15 +863,21 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                "$.backups.jobs[0].repository",
-                "$.backups.jobs[0].paths[0]",
-                "$.backups.jobs[1].name",
-                "$.backups.jobs[1]",
-                "$.backups.jobs[1].schedule",
-                "$.backups.jobs[2].volumes[0]",
-                "$.backups.jobs[2].schedule",
-                "$.backups.jobs[2].retention",
-                "$.backups.jobs[2].preCommand",
+                "$.backups.schedules[0].repository",
+                "$.backups.schedules[0].paths[0]",
+                "$.backups.schedules[1].name",
+                "$.backups.schedules[1]",
+                "$.backups.schedules[1].cron",
+                "$.backups.schedules[2].repository",
+                "$.backups.schedules[2].volumes[0]",
+                "$.backups.schedules[2].cron",
+                "$.backups.schedules[2].timeZone",
+                "$.backups.schedules[2].retention",
+                "$.backups.schedules[2].preHook.command",
+                "$.backups.schedules[2].postHook.container",
+                "$.backups.schedules[3].dump",
+                "$.backups.schedules[3].dump.fileName",
+                "$.backups.schedules[3].freeze",
             ]
         );
         assert_eq!(
@@ -450,30 +887,69 @@ mod tests {
     }
 
     #[test]
+    fn restore_and_export_rules() {
+        let mut v = good();
+        v["restores"] = json!([
+            {"id": "r1", "repository": "local", "archive": "a b", "mode": "replace"},
+            {"id": "r1", "repository": "local", "archive": "a", "targetVolume": "v", "targetPath": "/x", "mode": "replace"},
+            {"id": "r3", "repository": "local", "archive": "a", "targetPath": "/", "source": "rel/path", "mode": "side-by-side"}
+        ]);
+        v["exports"] = json!([
+            {"id": "bad id", "repository": "nope", "archive": "a",
+             "s3": {"endpoint": "ftp://x", "bucket": "B", "key": "/k", "region": "EU", "credentialsSecret": "a b"},
+             "urlTtl": "25h"},
+            {"id": "e2", "repository": "local", "archive": "a",
+             "s3": {"endpoint": "http://127.0.0.1:9000", "bucket": "b-1", "key": "k", "credentialsSecret": "c"},
+             "urlTtl": "soon"}
+        ]);
+        let s = spec(v);
+        assert_eq!(
+            problems(&s),
+            vec![
+                "$.backups.restores[0].archive",
+                "$.backups.restores[0]",
+                "$.backups.restores[1].id",
+                "$.backups.restores[1]",
+                "$.backups.restores[2].targetPath",
+                "$.backups.restores[2].source",
+                "$.backups.exports[0].id",
+                "$.backups.exports[0].repository",
+                "$.backups.exports[0].s3.endpoint",
+                "$.backups.exports[0].s3.bucket",
+                "$.backups.exports[0].s3.key",
+                "$.backups.exports[0].s3.region",
+                "$.backups.exports[0].s3.credentialsSecret",
+                "$.backups.exports[0].urlTtl",
+                "$.backups.exports[1].urlTtl",
+            ]
+        );
+    }
+
+    #[test]
+    fn ttl_and_retention_args() {
+        assert_eq!(
+            parse_ttl("1h30m"),
+            Some(std::time::Duration::from_secs(5400))
+        );
+        assert_eq!(parse_ttl("24h"), Some(MAX_URL_TTL));
+        for bad in ["", "h", "10", "1d", "0s", "-1h"] {
+            assert_eq!(parse_ttl(bad), None, "{bad}");
+        }
+        let r = Retention {
+            keep_hourly: Some(24),
+            keep_daily: None,
+            keep_weekly: Some(4),
+            keep_monthly: Some(0),
+        };
+        assert_eq!(
+            r.prune_args(),
+            ["--keep-hourly=24", "--keep-weekly=4", "--keep-monthly=0"]
+        );
+    }
+
+    #[test]
     fn cron() {
-        for good in [
-            "* * * * *",
-            "0 0 1 1 0",
-            "*/5 0-6,22-23 * 1-12/2 7",
-            "59 23 31 12 6",
-        ] {
-            assert!(is_cron_schedule(good), "{good}");
-        }
-        for bad in [
-            "",
-            "* * * *",
-            "* * * * * *",
-            "60 * * * *",
-            "* 24 * * *",
-            "* * 0 * *",
-            "* * * 13 *",
-            "* * * * 8",
-            "*/0 * * * *",
-            "5-1 * * * *",
-            "a * * * *",
-            "1,,2 * * * *",
-        ] {
-            assert!(!is_cron_schedule(bad), "{bad}");
-        }
+        assert!(is_cron_schedule("*/5 0-6,22-23 * 1-12/2 7"));
+        assert!(!is_cron_schedule("@daily"));
     }
 }

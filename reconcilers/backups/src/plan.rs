@@ -1,0 +1,421 @@
+//! The pure plan: which repositories to initialise, which schedule slot to run or skip,
+//! which restores and exports to start. "Now" and the agent's start time come in
+//! through `Observed` (no clock here), so tests run compressed time.
+//!
+//! Exactly once: the durable `State` (see `driver/state.rs`) records, per schedule, the
+//! last slot decided and the slot started but not finished; per restore/export id, that
+//! it started and how it ended. A slot or id recorded is never planned again, except a
+//! backup slot whose run was killed (started, not finished, not running now): that slot
+//! is retried (at most `MAX_ATTEMPTS` times), and the archive name, fixed by the slot,
+//! makes the retry idempotent (an archive that already exists is not created again).
+
+use crate::cron::Cron;
+use crate::spec::{
+    BackupRepository, BackupsSpec, Export, Missed, RepositoryKind, Restore, Schedule,
+};
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use converge_core::{Change, Facts, FieldChange, Op, Plan, Waiting};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// How many times a slot whose run was killed is tried again before it is recorded failed.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// How often a pass looks at a running operation (its progress in the status notes);
+/// the end of a run triggers a pass by itself.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// The archive name of slot `slot` of schedule `schedule`.
+pub fn archive_name(schedule: &str, slot: DateTime<Utc>) -> String {
+    format!("{schedule}-{}", slot.format("%Y%m%dT%H%MZ"))
+}
+
+/// The durable record of what ran (`<data-dir>/backups/state.json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct State {
+    #[serde(default)]
+    pub schedules: BTreeMap<String, ScheduleState>,
+    #[serde(default)]
+    pub restores: BTreeMap<String, RunRecord>,
+    #[serde(default)]
+    pub exports: BTreeMap<String, RunRecord>,
+    /// Repositories converge initialised (remote ones cannot be looked at cheaply).
+    #[serde(default)]
+    pub initialised: BTreeSet<String>,
+}
+
+/// One schedule's record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleState {
+    /// When converge first saw the schedule: earlier slots are not owed.
+    pub since: DateTime<Utc>,
+    /// The latest slot decided (run, failed or skipped): never run again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_slot: Option<DateTime<Utc>>,
+    /// A slot started and not recorded finished (the agent was killed meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<Started>,
+    /// How the last run ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<RunRecord>,
+}
+
+/// A slot under way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Started {
+    pub slot: DateTime<Utc>,
+    pub at: DateTime<Utc>,
+    pub attempt: u32,
+}
+
+/// How a run (backup, restore, export) went.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRecord {
+    pub status: RunStatus,
+    /// When it started.
+    pub started: DateTime<Utc>,
+    /// When it ended (absent while running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<DateTime<Utc>>,
+    /// What happened, e.g. `archive etc-20261201T0230Z: 1,204 files, 52.1 MB` or the error.
+    #[serde(default)]
+    pub message: String,
+    /// Exports: the presigned URL and when it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// State of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Started,
+    Done,
+    Failed,
+    Skipped,
+}
+
+/// One repository as observed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RepoObserved {
+    /// A borg repository exists at its location (or converge initialised it).
+    pub initialised: bool,
+    /// A borg process converge did not start (e.g. one left by a killed agent) uses it.
+    pub foreign_borg: Option<u32>,
+}
+
+/// A run in progress in this process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Running {
+    pub repository: String,
+    /// Progress for the status, e.g. `1.2 GB, 3,400 files, 85 MB/s`.
+    pub progress: String,
+}
+
+/// What `observe` read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// The current time (the driver's clock; tests compress it).
+    pub now: DateTime<Utc>,
+    /// When this agent started: a slot before it was missed while the agent was down.
+    pub agent_start: DateTime<Utc>,
+    pub state: State,
+    /// Borg repositories by name.
+    pub repositories: BTreeMap<String, RepoObserved>,
+    /// Runs in progress in this process, keyed by object (`schedule etc`, `restore r1`).
+    pub running: BTreeMap<String, Running>,
+}
+
+/// A backup run to start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackupRun {
+    pub schedule: Schedule,
+    pub repository: BackupRepository,
+    pub slot: DateTime<Utc>,
+    pub archive: String,
+    pub attempt: u32,
+}
+
+/// One driver operation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// `borg init` (quick; done in the pass).
+    Init(BackupRepository),
+    /// Records when a schedule was first seen.
+    Baseline {
+        schedule: String,
+        since: DateTime<Utc>,
+    },
+    /// Starts a backup in the background; recorded started before it starts.
+    Backup(BackupRun),
+    /// Records a slot as decided without running it (missed, `skip`; or killed too often).
+    Skip {
+        schedule: String,
+        slot: DateTime<Utc>,
+        why: String,
+    },
+    /// Starts a restore in the background; recorded started before it starts.
+    Restore(Restore, BackupRepository),
+    /// Starts an export in the background; recorded started before it starts.
+    Export(Export, BackupRepository),
+    /// Records a restore or export whose run was killed as failed (never run twice).
+    Interrupted { kind: &'static str, id: String },
+}
+
+fn tz_of(s: &Schedule) -> Tz {
+    s.time_zone
+        .as_deref()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(Tz::UTC)
+}
+
+/// Object key of a run in `Observed::running`.
+pub fn key(kind: &str, id: &str) -> String {
+    format!("{kind} {id}")
+}
+
+fn until(now: DateTime<Utc>, at: DateTime<Utc>) -> Duration {
+    // A wake-up a little after the slot, so the pass then sees it due.
+    (at - now).to_std().unwrap_or_default() + Duration::from_millis(20)
+}
+
+/// The plan. Order: repository initialisations, then per schedule (document order),
+/// then restores, then exports; at most one operation per repository starts in a
+/// pass, and none on a repository busy with another.
+pub fn plan(spec: &BackupsSpec, observed: &Observed, _facts: &Facts) -> Plan<Action> {
+    let mut p = Plan::default();
+    let now = observed.now;
+    let repo = |name: &str| spec.repositories.iter().find(|r| r.name == name);
+    // Repositories busy with a run, or claimed by an action of this plan.
+    let mut busy: BTreeMap<String, String> = observed
+        .running
+        .iter()
+        .map(|(k, r)| (r.repository.clone(), format!("busy with {k}")))
+        .collect();
+    for (name, o) in &observed.repositories {
+        if let Some(pid) = o.foreign_borg {
+            busy.entry(name.clone()).or_insert_with(|| {
+                format!("busy: borg pid {pid} (not started by this agent) uses it")
+            });
+        }
+    }
+    for r in &spec.repositories {
+        if r.kind != RepositoryKind::Borg {
+            p.waiting.push(Waiting::new(
+                "repository",
+                &r.name,
+                "s3 repositories are not borg repositories: nothing to do (not supported yet)",
+            ));
+            continue;
+        }
+        let o = observed
+            .repositories
+            .get(&r.name)
+            .cloned()
+            .unwrap_or_default();
+        if !o.initialised && !busy.contains_key(&r.name) {
+            p.changes
+                .push(
+                    Change::new(Op::Create, "repository", &r.name).with_field(FieldChange::new(
+                        "encryption",
+                        None,
+                        Some(r.encryption_mode().as_str().to_string()),
+                    )),
+                );
+            p.actions.push(Action::Init(r.clone()));
+        }
+    }
+    let mut claim =
+        |repo: &str, busy: &mut BTreeMap<String, String>, what: String| -> Result<(), String> {
+            match busy.get(repo) {
+                Some(why) => Err(why.clone()),
+                None => {
+                    busy.insert(repo.to_string(), format!("busy with {what}"));
+                    Ok(())
+                }
+            }
+        };
+    let mut wake: Vec<Duration> = Vec::new();
+    for s in &spec.schedules {
+        let k = key("schedule", &s.name);
+        let (Some(cron), Some(r)) = (Cron::parse(&s.cron), repo(&s.repository)) else {
+            continue;
+        };
+        if r.kind != RepositoryKind::Borg {
+            continue;
+        }
+        let tz = tz_of(s);
+        if let Some(run) = observed.running.get(&k) {
+            p.waiting.push(
+                Waiting::new("schedule", &s.name, format!("backing up: {}", run.progress))
+                    .retry_after(PROGRESS_EVERY)
+                    .in_progress(),
+            );
+            continue;
+        }
+        let Some(st) = observed.state.schedules.get(&s.name) else {
+            p.changes.push(Change::new(Op::Create, "schedule", &s.name));
+            p.actions.push(Action::Baseline {
+                schedule: s.name.clone(),
+                since: now,
+            });
+            if let Some(n) = cron.next_after(now, tz) {
+                wake.push(until(now, n));
+            }
+            continue;
+        };
+        // A slot started by a run that was killed: retried, idempotently.
+        let due = if let Some(started) = &st.started {
+            if started.attempt >= MAX_ATTEMPTS {
+                p.changes.push(Change::new(Op::Update, "schedule", &s.name));
+                p.actions.push(Action::Skip {
+                    schedule: s.name.clone(),
+                    slot: started.slot,
+                    why: format!("interrupted {} times; not tried again", started.attempt),
+                });
+                None
+            } else {
+                Some((started.slot, started.attempt + 1))
+            }
+        } else {
+            let floor = st.last_slot.map_or(st.since, |l| l.max(st.since));
+            cron.last_at_or_before(now, tz)
+                .filter(|slot| *slot > floor)
+                .and_then(|slot| {
+                    if slot < observed.agent_start && s.missed == Missed::Skip {
+                        p.changes.push(Change::new(Op::Update, "schedule", &s.name));
+                        p.actions.push(Action::Skip {
+                            schedule: s.name.clone(),
+                            slot,
+                            why: "missed while the agent was down (missed: skip)".into(),
+                        });
+                        None
+                    } else {
+                        Some((slot, 1))
+                    }
+                })
+        };
+        let mut after = st.last_slot.unwrap_or(st.since).max(now);
+        if let Some((slot, attempt)) = due {
+            let archive = archive_name(&s.name, slot);
+            match claim(&s.repository, &mut busy, k.clone()) {
+                Ok(()) => {
+                    p.changes
+                        .push(Change::new(Op::Create, "archive", &archive).with_field(
+                            FieldChange::new("repository", None, Some(s.repository.clone())),
+                        ));
+                    p.actions.push(Action::Backup(BackupRun {
+                        schedule: s.clone(),
+                        repository: r.clone(),
+                        slot,
+                        archive,
+                        attempt,
+                    }));
+                }
+                Err(why) => {
+                    p.waiting.push(
+                        Waiting::new(
+                            "schedule",
+                            &s.name,
+                            format!("slot {slot}: repository {} {why}", s.repository),
+                        )
+                        .retry_after(PROGRESS_EVERY),
+                    );
+                }
+            }
+            after = after.max(slot);
+        }
+        if let Some(n) = cron.next_after(after, tz) {
+            wake.push(until(now, n));
+        }
+    }
+    for r in &spec.restores {
+        let k = key("restore", &r.id);
+        runs(
+            &mut p,
+            &mut busy,
+            &mut claim,
+            observed,
+            "restore",
+            &r.id,
+            &r.repository,
+            observed.state.restores.get(&r.id),
+            &k,
+            || repo(&r.repository).map(|rp| Action::Restore(r.clone(), rp.clone())),
+        );
+    }
+    for e in &spec.exports {
+        let k = key("export", &e.id);
+        runs(
+            &mut p,
+            &mut busy,
+            &mut claim,
+            observed,
+            "export",
+            &e.id,
+            &e.repository,
+            observed.state.exports.get(&e.id),
+            &k,
+            || repo(&e.repository).map(|rp| Action::Export(e.clone(), rp.clone())),
+        );
+    }
+    p.requeue_after = wake.into_iter().min();
+    p
+}
+
+/// The plan of one restore or export: never run twice.
+#[allow(clippy::too_many_arguments)]
+fn runs(
+    p: &mut Plan<Action>,
+    busy: &mut BTreeMap<String, String>,
+    claim: &mut impl FnMut(&str, &mut BTreeMap<String, String>, String) -> Result<(), String>,
+    observed: &Observed,
+    kind: &'static str,
+    id: &str,
+    repository: &str,
+    record: Option<&RunRecord>,
+    k: &str,
+    action: impl FnOnce() -> Option<Action>,
+) {
+    if let Some(run) = observed.running.get(k) {
+        p.waiting.push(
+            Waiting::new(kind, id, format!("running: {}", run.progress))
+                .retry_after(PROGRESS_EVERY)
+                .in_progress(),
+        );
+        return;
+    }
+    match record {
+        Some(r) if r.status == RunStatus::Started => {
+            p.changes.push(Change::new(Op::Update, kind, id));
+            p.actions.push(Action::Interrupted {
+                kind,
+                id: id.to_string(),
+            });
+        }
+        Some(_) => {}
+        None => match claim(repository, busy, k.to_string()) {
+            Ok(()) => {
+                if let Some(a) = action() {
+                    p.changes.push(Change::new(Op::Create, kind, id));
+                    p.actions.push(a);
+                }
+            }
+            Err(why) => p.waiting.push(
+                Waiting::new(kind, id, format!("repository {repository} {why}"))
+                    .retry_after(PROGRESS_EVERY),
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;
