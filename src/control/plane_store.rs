@@ -122,12 +122,26 @@ impl PlaneStore {
     }
 
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, PlaneError> {
-        let mut st = self.conn.prepare(
+        self.select("ORDER BY id", [])
+    }
+
+    /// One node, by its primary key: every signed HTTPS request looks its node up, so
+    /// this must not read (and parse the status of) every node.
+    pub fn node(&self, id: &str) -> Result<Option<NodeRecord>, PlaneError> {
+        Ok(self.select("WHERE id = ?1", params![id])?.pop())
+    }
+
+    fn select(
+        &self,
+        tail: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<NodeRecord>, PlaneError> {
+        let mut st = self.conn.prepare(&format!(
             "SELECT id, name, public_key, sealing_key, facts, enrolled_at, nats_password, last_seen,
-                    accepted_generation, converged_generation, status, refused FROM nodes ORDER BY id",
-        )?;
+                    accepted_generation, converged_generation, status, refused FROM nodes {tail}"
+        ))?;
         let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
-        let rows = st.query_map([], |r| {
+        let rows = st.query_map(args, |r| {
             Ok(NodeRecord {
                 id: r.get(0)?,
                 name: r.get(1)?,
@@ -148,10 +162,6 @@ impl PlaneStore {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    pub fn node(&self, id: &str) -> Result<Option<NodeRecord>, PlaneError> {
-        Ok(self.nodes()?.into_iter().find(|n| n.id == id))
     }
 
     /// Saves a node's status message.
