@@ -150,11 +150,10 @@ fn run_variant(variant: &str, repo: &Path, archive: &str, dir: &Path) -> Run {
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
-        .find(|l| l.starts_with("RESULT "))
+        .find_map(|l| l.split_once("RESULT ").map(|(_, rest)| rest))
         .expect("result line");
     let f: Vec<f64> = line
         .split_whitespace()
-        .skip(1)
         .map(|v| v.parse().expect("number"))
         .collect();
     Run {
