@@ -67,17 +67,17 @@ fn main() {
         CONCURRENCY
     );
     println!(
-        "{:>5} | {:<28} | {:>9} | {:>8} | {:>14} | {:>13} | {:>15}",
+        "{:>5} | {:<31} | {:>9} | {:>8} | {:>14} | {:>13} | {:>15}",
         "size", "variant", "wall s", "MB/s", "uploader RSS", "borg RSS", "extra disk"
     );
-    println!("{}", "-".repeat(110));
+    println!("{}", "-".repeat(113));
     for (gb, a, b) in &rows {
         for (name, r) in [
             ("(a) converge streamed", a),
             ("(b) export-tar to file + upload", b),
         ] {
             println!(
-                "{:>4}G | {:<28} | {:>9.1} | {:>8.0} | {:>11.1} MB | {:>10.1} MB | {:>12.1} MB",
+                "{:>4}G | {:<31} | {:>9.1} | {:>8.0} | {:>11.1} MB | {:>10.1} MB | {:>12.1} MB",
                 gb,
                 name,
                 r.wall,
@@ -88,7 +88,7 @@ fn main() {
             );
         }
         println!(
-            "{:>4}G | ratio (a)/(b)                | {:>9.2} |          | {:>14.2} | {:>13} | {:>15}",
+            "{:>4}G | ratio (a)/(b)                   | {:>9.2} |          | {:>14.2} | {:>13} | {:>15}",
             gb,
             a.wall / b.wall,
             a.hwm_kb as f64 / b.hwm_kb.max(1) as f64,
@@ -150,11 +150,10 @@ fn run_variant(variant: &str, repo: &Path, archive: &str, dir: &Path) -> Run {
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
-        .find(|l| l.starts_with("RESULT "))
+        .find_map(|l| l.split_once("RESULT ").map(|(_, rest)| rest))
         .expect("result line");
     let f: Vec<f64> = line
         .split_whitespace()
-        .skip(1)
         .map(|v| v.parse().expect("number"))
         .collect();
     Run {

@@ -173,9 +173,15 @@ pub async fn export(
     journal_dir: &Path,
     progress: impl Fn(ExportProgress) + Send + Sync,
 ) -> Result<ExportOutcome, ExportError> {
-    check_ttl(url_ttl)?;
-    let path = object_path(target)?;
-    let store = Arc::new(build_store(target)?);
+    let checked =
+        check_ttl(url_ttl).and_then(|()| Ok((object_path(target)?, build_store(target)?)));
+    let (path, store) = match checked {
+        Ok((path, store)) => (path, Arc::new(store)),
+        Err(e) => {
+            kill(&mut child).await;
+            return Err(e);
+        }
+    };
     let Some(stdout) = child.stdout.take() else {
         kill(&mut child).await;
         return Err(ExportError::NoStdout {
