@@ -570,8 +570,11 @@ impl Worker {
                     );
                 }
                 if under_way > 0 {
-                    let msg =
-                        format!("{under_way} changes under way, waiting on other reconcilers");
+                    // What each waits for is in `waiting` (a switch, a backup running).
+                    let msg = match under_way {
+                        1 => "1 change under way".to_string(),
+                        n => format!("{n} changes under way"),
+                    };
                     return (
                         verdict(State::Progressing, msg, Vec::new()),
                         waiting,

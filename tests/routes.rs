@@ -336,9 +336,14 @@ fn drift_refusal_and_one_change_per_pass() {
     wait_until(Duration::from_secs(60), "route bad reported", || {
         st = reconciler(&status(&p), "routes");
         st["observedGeneration"] == 14
-            && st["objectErrors"]
-                .as_array()
-                .is_some_and(|e| e.iter().any(|e| e["object"] == "route bad"))
+            && st["objectErrors"].as_array().is_some_and(|e| {
+                e.iter().any(|e| {
+                    e["object"] == "route bad"
+                        && e["error"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("caddy refused"))
+                })
+            })
     });
     let errors = st["objectErrors"].as_array().cloned().unwrap_or_default();
     assert_eq!(errors.len(), 1, "only the refused route fails: {st}");

@@ -164,7 +164,10 @@ impl PlaneStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Saves a node's status message.
+    /// Saves a node's status message, unless it is older than the one kept: status
+    /// is delivered at least once, so a retried or delayed message can arrive after
+    /// a newer one, and a node's accepted generation never goes down. Any message
+    /// still counts as a sign of life.
     pub fn put_status(
         &self,
         id: &str,
@@ -173,8 +176,13 @@ impl PlaneStore {
         status: &serde_json::Value,
     ) -> Result<(), PlaneError> {
         let g = |v: Option<u64>| v.and_then(|g| i64::try_from(g).ok());
+        // SET expressions see the row as it was, so each CASE tests the kept generation.
         self.conn.execute(
-            "UPDATE nodes SET last_seen = ?2, accepted_generation = ?3, converged_generation = ?4, status = ?5 WHERE id = ?1",
+            "UPDATE nodes SET last_seen = ?2,
+               converged_generation = CASE WHEN accepted_generation IS NULL OR ?3 >= accepted_generation THEN ?4 ELSE converged_generation END,
+               status = CASE WHEN accepted_generation IS NULL OR ?3 >= accepted_generation THEN ?5 ELSE status END,
+               accepted_generation = CASE WHEN accepted_generation IS NULL OR ?3 >= accepted_generation THEN ?3 ELSE accepted_generation END
+             WHERE id = ?1",
             params![id, now(), g(accepted), g(converged), status.to_string()],
         )?;
         Ok(())
@@ -213,5 +221,43 @@ mod tests {
             s.use_token("old", "b"),
             Err(PlaneError::ExpiredToken)
         ));
+    }
+
+    #[test]
+    fn a_late_older_status_does_not_replace_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PlaneStore::open(&dir.path().join("db")).unwrap();
+        s.conn
+            .execute(
+                "INSERT INTO nodes (id, name, public_key, sealing_key, facts, enrolled_at) VALUES ('n', 'n', '', '', '{}', '')",
+                [],
+            )
+            .unwrap();
+        let kept = |s: &PlaneStore| {
+            s.conn
+                .query_row(
+                    "SELECT accepted_generation, converged_generation, status FROM nodes",
+                    [],
+                    |r| {
+                        Ok((
+                            r.get::<_, Option<i64>>(0)?,
+                            r.get::<_, Option<i64>>(1)?,
+                            r.get::<_, String>(2)?,
+                        ))
+                    },
+                )
+                .unwrap()
+        };
+        s.put_status("n", Some(5), Some(5), &serde_json::json!("five"))
+            .unwrap();
+        s.put_status("n", Some(4), Some(4), &serde_json::json!("four"))
+            .unwrap();
+        assert_eq!(kept(&s), (Some(5), Some(5), "\"five\"".into()));
+        s.put_status("n", None, None, &serde_json::json!("none"))
+            .unwrap();
+        assert_eq!(kept(&s).0, Some(5));
+        s.put_status("n", Some(6), Some(5), &serde_json::json!("six"))
+            .unwrap();
+        assert_eq!(kept(&s), (Some(6), Some(5), "\"six\"".into()));
     }
 }

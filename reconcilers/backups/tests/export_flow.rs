@@ -1,4 +1,4 @@
-//! An `exports` entry through the reconciler (trial merge with the export module):
+//! An `exports` entry through the reconciler, against real borg and moto:
 //! backup, export to moto, the presigned URL in the record downloads the same bytes as
 //! `borg export-tar`; the export id never runs twice.
 

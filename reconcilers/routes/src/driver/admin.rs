@@ -21,6 +21,23 @@ pub struct Admin {
     socket: PathBuf,
 }
 
+/// Sending a request again when Caddy dropped it: how often, how far apart.
+const SEND_ATTEMPTS: u32 = 5;
+const SEND_RETRY: Duration = Duration::from_millis(50);
+
+/// Why an exchange failed: no response at all (the request may be sent again), or
+/// anything else.
+enum CallError {
+    Unanswered(DriverError),
+    Other(DriverError),
+}
+
+impl From<DriverError> for CallError {
+    fn from(e: DriverError) -> Self {
+        CallError::Other(e)
+    }
+}
+
 /// A response: status, ETag, body.
 struct Reply {
     status: StatusCode,
@@ -39,6 +56,12 @@ impl Admin {
         &self.socket
     }
 
+    /// One admin call, sent again when Caddy closed the connection without answering.
+    /// Caddy replaces its admin server on every configuration load, and Go's net/http
+    /// drops requests on connections the old server accepted but had not read yet
+    /// (golang/go#75591), so a call right after a load can meet a closed connection.
+    /// Sending again is safe: every call converge makes is idempotent (GET, a whole
+    /// configuration replaced under If-Match, a PATCH setting one value).
     async fn call(
         &self,
         method: Method,
@@ -46,6 +69,31 @@ impl Admin {
         body: Option<Vec<u8>>,
         if_match: Option<&str>,
     ) -> Result<Reply, DriverError> {
+        let mut attempt = 1;
+        loop {
+            match self
+                .exchange(method.clone(), path, body.clone(), if_match)
+                .await
+            {
+                Ok(reply) => return Ok(reply),
+                Err(CallError::Unanswered(e)) if attempt < SEND_ATTEMPTS => {
+                    tracing::debug!(error = %e, attempt, "caddy admin closed the connection unanswered: sending again");
+                    attempt += 1;
+                    tokio::time::sleep(SEND_RETRY).await;
+                }
+                Err(CallError::Unanswered(e) | CallError::Other(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// One request on a fresh connection.
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        if_match: Option<&str>,
+    ) -> Result<Reply, CallError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| {
@@ -80,10 +128,9 @@ impl Admin {
             None => req.body(Full::new(Bytes::new())),
         }
         .map_err(|e| DriverError::Failed(format!("caddy admin request: {e}")))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| DriverError::Transient(format!("caddy admin {path}: {e}")))?;
+        let resp = send.send_request(req).await.map_err(|e| {
+            CallError::Unanswered(DriverError::Transient(format!("caddy admin {path}: {e}")))
+        })?;
         let status = resp.status();
         let etag = resp
             .headers()
