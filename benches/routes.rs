@@ -283,6 +283,8 @@ fn main() {
                 dir: dir.clone(),
                 external_admin: None,
                 secrets: converge_core::SecretSource::new(dir.join("secrets")),
+                // A pass's own cost is measured: changes timed back to back, no hold.
+                min_reload_interval: Duration::ZERO,
             }));
             let admin = Admin::new(dir.join("admin.sock"));
             let mut lines = vec![format!(

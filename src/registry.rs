@@ -76,6 +76,16 @@ pub struct HostOptions {
     /// `<data-dir>/caddy/`.
     #[arg(long, global = true, env = "CONVERGE_CADDY_ADMIN_SOCKET")]
     pub caddy_admin_socket: Option<PathBuf>,
+    /// Least time between two Caddy configuration loads, in ms: every load reloads
+    /// Caddy and can cost connections in flight, so changes arriving faster are held
+    /// and applied together (as kube-proxy's min sync period). 0: no hold.
+    #[arg(
+        long,
+        global = true,
+        env = "CONVERGE_CADDY_MIN_RELOAD_MS",
+        default_value_t = 1000
+    )]
+    pub caddy_min_reload_ms: u64,
 }
 
 /// The containers reconciler on the chosen runtime.
@@ -279,6 +289,7 @@ fn routes(data_dir: &Path, host: &HostOptions, secrets: &SecretSource) -> Arc<dy
         dir: data_dir.join("caddy"),
         external_admin: host.caddy_admin_socket.clone(),
         secrets: secrets.clone(),
+        min_reload_interval: Duration::from_millis(host.caddy_min_reload_ms),
     });
     fn select(d: &Document) -> Option<Cow<'_, RoutesInput>> {
         let spec = d.routes.as_ref()?;

@@ -9,9 +9,11 @@
 //!   workers joined by the WireGuard reconciler; busybox httpd containers on the
 //!   workers published by their firewall reconciler; route A balances over both, route
 //!   B holds an upgraded stream to a worker. While a client sends requests to A back to
-//!   back and holds the stream on B open: many changes to other routes and to A's
-//!   upstream set, one document each, each waited for. Failed requests and broken
-//!   streams are counted and printed (per Caddy version); failed requests must be 0.
+//!   back and holds the stream on B open: a burst of documents (one every 50 ms)
+//!   changing other routes and A's upstream set, which the agent coalesces into at
+//!   most one Caddy load per `--caddy-min-reload-ms`. Failed requests and broken
+//!   streams are counted and printed (per Caddy version): at most one failure per load,
+//!   no broken stream on 2.7+. Then 20 replacements of A's container: 0 failures.
 
 mod common;
 
@@ -547,8 +549,11 @@ fn proxy_routes_over_the_mesh_to_containers_on_two_workers() {
     let sets: [&[&str]; 3] = [&both, &[w1.name()], &[w2.name()]];
     let (mut g, mut set, mut a_changed) = (1u64, 0usize, 0u64);
     let loads_before = loads(&px);
-    // Each document changes the other routes; every tenth also moves A to the next
-    // upstream set (both workers, worker 1 only, worker 2 only, ...).
+    // A burst: a document every PUSH_GAP, not waiting for each to apply (the agent
+    // holds changes that come faster than its minimum reload interval and applies the
+    // newest together). Each document changes the other routes; every tenth also
+    // moves A to the next upstream set (both workers, worker 1 only, worker 2 only, ...).
+    const PUSH_GAP: Duration = Duration::from_millis(50);
     for i in 0..other_changes {
         g += 1;
         if i % 10 == 9 && a_changed < a_changes {
@@ -556,7 +561,7 @@ fn proxy_routes_over_the_mesh_to_containers_on_two_workers() {
             a_changed += 1;
         }
         push_ok(&px, &doc(g, mesh_routes(sets[set], 3, g)));
-        wait_routes(&px, g);
+        std::thread::sleep(PUSH_GAP);
     }
     // The rest of A's upstream changes, one document each.
     let tag = g;
@@ -565,8 +570,15 @@ fn proxy_routes_over_the_mesh_to_containers_on_two_workers() {
         set = (set + 1) % 3;
         a_changed += 1;
         push_ok(&px, &doc(g, mesh_routes(sets[set], 3, tag)));
-        wait_routes(&px, g);
+        std::thread::sleep(PUSH_GAP);
     }
+    wait_routes(&px, g);
+    // The last document is what Caddy serves.
+    let last = caddy_config(&px).to_string();
+    assert!(
+        last.contains(&format!("\"X-Gen\":[\"{tag}\"]")),
+        "the newest document applied"
+    );
     let loads_during = loads(&px) - loads_before;
     std::fs::write(&stopfile, "").expect("stop file");
     wait_until(Duration::from_secs(30), "client summary", || {
@@ -587,7 +599,11 @@ fn proxy_routes_over_the_mesh_to_containers_on_two_workers() {
         summary["breaks"],
     );
     assert!(summary["requests"].as_u64().unwrap_or(0) > 0, "{summary}");
-    assert_eq!(loads_during as u64, g - 1, "one load per document");
+    assert!(
+        (loads_during as u64) < g - 1,
+        "a burst of {} documents coalesced into fewer loads: {loads_during}",
+        g - 1
+    );
     let failed = summary["failed"].as_u64().unwrap_or(u64::MAX);
     let broken = summary["stream_broken"].as_u64().unwrap_or(u64::MAX);
     let minor = version

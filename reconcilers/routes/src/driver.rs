@@ -8,7 +8,8 @@ use futures::stream::BoxStream;
 use serde_json::Value;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub mod admin;
 pub mod process;
@@ -41,6 +42,11 @@ pub trait CaddyDriver: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), LoadError>> + Send;
     /// Caddy's view of every reverse-proxy upstream.
     fn upstreams(&self) -> impl Future<Output = Result<Vec<UpstreamStatus>, DriverError>> + Send;
+    /// How long the next load must wait to keep loads the minimum reload interval
+    /// apart; `None`: it may go now.
+    fn load_hold(&self) -> Option<Duration> {
+        None
+    }
     /// Starts Caddy on its bootstrap configuration, stopping `stop` first.
     fn start(&self, stop: &[u32]) -> impl Future<Output = Result<(), DriverError>> + Send;
     /// A secret (local file or sealed in the document), `None` when missing.
@@ -65,6 +71,8 @@ pub struct CaddyConfig {
     /// Certificates and keys: local files (`--secrets-dir`) or the document's sealed
     /// secrets.
     pub secrets: SecretSource,
+    /// Least time between two configuration loads (see `CaddyDriver::load_hold`).
+    pub min_reload_interval: Duration,
 }
 
 /// The real driver.
@@ -74,6 +82,8 @@ pub struct Caddy {
     /// Asked of the binary on first use (not at construction: workers never need it).
     has_stream_close_delay: std::sync::OnceLock<bool>,
     watch: Arc<tokio::sync::watch::Sender<Vec<u32>>>,
+    /// When converge's last configuration load succeeded.
+    last_load: Mutex<Option<Instant>>,
 }
 
 impl Caddy {
@@ -87,6 +97,7 @@ impl Caddy {
             config,
             has_stream_close_delay: std::sync::OnceLock::new(),
             watch: Arc::new(tokio::sync::watch::channel(Vec::new()).0),
+            last_load: Mutex::new(None),
         }
     }
 
@@ -125,7 +136,18 @@ impl CaddyDriver for Caddy {
     }
 
     async fn load(&self, config: &Value, etag: Option<&str>) -> Result<(), LoadError> {
-        self.admin.load(config, etag).await
+        self.admin.load(config, etag).await?;
+        *self.last_load.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        Ok(())
+    }
+
+    fn load_hold(&self) -> Option<Duration> {
+        let last = (*self.last_load.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let wait = self
+            .config
+            .min_reload_interval
+            .saturating_sub(last.elapsed());
+        (!wait.is_zero()).then_some(wait)
     }
 
     async fn upstreams(&self) -> Result<Vec<UpstreamStatus>, DriverError> {

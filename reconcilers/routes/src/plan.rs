@@ -132,6 +132,8 @@ pub struct Observed {
     pub upstreams: Vec<UpstreamStatus>,
     /// Whether this Caddy has `stream_close_delay` (2.7+).
     pub stream_close_delay: bool,
+    /// How long a load must still wait (the minimum reload interval); `None`: now.
+    pub load_hold: Option<Duration>,
 }
 
 /// One configuration change: the whole configuration is replaced by `config`, guarded
@@ -563,6 +565,27 @@ pub fn plan(input: &RoutesInput, observed: &Observed, facts: &Facts) -> Plan<Act
                         Some("as rendered".into()),
                     )),
                 );
+        }
+        // A load came less than the minimum reload interval ago: hold this one and look
+        // again when the interval is over, with whatever document is newest by then.
+        // Each load is a Caddy reload that can cost connections in flight, so a burst
+        // of documents becomes one reload per interval. A start is never held.
+        if let (Some(wait), false) = (observed.load_hold, started) {
+            let held = std::mem::take(&mut plan.changes).len();
+            plan.waiting.push(
+                Waiting::new(
+                    "config",
+                    "caddy",
+                    format!(
+                        "{held} change{} held for {} ms (at most one Caddy reload per --caddy-min-reload-ms)",
+                        if held == 1 { "" } else { "s" },
+                        wait.as_millis()
+                    ),
+                )
+                .retry_after(wait)
+                .in_progress(),
+            );
+            return plan;
         }
         plan.actions.push(Action::Load(Box::new(Load {
             base,

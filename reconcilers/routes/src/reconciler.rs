@@ -252,6 +252,7 @@ impl<D: CaddyDriver> Reconciler for Routes<D> {
             secrets,
             upstreams,
             stream_close_delay: self.driver.stream_close_delay(),
+            load_hold: self.driver.load_hold(),
         })
     }
 

@@ -38,6 +38,7 @@ fn observed(config: Value) -> Observed {
         secrets,
         upstreams: Vec::new(),
         stream_close_delay: true,
+        load_hold: None,
     }
 }
 
@@ -217,4 +218,40 @@ fn dialed_addresses_are_every_upstream_in_the_configuration() {
     }}}});
     let got: Vec<String> = dialed(&config).iter().map(|a| a.to_string()).collect();
     assert_eq!(got, ["10.1.2.3", "10.210.0.7", "fd00::7"]);
+}
+
+#[test]
+fn a_load_within_the_reload_interval_is_held_a_start_is_not() {
+    let inp = input(routes());
+    let mut o = observed(foreign());
+    o.load_hold = Some(Duration::from_millis(400));
+    let p = plan(&inp, &o, &facts());
+    assert!(
+        p.actions.is_empty() && p.changes.is_empty(),
+        "{:?}",
+        p.actions
+    );
+    let w = p.waiting.iter().find(|w| w.id == "caddy").expect("held");
+    assert!(w.in_progress && w.retry_after == Some(Duration::from_millis(400)));
+    assert!(w.reason.contains("4 changes held"), "{}", w.reason);
+    // Nothing to change: nothing held either.
+    let applied = splice(
+        &foreign(),
+        &load_of(&plan(&inp, &observed(foreign()), &facts())).desired,
+    );
+    let mut o = observed(applied);
+    o.load_hold = Some(Duration::from_millis(400));
+    let p = plan(&inp, &o, &facts());
+    assert!(p.actions.is_empty() && p.waiting.iter().all(|w| w.id != "caddy"));
+    // Caddy not running: started at once, its routes loaded in the same pass.
+    let mut o = observed(foreign());
+    o.config = None;
+    o.process = Process::Managed {
+        pids: vec![],
+        bootstrap: json!({"admin": {}}),
+    };
+    o.load_hold = Some(Duration::from_millis(400));
+    let p = plan(&inp, &o, &facts());
+    assert!(matches!(p.actions[0], Action::Start { .. }));
+    load_of(&p);
 }
