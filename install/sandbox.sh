@@ -6,8 +6,11 @@
 # fixtures/sandbox.json (fixtures/worker.json with a local busybox image, since there is
 # no registry here, and a WireGuard mesh with the second node), has the agents converge,
 # shows status, the containers, the DNS answers, the published ports, a ping through the
-# tunnel and the peer's last handshake in `converge status`, then changes one record and
-# shows the diff of only that change. Cleans up at the end unless KEEP=1.
+# tunnel and the peer's last handshake in `converge status`, the second node (a proxy,
+# enrolled with the reference control plane, which sends it its signed document) serving
+# HTTPS over the mesh, the metadata API, then changes one record and shows the diff of
+# only that change, and last the first scheduled borg backup. Cleans up at the end
+# unless KEEP=1.
 # Usage: install/sandbox.sh
 set -euo pipefail
 
@@ -131,12 +134,16 @@ d["metadata"]["projects"] = [{
     "entries": {"db/host": "postgres.internal", "db/port": 5432,
                 "features": {"newCheckout": True}},
 }]
-# Backups into a local borg repository of the sandbox (no passphrase secret here), and
-# no restore or export of archives that do not exist yet.
+# Backups into a local borg repository of the sandbox (no passphrase secret here): one
+# schedule that archives this repository's fixtures/ every minute, and no restore or
+# export of archives that do not exist yet.
 import os
 bk = d["backups"]
 bk["repositories"] = [{"name": "local", "kind": "borg",
                        "url": os.path.join(os.path.dirname(os.path.abspath(doc)), "borg-repo")}]
+bk["schedules"] = [{"name": "fixtures", "repository": "local",
+                    "paths": [os.path.abspath("fixtures")], "cron": "* * * * *",
+                    "retention": {"keepHourly": 3}}]
 bk.pop("restores", None)
 bk.pop("exports", None)
 w = d["wireguard"]
@@ -307,4 +314,13 @@ sleep 0.5
 printf 'web.internal A -> %s\n' "$(in_ns dig +short +time=1 +tries=1 "@$listen" web.internal A)"
 cv status
 rm -f "$changed"
+
+banner "backups: schedule fixtures (cron * * * * *) archives fixtures/ into the sandbox's borg repository at the next minute"
+for _ in $(seq 90); do
+  cv status | grep -q "schedule fixtures: last run done" && break
+  sleep 1
+done
+cv status | sed -n '/^backups/,/^[a-z]/p' | sed '$d'
+BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_BASE_DIR="$data/borg-cli" \
+  borg list "$data/borg-repo" 2>/dev/null || true
 banner "done"
