@@ -8,6 +8,8 @@
 //! (VmHWM) is its own; borg's peak RSS is read as the maxrss of that process's children.
 //! The repositories are generated once under `BENCH_DIR` (default /var/tmp/converge-bench-export)
 //! and reused. moto is restarted for every run so that objects do not pile up in its memory.
+//! `cargo bench` passes --bench; under `cargo test --all-targets` a 40 MB smoke run checks
+//! the harness.
 
 #[path = "../tests/export_support/mod.rs"]
 mod support;
@@ -16,14 +18,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use converge_backups::export::{export, S3Target, CONCURRENCY, PART_SIZE};
-use object_store::aws::AmazonS3Builder;
+use converge_backups::export::{build_store, export, S3Target, CONCURRENCY, PART_SIZE};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, WriteMultipart};
 use support::{borg, create_bucket, Moto};
 use tokio::io::AsyncReadExt;
 
-const GB: u64 = 1_000_000_000;
+const MB: u64 = 1_000_000;
 const BUCKET: &str = "bench";
 
 fn main() {
@@ -38,11 +39,17 @@ fn main() {
         );
         return;
     }
-    let sizes: Vec<u64> = std::env::var("BENCH_SIZES")
-        .unwrap_or_else(|_| "1,4".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
+    // Sizes in MB: BENCH_SIZES is in GB.
+    let sizes: Vec<u64> = if std::env::args().any(|a| a == "--bench") {
+        std::env::var("BENCH_SIZES")
+            .unwrap_or_else(|_| "1,4".into())
+            .split(',')
+            .filter_map(|s| s.trim().parse::<u64>().ok())
+            .map(|gb| gb * 1000)
+            .collect()
+    } else {
+        vec![40]
+    };
     let dir = PathBuf::from(
         std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp/converge-bench-export".into()),
     );
@@ -53,11 +60,11 @@ fn main() {
     }
 
     let mut rows = Vec::new();
-    for &gb in &sizes {
-        let archive = ensure_archive(&dir, &repo, gb);
+    for &mb in &sizes {
+        let archive = ensure_archive(&dir, &repo, mb);
         let streamed = run_variant("streamed", &repo, &archive, &dir);
         let tempfile = run_variant("tempfile", &repo, &archive, &dir);
-        rows.push((gb, streamed, tempfile));
+        rows.push((label(mb), streamed, tempfile));
     }
 
     println!();
@@ -71,14 +78,14 @@ fn main() {
         "size", "variant", "wall s", "MB/s", "uploader RSS", "borg RSS", "extra disk"
     );
     println!("{}", "-".repeat(113));
-    for (gb, a, b) in &rows {
+    for (size, a, b) in &rows {
         for (name, r) in [
             ("(a) converge streamed", a),
             ("(b) export-tar to file + upload", b),
         ] {
             println!(
-                "{:>4}G | {:<31} | {:>9.1} | {:>8.0} | {:>11.1} MB | {:>10.1} MB | {:>12.1} MB",
-                gb,
+                "{:>5} | {:<31} | {:>9.1} | {:>8.0} | {:>11.1} MB | {:>10.1} MB | {:>12.1} MB",
+                size,
                 name,
                 r.wall,
                 r.bytes as f64 / 1e6 / r.wall,
@@ -88,8 +95,8 @@ fn main() {
             );
         }
         println!(
-            "{:>4}G | ratio (a)/(b)                   | {:>9.2} |          | {:>14.2} | {:>13} | {:>15}",
-            gb,
+            "{:>5} | ratio (a)/(b)                   | {:>9.2} |          | {:>14.2} | {:>13} | {:>15}",
+            size,
             a.wall / b.wall,
             a.hwm_kb as f64 / b.hwm_kb.max(1) as f64,
             "",
@@ -107,23 +114,28 @@ struct Run {
     disk: u64,
 }
 
-/// A borg archive `gN` of N GB of seeded random data, created once and reused.
-fn ensure_archive(dir: &Path, repo: &Path, gb: u64) -> String {
-    let name = format!("g{gb}");
+/// "1G", "40M".
+fn label(mb: u64) -> String {
+    if mb % 1000 == 0 {
+        format!("{}G", mb / 1000)
+    } else {
+        format!("{mb}M")
+    }
+}
+
+/// A borg archive of `mb` MB of seeded random data, created once and reused.
+fn ensure_archive(dir: &Path, repo: &Path, mb: u64) -> String {
+    let name = format!("m{mb}");
     let marker = dir.join(format!("{name}.done"));
     if marker.exists() {
         return name;
     }
     let data = dir.join(format!("data-{name}"));
     std::fs::create_dir_all(&data).expect("data dir");
-    eprintln!("generating {gb} GB of incompressible data and archive {name}…");
+    eprintln!("generating {mb} MB of incompressible data and archive {name}…");
     // Several files, like a real volume; the generator is seeded, so every run is the same.
     for i in 0..4 {
-        support::random_file(
-            &data.join(format!("blob-{i}.bin")),
-            gb * GB / 4,
-            1000 * gb + i,
-        );
+        support::random_file(&data.join(format!("blob-{i}.bin")), mb * MB / 4, mb + i);
     }
     borg::create(repo, &name, dir, &format!("data-{name}"));
     std::fs::remove_dir_all(&data).expect("remove source data");
@@ -222,15 +234,8 @@ fn role_main(spec: &str) {
 /// The common approach's upload: the file read in part-sized chunks into object_store's
 /// WriteMultipart, with the same part size and concurrency as converge.
 async fn upload_file(file: &Path, t: &S3Target) -> u64 {
-    let store = AmazonS3Builder::new()
-        .with_endpoint(&t.endpoint)
-        .with_region(&t.region)
-        .with_bucket_name(&t.bucket)
-        .with_access_key_id(&t.access_key_id)
-        .with_secret_access_key(&t.secret_access_key)
-        .with_allow_http(true)
-        .build()
-        .expect("store");
+    // The store exactly as converge's export builds it (client options, path style).
+    let store = build_store(t).expect("store");
     let upload = store
         .put_multipart(&ObjectPath::from(t.key.as_str()))
         .await

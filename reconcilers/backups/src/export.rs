@@ -542,7 +542,9 @@ fn object_path(target: &S3Target) -> Result<ObjectPath, ExportError> {
     ObjectPath::parse(&target.key).map_err(|e| invalid(e.to_string()))
 }
 
-fn build_store(target: &S3Target) -> Result<AmazonS3, ExportError> {
+/// The S3 client an export uploads through (public for the benchmark's baseline, which
+/// must upload the same way).
+pub fn build_store(target: &S3Target) -> Result<AmazonS3, ExportError> {
     AmazonS3Builder::new()
         .with_endpoint(&target.endpoint)
         .with_region(&target.region)
