@@ -116,7 +116,7 @@ struct Run {
 
 /// "1G", "40M".
 fn label(mb: u64) -> String {
-    if mb % 1000 == 0 {
+    if mb.is_multiple_of(1000) {
         format!("{}G", mb / 1000)
     } else {
         format!("{mb}M")
