@@ -5,7 +5,8 @@
 //! backup (its orphaned borg finishes the archive), then of the agent and its borg
 //! together (a stale lock): the next agent finishes each slot (one archive), `borg
 //! check` is clean, and the passphrase was never in the running borg's arguments or
-//! environment.
+//! environment; an export to an S3 server (moto, in the node's namespace) through the
+//! agent: the presigned URL in the record downloads exactly what `borg export-tar` gives.
 
 mod common;
 
@@ -345,4 +346,74 @@ fn assert_slot_archived(node: &TestNode, slot: &Value) {
         names.contains(&slot_archive),
         "{slot_archive} not in {names:?}"
     );
+}
+
+#[test]
+fn export_through_the_agent_downloads_what_borg_export_tar_gives() {
+    require_tool("borg");
+    require_tool("curl");
+    const MOTO: &str = "/usr/local/bin/moto_server";
+    if !Path::new(MOTO).exists() {
+        eprintln!("SKIPPED: {MOTO} is absent (install/deps.sh installs it)");
+        return;
+    }
+    let node = TestNode::new("bk-export");
+    setup(&node, 4 << 20);
+    std::fs::write(
+        node.data_dir().join("secrets/s3"),
+        r#"{"accessKeyId": "test", "secretAccessKey": "test"}"#,
+    )
+    .expect("secret");
+    // An S3 server in the node's own network namespace, where the agent reaches it.
+    let endpoint = "http://127.0.0.1:5055";
+    let mut moto = node.command(MOTO);
+    moto.args(["-H", "127.0.0.1", "-p", "5055"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _moto = node.spawn(&mut moto);
+    let curl = |args: &[&str]| node.command("curl").args(args).output().expect("curl");
+    wait_until(Duration::from_secs(30), "moto up", || {
+        curl(&["-sf", "-o", "/dev/null", endpoint]).status.success()
+    });
+    assert!(curl(&["-sf", "-X", "PUT", &format!("{endpoint}/exports")])
+        .status
+        .success());
+
+    let mut agent = start_agent(&node, 20, now_secs());
+    let mut d = doc(&node, 1);
+    push_ok(&node, &d);
+    wait_until(Duration::from_secs(30), "a first backup", || {
+        state(&node)["schedules"]["src"]["last"]["status"] == "done"
+    });
+    let archive = archives(&node)
+        .into_iter()
+        .find(|a| !a.ends_with(".checkpoint"))
+        .expect("an archive");
+    d["generation"] = json!(2);
+    d["backups"]["exports"] = json!([{"id": "e1", "repository": "local", "archive": archive,
+        "s3": {"endpoint": endpoint, "bucket": "exports", "key": "e1.tar",
+               "credentialsSecret": "s3"},
+        "urlTtl": "1h"}]);
+    push_ok(&node, &d);
+    let mut e1 = Value::Null;
+    wait_until(Duration::from_secs(60), "export e1 ended", || {
+        e1 = state(&node)["exports"]["e1"].clone();
+        e1["status"] == "done" || e1["status"] == "failed"
+    });
+    assert_eq!(e1["status"], "done", "{e1}");
+    let url = e1["url"].as_str().expect("presigned URL").to_string();
+    let st = reconciler(&status(&node), "backups");
+    assert!(st["objects"].to_string().contains("export e1"), "{st}");
+    let got = curl(&["-sf", &url]);
+    assert!(got.status.success(), "download through the presigned URL");
+    let repo = node.data_dir().join("repo").display().to_string();
+    let want = borg(&node, &["export-tar", &format!("{repo}::{archive}"), "-"]);
+    assert!(want.status.success());
+    assert_eq!(got.stdout.len(), want.stdout.len());
+    assert!(
+        got.stdout == want.stdout,
+        "downloaded tar differs from borg export-tar"
+    );
+    kill9(&mut agent);
+    wait_no_borg(&node.data_dir().join("repo"));
 }
