@@ -350,12 +350,8 @@ fn assert_slot_archived(node: &TestNode, slot: &Value) {
 
 #[test]
 fn export_through_the_agent_downloads_what_borg_export_tar_gives() {
-    require_tool("borg");
-    require_tool("curl");
-    const MOTO: &str = "/usr/local/bin/moto_server";
-    if !Path::new(MOTO).exists() {
-        eprintln!("SKIPPED: {MOTO} is absent (install/deps.sh installs it)");
-        return;
+    for tool in ["borg", "curl", "moto_server"] {
+        require_tool(tool);
     }
     let node = TestNode::new("bk-export");
     setup(&node, 4 << 20);
@@ -366,7 +362,7 @@ fn export_through_the_agent_downloads_what_borg_export_tar_gives() {
     .expect("secret");
     // An S3 server in the node's own network namespace, where the agent reaches it.
     let endpoint = "http://127.0.0.1:5055";
-    let mut moto = node.command(MOTO);
+    let mut moto = node.command("moto_server");
     moto.args(["-H", "127.0.0.1", "-p", "5055"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
