@@ -1,9 +1,10 @@
 //! The routes reconciler against a real Caddy (the one `install/deps.sh` installs, or
 //! `CONVERGE_TEST_CADDY`), through real agents:
 //! - `drift_refusal_and_one_change_per_pass`: one proxy node. Routes served with
-//!   `tls internal`; 30 routes changed in one document are one Caddy configuration load,
-//!   an unchanged document none; a foreign server edited concurrently (412s) is kept;
-//!   Caddy killed, its apps wiped, its whole configuration wiped: routes back; a route
+//!   `tls internal`; 30 routes changed in one document are one configuration load of
+//!   each of converge's two Caddy instances, an unchanged document none; a foreign
+//!   server edited concurrently is kept; the serving Caddy killed, its apps wiped, its
+//!   whole configuration wiped: routes back; a route
 //!   Caddy refuses (bad certificate) is reported while the others apply.
 //! - `proxy_routes_over_the_mesh_to_containers_on_two_workers`: a proxy and two
 //!   workers joined by the WireGuard reconciler; busybox httpd containers on the
@@ -11,9 +12,9 @@
 //!   B holds an upgraded stream to a worker. While a client sends requests to A back to
 //!   back and holds the stream on B open: a burst of documents (one every 50 ms)
 //!   changing other routes and A's upstream set, which the agent coalesces into at
-//!   most one Caddy load per `--caddy-min-reload-ms`. Failed requests and broken
-//!   streams are counted and printed (per Caddy version): at most one failure per load,
-//!   no broken stream on 2.7+. Then 20 replacements of A's container: 0 failures.
+//!   most one change per `--caddy-min-reload-ms`. Failed requests and broken streams
+//!   are counted and printed (per Caddy version): no failure, no broken stream on 2.7+.
+//!   Then 20 replacements of A's container: 0 failures.
 
 mod common;
 
@@ -113,21 +114,38 @@ fn https_get(node: &TestNode, host: &str, addr: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Configuration loads Caddy received (`POST /config/` in its log).
-fn loads(node: &TestNode) -> usize {
-    std::fs::read_to_string(caddy_dir(node).join("caddy.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| {
-            l.contains("\"received request\"")
-                && l.contains("\"method\":\"POST\"")
-                && l.contains("\"uri\":\"/config/\"")
-        })
-        .count()
+/// The directories of converge's two Caddy instances.
+fn instance_dirs(node: &TestNode) -> [PathBuf; 2] {
+    ["a", "b"].map(|i| caddy_dir(node).join(i))
 }
 
-fn caddy_pid(node: &TestNode) -> Option<u32> {
-    std::fs::read_to_string(caddy_dir(node).join("caddy.pid"))
+/// Configuration loads the two Caddy instances received together (`POST /config/` in
+/// their logs): one converge change is one load of each.
+fn loads(node: &TestNode) -> usize {
+    instance_dirs(node)
+        .iter()
+        .map(|d| {
+            std::fs::read_to_string(d.join("caddy.log"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    l.contains("\"received request\"")
+                        && l.contains("\"method\":\"POST\"")
+                        && l.contains("\"uri\":\"/config/\"")
+                })
+                .count()
+        })
+        .sum()
+}
+
+/// The instance new connections go to: `<caddy>/admin.sock` links to its socket.
+fn active_dir(node: &TestNode) -> PathBuf {
+    let link = std::fs::read_link(caddy_dir(node).join("admin.sock")).expect("admin link");
+    caddy_dir(node).join(link.parent().expect("instance dir"))
+}
+
+fn caddy_pid(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join("caddy.pid"))
         .ok()?
         .trim()
         .parse()
@@ -170,7 +188,9 @@ fn start_proxy_agent(node: &TestNode, bin: &str, secrets: &Path) -> common::sand
             secrets.to_str().expect("utf-8"),
         ],
     );
-    node.track_pidfile(caddy_dir(node).join("caddy.pid"));
+    for d in instance_dirs(node) {
+        node.track_pidfile(d.join("caddy.pid"));
+    }
     agent
 }
 
@@ -216,16 +236,17 @@ fn drift_refusal_and_one_change_per_pass() {
     wait_routes(&p, 2);
     assert_eq!(
         loads(&p),
-        before + 1,
-        "30 changed routes, one configuration load"
+        before + 2,
+        "30 changed routes, one configuration load of each instance"
     );
     push_ok(&p, &proxy_doc(&p, 3, json!(local_routes(30, "2"))));
     wait_routes(&p, 3);
     std::thread::sleep(Duration::from_secs(3)); // a resync pass too
-    assert_eq!(loads(&p), before + 1, "nothing changed, no load");
+    assert_eq!(loads(&p), before + 2, "nothing changed, no load");
 
-    // A foreign server, edited continuously while converge changes its routes: every
-    // edit races converge's (412 → planned again), and the foreign object survives.
+    // A foreign server, edited continuously while converge changes its routes: an edit
+    // racing converge's change is seen (ETag) and planned again, and the foreign object
+    // survives.
     let (code, body) = admin(
         &p,
         "POST",
@@ -277,26 +298,26 @@ fn drift_refusal_and_one_change_per_pass() {
         .unwrap_or_default()
         .to_string();
     assert!(body.starts_with("foreign-"), "foreign server kept: {cfg}");
+    // Served by both instances (the standby holds the edit converge last copied).
     let served = p.run("curl", ["-s", "-m", "3", "http://127.0.0.1:9999/"]);
-    assert_eq!(String::from_utf8_lossy(&served.stdout), body);
-    let log = std::fs::read_to_string(caddy_dir(&p).join("caddy.log")).unwrap_or_default();
-    let conflicts = log
-        .lines()
-        .filter(|l| l.contains("412") || l.contains("precondition"))
-        .count();
+    assert!(
+        String::from_utf8_lossy(&served.stdout).starts_with("foreign-"),
+        "foreign server served"
+    );
     eprintln!(
-        "caddy {version}: {} foreign edits during 10 documents; {conflicts} of converge's changes refused with 412 and planned again",
+        "caddy {version}: {} foreign edits during 10 documents",
         edits.load(Ordering::Relaxed)
     );
 
-    // Caddy killed: restarted at once (process watch), routes back.
-    let pid = caddy_pid(&p).expect("caddy pid");
+    // The serving Caddy killed: restarted at once (process watch), routes back.
+    let killed = active_dir(&p);
+    let pid = caddy_pid(&killed).expect("caddy pid");
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     wait_until(
         Duration::from_secs(30),
         "caddy restarted, r0 served",
         || {
-            caddy_pid(&p).is_some_and(|n| n != pid)
+            caddy_pid(&killed).is_some_and(|n| n != pid)
                 && https_get(&p, "r0.test", "127.0.0.1").as_deref() == Some("w-local\n")
         },
     );
@@ -604,7 +625,6 @@ fn proxy_routes_over_the_mesh_to_containers_on_two_workers() {
         "a burst of {} documents coalesced into fewer loads: {loads_during}",
         g - 1
     );
-    let failed = summary["failed"].as_u64().unwrap_or(u64::MAX);
     let broken = summary["stream_broken"].as_u64().unwrap_or(u64::MAX);
     let minor = version
         .trim_start_matches('v')
@@ -612,13 +632,13 @@ fn proxy_routes_over_the_mesh_to_containers_on_two_workers() {
         .nth(1)
         .and_then(|m| m.parse::<u32>().ok())
         .unwrap_or(0);
-    // Measured, not a timing: a reload replaces Caddy's servers, and a connection
-    // caught in the switch can fail (2.7+: its listeners are SO_REUSEPORT sockets
-    // replaced on every reload, and a connection still queued on the old socket is
-    // lost; 2.6: a handshake on the stopping TLS app fails). At most one per load.
-    assert!(
-        failed <= loads_during as u64,
-        "at most one lost connection per load: {summary}"
+    // Correctness, not a timing: the serving Caddy is never reloaded (a change goes to
+    // the standby instance, new connections are switched to it, the old one is reloaded
+    // once drained), so no request is lost however many changes there are.
+    assert_eq!(
+        summary["failed"].as_u64(),
+        Some(0),
+        "no request failed during the changes: {summary}"
     );
     if minor >= 7 {
         // Streams of unchanged routes survive reloads (stream_close_delay).

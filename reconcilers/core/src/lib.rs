@@ -5,6 +5,7 @@
 
 pub mod facts;
 pub mod fsutil;
+pub mod nfnl;
 pub mod plan;
 pub mod problems;
 pub mod process;

@@ -6,13 +6,14 @@
 //! - `plan`: the pure plan (element delta or rebuild, one batch);
 //! - `incremental`: the plan from the difference between the last spec and the next;
 //! - `ruleset`: the table as data (sets, chains, rules, elements) and its messages;
-//! - `nfnl`: nf_tables netlink (encoding, batches, dumps, events);
+//! - `nfnl`: nf_tables netlink (encoding, batches, dumps, events), shared with the
+//!   routes reconciler and so kept in `converge_core`;
 //! - `driver`: reading the table back and committing batches in the kernel;
 //! - `reconciler`: observe → plan → one atomic commit.
 
 pub mod driver;
 mod incremental;
-pub mod nfnl;
+pub use converge_core::nfnl;
 pub mod plan;
 mod reconciler;
 pub mod ruleset;

@@ -158,7 +158,9 @@ pub enum FilterPolicy {
 }
 
 /// Input filter. Loopback traffic, replies (established/related connections), ICMP and
-/// ICMPv6 (needed for path MTU discovery and neighbor discovery) are always accepted.
+/// ICMPv6 (needed for path MTU discovery and neighbor discovery), and traffic a NAT rule
+/// redirected to this host (a proxy's ports 443/80 to its active Caddy) are always
+/// accepted.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct InputFilter {

@@ -1,19 +1,23 @@
 //! Host access for the routes reconciler: the driver trait, and the real driver — Caddy's
-//! admin API on a unix socket (`admin.rs`), and, unless an existing Caddy's socket is
-//! given, the Caddy process converge starts and finds again (`process.rs`).
+//! admin API on a unix socket (`admin.rs`) and, unless an existing Caddy's socket is
+//! given, the pair of Caddy processes converge starts and finds again (`process.rs`,
+//! `pair.rs`) with the nf_tables switch between them (`redirect.rs`).
 
 use crate::plan::{Config, Process, UpstreamStatus};
 use converge_core::{DriverError, HostEvent, SecretSource};
 use futures::stream::BoxStream;
+use pair::Instance;
 use serde_json::Value;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 pub mod admin;
+pub mod pair;
 pub mod process;
-
+pub mod redirect;
 /// A configuration change that did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -62,11 +66,12 @@ pub trait CaddyDriver: Send + Sync + 'static {
 pub struct CaddyConfig {
     /// The caddy binary (managed mode; also asked for its version).
     pub binary: PathBuf,
-    /// `<data-dir>/caddy`: bootstrap config, admin socket, Caddy's data (certificates,
-    /// the local CA) and log.
+    /// `<data-dir>/caddy`: the instances' directories (`a/`, `b/`: config, admin
+    /// socket, pid file, log), Caddy's data shared by both (certificates, the local CA),
+    /// and `admin.sock`, a link to the active instance's socket.
     pub dir: PathBuf,
     /// An existing Caddy's admin socket (a systemd unit runs Caddy): converge then
-    /// neither starts nor stops Caddy.
+    /// neither starts nor stops Caddy, and loads into it directly.
     pub external_admin: Option<PathBuf>,
     /// Certificates and keys: local files (`--secrets-dir`) or the document's sealed
     /// secrets.
@@ -75,10 +80,22 @@ pub struct CaddyConfig {
     pub min_reload_interval: Duration,
 }
 
+/// How long the old instance keeps serving the connections it accepted before the
+/// switch, before it is reloaded: a TLS handshake and a first request fit well in it.
+pub const DRAIN: Duration = Duration::from_millis(500);
+
 /// The real driver.
 pub struct Caddy {
     config: CaddyConfig,
-    admin: admin::Admin,
+    /// External mode: the one Caddy's admin client.
+    external: Option<admin::Admin>,
+    /// Managed mode: the pair's admin clients, by instance (A, B).
+    pair: [admin::Admin; 2],
+    /// The instance new connections go to, as last read from the kernel or switched to.
+    active: Mutex<Instance>,
+    /// Held by a load until the old instance has been reloaded too, so that reads and
+    /// the next load see the pair settled.
+    settle: Arc<tokio::sync::Mutex<()>>,
     /// Asked of the binary on first use (not at construction: workers never need it).
     has_stream_close_delay: std::sync::OnceLock<bool>,
     watch: Arc<tokio::sync::watch::Sender<Vec<u32>>>,
@@ -88,33 +105,75 @@ pub struct Caddy {
 
 impl Caddy {
     pub fn new(config: CaddyConfig) -> Self {
-        let socket = config
-            .external_admin
-            .clone()
-            .unwrap_or_else(|| config.dir.join("admin.sock"));
+        let admin = |i: Instance| admin::Admin::new(i.dir(&config.dir).join("admin.sock"));
         Self {
-            admin: admin::Admin::new(socket),
+            external: config.external_admin.clone().map(admin::Admin::new),
+            pair: [admin(Instance::A), admin(Instance::B)],
             config,
+            active: Mutex::new(Instance::A),
+            settle: Arc::new(tokio::sync::Mutex::new(())),
             has_stream_close_delay: std::sync::OnceLock::new(),
             watch: Arc::new(tokio::sync::watch::channel(Vec::new()).0),
             last_load: Mutex::new(None),
         }
     }
 
-    pub fn admin_socket(&self) -> &std::path::Path {
-        self.admin.socket()
+    /// The admin socket that reaches the Caddy serving now: the external one, or the
+    /// link to the active instance's.
+    pub fn admin_socket(&self) -> PathBuf {
+        match &self.external {
+            Some(a) => a.socket().to_path_buf(),
+            None => self.config.dir.join("admin.sock"),
+        }
+    }
+
+    fn admin(&self, inst: Instance) -> &admin::Admin {
+        &self.pair[match inst {
+            Instance::A => 0,
+            Instance::B => 1,
+        }]
+    }
+
+    fn active(&self) -> Instance {
+        *self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_active(&self, inst: Instance) {
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = inst;
+        // `<dir>/admin.sock` follows the active instance, for operators and tools.
+        let link = self.config.dir.join("admin.sock");
+        let tmp = self.config.dir.join(".admin.sock.new");
+        let _ = std::fs::remove_file(&tmp);
+        let target = Path::new(inst.name()).join("admin.sock");
+        if let Err(e) =
+            std::os::unix::fs::symlink(&target, &tmp).and_then(|()| std::fs::rename(&tmp, &link))
+        {
+            tracing::warn!(error = %e, link = %link.display(), "caddy admin link not updated");
+        }
+    }
+
+    fn loaded(&self) {
+        *self.last_load.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
 }
 
 impl CaddyDriver for Caddy {
     fn process(&self) -> Result<Process, DriverError> {
-        if self.config.external_admin.is_some() {
+        if self.external.is_some() {
             return Ok(Process::External);
         }
-        let pids = process::running(&self.config.dir)?;
+        let mut pids = Vec::new();
+        let mut missing = false;
+        for inst in Instance::BOTH {
+            let found = process::running(&inst.dir(&self.config.dir))?;
+            missing |= found.is_empty();
+            pids.extend(found);
+        }
+        pids.sort_unstable();
         self.watch.send_replace(pids.clone());
         Ok(Process::Managed {
             pids,
+            missing,
             bootstrap: process::bootstrap(&self.config.dir),
         })
     }
@@ -131,13 +190,77 @@ impl CaddyDriver for Caddy {
         })
     }
 
+    /// Managed: the active instance's configuration as the plan sees it, with the
+    /// standby's and whether the kernel sends the public ports to the active one.
     async fn get_config(&self) -> Result<Config, DriverError> {
-        self.admin.get_config().await
+        if let Some(a) = &self.external {
+            return a.get_config().await;
+        }
+        let _settled = self.settle.lock().await;
+        let kernel = redirect::active().await?;
+        let active = kernel.unwrap_or_else(|| self.active());
+        if kernel.is_some() && kernel != Some(self.active()) {
+            self.set_active(active);
+        }
+        let standby = active.other();
+        let (now, other) = tokio::join!(
+            self.admin(active).get_config(),
+            self.admin(standby).get_config()
+        );
+        let (now, other) = (now?, other?);
+        let dir = &self.config.dir;
+        Ok(Config {
+            etag: now.etag,
+            value: pair::to_canonical(&now.value, dir, active),
+            standby: Some(pair::to_canonical(&other.value, dir, standby)),
+            redirected: kernel.is_some(),
+        })
     }
 
+    /// Managed: into the standby instance, then new connections switched to it (one
+    /// nf_tables transaction), then — after `DRAIN`, in the background, the next read or
+    /// load waiting for it — the old instance reloaded with the same configuration.
+    /// Caddy's refusal leaves everything as it was. `etag` is checked against the active
+    /// instance's configuration first.
     async fn load(&self, config: &Value, etag: Option<&str>) -> Result<(), LoadError> {
-        self.admin.load(config, etag).await?;
-        *self.last_load.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        if let Some(a) = &self.external {
+            a.load(config, etag).await?;
+            self.loaded();
+            return Ok(());
+        }
+        let settled = self.settle.clone().lock_owned().await;
+        let active = self.active();
+        if let Some(tag) = etag {
+            let now = self.admin(active).get_config().await?;
+            if now.etag.as_deref() != Some(tag) {
+                return Err(LoadError::Driver(DriverError::Transient(
+                    "caddy's configuration was changed by someone else meanwhile: planning again"
+                        .into(),
+                )));
+            }
+        }
+        let standby = active.other();
+        let dir = &self.config.dir;
+        self.admin(standby)
+            .load(&pair::to_instance(config, dir, standby), None)
+            .await?;
+        redirect::switch(standby).await?;
+        self.set_active(standby);
+        self.loaded();
+        let old = self.admin(active).clone();
+        let same = pair::to_instance(config, dir, active);
+        let span = tracing::info_span!("caddy drain", instance = active.name());
+        tokio::spawn(
+            async move {
+                tokio::time::sleep(DRAIN).await;
+                if let Err(e) = old.load(&same, None).await {
+                    // The next pass sees the pair out of sync and loads again.
+                    tracing::warn!(error = %e, "old caddy instance not reloaded");
+                }
+                drop(settled);
+            }
+            .instrument(span),
+        );
         Ok(())
     }
 
@@ -151,18 +274,36 @@ impl CaddyDriver for Caddy {
     }
 
     async fn upstreams(&self) -> Result<Vec<UpstreamStatus>, DriverError> {
-        self.admin.upstreams().await
+        match &self.external {
+            Some(a) => a.upstreams().await,
+            None => self.admin(self.active()).upstreams().await,
+        }
     }
 
+    /// Stops `stop`, then starts each instance that is not running.
     async fn start(&self, stop: &[u32]) -> Result<(), DriverError> {
-        if self.config.external_admin.is_some() {
+        if self.external.is_some() {
             return Err(DriverError::Failed(
                 "caddy is run by someone else (external admin socket): not starting it".into(),
             ));
         }
-        process::start(&self.config.binary, &self.config.dir, stop).await?;
-        let pids = process::running(&self.config.dir)?;
-        self.watch.send_replace(pids);
+        process::stop(stop).await;
+        let dir = &self.config.dir;
+        let mut starts = Vec::new();
+        for inst in Instance::BOTH {
+            let inst_dir = inst.dir(dir);
+            if process::running(&inst_dir)?.is_empty() {
+                let binary = &self.config.binary;
+                starts.push(async move { process::start(binary, &inst_dir, dir).await });
+            }
+        }
+        for r in futures::future::join_all(starts).await {
+            r?;
+        }
+        if !dir.join("admin.sock").exists() {
+            self.set_active(self.active());
+        }
+        self.process()?;
         Ok(())
     }
 
@@ -174,7 +315,7 @@ impl CaddyDriver for Caddy {
     }
 
     fn events(&self) -> Option<BoxStream<'static, HostEvent>> {
-        if self.config.external_admin.is_some() {
+        if self.external.is_some() {
             return None;
         }
         Some(process::exit_events(self.watch.subscribe()))

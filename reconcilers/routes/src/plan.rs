@@ -70,10 +70,15 @@ impl fmt::Debug for Secret {
 /// How converge reaches Caddy.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Process {
-    /// converge runs Caddy: these `caddy run` processes use its config (normally one;
-    /// none when Caddy is not running). `bootstrap` is the configuration a fresh start
-    /// has (the admin endpoint only).
-    Managed { pids: Vec<u32>, bootstrap: Value },
+    /// converge runs Caddy, a pair of instances (see `driver/pair.rs`): these `caddy
+    /// run` processes are theirs (normally two; none when Caddy is not running),
+    /// `missing` when one instance has no process. `bootstrap` is the configuration a
+    /// fresh start has (the admin endpoint only).
+    Managed {
+        pids: Vec<u32>,
+        missing: bool,
+        bootstrap: Value,
+    },
     /// Caddy is run by someone else (a systemd unit); converge only talks to its socket.
     External,
 }
@@ -84,6 +89,12 @@ pub struct Config {
     /// The `ETag` of `GET /config/`, sent back as `If-Match`.
     pub etag: Option<String>,
     pub value: Value,
+    /// Managed pair: the standby instance's configuration (as the plan sees it); its
+    /// converge-owned objects must be the desired ones too. `None` for an external Caddy.
+    pub standby: Option<Value>,
+    /// Whether the public ports are redirected to the instance `value` was read from
+    /// (always for an external Caddy).
+    pub redirected: bool,
 }
 
 /// Every address Caddy's configuration dials (`"dial": "ip:port"` anywhere in it): the
@@ -485,31 +496,28 @@ pub fn plan(input: &RoutesInput, observed: &Observed, facts: &Facts) -> Plan<Act
     let mut plan = Plan::default();
     let (base, etag, current) = match (&observed.config, &observed.process) {
         (Some(c), _) => (c.value.clone(), c.etag.clone(), extract(&c.value)),
-        (None, Process::Managed { pids, bootstrap }) => {
+        (
+            None,
+            Process::Managed {
+                pids,
+                missing,
+                bootstrap,
+            },
+        ) => {
+            let (op, state, stop) = match (pids.is_empty(), missing) {
+                (true, _) => (Op::Create, "not running", vec![]),
+                // Only the missing instance is started; the running one keeps serving.
+                (false, true) => (Op::Update, "one instance not running", vec![]),
+                (false, false) => (Op::Update, "admin API not answering", pids.clone()),
+            };
             plan.changes.push(
-                Change::new(
-                    if pids.is_empty() {
-                        Op::Create
-                    } else {
-                        Op::Update
-                    },
-                    "process",
-                    "caddy",
-                )
-                .with_field(FieldChange::new(
+                Change::new(op, "process", "caddy").with_field(FieldChange::new(
                     "state",
-                    Some(
-                        if pids.is_empty() {
-                            "not running"
-                        } else {
-                            "admin API not answering"
-                        }
-                        .into(),
-                    ),
+                    Some(state.into()),
                     Some("running".into()),
                 )),
             );
-            plan.actions.push(Action::Start { stop: pids.clone() });
+            plan.actions.push(Action::Start { stop });
             (bootstrap.clone(), None, BTreeMap::new())
         }
         // observe fails the pass instead when an external Caddy does not answer.
@@ -555,13 +563,27 @@ pub fn plan(input: &RoutesInput, observed: &Observed, facts: &Facts) -> Plan<Act
     }
     let config = splice(&base, &desired);
     let started = !plan.actions.is_empty();
-    if config != base || started {
+    // The managed pair: a standby without the desired routes (a failed reload, an edit)
+    // or ports not redirected to the active instance are made right by a load.
+    let in_sync = observed
+        .config
+        .as_ref()
+        .is_none_or(|c| c.redirected && c.standby.as_ref().is_none_or(|s| extract(s) == desired));
+    if config != base || started || !in_sync {
         if changed.is_empty() && !started {
+            let (field, was) = if config != base {
+                ("converge-owned objects", "edited outside converge")
+            } else {
+                (
+                    "caddy pair",
+                    "standby routes or port redirect not as the active instance's",
+                )
+            };
             plan.changes
                 .push(
                     Change::new(Op::Update, "config", "caddy").with_field(FieldChange::new(
-                        "converge-owned objects",
-                        Some("edited outside converge".into()),
+                        field,
+                        Some(was.into()),
                         Some("as rendered".into()),
                     )),
                 );

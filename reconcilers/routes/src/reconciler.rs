@@ -209,8 +209,8 @@ impl<D: CaddyDriver> Reconciler for Routes<D> {
             match (self.driver.get_config().await, &process) {
                 (Ok(c), _) => break Some(c),
                 // Not running: start it.
-                (Err(e), Process::Managed { pids, .. }) if pids.is_empty() => {
-                    info!(error = %e, "caddy is not running");
+                (Err(e), Process::Managed { pids, missing, .. }) if pids.is_empty() || *missing => {
+                    info!(error = %e, running = pids.len(), "caddy is not running");
                     break None;
                 }
                 // Caddy replaces its admin listener on every configuration load, so a

@@ -27,20 +27,7 @@ pub fn parse_chain(a: &[u8]) -> Option<(String, ChainState)> {
 pub fn parse_rule(a: &[u8]) -> Option<(String, String)> {
     let chain = nfnl::attr_str(a, 2)?;
     let tag = nfnl::attr(a, 7)
-        .and_then(|u| {
-            // udata TLVs: type u8, len u8, value
-            let mut rest = u;
-            while rest.len() >= 2 {
-                let (t, l) = (rest[0], rest[1] as usize);
-                let v = rest.get(2..2 + l)?;
-                if t == 0 {
-                    let end = v.iter().position(|b| *b == 0).unwrap_or(v.len());
-                    return Some(String::from_utf8_lossy(&v[..end]).into_owned());
-                }
-                rest = &rest[2 + l..];
-            }
-            None
-        })
+        .and_then(nfnl::parse_rule_comment)
         .unwrap_or_else(|| "(rule not written by converge)".into());
     Some((chain, tag))
 }

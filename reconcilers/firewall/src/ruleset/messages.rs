@@ -102,11 +102,8 @@ pub(super) fn set_message(set: &SetDef, id: u32) -> Message {
 }
 
 pub(super) fn rule_message(r: &RuleDef) -> Message {
-    // The tag travels as an nft comment (udata TLV type 0), so `nft list` shows it and a
-    // dump tells converge's rules apart from edited ones.
-    let mut udata = vec![0u8, (r.tag.len() + 1) as u8];
-    udata.extend_from_slice(r.tag.as_bytes());
-    udata.push(0);
+    // The tag travels as the rule's comment.
+    let udata = nfnl::rule_comment(&r.tag);
     let mut a = Attrs::new();
     a.str(1, TABLE)
         .str(2, r.chain)

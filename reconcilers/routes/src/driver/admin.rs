@@ -17,6 +17,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Client of one admin socket.
+#[derive(Clone)]
 pub struct Admin {
     socket: PathBuf,
 }
@@ -166,6 +167,8 @@ impl Admin {
         Ok(Config {
             etag: r.etag,
             value,
+            standby: None,
+            redirected: true,
         })
     }
 

@@ -75,6 +75,7 @@ impl CaddyDriver for FakeCaddy {
     fn process(&self) -> Result<Process, DriverError> {
         Ok(self.with(|s| Process::Managed {
             pids: s.running.clone(),
+            missing: false,
             bootstrap: json!({"admin": {"listen": "unix//fake"}}),
         }))
     }
@@ -91,6 +92,8 @@ impl CaddyDriver for FakeCaddy {
             Ok(Config {
                 etag: Some(etag(s.generation)),
                 value: s.config.clone(),
+                standby: None,
+                redirected: true,
             })
         })
     }

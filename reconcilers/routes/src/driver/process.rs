@@ -1,7 +1,9 @@
-//! The Caddy process converge runs: started detached (`caddy start` forks `caddy run`
-//! and exits once it is up, so Caddy outlives the agent), found again by scanning
-//! `/proc` for its config argument, and watched with a pidfd so its exit is an event.
+//! The Caddy processes converge runs (one per instance of the pair): started detached
+//! (`caddy start` forks `caddy run` and exits once it is up, so Caddy outlives the
+//! agent), found again by scanning `/proc` for its config argument, and watched with
+//! pidfds so an exit is an event.
 
+use super::pair::admin_listen;
 use converge_core::fsutil::write_atomic;
 use converge_core::process::{alive, signal};
 use converge_core::{with_timeout, DriverError, HostEvent};
@@ -17,10 +19,6 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 
 fn config_file(dir: &Path) -> PathBuf {
     dir.join("caddy.json")
-}
-
-fn admin_listen(dir: &Path) -> String {
-    format!("unix/{}", dir.join("admin.sock").display())
 }
 
 /// The configuration Caddy starts with: the admin endpoint only. Routes are added by
@@ -78,9 +76,8 @@ pub fn running(dir: &Path) -> Result<Vec<u32>, DriverError> {
     Ok(found)
 }
 
-/// Stops `stop` (SIGTERM, then SIGKILL after a grace), then starts Caddy on the
-/// bootstrap configuration; returns once its admin endpoint is up.
-pub async fn start(binary: &Path, dir: &Path, stop: &[u32]) -> Result<(), DriverError> {
+/// Stops `stop` (SIGTERM, then SIGKILL after a grace).
+pub async fn stop(stop: &[u32]) {
     for pid in stop {
         signal(*pid, libc::SIGTERM);
     }
@@ -91,6 +88,12 @@ pub async fn start(binary: &Path, dir: &Path, stop: &[u32]) -> Result<(), Driver
     for pid in stop.iter().filter(|p| alive(**p)) {
         signal(*pid, libc::SIGKILL);
     }
+}
+
+/// Starts the Caddy of `dir` on the bootstrap configuration, its certificates and local
+/// CA under `shared` (both instances use the same); returns once its admin endpoint is
+/// up.
+pub async fn start(binary: &Path, dir: &Path, shared: &Path) -> Result<(), DriverError> {
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -122,8 +125,8 @@ pub async fn start(binary: &Path, dir: &Path, stop: &[u32]) -> Result<(), Driver
         .arg("--pidfile")
         .arg(dir.join("caddy.pid"))
         // Certificates and the local CA under converge's directory, not root's home.
-        .env("XDG_DATA_HOME", dir.join("data"))
-        .env("XDG_CONFIG_HOME", dir.join("config"))
+        .env("XDG_DATA_HOME", shared.join("data"))
+        .env("XDG_CONFIG_HOME", shared.join("config"))
         // The admin endpoint a wiped configuration falls back to (honoured by 2.7+;
         // 2.6 falls back to localhost:2019, and converge then restarts it).
         .env("CADDY_ADMIN", admin_listen(dir))
@@ -171,44 +174,56 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// An event each time a watched Caddy process exits (a pidfd becomes readable when
-/// its process ends); `pids` is updated by observe and start.
+/// An event each time a watched Caddy process exits (a pidfd becomes readable when its
+/// process ends); `pids` is updated by observe and start.
 pub fn exit_events(pids: tokio::sync::watch::Receiver<Vec<u32>>) -> BoxStream<'static, HostEvent> {
-    futures::stream::unfold((pids, None), |(mut pids, mut exited)| async move {
+    let exited = std::collections::BTreeSet::new();
+    futures::stream::unfold((pids, exited), |(mut pids, mut exited)| async move {
         loop {
             let current = pids.borrow_and_update().clone();
-            let pid = current.first().copied().filter(|p| Some(*p) != exited);
-            let Some(pid) = pid else {
+            // A pid reported once is not reported again while observe still lists it.
+            exited.retain(|p| current.contains(p));
+            let mut watched = Vec::new();
+            for pid in current.iter().copied().filter(|p| !exited.contains(p)) {
+                let Some(fd) = pidfd_open(pid) else {
+                    // Already gone before we could watch it.
+                    exited.insert(pid);
+                    return Some((
+                        HostEvent(format!("process caddy {pid} exited")),
+                        (pids, exited),
+                    ));
+                };
+                // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open (the
+                // same descriptor) until it is dropped.
+                let registered = unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        fd,
+                        tokio::io::Interest::READABLE,
+                    )
+                };
+                if let Ok(afd) = registered {
+                    watched.push((pid, afd));
+                }
+            }
+            if watched.is_empty() {
                 // Nothing (new) to watch: wait until observe or start sees a process.
                 pids.changed().await.ok()?;
                 continue;
-            };
-            exited = Some(pid);
-            let Some(fd) = pidfd_open(pid) else {
-                // Already gone before we could watch it.
-                return Some((
-                    HostEvent(format!("process caddy {pid} exited")),
-                    (pids, exited),
-                ));
-            };
-            // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open (the same
-            // descriptor) until it is dropped.
-            let registered = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-            };
-            let Ok(afd) = registered else {
-                pids.changed().await.ok()?;
-                continue;
-            };
+            }
+            let exits = watched.iter().map(|(pid, afd)| {
+                Box::pin(async move {
+                    drop(afd.readable().await);
+                    *pid
+                })
+            });
             tokio::select! {
-                r = afd.readable() => {
-                    drop(r);
+                (pid, _, _) = futures::future::select_all(exits) => {
+                    exited.insert(pid);
                     return Some((HostEvent(format!("process caddy {pid} exited")), (pids, exited)));
                 }
                 changed = pids.changed() => {
+                    // Watch whatever runs now.
                     changed.ok()?;
-                    // Watch whatever runs now (the same pid is watched again).
-                    exited = None;
                 }
             }
         }

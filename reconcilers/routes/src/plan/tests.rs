@@ -28,12 +28,15 @@ fn observed(config: Value) -> Observed {
     secrets.insert("key".to_string(), Secret("TOPSECRETKEY".into()));
     Observed {
         process: Process::Managed {
-            pids: vec![1],
+            pids: vec![1, 2],
+            missing: false,
             bootstrap: json!({"admin": {}}),
         },
         config: Some(Config {
             etag: Some("\"/config/ 1\"".into()),
             value: config,
+            standby: None,
+            redirected: true,
         }),
         secrets,
         upstreams: Vec::new(),
@@ -181,6 +184,7 @@ fn caddy_down_is_started_then_loaded_and_edits_are_repaired() {
     obs.config = None;
     obs.process = Process::Managed {
         pids: vec![],
+        missing: false,
         bootstrap: json!({"admin": {"listen": "unix//x"}}),
     };
     let p = plan(&inp, &obs, &facts());
@@ -248,6 +252,7 @@ fn a_load_within_the_reload_interval_is_held_a_start_is_not() {
     o.config = None;
     o.process = Process::Managed {
         pids: vec![],
+        missing: false,
         bootstrap: json!({"admin": {}}),
     };
     o.load_hold = Some(Duration::from_millis(400));

@@ -2,10 +2,15 @@
 //! socket with a send buffer sized to the batch, dumps, the ruleset generation id and the
 //! ruleset-change event stream.
 //!
-//! rustables encodes the table and chain messages (see `ruleset.rs`); this module carries
-//! what it cannot: maps and concatenated keys (32-bit registers), set elements with data,
-//! element dumps of an `inet` table, batches larger than one socket buffer, and the
-//! batch generation guard. Constants are from `linux/netfilter/nf_tables.h`.
+//! rustables encodes the table and chain messages (see the firewall's `ruleset.rs`); this
+//! module carries what it cannot: rule expressions it lacks (`fib`, `redir`-style port
+//! NAT, maps and concatenated keys in 32-bit registers; `expr`), set elements with data,
+//! element dumps of an `inet` table, batches larger than one socket buffer, and the batch
+//! generation guard. Constants are from `linux/netfilter/nf_tables.h`. Used by the
+//! firewall (its `inet converge` table) and the routes reconciler (the redirect of the
+//! public ports to the active Caddy).
+
+pub mod expr;
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use std::io;
@@ -40,6 +45,7 @@ pub mod msg {
     pub const DELTABLE: u8 = 2;
     pub const NEWRULE: u8 = 6;
     pub const GETRULE: u8 = 7;
+    pub const DELRULE: u8 = 8;
     pub const NEWSET: u8 = 9;
     pub const GETSET: u8 = 10;
     pub const NEWSETELEM: u8 = 12;
@@ -150,6 +156,30 @@ pub fn attr_str(buf: &[u8], ty: u16) -> Option<String> {
 
 pub fn attr_u32_be(buf: &[u8], ty: u16) -> Option<u32> {
     attr(buf, ty).and_then(|p| Some(u32::from_be_bytes(p.get(..4)?.try_into().ok()?)))
+}
+
+/// A rule's comment as nft writes it (udata TLV type 0, NUL-terminated), so `nft list`
+/// shows it and a dump tells converge's rules apart from edited ones.
+pub fn rule_comment(text: &str) -> Vec<u8> {
+    let mut udata = vec![0u8, (text.len() + 1) as u8];
+    udata.extend_from_slice(text.as_bytes());
+    udata.push(0);
+    udata
+}
+
+/// The comment in a rule's udata (attribute NFTA_RULE_USERDATA), if any.
+pub fn parse_rule_comment(udata: &[u8]) -> Option<String> {
+    let mut rest = udata;
+    while rest.len() >= 2 {
+        let (t, l) = (rest[0], rest[1] as usize);
+        let v = rest.get(2..2 + l)?;
+        if t == 0 {
+            let end = v.iter().position(|b| *b == 0).unwrap_or(v.len());
+            return Some(String::from_utf8_lossy(&v[..end]).into_owned());
+        }
+        rest = &rest[2 + l..];
+    }
+    None
 }
 
 /// One nf_tables request: message type, flags, family and its attributes; `what` names it
