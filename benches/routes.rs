@@ -2,8 +2,10 @@
 //! 500 and 2,000 routes — converge's pass (observe + plan + one guarded change) vs a
 //! full `/load` of the whole configuration vs one admin call per route (the approach of
 //! agents that sync each route with its own call) — with Caddy's CPU time per change
-//! (from /proc/<pid>/task/*/schedstat) and failed requests of a client running meanwhile; then 50
-//! routes changed in one document: converge's single change vs 50 separate calls.
+//! (from /proc/<pid>/task/*/schedstat, both instances of converge's pair) and failed
+//! requests of a client running meanwhile; then 50 routes changed in one document:
+//! converge's single change vs 50 separate calls. The baselines act on the serving
+//! instance directly, as an agent driving one Caddy does.
 //!
 //! Run: `cargo bench --bench routes` (root; Caddy from `CONVERGE_TEST_CADDY`, else
 //! install/caddy.sh's, else PATH). Under `cargo test --all-targets` a smoke run (10
@@ -15,6 +17,7 @@ mod common;
 use common::sandbox::TestNode;
 use converge_core::{Facts, Reconciler};
 use converge_routes::driver::admin::Admin;
+use converge_routes::driver::pair::{self, Instance};
 use converge_routes::driver::{Caddy, CaddyConfig, CaddyDriver};
 use converge_routes::{Routes, RoutesInput, RoutesSpec};
 use serde_json::{json, Value};
@@ -56,12 +59,11 @@ fn spec(n: usize, changed: &[usize], tag: u32) -> RoutesInput {
 /// Caddy's CPU time so far, in ms: the sum of its threads' time on CPU from
 /// /proc/<pid>/task/*/schedstat (nanoseconds; /proc/<pid>/stat counts 10 ms ticks, too
 /// coarse for one small change).
-fn cpu_ms(pid: u32) -> f64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0.0;
-    };
-    let ns: u64 = tasks
-        .flatten()
+fn cpu_ms(pids: &[u32]) -> f64 {
+    let ns: u64 = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_dir(format!("/proc/{pid}/task")).ok())
+        .flat_map(|tasks| tasks.flatten())
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| {
             s.split_whitespace()
@@ -169,12 +171,19 @@ enum Approach<'a> {
 
 struct Bench<'a> {
     r: &'a Routes<Caddy>,
-    admin: &'a Admin,
-    pid: u32,
+    /// `<data-dir>/caddy` of converge's pair.
+    dir: &'a Path,
+    pids: Vec<u32>,
     tag: u32,
 }
 
 impl Bench<'_> {
+    /// The Caddy instance serving now, and its admin client.
+    fn serving(&self) -> (Instance, Admin) {
+        let inst = self.r.driver().serving().expect("managed caddy");
+        (inst, Admin::new(inst.dir(self.dir).join("admin.sock")))
+    }
+
     /// Runs the approach once; returns its calls and the time of what it measures
     /// (converge: the whole pass; /load and per-route calls: the calls alone, the
     /// configuration they send being built beforehand).
@@ -190,14 +199,17 @@ impl Bench<'_> {
             }
             Approach::Load(n) => {
                 let cfg = full_config(self.r, &spec(*n, &[n / 2], tag)).await;
+                let (inst, admin) = self.serving();
+                let cfg = pair::to_instance(&cfg, self.dir, inst);
                 let t = Instant::now();
-                self.admin.load(&cfg, None).await.expect("load");
+                admin.load(&cfg, None).await.expect("load");
                 (1, t.elapsed())
             }
             Approach::PerRoute(names) => {
-                let cfg = self.admin.get_config().await.expect("config").value;
+                let (_, admin) = self.serving();
+                let cfg = admin.get_config().await.expect("config").value;
                 let t = Instant::now();
-                let calls = per_route(self.admin, &cfg, names, tag).await;
+                let calls = per_route(&admin, &cfg, names, tag).await;
                 (calls, t.elapsed())
             }
         }
@@ -205,17 +217,20 @@ impl Bench<'_> {
 
     async fn measure(&mut self, a: Approach<'_>) -> Sample {
         // Alone: wall time and Caddy's CPU (its CPU while finishing the old servers
-        // after answering is counted too, up to 300 ms later).
-        let c0 = cpu_ms(self.pid);
+        // after answering is counted too, up to 300 ms later; for converge also the
+        // reload of the old instance after the drain, which a read waits for).
+        let c0 = cpu_ms(&self.pids);
         let (calls, took) = self.once(&a).await;
         let wall_ms = took.as_secs_f64() * 1e3;
+        self.r.driver().get_config().await.expect("settled");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let cpu = cpu_ms(self.pid) - c0;
+        let cpu = cpu_ms(&self.pids) - c0;
         // Under traffic: failed requests.
         let client = Client::start();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let f0 = client.failed();
         self.once(&a).await;
+        self.r.driver().get_config().await.expect("settled");
         tokio::time::sleep(Duration::from_millis(200)).await;
         let failed = client.failed() - f0;
         drop(client);
@@ -253,7 +268,9 @@ fn main() {
             .arg(&www),
     );
     let dir = node.data_dir().join("caddy");
-    node.track_pidfile(dir.join("caddy.pid"));
+    for inst in Instance::BOTH {
+        node.track_pidfile(inst.dir(&dir).join("caddy.pid"));
+    }
     let bin = caddy_bin();
     let version = std::process::Command::new(&bin)
         .arg("version")
@@ -286,7 +303,6 @@ fn main() {
                 // A pass's own cost is measured: changes timed back to back, no hold.
                 min_reload_interval: Duration::ZERO,
             }));
-            let admin = Admin::new(dir.join("admin.sock"));
             let mut lines = vec![format!(
                 "caddy {version}; times in ms; ratios against converge's pass; failed = requests to r0 that failed meanwhile"
             )];
@@ -294,12 +310,12 @@ fn main() {
                 "{:<34} {:>6} {:>6} {:>10} {:>9} {:>10} {:>9} {:>7}",
                 "approach", "routes", "calls", "wall", "ratio", "caddy cpu", "ratio", "failed"
             ));
-            let mut b = Bench { r: &r, admin: &admin, pid: 0, tag: 1 };
+            let mut b = Bench { r: &r, dir: &dir, pids: Vec::new(), tag: 1 };
             for &n in sizes {
                 // Set up n routes; Caddy started by the first pass.
                 converge_pass(&r, &spec(n, &[], 0)).await;
-                b.pid = match r.driver().process() {
-                    Ok(converge_routes::plan::Process::Managed { pids, .. }) => pids[0],
+                b.pids = match r.driver().process() {
+                    Ok(converge_routes::plan::Process::Managed { pids, .. }) => pids,
                     _ => panic!("caddy not running"),
                 };
                 let mid = [n / 2];

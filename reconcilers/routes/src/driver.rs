@@ -127,6 +127,11 @@ impl Caddy {
         }
     }
 
+    /// The instance new connections go to (managed mode), as last read or switched to.
+    pub fn serving(&self) -> Option<Instance> {
+        self.external.is_none().then(|| self.active())
+    }
+
     fn admin(&self, inst: Instance) -> &admin::Admin {
         &self.pair[match inst {
             Instance::A => 0,
