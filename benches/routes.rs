@@ -219,6 +219,10 @@ impl Bench<'_> {
         // Alone: wall time and Caddy's CPU (its CPU while finishing the old servers
         // after answering is counted too, up to 300 ms later; for converge also the
         // reload of the old instance after the drain, which a read waits for).
+        // converge's previous change settled first (its old instance reloaded after the
+        // drain), so neither its time nor its CPU lands in this sample.
+        self.r.driver().get_config().await.expect("settled");
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let c0 = cpu_ms(&self.pids);
         let (calls, took) = self.once(&a).await;
         let wall_ms = took.as_secs_f64() * 1e3;
@@ -226,6 +230,7 @@ impl Bench<'_> {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let cpu = cpu_ms(&self.pids) - c0;
         // Under traffic: failed requests.
+        self.r.driver().get_config().await.expect("settled");
         let client = Client::start();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let f0 = client.failed();

@@ -267,6 +267,9 @@ in_ns_b curl -sS -m 5 --cacert "$ca" --resolve api.storefront.test:443:127.0.0.1
   -w 'GET https://api.storefront.test/busybox on proxy-fra1-01: HTTP %{http_code}, %{size_download} bytes, TLS verified against the proxy'"'"'s CA\n' \
   https://api.storefront.test/busybox
 cv_b status | sed -n '/^routes/,/^[a-z]/p' | head -4
+echo "proxy-fra1-01 runs two Caddy instances; a route change loads the standby and switches new"
+echo "connections to it in one nftables transaction, so the Caddy serving is never reloaded:"
+in_ns_b nft list chain inet converge_proxy prerouting | grep ipv4
 
 banner "the control plane's view: proxy-fra1-01 accepted its signed document and converged to it (its status as reported)"
 for _ in $(seq 150); do
