@@ -118,15 +118,6 @@ impl Caddy {
         }
     }
 
-    /// The admin socket that reaches the Caddy serving now: the external one, or the
-    /// link to the active instance's.
-    pub fn admin_socket(&self) -> PathBuf {
-        match &self.external {
-            Some(a) => a.socket().to_path_buf(),
-            None => self.config.dir.join("admin.sock"),
-        }
-    }
-
     /// The instance new connections go to (managed mode), as last read or switched to.
     pub fn serving(&self) -> Option<Instance> {
         self.external.is_none().then(|| self.active())

@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// A read or a small call; a load reloads every app and may wait for listeners.
@@ -51,10 +51,6 @@ impl Admin {
         Self {
             socket: socket.into(),
         }
-    }
-
-    pub fn socket(&self) -> &Path {
-        &self.socket
     }
 
     /// One admin call, sent again when Caddy closed the connection without answering.
