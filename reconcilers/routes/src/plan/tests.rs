@@ -260,3 +260,40 @@ fn a_load_within_the_reload_interval_is_held_a_start_is_not() {
     assert!(matches!(p.actions[0], Action::Start { .. }));
     load_of(&p);
 }
+
+#[test]
+fn the_pair_is_put_right_and_a_lost_instance_is_started_alone() {
+    let inp = input(routes());
+    let converged = load_of(&plan(&inp, &observed(foreign()), &facts()))
+        .config
+        .clone();
+    let mut obs = observed(converged.clone());
+    obs.config.as_mut().unwrap().standby = Some(converged.clone());
+    assert!(
+        plan(&inp, &obs, &facts()).actions.is_empty(),
+        "in agreement"
+    );
+    // The standby lacks the routes (its reload after the drain failed): one load.
+    obs.config.as_mut().unwrap().standby = Some(foreign());
+    let p = plan(&inp, &obs, &facts());
+    assert_eq!(load_of(&p).config, converged);
+    assert!(load_of(&p).changed.is_empty());
+    assert_eq!(p.changes[0].to_string(), "~ config caddy");
+    // Foreign objects differing on the standby are not converge's business.
+    let mut edited = converged.clone();
+    edited["apps"]["http"]["servers"]["theirs"]["listen"] = json!([":9"]);
+    obs.config.as_mut().unwrap().standby = Some(edited);
+    assert!(plan(&inp, &obs, &facts()).actions.is_empty());
+    // The kernel's redirect is gone (a flushed ruleset): one load, which switches.
+    obs.config.as_mut().unwrap().redirected = false;
+    assert_eq!(load_of(&plan(&inp, &obs, &facts())).config, converged);
+    // One instance killed: only it is started, nothing is stopped.
+    obs.config = None;
+    obs.process = Process::Managed {
+        pids: vec![7],
+        missing: true,
+        bootstrap: json!({"admin": {}}),
+    };
+    let p = plan(&inp, &obs, &facts());
+    assert!(matches!(&p.actions[0], Action::Start { stop } if stop.is_empty()));
+}
