@@ -19,6 +19,6 @@ pub use plan::{
     earliest, Change, FieldChange, ObjectNote, ObjectOutcome, Op, Plan, Retry, Waiting,
 };
 pub use problems::{Problem, Problems};
-pub use reconciler::{with_timeout, DriverError, HostEvent, Reconciler};
+pub use reconciler::{blocking, with_timeout, DriverError, HostEvent, Reconciler};
 pub use redact::redact;
 pub use secrets::{SecretError, SecretSource};

@@ -2,7 +2,7 @@
 //! socket with a send buffer sized to the batch, dumps, the ruleset generation id and the
 //! ruleset-change event stream.
 //!
-//! rustables encodes the table and chain messages (see the firewall's `ruleset.rs`); this
+//! rustables encodes the table and chain messages (`table.rs`); this
 //! module carries what it cannot: rule expressions it lacks (`fib`, `redir`-style port
 //! NAT, maps and concatenated keys in 32-bit registers; `expr`), set elements with data,
 //! element dumps of an `inet` table, batches larger than one socket buffer, and the batch
@@ -11,6 +11,9 @@
 //! public ports to the active Caddy).
 
 pub mod expr;
+mod table;
+
+pub use table::{rule_message, table_and_chains, ChainDef, Hook};
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use std::io;

@@ -67,6 +67,17 @@ pub async fn with_timeout<T>(
     }
 }
 
+/// Runs blocking host work (netlink, files) on tokio's blocking threads; `what` names it
+/// if the thread fails.
+pub async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
+) -> Result<T, DriverError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DriverError::Failed(format!("{what}: {e}")))?
+}
+
 /// One reconciler: owns one section of the document and the host objects it created.
 ///
 /// Implementations must keep `plan` pure (no I/O, no clock, no writes to `self`,

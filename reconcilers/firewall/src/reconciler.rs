@@ -5,7 +5,9 @@
 use crate::driver::{CommitError, NftDriver};
 use crate::plan::{plan, Action, Commit, Observed, Then};
 use crate::FirewallSpec;
-use converge_core::{DriverError, Facts, FactsUpdate, HostEvent, ObjectOutcome, Plan, Reconciler};
+use converge_core::{
+    blocking, DriverError, Facts, FactsUpdate, HostEvent, ObjectOutcome, Plan, Reconciler,
+};
 use futures::stream::BoxStream;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -70,14 +72,6 @@ impl<D: NftDriver> Firewall<D> {
 /// 10,000 ports) go to a blocking thread.
 const INLINE_BATCH: usize = 16 * 1024;
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
-) -> Result<T, DriverError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| DriverError::Failed(format!("netlink task: {e}")))?
-}
-
 impl<D: NftDriver> Reconciler for Firewall<D> {
     type Spec = FirewallSpec;
     type Observed = Observed;
@@ -122,7 +116,7 @@ impl<D: NftDriver> Reconciler for Firewall<D> {
             return Ok(o.clone());
         }
         let d = self.driver.clone();
-        let table = Arc::new(blocking(move || d.read()).await?);
+        let table = Arc::new(blocking("netlink task", move || d.read()).await?);
         let o = Observed {
             genid,
             table,

@@ -7,7 +7,8 @@
 //! rule per map. Filters (`allowFrom`, `input`, `forward`) are elements of interval sets
 //! with concatenated keys, also looked up by one rule each.
 
-use crate::nfnl::{self, msg, Attrs, Message, NLM_F_APPEND, NLM_F_CREATE};
+use crate::nfnl::{self, msg, Attrs, Message, NLM_F_CREATE};
+pub use crate::nfnl::{ChainDef, Hook};
 use crate::{FilterPolicy, FilterRule, FirewallSpec, Protocol, PublishedPort};
 use converge_core::Facts;
 use ipnet::IpNet;
@@ -242,15 +243,6 @@ pub fn targets(snapshot: &Snapshot) -> BTreeSet<IpAddr> {
     out
 }
 
-/// A base chain's hook, or none for a regular chain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Hook {
-    pub num: u32,
-    pub priority: i32,
-    pub nat: bool,
-    pub accept: bool,
-}
-
 /// A chain with the tags of its rules, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainState {
@@ -308,12 +300,6 @@ pub struct RuleDef {
     pub chain: &'static str,
     pub tag: String,
     pub exprs: Vec<u8>,
-}
-
-/// A chain converge creates: its name and, for a base chain, its hook.
-pub struct ChainDef {
-    pub name: &'static str,
-    pub hook: Option<Hook>,
 }
 
 /// The full desired table: snapshot to compare plus what is needed to (re)build it.

@@ -103,73 +103,12 @@ pub(super) fn set_message(set: &SetDef, id: u32) -> Message {
 
 pub(super) fn rule_message(r: &RuleDef) -> Message {
     // The tag travels as the rule's comment.
-    let udata = nfnl::rule_comment(&r.tag);
-    let mut a = Attrs::new();
-    a.str(1, TABLE)
-        .str(2, r.chain)
-        .nest_raw(4, &r.exprs)
-        .bytes(7, &udata);
-    Message::new(
-        msg::NEWRULE,
-        NLM_F_CREATE | NLM_F_APPEND,
-        a,
-        format!("add rule to chain {} ({})", r.chain, r.tag),
-    )
-}
-
-/// Table and chain messages, encoded by rustables.
-pub(super) fn table_and_chains(chains: &[ChainDef], recreate: bool) -> Vec<Message> {
-    use rustables::{Batch, Chain, ChainPolicy, ChainType, MsgType, ProtocolFamily, Table};
-    let table = Table::new(ProtocolFamily::Inet).with_name(TABLE);
-    let mut batch = Batch::new();
-    batch.add(&table, MsgType::Add);
-    if recreate {
-        // add-then-delete works whether or not the table exists; the batch is atomic.
-        batch.add(&table, MsgType::Del);
-        batch.add(&table, MsgType::Add);
-    }
-    for c in chains {
-        let mut chain = Chain::new(&table).with_name(c.name);
-        if let Some(h) = c.hook {
-            chain = chain
-                .with_hook(
-                    rustables::Hook::default()
-                        .with_class(h.num)
-                        .with_priority(h.priority as u32),
-                )
-                .with_type(if h.nat {
-                    ChainType::Nat
-                } else {
-                    ChainType::Filter
-                })
-                .with_policy(if h.accept {
-                    ChainPolicy::Accept
-                } else {
-                    ChainPolicy::Drop
-                });
-        }
-        batch.add(&chain, MsgType::Add);
-    }
-    let bytes = batch.finalize();
-    let parts = nfnl::split_messages(&bytes);
-    // Drop rustables' own batch begin/end: the messages join converge's batch.
-    let inner = parts.get(1..parts.len().saturating_sub(1)).unwrap_or(&[]);
-    let mut names = vec!["add table inet converge".to_string()];
-    if recreate {
-        names.push("delete table inet converge".into());
-        names.push("add table inet converge".into());
-    }
-    names.extend(chains.iter().map(|c| format!("add chain {}", c.name)));
-    inner
-        .iter()
-        .zip(names)
-        .filter_map(|(raw, what)| Message::encoded(raw, what))
-        .collect()
+    nfnl::rule_message(TABLE, r.chain, &r.exprs, &r.tag)
 }
 
 /// Every message that builds the desired table from scratch (replacing any old one).
 pub fn rebuild_messages(d: &Desired) -> Vec<Message> {
-    let mut out = table_and_chains(&d.chains, true);
+    let mut out = nfnl::table_and_chains(TABLE, &d.chains, true);
     out.extend(d.sets.iter().zip(1..).map(|(s, id)| set_message(s, id)));
     out.extend(d.rules.iter().map(rule_message));
     for s in &d.sets {

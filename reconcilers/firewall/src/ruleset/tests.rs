@@ -158,7 +158,7 @@ fn rule_tags_change_with_the_expressions() {
 #[test]
 fn rustables_encodes_table_and_chains() {
     let (chains, _, _) = structure(&FirewallSpec::default());
-    let msgs = table_and_chains(&chains, true);
+    let msgs = nfnl::table_and_chains(TABLE, &chains, true);
     assert_eq!(msgs.len(), 3 + chains.len());
     assert_eq!(msgs[1].ty, msg::DELTABLE);
     let (name, state) = parse_chain(&msgs[3].attrs).unwrap();

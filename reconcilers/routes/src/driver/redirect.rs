@@ -6,8 +6,8 @@
 
 use super::pair::Instance;
 use converge_core::nfnl::expr::{Exprs, IPPROTO_TCP, R0};
-use converge_core::nfnl::{self, msg, Attrs, Message, Nft, NLM_F_APPEND, NLM_F_CREATE};
-use converge_core::DriverError;
+use converge_core::nfnl::{self, msg, Attrs, ChainDef, Hook, Message, Nft};
+use converge_core::{blocking, DriverError};
 use std::collections::BTreeSet;
 
 pub const TABLE: &str = "converge_proxy";
@@ -47,33 +47,16 @@ fn rules(inst: Instance) -> Vec<RuleDef> {
 
 /// Table and chains (added if missing), each chain flushed and refilled for `inst`.
 fn switch_messages(inst: Instance) -> Vec<Message> {
-    use rustables::{Batch, Chain, ChainPolicy, ChainType, MsgType, ProtocolFamily, Table};
-    let table = Table::new(ProtocolFamily::Inet).with_name(TABLE);
-    let mut batch = Batch::new();
-    batch.add(&table, MsgType::Add);
-    for (name, hook) in CHAINS {
-        let chain = Chain::new(&table)
-            .with_name(name)
-            .with_hook(
-                rustables::Hook::default()
-                    .with_class(hook)
-                    .with_priority(PRIORITY as u32),
-            )
-            .with_type(ChainType::Nat)
-            .with_policy(ChainPolicy::Accept);
-        batch.add(&chain, MsgType::Add);
-    }
-    let bytes = batch.finalize();
-    let parts = nfnl::split_messages(&bytes);
-    // Drop rustables' own batch begin/end: the messages join one batch with the rules.
-    let inner = parts.get(1..parts.len().saturating_sub(1)).unwrap_or(&[]);
-    let names = std::iter::once(format!("add table inet {TABLE}"))
-        .chain(CHAINS.iter().map(|(c, _)| format!("add chain {c}")));
-    let mut out: Vec<Message> = inner
-        .iter()
-        .zip(names)
-        .filter_map(|(raw, what)| Message::encoded(raw, what))
-        .collect();
+    let chains = CHAINS.map(|(name, num)| ChainDef {
+        name,
+        hook: Some(Hook {
+            num,
+            priority: PRIORITY,
+            nat: true,
+            accept: true,
+        }),
+    });
+    let mut out = nfnl::table_and_chains(TABLE, &chains, false);
     for (chain, _) in CHAINS {
         // DELRULE with a chain and no handle flushes the chain.
         let mut a = Attrs::new();
@@ -85,19 +68,11 @@ fn switch_messages(inst: Instance) -> Vec<Message> {
             format!("flush chain {chain}"),
         ));
     }
-    for (chain, comment, exprs) in rules(inst) {
-        let mut a = Attrs::new();
-        a.str(1, TABLE)
-            .str(2, chain)
-            .nest_raw(4, &exprs)
-            .bytes(7, &nfnl::rule_comment(&comment));
-        out.push(Message::new(
-            msg::NEWRULE,
-            NLM_F_CREATE | NLM_F_APPEND,
-            a,
-            format!("add rule to chain {chain} ({comment})"),
-        ));
-    }
+    out.extend(
+        rules(inst)
+            .iter()
+            .map(|(chain, comment, exprs)| nfnl::rule_message(TABLE, chain, exprs, comment)),
+    );
     out
 }
 
@@ -107,7 +82,7 @@ fn netlink(e: nfnl::NlError) -> DriverError {
 
 /// Sends new connections to `inst` (one atomic transaction).
 pub async fn switch(inst: Instance) -> Result<(), DriverError> {
-    blocking(move || {
+    blocking("nftables task", move || {
         let mut nft = Nft::open().map_err(netlink)?;
         nft.commit(&switch_messages(inst), None).map_err(netlink)
     })
@@ -117,7 +92,7 @@ pub async fn switch(inst: Instance) -> Result<(), DriverError> {
 /// The instance the kernel sends new connections to; `None` when the table is missing
 /// or is not exactly converge's rules for one instance (edited, flushed).
 pub async fn active() -> Result<Option<Instance>, DriverError> {
-    blocking(|| {
+    blocking("nftables task", || {
         let mut nft = Nft::open().map_err(netlink)?;
         let mut filter = Attrs::new();
         filter.str(1, TABLE);
@@ -145,12 +120,4 @@ pub async fn active() -> Result<Option<Instance>, DriverError> {
         }))
     })
     .await
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
-) -> Result<T, DriverError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| DriverError::Failed(format!("nftables task: {e}")))?
 }
