@@ -3,7 +3,8 @@
 //! full `/load` of the whole configuration vs one admin call per route (the approach of
 //! agents that sync each route with its own call) — with Caddy's CPU time per change
 //! (from /proc/<pid>/task/*/schedstat, both instances of converge's pair) and failed
-//! requests of a client running meanwhile; then 50 routes changed in one document:
+//! requests of clients running meanwhile (a new connection per request, HTTP/1.1
+//! keep-alive never retrying, keep-alive retrying as RFC 9112 allows); then 50 routes changed in one document:
 //! converge's single change vs 50 separate calls. The baselines act on the serving
 //! instance directly, as an agent driving one Caddy does.
 //!
@@ -74,7 +75,55 @@ fn cpu_ms(pids: &[u32]) -> f64 {
     ns as f64 / 1e6
 }
 
-/// A client sending requests to route r0 back to back (new connection each); counts.
+/// How a client uses its connections.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A new connection per request.
+    New,
+    /// HTTP/1.1 keep-alive; `retry`: a request whose reused connection closed before
+    /// any byte of the answer is sent once more on a new one (RFC 9112 9.3.1), else it
+    /// fails (python-requests, most scripts).
+    KeepAlive { retry: bool },
+}
+
+/// One request on `conn`: Ok((answered 200, the server closes after it)); Err(true)
+/// when the connection closed before any byte of the answer.
+fn request(conn: &mut TcpStream) -> Result<(bool, bool), bool> {
+    use std::io::{BufRead, BufReader};
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: r0.test\r\n\r\n")
+        .map_err(|_| true)?;
+    let mut reader = BufReader::new(conn);
+    let mut status = String::new();
+    match reader.read_line(&mut status) {
+        Ok(0) | Err(_) => return Err(true),
+        Ok(_) => {}
+    }
+    let (mut length, mut close) = (0usize, false);
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return Err(false),
+            Ok(_) if line == "\r\n" => break,
+            Ok(_) => {}
+        }
+        let (k, v) = line.split_once(':').unwrap_or((&line, ""));
+        if k.eq_ignore_ascii_case("content-length") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        close |= k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close");
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).map_err(|_| false)?;
+    Ok((status.starts_with("HTTP/1.1 200"), close))
+}
+
+fn connect() -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect("127.0.0.1:80")?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
+}
+
+/// A client sending requests to route r0 back to back; counts.
 struct Client {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
@@ -82,7 +131,7 @@ struct Client {
 }
 
 impl Client {
-    fn start() -> Client {
+    fn start(kind: Kind) -> Client {
         let c = Client {
             stop: Arc::new(AtomicBool::new(false)),
             sent: Arc::new(AtomicU64::new(0)),
@@ -90,16 +139,33 @@ impl Client {
         };
         let (stop, sent, failed) = (c.stop.clone(), c.sent.clone(), c.failed.clone());
         std::thread::spawn(move || {
+            let mut kept: Option<TcpStream> = None;
             while !stop.load(Ordering::Relaxed) {
-                let ok = (|| -> std::io::Result<bool> {
-                    let mut s = TcpStream::connect("127.0.0.1:80")?;
-                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                    s.write_all(b"GET / HTTP/1.1\r\nHost: r0.test\r\nConnection: close\r\n\r\n")?;
-                    let mut buf = Vec::new();
-                    s.read_to_end(&mut buf)?;
-                    Ok(buf.starts_with(b"HTTP/1.1 200"))
-                })()
-                .unwrap_or(false);
+                let ok = match kind {
+                    Kind::New => connect()
+                        .ok()
+                        .and_then(|mut c| request(&mut c).ok())
+                        .is_some_and(|(ok, _)| ok),
+                    Kind::KeepAlive { retry } => {
+                        let reused = kept.is_some();
+                        let mut r = kept
+                            .take()
+                            .map_or_else(|| connect().map_err(|_| false), Ok)
+                            .and_then(|mut c| request(&mut c).map(|r| (r, c)));
+                        if matches!(r, Err(true)) && retry && reused {
+                            r = connect()
+                                .map_err(|_| false)
+                                .and_then(|mut c| request(&mut c).map(|r| (r, c)));
+                        }
+                        match r {
+                            Ok(((ok, close), conn)) => {
+                                kept = (!close).then_some(conn);
+                                ok
+                            }
+                            Err(_) => false,
+                        }
+                    }
+                };
                 sent.fetch_add(1, Ordering::Relaxed);
                 if !ok {
                     failed.fetch_add(1, Ordering::Relaxed);
@@ -120,11 +186,13 @@ impl Drop for Client {
     }
 }
 
-/// One measured change: wall time, Caddy CPU, failed requests meanwhile.
+/// One measured change: wall time, Caddy CPU, failed requests meanwhile of clients on
+/// new connections, on kept-alive ones that never retry, and on kept-alive ones that
+/// retry.
 struct Sample {
     wall_ms: f64,
     cpu_ms: f64,
-    failed: u64,
+    failed: [u64; 3],
     calls: usize,
 }
 
@@ -221,24 +289,29 @@ impl Bench<'_> {
         // reload of the old instance after the drain, which a read waits for).
         // converge's previous change settled first (its old instance reloaded after the
         // drain), so neither its time nor its CPU lands in this sample.
-        self.r.driver().get_config().await.expect("settled");
+        self.r.driver().settled().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let c0 = cpu_ms(&self.pids);
         let (calls, took) = self.once(&a).await;
         let wall_ms = took.as_secs_f64() * 1e3;
-        self.r.driver().get_config().await.expect("settled");
+        self.r.driver().settled().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let cpu = cpu_ms(&self.pids) - c0;
-        // Under traffic: failed requests.
-        self.r.driver().get_config().await.expect("settled");
-        let client = Client::start();
+        // Under traffic: failed requests of each kind of client.
+        self.r.driver().settled().await;
+        let clients = [
+            Kind::New,
+            Kind::KeepAlive { retry: false },
+            Kind::KeepAlive { retry: true },
+        ]
+        .map(Client::start);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let f0 = client.failed();
+        let f0 = clients.each_ref().map(Client::failed);
         self.once(&a).await;
-        self.r.driver().get_config().await.expect("settled");
+        self.r.driver().settled().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let failed = client.failed() - f0;
-        drop(client);
+        let failed = [0, 1, 2].map(|i| clients[i].failed() - f0[i]);
+        drop(clients);
         tokio::time::sleep(Duration::from_millis(50)).await;
         Sample {
             wall_ms,
@@ -250,14 +323,15 @@ impl Bench<'_> {
 }
 
 fn row(label: &str, n: usize, s: &Sample, base: &Sample) -> String {
+    let [new, ka, kr] = s.failed;
     format!(
-        "{label:<34} {n:>6} {:>6} {:>10.1} {:>8.1}x {:>10.1} {:>8.1}x {:>7}",
+        "{label:<34} {n:>6} {:>6} {:>10.1} {:>8.1}x {:>10.1} {:>8.1}x {:>14}",
         s.calls,
         s.wall_ms,
         s.wall_ms / base.wall_ms.max(0.001),
         s.cpu_ms,
         s.cpu_ms / base.cpu_ms.max(0.001),
-        s.failed
+        format!("{new} / {ka} / {kr}")
     )
 }
 
@@ -309,10 +383,12 @@ fn main() {
                 min_reload_interval: Duration::ZERO,
             }));
             let mut lines = vec![format!(
-                "caddy {version}; times in ms; ratios against converge's pass; failed = requests to r0 that failed meanwhile"
+                "caddy {version}; times in ms; ratios against converge's pass; failed = requests to r0 that \
+                 failed meanwhile, of a client on new connections / on kept-alive ones that never retries / \
+                 on kept-alive ones that retries (RFC 9112 9.3.1)"
             )];
             lines.push(format!(
-                "{:<34} {:>6} {:>6} {:>10} {:>9} {:>10} {:>9} {:>7}",
+                "{:<34} {:>6} {:>6} {:>10} {:>9} {:>10} {:>9} {:>14}",
                 "approach", "routes", "calls", "wall", "ratio", "caddy cpu", "ratio", "failed"
             ));
             let mut b = Bench { r: &r, dir: &dir, pids: Vec::new(), tag: 1 };
@@ -334,7 +410,7 @@ fn main() {
                     let k = n as f64 / calls.len() as f64;
                     per.wall_ms *= k;
                     per.cpu_ms *= k;
-                    per.failed = (per.failed as f64 * k).round() as u64;
+                    per.failed = per.failed.map(|f| (f as f64 * k).round() as u64);
                     per.calls = n;
                     format!("one call per route ({} timed)", calls.len())
                 } else {

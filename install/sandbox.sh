@@ -270,6 +270,18 @@ cv_b status | sed -n '/^routes/,/^[a-z]/p' | head -4
 echo "proxy-fra1-01 runs two Caddy instances; a route change loads the standby and switches new"
 echo "connections to it in one nftables transaction, so the Caddy serving is never reloaded:"
 in_ns_b nft list chain inet converge_proxy prerouting | grep ipv4
+echo "the whole ruleset flushed on proxy-fra1-01 (as 'systemctl restart nftables' does): converge"
+echo "sees it through nftables notifications and puts the redirect back, without reloading Caddy:"
+in_ns_b nft flush ruleset
+flushed=$(date +%s%N)
+for _ in $(seq 2000); do
+  in_ns_b nft list chain inet converge_proxy prerouting >/dev/null 2>&1 && break
+  sleep 0.005
+done
+echo "redirect back $((($(date +%s%N) - flushed) / 1000000)) ms after the flush (as seen by polling nft)"
+in_ns_b curl -sS -m 5 --cacert "$ca" --resolve api.storefront.test:443:127.0.0.1 -o /dev/null \
+  -w 'GET https://api.storefront.test/busybox after the flush: HTTP %{http_code}\n' \
+  https://api.storefront.test/busybox
 
 banner "the control plane's view: proxy-fra1-01 accepted its signed document and converged to it (its status as reported)"
 for _ in $(seq 150); do

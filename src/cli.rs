@@ -674,7 +674,7 @@ async fn apply(
             // One shot: nothing retries later, so any failure counts.
             (PassResult::Ran { outcomes, .. }, _) if outcomes.iter().any(|o| o.error.is_some()) => {
                 let errors = Failures::of(outcomes).all();
-                let msg = format!("{} of {} actions failed", errors.len(), outcomes.len());
+                let msg = status::failed_message(outcomes, &errors);
                 (State::Degraded, msg, errors)
             }
             (_, Some(PassResult::Ran { changes, .. })) if !changes.is_empty() => (

@@ -347,7 +347,10 @@ struct Schedule {
     /// The wake-up the last pass asked for.
     requeue_at: Option<Instant>,
     next_resync: Instant,
+    /// Passes in a row that applied changes, each verifying the one before it.
     verify_passes: u32,
+    /// The generation the last pass worked from.
+    last_generation: Option<u64>,
     transient_streak: u32,
 }
 
@@ -368,6 +371,7 @@ impl Worker {
             requeue_at: None,
             next_resync: Instant::now() + jittered(self.cfg.resync),
             verify_passes: 0,
+            last_generation: None,
             transient_streak: 0,
         };
         let mut events = self.section.host_events();
@@ -406,6 +410,13 @@ impl Worker {
             sched.next_resync = Instant::now() + jittered(self.cfg.resync);
 
             let generation = doc.generation;
+            // Only verify passes of one generation count as applies in a row: changes a
+            // new document brings (a burst verified one after another) or that a trigger
+            // found are not "something else keeps changing the host".
+            if reason != Reason::Verify || sched.last_generation != Some(generation) {
+                sched.verify_passes = 0;
+            }
+            sched.last_generation = Some(generation);
             if self.status.as_ref().and_then(|s| s.observed_generation) != Some(generation) {
                 let progressing = Verdict {
                     state: State::Progressing,
@@ -530,12 +541,9 @@ impl Worker {
                     let delay = sched.backoff.next_delay();
                     warn!(failed, retry_in = ?delay, "some objects failed");
                     sched.retry_at = Some(now + delay);
-                    let msg = format!("{failed} of {} actions failed", outcomes.len());
-                    return (
-                        verdict(State::Degraded, msg, failures.all()),
-                        waiting,
-                        journal,
-                    );
+                    let errors = failures.all();
+                    let msg = status::failed_message(&outcomes, &errors);
+                    return (verdict(State::Degraded, msg, errors), waiting, journal);
                 }
                 sched.transient_streak = 0;
                 if !changes.is_empty() {

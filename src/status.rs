@@ -163,6 +163,27 @@ impl Failures {
     }
 }
 
+/// The status message of a pass in which objects failed: which ones (the first few by
+/// name, their errors are listed beside it) and how many of the pass's objects are
+/// converged, so "1 of 1 actions failed" never hides that 23 other routes are in force.
+pub fn failed_message(outcomes: &[ObjectOutcome], failed: &[ObjectError]) -> String {
+    const SHOWN: usize = 3;
+    let mut names: Vec<&str> = failed
+        .iter()
+        .take(SHOWN)
+        .map(|e| e.object.as_str())
+        .collect();
+    let more = failed.len().saturating_sub(SHOWN);
+    let more = (more > 0).then(|| format!("and {more} more"));
+    names.extend(more.as_deref());
+    let ok = outcomes.iter().filter(|o| o.error.is_none()).count();
+    format!(
+        "{} failed; {ok} of {} objects converged",
+        names.join(", "),
+        outcomes.len()
+    )
+}
+
 /// Waiting objects as status entries.
 pub fn waiting(items: &[Waiting]) -> Vec<ObjectError> {
     items

@@ -177,6 +177,7 @@ async fn one_failing_object_degrades_but_others_are_reported_applied() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
     let st = last_state(&mut rx, "objs", State::Degraded).await;
+    assert_eq!(st.message, "thing b failed; 1 of 2 objects converged");
     assert_eq!(
         st.object_errors,
         vec![ObjectError {
@@ -209,6 +210,62 @@ async fn documents_pushed_during_a_pass_coalesce_to_the_newest() {
     }
     let gens: Vec<u64> = seen.lock().unwrap().iter().map(|(g, _)| *g).collect();
     assert_eq!(gens, vec![1, 10]);
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_documents_verified_one_after_another_is_not_degraded() {
+    // Every pass applies the generation it was given (one change) unless it applied it
+    // already; a new document arrives during every pass, so each verify pass meets a
+    // newer generation and applies again, far more than `max_verify_passes` times.
+    let applied = Arc::new(Mutex::new(0u64));
+    let last = applied.clone();
+    let mut s = Scripted::new("burst", move |g, _, _| {
+        let mut last = last.lock().unwrap();
+        if *last == g {
+            converged()
+        } else {
+            *last = g;
+            ran(vec![thing("x")], vec![ObjectOutcome::ok("thing x")])
+        }
+    });
+    s.delay = Duration::from_millis(100);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
+    for g in 2..=20 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        engine.push(doc(g));
+    }
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(600), rx.recv())
+            .await
+            .expect("no report")
+            .expect("closed");
+        assert_ne!(r.status.state, State::Degraded, "{}", r.status.message);
+        if r.status.state == State::Converged && r.status.observed_generation == Some(20) {
+            break;
+        }
+    }
+    assert_eq!(*applied.lock().unwrap(), 20);
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn foreign_changes_after_every_apply_are_degraded() {
+    // Someone else undoes every apply: verify passes of one generation keep finding
+    // changes, and after `max_verify_passes` the reconciler says so.
+    let s = Scripted::new("fight", |_, _, _| {
+        ran(vec![thing("x")], vec![ObjectOutcome::ok("thing x")])
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(vec![Arc::new(s)], cfg(), Some(doc(1)), tx);
+    let st = last_state(&mut rx, "fight", State::Degraded).await;
+    assert!(
+        st.message
+            .contains("something else keeps changing the host"),
+        "{}",
+        st.message
+    );
     engine.shutdown().await;
 }
 

@@ -7,16 +7,26 @@ stream-server PORT
     connection through Caddy, like a WebSocket.
 
 client ADDR PORT HOST_A HOST_B CAFILE STOPFILE OUTFILE
-    Until STOPFILE exists: one thread sends requests to HOST_A back to back (a new
-    TLS connection each, verified against CAFILE) and counts failures; another holds
-    an upgraded stream to HOST_B open and counts how often it broke (reconnecting
-    each time); OUTFILE.ready appears once the stream is up. Then writes a JSON summary to OUTFILE. Bounded: at most 30 minutes.
+    Until STOPFILE exists, each in its own thread, against HOST_A (TLS verified
+    against CAFILE) unless said otherwise:
+    - new connections: a request per TLS connection, back to back (`requests`);
+    - HTTP/1.1 keep-alive that never retries, as python-requests and most scripts
+      behave: a failed request is a failure (`ka_*`);
+    - HTTP/1.1 keep-alive that retries an idempotent request once on a new connection
+      when a reused one closed before any byte of the answer, as RFC 9112 section 9.3.1
+      allows and curl, browsers and Go do (`kr_*`; `kr_retried` counts the retries);
+    - HTTP/2: curl with 50 requests on one connection per run (`h2_*`);
+    - an upgraded stream to HOST_B held open; how often it broke (reconnecting each
+      time) is counted. OUTFILE.ready appears once the stream is up.
+    Then writes a JSON summary to OUTFILE. Bounded: at most 30 minutes.
 """
+import http.client
 import json
 import os
 import socket
 import socketserver
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -59,6 +69,16 @@ def client(addr, port, host_a, host_b, cafile, stopfile, outfile):
         "requests": 0,
         "failed": 0,
         "failures": [],
+        "ka_requests": 0,
+        "ka_failed": 0,
+        "ka_failures": [],
+        "kr_requests": 0,
+        "kr_failed": 0,
+        "kr_retried": 0,
+        "kr_failures": [],
+        "h2_requests": 0,
+        "h2_failed": 0,
+        "h2_failures": [],
         "stream_connects": 0,
         "stream_broken": 0,
         "stream_lines": 0,
@@ -99,6 +119,77 @@ def client(addr, port, host_a, host_b, cafile, stopfile, outfile):
                     if len(stats["failures"]) < 20:
                         stats["failures"].append(why)
 
+    def count(prefix, ok, why):
+        with lock:
+            stats[prefix + "_requests"] += 1
+            if not ok:
+                stats[prefix + "_failed"] += 1
+                if len(stats[prefix + "_failures"]) < 20:
+                    stats[prefix + "_failures"].append(why)
+
+    class Closed(Exception):
+        """A reused connection closed before any byte of the answer came."""
+
+    def keepalive(prefix, retry):
+        conn, reused = None, False
+        request = b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host_a.encode()
+
+        def once(sock):
+            try:
+                sock.sendall(request)
+                resp = http.client.HTTPResponse(sock)
+                resp.begin()
+            except (http.client.RemoteDisconnected, ConnectionError, ssl.SSLEOFError) as e:
+                raise Closed(repr(e))
+            body = resp.read()
+            return resp.status == 200 and bool(body), resp.will_close
+
+        while running():
+            ok, why = False, ""
+            try:
+                if conn is None:
+                    conn, reused = connect(host_a), False
+                try:
+                    ok, close = once(conn)
+                except Closed as e:
+                    conn.close()
+                    conn = None
+                    if not (retry and reused):
+                        raise OSError(str(e))
+                    with lock:
+                        stats["kr_retried"] += 1
+                    conn, reused = connect(host_a), False
+                    ok, close = once(conn)
+                why = "status not 200"
+                reused = True
+                if close:
+                    conn.close()
+                    conn = None
+            except (OSError, ssl.SSLError, http.client.HTTPException, Closed) as e:
+                why = repr(e)
+                if conn is not None:
+                    conn.close()
+                conn = None
+            count(prefix, ok, why)
+        if conn is not None:
+            conn.close()
+
+    def http2():
+        url = "https://%s:%d/" % (host_a, port)
+        while running():
+            out = subprocess.run(
+                ["curl", "-s", "--http2", "--cacert", cafile, "-m", "10",
+                 "--resolve", "%s:%d:%s" % (host_a, port, addr),
+                 "-o", "/dev/null", "-w", "%{http_code} %{http_version}\n"] + [url] * 50,
+                capture_output=True, text=True, timeout=60,
+            )
+            lines = out.stdout.split()
+            codes = lines[0::2]
+            for code, version in zip(codes, lines[1::2]):
+                count("h2", code == "200" and version == "2", "%s over HTTP/%s" % (code, version))
+            if len(codes) < 50:
+                count("h2", False, "curl exit %d after %d answers" % (out.returncode, len(codes)))
+
     def stream():
         while running():
             try:
@@ -135,7 +226,13 @@ def client(addr, port, host_a, host_b, cafile, stopfile, outfile):
                         stats["breaks"].append(repr(e))
                 time.sleep(0.2)
 
-    threads = [threading.Thread(target=requests), threading.Thread(target=stream)]
+    threads = [
+        threading.Thread(target=requests),
+        threading.Thread(target=keepalive, args=("ka", False)),
+        threading.Thread(target=keepalive, args=("kr", True)),
+        threading.Thread(target=http2),
+        threading.Thread(target=stream),
+    ]
     for t in threads:
         t.start()
     for t in threads:

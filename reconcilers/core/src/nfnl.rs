@@ -15,6 +15,9 @@ mod table;
 
 pub use table::{rule_message, table_and_chains, ChainDef, Hook};
 
+use crate::HostEvent;
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -542,10 +545,28 @@ fn set_buf(sock: &Socket, force: libc::c_int, plain: libc::c_int, size: usize) -
     set_opt(sock, force, &size).or_else(|_| set_opt(sock, plain, &size))
 }
 
+/// Host events for every change to `table` (a flushed ruleset, an edit, converge's own
+/// commits), named `table inet <table>`: the one nf_tables watch the reconcilers that
+/// own a table share. `None` (with a warning) when netlink notifications cannot be
+/// had: the table is then repaired at the next resync.
+pub fn table_events(table: &'static str) -> Option<BoxStream<'static, HostEvent>> {
+    match watch_table(table) {
+        Ok(mut rx) => Some(
+            futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+                .map(move |()| HostEvent(format!("table inet {table}")))
+                .boxed(),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, table, "no nftables notifications: the table is repaired at the next resync");
+            None
+        }
+    }
+}
+
 /// Ruleset-change notifications (the NFNLGRP_NFTABLES multicast group) for `table`:
 /// each yields once per received burst that touched it. Runs on its own thread, which
 /// ends when the receiver is dropped.
-pub fn watch_table(table: &'static str) -> io::Result<tokio::sync::mpsc::Receiver<()>> {
+fn watch_table(table: &'static str) -> io::Result<tokio::sync::mpsc::Receiver<()>> {
     let mut sock = Socket::new(NETLINK_NETFILTER)?;
     sock.bind_auto()?;
     sock.add_membership(NFNLGRP_NFTABLES)?;

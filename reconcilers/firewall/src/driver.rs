@@ -83,23 +83,8 @@ impl NftDriver for Kernel {
     }
 
     fn events(&self) -> Option<BoxStream<'static, HostEvent>> {
-        use futures::StreamExt;
-        match nfnl::watch_table(TABLE) {
-            Ok(rx) => Some(
-                tokio_stream(rx)
-                    .map(|()| HostEvent(format!("table inet {TABLE}")))
-                    .boxed(),
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "no nftables notifications; drift is repaired at the next resync");
-                None
-            }
-        }
+        nfnl::table_events(TABLE)
     }
-}
-
-fn tokio_stream(mut rx: tokio::sync::mpsc::Receiver<()>) -> impl futures::Stream<Item = ()> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 fn table_filter() -> Attrs {

@@ -6,6 +6,7 @@
 use crate::plan::{Config, Process, UpstreamStatus};
 use converge_core::{DriverError, HostEvent, SecretSource};
 use futures::stream::BoxStream;
+use futures::StreamExt;
 use pair::Instance;
 use serde_json::Value;
 use std::future::Future;
@@ -51,11 +52,15 @@ pub trait CaddyDriver: Send + Sync + 'static {
     fn load_hold(&self) -> Option<Duration> {
         None
     }
+    /// Sends the public ports to the serving instance again (managed mode: the kernel's
+    /// redirect was flushed or edited); no Caddy reload.
+    fn redirect(&self) -> impl Future<Output = Result<(), DriverError>> + Send;
     /// Starts Caddy on its bootstrap configuration, stopping `stop` first.
     fn start(&self, stop: &[u32]) -> impl Future<Output = Result<(), DriverError>> + Send;
     /// A secret (local file or sealed in the document), `None` when missing.
     fn read_secret(&self, name: &str) -> Result<Option<String>, DriverError>;
-    /// An event as soon as the Caddy process converge watches exits.
+    /// An event as soon as a Caddy process converge watches exits, or the redirect
+    /// table changes.
     fn events(&self) -> Option<BoxStream<'static, HostEvent>> {
         None
     }
@@ -81,7 +86,9 @@ pub struct CaddyConfig {
 }
 
 /// How long the old instance keeps serving the connections it accepted before the
-/// switch, before it is reloaded: a TLS handshake and a first request fit well in it.
+/// switch, answering each request with `Connection: close` (see `pair.rs`), before it
+/// is reloaded: a TLS handshake and a first request fit well in it, and a client
+/// sending on a kept-alive connection gets its last answer there and leaves.
 pub const DRAIN: Duration = Duration::from_millis(500);
 
 /// The real driver.
@@ -93,12 +100,17 @@ pub struct Caddy {
     pair: [admin::Admin; 2],
     /// The instance new connections go to, as last read from the kernel or switched to.
     active: Mutex<Instance>,
-    /// Held by a load until the old instance has been reloaded too, so that reads and
-    /// the next load see the pair settled.
+    /// Held by a load until the old instance has been drained and reloaded too: the
+    /// next load (into that instance) waits for it; a read meanwhile leaves the
+    /// draining instance out.
     settle: Arc<tokio::sync::Mutex<()>>,
     /// Asked of the binary on first use (not at construction: workers never need it).
     has_stream_close_delay: std::sync::OnceLock<bool>,
     watch: Arc<tokio::sync::watch::Sender<Vec<u32>>>,
+    /// An old instance's reload after its drain failed: a pass puts the pair right
+    /// (reads leave a draining instance out, so no verify pass would see it).
+    drain_failed: tokio::sync::mpsc::UnboundedSender<HostEvent>,
+    drain_failures: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<HostEvent>>>,
     /// When converge's last configuration load succeeded.
     last_load: Mutex<Option<Instant>>,
 }
@@ -106,7 +118,10 @@ pub struct Caddy {
 impl Caddy {
     pub fn new(config: CaddyConfig) -> Self {
         let admin = |i: Instance| admin::Admin::new(i.dir(&config.dir).join("admin.sock"));
+        let (drain_failed, drain_failures) = tokio::sync::mpsc::unbounded_channel();
         Self {
+            drain_failed,
+            drain_failures: Mutex::new(Some(drain_failures)),
             external: config.external_admin.clone().map(admin::Admin::new),
             pair: [admin(Instance::A), admin(Instance::B)],
             config,
@@ -151,6 +166,25 @@ impl Caddy {
     fn loaded(&self) {
         *self.last_load.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
+
+    /// Returns once the last load's old instance has been drained and reloaded.
+    pub async fn settled(&self) {
+        drop(self.settle.lock().await);
+    }
+
+    /// Switches the drain marker of `inst` on or off (see `pair.rs`).
+    fn drain_marker(&self, inst: Instance, on: bool) -> Result<(), DriverError> {
+        let path = pair::drain_marker(&self.config.dir, inst);
+        let r = if on {
+            std::fs::write(&path, b"")
+        } else {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            }
+        };
+        r.map_err(|e| DriverError::io(format!("drain marker {}", path.display()), e))
+    }
 }
 
 impl CaddyDriver for Caddy {
@@ -187,37 +221,46 @@ impl CaddyDriver for Caddy {
     }
 
     /// Managed: the active instance's configuration as the plan sees it, with the
-    /// standby's and whether the kernel sends the public ports to the active one.
+    /// standby's (left out while it drains: it is reloaded when the drain ends) and
+    /// whether the kernel sends the public ports to the active one. Never waits for a
+    /// drain, so a flushed redirect is seen and put back at once.
     async fn get_config(&self) -> Result<Config, DriverError> {
         if let Some(a) = &self.external {
             return a.get_config().await;
         }
-        let _settled = self.settle.lock().await;
+        // Held for the read, so a load cannot start draining the standby meanwhile.
+        let settled = self.settle.try_lock().ok();
         let kernel = redirect::active().await?;
         let active = kernel.unwrap_or_else(|| self.active());
         if kernel.is_some() && kernel != Some(self.active()) {
             self.set_active(active);
         }
         let standby = active.other();
-        let (now, other) = tokio::join!(
-            self.admin(active).get_config(),
-            self.admin(standby).get_config()
-        );
-        let (now, other) = (now?, other?);
+        let read_standby = async {
+            match &settled {
+                Some(_) => Some(self.admin(standby).get_config().await),
+                None => None,
+            }
+        };
+        let (now, other) = tokio::join!(self.admin(active).get_config(), read_standby);
+        let now = now?;
         let dir = &self.config.dir;
         Ok(Config {
             etag: now.etag,
             value: pair::to_canonical(&now.value, dir, active),
-            standby: Some(pair::to_canonical(&other.value, dir, standby)),
+            standby: match other {
+                Some(other) => Some(pair::to_canonical(&other?.value, dir, standby)),
+                None => None,
+            },
             redirected: kernel.is_some(),
         })
     }
 
     /// Managed: into the standby instance, then new connections switched to it (one
-    /// nf_tables transaction), then — after `DRAIN`, in the background, the next read or
-    /// load waiting for it — the old instance reloaded with the same configuration.
-    /// Caddy's refusal leaves everything as it was. `etag` is checked against the active
-    /// instance's configuration first.
+    /// nf_tables transaction), then the old instance drained — `Connection: close` on
+    /// every answer for `DRAIN` — and, in the background, the next load waiting for it,
+    /// reloaded with the same configuration. Caddy's refusal leaves everything as it
+    /// was. `etag` is checked against the active instance's configuration first.
     async fn load(&self, config: &Value, etag: Option<&str>) -> Result<(), LoadError> {
         if let Some(a) = &self.external {
             a.load(config, etag).await?;
@@ -240,20 +283,33 @@ impl CaddyDriver for Caddy {
         self.admin(standby)
             .load(&pair::to_instance(config, dir, standby), None)
             .await?;
+        // The instance taking the traffic keeps connections alive; the old one starts
+        // closing them as soon as it no longer receives new ones.
+        self.drain_marker(standby, false)?;
         redirect::switch(standby).await?;
         self.set_active(standby);
         self.loaded();
+        if let Err(e) = self.drain_marker(active, true) {
+            // Its kept-alive clients then meet the reload unwarned: logged, not fatal.
+            tracing::warn!(error = %e, "old caddy instance not told to drain");
+        }
         let old = self.admin(active).clone();
         let same = pair::to_instance(config, dir, active);
         let span = tracing::info_span!("caddy drain", instance = active.name());
+        let failed = self.drain_failed.clone();
         tokio::spawn(
             async move {
                 tokio::time::sleep(DRAIN).await;
-                if let Err(e) = old.load(&same, None).await {
-                    // The next pass sees the pair out of sync and loads again.
-                    tracing::warn!(error = %e, "old caddy instance not reloaded");
-                }
+                let r = old.load(&same, None).await;
                 drop(settled);
+                if let Err(e) = r {
+                    // A pass then sees the pair out of sync and loads again.
+                    tracing::warn!(error = %e, "old caddy instance not reloaded");
+                    let _ = failed.send(HostEvent(format!(
+                        "caddy instance {} not reloaded after its drain",
+                        active.name()
+                    )));
+                }
             }
             .instrument(span),
         );
@@ -267,6 +323,15 @@ impl CaddyDriver for Caddy {
             .min_reload_interval
             .saturating_sub(last.elapsed());
         (!wait.is_zero()).then_some(wait)
+    }
+
+    async fn redirect(&self) -> Result<(), DriverError> {
+        if self.external.is_some() {
+            return Ok(());
+        }
+        let active = self.active();
+        self.drain_marker(active, false)?;
+        redirect::switch(active).await
     }
 
     async fn upstreams(&self) -> Result<Vec<UpstreamStatus>, DriverError> {
@@ -314,7 +379,17 @@ impl CaddyDriver for Caddy {
         if self.external.is_some() {
             return None;
         }
-        Some(process::exit_events(self.watch.subscribe()))
+        let mut streams = vec![process::exit_events(self.watch.subscribe())];
+        streams.extend(redirect::events());
+        if let Some(mut rx) = self
+            .drain_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            streams.push(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed());
+        }
+        Some(futures::stream::select_all(streams).boxed())
     }
 }
 

@@ -168,6 +168,9 @@ pub struct Load {
 pub enum Action {
     /// Start Caddy, stopping the `stop` processes first (managed mode only).
     Start { stop: Vec<u32> },
+    /// Send the public ports to the serving instance again (its redirect was flushed
+    /// or edited); no Caddy reload, never held by the reload interval.
+    Redirect,
     /// The pass's one configuration change.
     Load(Box<Load>),
 }
@@ -177,6 +180,7 @@ impl fmt::Debug for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Action::Start { stop } => write!(f, "Start {{ stop: {stop:?} }}"),
+            Action::Redirect => f.write_str("Redirect"),
             Action::Load(l) => write!(f, "Load {{ changed: {:?} }}", l.changed),
         }
     }
@@ -563,21 +567,31 @@ pub fn plan(input: &RoutesInput, observed: &Observed, facts: &Facts) -> Plan<Act
     }
     let config = splice(&base, &desired);
     let started = !plan.actions.is_empty();
+    // The managed pair's public ports not sent to the serving instance (a flushed
+    // ruleset): put back first, at once, whatever else this pass changes.
+    if observed.config.as_ref().is_some_and(|c| !c.redirected) {
+        plan.changes.insert(
+            0,
+            Change::new(Op::Update, "redirect", "caddy").with_field(FieldChange::new(
+                "tcp 443, 80",
+                Some("not redirected".into()),
+                Some("to the serving instance".into()),
+            )),
+        );
+        plan.actions.push(Action::Redirect);
+    }
     // The managed pair: a standby without the desired routes (a failed reload, an edit)
-    // or ports not redirected to the active instance are made right by a load.
+    // is made right by a load.
     let in_sync = observed
         .config
         .as_ref()
-        .is_none_or(|c| c.redirected && c.standby.as_ref().is_none_or(|s| extract(s) == desired));
+        .is_none_or(|c| c.standby.as_ref().is_none_or(|s| extract(s) == desired));
     if config != base || started || !in_sync {
         if changed.is_empty() && !started {
             let (field, was) = if config != base {
                 ("converge-owned objects", "edited outside converge")
             } else {
-                (
-                    "caddy pair",
-                    "standby routes or port redirect not as the active instance's",
-                )
+                ("caddy pair", "standby routes not as the serving instance's")
             };
             plan.changes
                 .push(
@@ -593,7 +607,10 @@ pub fn plan(input: &RoutesInput, observed: &Observed, facts: &Facts) -> Plan<Act
         // Each load is a Caddy reload that can cost connections in flight, so a burst
         // of documents becomes one reload per interval. A start is never held.
         if let (Some(wait), false) = (observed.load_hold, started) {
-            let held = std::mem::take(&mut plan.changes).len();
+            // Only the redirect's change (if any) goes ahead: it comes first.
+            let ahead = plan.actions.len();
+            let held = plan.changes.len() - ahead;
+            plan.changes.truncate(ahead);
             plan.waiting.push(
                 Waiting::new(
                     "config",

@@ -277,10 +277,30 @@ impl<D: CaddyDriver> Reconciler for Routes<D> {
                     }
                     outcomes.push(ObjectOutcome::from_result("process caddy", r));
                 }
+                Action::Redirect => {
+                    let r = self
+                        .driver
+                        .redirect()
+                        .instrument(info_span!("caddy redirect"))
+                        .await;
+                    if let Err(e) = &r {
+                        warn!(error = %e, "caddy redirect not restored");
+                    }
+                    outcomes.push(ObjectOutcome::from_result("redirect caddy", r));
+                }
                 Action::Load(_) if !started => {}
                 Action::Load(load) => {
                     let span = info_span!("caddy load", changed = load.changed.len());
+                    // The routes this change leaves as they were stay in force: counted,
+                    // so a status says how many routes serve beside the ones refused.
+                    let unchanged: Vec<ObjectOutcome> = load
+                        .desired
+                        .keys()
+                        .filter(|n| !load.changed.contains(n))
+                        .map(|n| ObjectOutcome::ok(format!("route {n}")))
+                        .collect();
                     outcomes.extend(self.load(*load).instrument(span).await);
+                    outcomes.extend(unchanged);
                 }
             }
         }

@@ -21,6 +21,10 @@ pub struct FakeState {
     pub refuse: BTreeSet<String>,
     pub running: Vec<u32>,
     pub starts: usize,
+    /// Redirects of the public ports put back.
+    pub redirects: usize,
+    /// The public ports are not redirected to Caddy (a flushed ruleset).
+    pub unredirected: bool,
     pub secrets: BTreeMap<String, String>,
 }
 
@@ -93,7 +97,7 @@ impl CaddyDriver for FakeCaddy {
                 etag: Some(etag(s.generation)),
                 value: s.config.clone(),
                 standby: None,
-                redirected: true,
+                redirected: !s.unredirected,
             })
         })
     }
@@ -118,6 +122,14 @@ impl CaddyDriver for FakeCaddy {
 
     async fn upstreams(&self) -> Result<Vec<UpstreamStatus>, DriverError> {
         Ok(Vec::new())
+    }
+
+    async fn redirect(&self) -> Result<(), DriverError> {
+        self.with(|s| {
+            s.redirects += 1;
+            s.unredirected = false;
+        });
+        Ok(())
     }
 
     async fn start(&self, _stop: &[u32]) -> Result<(), DriverError> {

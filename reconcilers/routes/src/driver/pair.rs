@@ -8,8 +8,17 @@
 //! into the standby instance, moves new connections to it (`redirect.rs`, one nf_tables
 //! transaction), and reloads the old one only once the connections it accepted have been
 //! read.
+//!
+//! Draining: each instance's converge servers begin with a route that, while the file
+//! `<instance dir>/draining` exists, answers every request with `Connection: close`
+//! (Caddy's `file` matcher looks at each request, so no reload is needed to switch it
+//! on). Set on the old instance at a switch, it makes HTTP/1.1 keep-alive clients close
+//! after their next response and HTTP/2 clients get a GOAWAY (Go's HTTP/2 server turns
+//! `Connection: close` into a graceful GOAWAY), so by the time the old instance is
+//! reloaded the clients that were sending have left it.
 
-use serde_json::Value;
+use crate::plan::{HTTPS_SERVER, HTTP_SERVER};
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
 /// One Caddy of the pair.
@@ -63,6 +72,37 @@ impl Instance {
     }
 }
 
+/// The file whose presence makes an instance answer `Connection: close` (see above).
+pub fn drain_marker(caddy_dir: &Path, inst: Instance) -> PathBuf {
+    inst.dir(caddy_dir).join(DRAIN_FILE)
+}
+
+const DRAIN_FILE: &str = "draining";
+const DRAIN_ROUTE_ID: &str = "converge-drain";
+
+/// The first route of an instance's converge `server`: `Connection: close` on every
+/// response while the drain marker exists (non-terminal: the routes after it answer).
+/// Its `@id` names the server (Caddy wants ids unique).
+fn drain_route(inst_dir: &Path, server: &str) -> Value {
+    json!({
+        "@id": format!("{DRAIN_ROUTE_ID}-{server}"),
+        "match": [{"file": {"root": inst_dir.display().to_string(), "try_files": [format!("/{DRAIN_FILE}")]}}],
+        // Deferred: set when the response header is written, after the proxied
+        // response's headers, so nothing downstream replaces it.
+        "handle": [{"handler": "headers", "response": {"set": {"Connection": ["close"]}, "deferred": true}}],
+    })
+}
+
+/// The converge servers' route lists in `v`, by server name.
+fn converge_routes(v: &mut Value) -> impl Iterator<Item = (&String, &mut Vec<Value>)> {
+    v.pointer_mut("/apps/http/servers")
+        .and_then(Value::as_object_mut)
+        .into_iter()
+        .flat_map(|servers| servers.iter_mut())
+        .filter(|(name, _)| name.as_str() == HTTPS_SERVER || name.as_str() == HTTP_SERVER)
+        .filter_map(|(name, s)| Some((name, s.get_mut("routes")?.as_array_mut()?)))
+}
+
 /// The public ports every route is served on; the plan renders these.
 pub const PUBLIC_HTTPS: &str = ":443";
 pub const PUBLIC_HTTP: &str = ":80";
@@ -94,6 +134,10 @@ pub fn to_instance(config: &Value, caddy_dir: &Path, inst: Instance) -> Value {
         http.insert("http_port".into(), inst.http_port().into());
         http.insert("https_port".into(), inst.https_port().into());
     }
+    let inst_dir = inst.dir(caddy_dir);
+    for (server, routes) in converge_routes(&mut v) {
+        routes.insert(0, drain_route(&inst_dir, server));
+    }
     v
 }
 
@@ -121,6 +165,13 @@ pub fn to_canonical(config: &Value, caddy_dir: &Path, inst: Instance) -> Value {
                 http.remove(key);
             }
         }
+    }
+    for (_, routes) in converge_routes(&mut v) {
+        routes.retain(|r| {
+            !r.get("@id")
+                .and_then(Value::as_str)
+                .is_some_and(|id| id.starts_with(DRAIN_ROUTE_ID))
+        });
     }
     v
 }
@@ -165,7 +216,7 @@ mod tests {
         let canonical = json!({
             "admin": {"listen": "unix//d/caddy/admin.sock", "config": {"persist": false}},
             "apps": {"http": {"servers": {
-                "converge-https": {"listen": [":443"], "routes": []},
+                "converge-https": {"listen": [":443"], "routes": [{"@id": "converge-route-r"}]},
                 "converge-http": {"listen": [":80"], "routes": []},
                 "foreign": {"listen": ["127.0.0.1:9999"]},
             }}},
@@ -188,6 +239,18 @@ mod tests {
                 loaded.pointer("/apps/http/https_port"),
                 Some(&json!(inst.https_port()))
             );
+            // Each converge server starts with the drain route, on the instance's marker.
+            for server in ["converge-https", "converge-http"] {
+                let first = &loaded["apps"]["http"]["servers"][server]["routes"][0];
+                assert_eq!(first["@id"], format!("converge-drain-{server}"));
+                assert_eq!(
+                    first.pointer("/match/0/file/root"),
+                    Some(&json!(format!("/d/caddy/{}", inst.name())))
+                );
+            }
+            assert!(loaded
+                .pointer("/apps/http/servers/foreign/routes")
+                .is_none());
             assert_eq!(
                 loaded.pointer("/apps/http/servers/foreign/listen/0"),
                 Some(&json!("127.0.0.1:9999"))

@@ -7,7 +7,8 @@
 use super::pair::Instance;
 use converge_core::nfnl::expr::{Exprs, IPPROTO_TCP, R0};
 use converge_core::nfnl::{self, msg, Attrs, ChainDef, Hook, Message, Nft};
-use converge_core::{blocking, DriverError};
+use converge_core::{blocking, DriverError, HostEvent};
+use futures::stream::BoxStream;
 use std::collections::BTreeSet;
 
 pub const TABLE: &str = "converge_proxy";
@@ -120,4 +121,10 @@ pub async fn active() -> Result<Option<Instance>, DriverError> {
         }))
     })
     .await
+}
+
+/// An event whenever the table changes (a flushed ruleset, an edit, converge's own
+/// switch).
+pub fn events() -> Option<BoxStream<'static, HostEvent>> {
+    nfnl::table_events(TABLE)
 }

@@ -284,9 +284,23 @@ fn the_pair_is_put_right_and_a_lost_instance_is_started_alone() {
     edited["apps"]["http"]["servers"]["theirs"]["listen"] = json!([":9"]);
     obs.config.as_mut().unwrap().standby = Some(edited);
     assert!(plan(&inp, &obs, &facts()).actions.is_empty());
-    // The kernel's redirect is gone (a flushed ruleset): one load, which switches.
+    // The kernel's redirect is gone (a flushed ruleset): put back, no reload, even
+    // while loads are held by the reload interval.
     obs.config.as_mut().unwrap().redirected = false;
-    assert_eq!(load_of(&plan(&inp, &obs, &facts())).config, converged);
+    obs.load_hold = Some(Duration::from_millis(400));
+    let p = plan(&inp, &obs, &facts());
+    assert!(matches!(p.actions[..], [Action::Redirect]), "{p:?}");
+    // With a route change held meanwhile: the redirect goes ahead, the change waits.
+    let moved = input(
+        json!([{"name": "api", "hosts": ["api.test"], "tls": "internal",
+        "upstreams": [{"address": "10.0.0.9:80"}]}]),
+    );
+    let p = plan(&moved, &obs, &facts());
+    assert!(matches!(p.actions[..], [Action::Redirect]), "{p:?}");
+    assert_eq!(p.changes.len(), 1);
+    assert!(p.waiting.iter().any(|w| w.in_progress));
+    obs.load_hold = None;
+    obs.config.as_mut().unwrap().redirected = true;
     // One instance killed: only it is started, nothing is stopped.
     obs.config = None;
     obs.process = Process::Managed {

@@ -72,8 +72,28 @@ async fn a_refused_route_is_narrowed_down_and_the_rest_applied() {
     let before = r.driver().with(|s| s.attempts);
     let (p, out) = pass(&r, &inp).await;
     assert_eq!(p.changes.len(), 2);
-    assert!(out.iter().all(|o| o.error.is_some()));
+    let (failed, ok): (Vec<_>, Vec<_>) = out.iter().partition(|o| o.error.is_some());
+    assert_eq!(failed.len(), 2, "{out:?}");
+    // The routes in force are counted too, so the status can say 14 of 16 serve.
+    assert_eq!(ok.len(), 14, "{out:?}");
     assert!(r.driver().with(|s| s.attempts) - before <= 3);
+}
+
+#[tokio::test]
+async fn a_lost_redirect_is_put_back_without_a_reload() {
+    let r = Routes::new(FakeCaddy::new());
+    let inp = input(3);
+    pass(&r, &inp).await;
+    let loads = r.driver().with(|s| s.loads);
+    // A flushed ruleset: the public ports no longer reach the serving instance.
+    r.driver().with(|s| s.unredirected = true);
+    let (p, out) = pass(&r, &inp).await;
+    assert!(matches!(p.actions[..], [Action::Redirect]), "{p:?}");
+    assert_eq!(p.changes[0].to_string(), "~ redirect caddy");
+    assert!(out.iter().all(|o| o.error.is_none()), "{out:?}");
+    assert_eq!(r.driver().with(|s| (s.redirects, s.loads)), (1, loads));
+    let (p, _) = pass(&r, &inp).await;
+    assert!(p.is_empty());
 }
 
 #[tokio::test]
