@@ -147,6 +147,15 @@ fn loads(node: &TestNode) -> usize {
         .sum()
 }
 
+/// Waits until the last change's old instance has been reloaded after its drain (in
+/// the background, after the change is reported converged): every change is then one
+/// load of each instance, so the loads add up to an even number.
+fn wait_settled(node: &TestNode) {
+    wait_until(Duration::from_secs(10), "old caddy instance reloaded", || {
+        loads(node) % 2 == 0
+    });
+}
+
 /// The instance new connections go to: `<caddy>/admin.sock` links to its socket.
 fn active_dir(node: &TestNode) -> PathBuf {
     let link = std::fs::read_link(caddy_dir(node).join("admin.sock")).expect("admin link");
@@ -244,6 +253,7 @@ fn drift_refusal_and_one_change_per_pass() {
     });
 
     // 30 routes changed in one document: one load; an unchanged document: none.
+    wait_settled(&p);
     let before = loads(&p);
     push_ok(&p, &proxy_doc(&p, 2, json!(local_routes(30, "2"))));
     wait_routes(&p, 2);
@@ -819,6 +829,7 @@ fn proxy_routes_over_the_mesh_to_containers_on_two_workers() {
     g += 1;
     push_ok(&px, &doc(g, mesh_routes(&[w1.name()], 3, tag)));
     wait_routes(&px, g);
+    wait_settled(&px);
     let stop2 = px.data_dir().join("traffic2.stop");
     let out2 = px.data_dir().join("traffic2.json");
     let mut client2 = px.command("python3");

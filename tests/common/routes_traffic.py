@@ -180,7 +180,7 @@ def client(addr, port, host_a, host_b, cafile, stopfile, outfile):
             out = subprocess.run(
                 ["curl", "-s", "--http2", "--cacert", cafile, "-m", "10",
                  "--resolve", "%s:%d:%s" % (host_a, port, addr),
-                 "-o", "/dev/null", "-w", "%{http_code} %{http_version}\n"] + [url] * 50,
+                 "-w", "%{http_code} %{http_version}\n"] + ["-o", "/dev/null", url] * 50,
                 capture_output=True, text=True, timeout=60,
             )
             lines = out.stdout.split()
