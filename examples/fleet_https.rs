@@ -260,7 +260,7 @@ async fn main() -> anyhow::Result<()> {
             let mut raw = [0u8; 24];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut raw);
             let token = hex::encode(raw);
-            store.add_token(&token, 3600)?;
+            store.add_token(&token, 3600, &Default::default())?;
             tokens.push(token);
         }
         tokens

@@ -131,10 +131,15 @@ pub enum Command {
         /// Seconds between drift-repair passes.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
+        /// Members of this group may push documents and read the status through the
+        /// agent socket (0660 root:GROUP); without it only root may.
+        #[arg(long, env = "CONVERGE_SOCKET_GROUP")]
+        socket_group: Option<String>,
     },
     /// Hand a document to the running agent.
     Push { file: PathBuf },
-    /// Show the accepted generation and each reconciler's status.
+    /// Show the accepted generation and each reconciler's status, as the running agent
+    /// reports it. Exit 3 when no agent answers (the last state it stored is shown).
     Status {
         #[arg(long, value_enum, default_value = "text")]
         output: OutputFormat,
@@ -176,6 +181,20 @@ pub enum Command {
     ControlPlane {
         #[command(subcommand)]
         command: ControlPlaneCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodesCommand {
+    /// Print a one-time token that gives the enrolled node NAME new keys (its next
+    /// `converge join --force` with it); the only way a node's keys are replaced.
+    ReEnroll {
+        name: String,
+        #[arg(long)]
+        data: PathBuf,
+        /// Seconds the token stays valid.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
     },
 }
 
@@ -227,20 +246,27 @@ pub enum ControlPlaneCommand {
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
     },
-    /// Print a new one-time registration token.
+    /// Print a new one-time registration token: for the node NAME (`--name`), or for
+    /// any new node (the id its join asks for, if no node has it yet).
     Token {
         #[arg(long)]
         data: PathBuf,
         /// Seconds the token stays valid.
         #[arg(long, default_value_t = 3600)]
         ttl_secs: i64,
+        /// The only node this token enrolls (normalised to its id).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Enrolled nodes: accepted and converged generation, conditions, last seen.
+    #[command(args_conflicts_with_subcommands = true)]
     Nodes {
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: OutputFormat,
+        #[command(subcommand)]
+        command: Option<NodesCommand>,
     },
     /// Print the signed envelope of FILE for NODE (secrets sealed to it).
     Sign {
@@ -308,6 +334,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reconciler,
             output,
         } => {
+            // The node's fingerprints of secrets, so the diff's agree with the status.
+            crate::privacy::load_redaction_key(&cli.data_dir, false)?;
             let Some(doc) = load_valid(&file, output, &limits)? else {
                 return Ok(ExitCode::from(1));
             };
@@ -356,12 +384,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }))
         }
         Command::Apply { file, output } => {
+            crate::privacy::load_redaction_key(&cli.data_dir, false)?;
             apply(&cli.data_dir, &cli.host, &file, output, color, &limits).await
         }
         Command::Agent {
             proxy,
             node_id,
             resync_secs,
+            socket_group,
         } => {
             let engine = EngineConfig {
                 resync: Duration::from_secs(resync_secs.max(1)),
@@ -378,6 +408,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 proxy,
                 engine,
                 limits,
+                socket: crate::privacy::SocketAccess::new(socket_group.as_deref())?,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -419,27 +450,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
         Command::Status { output } => {
-            let store = Store::open(&agent::store_path(&cli.data_dir)).context("open store")?;
-            let generation = store.current_generation()?;
-            let statuses = store.statuses()?;
-            let control: Option<crate::control::transport::ControlState> = store
-                .get_state(agent::CONTROL_STATE_KEY)?
-                .and_then(|s| serde_json::from_str(&s).ok());
+            // The running agent answers (readable by members of --socket-group, who
+            // cannot read the store); when none does, the store's last state is shown
+            // as such, with exit code 3.
+            let (resp, running) = match agent::request(&cli.data_dir, &agent::Request::Status).await
+            {
+                Ok(resp) if resp.ok => (resp, true),
+                Ok(resp) => anyhow::bail!(
+                    "the agent refused: {}",
+                    resp.error.unwrap_or_else(|| "no reason given".into())
+                ),
+                Err(e) => {
+                    let store = Store::open(&agent::store_path(&cli.data_dir))
+                        .with_context(|| format!("{e:#}; and cannot open the store"))?;
+                    (agent::stored_status(&store)?, false)
+                }
+            };
+            let agent_state = if running { "running" } else { "not running" };
             match output {
                 OutputFormat::Text => {
-                    print!("{}", output::status_text(generation, &statuses, color));
-                    if let Some(c) = &control {
+                    if !running {
+                        println!(
+                            "agent: not running (no answer on {}): the last state it stored",
+                            agent::socket_path(&cli.data_dir).display()
+                        );
+                    }
+                    print!(
+                        "{}",
+                        output::status_text(resp.generation, &resp.statuses, color)
+                    );
+                    if let Some(c) = &resp.control {
                         println!("{}", control_line(c));
                     }
                 }
                 OutputFormat::Json => println!(
                     "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"generation": generation, "reconcilers": statuses, "control": control})
-                    )?
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "agent": agent_state,
+                        "generation": resp.generation,
+                        "reconcilers": resp.statuses,
+                        "control": resp.control,
+                    }))?
                 ),
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if running {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
         }
         Command::Wireguard {
             command: WireguardCommand::RotateKey { interface },
@@ -798,11 +856,47 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
             .await?;
             Ok(ExitCode::SUCCESS)
         }
-        ControlPlaneCommand::Token { data, ttl_secs } => {
-            println!("{}", plane::new_token(&data, ttl_secs)?);
+        ControlPlaneCommand::Token {
+            data,
+            ttl_secs,
+            name,
+        } => {
+            let scope = crate::control::plane_store::TokenScope {
+                node: name
+                    .as_deref()
+                    .map(crate::control::protocol::sanitize_node_id),
+                reenroll: false,
+            };
+            println!("{}", plane::new_token(&data, ttl_secs, &scope)?);
             Ok(ExitCode::SUCCESS)
         }
-        ControlPlaneCommand::Nodes { data, output } => {
+        ControlPlaneCommand::Nodes {
+            command:
+                Some(NodesCommand::ReEnroll {
+                    name,
+                    data,
+                    ttl_secs,
+                }),
+            ..
+        } => {
+            let id = crate::control::protocol::sanitize_node_id(&name);
+            let store = crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?;
+            if store.node(&id)?.is_none() {
+                anyhow::bail!("no enrolled node {id:?} (a new node needs `control-plane token`)");
+            }
+            let scope = crate::control::plane_store::TokenScope {
+                node: Some(id),
+                reenroll: true,
+            };
+            println!("{}", plane::new_token(&data, ttl_secs, &scope)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::Nodes {
+            data,
+            output,
+            command: None,
+        } => {
+            let data = data.ok_or_else(|| anyhow::anyhow!("--data DIR is required"))?;
             let nodes =
                 crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?.nodes()?;
             match output {

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::agent::{converge, data};
+use common::agent::{converge, data, status};
 use common::sandbox::{converge_bin, require_tool, wait_until, Spawned, TestNode};
 use serde_json::{json, Value};
 use std::fs;
@@ -312,18 +312,15 @@ fn stderr(out: &Output) -> String {
 }
 
 fn join(node: &TestNode, cp: &Cp, token: &str, extra: &[&str]) -> Output {
+    join_as(node, node.name(), cp, token, extra)
+}
+
+/// `converge join` on `node` asking for the node name `name`.
+fn join_as(node: &TestNode, name: &str, cp: &Cp, token: &str, extra: &[&str]) -> Output {
     let url = cp.http_url();
     let ca = cp.ca();
     let mut args = vec![
-        "join",
-        "--ca",
-        &ca,
-        "--url",
-        &url,
-        "--token",
-        token,
-        "--name",
-        node.name(),
+        "join", "--ca", &ca, "--url", &url, "--token", token, "--name", name,
     ];
     args.extend_from_slice(extra);
     converge(node, &args)
@@ -368,12 +365,6 @@ fn doc(node: &str, generation: u64) -> Value {
         "generation": generation,
         "issuedAt": "2026-11-24T10:00:00Z"
     })
-}
-
-fn status(node: &TestNode) -> Value {
-    let out = converge(node, &["status", "--output", "json"]);
-    assert!(out.status.success(), "status: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).expect("status json")
 }
 
 fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -501,12 +492,97 @@ fn enrollment_good_reused_and_expired_tokens() {
         fs::read_to_string(data(&a).join("identity.key")).expect("key"),
         identity
     );
-    let out = join(&a, &cp, &cp.token(600), &["--force"]);
-    assert!(out.status.success(), "--force: {}", stderr(&out));
-    assert_ne!(
-        fs::read_to_string(data(&a).join("identity.key")).expect("key"),
-        identity
+}
+
+#[test]
+fn enrollment_binds_a_token_to_one_node_and_never_replaces_keys_silently() {
+    let cp = Cp::new(false);
+    let a = TestNode::new("ta");
+    let b = TestNode::new("tb");
+    let c = TestNode::new("tc");
+    join_ok(&a, &cp);
+    let identity = fs::read_to_string(data(&a).join("identity.key")).expect("key");
+    let key = cp.record("ta")["publicKey"].clone();
+    let keys_unchanged = |what: &str| {
+        assert_eq!(
+            fs::read_to_string(data(&a).join("identity.key")).expect("key"),
+            identity,
+            "{what}: the node's keys are kept"
+        );
+        assert_eq!(
+            cp.record("ta")["publicKey"],
+            key,
+            "{what}: the plane's record is kept"
+        );
+    };
+    // Another host asking for an enrolled name with a fresh token: refused, and it is
+    // left with no key files.
+    let out = join_as(&b, "ta", &cp, &cp.token(600), &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("re-enroll ta"), "{}", stderr(&out));
+    for f in ["identity.key", "sealing.key", "control.json"] {
+        assert!(!data(&b).join(f).exists(), "{f} left by a refused join");
+    }
+    keys_unchanged("takeover");
+    // Names that normalise to the same id collide the same way.
+    let out = join_as(&b, "t.b", &cp, &cp.token(600), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = join_as(&c, "t-b", &cp, &cp.token(600), &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("enrolled already"),
+        "{}",
+        stderr(&out)
     );
+    // A token issued for one name enrolls that name only.
+    let named = |name: &str| {
+        let out = cp.cli(&[
+            "control-plane",
+            "token",
+            "--data",
+            &cp.data(),
+            "--name",
+            name,
+        ]);
+        assert!(out.status.success(), "token: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let for_tc = named("tc");
+    let out = join_as(&c, "tc-other", &cp, &for_tc, &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is for node \"tc\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = join(&c, &cp, &for_tc, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // `join --force` of the enrolled node with a token for any node: refused, and the
+    // old keys stay (they are replaced only once an enrollment succeeded).
+    let out = join(&a, &cp, &cp.token(600), &["--force"]);
+    assert!(!out.status.success());
+    keys_unchanged("--force refused");
+    // Only `nodes re-enroll ta` gives ta new keys.
+    let out = cp.cli(&[
+        "control-plane",
+        "nodes",
+        "re-enroll",
+        "ta",
+        "--data",
+        &cp.data(),
+    ]);
+    assert!(out.status.success(), "re-enroll: {}", stderr(&out));
+    let reenroll = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = join_as(&b, "t.b", &cp, &reenroll, &["--force"]);
+    assert!(
+        !out.status.success(),
+        "the re-enroll token of ta enrolls ta only"
+    );
+    let out = join(&a, &cp, &reenroll, &["--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let now = fs::read_to_string(data(&a).join("identity.key")).expect("key");
+    assert_ne!(now, identity);
+    assert_ne!(cp.record("ta")["publicKey"], key);
 }
 
 #[test]

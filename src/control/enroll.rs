@@ -92,10 +92,11 @@ pub async fn join(
         }
     }
     crate::agent::prepare_data_dir(data_dir)?;
-    let identity = if opts.force {
-        Identity::regenerate(data_dir)?
-    } else {
-        Identity::load_or_create(data_dir)?
+    // New keys live in memory until the control plane accepted them: a refused join
+    // leaves no key file, and a refused `--force` leaves the node's old keys working.
+    let identity = match Identity::load(data_dir) {
+        Ok(existing) if !opts.force => existing,
+        _ => Identity::ephemeral(),
     };
     let req = EnrollRequest {
         token: opts.token.to_string(),
@@ -132,6 +133,7 @@ pub async fn join(
         enrolled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         heartbeat_secs: 15,
     };
+    identity.save(data_dir)?;
     config.save(data_dir)?;
     Ok(config)
 }

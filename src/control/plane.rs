@@ -5,7 +5,7 @@
 
 use super::envelope::Envelope;
 use super::identity::{parse_public_key, parse_sealing_key, read_or_make};
-use super::plane_store::{NodeRecord, PlaneError, PlaneStore};
+use super::plane_store::{NodeRecord, PlaneError, PlaneStore, TokenScope};
 use super::protocol::{
     sanitize_node_id, verify_request, EnrollRequest, EnrollResponse, NodeMessage, Transport,
     BUCKET, H_NODE, H_SIGNATURE, H_TIME, STREAM,
@@ -62,21 +62,29 @@ pub fn db_path(data: &Path) -> PathBuf {
     data.join("control-plane.db")
 }
 
+/// The plane's data directory, created 0700: it holds node credentials and the key.
+fn prepare_dir(data: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
+    std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod {}", data.display()))
+}
+
 /// The control plane's signing key, made on first use (`<data>/signing.key`, 0600).
 pub fn signing_key(data: &Path) -> anyhow::Result<SigningKey> {
-    std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
+    prepare_dir(data)?;
     let seed = read_or_make(&data.join("signing.key"))?;
     Ok(SigningKey::from_bytes(&seed))
 }
 
-/// A new one-time registration token valid for `ttl_secs`.
-pub fn new_token(data: &Path, ttl_secs: i64) -> anyhow::Result<String> {
+/// A new one-time registration token valid for `ttl_secs`, for what `scope` allows.
+pub fn new_token(data: &Path, ttl_secs: i64, scope: &TokenScope) -> anyhow::Result<String> {
     use rand_core::RngCore;
-    std::fs::create_dir_all(data)?;
+    prepare_dir(data)?;
     let mut raw = [0u8; 24];
     rand_core::OsRng.fill_bytes(&mut raw);
     let token = hex::encode(raw);
-    PlaneStore::open(&db_path(data))?.add_token(&token, ttl_secs)?;
+    PlaneStore::open(&db_path(data))?.add_token(&token, ttl_secs, scope)?;
     Ok(token)
 }
 
@@ -197,13 +205,6 @@ impl Plane {
             return Err(bad("sealingKey is not an X25519 public key"));
         }
         let id = sanitize_node_id(&req.name);
-        let internal = |e: PlaneError| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-        lock(&self.store)
-            .use_token(&req.token, &id)
-            .map_err(|e| match e {
-                PlaneError::Sql(_) => internal(e),
-                other => (StatusCode::FORBIDDEN, other.to_string()),
-            })?;
         let password = self.nats.as_ref().map(|_| {
             use rand_core::RngCore;
             let mut raw = [0u8; 24];
@@ -224,7 +225,15 @@ impl Plane {
             status: None,
             refused: None,
         };
-        lock(&self.store).put_node(&record).map_err(internal)?;
+        lock(&self.store)
+            .enroll(&req.token, &record)
+            .map_err(|e| match e {
+                PlaneError::Sql(_) | PlaneError::Io(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                }
+                PlaneError::Enrolled { .. } => (StatusCode::CONFLICT, e.to_string()),
+                other => (StatusCode::FORBIDDEN, other.to_string()),
+            })?;
         // A re-enrolled node has a new sealing key: seal its document again.
         lock(&self.published).remove(&id);
         self.write_nats_auth()
