@@ -264,6 +264,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             control,
             identity,
             Arc::new(ControlNode(shared.clone())),
+            shared.limits.max_document_bytes,
         ));
     }
 
@@ -598,7 +599,11 @@ struct ControlNode(Arc<Shared>);
 impl crate::control::transport::Node for ControlNode {
     fn accept_envelope(&self, bytes: &[u8]) -> Accepted {
         let shared = &self.0;
-        let refused = |generation, error: String| Accepted::Refused { generation, error };
+        let refused = |generation, error: String| Accepted::Refused {
+            generation,
+            error,
+            verified: false,
+        };
         let env = match Envelope::parse(bytes) {
             Ok(e) => e,
             Err(e) => return refused(None, e.to_string()),
@@ -652,7 +657,11 @@ impl crate::control::transport::Node for ControlNode {
                     .collect();
                 error = format!("{error}: {}", first.join("; "));
             }
-            refused(Some(env.generation), error)
+            Accepted::Refused {
+                generation: Some(env.generation),
+                error,
+                verified: true,
+            }
         }
     }
 

@@ -967,6 +967,13 @@ fn https_documents_and_status() {
     let node = TestNode::new("ha");
     join_ok(&node, &cp);
     let _agent = start_agent(&node);
+    // Connected as soon as a signed request went through, not when the first long poll
+    // (25 s, nothing published yet) returns.
+    poll(
+        Duration::from_secs(10),
+        "connected before any document",
+        || (status(&node)["control"]["connected"] == true).then_some(()),
+    );
     cp.publish("ha", &doc("ha", 1));
     wait_accepted(&node, 1);
     cp.publish("ha", &doc("ha", 2));
@@ -1018,6 +1025,49 @@ fn https_documents_and_status() {
         })
     });
     assert_eq!(codes, (401, 401));
+    // A request the node signed, captured and sent again: accepted once only.
+    let identity = converge::control::identity::Identity::load(&data(&node)).expect("node keys");
+    let codes = cp.node.in_netns(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client = reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca pem"))
+                .build()
+                .expect("client");
+            let (time, nonce) = (
+                chrono::Utc::now().timestamp(),
+                converge::control::protocol::nonce(),
+            );
+            let path = "/v1/nodes/ha/hello";
+            let sig = converge::control::protocol::SignedRequest {
+                method: "GET",
+                path_and_query: path,
+                time,
+                nonce: &nonce,
+                body: b"",
+            }
+            .sign(identity.signing_key());
+            let mut codes = Vec::new();
+            for _ in 0..2 {
+                let resp = client
+                    .get(format!("{url}{path}"))
+                    .header("x-converge-node", "ha")
+                    .header("x-converge-time", time.to_string())
+                    .header("x-converge-nonce", &nonce)
+                    .header("x-converge-signature", &sig)
+                    .send()
+                    .await
+                    .expect("signed request");
+                codes.push(resp.status().as_u16());
+            }
+            codes
+        })
+    });
+    assert_eq!(codes, [204, 401], "a replayed request is refused");
+    assert!(cp.log().contains("a signed request was replayed"));
     // An invalid document is refused by the control plane itself: nothing is sent.
     cp.publish("ha", &json!({"apiVersion": "converge/v1", "generation": 3}));
     std::thread::sleep(Duration::from_secs(2));

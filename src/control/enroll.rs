@@ -120,7 +120,11 @@ pub async fn join(
         let why = body["error"].as_str().unwrap_or("no reason given");
         bail!("enrollment refused (HTTP {}): {why}", status.as_u16());
     }
-    let answer: EnrollResponse = resp.json().await.context("bad enrollment answer")?;
+    // A short answer (ids and keys); anything larger is not the control plane's.
+    let body = super::protocol::read_capped(resp, 64 << 10)
+        .await
+        .map_err(|e| anyhow::anyhow!("enrollment answer: {e}"))?;
+    let answer: EnrollResponse = serde_json::from_slice(&body).context("bad enrollment answer")?;
     if super::identity::parse_public_key(&answer.signing_key).is_none() {
         bail!("the control plane's signing key is not an Ed25519 public key");
     }

@@ -7,8 +7,8 @@ use super::envelope::Envelope;
 use super::identity::{parse_public_key, parse_sealing_key, read_or_make};
 use super::plane_store::{NodeRecord, PlaneError, PlaneStore, TokenScope};
 use super::protocol::{
-    sanitize_node_id, verify_request, EnrollRequest, EnrollResponse, NodeMessage, Transport,
-    BUCKET, H_NODE, H_SIGNATURE, H_TIME, STREAM,
+    sanitize_node_id, EnrollRequest, EnrollResponse, NodeMessage, SignedRequest, Transport, BUCKET,
+    H_NODE, H_NONCE, H_SIGNATURE, H_TIME, MAX_SKEW_SECS, STREAM,
 };
 use crate::document::{self, Format};
 use crate::limits::Limits;
@@ -109,6 +109,17 @@ struct Plane {
     /// Bumped whenever an envelope changes; long polls wait on it.
     changed: tokio::sync::watch::Sender<u64>,
     enrolling: Mutex<()>,
+    /// Nonces of the signed requests seen within the clock window, with the time each
+    /// may be forgotten: a captured request is not accepted a second time.
+    nonces: Mutex<Nonces>,
+}
+
+/// Request nonces by `node/nonce`, each with the time it may be forgotten.
+#[derive(Default)]
+struct Nonces {
+    seen: HashMap<String, i64>,
+    /// When expired entries were last dropped (at most once a second).
+    pruned: i64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -424,16 +435,33 @@ impl Plane {
         let key = parse_public_key(&node.public_key).ok_or_else(denied)?;
         let time: i64 = h(H_TIME).parse().map_err(|_| denied())?;
         let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        if !verify_request(
-            &key,
+        let now = chrono::Utc::now().timestamp();
+        let req = SignedRequest {
             method,
-            path,
+            path_and_query: path,
             time,
-            chrono::Utc::now().timestamp(),
-            h(H_SIGNATURE),
+            nonce: h(H_NONCE),
             body,
-        ) {
+        };
+        if !req.verify(&key, h(H_SIGNATURE), now) {
             return Err(denied());
+        }
+        // Checked after the signature, so only the node itself can fill its entries.
+        let mut nonces = lock(&self.nonces);
+        if nonces.pruned != now {
+            nonces.pruned = now;
+            nonces.seen.retain(|_, forget_at| *forget_at > now);
+        }
+        if nonces
+            .seen
+            .insert(format!("{id}/{}", req.nonce), time + 2 * MAX_SKEW_SECS)
+            .is_some()
+        {
+            warn!(node = %id, "a signed request was replayed");
+            return Err((
+                StatusCode::UNAUTHORIZED,
+                "replayed request (its nonce was used already)".to_string(),
+            ));
         }
         Ok(node)
     }
@@ -483,6 +511,19 @@ async fn document(
             Ok(Ok(())) => continue,
             _ => return StatusCode::NO_CONTENT.into_response(),
         }
+    }
+}
+
+/// A signed no-op: the node knows its TLS session is up and the plane accepts it.
+async fn hello(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(id): UrlPath<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    match plane.authenticate(&id, "GET", &uri, &headers, b"") {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err((c, m)) => err(c, m),
     }
 }
 
@@ -592,6 +633,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         published: Mutex::new(HashMap::new()),
         changed,
         enrolling: Mutex::new(()),
+        nonces: Mutex::new(Nonces::default()),
     });
     if let Some(n) = opts.nats.clone() {
         plane.write_nats_auth()?;
@@ -613,6 +655,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .route("/v1/enroll", axum::routing::post(enroll))
         .route("/v1/nodes/{id}/document", axum::routing::get(document))
         .route("/v1/nodes/{id}/status", axum::routing::post(status))
+        .route("/v1/nodes/{id}/hello", axum::routing::get(hello))
         .with_state(plane);
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
