@@ -90,6 +90,9 @@ pub struct Response {
     /// The control-plane connection, with `Status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<crate::control::transport::ControlState>,
+    /// What an operator should look at (an old document in force), with `Status`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Response {
@@ -133,6 +136,9 @@ pub struct AgentOptions {
     pub limits: Limits,
     /// Who may use the agent socket besides root.
     pub socket: SocketAccess,
+    /// A document in force issued longer ago than this is reported in status (a node
+    /// cut off from its control plane, a plane that stopped publishing); zero: never.
+    pub max_document_age: Duration,
 }
 
 pub(crate) struct Shared {
@@ -154,6 +160,7 @@ pub(crate) struct Shared {
     /// Status is sent at least this often while connected.
     heartbeat: Duration,
     socket: SocketAccess,
+    max_document_age: Duration,
 }
 
 fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
@@ -256,6 +263,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         },
         heartbeat: Duration::from_secs(control.as_ref().map_or(15, |c| c.heartbeat_secs.max(1))),
         socket: opts.socket,
+        max_document_age: opts.max_document_age,
     });
     let persister = tokio::spawn(persist_reports(shared.clone(), rx));
     info!(socket = %sock.display(), ?mode, "agent started");
@@ -522,10 +530,29 @@ fn metadata_inspect(shared: &Shared, project: &str) -> Response {
 }
 
 fn status(shared: &Shared) -> Response {
-    match stored_status(&lock(&shared.store)) {
+    let store = lock(&shared.store);
+    let mut resp = match stored_status(&store) {
         Ok(r) => r,
-        Err(e) => Response::error(e.to_string()),
+        Err(e) => return Response::error(e.to_string()),
+    };
+    if !shared.max_document_age.is_zero() {
+        let issued = store.last_good().ok().flatten().and_then(|(g, body)| {
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let t = chrono::DateTime::parse_from_rfc3339(v["issuedAt"].as_str()?).ok()?;
+            Some((g, t.to_utc()))
+        });
+        if let Some((g, t)) = issued {
+            let age = (chrono::Utc::now() - t).to_std().unwrap_or_default();
+            if age > shared.max_document_age {
+                resp.warnings.push(format!(
+                    "the document in force (generation {g}) was issued {} days ago, more than --max-document-age-days {}",
+                    age.as_secs() / 86_400,
+                    shared.max_document_age.as_secs() / 86_400
+                ));
+            }
+        }
     }
+    resp
 }
 
 /// The status as stored: what the agent answers, and what `converge status` shows
@@ -592,9 +619,21 @@ pub const CONTROL_STATE_KEY: &str = "control";
 /// re-delivery of that very document is not reported as a replay.
 const CONTROL_DOCUMENT_KEY: &str = "control_document_sha256";
 
+/// Store key of the `issuedAt` of the last document accepted from the control plane.
+const CONTROL_ISSUED_KEY: &str = "control_issued_at";
+
 /// The agent as the control-plane client sees it: envelopes go through the same accept
 /// path as a socket push, after the envelope is verified.
 struct ControlNode(Arc<Shared>);
+
+/// A refusal of an envelope that verified: about its document, not its origin.
+fn verified_refusal(generation: u64, error: String) -> Accepted {
+    Accepted::Refused {
+        generation: Some(generation),
+        error,
+        verified: true,
+    }
+}
 
 impl crate::control::transport::Node for ControlNode {
     fn accept_envelope(&self, bytes: &[u8]) -> Accepted {
@@ -637,13 +676,46 @@ impl crate::control::transport::Node for ControlNode {
             }
             Err(e) => return refused(Some(env.generation), e.to_string()),
         };
+        // The signed issue time only moves forward too: a document the plane issued
+        // before the one in force (a replay of an old signed generation numbered
+        // higher by mistake, a restored plane) is refused.
+        let issued = chrono::DateTime::parse_from_rfc3339(&env.issued_at).map(|t| t.to_utc());
+        let newest = lock(&shared.store)
+            .get_state(CONTROL_ISSUED_KEY)
+            .ok()
+            .flatten()
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok())
+            .map(|t| t.to_utc());
+        match (issued, newest) {
+            (Err(e), _) => {
+                return verified_refusal(env.generation, format!("issuedAt {:?}: {e}", env.issued_at))
+            }
+            (Ok(t), Some(n)) if t < n => {
+                return verified_refusal(
+                    env.generation,
+                    format!(
+                        "issuedAt {} is before {} of the document already accepted from the control plane",
+                        t.to_rfc3339(),
+                        n.to_rfc3339()
+                    ),
+                )
+            }
+            _ => {}
+        }
         // The envelope's generation is what was signed; the document must agree.
         let resp = accept_expecting(shared, &doc, Format::Json, Some(env.generation));
         if resp.ok {
             let digest = hex::encode(sha2::Sha256::digest(&doc));
-            if let Err(e) = lock(&shared.store).put_state(CONTROL_DOCUMENT_KEY, &digest) {
-                warn!(error = %e, "cannot record the accepted document's digest");
+            let mut store = lock(&shared.store);
+            for (key, value) in [
+                (CONTROL_DOCUMENT_KEY, digest.as_str()),
+                (CONTROL_ISSUED_KEY, env.issued_at.as_str()),
+            ] {
+                if let Err(e) = store.put_state(key, value) {
+                    warn!(error = %e, key, "cannot record the accepted document");
+                }
             }
+            drop(store);
             Accepted::Accepted(env.generation)
         } else {
             let mut error = resp.error.unwrap_or_else(|| "refused".into());
@@ -657,11 +729,7 @@ impl crate::control::transport::Node for ControlNode {
                     .collect();
                 error = format!("{error}: {}", first.join("; "));
             }
-            Accepted::Refused {
-                generation: Some(env.generation),
-                error,
-                verified: true,
-            }
+            verified_refusal(env.generation, error)
         }
     }
 

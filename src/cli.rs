@@ -135,6 +135,9 @@ pub enum Command {
         /// agent socket (0660 root:GROUP); without it only root may.
         #[arg(long, env = "CONVERGE_SOCKET_GROUP")]
         socket_group: Option<String>,
+        /// Status warns when the document in force was issued longer ago (0: never).
+        #[arg(long, env = "CONVERGE_MAX_DOCUMENT_AGE_DAYS", default_value_t = 30)]
+        max_document_age_days: u64,
     },
     /// Hand a document to the running agent.
     Push { file: PathBuf },
@@ -176,6 +179,15 @@ pub enum Command {
         /// besides the public roots; pinned in control.json.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// The control plane's signing key (`SHA256:…`, as `control-plane serve` and
+        /// `control-plane token` print it): enrollment fails if the plane answers with
+        /// another.
+        #[arg(long, env = "CONVERGE_PLANE_KEY")]
+        plane_key: Option<String>,
+        /// Allow enrolling over plain http:// (the plane's key is then unauthenticated:
+        /// give --plane-key).
+        #[arg(long)]
+        insecure_http: bool,
     },
     /// The reference control plane.
     ControlPlane {
@@ -245,6 +257,10 @@ pub enum ControlPlaneCommand {
         /// TLS private key (PEM).
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Enroll nodes over plain HTTP (without --tls-cert): only behind a
+        /// TLS-terminating proxy, or on a network you trust.
+        #[arg(long)]
+        insecure_http: bool,
     },
     /// Print a new one-time registration token: for the node NAME (`--name`), or for
     /// any new node (the id its join asks for, if no node has it yet).
@@ -392,6 +408,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             node_id,
             resync_secs,
             socket_group,
+            max_document_age_days,
         } => {
             let engine = EngineConfig {
                 resync: Duration::from_secs(resync_secs.max(1)),
@@ -409,6 +426,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 engine,
                 limits,
                 socket: crate::privacy::SocketAccess::new(socket_group.as_deref())?,
+                max_document_age: Duration::from_secs(max_document_age_days.saturating_mul(86_400)),
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -475,6 +493,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             agent::socket_path(&cli.data_dir).display()
                         );
                     }
+                    for w in &resp.warnings {
+                        println!("warning: {w}");
+                    }
                     print!(
                         "{}",
                         output::status_text(resp.generation, &resp.statuses, color)
@@ -490,6 +511,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "generation": resp.generation,
                         "reconcilers": resp.statuses,
                         "control": resp.control,
+                        "warnings": resp.warnings,
                     }))?
                 ),
             }
@@ -525,6 +547,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             proxy,
             force,
             ca,
+            plane_key,
+            insecure_http,
         } => {
             let ca_pem = match ca {
                 Some(p) => Some(
@@ -546,6 +570,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     proxy,
                     force,
                     ca_pem,
+                    plane_key,
+                    insecure_http,
                 },
             )
             .await?;
@@ -828,6 +854,7 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
             nats_pid_file,
             tls_cert,
             tls_key,
+            insecure_http,
         } => {
             let nats = match nats {
                 Some(url) => Some(plane::NatsOptions {
@@ -852,6 +879,7 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
                 nats,
                 limits,
                 tls: tls_cert.zip(tls_key),
+                insecure_http,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -867,7 +895,9 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
                     .map(crate::control::protocol::sanitize_node_id),
                 reenroll: false,
             };
-            println!("{}", plane::new_token(&data, ttl_secs, &scope)?);
+            let token = plane::new_token(&data, ttl_secs, &scope)?;
+            println!("{token}");
+            join_hint(&data, &token, name.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         ControlPlaneCommand::Nodes {
@@ -888,7 +918,9 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
                 node: Some(id),
                 reenroll: true,
             };
-            println!("{}", plane::new_token(&data, ttl_secs, &scope)?);
+            let token = plane::new_token(&data, ttl_secs, &scope)?;
+            println!("{token}");
+            join_hint(&data, &token, Some(&name))?;
             Ok(ExitCode::SUCCESS)
         }
         ControlPlaneCommand::Nodes {
@@ -976,6 +1008,18 @@ fn nodes_text(nodes: &[crate::control::plane_store::NodeRecord]) -> String {
 }
 
 /// The host name, the default node id.
+/// The join command for a new token, on stderr (stdout carries the token alone, for
+/// scripts): with the plane's key fingerprint, so the node pins the right key.
+fn join_hint(data: &Path, token: &str, name: Option<&str>) -> anyhow::Result<()> {
+    let key = crate::control::plane::signing_key(data)?.verifying_key();
+    eprintln!(
+        "join with: converge join --url https://<control plane> --token {token} --plane-key {}{}",
+        crate::control::identity::fingerprint(&key),
+        name.map(|n| format!(" --name {n}")).unwrap_or_default()
+    );
+    Ok(())
+}
+
 fn hostname() -> anyhow::Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("cannot read the host name; pass --node-id")?;

@@ -596,6 +596,10 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
     let _agent_a = start_agent(&a);
     let _agent_b = start_agent(&b);
     let old = cp.sign("na", &doc("na", 1));
+    // Signed now with a high generation, delivered after newer documents: its issue
+    // time is then before the one in force.
+    let early = cp.sign("na", &doc("na", 9));
+    std::thread::sleep(Duration::from_millis(20));
     cp.publish("na", &doc("na", 1));
     cp.publish("nb", &doc("nb", 1));
     wait_accepted(&a, 1);
@@ -651,6 +655,10 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
     // Replay of an old, correctly signed envelope (rollback).
     cp.put("na", &old);
     refused("replay", 1, "not newer");
+    // A correctly signed envelope with a higher generation but issued before the
+    // document in force (an old signature kept back).
+    cp.put("na", &early);
+    refused("issued earlier", 9, "is before");
 
     // Isolation: with na's credentials nothing of nb's is readable, and na cannot speak
     // for nb.
@@ -1073,4 +1081,112 @@ fn https_documents_and_status() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(status(&node)["generation"], 2);
     assert!(cp.log().contains("document not published"));
+}
+
+#[test]
+fn the_plane_key_is_trusted_only_over_an_authenticated_channel() {
+    let cp = Cp::new(false);
+    let a = TestNode::new("ka");
+    // `token` prints the join command with the plane's key on stderr (stdout: the token).
+    let out = cp.cli(&[
+        "control-plane",
+        "token",
+        "--data",
+        &cp.data(),
+        "--name",
+        "ka",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let hint = String::from_utf8_lossy(&out.stderr).to_string();
+    let fingerprint = hint
+        .split_whitespace()
+        .skip_while(|w| *w != "--plane-key")
+        .nth(1)
+        .expect("--plane-key in the join hint")
+        .to_string();
+    assert!(fingerprint.starts_with("SHA256:"), "{hint}");
+    // `serve` says the same key.
+    assert!(cp.log().contains(&fingerprint), "{}", cp.log());
+    let no_files = |node: &TestNode, what: &str| {
+        for f in ["identity.key", "sealing.key", "control.json"] {
+            assert!(!data(node).join(f).exists(), "{what}: {f} written");
+        }
+    };
+    // A plane answering with another key: not enrolled, nothing written.
+    let out = join_as(
+        &a,
+        "kx",
+        &cp,
+        &cp.token(600),
+        &["--plane-key", "SHA256:bm90IHRoZSBrZXk"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not the expected"),
+        "{}",
+        stderr(&out)
+    );
+    no_files(&a, "wrong key");
+    // Plain HTTP: refused before anything is sent.
+    let plain = format!("http://{}:{HTTP_PORT}", cp.node.address());
+    let out = converge(
+        &a,
+        &["join", "--url", &plain, "--token", &token, "--name", "ka"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("refusing to enroll over plain http://"),
+        "{}",
+        stderr(&out)
+    );
+    no_files(&a, "plain http");
+    // The right key: enrolled.
+    let out = join(&a, &cp, &token, &["--plane-key", &fingerprint]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A plane on plain HTTP without --insecure-http enrolls nobody.
+    let data2 = cp.root.join("data-plain");
+    let log2 = fs::File::create(cp.root.join("cp-plain.log")).expect("log");
+    let mut cmd = cp.node.command(converge_bin());
+    cmd.args(["control-plane", "serve", "--dir"])
+        .arg(cp.root.join("docs"))
+        .arg("--data")
+        .arg(&data2)
+        .args(["--listen", &format!("{}:8444", cp.node.address())])
+        .stdout(Stdio::null())
+        .stderr(log2);
+    let _plain_plane = cp.node.spawn(&mut cmd);
+    wait_until(Duration::from_secs(15), "plain plane serving", || {
+        fs::read_to_string(cp.root.join("cp-plain.log"))
+            .is_ok_and(|l| l.contains("control plane serving"))
+    });
+    let out = cp.cli(&[
+        "control-plane",
+        "token",
+        "--data",
+        data2.to_str().expect("utf-8"),
+    ]);
+    let token2 = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let b = TestNode::new("kb");
+    let url2 = format!("http://{}:8444", cp.node.address());
+    let out = converge(
+        &b,
+        &[
+            "join",
+            "--url",
+            &url2,
+            "--token",
+            &token2,
+            "--name",
+            "kb",
+            "--insecure-http",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("does not enroll over plain HTTP"),
+        "{}",
+        stderr(&out)
+    );
+    no_files(&b, "plain plane");
 }

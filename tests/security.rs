@@ -9,6 +9,8 @@
 //!   and read the status through the socket, but never inspect metadata.
 //! - `plane_state_is_private`: the control plane's directory is 0700 and its database
 //!   0600.
+//! - `an_old_document_in_force_is_reported`: status warns when the document in force
+//!   was issued longer ago than `--max-document-age-days`.
 
 mod common;
 
@@ -162,4 +164,23 @@ fn plane_state_is_private() {
             assert_eq!(mode(&p), 0o600, "{f}");
         }
     }
+}
+
+#[test]
+fn an_old_document_in_force_is_reported() {
+    let node = TestNode::new("seco");
+    let _agent = start_agent(&node, &["--max-document-age-days", "30"]);
+    let mut old = doc(&node, 1);
+    old["issuedAt"] = json!("2026-01-01T00:00:00Z");
+    push_ok(&node, &old);
+    let st = status(&node);
+    let warnings = st["warnings"].as_array().cloned().unwrap_or_default();
+    assert!(
+        warnings.iter().any(|w| w
+            .as_str()
+            .is_some_and(|w| w.contains("generation 1") && w.contains("days ago"))),
+        "{st}"
+    );
+    push_ok(&node, &doc(&node, 2));
+    assert_eq!(status(&node)["warnings"], json!([]));
 }

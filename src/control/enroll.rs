@@ -74,6 +74,10 @@ pub struct JoinOptions<'a> {
     pub force: bool,
     /// PEM certificate(s) to trust for the control plane's HTTPS (pinned in control.json).
     pub ca_pem: Option<String>,
+    /// The signing key the plane must answer with (`SHA256:…`); any other is refused.
+    pub plane_key: Option<String>,
+    /// Allow `http://`: the plane's key then arrives unauthenticated.
+    pub insecure_http: bool,
 }
 
 /// Enrolls this node; returns the pinned configuration.
@@ -82,6 +86,14 @@ pub async fn join(
     host: &crate::registry::HostOptions,
     opts: JoinOptions<'_>,
 ) -> anyhow::Result<ControlConfig> {
+    let plain = opts.url.to_ascii_lowercase().starts_with("http://");
+    if plain && !opts.insecure_http {
+        bail!(
+            "refusing to enroll over plain http://: the control plane's signing key would be trusted \
+             without authentication; use https:// (with --ca for a private CA), or --insecure-http \
+             together with --plane-key on a network you trust"
+        );
+    }
     if let Some(existing) = ControlConfig::load(data_dir)? {
         if !opts.force {
             bail!(
@@ -125,8 +137,21 @@ pub async fn join(
         .await
         .map_err(|e| anyhow::anyhow!("enrollment answer: {e}"))?;
     let answer: EnrollResponse = serde_json::from_slice(&body).context("bad enrollment answer")?;
-    if super::identity::parse_public_key(&answer.signing_key).is_none() {
+    let Some(signing) = super::identity::parse_public_key(&answer.signing_key) else {
         bail!("the control plane's signing key is not an Ed25519 public key");
+    };
+    let fingerprint = super::identity::fingerprint(&signing);
+    match &opts.plane_key {
+        Some(want) if *want != fingerprint => bail!(
+            "the control plane answered with signing key {fingerprint}, not the expected {want}: \
+             not enrolled (the plane enrolled this node's keys, which stay unused)"
+        ),
+        Some(_) => {}
+        None if plain => tracing::warn!(
+            %fingerprint,
+            "enrolled over plain HTTP: compare the control plane's signing key with the one `control-plane serve` printed"
+        ),
+        None => {}
     }
     let config = ControlConfig {
         url: base.to_string(),

@@ -61,6 +61,16 @@ pub fn key_id(public: &VerifyingKey) -> String {
     hex::encode(&Sha256::digest(public.as_bytes())[..8])
 }
 
+/// A public key's fingerprint as operators compare it: `SHA256:` and the unpadded
+/// base64 of the SHA-256 of its 32 bytes (the form `ssh-keygen -l` prints).
+pub fn fingerprint(public: &VerifyingKey) -> String {
+    use base64::engine::general_purpose::STANDARD_NO_PAD;
+    format!(
+        "SHA256:{}",
+        STANDARD_NO_PAD.encode(Sha256::digest(public.as_bytes()))
+    )
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
     move |source| IdentityError::Io {
         path: path.display().to_string(),

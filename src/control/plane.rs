@@ -55,6 +55,8 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// TLS certificate chain and key (PEM): serve HTTPS (rustls) instead of plain HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Enroll over plain HTTP too (a TLS-terminating proxy in front, a trusted network).
+    pub insecure_http: bool,
 }
 
 /// `<data>/control-plane.db`.
@@ -109,6 +111,9 @@ struct Plane {
     /// Bumped whenever an envelope changes; long polls wait on it.
     changed: tokio::sync::watch::Sender<u64>,
     enrolling: Mutex<()>,
+    /// Enrollment is served: over TLS, or plain HTTP by the operator's choice. Otherwise
+    /// a node would take the signing key from an unauthenticated answer.
+    enrollment_open: bool,
     /// Nonces of the signed requests seen within the clock window, with the time each
     /// may be forgotten: a captured request is not accepted a second time.
     nonces: Mutex<Nonces>,
@@ -206,6 +211,12 @@ impl Plane {
     }
 
     fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, (StatusCode, String)> {
+        if !self.enrollment_open {
+            return Err((
+                StatusCode::FORBIDDEN,
+                "this control plane does not enroll over plain HTTP (serve with --tls-cert/--tls-key, or --insecure-http)".into(),
+            ));
+        }
         // One enrollment at a time: each rewrites the NATS authorization file.
         let _one = lock(&self.enrolling);
         let bad = |m: &str| (StatusCode::BAD_REQUEST, m.to_string());
@@ -633,6 +644,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         published: Mutex::new(HashMap::new()),
         changed,
         enrolling: Mutex::new(()),
+        enrollment_open: opts.tls.is_some() || opts.insecure_http,
         nonces: Mutex::new(Nonces::default()),
     });
     if let Some(n) = opts.nats.clone() {
@@ -660,7 +672,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("listen on {}", opts.listen))?;
-    info!(listen = %opts.listen, key_id = %super::identity::key_id(&signing_key(&opts.data)?.verifying_key()), "control plane serving");
+    let key = signing_key(&opts.data)?.verifying_key();
+    let fingerprint = super::identity::fingerprint(&key);
+    info!(listen = %opts.listen, key_id = %super::identity::key_id(&key), %fingerprint, "control plane serving");
+    // On stdout too: what operators hand to `converge join --plane-key`.
+    println!("control plane signing key {fingerprint}");
+    if opts.tls.is_none() && !opts.insecure_http {
+        warn!("plain HTTP without --insecure-http: enrollment is refused (nodes would trust an unauthenticated key)");
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     if let Some((cert, key)) = &opts.tls {
         let acceptor = tls_acceptor(cert, key)?;
