@@ -151,9 +151,11 @@ fn loads(node: &TestNode) -> usize {
 /// the background, after the change is reported converged): every change is then one
 /// load of each instance, so the loads add up to an even number.
 fn wait_settled(node: &TestNode) {
-    wait_until(Duration::from_secs(10), "old caddy instance reloaded", || {
-        loads(node) % 2 == 0
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "old caddy instance reloaded",
+        || loads(node) % 2 == 0,
+    );
 }
 
 /// The instance new connections go to: `<caddy>/admin.sock` links to its socket.
