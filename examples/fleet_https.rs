@@ -197,13 +197,16 @@ async fn run_node(
             Event::Disconnected(_) => {
                 errors.fetch_add(1, Ordering::Relaxed);
             }
-            Event::Envelope(bytes) => {
+            Event::Envelope(bytes, reply) => {
                 let applied = Some(accepted.load(Ordering::Relaxed)).filter(|g| *g > 0);
                 let verified = Envelope::parse(&bytes).ok().and_then(|env| {
                     env.verify(&node.pinned, &node.id, applied)
                         .ok()
                         .map(|_| env.generation)
                 });
+                if let Some(reply) = reply {
+                    let _ = reply.send(verified.max(applied));
+                }
                 let Some(g) = verified else {
                     errors.fetch_add(1, Ordering::Relaxed);
                     continue;
@@ -260,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
             let mut raw = [0u8; 24];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut raw);
             let token = hex::encode(raw);
-            store.add_token(&token, 3600)?;
+            store.add_token(&token, 3600, &Default::default())?;
             tokens.push(token);
         }
         tokens
@@ -293,6 +296,7 @@ async fn main() -> anyhow::Result<()> {
             &node.id,
             node.identity.signing_key().clone(),
             Some(&ca_pem),
+            converge::control::envelope::max_bytes(converge::limits::DEFAULT_MAX_DOCUMENT_BYTES),
         )?;
         ids.push(node.id.clone());
         tokio::spawn(run_node(

@@ -311,6 +311,11 @@ echo
 echo "(proxy-fra1-01:)"
 cv_b status | sed -n '/^wireguard/,$p'
 
+banner "private local state: the store, its WAL, the keys and the socket are root's only (umask 077, socket checked with SO_PEERCRED)"
+(cd "$data" && stat -c '%a %U %n' . state.db state.db-wal redaction.key converge.sock)
+printf 'converge status as user nobody: '
+setpriv --reuid=65534 --regid=65534 --clear-groups -- "$bin" --data-dir "$data" status 2>&1 | tail -1 || true
+
 banner "one change: web.internal moves to 10.89.7.11 (generation 43)"
 changed=$(mktemp /tmp/converge-worker-XXXXXX.json)
 python3 - "$changed" "$doc" <<'PY'

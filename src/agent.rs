@@ -16,6 +16,7 @@ use crate::control::transport::{Accepted, ControlState};
 use crate::document::{self, Document, Format, Mode};
 use crate::engine::{Engine, EngineConfig, Report};
 use crate::limits::{self, Limits};
+use crate::privacy::{Access, SocketAccess};
 use crate::status::ReconcilerStatus;
 use crate::store::{Store, StoreError};
 use anyhow::Context;
@@ -54,6 +55,23 @@ pub enum Request {
     },
 }
 
+impl Request {
+    fn access(&self) -> Access {
+        match self {
+            Request::Push { .. } | Request::Status => Access::Operate,
+            Request::MetadataInspect { .. } => Access::Inspect,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Request::Push { .. } => "push",
+            Request::Status => "read the status",
+            Request::MetadataInspect { .. } => "inspect metadata",
+        }
+    }
+}
+
 /// The agent's answer.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Response {
@@ -69,6 +87,12 @@ pub struct Response {
     /// The answer to `MetadataInspect`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Value>,
+    /// The control-plane connection, with `Status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<crate::control::transport::ControlState>,
+    /// What an operator should look at (an old document in force), with `Status`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Response {
@@ -90,8 +114,9 @@ pub fn store_path(data_dir: &Path) -> PathBuf {
     data_dir.join("state.db")
 }
 
-/// Creates the data directory: 0711, so daemons that drop privileges (dnsmasq) can
-/// reach their own subdirectory without being able to list the others.
+/// Creates the data directory: 0711, so daemons that drop privileges (dnsmasq, Caddy)
+/// can reach their own subdirectory without being able to list the others; everything
+/// the agent keeps in it directly (store, keys, socket) is 0600.
 pub fn prepare_data_dir(data_dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
@@ -109,6 +134,11 @@ pub struct AgentOptions {
     pub engine: EngineConfig,
     /// Input limits for pushed documents.
     pub limits: Limits,
+    /// Who may use the agent socket besides root.
+    pub socket: SocketAccess,
+    /// A document in force issued longer ago than this is reported in status (a node
+    /// cut off from its control plane, a plane that stopped publishing); zero: never.
+    pub max_document_age: Duration,
 }
 
 pub(crate) struct Shared {
@@ -129,6 +159,8 @@ pub(crate) struct Shared {
     pinned: Option<ed25519_dalek::VerifyingKey>,
     /// Status is sent at least this often while connected.
     heartbeat: Duration,
+    socket: SocketAccess,
+    max_document_age: Duration,
 }
 
 fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
@@ -142,6 +174,7 @@ fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     prepare_data_dir(&opts.data_dir)?;
+    crate::privacy::load_redaction_key(&opts.data_dir, true)?;
     let mut store = Store::open(&store_path(&opts.data_dir)).context("open store")?;
     let mode = if opts.proxy {
         Mode::Proxy
@@ -211,7 +244,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // The socket appears only now: whoever waits for it (`converge status`, which reads
     // the store) then sees every reconciler listed.
     let sock = socket_path(&opts.data_dir);
-    let listener = bind_socket(&sock).await?;
+    let listener = bind_socket(&sock, opts.socket.gid()).await?;
     let engine = Engine::start(sections, opts.engine, initial, tx);
     let shared = Arc::new(Shared {
         store: Mutex::new(store),
@@ -229,6 +262,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             None => None,
         },
         heartbeat: Duration::from_secs(control.as_ref().map_or(15, |c| c.heartbeat_secs.max(1))),
+        socket: opts.socket,
+        max_document_age: opts.max_document_age,
     });
     let persister = tokio::spawn(persist_reports(shared.clone(), rx));
     info!(socket = %sock.display(), ?mode, "agent started");
@@ -237,6 +272,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             control,
             identity,
             Arc::new(ControlNode(shared.clone())),
+            shared.limits.max_document_bytes,
         ));
     }
 
@@ -267,7 +303,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn bind_socket(sock: &Path) -> anyhow::Result<UnixListener> {
+/// Binds the agent socket with its final mode and owner before it appears: bound in a
+/// private directory, given 0600 (0660 and the group with `--socket-group`), then
+/// renamed into place, so nobody can connect in between.
+async fn bind_socket(sock: &Path, gid: Option<u32>) -> anyhow::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if sock.exists() {
         if UnixStream::connect(sock).await.is_ok() {
@@ -275,9 +314,36 @@ async fn bind_socket(sock: &Path) -> anyhow::Result<UnixListener> {
         }
         std::fs::remove_file(sock).with_context(|| format!("remove stale {}", sock.display()))?;
     }
-    let listener = UnixListener::bind(sock).with_context(|| format!("bind {}", sock.display()))?;
-    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    let mut random = [0u8; 8];
+    getrandom::getrandom(&mut random).context("randomness")?;
+    let dir = sock
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(format!(".socket-{}", hex::encode(random)));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("create {}", dir.display()))?;
+    }
+    let tmp = dir.join("converge.sock");
+    let placed = (|| {
+        let listener =
+            UnixListener::bind(&tmp).with_context(|| format!("bind {}", tmp.display()))?;
+        let mode = if gid.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(&tmp, Some(0), Some(gid))
+                .with_context(|| format!("chown {}", tmp.display()))?;
+        }
+        std::fs::rename(&tmp, sock)
+            .with_context(|| format!("move the socket to {}", sock.display()))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    placed
 }
 
 async fn persist_reports(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Report>) {
@@ -300,6 +366,9 @@ async fn persist_reports(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Re
 }
 
 async fn serve(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
+    // Who is asking, from the kernel (SO_PEERCRED), not from anything the client says.
+    let peer = stream.peer_cred().context("peer credentials")?;
+    let allowed = |what| shared.socket.allows(peer.uid(), peer.gid(), what);
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read);
     let mut header = Vec::new();
@@ -309,6 +378,19 @@ async fn serve(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
         .await?;
     let mut oversized = false;
     let response = match serde_json::from_slice::<Request>(&header) {
+        Ok(req) if !allowed(req.access()) => {
+            warn!(uid = peer.uid(), op = req.name(), "socket request refused");
+            Response::error(format!(
+                "uid {} may not {} (root{})",
+                peer.uid(),
+                req.name(),
+                if req.access() == Access::Operate {
+                    " or a member of --socket-group"
+                } else {
+                    " only"
+                }
+            ))
+        }
         Ok(Request::Push { yaml }) => {
             let format = if yaml { Format::Yaml } else { Format::Json };
             let bytes = limits::read_document_async(&mut reader, &shared.limits).await?;
@@ -449,15 +531,42 @@ fn metadata_inspect(shared: &Shared, project: &str) -> Response {
 
 fn status(shared: &Shared) -> Response {
     let store = lock(&shared.store);
-    match (store.current_generation(), store.statuses()) {
-        (Ok(generation), Ok(statuses)) => Response {
-            ok: true,
-            generation,
-            statuses,
-            ..Default::default()
-        },
-        (Err(e), _) | (_, Err(e)) => Response::error(e.to_string()),
+    let mut resp = match stored_status(&store) {
+        Ok(r) => r,
+        Err(e) => return Response::error(e.to_string()),
+    };
+    if !shared.max_document_age.is_zero() {
+        let issued = store.last_good().ok().flatten().and_then(|(g, body)| {
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let t = chrono::DateTime::parse_from_rfc3339(v["issuedAt"].as_str()?).ok()?;
+            Some((g, t.to_utc()))
+        });
+        if let Some((g, t)) = issued {
+            let age = (chrono::Utc::now() - t).to_std().unwrap_or_default();
+            if age > shared.max_document_age {
+                resp.warnings.push(format!(
+                    "the document in force (generation {g}) was issued {} days ago, more than --max-document-age-days {}",
+                    age.as_secs() / 86_400,
+                    shared.max_document_age.as_secs() / 86_400
+                ));
+            }
+        }
     }
+    resp
+}
+
+/// The status as stored: what the agent answers, and what `converge status` shows
+/// (labelled) when no agent answers.
+pub fn stored_status(store: &Store) -> Result<Response, StoreError> {
+    Ok(Response {
+        ok: true,
+        generation: store.current_generation()?,
+        statuses: store.statuses()?,
+        control: store
+            .get_state(CONTROL_STATE_KEY)?
+            .and_then(|s| serde_json::from_str(&s).ok()),
+        ..Default::default()
+    })
 }
 
 /// Client side: sends one request without a body to the agent socket and reads the
@@ -510,14 +619,30 @@ pub const CONTROL_STATE_KEY: &str = "control";
 /// re-delivery of that very document is not reported as a replay.
 const CONTROL_DOCUMENT_KEY: &str = "control_document_sha256";
 
+/// Store key of the `issuedAt` of the last document accepted from the control plane.
+const CONTROL_ISSUED_KEY: &str = "control_issued_at";
+
 /// The agent as the control-plane client sees it: envelopes go through the same accept
 /// path as a socket push, after the envelope is verified.
 struct ControlNode(Arc<Shared>);
 
+/// A refusal of an envelope that verified: about its document, not its origin.
+fn verified_refusal(generation: u64, error: String) -> Accepted {
+    Accepted::Refused {
+        generation: Some(generation),
+        error,
+        verified: true,
+    }
+}
+
 impl crate::control::transport::Node for ControlNode {
     fn accept_envelope(&self, bytes: &[u8]) -> Accepted {
         let shared = &self.0;
-        let refused = |generation, error: String| Accepted::Refused { generation, error };
+        let refused = |generation, error: String| Accepted::Refused {
+            generation,
+            error,
+            verified: false,
+        };
         let env = match Envelope::parse(bytes) {
             Ok(e) => e,
             Err(e) => return refused(None, e.to_string()),
@@ -551,13 +676,46 @@ impl crate::control::transport::Node for ControlNode {
             }
             Err(e) => return refused(Some(env.generation), e.to_string()),
         };
+        // The signed issue time only moves forward too: a document the plane issued
+        // before the one in force (a replay of an old signed generation numbered
+        // higher by mistake, a restored plane) is refused.
+        let issued = chrono::DateTime::parse_from_rfc3339(&env.issued_at).map(|t| t.to_utc());
+        let newest = lock(&shared.store)
+            .get_state(CONTROL_ISSUED_KEY)
+            .ok()
+            .flatten()
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok())
+            .map(|t| t.to_utc());
+        match (issued, newest) {
+            (Err(e), _) => {
+                return verified_refusal(env.generation, format!("issuedAt {:?}: {e}", env.issued_at))
+            }
+            (Ok(t), Some(n)) if t < n => {
+                return verified_refusal(
+                    env.generation,
+                    format!(
+                        "issuedAt {} is before {} of the document already accepted from the control plane",
+                        t.to_rfc3339(),
+                        n.to_rfc3339()
+                    ),
+                )
+            }
+            _ => {}
+        }
         // The envelope's generation is what was signed; the document must agree.
         let resp = accept_expecting(shared, &doc, Format::Json, Some(env.generation));
         if resp.ok {
             let digest = hex::encode(sha2::Sha256::digest(&doc));
-            if let Err(e) = lock(&shared.store).put_state(CONTROL_DOCUMENT_KEY, &digest) {
-                warn!(error = %e, "cannot record the accepted document's digest");
+            let mut store = lock(&shared.store);
+            for (key, value) in [
+                (CONTROL_DOCUMENT_KEY, digest.as_str()),
+                (CONTROL_ISSUED_KEY, env.issued_at.as_str()),
+            ] {
+                if let Err(e) = store.put_state(key, value) {
+                    warn!(error = %e, key, "cannot record the accepted document");
+                }
             }
+            drop(store);
             Accepted::Accepted(env.generation)
         } else {
             let mut error = resp.error.unwrap_or_else(|| "refused".into());
@@ -571,7 +729,7 @@ impl crate::control::transport::Node for ControlNode {
                     .collect();
                 error = format!("{error}: {}", first.join("; "));
             }
-            refused(Some(env.generation), error)
+            verified_refusal(env.generation, error)
         }
     }
 

@@ -131,10 +131,18 @@ pub enum Command {
         /// Seconds between drift-repair passes.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
+        /// Members of this group may push documents and read the status through the
+        /// agent socket (0660 root:GROUP); without it only root may.
+        #[arg(long, env = "CONVERGE_SOCKET_GROUP")]
+        socket_group: Option<String>,
+        /// Status warns when the document in force was issued longer ago (0: never).
+        #[arg(long, env = "CONVERGE_MAX_DOCUMENT_AGE_DAYS", default_value_t = 30)]
+        max_document_age_days: u64,
     },
     /// Hand a document to the running agent.
     Push { file: PathBuf },
-    /// Show the accepted generation and each reconciler's status.
+    /// Show the accepted generation and each reconciler's status, as the running agent
+    /// reports it. Exit 3 when no agent answers (the last state it stored is shown).
     Status {
         #[arg(long, value_enum, default_value = "text")]
         output: OutputFormat,
@@ -171,11 +179,34 @@ pub enum Command {
         /// besides the public roots; pinned in control.json.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// The control plane's signing key (`SHA256:…`, as `control-plane serve` and
+        /// `control-plane token` print it): enrollment fails if the plane answers with
+        /// another.
+        #[arg(long, env = "CONVERGE_PLANE_KEY")]
+        plane_key: Option<String>,
+        /// Allow enrolling over plain http:// (the plane's key is then unauthenticated:
+        /// give --plane-key).
+        #[arg(long)]
+        insecure_http: bool,
     },
     /// The reference control plane.
     ControlPlane {
         #[command(subcommand)]
         command: ControlPlaneCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodesCommand {
+    /// Print a one-time token that gives the enrolled node NAME new keys (its next
+    /// `converge join --force` with it); the only way a node's keys are replaced.
+    ReEnroll {
+        name: String,
+        #[arg(long)]
+        data: PathBuf,
+        /// Seconds the token stays valid.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
     },
 }
 
@@ -226,21 +257,32 @@ pub enum ControlPlaneCommand {
         /// TLS private key (PEM).
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Enroll nodes over plain HTTP (without --tls-cert): only behind a
+        /// TLS-terminating proxy, or on a network you trust.
+        #[arg(long)]
+        insecure_http: bool,
     },
-    /// Print a new one-time registration token.
+    /// Print a new one-time registration token: for the node NAME (`--name`), or for
+    /// any new node (the id its join asks for, if no node has it yet).
     Token {
         #[arg(long)]
         data: PathBuf,
         /// Seconds the token stays valid.
         #[arg(long, default_value_t = 3600)]
         ttl_secs: i64,
+        /// The only node this token enrolls (normalised to its id).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Enrolled nodes: accepted and converged generation, conditions, last seen.
+    #[command(args_conflicts_with_subcommands = true)]
     Nodes {
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: OutputFormat,
+        #[command(subcommand)]
+        command: Option<NodesCommand>,
     },
     /// Print the signed envelope of FILE for NODE (secrets sealed to it).
     Sign {
@@ -308,6 +350,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reconciler,
             output,
         } => {
+            // The node's fingerprints of secrets, so the diff's agree with the status.
+            crate::privacy::load_redaction_key(&cli.data_dir, false)?;
             let Some(doc) = load_valid(&file, output, &limits)? else {
                 return Ok(ExitCode::from(1));
             };
@@ -356,12 +400,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }))
         }
         Command::Apply { file, output } => {
+            crate::privacy::load_redaction_key(&cli.data_dir, false)?;
             apply(&cli.data_dir, &cli.host, &file, output, color, &limits).await
         }
         Command::Agent {
             proxy,
             node_id,
             resync_secs,
+            socket_group,
+            max_document_age_days,
         } => {
             let engine = EngineConfig {
                 resync: Duration::from_secs(resync_secs.max(1)),
@@ -378,6 +425,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 proxy,
                 engine,
                 limits,
+                socket: crate::privacy::SocketAccess::new(socket_group.as_deref())?,
+                max_document_age: Duration::from_secs(max_document_age_days.saturating_mul(86_400)),
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -419,27 +468,58 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
         Command::Status { output } => {
-            let store = Store::open(&agent::store_path(&cli.data_dir)).context("open store")?;
-            let generation = store.current_generation()?;
-            let statuses = store.statuses()?;
-            let control: Option<crate::control::transport::ControlState> = store
-                .get_state(agent::CONTROL_STATE_KEY)?
-                .and_then(|s| serde_json::from_str(&s).ok());
+            // The running agent answers (readable by members of --socket-group, who
+            // cannot read the store); when none does, the store's last state is shown
+            // as such, with exit code 3.
+            let (resp, running) = match agent::request(&cli.data_dir, &agent::Request::Status).await
+            {
+                Ok(resp) if resp.ok => (resp, true),
+                Ok(resp) => anyhow::bail!(
+                    "the agent refused: {}",
+                    resp.error.unwrap_or_else(|| "no reason given".into())
+                ),
+                Err(e) => {
+                    let store = Store::open(&agent::store_path(&cli.data_dir))
+                        .with_context(|| format!("{e:#}; and cannot open the store"))?;
+                    (agent::stored_status(&store)?, false)
+                }
+            };
+            let agent_state = if running { "running" } else { "not running" };
             match output {
                 OutputFormat::Text => {
-                    print!("{}", output::status_text(generation, &statuses, color));
-                    if let Some(c) = &control {
+                    if !running {
+                        println!(
+                            "agent: not running (no answer on {}): the last state it stored",
+                            agent::socket_path(&cli.data_dir).display()
+                        );
+                    }
+                    for w in &resp.warnings {
+                        println!("warning: {w}");
+                    }
+                    print!(
+                        "{}",
+                        output::status_text(resp.generation, &resp.statuses, color)
+                    );
+                    if let Some(c) = &resp.control {
                         println!("{}", control_line(c));
                     }
                 }
                 OutputFormat::Json => println!(
                     "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"generation": generation, "reconcilers": statuses, "control": control})
-                    )?
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "agent": agent_state,
+                        "generation": resp.generation,
+                        "reconcilers": resp.statuses,
+                        "control": resp.control,
+                        "warnings": resp.warnings,
+                    }))?
                 ),
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if running {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
         }
         Command::Wireguard {
             command: WireguardCommand::RotateKey { interface },
@@ -467,6 +547,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             proxy,
             force,
             ca,
+            plane_key,
+            insecure_http,
         } => {
             let ca_pem = match ca {
                 Some(p) => Some(
@@ -488,6 +570,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     proxy,
                     force,
                     ca_pem,
+                    plane_key,
+                    insecure_http,
                 },
             )
             .await?;
@@ -770,6 +854,7 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
             nats_pid_file,
             tls_cert,
             tls_key,
+            insecure_http,
         } => {
             let nats = match nats {
                 Some(url) => Some(plane::NatsOptions {
@@ -794,15 +879,56 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
                 nats,
                 limits,
                 tls: tls_cert.zip(tls_key),
+                insecure_http,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
         }
-        ControlPlaneCommand::Token { data, ttl_secs } => {
-            println!("{}", plane::new_token(&data, ttl_secs)?);
+        ControlPlaneCommand::Token {
+            data,
+            ttl_secs,
+            name,
+        } => {
+            let scope = crate::control::plane_store::TokenScope {
+                node: name
+                    .as_deref()
+                    .map(crate::control::protocol::sanitize_node_id),
+                reenroll: false,
+            };
+            let token = plane::new_token(&data, ttl_secs, &scope)?;
+            println!("{token}");
+            join_hint(&data, &token, name.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
-        ControlPlaneCommand::Nodes { data, output } => {
+        ControlPlaneCommand::Nodes {
+            command:
+                Some(NodesCommand::ReEnroll {
+                    name,
+                    data,
+                    ttl_secs,
+                }),
+            ..
+        } => {
+            let id = crate::control::protocol::sanitize_node_id(&name);
+            let store = crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?;
+            if store.node(&id)?.is_none() {
+                anyhow::bail!("no enrolled node {id:?} (a new node needs `control-plane token`)");
+            }
+            let scope = crate::control::plane_store::TokenScope {
+                node: Some(id),
+                reenroll: true,
+            };
+            let token = plane::new_token(&data, ttl_secs, &scope)?;
+            println!("{token}");
+            join_hint(&data, &token, Some(&name))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::Nodes {
+            data,
+            output,
+            command: None,
+        } => {
+            let data = data.ok_or_else(|| anyhow::anyhow!("--data DIR is required"))?;
             let nodes =
                 crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?.nodes()?;
             match output {
@@ -882,6 +1008,18 @@ fn nodes_text(nodes: &[crate::control::plane_store::NodeRecord]) -> String {
 }
 
 /// The host name, the default node id.
+/// The join command for a new token, on stderr (stdout carries the token alone, for
+/// scripts): with the plane's key fingerprint, so the node pins the right key.
+fn join_hint(data: &Path, token: &str, name: Option<&str>) -> anyhow::Result<()> {
+    let key = crate::control::plane::signing_key(data)?.verifying_key();
+    eprintln!(
+        "join with: converge join --url https://<control plane> --token {token} --plane-key {}{}",
+        crate::control::identity::fingerprint(&key),
+        name.map(|n| format!(" --name {n}")).unwrap_or_default()
+    );
+    Ok(())
+}
+
 fn hostname() -> anyhow::Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("cannot read the host name; pass --node-id")?;

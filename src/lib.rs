@@ -11,6 +11,7 @@ pub mod engine;
 pub mod limits;
 pub mod memory;
 pub mod output;
+pub mod privacy;
 pub mod registry;
 pub mod schema;
 pub mod status;

@@ -4,6 +4,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    converge::privacy::harden_process();
     let cli = converge::cli::Cli::parse();
     converge::cli::init_tracing(cli.log_format);
     if matches!(cli.command, converge::cli::Command::Agent { .. }) {

@@ -71,6 +71,10 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         // A small page cache: the agent reads the store rarely (start-up, status).
         conn.pragma_update(None, "cache_size", -512)?;
+        // It holds env values, metadata entries, export URLs: root's only.
+        crate::privacy::make_private(path).map_err(|e| {
+            StoreError::Corrupt(format!("cannot make {} private: {e}", path.display()))
+        })?;
         let mut store = Store { conn };
         store.migrate()?;
         Ok(store)

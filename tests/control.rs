@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::agent::{converge, data};
+use common::agent::{converge, data, status};
 use common::sandbox::{converge_bin, require_tool, wait_until, Spawned, TestNode};
 use serde_json::{json, Value};
 use std::fs;
@@ -312,18 +312,15 @@ fn stderr(out: &Output) -> String {
 }
 
 fn join(node: &TestNode, cp: &Cp, token: &str, extra: &[&str]) -> Output {
+    join_as(node, node.name(), cp, token, extra)
+}
+
+/// `converge join` on `node` asking for the node name `name`.
+fn join_as(node: &TestNode, name: &str, cp: &Cp, token: &str, extra: &[&str]) -> Output {
     let url = cp.http_url();
     let ca = cp.ca();
     let mut args = vec![
-        "join",
-        "--ca",
-        &ca,
-        "--url",
-        &url,
-        "--token",
-        token,
-        "--name",
-        node.name(),
+        "join", "--ca", &ca, "--url", &url, "--token", token, "--name", name,
     ];
     args.extend_from_slice(extra);
     converge(node, &args)
@@ -368,12 +365,6 @@ fn doc(node: &str, generation: u64) -> Value {
         "generation": generation,
         "issuedAt": "2026-11-24T10:00:00Z"
     })
-}
-
-fn status(node: &TestNode) -> Value {
-    let out = converge(node, &["status", "--output", "json"]);
-    assert!(out.status.success(), "status: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).expect("status json")
 }
 
 fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -501,12 +492,97 @@ fn enrollment_good_reused_and_expired_tokens() {
         fs::read_to_string(data(&a).join("identity.key")).expect("key"),
         identity
     );
-    let out = join(&a, &cp, &cp.token(600), &["--force"]);
-    assert!(out.status.success(), "--force: {}", stderr(&out));
-    assert_ne!(
-        fs::read_to_string(data(&a).join("identity.key")).expect("key"),
-        identity
+}
+
+#[test]
+fn enrollment_binds_a_token_to_one_node_and_never_replaces_keys_silently() {
+    let cp = Cp::new(false);
+    let a = TestNode::new("ta");
+    let b = TestNode::new("tb");
+    let c = TestNode::new("tc");
+    join_ok(&a, &cp);
+    let identity = fs::read_to_string(data(&a).join("identity.key")).expect("key");
+    let key = cp.record("ta")["publicKey"].clone();
+    let keys_unchanged = |what: &str| {
+        assert_eq!(
+            fs::read_to_string(data(&a).join("identity.key")).expect("key"),
+            identity,
+            "{what}: the node's keys are kept"
+        );
+        assert_eq!(
+            cp.record("ta")["publicKey"],
+            key,
+            "{what}: the plane's record is kept"
+        );
+    };
+    // Another host asking for an enrolled name with a fresh token: refused, and it is
+    // left with no key files.
+    let out = join_as(&b, "ta", &cp, &cp.token(600), &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("re-enroll ta"), "{}", stderr(&out));
+    for f in ["identity.key", "sealing.key", "control.json"] {
+        assert!(!data(&b).join(f).exists(), "{f} left by a refused join");
+    }
+    keys_unchanged("takeover");
+    // Names that normalise to the same id collide the same way.
+    let out = join_as(&b, "t.b", &cp, &cp.token(600), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = join_as(&c, "t-b", &cp, &cp.token(600), &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("enrolled already"),
+        "{}",
+        stderr(&out)
     );
+    // A token issued for one name enrolls that name only.
+    let named = |name: &str| {
+        let out = cp.cli(&[
+            "control-plane",
+            "token",
+            "--data",
+            &cp.data(),
+            "--name",
+            name,
+        ]);
+        assert!(out.status.success(), "token: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let for_tc = named("tc");
+    let out = join_as(&c, "tc-other", &cp, &for_tc, &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is for node \"tc\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = join(&c, &cp, &for_tc, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // `join --force` of the enrolled node with a token for any node: refused, and the
+    // old keys stay (they are replaced only once an enrollment succeeded).
+    let out = join(&a, &cp, &cp.token(600), &["--force"]);
+    assert!(!out.status.success());
+    keys_unchanged("--force refused");
+    // Only `nodes re-enroll ta` gives ta new keys.
+    let out = cp.cli(&[
+        "control-plane",
+        "nodes",
+        "re-enroll",
+        "ta",
+        "--data",
+        &cp.data(),
+    ]);
+    assert!(out.status.success(), "re-enroll: {}", stderr(&out));
+    let reenroll = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = join_as(&b, "t.b", &cp, &reenroll, &["--force"]);
+    assert!(
+        !out.status.success(),
+        "the re-enroll token of ta enrolls ta only"
+    );
+    let out = join(&a, &cp, &reenroll, &["--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let now = fs::read_to_string(data(&a).join("identity.key")).expect("key");
+    assert_ne!(now, identity);
+    assert_ne!(cp.record("ta")["publicKey"], key);
 }
 
 #[test]
@@ -520,6 +596,10 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
     let _agent_a = start_agent(&a);
     let _agent_b = start_agent(&b);
     let old = cp.sign("na", &doc("na", 1));
+    // Signed now with a high generation, delivered after newer documents: its issue
+    // time is then before the one in force.
+    let early = cp.sign("na", &doc("na", 9));
+    std::thread::sleep(Duration::from_millis(20));
     cp.publish("na", &doc("na", 1));
     cp.publish("nb", &doc("nb", 1));
     wait_accepted(&a, 1);
@@ -575,6 +655,10 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
     // Replay of an old, correctly signed envelope (rollback).
     cp.put("na", &old);
     refused("replay", 1, "not newer");
+    // A correctly signed envelope with a higher generation but issued before the
+    // document in force (an old signature kept back).
+    cp.put("na", &early);
+    refused("issued earlier", 9, "is before");
 
     // Isolation: with na's credentials nothing of nb's is readable, and na cannot speak
     // for nb.
@@ -891,6 +975,13 @@ fn https_documents_and_status() {
     let node = TestNode::new("ha");
     join_ok(&node, &cp);
     let _agent = start_agent(&node);
+    // Connected as soon as a signed request went through, not when the first long poll
+    // (25 s, nothing published yet) returns.
+    poll(
+        Duration::from_secs(10),
+        "connected before any document",
+        || (status(&node)["control"]["connected"] == true).then_some(()),
+    );
     cp.publish("ha", &doc("ha", 1));
     wait_accepted(&node, 1);
     cp.publish("ha", &doc("ha", 2));
@@ -942,9 +1033,160 @@ fn https_documents_and_status() {
         })
     });
     assert_eq!(codes, (401, 401));
+    // A request the node signed, captured and sent again: accepted once only.
+    let identity = converge::control::identity::Identity::load(&data(&node)).expect("node keys");
+    let codes = cp.node.in_netns(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client = reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca pem"))
+                .build()
+                .expect("client");
+            let (time, nonce) = (
+                chrono::Utc::now().timestamp(),
+                converge::control::protocol::nonce(),
+            );
+            let path = "/v1/nodes/ha/hello";
+            let sig = converge::control::protocol::SignedRequest {
+                method: "GET",
+                path_and_query: path,
+                time,
+                nonce: &nonce,
+                body: b"",
+            }
+            .sign(identity.signing_key());
+            let mut codes = Vec::new();
+            for _ in 0..2 {
+                let resp = client
+                    .get(format!("{url}{path}"))
+                    .header("x-converge-node", "ha")
+                    .header("x-converge-time", time.to_string())
+                    .header("x-converge-nonce", &nonce)
+                    .header("x-converge-signature", &sig)
+                    .send()
+                    .await
+                    .expect("signed request");
+                codes.push(resp.status().as_u16());
+            }
+            codes
+        })
+    });
+    assert_eq!(codes, [204, 401], "a replayed request is refused");
+    assert!(cp.log().contains("a signed request was replayed"));
     // An invalid document is refused by the control plane itself: nothing is sent.
     cp.publish("ha", &json!({"apiVersion": "converge/v1", "generation": 3}));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(status(&node)["generation"], 2);
     assert!(cp.log().contains("document not published"));
+}
+
+#[test]
+fn the_plane_key_is_trusted_only_over_an_authenticated_channel() {
+    let cp = Cp::new(false);
+    let a = TestNode::new("ka");
+    // `token` prints the join command with the plane's key on stderr (stdout: the token).
+    let out = cp.cli(&[
+        "control-plane",
+        "token",
+        "--data",
+        &cp.data(),
+        "--name",
+        "ka",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let hint = String::from_utf8_lossy(&out.stderr).to_string();
+    let fingerprint = hint
+        .split_whitespace()
+        .skip_while(|w| *w != "--plane-key")
+        .nth(1)
+        .expect("--plane-key in the join hint")
+        .to_string();
+    assert!(fingerprint.starts_with("SHA256:"), "{hint}");
+    // `serve` says the same key.
+    assert!(cp.log().contains(&fingerprint), "{}", cp.log());
+    let no_files = |node: &TestNode, what: &str| {
+        for f in ["identity.key", "sealing.key", "control.json"] {
+            assert!(!data(node).join(f).exists(), "{what}: {f} written");
+        }
+    };
+    // A plane answering with another key: not enrolled, nothing written.
+    let out = join_as(
+        &a,
+        "kx",
+        &cp,
+        &cp.token(600),
+        &["--plane-key", "SHA256:bm90IHRoZSBrZXk"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not the expected"),
+        "{}",
+        stderr(&out)
+    );
+    no_files(&a, "wrong key");
+    // Plain HTTP: refused before anything is sent.
+    let plain = format!("http://{}:{HTTP_PORT}", cp.node.address());
+    let out = converge(
+        &a,
+        &["join", "--url", &plain, "--token", &token, "--name", "ka"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("refusing to enroll over plain http://"),
+        "{}",
+        stderr(&out)
+    );
+    no_files(&a, "plain http");
+    // The right key: enrolled.
+    let out = join(&a, &cp, &token, &["--plane-key", &fingerprint]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A plane on plain HTTP without --insecure-http enrolls nobody.
+    let data2 = cp.root.join("data-plain");
+    let log2 = fs::File::create(cp.root.join("cp-plain.log")).expect("log");
+    let mut cmd = cp.node.command(converge_bin());
+    cmd.args(["control-plane", "serve", "--dir"])
+        .arg(cp.root.join("docs"))
+        .arg("--data")
+        .arg(&data2)
+        .args(["--listen", &format!("{}:8444", cp.node.address())])
+        .stdout(Stdio::null())
+        .stderr(log2);
+    let _plain_plane = cp.node.spawn(&mut cmd);
+    wait_until(Duration::from_secs(15), "plain plane serving", || {
+        fs::read_to_string(cp.root.join("cp-plain.log"))
+            .is_ok_and(|l| l.contains("control plane serving"))
+    });
+    let out = cp.cli(&[
+        "control-plane",
+        "token",
+        "--data",
+        data2.to_str().expect("utf-8"),
+    ]);
+    let token2 = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let b = TestNode::new("kb");
+    let url2 = format!("http://{}:8444", cp.node.address());
+    let out = converge(
+        &b,
+        &[
+            "join",
+            "--url",
+            &url2,
+            "--token",
+            &token2,
+            "--name",
+            "kb",
+            "--insecure-http",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("does not enroll over plain HTTP"),
+        "{}",
+        stderr(&out)
+    );
+    no_files(&b, "plain plane");
 }

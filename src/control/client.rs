@@ -7,8 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::error;
 
-/// Runs the client for the agent's lifetime.
-pub async fn run(config: ControlConfig, identity: Identity, node: Arc<dyn Node>) {
+/// Runs the client for the agent's lifetime; `max_document` is the largest document the
+/// agent accepts (an envelope carries it in base64).
+pub async fn run(
+    config: ControlConfig,
+    identity: Identity,
+    node: Arc<dyn Node>,
+    max_document: usize,
+) {
     let heartbeat = Duration::from_secs(config.heartbeat_secs.max(1));
     match &config.transport {
         Wire::Nats {
@@ -25,6 +31,7 @@ pub async fn run(config: ControlConfig, identity: Identity, node: Arc<dyn Node>)
                 &config.node_id,
                 identity.signing_key().clone(),
                 config.ca_cert.as_deref(),
+                super::envelope::max_bytes(max_document),
             ) {
                 Ok(t) => run_client(t, node, heartbeat).await,
                 Err(e) => error!(error = %e, "control-plane client not started"),

@@ -74,6 +74,10 @@ pub struct JoinOptions<'a> {
     pub force: bool,
     /// PEM certificate(s) to trust for the control plane's HTTPS (pinned in control.json).
     pub ca_pem: Option<String>,
+    /// The signing key the plane must answer with (`SHA256:…`); any other is refused.
+    pub plane_key: Option<String>,
+    /// Allow `http://`: the plane's key then arrives unauthenticated.
+    pub insecure_http: bool,
 }
 
 /// Enrolls this node; returns the pinned configuration.
@@ -82,6 +86,14 @@ pub async fn join(
     host: &crate::registry::HostOptions,
     opts: JoinOptions<'_>,
 ) -> anyhow::Result<ControlConfig> {
+    let plain = opts.url.to_ascii_lowercase().starts_with("http://");
+    if plain && !opts.insecure_http {
+        bail!(
+            "refusing to enroll over plain http://: the control plane's signing key would be trusted \
+             without authentication; use https:// (with --ca for a private CA), or --insecure-http \
+             together with --plane-key on a network you trust"
+        );
+    }
     if let Some(existing) = ControlConfig::load(data_dir)? {
         if !opts.force {
             bail!(
@@ -92,10 +104,11 @@ pub async fn join(
         }
     }
     crate::agent::prepare_data_dir(data_dir)?;
-    let identity = if opts.force {
-        Identity::regenerate(data_dir)?
-    } else {
-        Identity::load_or_create(data_dir)?
+    // New keys live in memory until the control plane accepted them: a refused join
+    // leaves no key file, and a refused `--force` leaves the node's old keys working.
+    let identity = match Identity::load(data_dir) {
+        Ok(existing) if !opts.force => existing,
+        _ => Identity::ephemeral(),
     };
     let req = EnrollRequest {
         token: opts.token.to_string(),
@@ -119,9 +132,26 @@ pub async fn join(
         let why = body["error"].as_str().unwrap_or("no reason given");
         bail!("enrollment refused (HTTP {}): {why}", status.as_u16());
     }
-    let answer: EnrollResponse = resp.json().await.context("bad enrollment answer")?;
-    if super::identity::parse_public_key(&answer.signing_key).is_none() {
+    // A short answer (ids and keys); anything larger is not the control plane's.
+    let body = super::protocol::read_capped(resp, 64 << 10)
+        .await
+        .map_err(|e| anyhow::anyhow!("enrollment answer: {e}"))?;
+    let answer: EnrollResponse = serde_json::from_slice(&body).context("bad enrollment answer")?;
+    let Some(signing) = super::identity::parse_public_key(&answer.signing_key) else {
         bail!("the control plane's signing key is not an Ed25519 public key");
+    };
+    let fingerprint = super::identity::fingerprint(&signing);
+    match &opts.plane_key {
+        Some(want) if *want != fingerprint => bail!(
+            "the control plane answered with signing key {fingerprint}, not the expected {want}: \
+             not enrolled (the plane enrolled this node's keys, which stay unused)"
+        ),
+        Some(_) => {}
+        None if plain => tracing::warn!(
+            %fingerprint,
+            "enrolled over plain HTTP: compare the control plane's signing key with the one `control-plane serve` printed"
+        ),
+        None => {}
     }
     let config = ControlConfig {
         url: base.to_string(),
@@ -132,6 +162,7 @@ pub async fn join(
         enrolled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         heartbeat_secs: 15,
     };
+    identity.save(data_dir)?;
     config.save(data_dir)?;
     Ok(config)
 }

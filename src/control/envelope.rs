@@ -35,6 +35,15 @@ pub struct Envelope {
     pub signature: String,
 }
 
+/// The largest envelope of a document of at most `max_document` bytes: its base64 and
+/// room for the other fields.
+pub fn max_bytes(max_document: usize) -> usize {
+    max_document
+        .div_ceil(3)
+        .saturating_mul(4)
+        .saturating_add(64 << 10)
+}
+
 /// Why an envelope was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvelopeError {

@@ -1,15 +1,20 @@
 //! HTTPS transport (rustls through reqwest; plain `http://` is accepted for tests and
 //! behind a TLS-terminating proxy). Documents arrive by long poll:
 //! `GET /v1/nodes/<id>/document?after=<generation>` is held by the control plane until
-//! a newer envelope exists (200) or the poll times out (204). Status goes to
-//! `POST /v1/nodes/<id>/status`. Every request is signed with the node's key.
+//! a newer envelope exists (200) or the poll times out (204); the cursor moves only past
+//! envelopes that verified, and answers are read up to a size cap. Status goes to
+//! `POST /v1/nodes/<id>/status`. Every request is signed with the node's key and
+//! carries a nonce the plane accepts once. "Connected" is reported once a signed
+//! `GET /v1/nodes/<id>/hello` answered, not when the first long poll returns.
 
-use super::protocol::{sign_request, NodeMessage, H_NODE, H_SIGNATURE, H_TIME};
+use super::protocol::{
+    read_capped, NodeMessage, SignedRequest, H_NODE, H_NONCE, H_SIGNATURE, H_TIME,
+};
 use super::transport::{backoff, Event, Transport, TransportError};
 use ed25519_dalek::SigningKey;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// How long the control plane holds a poll; the client waits a little longer.
 pub const POLL_SECS: u64 = 25;
@@ -21,6 +26,8 @@ pub struct HttpsTransport {
     base: String,
     node_id: String,
     key: Arc<SigningKey>,
+    /// Largest answer read (an envelope of the largest document accepted).
+    max_body: usize,
 }
 
 impl HttpsTransport {
@@ -29,6 +36,7 @@ impl HttpsTransport {
         node_id: &str,
         key: SigningKey,
         ca_pem: Option<&str>,
+        max_body: usize,
     ) -> Result<Self, TransportError> {
         let client = super::protocol::http_client(ca_pem, Duration::from_secs(POLL_SECS + 15))
             .map_err(|e| TransportError::Failed(format!("{e:#}")))?;
@@ -37,6 +45,7 @@ impl HttpsTransport {
             base: base.trim_end_matches('/').to_string(),
             node_id: node_id.to_string(),
             key: Arc::new(key),
+            max_body,
         })
     }
 
@@ -47,13 +56,36 @@ impl HttpsTransport {
         body: Vec<u8>,
     ) -> reqwest::RequestBuilder {
         let time = chrono::Utc::now().timestamp();
-        let sig = sign_request(&self.key, method.as_str(), path, time, &body);
+        let nonce = super::protocol::nonce();
+        let sig = SignedRequest {
+            method: method.as_str(),
+            path_and_query: path,
+            time,
+            nonce: &nonce,
+            body: &body,
+        }
+        .sign(&self.key);
         self.client
             .request(method, format!("{}{path}", self.base))
             .header(H_NODE, &self.node_id)
             .header(H_TIME, time.to_string())
+            .header(H_NONCE, nonce)
             .header(H_SIGNATURE, sig)
             .body(body)
+    }
+
+    /// One quick signed request: the TLS session is up and the plane knows this node.
+    async fn hello(&self) -> Result<(), String> {
+        let path = format!("/v1/nodes/{}/hello", self.node_id);
+        let resp = self
+            .signed(reqwest::Method::GET, &path, Vec::new())
+            .send()
+            .await
+            .map_err(|e| format!("hello: {e}"))?;
+        match resp.status().as_u16() {
+            204 => Ok(()),
+            s => Err(format!("hello: HTTP {s}")),
+        }
     }
 
     async fn poll(&self, after: u64) -> Result<Option<Vec<u8>>, String> {
@@ -65,10 +97,9 @@ impl HttpsTransport {
             .map_err(|e| format!("poll: {e}"))?;
         match resp.status().as_u16() {
             200 => Ok(Some(
-                resp.bytes()
+                read_capped(resp, self.max_body)
                     .await
-                    .map_err(|e| format!("poll: {e}"))?
-                    .to_vec(),
+                    .map_err(|e| format!("poll: {e}"))?,
             )),
             204 => Ok(None),
             s => Err(format!(
@@ -82,24 +113,40 @@ impl HttpsTransport {
         let mut attempt = 0usize;
         let mut connected = false;
         loop {
-            match self.poll(after).await {
-                Ok(got) => {
-                    attempt = 0;
-                    if !connected {
-                        connected = true;
-                        if events.send(Event::Connected).await.is_err() {
-                            return;
-                        }
+            if !connected {
+                if let Err(e) = self.hello().await {
+                    if events.send(Event::Disconnected(e)).await.is_err() {
+                        return;
                     }
-                    if let Some(bytes) = got {
-                        // Ask for something newer next time, whatever the agent decides
-                        // about this one, so a refused envelope is not fetched in a loop.
-                        if let Ok(env) = super::envelope::Envelope::parse(&bytes) {
-                            after = after.max(env.generation);
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+                connected = true;
+                if events.send(Event::Connected).await.is_err() {
+                    return;
+                }
+            }
+            match self.poll(after).await {
+                Ok(None) => attempt = 0,
+                Ok(Some(bytes)) => {
+                    // Past this envelope only once the client verified it (a verified
+                    // one the agent refused is not fetched in a loop either); an
+                    // unverified one is asked for again after a back-off.
+                    let (tx, rx) = oneshot::channel();
+                    if events.send(Event::Envelope(bytes, Some(tx))).await.is_err() {
+                        return;
+                    }
+                    match rx.await {
+                        Ok(Some(g)) => {
+                            attempt = 0;
+                            after = after.max(g);
                         }
-                        if events.send(Event::Envelope(bytes)).await.is_err() {
-                            return;
+                        Ok(None) => {
+                            tokio::time::sleep(backoff(attempt)).await;
+                            attempt += 1;
                         }
+                        Err(_) => return,
                     }
                 }
                 Err(e) => {
@@ -143,5 +190,137 @@ impl Transport for HttpsTransport {
 
     fn describe(&self) -> String {
         format!("https {}", self.base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The transport against a real HTTP server on loopback that answers polls from a
+    //! script, recording the cursor of each poll.
+
+    use super::*;
+    use crate::control::envelope::Envelope;
+    use crate::control::identity::Identity;
+    use axum::extract::{Query, State};
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Script {
+        /// Answers to polls, in order; then 204 (after a short wait).
+        answers: Mutex<VecDeque<Vec<u8>>>,
+        /// The `after` of every poll.
+        cursors: Mutex<Vec<u64>>,
+    }
+
+    async fn document(
+        State(s): State<Arc<Script>>,
+        Query(q): Query<HashMap<String, String>>,
+    ) -> axum::response::Response {
+        let after = q.get("after").and_then(|a| a.parse().ok()).unwrap_or(0);
+        s.cursors.lock().unwrap().push(after);
+        let next = s.answers.lock().unwrap().pop_front();
+        match next {
+            Some(body) => body.into_response(),
+            None => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                StatusCode::NO_CONTENT.into_response()
+            }
+        }
+    }
+
+    async fn serve(script: Arc<Script>) -> String {
+        let app = axum::Router::new()
+            .route("/v1/nodes/{id}/document", axum::routing::get(document))
+            .route(
+                "/v1/nodes/{id}/hello",
+                axum::routing::get(|| async { StatusCode::NO_CONTENT }),
+            )
+            .with_state(script);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    fn envelope(key: &SigningKey, generation: u64) -> Vec<u8> {
+        let env = Envelope::sign(key, "n1", generation, "2026-12-07T00:00:00Z", b"{}").unwrap();
+        serde_json::to_vec(&env).unwrap()
+    }
+
+    /// Runs the transport; answers each envelope with `verdict(generation)` and collects
+    /// the events until `until` of them arrived.
+    async fn run(
+        script: Arc<Script>,
+        max_body: usize,
+        verdict: impl Fn(u64) -> Option<u64>,
+        until: usize,
+    ) -> Vec<String> {
+        let base = serve(script).await;
+        let t = HttpsTransport::new(
+            &base,
+            "n1",
+            Identity::ephemeral().signing_key().clone(),
+            None,
+            max_body,
+        )
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        t.start(tx, 0);
+        let mut seen = Vec::new();
+        while seen.len() < until {
+            match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
+                Ok(Some(Event::Envelope(bytes, reply))) => {
+                    let g = Envelope::parse(&bytes).unwrap().generation;
+                    seen.push(format!("envelope {g}"));
+                    reply.unwrap().send(verdict(g)).unwrap();
+                }
+                Ok(Some(Event::Connected)) => seen.push("connected".into()),
+                Ok(Some(Event::Disconnected(e))) => seen.push(format!("disconnected: {e}")),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn the_cursor_moves_only_past_verified_envelopes() {
+        let plane = Identity::ephemeral();
+        let forger = Identity::ephemeral();
+        let script = Arc::new(Script::default());
+        // A forged envelope with the highest generation, then the plane's generation 2.
+        script.answers.lock().unwrap().extend([
+            envelope(forger.signing_key(), u64::MAX),
+            envelope(plane.signing_key(), 2),
+        ]);
+        // The client's verdict: only generation 2 verifies (what the agent does with
+        // the pinned key).
+        let seen = run(script.clone(), 1 << 20, |g| (g == 2).then_some(2), 3).await;
+        assert_eq!(
+            seen,
+            ["connected", &format!("envelope {}", u64::MAX), "envelope 2"]
+        );
+        // Polled from 0 before and after the forged one; past 2 once 2 verified.
+        let cursors = script.cursors.lock().unwrap().clone();
+        assert_eq!(&cursors[..2], &[0, 0], "{cursors:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let cursors = script.cursors.lock().unwrap().clone();
+        assert!(cursors[2..].iter().all(|c| *c == 2), "{cursors:?}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_answer_is_not_read() {
+        let plane = Identity::ephemeral();
+        let script = Arc::new(Script::default());
+        let big = envelope(plane.signing_key(), 3);
+        script.answers.lock().unwrap().push_back(big.clone());
+        let seen = run(script, big.len() - 1, Some, 2).await;
+        assert_eq!(seen[0], "connected");
+        assert!(
+            seen[1].starts_with("disconnected: poll: answer larger than"),
+            "{seen:?}"
+        );
     }
 }

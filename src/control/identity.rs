@@ -61,6 +61,16 @@ pub fn key_id(public: &VerifyingKey) -> String {
     hex::encode(&Sha256::digest(public.as_bytes())[..8])
 }
 
+/// A public key's fingerprint as operators compare it: `SHA256:` and the unpadded
+/// base64 of the SHA-256 of its 32 bytes (the form `ssh-keygen -l` prints).
+pub fn fingerprint(public: &VerifyingKey) -> String {
+    use base64::engine::general_purpose::STANDARD_NO_PAD;
+    format!(
+        "SHA256:{}",
+        STANDARD_NO_PAD.encode(Sha256::digest(public.as_bytes()))
+    )
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
     move |source| IdentityError::Io {
         path: path.display().to_string(),
@@ -129,16 +139,13 @@ impl Identity {
         Ok(Identity::from_bytes(&seed, &sealing))
     }
 
-    /// Fresh keys (replacing the files), for `join --force`.
-    pub fn regenerate(data_dir: &Path) -> Result<Identity, IdentityError> {
-        for p in [identity_path(data_dir), sealing_path(data_dir)] {
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&p)(e)),
-            }
-        }
-        Identity::load_or_create(data_dir)
+    /// Writes both keys (atomically, 0600), replacing what was there: `join` does so
+    /// only once the control plane accepted them.
+    pub fn save(&self, data_dir: &Path) -> Result<(), IdentityError> {
+        let seed = Zeroizing::new(self.signing.to_bytes());
+        let sealing = Zeroizing::new(self.sealing.to_bytes());
+        write_key(&identity_path(data_dir), &seed)?;
+        write_key(&sealing_path(data_dir), &sealing)
     }
 
     /// Keys from their secret bytes (tests and the control plane's own signing key).
@@ -220,8 +227,13 @@ mod tests {
         // Debug never shows secret bytes.
         let seed = std::fs::read_to_string(identity_path(dir.path())).unwrap();
         assert!(!format!("{a:?}").contains(seed.trim()));
-        let c = Identity::regenerate(dir.path()).unwrap();
-        assert_ne!(a.public_key(), c.public_key());
+        // Saved keys replace the files and load back.
+        let c = Identity::ephemeral();
+        c.save(dir.path()).unwrap();
+        let d = Identity::load(dir.path()).unwrap();
+        assert_ne!(a.public_key(), d.public_key());
+        assert_eq!(c.public_key(), d.public_key());
+        assert_eq!(c.sealing_key_b64(), d.sealing_key_b64());
     }
 
     #[test]

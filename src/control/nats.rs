@@ -118,7 +118,7 @@ impl NatsTransport {
                             if matches!(op.as_deref(), Some("DEL" | "PURGE")) {
                                 continue;
                             }
-                            if events.send(Event::Envelope(m.payload.to_vec())).await.is_err() {
+                            if events.send(Event::Envelope(m.payload.to_vec(), None)).await.is_err() {
                                 return;
                             }
                         }

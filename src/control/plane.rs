@@ -5,10 +5,10 @@
 
 use super::envelope::Envelope;
 use super::identity::{parse_public_key, parse_sealing_key, read_or_make};
-use super::plane_store::{NodeRecord, PlaneError, PlaneStore};
+use super::plane_store::{NodeRecord, PlaneError, PlaneStore, TokenScope};
 use super::protocol::{
-    sanitize_node_id, verify_request, EnrollRequest, EnrollResponse, NodeMessage, Transport,
-    BUCKET, H_NODE, H_SIGNATURE, H_TIME, STREAM,
+    sanitize_node_id, EnrollRequest, EnrollResponse, NodeMessage, SignedRequest, Transport, BUCKET,
+    H_NODE, H_NONCE, H_SIGNATURE, H_TIME, MAX_SKEW_SECS, STREAM,
 };
 use crate::document::{self, Format};
 use crate::limits::Limits;
@@ -55,6 +55,8 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// TLS certificate chain and key (PEM): serve HTTPS (rustls) instead of plain HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Enroll over plain HTTP too (a TLS-terminating proxy in front, a trusted network).
+    pub insecure_http: bool,
 }
 
 /// `<data>/control-plane.db`.
@@ -62,21 +64,29 @@ pub fn db_path(data: &Path) -> PathBuf {
     data.join("control-plane.db")
 }
 
+/// The plane's data directory, created 0700: it holds node credentials and the key.
+fn prepare_dir(data: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
+    std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod {}", data.display()))
+}
+
 /// The control plane's signing key, made on first use (`<data>/signing.key`, 0600).
 pub fn signing_key(data: &Path) -> anyhow::Result<SigningKey> {
-    std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
+    prepare_dir(data)?;
     let seed = read_or_make(&data.join("signing.key"))?;
     Ok(SigningKey::from_bytes(&seed))
 }
 
-/// A new one-time registration token valid for `ttl_secs`.
-pub fn new_token(data: &Path, ttl_secs: i64) -> anyhow::Result<String> {
+/// A new one-time registration token valid for `ttl_secs`, for what `scope` allows.
+pub fn new_token(data: &Path, ttl_secs: i64, scope: &TokenScope) -> anyhow::Result<String> {
     use rand_core::RngCore;
-    std::fs::create_dir_all(data)?;
+    prepare_dir(data)?;
     let mut raw = [0u8; 24];
     rand_core::OsRng.fill_bytes(&mut raw);
     let token = hex::encode(raw);
-    PlaneStore::open(&db_path(data))?.add_token(&token, ttl_secs)?;
+    PlaneStore::open(&db_path(data))?.add_token(&token, ttl_secs, scope)?;
     Ok(token)
 }
 
@@ -101,6 +111,20 @@ struct Plane {
     /// Bumped whenever an envelope changes; long polls wait on it.
     changed: tokio::sync::watch::Sender<u64>,
     enrolling: Mutex<()>,
+    /// Enrollment is served: over TLS, or plain HTTP by the operator's choice. Otherwise
+    /// a node would take the signing key from an unauthenticated answer.
+    enrollment_open: bool,
+    /// Nonces of the signed requests seen within the clock window, with the time each
+    /// may be forgotten: a captured request is not accepted a second time.
+    nonces: Mutex<Nonces>,
+}
+
+/// Request nonces by `node/nonce`, each with the time it may be forgotten.
+#[derive(Default)]
+struct Nonces {
+    seen: HashMap<String, i64>,
+    /// When expired entries were last dropped (at most once a second).
+    pruned: i64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -187,6 +211,12 @@ impl Plane {
     }
 
     fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, (StatusCode, String)> {
+        if !self.enrollment_open {
+            return Err((
+                StatusCode::FORBIDDEN,
+                "this control plane does not enroll over plain HTTP (serve with --tls-cert/--tls-key, or --insecure-http)".into(),
+            ));
+        }
         // One enrollment at a time: each rewrites the NATS authorization file.
         let _one = lock(&self.enrolling);
         let bad = |m: &str| (StatusCode::BAD_REQUEST, m.to_string());
@@ -197,13 +227,6 @@ impl Plane {
             return Err(bad("sealingKey is not an X25519 public key"));
         }
         let id = sanitize_node_id(&req.name);
-        let internal = |e: PlaneError| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-        lock(&self.store)
-            .use_token(&req.token, &id)
-            .map_err(|e| match e {
-                PlaneError::Sql(_) => internal(e),
-                other => (StatusCode::FORBIDDEN, other.to_string()),
-            })?;
         let password = self.nats.as_ref().map(|_| {
             use rand_core::RngCore;
             let mut raw = [0u8; 24];
@@ -224,7 +247,15 @@ impl Plane {
             status: None,
             refused: None,
         };
-        lock(&self.store).put_node(&record).map_err(internal)?;
+        lock(&self.store)
+            .enroll(&req.token, &record)
+            .map_err(|e| match e {
+                PlaneError::Sql(_) | PlaneError::Io(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                }
+                PlaneError::Enrolled { .. } => (StatusCode::CONFLICT, e.to_string()),
+                other => (StatusCode::FORBIDDEN, other.to_string()),
+            })?;
         // A re-enrolled node has a new sealing key: seal its document again.
         lock(&self.published).remove(&id);
         self.write_nats_auth()
@@ -415,16 +446,33 @@ impl Plane {
         let key = parse_public_key(&node.public_key).ok_or_else(denied)?;
         let time: i64 = h(H_TIME).parse().map_err(|_| denied())?;
         let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        if !verify_request(
-            &key,
+        let now = chrono::Utc::now().timestamp();
+        let req = SignedRequest {
             method,
-            path,
+            path_and_query: path,
             time,
-            chrono::Utc::now().timestamp(),
-            h(H_SIGNATURE),
+            nonce: h(H_NONCE),
             body,
-        ) {
+        };
+        if !req.verify(&key, h(H_SIGNATURE), now) {
             return Err(denied());
+        }
+        // Checked after the signature, so only the node itself can fill its entries.
+        let mut nonces = lock(&self.nonces);
+        if nonces.pruned != now {
+            nonces.pruned = now;
+            nonces.seen.retain(|_, forget_at| *forget_at > now);
+        }
+        if nonces
+            .seen
+            .insert(format!("{id}/{}", req.nonce), time + 2 * MAX_SKEW_SECS)
+            .is_some()
+        {
+            warn!(node = %id, "a signed request was replayed");
+            return Err((
+                StatusCode::UNAUTHORIZED,
+                "replayed request (its nonce was used already)".to_string(),
+            ));
         }
         Ok(node)
     }
@@ -474,6 +522,19 @@ async fn document(
             Ok(Ok(())) => continue,
             _ => return StatusCode::NO_CONTENT.into_response(),
         }
+    }
+}
+
+/// A signed no-op: the node knows its TLS session is up and the plane accepts it.
+async fn hello(
+    State(plane): State<Arc<Plane>>,
+    UrlPath(id): UrlPath<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    match plane.authenticate(&id, "GET", &uri, &headers, b"") {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err((c, m)) => err(c, m),
     }
 }
 
@@ -583,6 +644,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         published: Mutex::new(HashMap::new()),
         changed,
         enrolling: Mutex::new(()),
+        enrollment_open: opts.tls.is_some() || opts.insecure_http,
+        nonces: Mutex::new(Nonces::default()),
     });
     if let Some(n) = opts.nats.clone() {
         plane.write_nats_auth()?;
@@ -604,11 +667,19 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .route("/v1/enroll", axum::routing::post(enroll))
         .route("/v1/nodes/{id}/document", axum::routing::get(document))
         .route("/v1/nodes/{id}/status", axum::routing::post(status))
+        .route("/v1/nodes/{id}/hello", axum::routing::get(hello))
         .with_state(plane);
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("listen on {}", opts.listen))?;
-    info!(listen = %opts.listen, key_id = %super::identity::key_id(&signing_key(&opts.data)?.verifying_key()), "control plane serving");
+    let key = signing_key(&opts.data)?.verifying_key();
+    let fingerprint = super::identity::fingerprint(&key);
+    info!(listen = %opts.listen, key_id = %super::identity::key_id(&key), %fingerprint, "control plane serving");
+    // On stdout too: what operators hand to `converge join --plane-key`.
+    println!("control plane signing key {fingerprint}");
+    if opts.tls.is_none() && !opts.insecure_http {
+        warn!("plain HTTP without --insecure-http: enrollment is refused (nodes would trust an unauthenticated key)");
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     if let Some((cert, key)) = &opts.tls {
         let acceptor = tls_acceptor(cert, key)?;

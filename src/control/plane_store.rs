@@ -18,18 +18,44 @@ pub enum PlaneError {
     UsedToken,
     #[error("registration token expired")]
     ExpiredToken,
+    #[error("this registration token is for node {token_for:?}, not {asked:?}")]
+    WrongNode { token_for: String, asked: String },
+    #[error(
+        "a node {id:?} is enrolled already (names that normalise alike share an id); \
+             to give it new keys, issue a token with `control-plane nodes re-enroll {id}`"
+    )]
+    Enrolled { id: String },
+    #[error("control-plane store: {0}")]
+    Io(#[from] std::io::Error),
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS tokens (
-  hash TEXT PRIMARY KEY, expires_at INTEGER NOT NULL, used_by TEXT
-);
-CREATE TABLE IF NOT EXISTS nodes (
-  id TEXT PRIMARY KEY, name TEXT NOT NULL, public_key TEXT NOT NULL,
-  sealing_key TEXT NOT NULL, facts TEXT NOT NULL, enrolled_at TEXT NOT NULL,
-  nats_password TEXT, last_seen TEXT, accepted_generation INTEGER,
-  converged_generation INTEGER, status TEXT, refused TEXT
-);";
+/// Schema versions in order (`PRAGMA user_version` = how many ran).
+const MIGRATIONS: &[&str] = &[
+    // 1: tokens and nodes (the tables existed before versions were recorded, hence
+    // IF NOT EXISTS).
+    "CREATE TABLE IF NOT EXISTS tokens (
+       hash TEXT PRIMARY KEY, expires_at INTEGER NOT NULL, used_by TEXT
+     );
+     CREATE TABLE IF NOT EXISTS nodes (
+       id TEXT PRIMARY KEY, name TEXT NOT NULL, public_key TEXT NOT NULL,
+       sealing_key TEXT NOT NULL, facts TEXT NOT NULL, enrolled_at TEXT NOT NULL,
+       nats_password TEXT, last_seen TEXT, accepted_generation INTEGER,
+       converged_generation INTEGER, status TEXT, refused TEXT
+     );",
+    // 2: a token is for one node id (NULL: any id not enrolled yet), and may replace
+    // that node's keys only if issued by `nodes re-enroll`.
+    "ALTER TABLE tokens ADD COLUMN node TEXT;
+     ALTER TABLE tokens ADD COLUMN reenroll INTEGER NOT NULL DEFAULT 0;",
+];
+
+/// What a registration token allows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenScope {
+    /// The node id it enrolls; `None`: any id that is not enrolled yet.
+    pub node: Option<String>,
+    /// It replaces the keys of that enrolled node (`nodes re-enroll`).
+    pub reenroll: bool,
+}
 
 /// One enrolled node.
 #[derive(Clone, Debug, Serialize)]
@@ -71,53 +97,110 @@ impl PlaneStore {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.execute_batch(SCHEMA)?;
-        Ok(PlaneStore { conn })
+        // Node credentials and token hashes: root's only.
+        crate::privacy::make_private(path)?;
+        let mut store = PlaneStore { conn };
+        store.migrate()?;
+        Ok(store)
     }
 
-    /// Records a new token valid for `ttl_secs`.
-    pub fn add_token(&self, token: &str, ttl_secs: i64) -> Result<(), PlaneError> {
+    fn migrate(&mut self) -> Result<(), PlaneError> {
+        let done: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(done).unwrap_or(usize::MAX))
+        {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(
+                None,
+                "user_version",
+                i64::try_from(i + 1).unwrap_or(i64::MAX),
+            )?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Records a new token valid for `ttl_secs`, for what `scope` allows.
+    pub fn add_token(
+        &self,
+        token: &str,
+        ttl_secs: i64,
+        scope: &TokenScope,
+    ) -> Result<(), PlaneError> {
         let expires = chrono::Utc::now().timestamp() + ttl_secs;
         self.conn.execute(
-            "INSERT INTO tokens (hash, expires_at) VALUES (?1, ?2)",
-            params![hash(token), expires],
+            "INSERT INTO tokens (hash, expires_at, node, reenroll) VALUES (?1, ?2, ?3, ?4)",
+            params![hash(token), expires, scope.node, scope.reenroll],
         )?;
         Ok(())
     }
 
-    /// Marks a token used by `node`; refuses unknown, used and expired tokens.
-    pub fn use_token(&mut self, token: &str, node: &str) -> Result<(), PlaneError> {
+    /// Enrolls `n` with `token`, in one transaction: refuses unknown, used and expired
+    /// tokens, a token issued for another node, and a node id already enrolled unless
+    /// the token re-enrolls exactly that node (then its keys and credentials are
+    /// replaced, its history kept). Nothing changes when refused.
+    pub fn enroll(&mut self, token: &str, n: &NodeRecord) -> Result<(), PlaneError> {
         let tx = self.conn.transaction()?;
-        let row: Option<(i64, Option<String>)> = tx
+        let row: Option<(i64, Option<String>, Option<String>, bool)> = tx
             .query_row(
-                "SELECT expires_at, used_by FROM tokens WHERE hash = ?1",
+                "SELECT expires_at, used_by, node, reenroll FROM tokens WHERE hash = ?1",
                 params![hash(token)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
-        match row {
+        let reenroll = match row {
             None => return Err(PlaneError::UnknownToken),
-            Some((_, Some(_))) => return Err(PlaneError::UsedToken),
-            Some((exp, None)) if exp < chrono::Utc::now().timestamp() => {
+            Some((_, Some(_), _, _)) => return Err(PlaneError::UsedToken),
+            Some((exp, None, _, _)) if exp < chrono::Utc::now().timestamp() => {
                 return Err(PlaneError::ExpiredToken)
             }
-            Some(_) => {}
+            Some((_, None, Some(node), _)) if node != n.id => {
+                return Err(PlaneError::WrongNode {
+                    token_for: node,
+                    asked: n.id.clone(),
+                })
+            }
+            Some((_, None, _, reenroll)) => reenroll,
+        };
+        let enrolled: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM nodes WHERE id = ?1)",
+            params![n.id],
+            |r| r.get(0),
+        )?;
+        if enrolled && !reenroll {
+            return Err(PlaneError::Enrolled { id: n.id.clone() });
         }
         tx.execute(
             "UPDATE tokens SET used_by = ?2 WHERE hash = ?1",
-            params![hash(token), node],
+            params![hash(token), n.id],
         )?;
+        if enrolled {
+            tx.execute(
+                "UPDATE nodes SET name = ?2, public_key = ?3, sealing_key = ?4, facts = ?5,
+                        enrolled_at = ?6, nats_password = ?7 WHERE id = ?1",
+                params![
+                    n.id,
+                    n.name,
+                    n.public_key,
+                    n.sealing_key,
+                    n.facts.to_string(),
+                    n.enrolled_at,
+                    n.nats_password
+                ],
+            )?;
+        } else {
+            tx.execute(
+                "INSERT INTO nodes (id, name, public_key, sealing_key, facts, enrolled_at, nats_password)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![n.id, n.name, n.public_key, n.sealing_key, n.facts.to_string(), n.enrolled_at, n.nats_password],
+            )?;
+        }
         tx.commit()?;
-        Ok(())
-    }
-
-    /// Adds or replaces a node (a re-enrollment with `--force` brings new keys).
-    pub fn put_node(&self, n: &NodeRecord) -> Result<(), PlaneError> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO nodes (id, name, public_key, sealing_key, facts, enrolled_at, nats_password)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![n.id, n.name, n.public_key, n.sealing_key, n.facts.to_string(), n.enrolled_at, n.nats_password],
-        )?;
         Ok(())
     }
 
@@ -202,25 +285,113 @@ impl PlaneStore {
 mod tests {
     use super::*;
 
+    fn record(id: &str, key: &str) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            name: id.into(),
+            public_key: key.into(),
+            sealing_key: key.into(),
+            facts: serde_json::json!({}),
+            enrolled_at: String::new(),
+            nats_password: None,
+            last_seen: None,
+            accepted_generation: None,
+            converged_generation: None,
+            status: None,
+            refused: None,
+        }
+    }
+
+    fn key_of(s: &PlaneStore, id: &str) -> String {
+        s.node(id).unwrap().unwrap().public_key
+    }
+
     #[test]
     fn tokens_are_one_time_and_expire() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = PlaneStore::open(&dir.path().join("db")).unwrap();
-        s.add_token("good", 60).unwrap();
-        s.add_token("old", -1).unwrap();
+        let any = TokenScope::default();
+        s.add_token("good", 60, &any).unwrap();
+        s.add_token("old", -1, &any).unwrap();
         assert!(matches!(
-            s.use_token("nope", "a"),
+            s.enroll("nope", &record("a", "k")),
             Err(PlaneError::UnknownToken)
         ));
-        s.use_token("good", "a").unwrap();
+        s.enroll("good", &record("a", "k")).unwrap();
         assert!(matches!(
-            s.use_token("good", "b"),
+            s.enroll("good", &record("b", "k")),
             Err(PlaneError::UsedToken)
         ));
         assert!(matches!(
-            s.use_token("old", "b"),
+            s.enroll("old", &record("b", "k")),
             Err(PlaneError::ExpiredToken)
         ));
+    }
+
+    #[test]
+    fn enrollment_cannot_take_over_a_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = PlaneStore::open(&dir.path().join("db")).unwrap();
+        let any = TokenScope::default();
+        let for_web1 = TokenScope {
+            node: Some("web-1".into()),
+            reenroll: false,
+        };
+        s.add_token("t1", 60, &for_web1).unwrap();
+        // A token for web-1 enrolls web-1 only; refused, it stays unused.
+        assert!(matches!(
+            s.enroll("t1", &record("web-2", "k")),
+            Err(PlaneError::WrongNode { .. })
+        ));
+        s.enroll("t1", &record("web-1", "k1")).unwrap();
+        // Another fresh token cannot replace web-1's keys: refused, keys kept.
+        s.add_token("t2", 60, &any).unwrap();
+        assert!(matches!(
+            s.enroll("t2", &record("web-1", "evil")),
+            Err(PlaneError::Enrolled { .. })
+        ));
+        assert_eq!(key_of(&s, "web-1"), "k1");
+        // The refused token was not spent: it still enrolls a new node.
+        s.enroll("t2", &record("web-3", "k3")).unwrap();
+        // Only a re-enroll token for exactly web-1 replaces its keys.
+        let reenroll = TokenScope {
+            node: Some("web-1".into()),
+            reenroll: true,
+        };
+        s.add_token("t3", 60, &reenroll).unwrap();
+        assert!(matches!(
+            s.enroll("t3", &record("web-3", "evil")),
+            Err(PlaneError::WrongNode { .. })
+        ));
+        s.enroll("t3", &record("web-1", "k1b")).unwrap();
+        assert_eq!(key_of(&s, "web-1"), "k1b");
+    }
+
+    #[test]
+    fn a_database_of_the_first_version_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            // As an older converge left it: version 0, tokens without a scope.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.execute(
+                "INSERT INTO tokens (hash, expires_at) VALUES (?1, ?2)",
+                params![hash("old"), chrono::Utc::now().timestamp() + 60],
+            )
+            .unwrap();
+        }
+        let mut s = PlaneStore::open(&path).unwrap();
+        let v: i64 = s
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        // An old token is a token for any new node.
+        s.enroll("old", &record("n", "k")).unwrap();
+        drop(s);
+        // Opening again changes nothing.
+        PlaneStore::open(&path).unwrap();
     }
 
     #[test]

@@ -230,59 +230,83 @@ pub struct StatusMessage {
 /// Headers of a signed HTTPS request.
 pub const H_NODE: &str = "x-converge-node";
 pub const H_TIME: &str = "x-converge-time";
+pub const H_NONCE: &str = "x-converge-nonce";
 pub const H_SIGNATURE: &str = "x-converge-signature";
-/// How far a signed request's time may be from the control plane's clock.
+/// How far a signed request's time may be from the control plane's clock; the plane
+/// remembers each request's nonce for twice this long, so no request is accepted twice.
 pub const MAX_SKEW_SECS: i64 = 300;
 
-/// The bytes a node signs for an HTTPS request:
-/// `converge/request/v1\n<METHOD>\n<path and query>\n<unix time>\n<hex sha256 of body>`.
-pub fn request_bytes(method: &str, path_and_query: &str, time: i64, body: &[u8]) -> Vec<u8> {
-    format!(
-        "converge/request/v1\n{method}\n{path_and_query}\n{time}\n{}",
-        hex::encode(Sha256::digest(body))
-    )
-    .into_bytes()
+/// A fresh request nonce: 16 random bytes, hex.
+pub fn nonce() -> String {
+    use rand_core::RngCore;
+    let mut raw = [0u8; 16];
+    rand_core::OsRng.fill_bytes(&mut raw);
+    hex::encode(raw)
 }
 
-/// Signs a request: returns the signature header value.
-pub fn sign_request(
-    key: &SigningKey,
-    method: &str,
-    path_and_query: &str,
-    time: i64,
-    body: &[u8],
-) -> String {
-    B64.encode(
-        key.sign(&request_bytes(method, path_and_query, time, body))
-            .to_bytes(),
-    )
+/// What a node signs for one HTTPS request.
+pub struct SignedRequest<'a> {
+    pub method: &'a str,
+    pub path_and_query: &'a str,
+    /// Unix time, seconds.
+    pub time: i64,
+    pub nonce: &'a str,
+    pub body: &'a [u8],
 }
 
-/// Checks a request signature and its time window.
-pub fn verify_request(
-    key: &VerifyingKey,
-    method: &str,
-    path_and_query: &str,
-    time: i64,
-    now: i64,
-    signature: &str,
-    body: &[u8],
-) -> bool {
-    if (now - time).abs() > MAX_SKEW_SECS {
-        return false;
+impl SignedRequest<'_> {
+    /// `converge/request/v2\n<METHOD>\n<path and query>\n<unix time>\n<nonce>\n<hex sha256
+    /// of body>`.
+    pub fn bytes(&self) -> Vec<u8> {
+        format!(
+            "converge/request/v2\n{}\n{}\n{}\n{}\n{}",
+            self.method,
+            self.path_and_query,
+            self.time,
+            self.nonce,
+            hex::encode(Sha256::digest(self.body))
+        )
+        .into_bytes()
     }
-    let Some(sig) = B64
-        .decode(signature)
-        .ok()
-        .and_then(|b| <[u8; 64]>::try_from(b).ok())
-    else {
-        return false;
-    };
-    key.verify(
-        &request_bytes(method, path_and_query, time, body),
-        &Signature::from_bytes(&sig),
-    )
-    .is_ok()
+
+    /// The signature header value.
+    pub fn sign(&self, key: &SigningKey) -> String {
+        B64.encode(key.sign(&self.bytes()).to_bytes())
+    }
+
+    /// Checks the signature and the time window (the nonce's freshness is the
+    /// control plane's to check).
+    pub fn verify(&self, key: &VerifyingKey, signature: &str, now: i64) -> bool {
+        if (now - self.time).abs() > MAX_SKEW_SECS || self.nonce.len() != 32 {
+            return false;
+        }
+        let Some(sig) = B64
+            .decode(signature)
+            .ok()
+            .and_then(|b| <[u8; 64]>::try_from(b).ok())
+        else {
+            return false;
+        };
+        key.verify(&self.bytes(), &Signature::from_bytes(&sig))
+            .is_ok()
+    }
+}
+
+/// Reads a response body of at most `max` bytes; a larger one is an error, read no
+/// further (a control plane, or whoever answers in its place, cannot make the node
+/// buffer without bound).
+pub async fn read_capped(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(format!("answer larger than {max} bytes"));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if out.len() + chunk.len() > max {
+            return Err(format!("answer larger than {max} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 /// Node ids the control plane assigns: `[A-Za-z0-9_-]`, no dots, because the id is a
@@ -310,19 +334,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn request_signatures_bind_method_path_time_and_body() {
+    fn request_signatures_bind_method_path_time_nonce_and_body() {
         let id = crate::control::identity::Identity::ephemeral();
-        let sig = sign_request(id.signing_key(), "POST", "/v1/x", 100, b"{}");
+        let n = nonce();
+        let req = |method, path, nonce, body| SignedRequest {
+            method,
+            path_and_query: path,
+            time: 100,
+            nonce,
+            body,
+        };
+        let sig = req("POST", "/v1/x", n.as_str(), b"{}").sign(id.signing_key());
         let pk = id.public_key();
-        assert!(verify_request(&pk, "POST", "/v1/x", 100, 120, &sig, b"{}"));
-        assert!(!verify_request(&pk, "GET", "/v1/x", 100, 120, &sig, b"{}"));
-        assert!(!verify_request(&pk, "POST", "/v1/y", 100, 120, &sig, b"{}"));
-        assert!(!verify_request(
-            &pk, "POST", "/v1/x", 100, 120, &sig, b"{ }"
-        ));
-        assert!(!verify_request(
-            &pk, "POST", "/v1/x", 100, 1000, &sig, b"{}"
-        ));
+        assert!(req("POST", "/v1/x", &n, b"{}").verify(&pk, &sig, 120));
+        assert!(!req("GET", "/v1/x", &n, b"{}").verify(&pk, &sig, 120));
+        assert!(!req("POST", "/v1/y", &n, b"{}").verify(&pk, &sig, 120));
+        assert!(!req("POST", "/v1/x", &n, b"{ }").verify(&pk, &sig, 120));
+        let other = nonce();
+        assert!(!req("POST", "/v1/x", &other, b"{}").verify(&pk, &sig, 120));
+        assert!(!req("POST", "/v1/x", &n, b"{}").verify(&pk, &sig, 1000));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use converge_core::Zeroizing;
 use std::collections::BTreeMap;
 
 /// A secret that cannot be opened or sealed.
@@ -29,22 +30,31 @@ pub fn seal(to: &crypto_box::PublicKey, name: &str, value: &[u8]) -> Result<Stri
         .map_err(|_| SealedError::Seal(name.to_string()))
 }
 
-/// Opens one sealed value.
-pub fn open(key: &crypto_box::SecretKey, name: &str, sealed: &str) -> Result<String, SealedError> {
+/// Opens one sealed value; the plaintext is zeroed when dropped, as is every
+/// intermediate copy.
+pub fn open(
+    key: &crypto_box::SecretKey,
+    name: &str,
+    sealed: &str,
+) -> Result<Zeroizing<String>, SealedError> {
     let bytes = B64
         .decode(sealed.trim())
         .map_err(|_| SealedError::NotBase64(name.to_string()))?;
-    let plain = key
-        .unseal(&bytes)
-        .map_err(|_| SealedError::CannotOpen(name.to_string()))?;
-    String::from_utf8(plain).map_err(|_| SealedError::NotUtf8(name.to_string()))
+    let plain = Zeroizing::new(
+        key.unseal(&bytes)
+            .map_err(|_| SealedError::CannotOpen(name.to_string()))?,
+    );
+    match std::str::from_utf8(&plain) {
+        Ok(s) => Ok(Zeroizing::new(s.to_string())),
+        Err(_) => Err(SealedError::NotUtf8(name.to_string())),
+    }
 }
 
 /// Opens every value of a document's `secrets` section; all or nothing.
 pub fn open_all(
     key: &crypto_box::SecretKey,
     secrets: Option<&BTreeMap<String, String>>,
-) -> Result<BTreeMap<String, String>, SealedError> {
+) -> Result<BTreeMap<String, Zeroizing<String>>, SealedError> {
     let mut out = BTreeMap::new();
     for (name, sealed) in secrets.into_iter().flatten() {
         if !converge_core::vocab::is_secret_name(name) {
@@ -69,14 +79,17 @@ mod tests {
         let b = seal(&to, "db", b"hunter2").unwrap();
         assert_ne!(a, b, "sealing is randomised (ephemeral sender key)");
         assert!(!a.contains("hunter2"));
-        assert_eq!(open(node.sealing_secret(), "db", &a).unwrap(), "hunter2");
+        assert_eq!(
+            open(node.sealing_secret(), "db", &a).unwrap().as_str(),
+            "hunter2"
+        );
         assert_eq!(
             open(other.sealing_secret(), "db", &a),
             Err(SealedError::CannotOpen("db".into()))
         );
         let map = BTreeMap::from([("db".to_string(), a)]);
         assert_eq!(
-            open_all(node.sealing_secret(), Some(&map)).unwrap()["db"],
+            open_all(node.sealing_secret(), Some(&map)).unwrap()["db"].as_str(),
             "hunter2"
         );
         let bad = BTreeMap::from([("../x".to_string(), b)]);

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
 
 /// What a transport reports to the client loop.
@@ -17,8 +17,11 @@ pub enum Event {
     Connected,
     /// Lost the connection; the transport reconnects by itself.
     Disconnected(String),
-    /// An envelope (JSON bytes), not yet verified.
-    Envelope(Vec<u8>),
+    /// An envelope (JSON bytes), not yet verified. A transport that polls from a cursor
+    /// (HTTPS) passes a reply channel and waits: the client answers with the generation
+    /// the cursor may move to once the envelope verified (or the node is past it), or
+    /// `None` when it did not verify — an unauthenticated envelope never moves it.
+    Envelope(Vec<u8>, Option<oneshot::Sender<Option<u64>>>),
 }
 
 /// Transport failures.
@@ -50,6 +53,9 @@ pub enum Accepted {
     Refused {
         generation: Option<u64>,
         error: String,
+        /// The envelope verified (signed by the pinned key, for this node): the refusal
+        /// is about its document.
+        verified: bool,
     },
 }
 
@@ -127,11 +133,21 @@ pub async fn run_client<T: Transport>(transport: T, node: Arc<dyn Node>, heartbe
                     node.set_control_state(&state);
                     false
                 }
-                Some(Event::Envelope(bytes)) => {
-                    match node.accept_envelope(&bytes) {
+                Some(Event::Envelope(bytes, reply)) => {
+                    let outcome = node.accept_envelope(&bytes);
+                    let past = match &outcome {
+                        Accepted::Accepted(g) => Some(*g),
+                        Accepted::Refused { generation, verified: true, .. } => *generation,
+                        Accepted::AlreadyApplied | Accepted::Refused { .. } => None,
+                    };
+                    if let Some(reply) = reply {
+                        // The node is past what it applied in any case.
+                        let _ = reply.send(past.max(node.applied()));
+                    }
+                    match outcome {
                         Accepted::Accepted(g) => info!(generation = g, "accepted a document from the control plane"),
                         Accepted::AlreadyApplied => {}
-                        Accepted::Refused { generation, error } => {
+                        Accepted::Refused { generation, error, .. } => {
                             warn!(?generation, %error, "refused a document from the control plane; nothing changed");
                             let msg = NodeMessage::Refused {
                                 node_id: node.status().node_id,

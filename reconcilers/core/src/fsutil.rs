@@ -1,4 +1,6 @@
 //! Crash-safe file writes: temp file in the same directory, fsync, rename, fsync dir.
+//! The temp file has an unpredictable name and is created with `O_EXCL|O_NOFOLLOW`, so
+//! nobody can plant a link or a file where it will be written.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -17,16 +19,18 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let mut random = [0u8; 8];
+    getrandom::getrandom(&mut random).map_err(io::Error::other)?;
     let tmp = dir.join(format!(
         ".{}.tmp.{}",
         name.to_string_lossy(),
-        std::process::id()
+        hex::encode(random)
     ));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(mode)
             .open(&tmp)?;
         f.write_all(contents)?;
@@ -70,6 +74,13 @@ mod tests {
         );
         // No temp files are left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        // The temp name cannot be guessed: a link planted at the old pid-based name
+        // is neither followed nor written through.
+        let planted = dir.path().join(format!(".f.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(dir.path().join("victim"), &planted).unwrap();
+        write_atomic(&p, b"three", 0o600).unwrap();
+        assert!(!dir.path().join("victim").exists());
+        assert_eq!(read_optional(&p).unwrap().as_deref(), Some("three"));
         assert_eq!(read_optional(&dir.path().join("missing")).unwrap(), None);
     }
 }

@@ -21,4 +21,4 @@ pub use plan::{
 pub use problems::{Problem, Problems};
 pub use reconciler::{blocking, with_timeout, DriverError, HostEvent, Reconciler};
 pub use redact::redact;
-pub use secrets::{SecretError, SecretSource};
+pub use secrets::{SecretError, SecretSource, Zeroizing};

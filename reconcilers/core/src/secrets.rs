@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+pub use zeroize::Zeroizing;
 
 /// A cloneable handle on the node's secret values. The agent replaces the opened values
 /// when it accepts a document; every clone sees the change. Values live only in memory
@@ -11,7 +12,8 @@ use std::sync::{Arc, RwLock};
 #[derive(Clone, Default)]
 pub struct SecretSource {
     dir: PathBuf,
-    opened: Arc<RwLock<BTreeMap<String, String>>>,
+    /// Zeroed when replaced or dropped.
+    opened: Arc<RwLock<BTreeMap<String, Zeroizing<String>>>>,
 }
 
 impl std::fmt::Debug for SecretSource {
@@ -47,19 +49,21 @@ impl SecretSource {
         &self.dir
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, String>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Zeroizing<String>>> {
         // A panicked writer replaced the whole map or nothing: the data is consistent.
         self.opened.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces the opened (sealed) values, e.g. with those of a newly accepted document.
-    pub fn set_sealed(&self, values: BTreeMap<String, String>) {
+    /// Replaces the opened (sealed) values, e.g. with those of a newly accepted document;
+    /// the values replaced are zeroed.
+    pub fn set_sealed(&self, values: BTreeMap<String, Zeroizing<String>>) {
         let mut w = self.opened.write().unwrap_or_else(|p| p.into_inner());
         *w = values;
     }
 
     /// The value of secret `name`: the file `<dir>/<name>` if it exists (the operator's
-    /// local override), else the opened sealed value, else `None`.
+    /// local override), else the opened sealed value, else `None`. The copy returned
+    /// goes into what the reconciler renders (an env value, a Caddy configuration).
     pub fn get(&self, name: &str) -> Result<Option<String>, SecretError> {
         let path = self.dir.join(name);
         match std::fs::read_to_string(&path) {
@@ -72,7 +76,7 @@ impl SecretSource {
                 })
             }
         }
-        Ok(self.read().get(name).cloned())
+        Ok(self.read().get(name).map(|v| v.to_string()))
     }
 
     /// Where `name` would be looked up, for messages (never the value).
@@ -94,7 +98,10 @@ mod tests {
         let s = SecretSource::new(dir.path());
         let clone = s.clone();
         assert_eq!(clone.get("db").unwrap(), None);
-        s.set_sealed(BTreeMap::from([("db".to_string(), "s3cr3t".to_string())]));
+        s.set_sealed(BTreeMap::from([(
+            "db".to_string(),
+            Zeroizing::new("s3cr3t".to_string()),
+        )]));
         assert_eq!(clone.get("db").unwrap().as_deref(), Some("s3cr3t"));
         std::fs::write(dir.path().join("db"), "local\n").unwrap();
         assert_eq!(clone.get("db").unwrap().as_deref(), Some("local\n"));

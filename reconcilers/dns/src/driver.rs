@@ -63,11 +63,16 @@ impl Dnsmasq {
     fn ensure_dirs(&self) -> Result<(), DriverError> {
         use std::os::unix::fs::DirBuilderExt;
         for d in [self.layout.dir.clone(), self.layout.hosts_dir()] {
-            // 0755: dnsmasq drops privileges and must still read its hosts directory.
+            // 0755: dnsmasq drops privileges and must still read its hosts directory
+            // (set explicitly: the agent's umask is 077).
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o755)
                 .create(&d)
+                .and_then(|()| {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
+                })
                 .map_err(|e| DriverError::io(format!("create {}", d.display()), e))?;
         }
         Ok(())

@@ -242,7 +242,7 @@ fn secrets_are_redacted_and_keys_shortened() {
         !text.contains(&key(1).to_base64()),
         "full keys are shortened"
     );
-    assert!(text.contains("<redacted sha256:"), "{text}");
+    assert!(text.contains("<redacted, hmac:"), "{text}");
     assert!(text.contains("AQEBAQEB…"), "{text}");
 }
 
