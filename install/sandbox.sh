@@ -200,8 +200,17 @@ openssl x509 -req -in "$cp/tls.csr" -CA "$cp/ca.crt" -CAkey "$cp/ca.key" -CAcrea
 in_ns "$bin" control-plane serve --dir "$cp/docs" --data "$cp/data" --listen 10.0.3.17:8443 \
   --tls-cert "$cp/tls.crt" --tls-key "$cp/tls.key" 2>"$cp/cp.log" &
 for _ in $(seq 100); do grep -q "control plane serving" "$cp/cp.log" && break; sleep 0.1; done
-token=$(in_ns "$bin" control-plane token --data "$cp/data")
-cv_b join --url https://10.0.3.17:8443 --token "$token" --name proxy-fra1-01 --proxy --ca "$cp/ca.crt"
+# A token for exactly this node; the plane prints the join command with its key's
+# fingerprint, which the node pins (any other key answering is refused).
+token=$(in_ns "$bin" control-plane token --data "$cp/data" --name proxy-fra1-01 2>"$cp/token.hint")
+plane_key=$(grep -o 'SHA256:[^ ]*' "$cp/token.hint")
+echo "token for proxy-fra1-01; the plane's signing key: $plane_key"
+cv_b join --url https://10.0.3.17:8443 --token "$token" --name proxy-fra1-01 --proxy --ca "$cp/ca.crt" \
+  --plane-key "$plane_key"
+printf 'another host asking for the name proxy-fra1-01 with a fresh token: '
+in_ns "$bin" --data-dir "$data/intruder" join --url https://10.0.3.17:8443 --ca "$cp/ca.crt" \
+  --token "$(in_ns "$bin" control-plane token --data "$cp/data" 2>/dev/null)" --name proxy-fra1-01 2>&1 |
+  tail -1 || true
 # Its document goes to the control plane, not to its socket.
 cp "$doc_b" "$cp/docs/proxy-fra1-01.json"
 
