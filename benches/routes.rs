@@ -381,6 +381,7 @@ fn main() {
                 secrets: converge_core::SecretSource::new(dir.join("secrets")),
                 // A pass's own cost is measured: changes timed back to back, no hold.
                 min_reload_interval: Duration::ZERO,
+                user: converge_routes::driver::user::DEFAULT_USER.to_string(),
             }));
             let mut lines = vec![format!(
                 "caddy {version}; times in ms; ratios against converge's pass; failed = requests to r0 that \

@@ -64,6 +64,12 @@ ln -sf "$VENV/bin/moto_server" /usr/local/bin/moto_server
 # Caddy for the routes reconciler: the pinned version tests run against (Debian's caddy,
 # 2.6.2, stays at /usr/bin/caddy for CONVERGE_TEST_CADDY=/usr/bin/caddy runs).
 "$(dirname "${BASH_SOURCE[0]}")/caddy.sh"
+# The unprivileged user converge runs Caddy as (tests/routes.rs checks Caddy's uid).
+if ! id -u converge-caddy >/dev/null 2>&1; then
+  log "creating system user converge-caddy"
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin converge-caddy
+fi
 
 # Rust comes from rustup, which this script cannot fetch (registries only).
 if [[ -f $HOME/.cargo/env ]]; then

@@ -63,6 +63,13 @@ if ((proxy)); then
     fi
   done
   "$repo/install/caddy.sh"
+  # The unprivileged user the agent runs its Caddy pair as (--caddy-user); the agent
+  # refuses to start Caddy when it is missing.
+  if ! id -u converge-caddy >/dev/null 2>&1; then
+    log "creating system user converge-caddy"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin converge-caddy
+  fi
 fi
 
 # --- binary -----------------------------------------------------------------------------

@@ -70,6 +70,13 @@ if [[ -d /run/systemd/system ]]; then
   done
 fi
 
+# A proxy node installed before Caddy ran unprivileged: the user its Caddy now runs as.
+if [[ -f /etc/systemd/system/converge-proxy.service ]] && ! id -u converge-caddy >/dev/null 2>&1; then
+  log "creating system user converge-caddy"
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin converge-caddy
+fi
+
 # Restarts $unit and checks it stays up with the same pid for $SETTLE seconds.
 restart_ok() {
   systemctl restart "$unit" || return 1

@@ -857,6 +857,11 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
             insecure_http,
         } => {
             let nats = match nats {
+                // The plane's NATS user may do everything: never without a credential.
+                Some(_) if nats_password.is_empty() => anyhow::bail!(
+                    "--nats needs the control plane's NATS password (CONVERGE_NATS_PASSWORD): \
+                     its user may read and write every node's documents"
+                ),
                 Some(url) => Some(plane::NatsOptions {
                     public_url: nats_public_url.unwrap_or_else(|| url.clone()),
                     url,

@@ -86,6 +86,16 @@ pub struct HostOptions {
         default_value_t = 1000
     )]
     pub caddy_min_reload_ms: u64,
+    /// System user converge runs its Caddy instances as (created by
+    /// `install/setup.sh --proxy`); a missing user is an error. `root` runs Caddy as
+    /// root (not recommended).
+    #[arg(
+        long,
+        global = true,
+        env = "CONVERGE_CADDY_USER",
+        default_value = converge_routes::driver::user::DEFAULT_USER
+    )]
+    pub caddy_user: String,
 }
 
 /// The containers reconciler on the chosen runtime.
@@ -290,6 +300,7 @@ fn routes(data_dir: &Path, host: &HostOptions, secrets: &SecretSource) -> Arc<dy
         external_admin: host.caddy_admin_socket.clone(),
         secrets: secrets.clone(),
         min_reload_interval: Duration::from_millis(host.caddy_min_reload_ms),
+        user: host.caddy_user.clone(),
     });
     fn select(d: &Document) -> Option<Cow<'_, RoutesInput>> {
         let spec = d.routes.as_ref()?;

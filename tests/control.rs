@@ -766,6 +766,16 @@ async fn isolation_probe(
             "$JS.API.STREAM.MSG.GET.KV_converge",
             r#"{"last_by_subj":"$KV.converge.nb"}"#,
         ),
+        // Purge and delete, of nb's key and of its own: the KV stream is the plane's.
+        (
+            "$JS.API.STREAM.PURGE.KV_converge",
+            r#"{"filter":"$KV.converge.nb"}"#,
+        ),
+        (
+            "$JS.API.STREAM.PURGE.KV_converge",
+            r#"{"filter":"$KV.converge.na"}"#,
+        ),
+        ("$JS.API.STREAM.MSG.DELETE.KV_converge", r#"{"seq":1}"#),
     ] {
         let r = tokio::time::timeout(
             Duration::from_secs(3),

@@ -3,7 +3,9 @@
 //! hammering the API during 1,000 document updates (no error, never two generations
 //! mixed), an agent restart that serves the stored data at once, drift in the database
 //! repaired, and a Podman container on a converge network reading its metadata as
-//! `metadata.internal:8500` through the DNS reconciler.
+//! `metadata.internal:8500` through the DNS reconciler; the Authorization and proxy-header
+//! rules; one project flooding the API (2,000 connections and watches from one source)
+//! while another project is served.
 
 mod common;
 
@@ -535,4 +537,375 @@ fn a_container_reads_its_metadata_by_name() {
     );
     let st = status(&node);
     assert_eq!(reconciler(&st, "metadata")["state"], "Converged", "{st}");
+}
+
+/// Two projects, both with room in their rate limits, for the header and flood tests.
+fn two_projects_doc(node: &TestNode, generation: u64) -> Value {
+    let mut d = envelope(node, generation);
+    d["metadata"] = json!({"projects": [
+        {"id": "flood", "tokenSha256": sha("token-flood"), "rateLimit": 10_000,
+         "entries": {"k": generation}},
+        {"id": "quiet", "tokenSha256": sha("token-quiet"), "rateLimit": 10_000,
+         "entries": {"k": generation}}
+    ]});
+    d
+}
+
+#[test]
+fn metadata_authorization_header_rules() {
+    let node = TestNode::new("mdhdr");
+    let _agent = start_agent(&node, &[]);
+    push_fast(&node, &two_projects_doc(&node, 1));
+    wait_converged(&node, 1);
+
+    // The scheme is case-insensitive (RFC 7235), with one or more spaces after it.
+    for auth in [
+        "Bearer token-quiet",
+        "bearer token-quiet",
+        "BEARER token-quiet",
+        "bEaReR  token-quiet",
+    ] {
+        let r = get(
+            &node,
+            "/v1/metadata/k",
+            None,
+            &format!("Authorization: {auth}\r\n"),
+        );
+        assert_eq!((r.status, r.body.as_str()), (200, "1"), "{auth}: {r:?}");
+    }
+    // Two Authorization headers: 400, whether they agree or not.
+    for (first, second) in [
+        ("token-quiet", "token-quiet"),
+        ("token-quiet", "token-flood"),
+        ("token-nope", "token-quiet"),
+    ] {
+        let r = get(
+            &node,
+            "/v1/metadata/k",
+            None,
+            &format!("Authorization: Bearer {first}\r\nAuthorization: Bearer {second}\r\n"),
+        );
+        assert_eq!(r.status, 400, "{first} + {second}: {r:?}");
+        assert!(!r.body.contains('1'), "{r:?}");
+    }
+    // Every header a proxy adds is refused like X-Forwarded-For, whatever the token.
+    for h in [
+        "X-Forwarded-For: 10.0.0.9",
+        "Forwarded: for=10.0.0.9",
+        "X-Real-IP: 10.0.0.9",
+        "x-real-ip: 10.0.0.9",
+        "Via: 1.1 proxy.internal",
+    ] {
+        let r = get(
+            &node,
+            "/v1/metadata/k",
+            Some("token-quiet"),
+            &format!("{h}\r\n"),
+        );
+        assert_eq!(r.status, 403, "{h}: {r:?}");
+    }
+    // Still 401 for what is no bearer token at all.
+    for auth in ["Bearertoken-quiet", "Bearer", "Basic dG9rZW4tcXVpZXQ="] {
+        let r = get(
+            &node,
+            "/v1/metadata/k",
+            None,
+            &format!("Authorization: {auth}\r\n"),
+        );
+        assert_eq!(r.status, 401, "{auth}: {r:?}");
+    }
+}
+
+/// A TCP connection from `source` (an address of the node's loopback, so that two
+/// clients count as two sources).
+fn connect_from(
+    source: std::net::Ipv4Addr,
+    to: std::net::SocketAddrV4,
+) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a new descriptor, which the TcpStream then owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let from = sockaddr(std::net::SocketAddrV4::new(source, 0));
+        if libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let dest = sockaddr(to);
+        if libc::connect(fd, (&dest as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+/// How a flooding connection was answered.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Outcome {
+    /// Nothing within the read timeout: a parked watch, or an idle connection kept.
+    Open,
+    Status(u16),
+    /// Closed without an answer (reset, or end of stream).
+    Closed,
+    ConnectFailed,
+}
+
+fn outcome(stream: &mut TcpStream) -> Outcome {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf = [0u8; 512];
+    match stream.read(&mut buf) {
+        Ok(0) => Outcome::Closed,
+        Ok(n) => String::from_utf8_lossy(&buf[..n])
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .map_or(Outcome::Closed, Outcome::Status),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Outcome::Open
+        }
+        Err(_) => Outcome::Closed,
+    }
+}
+
+/// What the flood test saw inside the node.
+struct Flood {
+    watches: BTreeMap<Outcome, usize>,
+    idle: BTreeMap<Outcome, usize>,
+    parked_streams: Vec<TcpStream>,
+    others_open: Vec<TcpStream>,
+    quiet_watches: Vec<TcpStream>,
+    latencies: Vec<Duration>,
+    quiet_failures: Vec<String>,
+    parked_quiet: usize,
+    flooder_again: Outcome,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
+}
+
+#[test]
+fn metadata_one_project_cannot_starve_another() {
+    use converge_metadata::api::{MAX_CONNECTIONS_PER_SOURCE, MAX_WATCHES_PER_PROJECT};
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    const WATCHES: usize = 1_500;
+    const IDLE: usize = 500;
+    const QUIET_REQUESTS: usize = 1_000;
+    let node = TestNode::new("mdflood");
+    let _agent = start_agent(&node, &[]);
+    push_fast(&node, &two_projects_doc(&node, 1));
+    wait_converged(&node, 1);
+    let api = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8500);
+    let (flooder, other) = (Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2));
+    let index = get(&node, "/v1/metadata/k", Some("token-flood"), "").index();
+    let quiet_index = get(&node, "/v1/metadata/k", Some("token-quiet"), "").index();
+    let request = |token: &str, query: &str| {
+        format!(
+            "GET /v1/metadata/k{query} HTTP/1.1\r\nHost: metadata.internal\r\nConverge-Metadata: true\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+    };
+
+    let report = node.in_netns(|| {
+        // The flood: 1,500 watches, then 500 connections that send nothing, all from
+        // one source and one project.
+        let watch = request("token-flood", &format!("?index={index}&wait=120s"));
+        let mut flood: Vec<Result<TcpStream, std::io::Error>> = Vec::new();
+        for i in 0..WATCHES + IDLE {
+            let s = connect_from(flooder, api).and_then(|mut s| {
+                if i < WATCHES {
+                    s.write_all(watch.as_bytes())?;
+                }
+                Ok(s)
+            });
+            flood.push(s);
+        }
+        // Every immediate answer (429, 503) has arrived by then.
+        std::thread::sleep(Duration::from_millis(1000));
+        let mut watches = BTreeMap::<Outcome, usize>::new();
+        let mut idle = BTreeMap::<Outcome, usize>::new();
+        // Parked watches first (in order), then every other connection still open (429
+        // answers on kept-alive connections, idle ones): all held, so the source keeps
+        // its share in use while the other project is measured.
+        let mut parked_streams = Vec::new();
+        let mut others_open = Vec::new();
+        for (i, s) in flood.into_iter().enumerate() {
+            let o = match s {
+                Ok(mut s) => {
+                    let o = outcome(&mut s);
+                    match o {
+                        Outcome::Open if i < WATCHES => parked_streams.push(s),
+                        Outcome::Open | Outcome::Status(429) => others_open.push(s),
+                        _ => {}
+                    }
+                    o
+                }
+                Err(_) => Outcome::ConnectFailed,
+            };
+            *if i < WATCHES { &mut watches } else { &mut idle }
+                .entry(o)
+                .or_default() += 1;
+        }
+        // A new connection of the flooding source is refused while its share is in use.
+        let flooder_again = connect_from(flooder, api)
+            .map(|mut s| {
+                let _ = s.write_all(request("token-flood", "").as_bytes());
+                std::thread::sleep(Duration::from_millis(100));
+                outcome(&mut s)
+            })
+            .unwrap_or(Outcome::ConnectFailed);
+        // Meanwhile the other project, from its own source: watches park, and every
+        // request on a new connection is answered.
+        let mut quiet_watches = Vec::new();
+        for _ in 0..5 {
+            let mut s = connect_from(other, api).expect("quiet watch connects");
+            s.write_all(
+                request("token-quiet", &format!("?index={quiet_index}&wait=120s")).as_bytes(),
+            )
+            .expect("quiet watch sent");
+            quiet_watches.push(s);
+        }
+        let mut latencies = Vec::with_capacity(QUIET_REQUESTS);
+        let mut quiet_failures = Vec::new();
+        let plain = request("token-quiet", "");
+        for _ in 0..QUIET_REQUESTS {
+            let start = Instant::now();
+            let r = connect_from(other, api).and_then(|s| {
+                let mut c = Client(BufReader::new(s));
+                c.raw(&plain)
+            });
+            latencies.push(start.elapsed());
+            match r {
+                Ok(r) if r.status == 200 && r.body == "1" => {}
+                Ok(r) => quiet_failures.push(format!("{} {}", r.status, r.body)),
+                Err(e) => quiet_failures.push(e.to_string()),
+            }
+        }
+        let parked_quiet = quiet_watches
+            .iter_mut()
+            .map(outcome)
+            .filter(|o| *o == Outcome::Open)
+            .count();
+        Flood {
+            watches,
+            idle,
+            parked_streams,
+            others_open,
+            quiet_watches,
+            latencies,
+            quiet_failures,
+            parked_quiet,
+            flooder_again,
+        }
+    });
+    let Flood {
+        watches,
+        idle,
+        parked_streams,
+        others_open,
+        quiet_watches,
+        mut latencies,
+        quiet_failures,
+        parked_quiet,
+        flooder_again,
+    } = report;
+    latencies.sort();
+    let parked = watches.get(&Outcome::Open).copied().unwrap_or(0);
+    let too_many = watches.get(&Outcome::Status(429)).copied().unwrap_or(0);
+    let refused = |m: &BTreeMap<Outcome, usize>| {
+        m.iter()
+            .filter(|(o, _)| {
+                matches!(
+                    o,
+                    Outcome::Status(503) | Outcome::Closed | Outcome::ConnectFailed
+                )
+            })
+            .map(|(_, n)| n)
+            .sum::<usize>()
+    };
+    println!(
+        "flood from one source, one project: {WATCHES} watches -> {parked} parked, {too_many} got 429, {} refused (503/closed) {watches:?}; {IDLE} idle connections -> {idle:?}",
+        refused(&watches)
+    );
+    println!(
+        "other project meanwhile: {QUIET_REQUESTS} requests on new connections, {} failed, p50 {:?}, p99 {:?}, max {:?}; {parked_quiet}/5 of its watches parked; a new flooding connection: {flooder_again:?}",
+        quiet_failures.len(),
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default(),
+    );
+
+    // The other project is served in full.
+    assert!(quiet_failures.is_empty(), "{quiet_failures:?}");
+    assert_eq!(parked_quiet, 5, "the other project's watches park");
+    // The flooding project gets its share and no more: its watches park up to the cap,
+    // its other requests get 429, connections over its source's share are refused.
+    assert!(
+        parked > 0 && parked <= MAX_WATCHES_PER_PROJECT as usize,
+        "{watches:?}"
+    );
+    assert!(too_many > 0, "watches over the cap get 429: {watches:?}");
+    let accepted = parked + too_many + idle.get(&Outcome::Open).copied().unwrap_or(0);
+    assert!(
+        accepted <= MAX_CONNECTIONS_PER_SOURCE,
+        "{watches:?} {idle:?}"
+    );
+    assert_eq!(
+        accepted + refused(&watches) + refused(&idle),
+        WATCHES + IDLE,
+        "every flooding connection parked, got 429, or was refused: {watches:?} {idle:?}"
+    );
+    assert!(
+        watches.get(&Outcome::Status(503)).copied().unwrap_or(0) > 0,
+        "refused connections are told so (503): {watches:?}"
+    );
+    assert!(
+        matches!(flooder_again, Outcome::Status(503) | Outcome::Closed),
+        "{flooder_again:?}"
+    );
+
+    // An update wakes every parked watch, of both projects.
+    push_fast(&node, &two_projects_doc(&node, 2));
+    wait_converged(&node, 2);
+    drop(others_open);
+    let mut woken = 0;
+    for s in parked_streams.into_iter().chain(quiet_watches) {
+        let mut c = Client(BufReader::new(s));
+        let _ =
+            c.0.get_mut()
+                .set_read_timeout(Some(Duration::from_secs(10)));
+        if let Ok(r) = c.raw("") {
+            if r.status == 200 && r.body == "2" {
+                woken += 1;
+            }
+        }
+    }
+    assert_eq!(
+        woken,
+        parked + 5,
+        "every parked watch answered with the update"
+    );
+    // Its connections closed, the flooding project is served again.
+    wait_until(
+        Duration::from_secs(15),
+        "flooding source's share back",
+        || get(&node, "/v1/metadata/k", Some("token-flood"), "").status == 200,
+    );
 }

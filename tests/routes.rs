@@ -1,11 +1,13 @@
 //! The routes reconciler against a real Caddy (the one `install/deps.sh` installs, or
 //! `CONVERGE_TEST_CADDY`), through real agents:
 //! - `drift_refusal_and_one_change_per_pass`: one proxy node. Routes served with
-//!   `tls internal`; 30 routes changed in one document are one configuration load of
-//!   each of converge's two Caddy instances, an unchanged document none; a foreign
-//!   server edited concurrently is kept; the serving Caddy killed, its apps wiped, its
-//!   whole configuration wiped: routes back; a route
-//!   Caddy refuses (bad certificate) is reported while the others apply.
+//!   `tls internal` by Caddy running unprivileged (uid checked in /proc, the old
+//!   instance still seeing converge's root-owned drain marker); 30 routes changed in
+//!   one document are one configuration load of each of converge's two Caddy
+//!   instances, an unchanged document none; a foreign server edited concurrently is
+//!   kept; the serving Caddy killed, its apps wiped, its whole configuration wiped:
+//!   routes back; a route Caddy refuses (bad certificate) is reported while the others
+//!   apply.
 //! - `flushed_ruleset_repaired_at_once_and_a_burst_never_degraded`: a proxy with no
 //!   reload interval (`--caddy-min-reload-ms 0`) given a burst of documents, each
 //!   applied and verified while the next arrives, never reports Degraded; then `nft
@@ -172,6 +174,98 @@ fn caddy_pid(dir: &Path) -> Option<u32> {
         .ok()
 }
 
+/// Caddy runs as an unprivileged user (not uid 0) and owns only its instance
+/// directories and certificate storage; what converge writes stays root's and private.
+fn assert_caddy_unprivileged(node: &TestNode) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = |p: &Path| std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    for d in instance_dirs(node) {
+        let pid = caddy_pid(&d).expect("caddy pid");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        let uids: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .expect("Uid line")
+            .split_whitespace()
+            .filter_map(|u| u.parse().ok())
+            .collect();
+        println!("caddy {} (pid {pid}) runs as uid {uids:?}", d.display());
+        assert!(
+            uids.len() == 4 && uids.iter().all(|u| *u != 0),
+            "caddy pid {pid} runs as root: {uids:?}"
+        );
+        let m = meta(&d);
+        assert_eq!(
+            (m.uid(), m.mode() & 0o777),
+            (uids[0], 0o700),
+            "{}",
+            d.display()
+        );
+        let log = meta(&d.join("caddy.log"));
+        assert_eq!((log.uid(), log.mode() & 0o777), (0, 0o600), "caddy.log");
+        if let Ok(marker) = std::fs::metadata(d.join("draining")) {
+            assert_eq!(
+                (
+                    marker.uid(),
+                    marker.gid(),
+                    marker.mode() & 0o777,
+                    marker.len()
+                ),
+                (0, m.gid(), 0o640, 0),
+                "drain marker: root's, readable by Caddy's group only"
+            );
+        }
+        let data = meta(&caddy_dir(node).join("data"));
+        assert_eq!(
+            (data.uid(), data.mode() & 0o777),
+            (uids[0], 0o700),
+            "certificate storage"
+        );
+    }
+    let shared = meta(&caddy_dir(node));
+    assert_eq!(
+        (shared.uid(), shared.mode() & 0o777),
+        (0, 0o711),
+        "<data-dir>/caddy"
+    );
+}
+
+/// The `Connection` header an instance's own HTTPS port answers `r0.test` with (HTTP/1.1,
+/// where the drain route's `Connection: close` shows); `Err` when curl fails.
+fn connection_header(node: &TestNode, port: u16) -> Result<Option<String>, String> {
+    let ca = caddy_dir(node).join("data/caddy/pki/authorities/local/root.crt");
+    let out = node.run(
+        "curl",
+        [
+            "-sS".to_string(),
+            "--http1.1".into(),
+            "-m".into(),
+            "3".into(),
+            "-D".into(),
+            "-".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            "--cacert".into(),
+            ca.to_string_lossy().into_owned(),
+            "--resolve".into(),
+            format!("r0.test:{port}:127.0.0.1"),
+            format!("https://r0.test:{port}/"),
+        ],
+    );
+    if !out.status.success() {
+        return Err(format!(
+            "curl port {port}: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("connection")
+            .then(|| v.trim().to_ascii_lowercase())
+    }))
+}
+
 fn proxy_doc(node: &TestNode, generation: u64, routes: Value) -> Value {
     json!({
         "apiVersion": "converge/v1",
@@ -256,6 +350,34 @@ fn drift_refusal_and_one_change_per_pass() {
 
     // 30 routes changed in one document: one load; an unchanged document: none.
     wait_settled(&p);
+    // Unprivileged Caddy still sees the drain marker converge (root) keeps on the old
+    // instance: that one answers `Connection: close`, the serving one keeps connections.
+    assert_caddy_unprivileged(&p);
+    let active = active_dir(&p);
+    let (serving, old) = if active.ends_with("a") {
+        (14443, 24443)
+    } else {
+        (24443, 14443)
+    };
+    assert!(
+        active.join("draining").metadata().is_err(),
+        "serving instance not draining"
+    );
+    // Retried: the old instance may still be in its post-drain reload.
+    let mut seen = Err(String::new());
+    wait_until(
+        Duration::from_secs(10),
+        "old instance answers Connection: close",
+        || {
+            seen = connection_header(&p, old);
+            seen.as_ref().is_ok_and(|h| h.as_deref() == Some("close"))
+        },
+    );
+    assert_eq!(
+        connection_header(&p, serving),
+        Ok(None),
+        "serving: {seen:?}"
+    );
     let before = loads(&p);
     push_ok(&p, &proxy_doc(&p, 2, json!(local_routes(30, "2"))));
     wait_routes(&p, 2);

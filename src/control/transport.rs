@@ -83,9 +83,14 @@ pub trait Node: Send + Sync + 'static {
 /// Jittered exponential backoff: 250 ms doubling to 15 s, times a random factor in
 /// [0.5, 1] so that a fleet does not reconnect in lock-step after a server restart.
 pub fn backoff(attempt: usize) -> Duration {
+    backoff_capped(attempt, Duration::from_secs(15))
+}
+
+/// [`backoff`] capped at `max`: the control plane, one client, retries within 2 s so
+/// it never lags its nodes long after a NATS restart.
+pub fn backoff_capped(attempt: usize, max: Duration) -> Duration {
     let base = Duration::from_millis(250).saturating_mul(1u32 << attempt.min(6));
-    base.min(Duration::from_secs(15))
-        .mul_f64(0.5 + fastrand::f64() / 2.0)
+    base.min(max).mul_f64(0.5 + fastrand::f64() / 2.0)
 }
 
 /// Status changes within this window go out as one message.

@@ -340,30 +340,82 @@ pub fn is_cron_schedule(s: &str) -> bool {
     crate::cron::Cron::parse(s).is_some()
 }
 
-fn check_borg_url(url: &str) -> bool {
+/// Whether `user` may be the user part of an `ssh://` URL: a POSIX-style login name
+/// (1-32 of `[A-Za-z0-9._-]`, not starting with `-`), so nothing in it reaches ssh as
+/// an option (`ssh://-oProxyCommand=…@host/repo` would).
+fn is_ssh_user(user: &str) -> bool {
+    (1..=32).contains(&user.len())
+        && !user.starts_with('-')
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Whether `host` may be the host part of an `ssh://` URL: a DNS name (no wildcard,
+/// no label starting with `-`), an IPv4 address, or a bracketed IPv6 address.
+fn is_ssh_host(host: &str) -> bool {
+    match host.strip_prefix('[') {
+        Some(r) => r
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => {
+            host.parse::<std::net::Ipv4Addr>().is_ok()
+                || (is_dns_name(host, false) && !host.contains('*') && !host.ends_with('.'))
+        }
+    }
+}
+
+/// Checks a borg repository URL: an absolute path, or `ssh://[user@]host[:port]/path`
+/// whose user and host are checked so that borg's `ssh … user@host borg serve` can
+/// never be handed an option; `Err` says which part is wrong.
+fn check_borg_url(url: &str) -> Result<(), &'static str> {
+    if url.contains(|c: char| c.is_control()) {
+        return Err("control characters are not allowed");
+    }
     if url.starts_with('/') {
-        return !url.contains('\0');
+        return Ok(());
     }
     let Some(rest) = url.strip_prefix("ssh://") else {
-        return false;
+        return Err("neither an absolute path nor ssh://");
     };
     let Some((authority, path)) = rest.split_once('/') else {
-        return false;
+        return Err("no path after the host");
     };
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let (host, port) = match host_port.strip_prefix('[') {
-        Some(r) => match r.split_once(']') {
-            Some((h, p)) => (h, p.strip_prefix(':')),
-            None => return false,
-        },
-        None => match host_port.split_once(':') {
+    let host_port = match authority.split_once('@') {
+        Some((user, host_port)) => {
+            if !is_ssh_user(user) {
+                return Err("invalid user (1-32 of [A-Za-z0-9._-], not starting with -)");
+            }
+            host_port
+        }
+        None => authority,
+    };
+    let (host, port) = match host_port.find(']') {
+        Some(end) if host_port.starts_with('[') => {
+            let (h, p) = host_port.split_at(end + 1);
+            match p {
+                "" => (h, None),
+                p => match p.strip_prefix(':') {
+                    Some(p) => (h, Some(p)),
+                    None => return Err("invalid host"),
+                },
+            }
+        }
+        _ => match host_port.split_once(':') {
             Some((h, p)) => (h, Some(p)),
             None => (host_port, None),
         },
     };
-    let host_ok = host.parse::<std::net::IpAddr>().is_ok() || is_dns_name(host, false);
-    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p != 0));
-    host_ok && port_ok && !path.is_empty()
+    if !is_ssh_host(host) {
+        return Err("invalid host (a DNS name, an IPv4 address or [IPv6])");
+    }
+    if !port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p != 0) && !p.starts_with('+')) {
+        return Err("invalid port");
+    }
+    if path.is_empty() {
+        return Err("no path after the host");
+    }
+    Ok(())
 }
 
 fn check_s3_url(url: &str) -> bool {
@@ -413,10 +465,10 @@ pub fn validate(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
         }
         match r.kind {
             RepositoryKind::Borg => {
-                if !check_borg_url(&r.url) {
+                if let Err(why) = check_borg_url(&r.url) {
                     problems.push_hint(
                         format!("{rp}.url"),
-                        format!("invalid borg repository url {:?}", r.url),
+                        format!("invalid borg repository url {:?}: {why}", r.url),
                         "an absolute path (/srv/backup/repo) or ssh://[user@]host[:port]/path",
                     );
                 }
@@ -841,6 +893,54 @@ mod tests {
                 "$.backups.repositories[3].credentialsSecret",
                 "$.backups.repositories[4].passphraseSecret",
                 "$.backups.repositories[5].encryption",
+            ]
+        );
+    }
+
+    #[test]
+    fn backups_ssh_url_user_and_host_validated() {
+        for ok in [
+            "/srv/backup/repo",
+            "ssh://backup.example.net/./repo",
+            "ssh://borg@backup.example.net:2222/./repo",
+            "ssh://borg-1.x_y@10.0.0.9/srv/repo",
+            "ssh://u@[fd00::9]:22/repo",
+            "ssh://[fd00::9]/repo",
+        ] {
+            assert_eq!(check_borg_url(ok), Ok(()), "{ok}");
+        }
+        // Each would hand ssh an option or a second argument, or is no host at all.
+        for bad in [
+            "ssh://-oProxyCommand=touch%20x@host/repo",
+            "ssh://-oProxyCommand=x/repo",
+            "ssh://-host/repo",
+            "ssh://user@-host/repo",
+            "ssh://us er@host/repo",
+            "ssh://user\t@host/repo",
+            "ssh://a@b@host/repo",
+            "ssh://@host/repo",
+            "ssh://user@host name/repo",
+            "ssh://user@host\n-oX/repo",
+            "ssh://user@*.example.net/repo",
+            "ssh://user@[not-ip]/repo",
+            "ssh://user@[fd00::9]x/repo",
+            "ssh://user@fd00::9/repo",
+            "ssh://user@host:+22/repo",
+            "ssh://user@host:0/repo",
+            "ssh://user@host/",
+            "/srv/repo\n",
+        ] {
+            assert!(check_borg_url(bad).is_err(), "{bad:?}");
+        }
+        let s = spec(json!({"repositories": [
+            {"name": "a", "kind": "borg", "url": "ssh://-oProxyCommand=sh@host/repo"},
+            {"name": "b", "kind": "borg", "url": "ssh://borg@-oProxyCommand=sh/repo"}
+        ]}));
+        assert_eq!(
+            problems(&s),
+            vec![
+                "$.backups.repositories[0].url",
+                "$.backups.repositories[1].url"
             ]
         );
     }

@@ -2,9 +2,14 @@
 //! a bearer token per project (its SHA-256 compared in constant time), Consul-style
 //! blocking watches (`?index=N&wait=30s`, `X-Converge-Index`), and IMDSv2-like
 //! hardening against SSRF through a container's proxied requests: a required header
-//! (`Converge-Metadata: true`), `X-Forwarded-For`/`Forwarded` refused, small request
-//! limits, a per-token rate limit. Serves the in-memory [`Published`] snapshot only; no
-//! token or value is ever logged (project ids and status codes are).
+//! (`Converge-Metadata: true`), `X-Forwarded-For`/`Forwarded`/`X-Real-IP`/`Via`
+//! refused, one `Authorization` header only, small request limits. Isolation between
+//! projects: open connections capped per source address (the project is not known
+//! before the request arrives), and per project a token-bucket rate limit that every
+//! parked watch draws on while it is held, a cap on parked watches and one on
+//! requests in flight; beyond its share a client gets 503 (connections) or 429 (requests)
+//! while other projects keep being served. Serves the in-memory [`Published`] snapshot
+//! only; no token or value is ever logged (project ids and status codes are).
 
 use crate::snapshot::{ProjectData, Published};
 use crate::spec::is_entry_path;
@@ -16,11 +21,11 @@ use axum::Router;
 use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
@@ -36,48 +41,221 @@ const MAX_TOKEN: usize = 512;
 /// Default and longest blocking wait.
 const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 const MAX_WAIT: Duration = Duration::from_secs(600);
-/// Open connections per listener; more are closed at once.
-const MAX_CONNECTIONS: usize = 1024;
+/// Open connections per listener; more are refused (503). Well above
+/// [`MAX_CONNECTIONS_PER_SOURCE`], so one source's flood meets its own cap first.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Open connections from one source address, across every listener; more are refused
+/// (503 and closed). The project is unknown when a connection is accepted (the token
+/// comes with the request), so this is the connection-level share; a container has one
+/// address.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 256;
+/// Watches one project may have parked at once (and never more than its `rateLimit`,
+/// since each parked watch holds one request per second of it); more get 429.
+pub const MAX_WATCHES_PER_PROJECT: u32 = 64;
+/// Requests of one project being answered at once, parked watches included; more get 429.
+pub const MAX_IN_FLIGHT_PER_PROJECT: u32 = 128;
+/// Connections being refused at once (each gets its 503 and up to this long to read
+/// it); beyond that a refused connection is simply closed.
+const MAX_REFUSING: usize = 256;
+const REFUSE_LINGER: Duration = Duration::from_secs(1);
+/// The answer to a connection over its source's (or the listener's) share.
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 37\r\n\r\n{\"error\":\"too many open connections\"}";
 /// Request head buffer (hyper's minimum): a larger head is refused.
 const MAX_HEAD_BYTES: usize = 8192;
 
-/// Token buckets by project id.
-#[derive(Default)]
-struct RateLimits(Mutex<HashMap<String, (f64, Instant)>>);
+/// One project's share: its token bucket, its parked watches and requests in flight.
+struct Share {
+    tokens: f64,
+    last: Instant,
+    parked: u32,
+    in_flight: u32,
+}
 
-impl RateLimits {
-    /// Takes one request from the project's bucket (one second's worth of capacity).
-    fn allow(&self, id: &str, per_second: u32) -> bool {
+impl Share {
+    /// Refills the bucket for the time since the last look: `rate` per second, less
+    /// one per parked watch (a held watch counts as a request per second).
+    fn refill(&mut self, rate: f64, now: Instant) {
+        let net = (rate - f64::from(self.parked)).max(0.0);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * net).min(rate);
+        self.last = now;
+    }
+}
+
+/// Every project's share, by project id.
+#[derive(Default)]
+struct Limits(Mutex<HashMap<String, Share>>);
+
+/// Why a project's request is refused by [`Limits`].
+#[derive(Debug, PartialEq)]
+enum OverShare {
+    Rate,
+    InFlight,
+    Watches,
+}
+
+impl OverShare {
+    fn refusal(&self) -> Refusal {
+        let message = match self {
+            OverShare::Rate => "rate limit exceeded",
+            OverShare::InFlight => "too many requests in flight for this project",
+            OverShare::Watches => "too many parked watches for this project",
+        };
+        (StatusCode::TOO_MANY_REQUESTS, message)
+    }
+}
+
+impl Limits {
+    fn with<T>(&self, id: &str, per_second: u32, f: impl FnOnce(&mut Share, f64) -> T) -> T {
         let rate = f64::from(per_second.max(1));
         let now = Instant::now();
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         // No allocation on the hot path: the id is copied once per project.
         if !map.contains_key(id) {
-            map.insert(id.to_string(), (rate, now));
+            map.insert(
+                id.to_string(),
+                Share {
+                    tokens: rate,
+                    last: now,
+                    parked: 0,
+                    in_flight: 0,
+                },
+            );
         }
-        let Some((tokens, last)) = map.get_mut(id) else {
-            return false;
+        let mut spare = Share {
+            tokens: 0.0,
+            last: now,
+            parked: 0,
+            in_flight: 0,
         };
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
+        // Always found (inserted above); `spare` only spares an unwrap.
+        let share = map.get_mut(id).unwrap_or(&mut spare);
+        share.refill(rate, now);
+        f(share, rate)
+    }
+
+    /// Takes one request from the project's bucket (one second's worth of capacity).
+    #[cfg(test)]
+    fn allow(&self, id: &str, per_second: u32) -> bool {
+        self.with(id, per_second, |s, _| {
+            let ok = s.tokens >= 1.0;
+            if ok {
+                s.tokens -= 1.0;
+            }
+            ok
+        })
+    }
+
+    /// Admits one request of the project: a token, then a place among its requests in
+    /// flight; the place is held until the returned [`Slot`] is dropped.
+    fn admit(self: &Arc<Self>, id: &str, per_second: u32) -> Result<Slot, OverShare> {
+        self.with(id, per_second, |s, _| {
+            if s.tokens < 1.0 {
+                return Err(OverShare::Rate);
+            }
+            s.tokens -= 1.0;
+            if s.in_flight >= MAX_IN_FLIGHT_PER_PROJECT {
+                return Err(OverShare::InFlight);
+            }
+            s.in_flight += 1;
+            Ok(())
+        })?;
+        Ok(Slot {
+            limits: self.clone(),
+            id: id.to_string(),
+            rate: per_second,
+            parked: false,
+        })
+    }
+}
+
+/// One admitted request's place in its project's share; parked while it waits as a
+/// watch. Dropping it (the answer is sent, or the client left) gives both back.
+struct Slot {
+    limits: Arc<Limits>,
+    id: String,
+    rate: u32,
+    parked: bool,
+}
+
+impl Slot {
+    /// Parks this request as a watch, if the project has room for one more.
+    fn park(&mut self) -> Result<(), OverShare> {
+        if self.parked {
+            return Ok(());
+        }
+        self.limits.with(&self.id, self.rate, |s, rate| {
+            let cap = MAX_WATCHES_PER_PROJECT.min(rate as u32);
+            if s.parked >= cap {
+                return Err(OverShare::Watches);
+            }
+            s.parked += 1;
+            Ok(())
+        })?;
+        self.parked = true;
+        Ok(())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let parked = self.parked;
+        self.limits.with(&self.id, self.rate, |s, _| {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            if parked {
+                s.parked = s.parked.saturating_sub(1);
+            }
+        });
+    }
+}
+
+/// Open connections by source address, across every listener of the server.
+#[derive(Default)]
+struct Sources(Mutex<HashMap<IpAddr, usize>>);
+
+impl Sources {
+    /// One more connection from `ip`, unless it has its share open already.
+    fn open(self: &Arc<Self>, ip: IpAddr) -> Option<SourceGuard> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceGuard {
+            sources: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// A connection counted against its source; uncounted when the connection ends.
+struct SourceGuard {
+    sources: Arc<Sources>,
+    ip: IpAddr,
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let mut map = self.sources.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
         }
     }
 }
 
 struct ApiState {
     published: Published,
-    limits: RateLimits,
+    limits: Arc<Limits>,
 }
 
 /// The API: the router over the published snapshot and the listeners serving it.
 pub struct Server {
     state: Arc<ApiState>,
     router: Router,
+    sources: Arc<Sources>,
     listeners: Mutex<BTreeMap<SocketAddr, JoinHandle<()>>>,
 }
 
@@ -85,12 +263,13 @@ impl Server {
     pub fn new(published: Published) -> Server {
         let state = Arc::new(ApiState {
             published,
-            limits: RateLimits::default(),
+            limits: Arc::default(),
         });
         let router = router(state.clone());
         Server {
             state,
             router,
+            sources: Arc::default(),
             listeners: Mutex::new(BTreeMap::new()),
         }
     }
@@ -115,7 +294,7 @@ impl Server {
     pub fn listen(&self, addr: SocketAddr) -> std::io::Result<()> {
         let listener = bind(addr)?;
         let router = self.router.clone();
-        let task = tokio::spawn(accept_loop(listener, router, addr));
+        let task = tokio::spawn(accept_loop(listener, router, addr, self.sources.clone()));
         let old = self
             .listeners
             .lock()
@@ -182,14 +361,23 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-async fn accept_loop(listener: TcpListener, router: Router, addr: SocketAddr) {
+async fn accept_loop(
+    listener: TcpListener,
+    router: Router,
+    addr: SocketAddr,
+    sources: Arc<Sources>,
+) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
     // Connections live in this set: aborting the loop (unlisten) drops and closes them.
     let mut conns = JoinSet::new();
+    let mut refusing = JoinSet::new();
     loop {
+        let accepted = listener.accept().await;
+        // Reaped after the wait, so the counts below are current.
         while conns.try_join_next().is_some() {}
-        let (stream, _) = match listener.accept().await {
+        while refusing.try_join_next().is_some() {}
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and the like: pause instead of spinning.
@@ -198,10 +386,15 @@ async fn accept_loop(listener: TcpListener, router: Router, addr: SocketAddr) {
                 continue;
             }
         };
-        if conns.len() >= MAX_CONNECTIONS {
-            drop(stream);
-            continue;
-        }
+        let guard = match sources.open(peer.ip()) {
+            Some(g) if conns.len() < MAX_CONNECTIONS => g,
+            _ => {
+                if refusing.len() < MAX_REFUSING {
+                    refusing.spawn(refuse(stream));
+                }
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(router.clone());
         conns.spawn(async move {
@@ -211,8 +404,24 @@ async fn accept_loop(listener: TcpListener, router: Router, addr: SocketAddr) {
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc);
             let _ = conn.await;
+            drop(guard);
         });
     }
+}
+
+/// Answers a connection over its share with 503 and closes it once the client has
+/// read it (closing with its request unread would reset the connection and could
+/// lose the answer).
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(REFUSE_LINGER, async {
+        stream.write_all(REFUSED).await?;
+        stream.shutdown().await?;
+        let mut buf = [0u8; 1024];
+        while stream.read(&mut buf).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
 }
 
 fn router(state: Arc<ApiState>) -> Router {
@@ -302,10 +511,31 @@ fn parse_query(q: Option<&str>) -> Result<Query, &'static str> {
 /// Why a request is refused: its status and message.
 type Refusal = (StatusCode, &'static str);
 
+/// Headers a proxy adds: a request carrying one came through a proxy (an SSRF hole)
+/// rather than from a container itself.
+const PROXY_HEADERS: [&str; 4] = ["x-forwarded-for", "forwarded", "x-real-ip", "via"];
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is
+/// case-insensitive (RFC 7235), followed by one or more spaces.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || rest.first() != Some(&b' ') {
+        return None;
+    }
+    let start = rest.iter().position(|c| *c != b' ')?;
+    let token = &rest[start..];
+    (token.len() <= MAX_TOKEN && token.iter().all(|c| c.is_ascii_graphic())).then_some(token)
+}
+
 /// The checks every request passes, in order: refused outright (403), size (413/414),
-/// who is asking (401), how often (429). Returns the token's project.
-fn admit(state: &ApiState, headers: &HeaderMap, uri: &Uri) -> Result<Arc<ProjectData>, Refusal> {
-    if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+/// who is asking (400 for two `Authorization` headers, 401), how often and how much
+/// at once (429). Returns the token's project and the request's place in its share.
+fn admit(
+    state: &ApiState,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<(Arc<ProjectData>, Slot), Refusal> {
+    if PROXY_HEADERS.iter().any(|h| headers.contains_key(*h)) {
         return Err((StatusCode::FORBIDDEN, "forwarded requests are refused"));
     }
     if headers.get(REQUIRED_HEADER).map(|v| v.as_bytes()) != Some(b"true") {
@@ -325,13 +555,18 @@ fn admit(state: &ApiState, headers: &HeaderMap, uri: &Uri) -> Result<Arc<Project
     if uri_len > MAX_URI {
         return Err((StatusCode::URI_TOO_LONG, "request URI too long"));
     }
-    let Some(auth) = headers.get(header::AUTHORIZATION) else {
+    let mut auths = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(auth) = auths.next() else {
         return Err((StatusCode::UNAUTHORIZED, "missing bearer token"));
     };
-    let token = auth.as_bytes().strip_prefix(b"Bearer ").filter(|t| {
-        !t.is_empty() && t.len() <= MAX_TOKEN && t.iter().all(|c| c.is_ascii_graphic())
-    });
-    let Some(token) = token else {
+    if auths.next().is_some() {
+        // Which one would a proxy in front have checked? Refused rather than guessed.
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "more than one Authorization header",
+        ));
+    }
+    let Some(token) = bearer_token(auth.as_bytes()) else {
         return Err((
             StatusCode::UNAUTHORIZED,
             "malformed Authorization header (want: Bearer <token>)",
@@ -342,11 +577,13 @@ fn admit(state: &ApiState, headers: &HeaderMap, uri: &Uri) -> Result<Arc<Project
     let Some(project) = project else {
         return Err((StatusCode::UNAUTHORIZED, "unknown token"));
     };
-    if !state.limits.allow(&project.id, project.rate_limit) {
-        debug!(project = %project.id, "rate limited");
-        return Err((StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded"));
+    match state.limits.admit(&project.id, project.rate_limit) {
+        Ok(slot) => Ok((project, slot)),
+        Err(over) => {
+            debug!(project = %project.id, ?over, "over its share");
+            Err(over.refusal())
+        }
     }
-    Ok(project)
 }
 
 /// The project whose token hash is `hash`: every project is compared, in constant time
@@ -392,21 +629,30 @@ async fn watch(
     }
 }
 
-/// Admission, query, then the watch if one was asked for.
+/// Admission, query, then the watch if one was asked for (parked in the project's
+/// share only when it has to wait). The [`Slot`] is held until the answer is built.
 async fn prepare(
     state: &ApiState,
     headers: &HeaderMap,
     uri: &Uri,
-) -> Result<(Arc<ProjectData>, Query), Refusal> {
-    let project = admit(state, headers, uri)?;
+) -> Result<(Arc<ProjectData>, Query, Slot), Refusal> {
+    let (project, mut slot) = admit(state, headers, uri)?;
     let query = parse_query(uri.query()).map_err(|m| (StatusCode::BAD_REQUEST, m))?;
     let project = match query.index {
-        Some(i) => watch(state, project, i, query.wait.unwrap_or(DEFAULT_WAIT))
-            .await
-            .ok_or((StatusCode::UNAUTHORIZED, "unknown token"))?,
+        Some(i) => {
+            if project.index == i {
+                slot.park().map_err(|over| {
+                    debug!(project = %project.id, ?over, "over its share");
+                    over.refusal()
+                })?;
+            }
+            watch(state, project, i, query.wait.unwrap_or(DEFAULT_WAIT))
+                .await
+                .ok_or((StatusCode::UNAUTHORIZED, "unknown token"))?
+        }
         None => project,
     };
-    Ok((project, query))
+    Ok((project, query, slot))
 }
 
 // The request is taken whole (not the `HeaderMap`/`Uri` extractors): those clone the
@@ -416,7 +662,7 @@ async fn entry(
     UrlPath(path): UrlPath<String>,
     req: Request,
 ) -> Response<Body> {
-    let (project, query) = match prepare(&state, req.headers(), req.uri()).await {
+    let (project, query, _slot) = match prepare(&state, req.headers(), req.uri()).await {
         Ok(p) => p,
         Err((status, message)) => return error(status, message),
     };
@@ -441,7 +687,7 @@ async fn entry(
 }
 
 async fn list(State(state): State<Arc<ApiState>>, req: Request) -> Response<Body> {
-    let (project, query) = match prepare(&state, req.headers(), req.uri()).await {
+    let (project, query, _slot) = match prepare(&state, req.headers(), req.uri()).await {
         Ok(p) => p,
         Err((status, message)) => return error(status, message),
     };
@@ -489,8 +735,92 @@ mod tests {
     }
 
     #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for ok in [
+            &b"Bearer tok"[..],
+            b"bearer tok",
+            b"BEARER tok",
+            b"bEaReR   tok",
+        ] {
+            assert_eq!(bearer_token(ok), Some(&b"tok"[..]), "{ok:?}");
+        }
+        for bad in [
+            &b"Bearertok"[..],
+            b"Bearer ",
+            b"Bearer\ttok",
+            b"Basic tok",
+            b"Bear tok",
+            b"Bearer to k",
+            b"",
+        ] {
+            assert_eq!(bearer_token(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            bearer_token(&[b"Bearer ".as_slice(), &[b'a'; 513]].concat()),
+            None
+        );
+    }
+
+    #[test]
+    fn parked_watches_draw_on_the_rate_and_are_capped() {
+        let l = Arc::new(Limits::default());
+        // Rate 3: three watches park (each took a token), a fourth request finds the
+        // bucket empty, and nothing refills while the whole rate is held by watches.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut s = l.admit("w", 3).expect("admitted");
+            s.park().expect("parked");
+            held.push(s);
+        }
+        assert!(matches!(l.admit("w", 3), Err(OverShare::Rate)));
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(matches!(l.admit("w", 3), Err(OverShare::Rate)));
+        held.clear();
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(l.admit("w", 3).is_ok(), "refilled once the watches ended");
+
+        // At most MAX_WATCHES_PER_PROJECT parked however high the rate.
+        let mut held = Vec::new();
+        for _ in 0..MAX_WATCHES_PER_PROJECT {
+            let mut s = l.admit("many", 1000).expect("admitted");
+            s.park().expect("parked");
+            held.push(s);
+        }
+        let mut one_more = l.admit("many", 1000).expect("a plain request still passes");
+        assert_eq!(one_more.park(), Err(OverShare::Watches));
+        // Requests in flight, parked ones included, are capped too.
+        let mut flying = Vec::new();
+        while let Ok(s) = l.admit("many", 1000) {
+            flying.push(s);
+        }
+        assert_eq!(
+            held.len() + flying.len() + 1,
+            MAX_IN_FLIGHT_PER_PROJECT as usize
+        );
+        assert!(l.admit("other", 1000).is_ok(), "shares are per project");
+    }
+
+    #[test]
+    fn connections_are_capped_per_source() {
+        let s = Arc::new(Sources::default());
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let open: Vec<SourceGuard> = (0..MAX_CONNECTIONS_PER_SOURCE)
+            .map(|_| s.open(a).expect("under the cap"))
+            .collect();
+        assert!(s.open(a).is_none());
+        assert!(s.open(b).is_some(), "other sources are not affected");
+        drop(open);
+        assert!(s.open(a).is_some());
+        let text = std::str::from_utf8(REFUSED).expect("ascii");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        let want = format!("content-length: {}", body.len());
+        assert!(head.split("\r\n").any(|l| l == want), "{head}");
+    }
+
+    #[test]
     fn rate_limit_holds_one_second() {
-        let l = RateLimits::default();
+        let l = Limits::default();
         assert!(l.allow("a", 2) && l.allow("a", 2));
         assert!(!l.allow("a", 2));
         assert!(l.allow("b", 2), "buckets are per project");

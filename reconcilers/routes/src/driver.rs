@@ -1,7 +1,8 @@
 //! Host access for the routes reconciler: the driver trait, and the real driver — Caddy's
 //! admin API on a unix socket (`admin.rs`) and, unless an existing Caddy's socket is
 //! given, the pair of Caddy processes converge starts and finds again (`process.rs`,
-//! `pair.rs`) with the nf_tables switch between them (`redirect.rs`).
+//! `pair.rs`), unprivileged (`user.rs`), with the nf_tables switch between them
+//! (`redirect.rs`).
 
 use crate::plan::{Config, Process, UpstreamStatus};
 use converge_core::{DriverError, HostEvent, SecretSource};
@@ -19,6 +20,8 @@ pub mod admin;
 pub mod pair;
 pub mod process;
 pub mod redirect;
+pub mod user;
+
 /// A configuration change that did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -83,6 +86,9 @@ pub struct CaddyConfig {
     pub secrets: SecretSource,
     /// Least time between two configuration loads (see `CaddyDriver::load_hold`).
     pub min_reload_interval: Duration,
+    /// The system user the managed pair runs as (`user.rs`; default
+    /// [`user::DEFAULT_USER`]); `root` runs it as root, with a warning.
+    pub user: String,
 }
 
 /// How long the old instance keeps serving the connections it accepted before the
@@ -176,7 +182,23 @@ impl Caddy {
     fn drain_marker(&self, inst: Instance, on: bool) -> Result<(), DriverError> {
         let path = pair::drain_marker(&self.config.dir, inst);
         let r = if on {
-            std::fs::write(&path, b"")
+            // Root's, empty, 0640 with the group of the instance directory (Caddy's
+            // user's): Caddy's `file` matcher needs to read it, not just stat it.
+            use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+            let gid = path
+                .parent()
+                .and_then(|d| std::fs::metadata(d).ok())
+                .map(|m| m.gid());
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o640)
+                .open(&path)
+                .and_then(|f| {
+                    std::os::unix::fs::fchown(&f, Some(0), gid)?;
+                    f.set_permissions(std::fs::Permissions::from_mode(0o640))
+                })
         } else {
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -348,6 +370,8 @@ impl CaddyDriver for Caddy {
                 "caddy is run by someone else (external admin socket): not starting it".into(),
             ));
         }
+        // Before stopping anything: a missing user leaves what runs running.
+        let run_as = user::resolve(&self.config.user)?;
         process::stop(stop).await;
         let dir = &self.config.dir;
         let mut starts = Vec::new();
@@ -355,7 +379,8 @@ impl CaddyDriver for Caddy {
             let inst_dir = inst.dir(dir);
             if process::running(&inst_dir)?.is_empty() {
                 let binary = &self.config.binary;
-                starts.push(async move { process::start(binary, &inst_dir, dir).await });
+                let run_as = run_as.as_ref();
+                starts.push(async move { process::start(binary, &inst_dir, dir, run_as).await });
             }
         }
         for r in futures::future::join_all(starts).await {

@@ -1,6 +1,7 @@
 //! The `routes` section of the document: the HTTP(S) reverse-proxy routes a `--proxy`
-//! node serves through the Caddy converge runs, and their semantic validation. The
-//! reconciler itself (rendering and reloading Caddy's config) lands in a later issue.
+//! node serves through the Caddy converge runs, and their semantic validation (header
+//! values and redirect targets may use only the request placeholders of
+//! [`placeholders`]).
 
 use converge_core::problems::is_dns_name;
 use converge_core::vocab::{is_name, is_secret_name, key_path, Unique};
@@ -9,6 +10,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+
+pub mod placeholders;
 
 /// Reverse-proxy routes (proxy nodes only). Present: exactly these routes are served.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -156,7 +159,11 @@ fn default_timeout() -> String {
     "5s".to_string()
 }
 
-/// Header changes: `set` replaces (or adds) headers, `remove` deletes them.
+/// Header changes: `set` replaces (or adds) headers, `remove` deletes them. Values may
+/// use request placeholders such as `{http.request.host}`, `{http.request.uri}`,
+/// `{http.request.remote.host}`, `{http.request.header.NAME}` or their shorthands
+/// (`{host}`, `{uri}`, `{remote_host}`, `{header.NAME}`); any other placeholder, e.g.
+/// `{env.*}`, `{file.*}` or `{system.*}`, is refused. A literal brace is `\{`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderChanges {
@@ -179,7 +186,7 @@ impl HeaderChanges {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Redirect {
     /// Target URL, e.g. `https://www.example.com{uri}` (`{uri}` is the request's path
-    /// and query).
+    /// and query); the same placeholders as header values.
     pub to: String,
     /// 301, 302, 307 or 308.
     #[serde(default = "default_redirect_status")]
@@ -288,12 +295,13 @@ pub fn validate(spec: &RoutesSpec, path: &str, problems: &mut Problems) {
             }
             Some(p)
                 if p.contains(|c: char| {
-                    c.is_whitespace() || c.is_control() || "*?#".contains(c)
+                    // Braces: Caddy's path matcher expands placeholders too.
+                    c.is_whitespace() || c.is_control() || "*?#{}".contains(c)
                 }) =>
             {
                 problems.push_hint(
                     format!("{rp}.path"),
-                    format!("path {p:?} contains whitespace, *, ? or #"),
+                    format!("path {p:?} contains whitespace, *, ?, #, {{ or }}"),
                     "a plain path prefix such as /api/",
                 );
                 false
@@ -384,7 +392,13 @@ pub fn validate(spec: &RoutesSpec, path: &str, problems: &mut Problems) {
         );
         if let Some(rd) = &r.redirect {
             let rdp = format!("{rp}.redirect");
-            if !(rd.to.starts_with("https://")
+            if let Some(ph) = placeholders::refused(&rd.to) {
+                problems.push_hint(
+                    format!("{rdp}.to"),
+                    format!("placeholder {ph} is not allowed in a redirect target"),
+                    placeholders::ALLOWED_HINT,
+                );
+            } else if !(rd.to.starts_with("https://")
                 || rd.to.starts_with("http://")
                 || rd.to.starts_with('/'))
                 || rd
@@ -413,9 +427,10 @@ pub fn validate(spec: &RoutesSpec, path: &str, problems: &mut Problems) {
         }
     }
     if let Some(e) = &spec.acme_email {
+        // No braces: Caddy expands placeholders in the ACME email too.
         let ok = e.split_once('@').is_some_and(|(local, domain)| {
             !local.is_empty()
-                && !local.contains(|c: char| c.is_whitespace() || c == '@')
+                && !local.contains(|c: char| c.is_whitespace() || "@{}".contains(c))
                 && domain.contains('.')
                 && is_dns_name(domain, false)
         });
@@ -548,8 +563,17 @@ fn validate_headers(h: &HeaderChanges, path: &str, problems: &mut Problems) {
     };
     for (k, v) in &h.set {
         let hp = key_path(&format!("{path}.set"), k);
-        if check_name(hp.clone(), k, problems) && v.contains(['\r', '\n', '\0']) {
+        if !check_name(hp.clone(), k, problems) {
+            continue;
+        }
+        if v.contains(['\r', '\n', '\0']) {
             problems.push(hp, "header value must not contain CR, LF or NUL");
+        } else if let Some(ph) = placeholders::refused(v) {
+            problems.push_hint(
+                hp,
+                format!("placeholder {ph} is not allowed in a header value"),
+                placeholders::ALLOWED_HINT,
+            );
         }
     }
     for (i, k) in h.remove.iter().enumerate() {
@@ -658,6 +682,45 @@ mod tests {
                 "$.routes.routes[6].redirect.status",
                 "$.routes.acmeEmail",
             ]
+        );
+    }
+
+    #[test]
+    fn routes_host_placeholders_refused_with_paths() {
+        let s = spec(json!({
+            "acmeEmail": "{env.USER}@example.com",
+            "routes": [
+                {"name": "ok", "hosts": ["ok.example.com"], "upstreams": [{"address": "10.0.0.1:80"}],
+                 "requestHeaders": {"set": {"X-Real-Host": "{host}", "X-Path": "{http.request.uri.path}",
+                                             "X-Id": "{header.X-Request-Id}", "X-Lit": "\\{env.HOME\\}"}},
+                 "responseHeaders": {"set": {"X-Client": "{http.request.remote.host}"}}},
+                {"name": "env", "hosts": ["env.example.com"], "upstreams": [{"address": "10.0.0.1:80"}],
+                 "requestHeaders": {"set": {"X-Token": "{env.CONVERGE_TOKEN}"}},
+                 "responseHeaders": {"set": {"X-Node": "{system.hostname}", "X-Key": "k={file./etc/converge/key}"}}},
+                {"name": "redir", "hosts": ["redir.example.com"],
+                 "redirect": {"to": "https://{env.HOME}.example.com{uri}"}},
+                {"name": "vars", "hosts": ["vars.example.com"], "path": "/{env.X}/",
+                 "redirect": {"to": "/x?{http.vars.secret}"}}
+            ]
+        }));
+        assert_eq!(
+            problems(&s),
+            vec![
+                "$.routes.routes[1].requestHeaders.set[\"X-Token\"]",
+                "$.routes.routes[1].responseHeaders.set[\"X-Key\"]",
+                "$.routes.routes[1].responseHeaders.set[\"X-Node\"]",
+                "$.routes.routes[2].redirect.to",
+                "$.routes.routes[3].path",
+                "$.routes.routes[3].redirect.to",
+                "$.routes.acmeEmail",
+            ]
+        );
+        let mut p = Problems::default();
+        validate(&s, "$.routes", &mut p);
+        let text: Vec<String> = p.iter().map(|p| p.message.clone()).collect();
+        assert!(
+            text.iter().any(|m| m.contains("{env.CONVERGE_TOKEN}")),
+            "{text:?}"
         );
     }
 

@@ -1,9 +1,11 @@
 //! The Caddy processes converge runs (one per instance of the pair): started detached
 //! (`caddy start` forks `caddy run` and exits once it is up, so Caddy outlives the
-//! agent), found again by scanning `/proc` for its config argument, and watched with
-//! pidfds so an exit is an event.
+//! agent) as an unprivileged user (`user.rs`) with a cleared environment, found again
+//! by scanning `/proc` for its config argument, and watched with pidfds so an exit is
+//! an event.
 
 use super::pair::admin_listen;
+use super::user::{self, RunAs};
 use converge_core::fsutil::write_atomic;
 use converge_core::process::{alive, signal};
 use converge_core::{with_timeout, DriverError, HostEvent};
@@ -11,6 +13,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -90,41 +93,96 @@ pub async fn stop(stop: &[u32]) {
     }
 }
 
-/// Starts the Caddy of `dir` on the bootstrap configuration, its certificates and local
-/// CA under `shared` (both instances use the same); returns once its admin endpoint is
-/// up.
-pub async fn start(binary: &Path, dir: &Path, shared: &Path) -> Result<(), DriverError> {
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| DriverError::io(format!("create {}", dir.display()), e))?;
+/// Environment variables Caddy is given from the agent's (the rest is not passed on:
+/// the agent's environment is none of Caddy's business).
+const PASSED_ENV: &[&str] = &[
+    "PATH",
+    "TZ",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
+/// The directories a start needs, owned as described in `user.rs`: `shared` root's and
+/// 0711; its `data` and `config` (certificates, shared by both instances) and the
+/// instance's `dir` Caddy's user's, 0700.
+fn prepare_dirs(dir: &Path, shared: &Path, run_as: Option<&RunAs>) -> Result<(), DriverError> {
+    user::ensure_dir(shared, 0o711)?;
+    for d in [
+        shared.join("data"),
+        shared.join("config"),
+        dir.to_path_buf(),
+    ] {
+        user::ensure_dir(&d, 0o700)?;
+        if let Some(u) = run_as {
+            user::chown_tree(&d, u)?;
+        }
     }
+    if let Some(u) = run_as {
+        user::check_reachable(u, dir)?;
+    }
+    Ok(())
+}
+
+/// Starts the Caddy of `dir` on the bootstrap configuration, its certificates and local
+/// CA under `shared` (both instances use the same), as `run_as` (`None`: the agent's
+/// own user); returns once its admin endpoint is up.
+pub async fn start(
+    binary: &Path,
+    dir: &Path,
+    shared: &Path,
+    run_as: Option<&RunAs>,
+) -> Result<(), DriverError> {
+    // A pid file of an earlier run (possibly root's) is not Caddy's to overwrite;
+    // processes are found through /proc anyway.
+    let _ = std::fs::remove_file(dir.join("caddy.pid"));
+    prepare_dirs(dir, shared, run_as)?;
     let conf = config_file(dir);
     let text = serde_json::to_vec_pretty(&bootstrap(dir))
         .map_err(|e| DriverError::Failed(format!("encode bootstrap config: {e}")))?;
     write_atomic(&conf, &text, 0o600)
         .map_err(|e| DriverError::io(format!("write {}", conf.display()), e))?;
+    if let Some(u) = run_as {
+        // Read by Caddy itself (`caddy run --config`).
+        std::os::unix::fs::chown(&conf, Some(u.uid), Some(u.gid))
+            .map_err(|e| DriverError::io(format!("chown {}", conf.display()), e))?;
+    }
     // A stale socket file makes Caddy's listen fail.
     let _ = std::fs::remove_file(dir.join("admin.sock"));
+    // Root's, 0600: Caddy writes to the descriptor it is handed, never opens the file.
     let log_path = dir.join("caddy.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log_path)
         .map_err(|e| DriverError::io(format!("open {}", log_path.display()), e))?;
+    log.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| DriverError::io(format!("chmod {}", log_path.display()), e))?;
     let log2 = log
         .try_clone()
         .map_err(|e| DriverError::io("duplicate log handle", e))?;
     let mut cmd = tokio::process::Command::new(binary);
+    cmd.env_clear();
+    for (k, v) in std::env::vars_os().filter(|(k, _)| PASSED_ENV.iter().any(|p| k == *p)) {
+        cmd.env(k, v);
+    }
+    if let Some(u) = run_as {
+        // std drops the supplementary groups too when it changes the uid from root.
+        cmd.uid(u.uid).gid(u.gid);
+    }
     cmd.arg("start")
         .arg("--config")
         .arg(&conf)
         .arg("--pidfile")
         .arg(dir.join("caddy.pid"))
-        // Certificates and the local CA under converge's directory, not root's home.
+        // Certificates and the local CA under converge's directory, not a home.
+        .env("HOME", shared.join("data"))
         .env("XDG_DATA_HOME", shared.join("data"))
         .env("XDG_CONFIG_HOME", shared.join("config"))
         // The admin endpoint a wiped configuration falls back to (honoured by 2.7+;

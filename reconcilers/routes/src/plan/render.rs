@@ -2,7 +2,7 @@
 //! round: a rendering described field by field for `converge diff` (no secrets).
 
 use super::{cert_id, path_matcher, route_id, tls_id, OwnedRoute, Server, STREAM_CLOSE_DELAY};
-use crate::spec::{LoadBalancing, Route, TlsMode};
+use crate::spec::{placeholders, LoadBalancing, Route, TlsMode};
 use converge_core::redact;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -10,7 +10,11 @@ use std::collections::BTreeMap;
 fn header_ops(set: &BTreeMap<String, String>, remove: &[String]) -> Map<String, Value> {
     let mut ops = Map::new();
     if !set.is_empty() {
-        let s: Map<String, Value> = set.iter().map(|(k, v)| (k.clone(), json!([v]))).collect();
+        // Shorthands as full names: Caddy's JSON knows only those.
+        let s: Map<String, Value> = set
+            .iter()
+            .map(|(k, v)| (k.clone(), json!([placeholders::expand(v)])))
+            .collect();
         ops.insert("set".into(), Value::Object(s));
     }
     if !remove.is_empty() {
@@ -48,7 +52,7 @@ pub fn render_route(
         handle.push(json!({
             "handler": "static_response",
             "status_code": r.status,
-            "headers": {"Location": [r.to]},
+            "headers": {"Location": [placeholders::expand(&r.to)]},
         }));
     } else {
         let mut rp = json!({

@@ -213,6 +213,20 @@ fn stream_close_delay_only_where_caddy_has_it() {
 }
 
 #[test]
+fn shorthand_placeholders_render_as_full_names() {
+    // Caddy expands only full names in JSON: `{uri}` left as is would reach clients.
+    let inp = input(routes());
+    let config = load_of(&plan(&inp, &observed(foreign()), &facts()))
+        .config
+        .to_string();
+    assert!(
+        config.contains("https://a.test{http.request.uri}"),
+        "{config}"
+    );
+    assert!(!config.contains("{uri}"), "{config}");
+}
+
+#[test]
 fn dialed_addresses_are_every_upstream_in_the_configuration() {
     let config = serde_json::json!({"apps": {"http": {"servers": {
         "converge-https": {"routes": [{"handle": [{"handler": "reverse_proxy",
