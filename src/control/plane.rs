@@ -563,7 +563,9 @@ async fn run_nats(plane: Arc<Plane>, n: NatsOptions) -> anyhow::Result<()> {
         async_nats::ConnectOptions::with_user_and_password(n.user.clone(), n.password.clone())
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .reconnect_delay_callback(|n| super::transport::backoff_capped(n, Duration::from_secs(2)))
+            .reconnect_delay_callback(|n| {
+                super::transport::backoff_capped(n, Duration::from_secs(2))
+            })
             .connect(&n.url)
             .await
             .with_context(|| format!("connect {}", n.url))?;
