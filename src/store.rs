@@ -52,6 +52,28 @@ pub struct Event {
     pub message: String,
 }
 
+/// Brings a database to the newest schema: runs the `migrations` it has not run yet
+/// (`PRAGMA user_version` = how many ran), each in its own transaction with the version
+/// bump, so an interrupted upgrade resumes where it stopped.
+pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<()> {
+    let done: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in migrations
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(done).unwrap_or(usize::MAX))
+    {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
 /// Handle on the SQLite database.
 pub struct Store {
     conn: Connection,
@@ -81,18 +103,7 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let version = self.version()?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            let tx = self.conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(
-                None,
-                "user_version",
-                i64::try_from(i + 1).unwrap_or(i64::MAX),
-            )?;
-            tx.commit()?;
-        }
-        Ok(())
+        Ok(migrate(&mut self.conn, MIGRATIONS)?)
     }
 
     /// Schema version after migrations.

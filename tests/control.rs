@@ -303,6 +303,25 @@ impl Cp {
     }
 }
 
+/// Runs `f` with an HTTPS client that trusts the plane's CA, in the plane's namespace.
+fn with_client<T: Send, F: std::future::Future<Output = T>>(
+    cp: &Cp,
+    f: impl FnOnce(reqwest::Client) -> F + Send,
+) -> T {
+    let ca = fs::read(cp.ca()).expect("ca");
+    cp.node.in_netns(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca pem"))
+            .build()
+            .expect("client");
+        rt.block_on(f(client))
+    })
+}
+
 fn stderr(out: &Output) -> String {
     format!(
         "{}{}",
@@ -1010,79 +1029,59 @@ fn https_documents_and_status() {
         "{text}"
     );
     // Requests not signed by the node's key are refused.
-    let ca = fs::read(cp.ca()).expect("ca");
     let url = cp.http_url();
-    let codes = cp.node.in_netns(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let client = reqwest::Client::builder()
-                .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca pem"))
-                .build()
-                .expect("client");
-            let unsigned = client
-                .get(format!("{url}/v1/nodes/ha/document?after=0"))
-                .send()
-                .await
-                .expect("unsigned request");
-            let forged = client
-                .post(format!("{url}/v1/nodes/ha/status"))
-                .header("x-converge-node", "ha")
-                .header(
-                    "x-converge-time",
-                    chrono::Utc::now().timestamp().to_string(),
-                )
-                .header("x-converge-signature", "AAAA")
-                .body("{}")
-                .send()
-                .await
-                .expect("forged request");
-            (unsigned.status().as_u16(), forged.status().as_u16())
-        })
+    let codes = with_client(&cp, |client| async move {
+        let unsigned = client
+            .get(format!("{url}/v1/nodes/ha/document?after=0"))
+            .send()
+            .await
+            .expect("unsigned request");
+        let forged = client
+            .post(format!("{url}/v1/nodes/ha/status"))
+            .header("x-converge-node", "ha")
+            .header(
+                "x-converge-time",
+                chrono::Utc::now().timestamp().to_string(),
+            )
+            .header("x-converge-signature", "AAAA")
+            .body("{}")
+            .send()
+            .await
+            .expect("forged request");
+        (unsigned.status().as_u16(), forged.status().as_u16())
     });
     assert_eq!(codes, (401, 401));
     // A request the node signed, captured and sent again: accepted once only.
     let identity = converge::control::identity::Identity::load(&data(&node)).expect("node keys");
-    let codes = cp.node.in_netns(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let client = reqwest::Client::builder()
-                .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca pem"))
-                .build()
-                .expect("client");
-            let (time, nonce) = (
-                chrono::Utc::now().timestamp(),
-                converge::control::protocol::nonce(),
-            );
-            let path = "/v1/nodes/ha/hello";
-            let sig = converge::control::protocol::SignedRequest {
-                method: "GET",
-                path_and_query: path,
-                time,
-                nonce: &nonce,
-                body: b"",
-            }
-            .sign(identity.signing_key());
-            let mut codes = Vec::new();
-            for _ in 0..2 {
-                let resp = client
-                    .get(format!("{url}{path}"))
-                    .header("x-converge-node", "ha")
-                    .header("x-converge-time", time.to_string())
-                    .header("x-converge-nonce", &nonce)
-                    .header("x-converge-signature", &sig)
-                    .send()
-                    .await
-                    .expect("signed request");
-                codes.push(resp.status().as_u16());
-            }
-            codes
-        })
+    let url = cp.http_url();
+    let codes = with_client(&cp, |client| async move {
+        let (time, nonce) = (
+            chrono::Utc::now().timestamp(),
+            converge::control::protocol::nonce(),
+        );
+        let path = "/v1/nodes/ha/hello";
+        let sig = converge::control::protocol::SignedRequest {
+            method: "GET",
+            path_and_query: path,
+            time,
+            nonce: &nonce,
+            body: b"",
+        }
+        .sign(identity.signing_key());
+        let mut codes = Vec::new();
+        for _ in 0..2 {
+            let resp = client
+                .get(format!("{url}{path}"))
+                .header("x-converge-node", "ha")
+                .header("x-converge-time", time.to_string())
+                .header("x-converge-nonce", &nonce)
+                .header("x-converge-signature", &sig)
+                .send()
+                .await
+                .expect("signed request");
+            codes.push(resp.status().as_u16());
+        }
+        codes
     });
     assert_eq!(codes, [204, 401], "a replayed request is refused");
     assert!(cp.log().contains("a signed request was replayed"));

@@ -293,23 +293,46 @@ fn wait_routes(node: &TestNode, generation: u64) -> Value {
     last
 }
 
-fn start_proxy_agent(node: &TestNode, bin: &str, secrets: &Path) -> common::sandbox::Spawned {
-    let agent = start_agent(
-        node,
-        &[
-            "--proxy",
-            "--resync-secs",
-            "2",
-            "--caddy",
-            bin,
-            "--secrets-dir",
-            secrets.to_str().expect("utf-8"),
-        ],
-    );
+/// Starts a proxy agent with the Caddy `bin`, a resync every `resync_secs` and the
+/// `extra` arguments.
+fn start_proxy_agent(
+    node: &TestNode,
+    bin: &str,
+    secrets: &Path,
+    resync_secs: &str,
+    extra: &[&str],
+) -> common::sandbox::Spawned {
+    let mut args = vec![
+        "--proxy",
+        "--resync-secs",
+        resync_secs,
+        "--caddy",
+        bin,
+        "--secrets-dir",
+        secrets.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(extra);
+    let agent = start_agent(node, &args);
     for d in instance_dirs(node) {
         node.track_pidfile(d.join("caddy.pid"));
     }
     agent
+}
+
+/// A local upstream on 127.0.0.1:8080 that answers `w-local`, and the node's secrets
+/// directory.
+fn local_upstream(p: &TestNode) -> PathBuf {
+    let www = p.data_dir().join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::write(www.join("index.html"), "w-local\n").expect("index");
+    p.spawn(
+        p.command("busybox")
+            .args(["httpd", "-f", "-p", "127.0.0.1:8080", "-h"])
+            .arg(&www),
+    );
+    let secrets = p.data_dir().join("secrets");
+    std::fs::create_dir_all(&secrets).expect("secrets");
+    secrets
 }
 
 fn local_routes(n: usize, tag: &str) -> Vec<Value> {
@@ -330,17 +353,8 @@ fn drift_refusal_and_one_change_per_pass() {
     let bin = caddy_bin();
     let version = caddy_version(&bin);
     let p = TestNode::new("rtd");
-    let www = p.data_dir().join("www");
-    std::fs::create_dir_all(&www).expect("www");
-    std::fs::write(www.join("index.html"), "w-local\n").expect("index");
-    p.spawn(
-        p.command("busybox")
-            .args(["httpd", "-f", "-p", "127.0.0.1:8080", "-h"])
-            .arg(&www),
-    );
-    let secrets = p.data_dir().join("secrets");
-    std::fs::create_dir_all(&secrets).expect("secrets");
-    let _agent = start_proxy_agent(&p, &bin, &secrets);
+    let secrets = local_upstream(&p);
+    let _agent = start_proxy_agent(&p, &bin, &secrets, "2", &[]);
 
     push_ok(&p, &proxy_doc(&p, 1, json!(local_routes(30, "1"))));
     wait_routes(&p, 1);
@@ -579,34 +593,9 @@ fn flushed_ruleset_repaired_at_once_and_a_burst_never_degraded() {
     let bin = caddy_bin();
     let version = caddy_version(&bin);
     let p = TestNode::new("rtf");
-    let www = p.data_dir().join("www");
-    std::fs::create_dir_all(&www).expect("www");
-    std::fs::write(www.join("index.html"), "w-local\n").expect("index");
-    p.spawn(
-        p.command("busybox")
-            .args(["httpd", "-f", "-p", "127.0.0.1:8080", "-h"])
-            .arg(&www),
-    );
-    let secrets = p.data_dir().join("secrets");
-    std::fs::create_dir_all(&secrets).expect("secrets");
+    let secrets = local_upstream(&p);
     // A resync far away: a repair within seconds is the nf_tables watch's doing.
-    let _agent = start_agent(
-        &p,
-        &[
-            "--proxy",
-            "--resync-secs",
-            "600",
-            "--caddy-min-reload-ms",
-            "0",
-            "--caddy",
-            &bin,
-            "--secrets-dir",
-            secrets.to_str().expect("utf-8"),
-        ],
-    );
-    for d in instance_dirs(&p) {
-        p.track_pidfile(d.join("caddy.pid"));
-    }
+    let _agent = start_proxy_agent(&p, &bin, &secrets, "600", &["--caddy-min-reload-ms", "0"]);
     // Three TLS routes, and one on plain HTTP for a kept-alive connection (port 80's
     // redirects to HTTPS close the connection).
     let routes = |tag: &str| {
@@ -804,7 +793,7 @@ fn proxy_routes_over_the_mesh_to_containers_on_two_workers() {
     let _ag2 = start_agent(&w2, &a2.iter().map(String::as_str).collect::<Vec<_>>());
     let secrets = px.data_dir().join("secrets");
     std::fs::create_dir_all(&secrets).expect("secrets");
-    let _agp = start_proxy_agent(&px, &bin, &secrets);
+    let _agp = start_proxy_agent(&px, &bin, &secrets, "2", &[]);
 
     push_ok(&w1, &worker_doc(&w1, &if_1, 2, peer(&px, &key_p, 1)));
     push_ok(&w2, &worker_doc(&w2, &if_2, 3, peer(&px, &key_p, 1)));

@@ -105,24 +105,7 @@ impl PlaneStore {
     }
 
     fn migrate(&mut self) -> Result<(), PlaneError> {
-        let done: i64 = self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))?;
-        for (i, sql) in MIGRATIONS
-            .iter()
-            .enumerate()
-            .skip(usize::try_from(done).unwrap_or(usize::MAX))
-        {
-            let tx = self.conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(
-                None,
-                "user_version",
-                i64::try_from(i + 1).unwrap_or(i64::MAX),
-            )?;
-            tx.commit()?;
-        }
-        Ok(())
+        Ok(crate::store::migrate(&mut self.conn, MIGRATIONS)?)
     }
 
     /// Records a new token valid for `ttl_secs`, for what `scope` allows.
