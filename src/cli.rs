@@ -93,6 +93,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Validate a document (JSON or YAML); exit 1 listing every problem.
@@ -251,6 +253,9 @@ pub enum ControlPlaneCommand {
         /// nats-server's pid file (SIGHUP reloads the authorization file).
         #[arg(long)]
         nats_pid_file: Option<PathBuf>,
+        /// PEM of the CA of the NATS server's certificate (a tls:// URL requires TLS).
+        #[arg(long)]
+        nats_ca: Option<PathBuf>,
         /// TLS certificate chain (PEM): serve HTTPS. Needs --tls-key.
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -300,6 +305,9 @@ pub enum ControlPlaneCommand {
         nats_user: String,
         #[arg(long, env = "CONVERGE_NATS_PASSWORD", default_value = "")]
         nats_password: String,
+        /// PEM of the CA of the NATS server's certificate (a tls:// URL requires TLS).
+        #[arg(long)]
+        nats_ca: Option<PathBuf>,
         #[arg(long)]
         node: String,
         file: PathBuf,
@@ -550,12 +558,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             plane_key,
             insecure_http,
         } => {
-            let ca_pem = match ca {
-                Some(p) => Some(
-                    std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?,
-                ),
-                None => None,
-            };
+            let ca_pem = read_pem(ca.as_deref())?;
             let name = match name {
                 Some(n) => n,
                 None => hostname()?,
@@ -852,6 +855,7 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
             nats_password,
             nats_auth_file,
             nats_pid_file,
+            nats_ca,
             tls_cert,
             tls_key,
             insecure_http,
@@ -873,6 +877,7 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
                         )
                     })?,
                     pid_file: nats_pid_file,
+                    ca_pem: read_pem(nats_ca.as_deref())?,
                 }),
                 None => None,
             };
@@ -956,11 +961,21 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
             nats,
             nats_user,
             nats_password,
+            nats_ca,
             node,
             file,
         } => {
             let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
-            plane::put(&nats, &nats_user, &nats_password, &node, bytes).await?;
+            let ca = read_pem(nats_ca.as_deref())?;
+            plane::put(
+                &nats,
+                &nats_user,
+                &nats_password,
+                ca.as_deref(),
+                &node,
+                bytes,
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -1023,6 +1038,12 @@ fn join_hint(data: &Path, token: &str, name: Option<&str>) -> anyhow::Result<()>
         name.map(|n| format!(" --name {n}")).unwrap_or_default()
     );
     Ok(())
+}
+
+/// The PEM text of `path`, if given.
+fn read_pem(path: Option<&Path>) -> anyhow::Result<Option<String>> {
+    path.map(|p| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display())))
+        .transpose()
 }
 
 fn hostname() -> anyhow::Result<String> {

@@ -117,8 +117,10 @@ impl Cp {
         if use_nats {
             require_tool("nats-server");
             let conf = format!(
-                "listen: \"{addr}:{NATS_PORT}\"\njetstream {{ store_dir: \"{js}\" }}\npid_file: \"{pid}\"\nlog_file: \"{log}\"\nmax_payload: 8MB\ninclude ./auth.conf\n",
+                "listen: \"{addr}:{NATS_PORT}\"\njetstream {{ store_dir: \"{js}\" }}\npid_file: \"{pid}\"\nlog_file: \"{log}\"\nmax_payload: 8MB\ntls {{ cert_file: \"{crt}\", key_file: \"{key}\" }}\ninclude ./auth.conf\n",
                 addr = cp.node.address(),
+                crt = cp.root.join("tls.crt").display(),
+                key = cp.root.join("tls.key").display(),
                 js = cp.root.join("js").display(),
                 pid = cp.root.join("nats.pid").display(),
                 log = cp.root.join("nats.log").display(),
@@ -135,8 +137,9 @@ impl Cp {
         cp
     }
 
+    /// NATS over TLS (the plane's certificate, signed by the CA nodes pin at join).
     fn nats_url(&self) -> String {
-        format!("nats://{}:{NATS_PORT}", self.node.address())
+        format!("tls://{}:{NATS_PORT}", self.node.address())
     }
 
     fn http_url(&self) -> String {
@@ -194,6 +197,7 @@ impl Cp {
             .stderr(log);
         if self.use_nats {
             cmd.args(["--nats", &self.nats_url(), "--nats-user", CP_USER])
+                .args(["--nats-ca", &self.ca()])
                 .arg("--nats-auth-file")
                 .arg(self.root.join("auth.conf"))
                 .arg("--nats-pid-file")
@@ -295,6 +299,8 @@ impl Cp {
             &self.nats_url(),
             "--nats-user",
             CP_USER,
+            "--nats-ca",
+            &self.ca(),
             "--node",
             node,
             file.to_str().expect("path"),
@@ -691,6 +697,7 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
         .expect("password")
         .to_string();
     let url = cp.nats_url();
+    let ca_pem = fs::read_to_string(cp.ca()).expect("ca");
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let seen = std::thread::scope(|s| {
         let spy = s.spawn(|| {
@@ -699,7 +706,7 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
                     .enable_all()
                     .build()
                     .expect("runtime");
-                rt.block_on(isolation_probe(&url, &user, &password, ready_tx))
+                rt.block_on(isolation_probe(&url, &user, &password, &ca_pem, ready_tx))
             })
         });
         let _ = ready.recv_timeout(Duration::from_secs(60));
@@ -724,12 +731,15 @@ async fn isolation_probe(
     url: &str,
     user: &str,
     password: &str,
+    ca: &str,
     ready: std::sync::mpsc::Sender<()>,
 ) -> Vec<String> {
     use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
     use futures::StreamExt;
     let mut seen = Vec::new();
-    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+    let opts = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into());
+    let client = converge::control::nats::with_tls(opts, url, Some(ca))
+        .expect("tls")
         .custom_inbox_prefix(format!("_INBOX_{user}"))
         .connect(url)
         .await
@@ -1198,4 +1208,56 @@ fn the_plane_key_is_trusted_only_over_an_authenticated_channel() {
         stderr(&out)
     );
     no_files(&b, "plain plane");
+}
+
+#[test]
+fn nats_is_tls_verified_against_the_ca_pinned_at_join() {
+    let cp = Cp::new(true);
+    let good = TestNode::new("ta1");
+    let bad = TestNode::new("ta2");
+    join_ok(&good, &cp);
+    join_ok(&bad, &cp);
+    assert!(control_json(&good)["transport"]["url"]
+        .as_str()
+        .is_some_and(|u| u.starts_with("tls://")));
+    // The second node pins another CA than the one that signed the server's certificate
+    // (as if its server had been replaced): it must not connect.
+    let other = bad.data_dir().join("other-ca");
+    let out = bad.run(
+        "openssl",
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=another-ca",
+            "-keyout",
+            &format!("{}.key", other.display()),
+            "-out",
+            &format!("{}.crt", other.display()),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut pinned = control_json(&bad);
+    pinned["caCert"] = json!(fs::read_to_string(format!("{}.crt", other.display())).expect("ca"));
+    fs::write(
+        data(&bad).join("control.json"),
+        serde_json::to_vec_pretty(&pinned).expect("json"),
+    )
+    .expect("control.json");
+    let _a = start_agent(&good);
+    let _b = start_agent(&bad);
+    cp.publish("ta1", &doc("ta1", 1));
+    cp.publish("ta2", &doc("ta2", 1));
+    wait_accepted(&good, 1);
+    std::thread::sleep(Duration::from_secs(3));
+    let st = status(&bad);
+    assert_eq!(st["control"]["connected"], false, "{st}");
+    assert_eq!(st["generation"], Value::Null, "nothing accepted: {st}");
 }

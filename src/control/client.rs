@@ -21,7 +21,15 @@ pub async fn run(
             url,
             user,
             password,
-        } => match super::nats::connect(url, user, password, &config.node_id).await {
+        } => match super::nats::connect(
+            url,
+            user,
+            password,
+            &config.node_id,
+            config.ca_cert.as_deref(),
+        )
+        .await
+        {
             Ok(t) => run_client(t, node, heartbeat).await,
             Err(e) => error!(error = %e, "control-plane client not started"),
         },

@@ -22,15 +22,45 @@ pub struct NatsTransport {
     conn: Arc<tokio::sync::Mutex<mpsc::Receiver<async_nats::Event>>>,
 }
 
-/// Connects (in the background: the first attempt may fail and is retried) as the node.
+/// TLS for a NATS connection: the server's certificate is verified against the public
+/// roots and `ca_pem` (the CA pinned at join); a `tls://` URL refuses a server that
+/// does not speak TLS (no downgrade), a `nats://` one uses TLS when the server asks.
+pub fn with_tls(
+    opts: async_nats::ConnectOptions,
+    url: &str,
+    ca_pem: Option<&str>,
+) -> Result<async_nats::ConnectOptions, String> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.unwrap_or("").as_bytes()) {
+        let cert = cert.map_err(|e| format!("CA certificate (PEM): {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("CA certificate: {e}"))?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(opts
+        .tls_client_config(config)
+        .require_tls(url.to_ascii_lowercase().starts_with("tls://")))
+}
+
+/// Connects (in the background: the first attempt may fail and is retried) as the node;
+/// over TLS verified with `ca_pem` (see [`with_tls`]).
 pub async fn connect(
     url: &str,
     user: &str,
     password: &str,
     node_id: &str,
+    ca_pem: Option<&str>,
 ) -> Result<NatsTransport, TransportError> {
     let (tx, rx) = mpsc::channel(64);
-    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+    let opts = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into());
+    let client = with_tls(opts, url, ca_pem)
+        .map_err(TransportError::Failed)?
         .custom_inbox_prefix(inbox_prefix(node_id))
         .retry_on_initial_connect()
         .max_reconnects(None)

@@ -42,6 +42,8 @@ pub struct NatsOptions {
     pub auth_file: PathBuf,
     /// nats-server's pid file: SIGHUP makes it reload the authorization file.
     pub pid_file: Option<PathBuf>,
+    /// PEM of the CA that signed the NATS server's certificate (besides public roots).
+    pub ca_pem: Option<String>,
 }
 
 /// `control-plane serve` options.
@@ -559,16 +561,16 @@ async fn status(
 
 /// Connects to NATS as the control plane, makes the bucket, records status messages.
 async fn run_nats(plane: Arc<Plane>, n: NatsOptions) -> anyhow::Result<()> {
-    let client =
-        async_nats::ConnectOptions::with_user_and_password(n.user.clone(), n.password.clone())
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .reconnect_delay_callback(|n| {
-                super::transport::backoff_capped(n, Duration::from_secs(2))
-            })
-            .connect(&n.url)
-            .await
-            .with_context(|| format!("connect {}", n.url))?;
+    let opts =
+        async_nats::ConnectOptions::with_user_and_password(n.user.clone(), n.password.clone());
+    let client = super::nats::with_tls(opts, &n.url, n.ca_pem.as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|n| super::transport::backoff_capped(n, Duration::from_secs(2)))
+        .connect(&n.url)
+        .await
+        .with_context(|| format!("connect {}", n.url))?;
     let js = async_nats::jetstream::new(client.clone());
     // The bucket's stream, made directly: async-nats' `create_key_value` first asks for
     // account info in a form nats-server 2.9 does not answer. Same settings as a KV
@@ -760,10 +762,13 @@ pub async fn put(
     url: &str,
     user: &str,
     password: &str,
+    ca_pem: Option<&str>,
     node: &str,
     bytes: Vec<u8>,
 ) -> anyhow::Result<()> {
-    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+    let opts = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into());
+    let client = super::nats::with_tls(opts, url, ca_pem)
+        .map_err(|e| anyhow::anyhow!(e))?
         .connect(url)
         .await
         .with_context(|| format!("connect {url}"))?;
