@@ -92,6 +92,7 @@ async fn enroll(
         public_key: identity.public_key_b64(),
         sealing_key: identity.sealing_key_b64(),
         facts: facts(&name),
+        nats_key: None,
     };
     let resp = client
         .post(format!("{base}/v1/enroll"))

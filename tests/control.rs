@@ -692,10 +692,14 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
         .as_str()
         .expect("user")
         .to_string();
-    let password = pinned["transport"]["password"]
-        .as_str()
-        .expect("password")
-        .to_string();
+    // No password: the node's NATS user is its identity key (an nkey); the users file
+    // holds public keys only (and the plane's own credential).
+    assert!(pinned["transport"].get("password").is_none(), "{pinned}");
+    let users = fs::read_to_string(cp.root.join("auth.conf")).expect("auth.conf");
+    assert_eq!(users.matches("password:").count(), 1, "{users}");
+    assert!(users.matches("nkey: \"U").count() >= 2, "{users}");
+    let identity = converge::control::identity::Identity::load(&data(&a)).expect("keys");
+    let (_, seed) = converge::control::nats::nkey(identity.signing_key()).expect("nkey");
     let url = cp.nats_url();
     let ca_pem = fs::read_to_string(cp.ca()).expect("ca");
     let (ready_tx, ready) = std::sync::mpsc::channel();
@@ -706,7 +710,7 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
                     .enable_all()
                     .build()
                     .expect("runtime");
-                rt.block_on(isolation_probe(&url, &user, &password, &ca_pem, ready_tx))
+                rt.block_on(isolation_probe(&url, &user, &seed, &ca_pem, ready_tx))
             })
         });
         let _ = ready.recv_timeout(Duration::from_secs(60));
@@ -730,14 +734,14 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
 async fn isolation_probe(
     url: &str,
     user: &str,
-    password: &str,
+    seed: &str,
     ca: &str,
     ready: std::sync::mpsc::Sender<()>,
 ) -> Vec<String> {
     use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
     use futures::StreamExt;
     let mut seen = Vec::new();
-    let opts = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into());
+    let opts = async_nats::ConnectOptions::with_nkey(seed.into());
     let client = converge::control::nats::with_tls(opts, url, Some(ca))
         .expect("tls")
         .custom_inbox_prefix(format!("_INBOX_{user}"))

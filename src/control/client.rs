@@ -25,6 +25,7 @@ pub async fn run(
             url,
             user,
             password,
+            identity.signing_key(),
             &config.node_id,
             config.ca_cert.as_deref(),
         )

@@ -116,6 +116,11 @@ pub async fn join(
         public_key: identity.public_key_b64(),
         sealing_key: identity.sealing_key_b64(),
         facts: facts(data_dir, host, opts.proxy),
+        nats_key: Some(
+            super::nats::nkey(identity.signing_key())
+                .map_err(|e| anyhow::anyhow!(e))?
+                .0,
+        ),
     };
     let base = opts.url.trim_end_matches('/');
     let client =

@@ -48,17 +48,39 @@ pub fn with_tls(
         .require_tls(url.to_ascii_lowercase().starts_with("tls://")))
 }
 
-/// Connects (in the background: the first attempt may fail and is retried) as the node;
-/// over TLS verified with `ca_pem` (see [`with_tls`]).
+/// The node's identity key as a NATS user nkey: (public `U…`, seed `SU…`).
+pub fn nkey(identity: &ed25519_dalek::SigningKey) -> Result<(String, String), String> {
+    let kp = nkeys::KeyPair::new_from_raw(nkeys::KeyPairType::User, identity.to_bytes())
+        .map_err(|e| format!("nkey: {e}"))?;
+    let seed = kp.seed().map_err(|e| format!("nkey seed: {e}"))?;
+    Ok((kp.public_key(), seed))
+}
+
+/// Whether `nkey` is a user nkey of exactly `public` (what enrollment registered).
+pub fn nkey_matches(nkey: &str, public: &ed25519_dalek::VerifyingKey) -> bool {
+    let user = nkeys::KeyPair::from_public_key(nkey)
+        .is_ok_and(|kp| kp.key_pair_type() == nkeys::KeyPairType::User);
+    user && nkeys::from_public_key(nkey).is_ok_and(|(_, raw)| raw == public.to_bytes())
+}
+
+/// Connects (in the background: the first attempt may fail and is retried) as the node:
+/// with its nkey (`identity`) when `password` is empty, over TLS verified with `ca_pem`
+/// (see [`with_tls`]).
 pub async fn connect(
     url: &str,
     user: &str,
     password: &str,
+    identity: &ed25519_dalek::SigningKey,
     node_id: &str,
     ca_pem: Option<&str>,
 ) -> Result<NatsTransport, TransportError> {
     let (tx, rx) = mpsc::channel(64);
-    let opts = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into());
+    let opts = if password.is_empty() {
+        let (_, seed) = nkey(identity).map_err(TransportError::Failed)?;
+        async_nats::ConnectOptions::with_nkey(seed)
+    } else {
+        async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+    };
     let client = with_tls(opts, url, ca_pem)
         .map_err(TransportError::Failed)?
         .custom_inbox_prefix(inbox_prefix(node_id))
@@ -219,9 +241,17 @@ pub fn node_permissions(node_id: &str) -> (Vec<String>, Vec<String>) {
 /// One user of the server's authorization block.
 pub struct User<'a> {
     pub user: &'a str,
-    pub password: &'a str,
+    pub credential: Credential<'a>,
     /// `None`: everything (the control plane).
     pub permissions: Option<(Vec<String>, Vec<String>)>,
+}
+
+/// How a user proves who it is.
+pub enum Credential<'a> {
+    /// A shared password (the control plane; nodes enrolled by an older converge).
+    Password(&'a str),
+    /// A public nkey (`U…`): the server checks a signature, the file holds no secret.
+    Nkey(&'a str),
 }
 
 fn quoted(s: &str) -> String {
@@ -247,12 +277,28 @@ pub fn render_authorization(users: &[User<'_>]) -> String {
                 )
             }
         };
-        out.push_str(&format!(
-            "    {{user: {}, password: {}, permissions: {perms}}}\n",
-            quoted(u.user),
-            quoted(u.password)
-        ));
+        let who = match u.credential {
+            Credential::Password(p) => format!("user: {}, password: {}", quoted(u.user), quoted(p)),
+            Credential::Nkey(k) => format!("nkey: {}", quoted(k)),
+        };
+        out.push_str(&format!("    {{{who}, permissions: {perms}}}\n"));
     }
     out.push_str("  ]\n}\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nkey_is_the_identity_key() {
+        let id = crate::control::identity::Identity::ephemeral();
+        let (public, seed) = nkey(id.signing_key()).unwrap();
+        assert!(public.starts_with('U') && seed.starts_with("SU"));
+        assert!(nkey_matches(&public, &id.public_key()));
+        let other = crate::control::identity::Identity::ephemeral();
+        assert!(!nkey_matches(&public, &other.public_key()));
+        assert!(!nkey_matches("not a key", &id.public_key()));
+    }
 }

@@ -181,19 +181,23 @@ impl Plane {
     fn write_nats_auth(&self) -> anyhow::Result<()> {
         let Some(n) = &self.nats else { return Ok(()) };
         let nodes = lock(&self.store).nodes()?;
-        let mut users = vec![super::nats::User {
+        use super::nats::{Credential, User};
+        let mut users = vec![User {
             user: &n.user,
-            password: &n.password,
+            credential: Credential::Password(&n.password),
             permissions: None,
         }];
         for node in &nodes {
-            if let Some(pw) = &node.nats_password {
-                users.push(super::nats::User {
-                    user: &node.id,
-                    password: pw,
-                    permissions: Some(super::nats::node_permissions(&node.id)),
-                });
-            }
+            let credential = match (&node.nats_key, &node.nats_password) {
+                (Some(k), _) => Credential::Nkey(k),
+                (None, Some(pw)) => Credential::Password(pw),
+                (None, None) => continue,
+            };
+            users.push(User {
+                user: &node.id,
+                credential,
+                permissions: Some(super::nats::node_permissions(&node.id)),
+            });
         }
         let text = super::nats::render_authorization(&users);
         converge_core::fsutil::write_atomic(&n.auth_file, text.as_bytes(), 0o600)
@@ -229,12 +233,28 @@ impl Plane {
             return Err(bad("sealingKey is not an X25519 public key"));
         }
         let id = sanitize_node_id(&req.name);
-        let password = self.nats.as_ref().map(|_| {
-            use rand_core::RngCore;
-            let mut raw = [0u8; 24];
-            rand_core::OsRng.fill_bytes(&mut raw);
-            hex::encode(raw)
-        });
+        // Over NATS a node authenticates with its nkey (its identity key): no secret is
+        // made or stored. An agent too old to send one gets a password as before.
+        let nats_key = match (&self.nats, &req.nats_key) {
+            (Some(_), Some(k)) => {
+                let matches = parse_public_key(&req.public_key)
+                    .is_some_and(|pk| super::nats::nkey_matches(k, &pk));
+                if !matches {
+                    return Err(bad("natsKey is not the user nkey of publicKey"));
+                }
+                Some(k.clone())
+            }
+            _ => None,
+        };
+        let password = match (&self.nats, &nats_key) {
+            (Some(_), None) => {
+                use rand_core::RngCore;
+                let mut raw = [0u8; 24];
+                rand_core::OsRng.fill_bytes(&mut raw);
+                Some(hex::encode(raw))
+            }
+            _ => None,
+        };
         let record = NodeRecord {
             id: id.clone(),
             name: req.name.clone(),
@@ -243,6 +263,7 @@ impl Plane {
             facts: serde_json::to_value(&req.facts).unwrap_or_default(),
             enrolled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             nats_password: password.clone(),
+            nats_key,
             last_seen: None,
             accepted_generation: None,
             converged_generation: None,
@@ -263,13 +284,13 @@ impl Plane {
         self.write_nats_auth()
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
         info!(node = %id, "node enrolled");
-        let transport = match (&self.nats, password) {
-            (Some(n), Some(password)) => Transport::Nats {
+        let transport = match &self.nats {
+            Some(n) => Transport::Nats {
                 url: n.public_url.clone(),
                 user: id.clone(),
-                password,
+                password: password.unwrap_or_default(),
             },
-            _ => Transport::Https {
+            None => Transport::Https {
                 url: self.public_url.clone(),
             },
         };

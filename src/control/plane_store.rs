@@ -46,6 +46,8 @@ const MIGRATIONS: &[&str] = &[
     // that node's keys only if issued by `nodes re-enroll`.
     "ALTER TABLE tokens ADD COLUMN node TEXT;
      ALTER TABLE tokens ADD COLUMN reenroll INTEGER NOT NULL DEFAULT 0;",
+    // 3: a node's NATS nkey (its identity key); nodes enrolled before keep a password.
+    "ALTER TABLE nodes ADD COLUMN nats_key TEXT;",
 ];
 
 /// What a registration token allows.
@@ -69,6 +71,9 @@ pub struct NodeRecord {
     pub enrolled_at: String,
     #[serde(skip)]
     pub nats_password: Option<String>,
+    /// The node's NATS user nkey (public, `U…`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_key: Option<String>,
     pub last_seen: Option<String>,
     /// Generation the node accepted (received and stored).
     pub accepted_generation: Option<u64>,
@@ -165,7 +170,7 @@ impl PlaneStore {
         if enrolled {
             tx.execute(
                 "UPDATE nodes SET name = ?2, public_key = ?3, sealing_key = ?4, facts = ?5,
-                        enrolled_at = ?6, nats_password = ?7 WHERE id = ?1",
+                        enrolled_at = ?6, nats_password = ?7, nats_key = ?8 WHERE id = ?1",
                 params![
                     n.id,
                     n.name,
@@ -173,14 +178,15 @@ impl PlaneStore {
                     n.sealing_key,
                     n.facts.to_string(),
                     n.enrolled_at,
-                    n.nats_password
+                    n.nats_password,
+                    n.nats_key
                 ],
             )?;
         } else {
             tx.execute(
-                "INSERT INTO nodes (id, name, public_key, sealing_key, facts, enrolled_at, nats_password)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![n.id, n.name, n.public_key, n.sealing_key, n.facts.to_string(), n.enrolled_at, n.nats_password],
+                "INSERT INTO nodes (id, name, public_key, sealing_key, facts, enrolled_at, nats_password, nats_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![n.id, n.name, n.public_key, n.sealing_key, n.facts.to_string(), n.enrolled_at, n.nats_password, n.nats_key],
             )?;
         }
         tx.commit()?;
@@ -204,7 +210,7 @@ impl PlaneStore {
     ) -> Result<Vec<NodeRecord>, PlaneError> {
         let mut st = self.conn.prepare(&format!(
             "SELECT id, name, public_key, sealing_key, facts, enrolled_at, nats_password, last_seen,
-                    accepted_generation, converged_generation, status, refused FROM nodes {tail}"
+                    accepted_generation, converged_generation, status, refused, nats_key FROM nodes {tail}"
         ))?;
         let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
         let rows = st.query_map(args, |r| {
@@ -225,6 +231,7 @@ impl PlaneStore {
                     .and_then(|g| u64::try_from(g).ok()),
                 status: json(r.get(10)?),
                 refused: json(r.get(11)?),
+                nats_key: r.get(12)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -277,6 +284,7 @@ mod tests {
             facts: serde_json::json!({}),
             enrolled_at: String::new(),
             nats_password: None,
+            nats_key: None,
             last_seen: None,
             accepted_generation: None,
             converged_generation: None,

@@ -37,6 +37,10 @@ pub struct EnrollRequest {
     /// Base64 X25519 public key (secrets are sealed to it).
     pub sealing_key: String,
     pub facts: Facts,
+    /// The identity key as a NATS user nkey (`U…`): the node authenticates to NATS
+    /// with it, so no password exists. Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_key: Option<String>,
 }
 
 impl std::fmt::Debug for EnrollRequest {
@@ -76,6 +80,8 @@ pub enum Transport {
     Nats {
         url: String,
         user: String,
+        /// Empty: the node authenticates with its nkey (the identity key).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         password: String,
     },
     Https {
@@ -378,6 +384,7 @@ mod tests {
             public_key: String::new(),
             sealing_key: String::new(),
             facts: Facts::default(),
+            nats_key: None,
         };
         assert!(!format!("{req:?}").contains("t0ken-secret"));
     }
