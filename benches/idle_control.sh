@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Measures an idle `converge agent` holding a live control-plane connection (NATS
-# JetStream, then HTTPS long poll) with a small converged document: resident memory
-# (target < 20 MB) and CPU over the window (target < 0.5 %), heartbeats included.
-# Runs nats-server, the reference control plane and the agent in one network namespace
-# on 127.0.0.1; cleans up after itself. Needs root and nats-server.
+# JetStream over TLS with the node's nkey, then HTTPS long poll) with a small converged
+# document: resident memory (target < 20 MB) and CPU over the window (target < 0.5 %),
+# heartbeats included. Runs nats-server, the reference control plane (TLS from a private
+# CA the node pins at join) and the agent in one network namespace on 127.0.0.1; cleans
+# up after itself. Needs root, nats-server and openssl.
 # Usage: benches/idle_control.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,10 +25,18 @@ in_ns() { nsenter --net="/run/netns/$NS" "$@"; }
 ip netns add "$NS"
 in_ns ip link set lo up
 mkdir -p "$DIR/docs" "$DIR/cp"
+ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+openssl req -x509 "${ec[@]}" -days 1 -subj /CN=converge-bench-ca \
+    -keyout "$DIR/ca.key" -out "$DIR/ca.crt" 2>/dev/null
+openssl req "${ec[@]}" -subj /CN=127.0.0.1 -keyout "$DIR/tls.key" -out "$DIR/tls.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$DIR/tls.ext"
+openssl x509 -req -in "$DIR/tls.csr" -CA "$DIR/ca.crt" -CAkey "$DIR/ca.key" -CAcreateserial -days 1 \
+    -extfile "$DIR/tls.ext" -out "$DIR/tls.crt" 2>/dev/null
 cat >"$DIR/nats.conf" <<CONF
 listen: 127.0.0.1:4222
 jetstream { store_dir: "$DIR/js" }
 pid_file: "$DIR/nats.pid"
+tls { cert_file: "$DIR/tls.crt", key_file: "$DIR/tls.key" }
 include ./auth.conf
 CONF
 echo 'authorization { users = [ {user: "converge-cp", password: "bench"} ] }' >"$DIR/auth.conf"
@@ -43,12 +52,13 @@ measure() { # transport extra-serve-args...
     local node="$DIR/node-$name" port=$((8440 + ${#name}))
     # nsenter directly (not the function): `$!` is then the program's own pid.
     CONVERGE_NATS_PASSWORD=bench nsenter --net="/run/netns/$NS" "$BIN" control-plane serve --dir "$DIR/docs" --data "$DIR/cp-$name" \
-        --listen "127.0.0.1:$port" "$@" 2>"$DIR/cp-$name.log" &
+        --listen "127.0.0.1:$port" --tls-cert "$DIR/tls.crt" --tls-key "$DIR/tls.key" "$@" 2>"$DIR/cp-$name.log" &
     PIDS+=($!)
     sleep 1
     local token
-    token=$("$BIN" control-plane token --data "$DIR/cp-$name")
-    in_ns "$BIN" --data-dir "$node" join --url "http://127.0.0.1:$port" --token "$token" --name "bench-$name" >/dev/null
+    token=$("$BIN" control-plane token --data "$DIR/cp-$name" 2>/dev/null)
+    in_ns "$BIN" --data-dir "$node" join --url "https://127.0.0.1:$port" --ca "$DIR/ca.crt" --token "$token" \
+        --name "bench-$name" >/dev/null
     printf '{"apiVersion":"converge/v1","node":{"id":"bench-%s","mode":"worker"},"generation":1,"issuedAt":"2026-11-24T10:00:00Z","secrets":{"k":"v"}}' "$name" \
         >"$DIR/docs/bench-$name.json"
     nsenter --net="/run/netns/$NS" "$BIN" --data-dir "$node" --secrets-dir "$DIR/none" agent --node-id "bench-$name" 2>"$DIR/agent-$name.log" &
@@ -60,6 +70,11 @@ measure() { # transport extra-serve-args...
         sleep 0.2
     done
     sleep 3
+    if ! kill -0 "$agent" 2>/dev/null; then
+        echo "the $name agent exited:" >&2
+        cat "$DIR/agent-$name.log" >&2
+        exit 1
+    fi
     local t0 t1 rss1 hwm cpu
     t0=$(ticks "$agent")
     sleep "$SECS"
@@ -69,5 +84,6 @@ measure() { # transport extra-serve-args...
     awk -v n="$name" -v r="$rss1" -v h="$hwm" -v c="$cpu" -v s="$SECS" \
         'BEGIN { printf "%-6s idle %3d s: RSS %5.1f MB (peak %5.1f MB, target 20), CPU %.3f %% (target 0.5)\n", n, s, r/1024, h/1024, c }'
 }
-measure nats --nats nats://127.0.0.1:4222 --nats-auth-file "$DIR/auth.conf" --nats-pid-file "$DIR/nats.pid"
+measure nats --nats tls://127.0.0.1:4222 --nats-ca "$DIR/ca.crt" --nats-auth-file "$DIR/auth.conf" \
+    --nats-pid-file "$DIR/nats.pid"
 measure https

@@ -54,24 +54,20 @@ pub struct Event {
 
 /// Brings a database to the newest schema: runs the `migrations` it has not run yet
 /// (`PRAGMA user_version` = how many ran), each in its own transaction with the version
-/// bump, so an interrupted upgrade resumes where it stopped.
+/// bump, so an interrupted upgrade resumes where it stopped. The version is read under
+/// the write lock: two processes opening a new database at once (the agent starting,
+/// `converge status` reading the store meanwhile) never both run a migration.
 pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<()> {
-    let done: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    for (i, sql) in migrations
-        .iter()
-        .enumerate()
-        .skip(usize::try_from(done).unwrap_or(usize::MAX))
-    {
-        let tx = conn.transaction()?;
+    loop {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let done: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let Some(sql) = usize::try_from(done).ok().and_then(|d| migrations.get(d)) else {
+            return Ok(());
+        };
         tx.execute_batch(sql)?;
-        tx.pragma_update(
-            None,
-            "user_version",
-            i64::try_from(i + 1).unwrap_or(i64::MAX),
-        )?;
+        tx.pragma_update(None, "user_version", done + 1)?;
         tx.commit()?;
     }
-    Ok(())
 }
 
 /// Handle on the SQLite database.
@@ -300,6 +296,27 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processes_opening_a_new_store_at_once_migrate_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let opened: Vec<Result<usize, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        Store::open(&path)
+                            .and_then(|st| st.version())
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in opened {
+            assert_eq!(r, Ok(MIGRATIONS.len()));
+        }
+    }
 
     #[test]
     fn generations_only_move_forward_and_old_documents_are_trimmed() {
