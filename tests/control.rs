@@ -328,6 +328,12 @@ fn with_client<T: Send, F: std::future::Future<Output = T>>(
     })
 }
 
+/// Asserts that the command failed and said `needle`.
+fn assert_refused(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "succeeded: {}", stderr(out));
+    assert!(stderr(out).contains(needle), "{}", stderr(out));
+}
+
 fn stderr(out: &Output) -> String {
     format!(
         "{}{}",
@@ -470,12 +476,7 @@ fn enrollment_good_reused_and_expired_tokens() {
             "eb",
         ],
     );
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("cannot reach the control plane"),
-        "{}",
-        stderr(&out)
-    );
+    assert_refused(&out, "cannot reach the control plane");
     let identity = fs::read_to_string(data(&a).join("identity.key")).expect("key");
     let record = cp.record("ea");
     assert_eq!(record["facts"]["arch"], std::env::consts::ARCH);
@@ -490,12 +491,10 @@ fn enrollment_good_reused_and_expired_tokens() {
 
     // Reused token: refused (on another node too).
     let out = join(&b, &cp, &token, &[]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("already used"), "{}", stderr(&out));
+    assert_refused(&out, "already used");
     // Expired token.
     let out = join(&b, &cp, &cp.token(-1), &[]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
+    assert_refused(&out, "expired");
     assert!(!data(&b).join("control.json").exists());
     // Unknown token.
     let out = join(&b, &cp, "0123456789abcdef", &[]);
@@ -507,12 +506,7 @@ fn enrollment_good_reused_and_expired_tokens() {
 
     // An enrolled node refuses to join again without --force, and keeps its keys.
     let out = join(&a, &cp, &cp.token(600), &[]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("already enrolled"),
-        "{}",
-        stderr(&out)
-    );
+    assert_refused(&out, "already enrolled");
     assert_eq!(
         fs::read_to_string(data(&a).join("identity.key")).expect("key"),
         identity
@@ -543,8 +537,7 @@ fn enrollment_binds_a_token_to_one_node_and_never_replaces_keys_silently() {
     // Another host asking for an enrolled name with a fresh token: refused, and it is
     // left with no key files.
     let out = join_as(&b, "ta", &cp, &cp.token(600), &[]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("re-enroll ta"), "{}", stderr(&out));
+    assert_refused(&out, "re-enroll ta");
     for f in ["identity.key", "sealing.key", "control.json"] {
         assert!(!data(&b).join(f).exists(), "{f} left by a refused join");
     }
@@ -553,12 +546,7 @@ fn enrollment_binds_a_token_to_one_node_and_never_replaces_keys_silently() {
     let out = join_as(&b, "t.b", &cp, &cp.token(600), &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = join_as(&c, "t-b", &cp, &cp.token(600), &[]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("enrolled already"),
-        "{}",
-        stderr(&out)
-    );
+    assert_refused(&out, "enrolled already");
     // A token issued for one name enrolls that name only.
     let named = |name: &str| {
         let out = cp.cli(&[
@@ -574,12 +562,7 @@ fn enrollment_binds_a_token_to_one_node_and_never_replaces_keys_silently() {
     };
     let for_tc = named("tc");
     let out = join_as(&c, "tc-other", &cp, &for_tc, &[]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("is for node \"tc\""),
-        "{}",
-        stderr(&out)
-    );
+    assert_refused(&out, "is for node \"tc\"");
     let out = join(&c, &cp, &for_tc, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     // `join --force` of the enrolled node with a token for any node: refused, and the
@@ -1144,12 +1127,7 @@ fn the_plane_key_is_trusted_only_over_an_authenticated_channel() {
         &cp.token(600),
         &["--plane-key", "SHA256:bm90IHRoZSBrZXk"],
     );
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("not the expected"),
-        "{}",
-        stderr(&out)
-    );
+    assert_refused(&out, "not the expected");
     no_files(&a, "wrong key");
     // Plain HTTP: refused before anything is sent.
     let plain = format!("http://{}:{HTTP_PORT}", cp.node.address());
@@ -1157,12 +1135,7 @@ fn the_plane_key_is_trusted_only_over_an_authenticated_channel() {
         &a,
         &["join", "--url", &plain, "--token", &token, "--name", "ka"],
     );
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("refusing to enroll over plain http://"),
-        "{}",
-        stderr(&out)
-    );
+    assert_refused(&out, "refusing to enroll over plain http://");
     no_files(&a, "plain http");
     // The right key: enrolled.
     let out = join(&a, &cp, &token, &["--plane-key", &fingerprint]);
@@ -1205,12 +1178,7 @@ fn the_plane_key_is_trusted_only_over_an_authenticated_channel() {
             "--insecure-http",
         ],
     );
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("does not enroll over plain HTTP"),
-        "{}",
-        stderr(&out)
-    );
+    assert_refused(&out, "does not enroll over plain HTTP");
     no_files(&b, "plain plane");
 }
 
