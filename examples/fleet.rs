@@ -3,8 +3,11 @@
 //! an acknowledgement on its status subject per envelope; no reconcilers), one
 //! publisher. Prints the time from the start of publishing one new generation for all
 //! nodes until each node's acknowledgement arrived (p50, p99, max), and this process's
-//! RSS and CPU per connection. Every client uses one bench user (no per-node
-//! permissions). Usage: `cargo run --release --example fleet -- nats://127.0.0.1:4222 USER PASSWORD N`.
+//! RSS and CPU per connection. Without a CA every client uses the bench user (no
+//! per-node permissions); with one (`CA_PEM`), the connection is TLS verified against it
+//! and each node authenticates as the agent does, with its own nkey and the per-node
+//! permissions `fleet users N` prints for nats-server.
+//! Usage: `fleet NATS_URL USER PASSWORD N [CA_PEM]`, `fleet users N USER PASSWORD`.
 
 use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
 use futures::StreamExt;
@@ -28,19 +31,85 @@ fn cpu_secs() -> f64 {
     (t(11) + t(12)) / 100.0
 }
 
+/// Node `i`'s identity key (deterministic, so `users` and the run agree) as an nkey:
+/// (public, seed).
+fn node_nkey(i: usize) -> anyhow::Result<(String, String)> {
+    use sha2::Digest;
+    let seed: [u8; 32] = sha2::Sha256::digest(format!("converge-fleet-{i}")).into();
+    converge::control::nats::nkey(&ed25519_dalek::SigningKey::from_bytes(&seed))
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// nats-server's users for `n` nodes (nkeys, per-node permissions) and the publisher.
+fn users(n: usize, user: &str, password: &str) -> anyhow::Result<String> {
+    use converge::control::nats::{node_permissions, render_authorization, Credential, User};
+    let keys = (0..n).map(node_nkey).collect::<anyhow::Result<Vec<_>>>()?;
+    let ids: Vec<String> = (0..n).map(|i| format!("bench-{i}")).collect();
+    let mut list = vec![User {
+        user,
+        credential: Credential::Password(password),
+        permissions: None,
+    }];
+    for (id, (public, _)) in ids.iter().zip(&keys) {
+        list.push(User {
+            user: id,
+            credential: Credential::Nkey(public),
+            permissions: Some(node_permissions(id)),
+        });
+    }
+    Ok(render_authorization(&list))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [url, user, password, n] = args.as_slice() else {
-        anyhow::bail!("usage: fleet NATS_URL USER PASSWORD NODES");
+    if let [mode, n, user, password] = args.as_slice() {
+        if mode == "users" {
+            print!("{}", users(n.parse()?, user, password)?);
+            return Ok(());
+        }
+    }
+    let (url, user, password, n, ca) = match args.as_slice() {
+        [url, user, password, n] => (url, user, password, n, None),
+        [url, user, password, n, ca] => {
+            (url, user, password, n, Some(std::fs::read_to_string(ca)?))
+        }
+        _ => anyhow::bail!(
+            "usage: fleet NATS_URL USER PASSWORD NODES [CA_PEM] | fleet users NODES USER PASSWORD"
+        ),
     };
     let (url, user, password) = (url.clone(), user.clone(), password.clone());
     let n: usize = n.parse()?;
-    let connect = || {
-        async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
-            .connect(url.clone())
+    // The publisher: the bench user (over TLS when a CA is given).
+    let tls = |opts: async_nats::ConnectOptions| match &ca {
+        Some(pem) => {
+            converge::control::nats::with_tls(opts, &url, Some(pem)).map_err(|e| anyhow::anyhow!(e))
+        }
+        None => Ok(opts),
     };
-    let cp = connect().await?;
+    let cp = tls(async_nats::ConnectOptions::with_user_and_password(
+        user.clone(),
+        password.clone(),
+    ))?
+    .connect(url.clone())
+    .await?;
+    // A node: its own nkey and inbox (as the agent) with a CA, else the bench user.
+    let node_options = |i: usize| -> anyhow::Result<async_nats::ConnectOptions> {
+        match &ca {
+            Some(_) => {
+                let (_, seed) = node_nkey(i)?;
+                tls(
+                    async_nats::ConnectOptions::with_nkey(seed).custom_inbox_prefix(
+                        converge::control::protocol::inbox_prefix(&format!("bench-{i}")),
+                    ),
+                )
+            }
+            None => Ok(async_nats::ConnectOptions::with_user_and_password(
+                user.clone(),
+                password.clone(),
+            )),
+        }
+    };
     let js = async_nats::jetstream::new(cp.clone());
     js.get_or_create_stream(async_nats::jetstream::stream::Config {
         name: "KV_converge".into(),
@@ -57,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     for i in 0..n {
         let client = loop {
-            match connect().await {
+            match node_options(i)?.connect(url.clone()).await {
                 Ok(c) => break c,
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
