@@ -113,42 +113,14 @@ impl HttpsTransport {
         let mut attempt = 0usize;
         let mut connected = false;
         loop {
-            if !connected {
-                if let Err(e) = self.hello().await {
-                    if events.send(Event::Disconnected(e)).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                    continue;
-                }
-                connected = true;
-                if events.send(Event::Connected).await.is_err() {
-                    return;
-                }
-            }
-            match self.poll(after).await {
-                Ok(None) => attempt = 0,
-                Ok(Some(bytes)) => {
-                    // Past this envelope only once the client verified it (a verified
-                    // one the agent refused is not fetched in a loop either); an
-                    // unverified one is asked for again after a back-off.
-                    let (tx, rx) = oneshot::channel();
-                    if events.send(Event::Envelope(bytes, Some(tx))).await.is_err() {
-                        return;
-                    }
-                    match rx.await {
-                        Ok(Some(g)) => {
-                            attempt = 0;
-                            after = after.max(g);
-                        }
-                        Ok(None) => {
-                            tokio::time::sleep(backoff(attempt)).await;
-                            attempt += 1;
-                        }
-                        Err(_) => return,
-                    }
-                }
+            // A (re)connection starts with a signed hello; then documents are polled.
+            let step = if connected {
+                self.poll(after).await
+            } else {
+                self.hello().await.map(|()| None)
+            };
+            let got = match step {
+                Ok(got) => got,
                 Err(e) => {
                     connected = false;
                     if events.send(Event::Disconnected(e)).await.is_err() {
@@ -156,7 +128,36 @@ impl HttpsTransport {
                     }
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
+                    continue;
                 }
+            };
+            if !connected {
+                connected = true;
+                if events.send(Event::Connected).await.is_err() {
+                    return;
+                }
+            }
+            let Some(bytes) = got else {
+                attempt = 0;
+                continue;
+            };
+            // Past this envelope only once the client verified it (a verified one the
+            // agent refused is not fetched in a loop either); an unverified one is asked
+            // for again after a back-off.
+            let (tx, rx) = oneshot::channel();
+            if events.send(Event::Envelope(bytes, Some(tx))).await.is_err() {
+                return;
+            }
+            match rx.await {
+                Ok(Some(g)) => {
+                    attempt = 0;
+                    after = after.max(g);
+                }
+                Ok(None) => {
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+                Err(_) => return,
             }
         }
     }
