@@ -106,9 +106,14 @@ pub async fn join(
     crate::agent::prepare_data_dir(data_dir)?;
     // New keys live in memory until the control plane accepted them: a refused join
     // leaves no key file, and a refused `--force` leaves the node's old keys working.
-    let identity = match Identity::load(data_dir) {
-        Ok(existing) if !opts.force => existing,
-        _ => Identity::ephemeral(),
+    let identity = if opts.force {
+        Identity::ephemeral()
+    } else {
+        match Identity::load(data_dir) {
+            Ok(existing) => existing,
+            Err(e) if e.is_missing() => Identity::ephemeral(),
+            Err(e) => return Err(e.into()),
+        }
     };
     let req = EnrollRequest {
         token: opts.token.to_string(),

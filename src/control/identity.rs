@@ -30,6 +30,13 @@ pub enum IdentityError {
     Permissions(String),
 }
 
+impl IdentityError {
+    /// A key file does not exist (as opposed to unreadable, invalid or too open).
+    pub fn is_missing(&self) -> bool {
+        matches!(self, IdentityError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
 /// `<data-dir>/identity.key`.
 pub fn identity_path(data_dir: &Path) -> PathBuf {
     data_dir.join("identity.key")
