@@ -23,6 +23,7 @@ use ed25519_dalek::SigningKey;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -700,8 +701,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let key = signing_key(&opts.data)?.verifying_key();
     let fingerprint = super::identity::fingerprint(&key);
     info!(listen = %opts.listen, key_id = %super::identity::key_id(&key), %fingerprint, "control plane serving");
-    // On stdout too: what operators hand to `converge join --plane-key`.
-    println!("control plane signing key {fingerprint}");
+    // On stdout too: what operators hand to `converge join --plane-key` (a closed
+    // stdout must not stop the plane).
+    let _ = writeln!(std::io::stdout(), "control plane signing key {fingerprint}");
     if opts.tls.is_none() && !opts.insecure_http {
         warn!("plain HTTP without --insecure-http: enrollment is refused (nodes would trust an unauthenticated key)");
     }
