@@ -22,13 +22,9 @@ cleanup() {
 }
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)"
-ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
-openssl req -x509 "${ec[@]}" -days 1 -subj /CN=converge-fleet-ca \
-    -keyout "$DIR/ca.key" -out "$DIR/ca.crt" 2>/dev/null
-openssl req "${ec[@]}" -subj /CN=127.0.0.1 -keyout "$DIR/tls.key" -out "$DIR/tls.csr" 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$DIR/tls.ext"
-openssl x509 -req -in "$DIR/tls.csr" -CA "$DIR/ca.crt" -CAkey "$DIR/ca.key" -CAcreateserial -days 1 \
-    -extfile "$DIR/tls.ext" -out "$DIR/tls.crt" 2>/dev/null
+# shellcheck source=benches/test_ca.sh
+. benches/test_ca.sh
+make_test_ca "$DIR"
 "$FLEET" users "$N" bench bench >"$DIR/users.conf"
 echo "nats-server $(nats-server --version | awk '{print $2}'); open files: $(ulimit -n); cores: $(nproc); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 for run in $(seq "$RUNS"); do
