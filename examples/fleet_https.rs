@@ -298,6 +298,7 @@ async fn main() -> anyhow::Result<()> {
             node.identity.signing_key().clone(),
             Some(&ca_pem),
             converge::control::envelope::max_bytes(converge::limits::DEFAULT_MAX_DOCUMENT_BYTES),
+            None,
         )?;
         ids.push(node.id.clone());
         tokio::spawn(run_node(

@@ -8,7 +8,7 @@
 //! side). The agent reads at most `--max-document-bytes` + 1 of them, answers with one
 //! JSON [`Response`] and closes.
 
-use crate::control::envelope::{Envelope, EnvelopeError};
+use crate::control::envelope::{Envelope, EnvelopeError, Pin};
 use crate::control::identity::Identity;
 use crate::control::protocol::{ControlConfig, StatusMessage};
 use crate::control::sealed;
@@ -155,19 +155,52 @@ pub(crate) struct Shared {
     status_changed: Arc<tokio::sync::Notify>,
     data_dir: PathBuf,
     host: crate::registry::HostOptions,
-    /// The control plane's signing key pinned at enrollment (`None`: not enrolled).
-    pinned: Option<ed25519_dalek::VerifyingKey>,
+    /// The control plane's signing key pinned at enrollment, moved on by its rotations
+    /// (`None`: not enrolled).
+    pinned: Option<Pin>,
     /// Status is sent at least this often while connected.
     heartbeat: Duration,
     socket: SocketAccess,
     max_document_age: Duration,
 }
 
-fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
-    match store.lock() {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
         Ok(g) => g,
-        // A panic while holding the lock cannot leave SQLite inconsistent (transactions).
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions),
+        // nor a key half-written (a plain copy).
         Err(p) => p.into_inner(),
+    }
+}
+
+impl Shared {
+    /// Pins `to`, reached from the pinned key by the plane's signed rotation statements:
+    /// from now on only `to` (or its own successors) is trusted. `control.json` is
+    /// rewritten so a restart keeps it; if that fails the next envelope's chain moves the
+    /// pin again.
+    fn follow_rotation(&self, pin: &Pin, to: ed25519_dalek::VerifyingKey) {
+        let from = std::mem::replace(&mut *lock(pin), to);
+        let (from_id, to_id) = (
+            crate::control::identity::key_id(&from),
+            crate::control::identity::key_id(&to),
+        );
+        info!(from = %from_id, to = %to_id, "control-plane signing key rotated; the old key is refused from now on");
+        let saved = ControlConfig::load(&self.data_dir).and_then(|c| {
+            let mut c = c.ok_or_else(|| anyhow::anyhow!("control.json is gone"))?;
+            c.signing_key =
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, to.as_bytes());
+            c.save(&self.data_dir)
+        });
+        if let Err(e) = saved {
+            warn!(error = %format!("{e:#}"), "cannot record the rotated control-plane key");
+        }
+        let entry = (
+            "control-plane".to_string(),
+            format!("signing key rotated: {from_id} -> {to_id}"),
+        );
+        if let Err(e) = lock(&self.store).journal("control", &[entry]) {
+            warn!(error = %e, "cannot journal the key rotation");
+        }
     }
 }
 
@@ -258,7 +291,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         data_dir: opts.data_dir.clone(),
         host: opts.host.clone(),
         pinned: match &control {
-            Some(c) => Some(c.pinned_key()?),
+            Some(c) => Some(Arc::new(Mutex::new(c.pinned_key()?))),
             None => None,
         },
         heartbeat: Duration::from_secs(control.as_ref().map_or(15, |c| c.heartbeat_secs.max(1))),
@@ -271,6 +304,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         tokio::spawn(crate::control::client::run(
             control,
             identity,
+            shared.pinned.clone(),
             Arc::new(ControlNode(shared.clone())),
             shared.limits.max_document_bytes,
         ));
@@ -647,14 +681,29 @@ impl crate::control::transport::Node for ControlNode {
             Ok(e) => e,
             Err(e) => return refused(None, e.to_string()),
         };
-        let Some(pinned) = shared.pinned else {
+        let Some(pin) = &shared.pinned else {
             return refused(Some(env.generation), "no pinned control-plane key".into());
+        };
+        let pinned = *lock(pin);
+        let signer = match env.signer(&pinned) {
+            Ok(k) => k,
+            Err(e) => return refused(Some(env.generation), e.to_string()),
         };
         let applied = match lock(&shared.store).current_generation() {
             Ok(g) => g,
             Err(e) => return refused(Some(env.generation), e.to_string()),
         };
-        let doc = match env.verify(&pinned, &shared.node_id, applied) {
+        let verified = env.verify(&signer, &shared.node_id, applied);
+        let signature_ok = !matches!(
+            verified,
+            Err(EnvelopeError::BadSignature
+                | EnvelopeError::Malformed(_)
+                | EnvelopeError::Unsigned)
+        );
+        if signer != pinned && signature_ok {
+            shared.follow_rotation(pin, signer);
+        }
+        let doc = match verified {
             Ok(d) => d,
             Err(EnvelopeError::Stale { offered, applied }) if offered == applied => {
                 // The same document again (a reconnect re-delivers the newest value)?
@@ -663,7 +712,7 @@ impl crate::control::transport::Node for ControlNode {
                     .ok()
                     .flatten();
                 let this = env
-                    .verify(&pinned, &shared.node_id, None)
+                    .verify(&signer, &shared.node_id, None)
                     .map(|d| hex::encode(sha2::Sha256::digest(&d)))
                     .ok();
                 if this.is_some() && seen == this {

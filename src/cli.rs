@@ -289,6 +289,13 @@ pub enum ControlPlaneCommand {
         #[command(subcommand)]
         command: Option<NodesCommand>,
     },
+    /// Replace the signing key: a rotation statement signed by the old key goes with
+    /// every envelope from now on, and a running `serve` signs every node's document
+    /// again with the new key. Nodes move their pinned key on it and refuse the old one.
+    RotateKey {
+        #[arg(long)]
+        data: PathBuf,
+    },
     /// Print the signed envelope of FILE for NODE (secrets sealed to it).
     Sign {
         #[arg(long)]
@@ -947,13 +954,23 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
             }
             Ok(ExitCode::SUCCESS)
         }
+        ControlPlaneCommand::RotateKey { data } => {
+            let old = plane::keys(&data)?.signing.verifying_key();
+            let new = plane::rotate_key(&data)?.signing.verifying_key();
+            println!(
+                "signing key rotated: {} -> {}",
+                crate::control::identity::fingerprint(&old),
+                crate::control::identity::fingerprint(&new)
+            );
+            eprintln!("a running `control-plane serve` signs every document again within a second; new joins pin the new key");
+            Ok(ExitCode::SUCCESS)
+        }
         ControlPlaneCommand::Sign { data, node, file } => {
             let store = crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?;
             let record = store
                 .node(&node)?
                 .ok_or_else(|| anyhow::anyhow!("no enrolled node {node:?}"))?;
-            let (_, bytes) =
-                plane::build_envelope(&plane::signing_key(&data)?, &file, &record, &limits)?;
+            let (_, bytes) = plane::build_envelope(&plane::keys(&data)?, &file, &record, &limits)?;
             println!("{}", String::from_utf8_lossy(&bytes));
             Ok(ExitCode::SUCCESS)
         }
@@ -1027,11 +1044,10 @@ fn nodes_text(nodes: &[crate::control::plane_store::NodeRecord]) -> String {
     out
 }
 
-/// The host name, the default node id.
 /// The join command for a new token, on stderr (stdout carries the token alone, for
 /// scripts): with the plane's key fingerprint, so the node pins the right key.
 fn join_hint(data: &Path, token: &str, name: Option<&str>) -> anyhow::Result<()> {
-    let key = crate::control::plane::signing_key(data)?.verifying_key();
+    let key = crate::control::plane::keys(data)?.signing.verifying_key();
     eprintln!(
         "join with: converge join --url https://<control plane> --token {token} --plane-key {}{}",
         crate::control::identity::fingerprint(&key),

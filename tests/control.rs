@@ -1233,3 +1233,82 @@ fn nats_is_tls_verified_against_the_ca_pinned_at_join() {
     assert_eq!(st["control"]["connected"], false, "{st}");
     assert_eq!(st["generation"], Value::Null, "nothing accepted: {st}");
 }
+
+/// `control-plane rotate-key`: an online node moves its pin on the re-signed document
+/// it already has (no new generation, no refusal), a node offline during the rotation
+/// follows the chain when it comes back, and the old key is refused afterwards.
+fn key_rotation(use_nats: bool, on_name: &str, off_name: &str) {
+    let cp = Cp::new(use_nats);
+    let on = TestNode::new(on_name);
+    let off = TestNode::new(off_name);
+    join_ok(&on, &cp);
+    join_ok(&off, &cp);
+    let old_key = control_json(&on)["signingKey"].clone();
+    let _agent_on = start_agent(&on);
+    let mut agent_off = start_agent(&off);
+    cp.publish(on_name, &doc(on_name, 1));
+    cp.publish(off_name, &doc(off_name, 1));
+    wait_accepted(&on, 1);
+    wait_accepted(&off, 1);
+    agent_off.kill().expect("stop the offline node's agent");
+    agent_off.wait().expect("reap it");
+    // Signed by the old key before the rotation, offered after it.
+    let stale = cp.sign(on_name, &doc(on_name, 5));
+
+    let out = cp.cli(&["control-plane", "rotate-key", "--data", &cp.data()]);
+    assert!(out.status.success(), "rotate-key: {}", stderr(&out));
+    let t0 = Instant::now();
+    let new_key = poll(Duration::from_secs(30), "online node follows", || {
+        let k = control_json(&on)["signingKey"].clone();
+        (k != old_key).then_some(k)
+    });
+    eprintln!(
+        "{}: online node pinned the new key {:?} after rotate-key",
+        if use_nats { "nats" } else { "https" },
+        t0.elapsed()
+    );
+    assert_eq!(stored_generations(&on), vec![1], "no new generation");
+    assert_eq!(status(&on)["generation"], 1);
+    let events = String::from_utf8_lossy(&converge(&on, &["status"]).stdout).to_string();
+    assert!(!events.contains("refused"), "{events}");
+
+    cp.publish(on_name, &doc(on_name, 2));
+    wait_accepted(&on, 2);
+
+    // The offline node: back after the rotation, pinned to the old key.
+    assert_eq!(control_json(&off)["signingKey"], old_key);
+    cp.publish(off_name, &doc(off_name, 2));
+    let _agent_off = start_agent(&off);
+    wait_accepted(&off, 2);
+    assert_eq!(control_json(&off)["signingKey"], new_key);
+    let log = fs::read_to_string(agent_log(&off)).unwrap_or_default();
+    assert!(log.contains("signing key rotated"), "{log}");
+
+    // The old key is refused from now on.
+    if use_nats {
+        cp.put(on_name, &stale);
+        poll(Duration::from_secs(20), "old key refused", || {
+            let r = cp.record(on_name)["refused"].clone();
+            (r["generation"] == 5
+                && r["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("not by the pinned control-plane key")))
+            .then_some(())
+        });
+        assert_eq!(stored_generations(&on), vec![1, 2]);
+    }
+    // A node enrolling now pins the new key directly.
+    let late = TestNode::new(&format!("{on_name}l"));
+    join_ok(&late, &cp);
+    assert_eq!(control_json(&late)["signingKey"], new_key);
+}
+
+#[test]
+fn nats_signing_key_rotation_reaches_online_and_offline_nodes() {
+    key_rotation(true, "rn", "ro");
+}
+
+#[test]
+fn https_signing_key_rotation_reaches_online_and_offline_nodes() {
+    key_rotation(false, "rh", "rf");
+}

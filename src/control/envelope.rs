@@ -10,6 +10,12 @@
 //! The signature covers exactly these bytes (see docs/protocol.md):
 //! `converge/envelope/v1\n<nodeId>\n<generation in decimal>\n<issuedAt>\n<document bytes>`.
 //! None of the first four fields may contain a newline, so the split is unambiguous.
+//!
+//! After the plane rotates its signing key, every envelope also carries `rotations`: the
+//! chain of statements, each signed by the key before it, that leads from older keys to
+//! the one that signed the envelope (see [`Rotation`]). A node pinned to an older key
+//! follows the chain from its pinned key and pins the newest; the old key is refused
+//! from then on.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -33,6 +39,65 @@ pub struct Envelope {
     /// Base64 of the Ed25519 signature; empty or missing = unsigned.
     #[serde(default)]
     pub signature: String,
+    /// The plane's key rotations, oldest first (empty until the first rotation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rotations: Vec<Rotation>,
+}
+
+/// The control-plane key a node trusts now: read by the accept path, which moves it along
+/// a rotation chain, and by the HTTPS poll, which names it so the plane re-sends a
+/// document signed by a newer key.
+pub type Pin = std::sync::Arc<std::sync::Mutex<VerifyingKey>>;
+
+/// First line of the bytes a rotation statement signs.
+pub const ROTATE_DOMAIN: &str = "converge/rotate/v1";
+
+/// "The key `old_key` is replaced by `new_key`", signed by the old key. Signed bytes:
+/// `converge/rotate/v1\n<oldKey>\n<newKey>\n<issuedAt>` (keys in base64).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rotation {
+    pub old_key: String,
+    pub new_key: String,
+    pub issued_at: String,
+    pub signature: String,
+}
+
+impl Rotation {
+    fn bytes(old_key: &str, new_key: &str, issued_at: &str) -> String {
+        format!("{ROTATE_DOMAIN}\n{old_key}\n{new_key}\n{issued_at}")
+    }
+
+    /// `old` hands over to `new` (the control plane's side).
+    pub fn sign(old: &ed25519_dalek::SigningKey, new: &VerifyingKey, issued_at: &str) -> Rotation {
+        use ed25519_dalek::Signer;
+        let old_key = B64.encode(old.verifying_key().as_bytes());
+        let new_key = B64.encode(new.as_bytes());
+        let signature = B64.encode(
+            old.sign(Self::bytes(&old_key, &new_key, issued_at).as_bytes())
+                .to_bytes(),
+        );
+        Rotation {
+            old_key,
+            new_key,
+            issued_at: issued_at.to_string(),
+            signature,
+        }
+    }
+
+    /// The new key, when this statement is signed by `from`.
+    fn follow(&self, from: &VerifyingKey) -> Option<VerifyingKey> {
+        if self.old_key != B64.encode(from.as_bytes()) || self.issued_at.contains('\n') {
+            return None;
+        }
+        let sig: [u8; 64] = B64.decode(&self.signature).ok()?.try_into().ok()?;
+        from.verify(
+            Self::bytes(&self.old_key, &self.new_key, &self.issued_at).as_bytes(),
+            &Signature::from_bytes(&sig),
+        )
+        .ok()?;
+        super::identity::parse_public_key(&self.new_key)
+    }
 }
 
 /// The largest envelope of a document of at most `max_document` bytes: its base64 and
@@ -107,6 +172,29 @@ impl Envelope {
             key_id: super::identity::key_id(&key.verifying_key()),
             document: B64.encode(document),
             signature: B64.encode(sig.to_bytes()),
+            rotations: Vec::new(),
+        })
+    }
+
+    /// The key this envelope claims to be signed by, as trusted from `pinned`: the pinned
+    /// key itself, or the end of a chain of rotations that starts at it (each statement
+    /// verified by the key before it). The envelope's own signature is checked by
+    /// [`Envelope::verify`] against the key returned.
+    pub fn signer(&self, pinned: &VerifyingKey) -> Result<VerifyingKey, EnvelopeError> {
+        let mut key = *pinned;
+        // Each step must verify under the key before it, so at most one pass per statement.
+        for _ in 0..=self.rotations.len() {
+            if super::identity::key_id(&key) == self.key_id {
+                return Ok(key);
+            }
+            match self.rotations.iter().find_map(|r| r.follow(&key)) {
+                Some(next) => key = next,
+                None => break,
+            }
+        }
+        Err(EnvelopeError::UnknownKey {
+            found: self.key_id.clone(),
+            pinned: super::identity::key_id(pinned),
         })
     }
 
@@ -241,6 +329,52 @@ mod tests {
             bumped.verify(&cp.public_key(), "n1", None),
             Err(EnvelopeError::BadSignature)
         );
+    }
+
+    #[test]
+    fn a_rotation_chain_leads_from_the_pinned_key_and_only_from_it() {
+        let (k1, k2, k3) = (
+            Identity::ephemeral(),
+            Identity::ephemeral(),
+            Identity::ephemeral(),
+        );
+        let t = "2026-12-07T10:00:00Z";
+        let r12 = Rotation::sign(k1.signing_key(), &k2.public_key(), t);
+        let r23 = Rotation::sign(k2.signing_key(), &k3.public_key(), t);
+        let mut env = signed(&k3);
+        // No chain: a node pinned to k1 does not know k3.
+        assert!(matches!(
+            env.signer(&k1.public_key()),
+            Err(EnvelopeError::UnknownKey { .. })
+        ));
+        env.rotations = vec![r12.clone(), r23.clone()];
+        assert_eq!(env.signer(&k1.public_key()), Ok(k3.public_key()));
+        assert_eq!(env.signer(&k2.public_key()), Ok(k3.public_key()));
+        assert_eq!(env.signer(&k3.public_key()), Ok(k3.public_key()));
+        let key = env.signer(&k1.public_key()).unwrap();
+        assert_eq!(env.verify(&key, "n1", None).unwrap(), DOC);
+        // After the switch the old key is refused: no statement leads back to it.
+        let mut old = signed(&k1);
+        old.rotations = env.rotations.clone();
+        assert!(matches!(
+            old.signer(&k3.public_key()),
+            Err(EnvelopeError::UnknownKey { .. })
+        ));
+        // A statement not signed by the key it replaces breaks the chain.
+        let forged = Rotation::sign(k3.signing_key(), &k3.public_key(), t);
+        let mut bad = Rotation {
+            old_key: r12.old_key.clone(),
+            ..forged
+        };
+        env.rotations = vec![bad.clone(), r23.clone()];
+        assert!(env.signer(&k1.public_key()).is_err());
+        // Nor may its fields be changed.
+        bad = Rotation {
+            issued_at: "2026-12-08T10:00:00Z".into(),
+            ..r12
+        };
+        env.rotations = vec![bad, r23];
+        assert!(env.signer(&k1.public_key()).is_err());
     }
 
     proptest! {

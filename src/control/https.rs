@@ -7,6 +7,7 @@
 //! carries a nonce the plane accepts once. "Connected" is reported once a signed
 //! `GET /v1/nodes/<id>/hello` answered, not when the first long poll returns.
 
+use super::envelope::Pin;
 use super::protocol::{
     read_capped, NodeMessage, SignedRequest, H_NODE, H_NONCE, H_SIGNATURE, H_TIME,
 };
@@ -28,6 +29,9 @@ pub struct HttpsTransport {
     key: Arc<SigningKey>,
     /// Largest answer read (an envelope of the largest document accepted).
     max_body: usize,
+    /// The plane key the node trusts now: a poll names it, and the plane answers with
+    /// the current envelope when it is signed by a newer key (a rotation).
+    pin: Option<Pin>,
 }
 
 impl HttpsTransport {
@@ -37,6 +41,7 @@ impl HttpsTransport {
         key: SigningKey,
         ca_pem: Option<&str>,
         max_body: usize,
+        pin: Option<Pin>,
     ) -> Result<Self, TransportError> {
         let client = super::protocol::http_client(ca_pem, Duration::from_secs(POLL_SECS + 15))
             .map_err(|e| TransportError::Failed(format!("{e:#}")))?;
@@ -46,6 +51,7 @@ impl HttpsTransport {
             node_id: node_id.to_string(),
             key: Arc::new(key),
             max_body,
+            pin,
         })
     }
 
@@ -89,7 +95,11 @@ impl HttpsTransport {
     }
 
     async fn poll(&self, after: u64) -> Result<Option<Vec<u8>>, String> {
-        let path = format!("/v1/nodes/{}/document?after={after}", self.node_id);
+        let mut path = format!("/v1/nodes/{}/document?after={after}", self.node_id);
+        if let Some(pin) = &self.pin {
+            let pinned = *pin.lock().unwrap_or_else(|p| p.into_inner());
+            path.push_str(&format!("&key={}", super::identity::key_id(&pinned)));
+        }
         let resp = self
             .signed(reqwest::Method::GET, &path, Vec::new())
             .send()
@@ -266,6 +276,7 @@ mod tests {
             Identity::ephemeral().signing_key().clone(),
             None,
             max_body,
+            None,
         )
         .unwrap();
         let (tx, mut rx) = mpsc::channel(16);

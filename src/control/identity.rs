@@ -86,7 +86,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
 }
 
 /// Reads a 32-byte key file; `None` if it does not exist.
-fn read_key(path: &Path) -> Result<Option<Zeroizing<[u8; 32]>>, IdentityError> {
+pub(crate) fn read_key(path: &Path) -> Result<Option<Zeroizing<[u8; 32]>>, IdentityError> {
     use std::os::unix::fs::PermissionsExt;
     let text = match std::fs::read_to_string(path) {
         Ok(t) => Zeroizing::new(t),
@@ -109,7 +109,7 @@ fn read_key(path: &Path) -> Result<Option<Zeroizing<[u8; 32]>>, IdentityError> {
     Ok(Some(key))
 }
 
-fn write_key(path: &Path, key: &[u8; 32]) -> Result<(), IdentityError> {
+pub(crate) fn write_key(path: &Path, key: &[u8; 32]) -> Result<(), IdentityError> {
     let text = Zeroizing::new(format!("{}\n", B64.encode(key)));
     converge_core::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(io(path))
 }

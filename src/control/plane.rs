@@ -3,7 +3,7 @@
 //! `secrets` values for the node), over NATS JetStream KV or HTTPS long poll, and
 //! records what nodes report. Small on purpose: docs/protocol.md is the contract.
 
-use super::envelope::Envelope;
+use super::envelope::{Envelope, Rotation};
 use super::identity::{parse_public_key, parse_sealing_key, read_or_make};
 use super::plane_store::{NodeRecord, PlaneError, PlaneStore, TokenScope};
 use super::protocol::{
@@ -75,11 +75,74 @@ fn prepare_dir(data: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("chmod {}", data.display()))
 }
 
-/// The control plane's signing key, made on first use (`<data>/signing.key`, 0600).
-pub fn signing_key(data: &Path) -> anyhow::Result<SigningKey> {
+/// The plane's signing key and the rotations that lead to it from older keys (attached
+/// to every envelope, so a node pinned to an older key can follow them).
+#[derive(Clone)]
+pub struct Keys {
+    pub signing: SigningKey,
+    pub rotations: Vec<Rotation>,
+}
+
+impl Keys {
+    fn key_id(&self) -> String {
+        super::identity::key_id(&self.signing.verifying_key())
+    }
+}
+
+/// `<data>/rotations.json`: the rotation statements, oldest first.
+fn rotations_path(data: &Path) -> PathBuf {
+    data.join("rotations.json")
+}
+
+fn read_rotations(data: &Path) -> anyhow::Result<Vec<Rotation>> {
+    let path = rotations_path(data);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("parse {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// The control plane's keys: the signing key (`<data>/signing.key`, 0600, made on first
+/// use) and its rotations. A rotation interrupted after its statement was written is
+/// finished here; one interrupted before is dropped (no node can have seen it).
+pub fn keys(data: &Path) -> anyhow::Result<Keys> {
     prepare_dir(data)?;
-    let seed = read_or_make(&data.join("signing.key"))?;
-    Ok(SigningKey::from_bytes(&seed))
+    let rotations = read_rotations(data)?;
+    let (current, next) = (data.join("signing.key"), data.join("signing.key.next"));
+    if let Some(seed) = super::identity::read_key(&next)? {
+        let new_key = B64.encode(SigningKey::from_bytes(&seed).verifying_key().as_bytes());
+        if rotations.last().is_some_and(|r| r.new_key == new_key) {
+            std::fs::rename(&next, &current).context("finish the key rotation")?;
+        } else {
+            std::fs::remove_file(&next).context("drop an unfinished key rotation")?;
+        }
+    }
+    let seed = read_or_make(&current)?;
+    Ok(Keys {
+        signing: SigningKey::from_bytes(&seed),
+        rotations,
+    })
+}
+
+/// Replaces the signing key with a new one and records the rotation statement, signed
+/// by the old key. A running plane re-signs every node's document with the new key
+/// (same document, same generation) within a second; nodes move their pin on it.
+/// Order for crash safety: the new key, then the statement, then the switch.
+pub fn rotate_key(data: &Path) -> anyhow::Result<Keys> {
+    use rand_core::RngCore;
+    let old = keys(data)?;
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    rand_core::OsRng.fill_bytes(seed.as_mut());
+    let next = SigningKey::from_bytes(&seed);
+    super::identity::write_key(&data.join("signing.key.next"), &seed)?;
+    let issued = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut rotations = old.rotations;
+    rotations.push(Rotation::sign(&old.signing, &next.verifying_key(), &issued));
+    let path = rotations_path(data);
+    converge_core::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(&rotations)?, 0o600)
+        .with_context(|| format!("write {}", path.display()))?;
+    keys(data)
 }
 
 /// A new one-time registration token valid for `ttl_secs`, for what `scope` allows.
@@ -96,6 +159,8 @@ pub fn new_token(data: &Path, ttl_secs: i64, scope: &TokenScope) -> anyhow::Resu
 /// One node's current envelope.
 struct Published {
     file_hash: String,
+    /// Key id of the signing key of `bytes`.
+    key_id: String,
     sealing_key: String,
     generation: u64,
     bytes: Arc<Vec<u8>>,
@@ -104,7 +169,9 @@ struct Published {
 
 struct Plane {
     store: Mutex<PlaneStore>,
-    signing: SigningKey,
+    /// The signing key and its rotations; replaced when `rotate-key` ran.
+    keys: Mutex<Keys>,
+    data: PathBuf,
     docs: PathBuf,
     limits: Limits,
     public_url: String,
@@ -137,7 +204,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Builds the envelope for one document file: secrets sealed to the node, validated,
 /// signed. The plaintext stays in the file on this host.
 pub fn build_envelope(
-    signing: &SigningKey,
+    keys: &Keys,
     file: &Path,
     node: &NodeRecord,
     limits: &Limits,
@@ -174,7 +241,8 @@ pub fn build_envelope(
         );
     }
     let issued = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let env = Envelope::sign(signing, &node.id, doc.generation, &issued, &bytes)?;
+    let mut env = Envelope::sign(&keys.signing, &node.id, doc.generation, &issued, &bytes)?;
+    env.rotations = keys.rotations.clone();
     Ok((doc.generation, serde_json::to_vec(&env)?))
 }
 
@@ -297,13 +365,55 @@ impl Plane {
         };
         Ok(EnrollResponse {
             node_id: id,
-            signing_key: B64.encode(self.signing.verifying_key().as_bytes()),
+            signing_key: B64.encode(lock(&self.keys).signing.verifying_key().as_bytes()),
             transport,
         })
     }
 
+    /// After `rotate-key`: the new key signs every published document again (same
+    /// document bytes, generation and issue time), with the rotation chain attached, so
+    /// each node moves its pin without a new generation.
+    fn pick_up_rotation(&self) {
+        let known = lock(&self.keys).rotations.len();
+        match read_rotations(&self.data) {
+            Ok(r) if r.len() > known => {}
+            Ok(_) => return,
+            Err(e) => return warn!(error = %format!("{e:#}"), "cannot read key rotations"),
+        }
+        let keys = match keys(&self.data) {
+            Ok(k) => k,
+            Err(e) => return error!(error = %format!("{e:#}"), "cannot load the rotated key"),
+        };
+        info!(key_id = %keys.key_id(), fingerprint = %super::identity::fingerprint(&keys.signing.verifying_key()), "signing key rotated; signing every document again");
+        for (id, p) in lock(&self.published).iter_mut() {
+            let Ok(old) = Envelope::parse(&p.bytes) else {
+                continue; // a file that did not build: nothing published
+            };
+            let resigned = B64
+                .decode(&old.document)
+                .map_err(anyhow::Error::from)
+                .and_then(|doc| {
+                    let mut env =
+                        Envelope::sign(&keys.signing, id, old.generation, &old.issued_at, &doc)?;
+                    env.rotations = keys.rotations.clone();
+                    Ok(serde_json::to_vec(&env)?)
+                });
+            match resigned {
+                Ok(bytes) => {
+                    p.bytes = Arc::new(bytes);
+                    p.key_id = keys.key_id();
+                    p.on_nats = false;
+                }
+                Err(e) => warn!(node = %id, error = %format!("{e:#}"), "cannot sign again"),
+            }
+        }
+        *lock(&self.keys) = keys;
+        self.changed.send_modify(|n| *n += 1);
+    }
+
     /// One pass over the documents directory: (re)builds and publishes changed files.
     async fn scan(&self) {
+        self.pick_up_rotation();
         let Ok(dir) = std::fs::read_dir(&self.docs) else {
             return;
         };
@@ -341,7 +451,8 @@ impl Plane {
             });
             let (fresh, on_nats) = current.unwrap_or((false, false));
             if !fresh {
-                match build_envelope(&self.signing, &path, node, &self.limits) {
+                let keys = lock(&self.keys).clone();
+                match build_envelope(&keys, &path, node, &self.limits) {
                     Ok((generation, bytes)) => {
                         // A node that already has this generation (a control-plane
                         // restart re-reads every file) is not sent a re-sealed copy,
@@ -352,6 +463,7 @@ impl Plane {
                             id.to_string(),
                             Published {
                                 file_hash,
+                                key_id: keys.key_id(),
                                 sealing_key: node.sealing_key.clone(),
                                 generation,
                                 bytes: Arc::new(bytes),
@@ -367,6 +479,7 @@ impl Plane {
                             id.to_string(),
                             Published {
                                 file_hash,
+                                key_id: String::new(),
                                 sealing_key: node.sealing_key.clone(),
                                 generation: 0,
                                 bytes: Arc::new(Vec::new()),
@@ -520,6 +633,9 @@ async fn enroll(State(plane): State<Arc<Plane>>, Json(req): Json<EnrollRequest>)
 struct After {
     #[serde(default)]
     after: u64,
+    /// Key id the node trusts: a document signed by another (newer) key is sent even
+    /// at the node's generation, so the node follows a rotation.
+    key: Option<String>,
 }
 
 async fn document(
@@ -537,7 +653,10 @@ async fn document(
     loop {
         let ready = lock(&plane.published)
             .get(&id)
-            .filter(|p| p.generation > q.after && !p.bytes.is_empty())
+            .filter(|p| {
+                let rotated = q.key.as_ref().is_some_and(|k| *k != p.key_id);
+                (p.generation > q.after || rotated) && !p.bytes.is_empty()
+            })
             .map(|p| p.bytes.clone());
         if let Some(bytes) = ready {
             return ([("content-type", "application/json")], bytes.to_vec()).into_response();
@@ -653,12 +772,14 @@ async fn kv_put(
 
 /// Runs the control plane until SIGTERM/SIGINT.
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
-    let signing = signing_key(&opts.data)?;
+    let keys = keys(&opts.data)?;
+    let key = keys.signing.verifying_key();
     let store = PlaneStore::open(&db_path(&opts.data))?;
     let (changed, _) = tokio::sync::watch::channel(0);
     let plane = Arc::new(Plane {
         store: Mutex::new(store),
-        signing,
+        keys: Mutex::new(keys),
+        data: opts.data.clone(),
         docs: opts.docs.clone(),
         limits: opts.limits,
         public_url: opts.public_url.clone().unwrap_or_else(|| {
@@ -698,7 +819,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("listen on {}", opts.listen))?;
-    let key = signing_key(&opts.data)?.verifying_key();
     let fingerprint = super::identity::fingerprint(&key);
     info!(listen = %opts.listen, key_id = %super::identity::key_id(&key), %fingerprint, "control plane serving");
     // On stdout too: what operators hand to `converge join --plane-key` (a closed
