@@ -741,17 +741,8 @@ async fn isolation_probe(
         ack_policy: AckPolicy::None,
         ..Default::default()
     };
-    // Positive control: the agent's own way of watching works for its own key and
-    // delivers its document, so the same call for nb's key would too if it were allowed.
-    let own = js
-        .create_consumer_on_stream(watch(user), "KV_converge")
-        .await
-        .expect("na watches its own key");
-    let mut own = own.messages().await.expect("own messages");
-    let got = tokio::time::timeout(Duration::from_secs(5), own.next())
-        .await
-        .expect("own document delivered");
-    assert!(got.is_some_and(|m| m.is_ok_and(|m| !m.payload.is_empty())));
+    // Nodes make no consumers (the plane makes each node's): not on nb's key, and not on
+    // its own key either, where it could aim the delivery at nb's status subject.
     match js
         .create_consumer_on_stream(watch("nb"), "KV_converge")
         .await
@@ -766,9 +757,25 @@ async fn isolation_probe(
         }
         Err(e) => eprintln!("watch of nb refused: {e}"),
     }
+    let aimed = push::Config {
+        deliver_subject: "converge.status.nb".into(),
+        ..watch(user)
+    };
+    if js
+        .create_consumer_on_stream(aimed, "KV_converge")
+        .await
+        .is_ok()
+    {
+        seen.push("a consumer delivering to nb's status subject was created".into());
+    }
     // Raw API calls: a consumer without the filter in the subject, a durable one, direct
-    // and stream message gets.
+    // and stream message gets; changing or deleting its own consumer.
     for (subject, body) in [
+        ("$JS.API.CONSUMER.DELETE.KV_converge.node-na", ""),
+        (
+            "$JS.API.CONSUMER.CREATE.KV_converge.node-na.$KV.converge.na",
+            r#"{"stream_name":"KV_converge","config":{"durable_name":"node-na","filter_subject":"$KV.converge.na","deliver_subject":"converge.status.nb","deliver_policy":"last_per_subject","ack_policy":"none"}}"#,
+        ),
         (
             "$JS.API.CONSUMER.CREATE.KV_converge",
             r#"{"stream_name":"KV_converge","config":{"filter_subject":"$KV.converge.nb","deliver_subject":"_INBOX_na.x","deliver_policy":"last_per_subject","ack_policy":"none"}}"#,

@@ -1,8 +1,11 @@
-//! NATS JetStream transport. The node watches its own key of the KV bucket `converge`
-//! (a push consumer filtered to `$KV.converge.<node>`, delivering the last value first)
-//! and publishes status on `converge.status.<node>`. Only APIs of nats-server 2.9 are
-//! used (one filter subject per consumer, named through the API subject so that the
-//! server's permissions can pin the filter: see [`node_permissions`]).
+//! NATS JetStream transport. The node receives its own key of the KV bucket `converge`
+//! from a durable push consumer that the control plane makes for it (filtered to
+//! `$KV.converge.<node>`, delivering to `_INBOX_<node>.docs`, the last value first, each
+//! message acknowledged once the agent handled it) and publishes status on
+//! `converge.status.<node>`. Nodes cannot make consumers: one made by a node could aim
+//! its delivery at any subject, such as another node's status (nats-server does not
+//! check a delivery subject against the creator's permissions). Only APIs of
+//! nats-server 2.9 are used.
 
 use super::protocol::{inbox_prefix, status_subject, NodeMessage, BUCKET, STREAM};
 use super::transport::{backoff, Event, Transport, TransportError};
@@ -10,7 +13,7 @@ use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
 /// The node's NATS client.
@@ -110,31 +113,33 @@ pub fn key_subject(node_id: &str) -> String {
     format!("$KV.{BUCKET}.{node_id}")
 }
 
-impl NatsTransport {
-    async fn watch(&self) -> Result<push::Messages, String> {
-        let js = async_nats::jetstream::new(self.client.clone());
-        // A named ephemeral consumer: the name and the filter are in the API subject
-        // (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`), which the server's
-        // permissions restrict to this node's key.
-        let name = format!("w-{}-{:016x}", self.node_id, fastrand::u64(..));
-        let consumer = js
-            .create_consumer_on_stream(
-                push::Config {
-                    deliver_subject: self.client.new_inbox(),
-                    name: Some(name),
-                    filter_subject: key_subject(&self.node_id),
-                    deliver_policy: DeliverPolicy::LastPerSubject,
-                    ack_policy: AckPolicy::None,
-                    inactive_threshold: Duration::from_secs(30),
-                    ..Default::default()
-                },
-                STREAM,
-            )
-            .await
-            .map_err(|e| format!("watch: {e}"))?;
-        consumer.messages().await.map_err(|e| format!("watch: {e}"))
-    }
+/// Name of the node's durable consumer (made by the control plane).
+pub fn consumer_name(node_id: &str) -> String {
+    format!("node-{node_id}")
+}
 
+/// Where the node's consumer delivers: under the node's own inbox, the only subjects
+/// it may subscribe to.
+pub fn deliver_subject(node_id: &str) -> String {
+    format!("{}.docs", inbox_prefix(node_id))
+}
+
+/// The consumer the control plane makes for a node: its key only, to its inbox, the
+/// newest value first, redelivered until the node acknowledges it (an agent killed
+/// before it handled a document gets it again).
+pub fn consumer_config(node_id: &str) -> push::Config {
+    push::Config {
+        durable_name: Some(consumer_name(node_id)),
+        deliver_subject: deliver_subject(node_id),
+        filter_subject: key_subject(node_id),
+        deliver_policy: DeliverPolicy::LastPerSubject,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        ..Default::default()
+    }
+}
+
+impl NatsTransport {
     async fn run(self, events: mpsc::Sender<Event>) {
         let mut conn = self.conn.clone().lock_owned().await;
         let mut attempt = 0usize;
@@ -147,10 +152,15 @@ impl NatsTransport {
                     None => return,
                 }
             }
-            let mut messages = match self.watch().await {
+            // The client renews the subscription on every reconnect by itself.
+            let mut messages = match self.client.subscribe(deliver_subject(&self.node_id)).await {
                 Ok(m) => m,
                 Err(e) => {
-                    if events.send(Event::Disconnected(e)).await.is_err() {
+                    if events
+                        .send(Event::Disconnected(format!("subscribe: {e}")))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     tokio::time::sleep(backoff(attempt)).await;
@@ -165,25 +175,33 @@ impl NatsTransport {
             loop {
                 tokio::select! {
                     m = messages.next() => match m {
-                        Some(Ok(m)) => {
+                        Some(m) => {
                             let op = m.headers.as_ref().and_then(|h| h.get("KV-Operation")).map(|v| v.as_str().to_string());
-                            if matches!(op.as_deref(), Some("DEL" | "PURGE")) {
-                                continue;
+                            if !matches!(op.as_deref(), Some("DEL" | "PURGE")) {
+                                let (tx, rx) = oneshot::channel();
+                                if events.send(Event::Envelope(m.payload.to_vec(), Some(tx))).await.is_err() {
+                                    return;
+                                }
+                                // Handled (whatever the outcome): acknowledged; the
+                                // client gone: not, so the server delivers it again.
+                                if rx.await.is_err() {
+                                    return;
+                                }
                             }
-                            if events.send(Event::Envelope(m.payload.to_vec(), None)).await.is_err() {
-                                return;
+                            if let Some(reply) = m.reply {
+                                if let Err(e) = self.client.publish(reply, Vec::new().into()).await {
+                                    debug!(error = %e, "ack not sent; the server delivers again");
+                                }
                             }
-                        }
-                        Some(Err(e)) => {
-                            debug!(error = %e, "watch ended");
-                            break;
                         }
                         None => break,
                     },
                     ev = conn.recv() => match ev {
-                        // The ephemeral consumer may be gone (server restart): make a new
-                        // one, which delivers the newest value first.
-                        Some(async_nats::Event::Connected) => break,
+                        Some(async_nats::Event::Connected) => {
+                            if events.send(Event::Connected).await.is_err() {
+                                return;
+                            }
+                        }
                         Some(async_nats::Event::Disconnected) => {
                             if events.send(Event::Disconnected("nats connection lost".into())).await.is_err() {
                                 return;
@@ -223,16 +241,13 @@ impl Transport for NatsTransport {
     }
 }
 
-/// The permissions of one node's NATS user: its own key, its own status subject, its
-/// own inbox, nothing else.
+/// The permissions of one node's NATS user: publish its own status and the acks of its
+/// own consumer, subscribe to its own inbox; nothing else (no JetStream API at all).
 pub fn node_permissions(node_id: &str) -> (Vec<String>, Vec<String>) {
     (
         vec![
-            format!(
-                "$JS.API.CONSUMER.CREATE.{STREAM}.*.{}",
-                key_subject(node_id)
-            ),
             status_subject(node_id),
+            format!("$JS.ACK.{STREAM}.{}.>", consumer_name(node_id)),
         ],
         vec![format!("{}.>", inbox_prefix(node_id))],
     )

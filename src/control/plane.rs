@@ -177,6 +177,8 @@ struct Plane {
     public_url: String,
     nats: Option<NatsOptions>,
     js: tokio::sync::OnceCell<async_nats::jetstream::Context>,
+    /// Nodes whose NATS consumer is known to exist (made by the plane, never by nodes).
+    consumers: Mutex<std::collections::HashSet<String>>,
     published: Mutex<HashMap<String, Published>>,
     /// Bumped whenever an envelope changes; long polls wait on it.
     changed: tokio::sync::watch::Sender<u64>,
@@ -411,18 +413,65 @@ impl Plane {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// Makes the NATS consumer of every node that has none yet (see `nats::consumer_config`).
+    async fn ensure_consumers(&self, nodes: &[NodeRecord]) {
+        let Some(js) = self.js.get() else { return };
+        if js.client().connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
+        for node in nodes {
+            let has_user = node.nats_key.is_some() || node.nats_password.is_some();
+            if !has_user || lock(&self.consumers).contains(&node.id) {
+                continue;
+            }
+            let made = match js.get_stream(STREAM).await {
+                Ok(stream) => stream
+                    .get_or_create_consumer(
+                        &super::nats::consumer_name(&node.id),
+                        super::nats::consumer_config(&node.id),
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match made {
+                Ok(()) => {
+                    lock(&self.consumers).insert(node.id.clone());
+                }
+                Err(e) => {
+                    warn!(node = %node.id, error = %e, "cannot make the node's consumer; retrying")
+                }
+            }
+        }
+    }
+
+    /// A (re-)enrolled node starts from the newest document: its old consumer, which may
+    /// be past it, is dropped and made again by the next scan.
+    async fn reset_consumer(&self, id: &str) {
+        lock(&self.consumers).remove(id);
+        let Some(js) = self.js.get() else { return };
+        if let Ok(stream) = js.get_stream(STREAM).await {
+            // Absent (a first enrollment) is fine.
+            let _ = stream
+                .delete_consumer(&super::nats::consumer_name(id))
+                .await;
+        }
+    }
+
     /// One pass over the documents directory: (re)builds and publishes changed files.
     async fn scan(&self) {
         self.pick_up_rotation();
-        let Ok(dir) = std::fs::read_dir(&self.docs) else {
-            return;
-        };
         let nodes = match lock(&self.store).nodes() {
             Ok(n) => n,
             Err(e) => {
                 error!(error = %e, "cannot read nodes");
                 return;
             }
+        };
+        self.ensure_consumers(&nodes).await;
+        let Ok(dir) = std::fs::read_dir(&self.docs) else {
+            return;
         };
         for entry in dir.flatten() {
             let path = entry.path();
@@ -621,7 +670,10 @@ fn err(code: StatusCode, msg: String) -> Response {
 
 async fn enroll(State(plane): State<Arc<Plane>>, Json(req): Json<EnrollRequest>) -> Response {
     match plane.enroll(req) {
-        Ok(r) => Json(r).into_response(),
+        Ok(r) => {
+            plane.reset_consumer(&r.node_id).await;
+            Json(r).into_response()
+        }
         Err((code, msg)) => {
             warn!(%msg, "enrollment refused");
             err(code, msg)
@@ -788,6 +840,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }),
         nats: opts.nats.clone(),
         js: tokio::sync::OnceCell::new(),
+        consumers: Mutex::new(std::collections::HashSet::new()),
         published: Mutex::new(HashMap::new()),
         changed,
         enrolling: Mutex::new(()),
