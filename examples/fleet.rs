@@ -1,7 +1,7 @@
 //! Simulated fleet over NATS JetStream: N lightweight node clients (a real connection
-//! each, a push consumer on its own key of the `converge` bucket, the agent's watch;
-//! an acknowledgement on its status subject per envelope; no reconcilers), one
-//! publisher. Prints the time from the start of publishing one new generation for all
+//! each, subscribed to the delivery of the durable consumer the plane makes for it, as
+//! the agent is; an acknowledgement on its status subject per envelope, and the
+//! consumer ack; no reconcilers), one publisher that also makes the consumers. Prints the time from the start of publishing one new generation for all
 //! nodes until each node's acknowledgement arrived (p50, p99, max), and this process's
 //! RSS and CPU per connection. Without a CA every client uses the bench user (no
 //! per-node permissions); with one (`CA_PEM`), the connection is TLS verified against it
@@ -9,7 +9,7 @@
 //! permissions `fleet users N` prints for nats-server.
 //! Usage: `fleet NATS_URL USER PASSWORD N [CA_PEM]`, `fleet users N USER PASSWORD`.
 
-use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
+use converge::control::nats::{consumer_config, deliver_subject};
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 
@@ -132,36 +132,27 @@ async fn main() -> anyhow::Result<()> {
             }
         };
         let ready_tx = ready_tx.clone();
+        let id = format!("bench-{i}");
+        // The plane's side: the node's consumer (as `control-plane serve` makes it).
+        js.get_stream("KV_converge")
+            .await?
+            .get_or_create_consumer(
+                &converge::control::nats::consumer_name(&id),
+                consumer_config(&id),
+            )
+            .await?;
         tokio::spawn(async move {
-            let js = async_nats::jetstream::new(client.clone());
-            let id = format!("bench-{i}");
-            let consumer = loop {
-                let r = js
-                    .create_consumer_on_stream(
-                        push::Config {
-                            deliver_subject: client.new_inbox(),
-                            name: Some(format!("w-{id}")),
-                            filter_subject: format!("$KV.converge.{id}"),
-                            deliver_policy: DeliverPolicy::New,
-                            ack_policy: AckPolicy::None,
-                            ..Default::default()
-                        },
-                        "KV_converge",
-                    )
-                    .await;
-                match r {
-                    Ok(c) => break c,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            };
-            let Ok(mut messages) = consumer.messages().await else {
+            let Ok(mut messages) = client.subscribe(deliver_subject(&id)).await else {
                 return;
             };
             let _ = ready_tx.send(()).await;
-            while let Some(Ok(m)) = messages.next().await {
+            while let Some(m) = messages.next().await {
                 let _ = client
                     .publish(format!("converge.status.{id}"), m.payload.clone())
                     .await;
+                if let Some(reply) = m.reply {
+                    let _ = client.publish(reply, Vec::new().into()).await;
+                }
             }
         });
     }

@@ -266,6 +266,10 @@ pub enum ControlPlaneCommand {
         /// TLS-terminating proxy, or on a network you trust.
         #[arg(long)]
         insecure_http: bool,
+        /// More files to serve, signed, at /v1/artifacts/NAME besides this binary (a
+        /// pinned Caddy `caddy-<version>-<arch>`, other converge releases).
+        #[arg(long)]
+        artifacts: Option<PathBuf>,
     },
     /// Print a new one-time registration token: for the node NAME (`--name`), or for
     /// any new node (the id its join asks for, if no node has it yet).
@@ -866,6 +870,7 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
             tls_cert,
             tls_key,
             insecure_http,
+            artifacts,
         } => {
             let nats = match nats {
                 // The plane's NATS user may do everything: never without a credential.
@@ -897,6 +902,7 @@ async fn control_plane(command: ControlPlaneCommand, limits: Limits) -> anyhow::
                 limits,
                 tls: tls_cert.zip(tls_key),
                 insecure_http,
+                artifacts,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

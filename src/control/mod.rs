@@ -1,6 +1,7 @@
 //! The control-plane connection: the node's identity, signed envelopes, sealed secrets,
 //! enrollment, the transports (NATS JetStream, HTTPS) and the reference control plane.
 
+pub mod artifacts;
 pub mod client;
 pub mod enroll;
 pub mod envelope;

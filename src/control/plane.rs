@@ -3,6 +3,7 @@
 //! `secrets` values for the node), over NATS JetStream KV or HTTPS long poll, and
 //! records what nodes report. Small on purpose: docs/protocol.md is the contract.
 
+use super::artifacts::Catalog;
 use super::envelope::{Envelope, Rotation};
 use super::identity::{parse_public_key, parse_sealing_key, read_or_make};
 use super::plane_store::{NodeRecord, PlaneError, PlaneStore, TokenScope};
@@ -60,6 +61,8 @@ pub struct ServeOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Enroll over plain HTTP too (a TLS-terminating proxy in front, a trusted network).
     pub insecure_http: bool,
+    /// More files to serve as signed artifacts (a pinned Caddy, other releases).
+    pub artifacts: Option<PathBuf>,
 }
 
 /// `<data>/control-plane.db`.
@@ -177,6 +180,9 @@ struct Plane {
     public_url: String,
     nats: Option<NatsOptions>,
     js: tokio::sync::OnceCell<async_nats::jetstream::Context>,
+    /// Signed downloads: the agent binary and `artifacts_dir`.
+    catalog: Mutex<Catalog>,
+    artifacts_dir: Option<PathBuf>,
     /// Nodes whose NATS consumer is known to exist (made by the plane, never by nodes).
     consumers: Mutex<std::collections::HashSet<String>>,
     published: Mutex<HashMap<String, Published>>,
@@ -459,9 +465,18 @@ impl Plane {
         }
     }
 
+    /// Hashes and signs what changed among the artifacts (a stat when nothing did).
+    fn refresh_artifacts(&self) {
+        let key = lock(&self.keys).signing.clone();
+        if let Err(e) = lock(&self.catalog).refresh(&key, self.artifacts_dir.as_deref()) {
+            warn!(error = %e, "cannot list the artifacts");
+        }
+    }
+
     /// One pass over the documents directory: (re)builds and publishes changed files.
     async fn scan(&self) {
         self.pick_up_rotation();
+        self.refresh_artifacts();
         let nodes = match lock(&self.store).nodes() {
             Ok(n) => n,
             Err(e) => {
@@ -720,6 +735,31 @@ async fn document(
     }
 }
 
+async fn script(text: &'static str) -> Response {
+    ([("content-type", "text/x-shellscript")], text).into_response()
+}
+
+/// `GET /v1/artifacts`: what can be downloaded, signed.
+async fn artifacts(State(plane): State<Arc<Plane>>) -> Response {
+    let key = lock(&plane.keys).signing.verifying_key();
+    Json(lock(&plane.catalog).index(&key)).into_response()
+}
+
+/// `GET /v1/artifacts/<name>`: the file, streamed.
+async fn artifact(State(plane): State<Arc<Plane>>, UrlPath(name): UrlPath<String>) -> Response {
+    let Some(path) = lock(&plane.catalog).path(&name) else {
+        return err(StatusCode::NOT_FOUND, format!("no artifact {name:?}"));
+    };
+    match tokio::fs::File::open(&path).await {
+        Ok(f) => (
+            [("content-type", "application/octet-stream")],
+            axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(f)),
+        )
+            .into_response(),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, format!("{name}: {e}")),
+    }
+}
+
 /// A signed no-op: the node knows its TLS session is up and the plane accepts it.
 async fn hello(
     State(plane): State<Arc<Plane>>,
@@ -841,6 +881,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         nats: opts.nats.clone(),
         js: tokio::sync::OnceCell::new(),
         consumers: Mutex::new(std::collections::HashSet::new()),
+        catalog: Mutex::new(Catalog::default()),
+        artifacts_dir: opts.artifacts.clone(),
         published: Mutex::new(HashMap::new()),
         changed,
         enrolling: Mutex::new(()),
@@ -856,6 +898,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             }
         });
     }
+    plane.refresh_artifacts();
     let scanner = plane.clone();
     tokio::spawn(async move {
         loop {
@@ -868,6 +911,16 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .route("/v1/nodes/{id}/document", axum::routing::get(document))
         .route("/v1/nodes/{id}/status", axum::routing::post(status))
         .route("/v1/nodes/{id}/hello", axum::routing::get(hello))
+        .route(
+            "/setup.sh",
+            axum::routing::get(|| script(super::artifacts::SETUP_SH)),
+        )
+        .route(
+            "/update.sh",
+            axum::routing::get(|| script(super::artifacts::UPDATE_SH)),
+        )
+        .route("/v1/artifacts", axum::routing::get(artifacts))
+        .route("/v1/artifacts/{name}", axum::routing::get(artifact))
         .with_state(plane);
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
