@@ -97,7 +97,10 @@ pub async fn watchdog(notifier: Arc<Notifier>, heartbeat: Arc<Heartbeat>) {
     };
     let every = (period / 3).max(Duration::from_millis(100));
     let silence = period * 2 / 3;
-    info!(?period, "feeding the systemd watchdog from the engine's heartbeat");
+    info!(
+        ?period,
+        "feeding the systemd watchdog from the engine's heartbeat"
+    );
     let mut warned = false;
     loop {
         tokio::time::sleep(every).await;
