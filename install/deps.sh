@@ -13,6 +13,8 @@ APT_PACKAGES=(
   podman runc docker.io
   wireguard-tools wireguard-go
   caddy borgbackup nats-server
+  # tests/systemd: a Debian 12 root booting systemd (mmdebstrap, systemd-nspawn).
+  systemd-container mmdebstrap shellcheck
 )
 # Python tools, installed into a private venv (Debian's python is externally managed).
 PIP_PACKAGES=('moto[server]')

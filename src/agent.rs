@@ -93,6 +93,25 @@ pub struct Response {
     /// What an operator should look at (an old document in force), with `Status`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The running agent itself, with `Status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentInfo>,
+}
+
+/// The running agent, as `converge status` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentInfo {
+    /// Release and build (`converge --version`).
+    pub version: String,
+    pub pid: u32,
+    /// When this agent process started (RFC 3339).
+    pub started_at: String,
+    /// Every reconciler finished its first pass since this agent started (systemd got
+    /// READY=1).
+    pub ready: bool,
+    /// Reconcilers still in their first pass.
+    pub first_passes_pending: usize,
 }
 
 impl Response {
@@ -162,6 +181,9 @@ pub(crate) struct Shared {
     heartbeat: Duration,
     socket: SocketAccess,
     max_document_age: Duration,
+    /// systemd notifications (READY, STATUS, WATCHDOG).
+    notifier: Arc<crate::notify::Notifier>,
+    started_at: chrono::DateTime<chrono::Utc>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -297,9 +319,16 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(control.as_ref().map_or(15, |c| c.heartbeat_secs.max(1))),
         socket: opts.socket,
         max_document_age: opts.max_document_age,
+        notifier: Arc::new(crate::notify::Notifier::default()),
+        started_at: chrono::Utc::now(),
     });
     let persister = tokio::spawn(persist_reports(shared.clone(), rx));
-    info!(socket = %sock.display(), ?mode, "agent started");
+    info!(socket = %sock.display(), ?mode, version = crate::VERSION, "agent started");
+    tokio::spawn(notify_ready(shared.clone()));
+    tokio::spawn(crate::notify::watchdog(
+        shared.notifier.clone(),
+        shared.engine.heartbeat(),
+    ));
     if let Some(control) = control {
         tokio::spawn(crate::control::client::run(
             control,
@@ -329,6 +358,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }
     }
     info!("shutting down: converged state stays in place");
+    shared.notifier.stopping();
     drop(listener);
     let _ = std::fs::remove_file(&sock);
     shared.engine.shutdown().await;
@@ -380,19 +410,41 @@ async fn bind_socket(sock: &Path, gid: Option<u32>) -> anyhow::Result<UnixListen
     placed
 }
 
+/// Sends READY=1 once every reconciler has finished its first pass (at once when the
+/// agent starts without a document).
+async fn notify_ready(shared: Arc<Shared>) {
+    let mut pending = shared.engine.first_passes();
+    if pending.wait_for(|n| *n == 0).await.is_err() {
+        return;
+    }
+    let line = status_line(&shared);
+    shared.notifier.ready(&line);
+}
+
+/// The one-line summary of the stored statuses (systemd's STATUS=).
+fn status_line(shared: &Shared) -> String {
+    let store = lock(&shared.store);
+    match (store.current_generation(), store.statuses()) {
+        (Ok(g), Ok(s)) => crate::notify::summary(g, &s),
+        (Err(e), _) | (_, Err(e)) => format!("cannot read the store: {e}"),
+    }
+}
+
 async fn persist_reports(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Report>) {
     while let Some(report) = rx.recv().await {
         let writer = shared.clone();
         let res = tokio::task::spawn_blocking(move || {
             let mut store = lock(&writer.store);
             store.put_status(&report.status)?;
-            store.journal(&report.status.reconciler, &report.journal)
+            store.journal(&report.status.reconciler, &report.journal)?;
+            drop(store);
+            Ok::<_, StoreError>(status_line(&writer))
         })
         .await;
         crate::memory::trim();
         shared.status_changed.notify_one();
         match res {
-            Ok(Ok(())) => {}
+            Ok(Ok(line)) => shared.notifier.status(&line),
             Ok(Err(e)) => error!(error = %e, "cannot persist status"),
             Err(e) => error!(error = %e, "status writer failed"),
         }
@@ -569,6 +621,16 @@ fn status(shared: &Shared) -> Response {
         Ok(r) => r,
         Err(e) => return Response::error(e.to_string()),
     };
+    let pending = *shared.engine.first_passes().borrow();
+    resp.agent = Some(AgentInfo {
+        version: crate::VERSION.to_string(),
+        pid: std::process::id(),
+        started_at: shared
+            .started_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        ready: pending == 0,
+        first_passes_pending: pending,
+    });
     if !shared.max_document_age.is_zero() {
         let issued = store.last_good().ok().flatten().and_then(|(g, body)| {
             let v: serde_json::Value = serde_json::from_str(&body).ok()?;

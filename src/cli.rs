@@ -20,7 +20,7 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(
     name = "converge",
-    version,
+    version = crate::VERSION,
     about = "Converges this host to a desired-state document"
 )]
 pub struct Cli {
@@ -506,18 +506,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let agent_state = if running { "running" } else { "not running" };
             match output {
                 OutputFormat::Text => {
-                    if !running {
-                        println!(
-                            "agent: not running (no answer on {}): the last state it stored",
+                    match &resp.agent {
+                        _ if !running => println!(
+                            "agent: not running (no answer on {}): the last state it stored, not converging",
                             agent::socket_path(&cli.data_dir).display()
-                        );
+                        ),
+                        Some(a) => println!(
+                            "agent: running converge {}, pid {}, since {}, {}",
+                            a.version,
+                            a.pid,
+                            a.started_at,
+                            if a.ready {
+                                "ready".to_string()
+                            } else {
+                                format!("{} first passes running", a.first_passes_pending)
+                            }
+                        ),
+                        None => println!("agent: running"),
                     }
                     for w in &resp.warnings {
                         println!("warning: {w}");
                     }
                     print!(
                         "{}",
-                        output::status_text(resp.generation, &resp.statuses, color)
+                        if running {
+                            output::status_text(resp.generation, &resp.statuses, color)
+                        } else {
+                            output::stored_status_text(resp.generation, &resp.statuses)
+                        }
                     );
                     if let Some(c) = &resp.control {
                         println!("{}", control_line(c));
@@ -527,6 +543,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
                         "agent": agent_state,
+                        "agentInfo": resp.agent,
                         "generation": resp.generation,
                         "reconcilers": resp.statuses,
                         "control": resp.control,

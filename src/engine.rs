@@ -19,6 +19,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -254,12 +255,55 @@ fn jittered(d: Duration) -> Duration {
     d.mul_f64(0.9 + fastrand::f64() * 0.2)
 }
 
+/// How often each worker's loop beats, idle or while a pass runs.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// The engine's liveness: each worker's loop records when it last went round (every
+/// [`HEARTBEAT`], and after every pass). The systemd watchdog is fed only while every
+/// worker beats, so a wedged worker (or a blocked runtime) gets the agent restarted.
+#[derive(Debug)]
+pub struct Heartbeat {
+    start: Instant,
+    /// Per worker: milliseconds since `start` at its last beat.
+    beats: Vec<AtomicU64>,
+}
+
+impl Heartbeat {
+    fn new(workers: usize) -> Self {
+        Heartbeat {
+            start: Instant::now(),
+            beats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn beat(&self, worker: usize) {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Some(b) = self.beats.get(worker) {
+            b.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Time since the worker that beat longest ago last beat (zero without workers).
+    pub fn stalest(&self) -> Duration {
+        let now = self.start.elapsed();
+        self.beats
+            .iter()
+            .map(|b| now.saturating_sub(Duration::from_millis(b.load(Ordering::Relaxed))))
+            .max()
+            .unwrap_or_default()
+    }
+}
+
 /// The running engine: feed it documents, read its reports, shut it down.
 pub struct Engine {
     docs: watch::Sender<Option<Arc<Document>>>,
     facts: watch::Sender<Arc<Facts>>,
     shutdown: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    heartbeat: Arc<Heartbeat>,
+    /// Workers that have not finished their first pass yet (a worker started without a
+    /// document has none to do).
+    first_passes: watch::Receiver<usize>,
 }
 
 impl Engine {
@@ -274,10 +318,16 @@ impl Engine {
         let (docs, _) = watch::channel(initial);
         let (facts, _) = watch::channel(Arc::new(Facts::default()));
         let (shutdown, _) = watch::channel(false);
+        let heartbeat = Arc::new(Heartbeat::new(sections.len()));
+        let (first_tx, first_passes) = watch::channel(sections.len());
+        let first_tx = Arc::new(first_tx);
         let tasks = sections
             .into_iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(index, s)| {
                 let worker = Worker {
+                    heartbeat: (heartbeat.clone(), index),
+                    first_pass: Some(first_tx.clone()),
                     section: s.clone(),
                     cfg: cfg.clone(),
                     docs: docs.subscribe(),
@@ -287,6 +337,8 @@ impl Engine {
                     reports: reports.clone(),
                     status: None,
                     notes: Vec::new(),
+                    #[cfg(debug_assertions)]
+                    stall_at: None,
                 };
                 tokio::spawn(
                     worker
@@ -300,7 +352,20 @@ impl Engine {
             facts,
             shutdown,
             tasks: std::sync::Mutex::new(tasks),
+            heartbeat,
+            first_passes,
         }
+    }
+
+    /// The workers' liveness, for the watchdog.
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        self.heartbeat.clone()
+    }
+
+    /// How many workers still owe their first pass; zero once every reconciler has
+    /// finished one (or the engine started without a document).
+    pub fn first_passes(&self) -> watch::Receiver<usize> {
+        self.first_passes.clone()
     }
 
     /// Hands a new (validated, stored) document to every reconciler.
@@ -329,6 +394,10 @@ impl Engine {
 
 struct Worker {
     section: Arc<dyn Section>,
+    /// The engine's heartbeat and this worker's slot in it.
+    heartbeat: (Arc<Heartbeat>, usize),
+    /// Counted down once, when this worker's first pass is done.
+    first_pass: Option<Arc<watch::Sender<usize>>>,
     cfg: EngineConfig,
     docs: watch::Receiver<Option<Arc<Document>>>,
     facts_rx: watch::Receiver<Arc<Facts>>,
@@ -337,6 +406,9 @@ struct Worker {
     reports: mpsc::UnboundedSender<Report>,
     status: Option<ReconcilerStatus>,
     notes: Vec<ObjectNote>,
+    /// Debug builds: when this worker wedges (`CONVERGE_DEBUG_STALL_ENGINE`).
+    #[cfg(debug_assertions)]
+    stall_at: Option<Instant>,
 }
 
 /// The timers and counters of one worker between passes.
@@ -376,27 +448,35 @@ impl Worker {
         };
         let mut events = self.section.host_events();
         let watches = self.section.watches_facts();
-        // A document present at start-up is applied at once.
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A document present at start-up is applied at once; without one there is no
+        // first pass to wait for.
         let mut next = self.docs.borrow().is_some().then_some(Reason::Document);
+        if next.is_none() {
+            self.first_pass_done();
+        }
         loop {
+            self.beat().await;
             let reason = match next.take() {
                 Some(r) => r,
-                None => {
+                None => loop {
                     let far = Instant::now() + Duration::from_secs(86_400);
                     tokio::select! {
                         _ = self.shutdown.changed() => return,
-                        r = self.docs.changed() => if r.is_err() { return } else { Reason::Document },
-                        r = self.facts_rx.changed(), if watches => if r.is_err() { return } else { Reason::Facts },
+                        r = self.docs.changed() => if r.is_err() { return } else { break Reason::Document },
+                        r = self.facts_rx.changed(), if watches => if r.is_err() { return } else { break Reason::Facts },
                         Some(HostEvent(object)) = async { match events.as_mut() { Some(e) => e.next().await, None => None } }, if events.is_some() => {
                             // One pass for a burst of events.
                             while let Some(Some(_)) = events.as_mut().and_then(|e| e.next().now_or_never()) {}
-                            Reason::HostEvent(object)
+                            break Reason::HostEvent(object)
                         },
-                        _ = tokio::time::sleep_until(sched.retry_at.unwrap_or(far)), if sched.retry_at.is_some() => Reason::Retry,
-                        _ = tokio::time::sleep_until(sched.requeue_at.unwrap_or(far)), if sched.requeue_at.is_some() => Reason::Requeue,
-                        _ = tokio::time::sleep_until(sched.next_resync) => Reason::Resync,
+                        _ = tokio::time::sleep_until(sched.retry_at.unwrap_or(far)), if sched.retry_at.is_some() => break Reason::Retry,
+                        _ = tokio::time::sleep_until(sched.requeue_at.unwrap_or(far)), if sched.requeue_at.is_some() => break Reason::Requeue,
+                        _ = tokio::time::sleep_until(sched.next_resync) => break Reason::Resync,
+                        _ = tick.tick() => self.beat().await,
                     }
-                }
+                },
             };
             if *self.shutdown.borrow() {
                 return;
@@ -432,15 +512,20 @@ impl Worker {
             let section = self.section.clone();
             let mut handle =
                 tokio::spawn(async move { section.pass(doc, facts, false).await }.instrument(span));
-            let result = tokio::select! {
-                r = &mut handle => r,
-                _ = self.shutdown.changed() => {
-                    // Let the in-flight apply finish (each step is atomic), up to the grace.
-                    match tokio::time::timeout(self.cfg.shutdown_grace, &mut handle).await {
-                        Ok(_) => info!("in-flight pass finished before shutdown"),
-                        Err(_) => { warn!("abandoning in-flight pass at shutdown"); handle.abort(); }
+            // The loop keeps beating while the pass runs (each pass is bounded by its
+            // observe and apply timeouts).
+            let result = loop {
+                tokio::select! {
+                    r = &mut handle => break r,
+                    _ = self.shutdown.changed() => {
+                        // Let the in-flight apply finish (each step is atomic), up to the grace.
+                        match tokio::time::timeout(self.cfg.shutdown_grace, &mut handle).await {
+                            Ok(_) => info!("in-flight pass finished before shutdown"),
+                            Err(_) => { warn!("abandoning in-flight pass at shutdown"); handle.abort(); }
+                        }
+                        return;
                     }
-                    return;
+                    _ = tick.tick() => self.beat().await,
                 }
             };
             let result = match result {
@@ -454,6 +539,37 @@ impl Worker {
             // Verify an apply at once, whatever else is scheduled.
             next = verdict.again.then_some(Reason::Verify);
             self.report(verdict, Some(generation), &reason, waiting, journal);
+            self.first_pass_done();
+        }
+    }
+
+    /// Records that this worker's loop is alive. In debug builds,
+    /// `CONVERGE_DEBUG_STALL_ENGINE=SECS` wedges the worker for good SECS seconds after
+    /// its first pass (it stops beating), to test that systemd's watchdog restarts the
+    /// agent.
+    async fn beat(&mut self) {
+        #[cfg(debug_assertions)]
+        if let Some(at) = self.stall_at {
+            if Instant::now() >= at {
+                warn!("debug fault CONVERGE_DEBUG_STALL_ENGINE: this worker stops for good");
+                std::future::pending::<()>().await;
+            }
+        }
+        let (heartbeat, index) = &self.heartbeat;
+        heartbeat.beat(*index);
+    }
+
+    /// Counts this worker's first pass as done (once).
+    fn first_pass_done(&mut self) {
+        if let Some(tx) = self.first_pass.take() {
+            tx.send_modify(|n| *n = n.saturating_sub(1));
+            #[cfg(debug_assertions)]
+            if let Some(secs) = std::env::var("CONVERGE_DEBUG_STALL_ENGINE")
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                self.stall_at = Some(Instant::now() + Duration::from_secs(secs));
+            }
         }
     }
 

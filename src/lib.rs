@@ -10,6 +10,7 @@ pub mod document;
 pub mod engine;
 pub mod limits;
 pub mod memory;
+pub mod notify;
 pub mod output;
 pub mod privacy;
 pub mod registry;
@@ -17,3 +18,12 @@ pub mod schema;
 pub mod status;
 pub mod store;
 pub mod validate;
+
+/// The release and the build: `0.1.0 (3f2c1ab)`, the commit the binary was built from
+/// ("unknown" outside a git checkout). `converge --version` and `converge status` show it.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("CONVERGE_GIT_COMMIT"),
+    ")"
+);

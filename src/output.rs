@@ -141,6 +141,21 @@ pub fn has_changes(results: &BTreeMap<&'static str, PassResult>) -> bool {
 
 /// Status table.
 pub fn status_text(generation: Option<u64>, statuses: &[ReconcilerStatus], color: bool) -> String {
+    table(generation, statuses, color, false)
+}
+
+/// [`status_text`] of the state an agent stored before it stopped: every state reads
+/// "was …" (nothing converges while no agent runs), never "Converged".
+pub fn stored_status_text(generation: Option<u64>, statuses: &[ReconcilerStatus]) -> String {
+    table(generation, statuses, false, true)
+}
+
+fn table(
+    generation: Option<u64>,
+    statuses: &[ReconcilerStatus],
+    color: bool,
+    stored: bool,
+) -> String {
     let mut out = match generation {
         Some(g) => format!("accepted generation: {g}\n"),
         None => "accepted generation: none (no document yet)\n".to_string(),
@@ -151,7 +166,11 @@ pub fn status_text(generation: Option<u64>, statuses: &[ReconcilerStatus], color
         "RECONCILER", "STATE", "GENERATION", "SINCE"
     );
     for s in statuses {
-        let state = format!("{:?}", s.state);
+        let state = if stored {
+            format!("was {}", format!("{:?}", s.state).to_lowercase())
+        } else {
+            format!("{:?}", s.state)
+        };
         let code = match s.state {
             State::Pending => "2",
             State::Converged => "32",

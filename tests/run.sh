@@ -26,6 +26,10 @@ fi
 # default: tests that must not overlap serialise themselves.
 cargo test --workspace --all-targets "$@"
 
+# The unit under a real systemd (a booted Debian 12 root, cached under /var/tmp): the
+# debug binary the tests above built.
+./tests/systemd/run.sh "${CARGO_TARGET_DIR:-$repo/target}/debug/converge"
+
 # --all-targets leaves out doc tests; run them only if some crate has any.
 if grep -rqs --include='*.rs' -E '^\s*//[/!].*```' src reconcilers; then
   cargo test --workspace --doc "$@"

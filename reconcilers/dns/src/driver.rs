@@ -2,7 +2,7 @@
 
 use crate::render::{conf_hash_of, Layout};
 use converge_core::fsutil::{read_optional, write_atomic};
-use converge_core::process::{alive, signal};
+use converge_core::process::{alive, daemon_command, signal};
 use converge_core::{with_timeout, DriverError, HostEvent};
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -192,7 +192,9 @@ impl DnsDriver for Dnsmasq {
         let log = self.layout.dir.join("dnsmasq.start.log");
         let stderr = std::fs::File::create(&log)
             .map_err(|e| DriverError::io(format!("create {}", log.display()), e))?;
-        let mut child = tokio::process::Command::new(&self.binary)
+        // Its own systemd scope when systemd runs the host: outside the agent's cgroup.
+        let unit = format!("converge-dnsmasq-{}", hash.get(..12).unwrap_or(hash));
+        let mut child = tokio::process::Command::from(daemon_command(&self.binary, &unit, None))
             .arg(format!("--conf-file={}", conf.display()))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

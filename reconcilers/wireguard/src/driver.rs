@@ -20,7 +20,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -377,7 +377,12 @@ impl System {
         // A socket left by a killed wireguard-go (kill -9 leaves it behind).
         let _ = std::fs::remove_file(&sock);
         std::fs::create_dir_all(UAPI_DIR).map_err(|e| DriverError::io(UAPI_DIR, e))?;
-        let mut cmd = Command::new(&self.config.wireguard_go);
+        // Its own systemd scope when systemd runs the host: outside the agent's cgroup.
+        let mut cmd = converge_core::process::daemon_command(
+            &self.config.wireguard_go,
+            &format!("converge-wireguard-go-{iface}"),
+            None,
+        );
         cmd.arg(iface)
             .env_remove("WG_PROCESS_FOREGROUND")
             .env_remove("LOG_LEVEL")

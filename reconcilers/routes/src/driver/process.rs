@@ -167,14 +167,20 @@ pub async fn start(
     let log2 = log
         .try_clone()
         .map_err(|e| DriverError::io("duplicate log handle", e))?;
-    let mut cmd = tokio::process::Command::new(binary);
+    // Its own systemd scope when systemd runs the host (outside the agent's cgroup),
+    // started as `run_as`.
+    let instance = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut cmd = tokio::process::Command::from(converge_core::process::daemon_command(
+        binary,
+        &format!("converge-caddy-{instance}"),
+        run_as.map(|u| (u.uid, u.gid)),
+    ));
     cmd.env_clear();
     for (k, v) in std::env::vars_os().filter(|(k, _)| PASSED_ENV.iter().any(|p| k == *p)) {
         cmd.env(k, v);
-    }
-    if let Some(u) = run_as {
-        // std drops the supplementary groups too when it changes the uid from root.
-        cmd.uid(u.uid).gid(u.gid);
     }
     cmd.arg("start")
         .arg("--config")

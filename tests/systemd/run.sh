@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# ok() and bad() never fail, so `test && ok || bad` is an if-then-else here.
+# shellcheck disable=SC2015
+# converge under a real systemd 252: boots the cached Debian 12 root (tests/systemd/root.sh)
+# with systemd-nspawn on a private network (an overlay keeps the cache clean), installs the
+# debug binary and systemd/converge.service, and checks: start returns once READY; the
+# status of a stopped agent (exit 3, never "Converged"); dnsmasq in its own scope survives
+# `systemctl kill -s KILL` and `systemctl stop` with no left-over-process warning; the
+# watchdog restarts a stalled engine (debug fault); install/update.sh to a good build, to
+# a broken one (rolled back, converge.prev kept), and with a wrong checksum (refused,
+# nothing restarted). Containers are left out (no podman in the root). Needs root.
+# Usage: tests/systemd/run.sh [BINARY]   (default: $CARGO_TARGET_DIR/debug/converge)
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+bin=${1:-${CARGO_TARGET_DIR:-$repo/target}/debug/converge}
+[[ -x $bin ]] || { echo "systemd test: no binary at $bin (cargo build first)" >&2; exit 1; }
+root=$("$repo/tests/systemd/root.sh")
+work=$(mktemp -d /var/tmp/converge-sysd-work.XXXXXX)
+nspawn_pid="" pid1=""
+failures=0
+
+log() { printf 'systemd test: %s\n' "$*" >&2; }
+ok() { log "ok: $*"; }
+bad() { log "FAIL: $*"; failures=$((failures + 1)); }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+# Runs a command inside the booted root.
+inside() { nsenter -t "$pid1" -a -- "$@"; }
+
+cleanup() {
+  if [[ -n $pid1 ]]; then
+    inside systemctl poweroff >/dev/null 2>&1 || true
+  fi
+  if [[ -n $nspawn_pid ]]; then
+    for _ in $(seq 100); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.1; done
+    kill "$nspawn_pid" 2>/dev/null || true
+    wait "$nspawn_pid" 2>/dev/null || true
+  fi
+  if ((failures)); then
+    log "console log kept: $work/console.log"
+  else
+    rm -rf "$work"
+  fi
+}
+trap cleanup EXIT
+
+# What the root sees under /t.
+cp "$bin" "$work/converge"
+# A different build that runs the same (update target): the same binary plus a byte.
+cp "$bin" "$work/converge-new" && printf '\n' >>"$work/converge-new"
+cp "$repo/systemd/converge.service" "$repo/install/update.sh" "$work/"
+cat >"$work/broken" <<'EOF'
+#!/bin/sh
+# A broken build: a valid --version and validate, but the agent exits at once.
+case " $* " in
+  *" --version "*) echo "converge 9.9.9 (broken)" ;;
+  *" validate "*) echo "valid" ;;
+  *) echo "broken build" >&2; exit 1 ;;
+esac
+EOF
+chmod 0755 "$work/broken"
+cat >"$work/dns.json" <<'EOF'
+{"apiVersion": "converge/v1", "node": {"id": "converge-sysd", "mode": "worker"},
+ "generation": 1, "issuedAt": "2025-01-01T00:00:00Z",
+ "dns": {"zone": "internal", "listen": ["127.0.0.1"], "port": 53, "upstreams": ["10.99.0.1"],
+         "ttl": 60, "records": [{"name": "web.internal", "type": "A", "values": ["10.89.7.10"]}]}}
+EOF
+
+log "booting $root"
+booted=$(now)
+systemd-nspawn --quiet --register=no --keep-unit --private-network --volatile=overlay \
+  --hostname=converge-sysd --bind-ro="$work:/t" -D "$root" --boot \
+  </dev/null >"$work/console.log" 2>&1 &
+nspawn_pid=$!
+for _ in $(seq 200); do
+  pid1=$(pgrep -P "$nspawn_pid" -x systemd || true)
+  [[ -n $pid1 ]] && break
+  sleep 0.1
+done
+[[ -n $pid1 ]] || { bad "no systemd started"; exit 1; }
+inside systemctl is-system-running --wait >/dev/null 2>&1 || true
+log "booted in $(since "$booted") s (systemd $(inside systemctl --version | head -1 | cut -d' ' -f2))"
+
+inside install -m 0755 /t/converge /usr/local/bin/converge
+inside install -m 0644 /t/converge.service /etc/systemd/system/converge.service
+inside systemctl daemon-reload
+
+agent_json() { inside converge status --output json 2>/dev/null || true; }
+ready() { agent_json | grep -q '"ready": true'; }
+dnsmasq_pid() { inside pgrep -x dnsmasq | head -1; }
+wait_for() { # SECONDS COMMAND...
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.2
+  done
+}
+
+# 1. start returns only once READY (no document: nothing to wait for).
+t=$(now)
+inside systemctl start converge
+start_s=$(since "$t")
+if ready; then ok "start returned after READY (${start_s} s, no document)"; else bad "start returned before READY"; fi
+
+# 2. A document with a dns section; dnsmasq runs in its own scope.
+inside converge push /t/dns.json >/dev/null
+dns_converged() { agent_json | tr -d ' \n' | grep -q '"reconciler":"dns","state":"Converged"'; }
+wait_for 30 dns_converged || bad "dns did not converge: $(agent_json)"
+dpid=$(dnsmasq_pid)
+cgroup=$(inside cat "/proc/$dpid/cgroup")
+if [[ $cgroup == *converge-dnsmasq-*.scope* ]]; then ok "dnsmasq $dpid in its own scope (${cgroup##*/})"; else bad "dnsmasq cgroup: $cgroup"; fi
+
+# 3. A restart with a document: start returns once every first pass is done.
+t=$(now)
+inside systemctl restart converge
+restart_s=$(since "$t")
+if ready; then ok "restart returned after READY with every first pass done (${restart_s} s)"; else bad "restart returned before READY: $(agent_json)"; fi
+status_line=$(inside systemctl show -p StatusText --value converge)
+[[ $status_line == "generation 1:"* ]] && ok "STATUS=$status_line" || bad "STATUS=$status_line"
+[[ $(dnsmasq_pid) == "$dpid" ]] && ok "dnsmasq kept its pid through the restart" || bad "dnsmasq restarted"
+
+# 4. SIGKILL of the whole unit leaves dnsmasq serving.
+inside systemctl kill -s KILL converge
+sleep 0.5
+if inside kill -0 "$dpid" 2>/dev/null; then ok "systemctl kill -s KILL left dnsmasq $dpid running"; else bad "dnsmasq died with the agent"; fi
+wait_for 30 ready || bad "agent not back after kill"
+
+# 5. stop: dnsmasq stays; status says the agent is not running (exit 3), never "Converged".
+inside systemctl stop converge
+inside kill -0 "$dpid" 2>/dev/null && ok "systemctl stop left dnsmasq running" || bad "dnsmasq stopped with the agent"
+set +e
+out=$(inside converge status 2>&1)
+rc=$?
+set -e
+if [[ $rc == 3 && $out == *"not running"* && $out != *Converged* ]]; then ok "status of a stopped agent: exit 3, no 'Converged'"; else bad "status of a stopped agent: exit $rc: $out"; fi
+leftover=$(inside journalctl -u converge -o cat --no-pager | grep -c "left-over process" || true)
+[[ $leftover == 0 ]] && ok "no left-over process warning" || bad "$leftover left-over process warnings"
+inside systemctl start converge
+
+# 6. Watchdog: a stalled engine gets the agent restarted.
+inside mkdir -p /run/systemd/system/converge.service.d
+inside sh -c 'printf "[Service]\nEnvironment=CONVERGE_DEBUG_STALL_ENGINE=1\nWatchdogSec=3s\n" >/run/systemd/system/converge.service.d/stall.conf'
+inside systemctl daemon-reload
+restarts=$(inside systemctl show -p NRestarts --value converge)
+t=$(now)
+inside systemctl restart converge
+restarted() { (($(inside systemctl show -p NRestarts --value converge) > restarts)); }
+if wait_for 30 restarted; then
+  ok "watchdog restarted the stalled agent ($(since "$t") s after start; $(inside journalctl -u converge -o cat --no-pager | grep -c 'Watchdog timeout') watchdog timeouts logged)"
+else
+  bad "the stalled agent was not restarted"
+fi
+inside rm -rf /run/systemd/system/converge.service.d
+inside systemctl daemon-reload
+inside systemctl restart converge
+inside kill -0 "$dpid" 2>/dev/null || bad "dnsmasq died during the watchdog test"
+
+# 7. update.sh to a good build.
+orig=$(inside sha256sum /usr/local/bin/converge | cut -d' ' -f1)
+new=$(sha256sum "$work/converge-new" | cut -d' ' -f1)
+t=$(now)
+set +e
+inside /t/update.sh --binary /t/converge-new --sha256 "$new" --timeout 60 2>"$work/update.log"
+rc=$?
+set -e
+update_s=$(since "$t")
+if [[ $rc == 0 && $(inside sha256sum /usr/local/bin/converge | cut -d' ' -f1) == "$new" &&
+  $(inside sha256sum /usr/local/bin/converge.prev | cut -d' ' -f1) == "$orig" ]] && ready; then
+  ok "update to a good build in ${update_s} s (converge.prev = the previous binary)"
+else
+  bad "update to a good build: exit $rc: $(cat "$work/update.log")"
+fi
+[[ $(dnsmasq_pid) == "$dpid" ]] || bad "dnsmasq changed during the update"
+
+# 8. update.sh to a broken build: rolled back, converge.prev untouched.
+t=$(now)
+set +e
+inside /t/update.sh --binary /t/broken --local-build --timeout 60 2>"$work/rollback.log"
+rc=$?
+set -e
+rollback_s=$(since "$t")
+if [[ $rc == 13 && $(inside sha256sum /usr/local/bin/converge | cut -d' ' -f1) == "$new" &&
+  $(inside sha256sum /usr/local/bin/converge.prev | cut -d' ' -f1) == "$orig" ]] && ready; then
+  ok "broken build rolled back in ${rollback_s} s: $(grep -o 'FAILED at restart.*' "$work/rollback.log" | cut -c1-100)"
+else
+  bad "broken build: exit $rc: $(cat "$work/rollback.log")"
+fi
+[[ $(dnsmasq_pid) == "$dpid" ]] || bad "dnsmasq changed during the rollback"
+
+# 9. Checksum mismatch: refused, nothing changed, nothing restarted.
+main_pid=$(inside systemctl show -p MainPID --value converge)
+set +e
+inside /t/update.sh --binary /t/converge --sha256 "$(printf '0%.0s' {1..64})" 2>"$work/refused.log"
+rc=$?
+set -e
+if [[ $rc == 10 && $(inside sha256sum /usr/local/bin/converge | cut -d' ' -f1) == "$new" &&
+  $(inside systemctl show -p MainPID --value converge) == "$main_pid" ]]; then
+  ok "checksum mismatch refused (exit 10), binary and agent unchanged"
+else
+  bad "checksum mismatch: exit $rc: $(cat "$work/refused.log")"
+fi
+
+log "timings: start ${start_s} s, restart with a document ${restart_s} s, update ${update_s} s, rollback ${rollback_s} s"
+if ((failures)); then
+  log "$failures check(s) failed"
+  exit 1
+fi
+log "all checks passed"
