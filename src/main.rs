@@ -7,8 +7,19 @@ fn main() -> ExitCode {
     converge::privacy::harden_process();
     let cli = converge::cli::Cli::parse();
     converge::cli::init_tracing(cli.log_format);
-    if matches!(cli.command, converge::cli::Command::Agent { .. }) {
-        converge::memory::limit_arenas();
+    use converge::cli::{Command, ControlPlaneCommand};
+    match &cli.command {
+        Command::Agent { .. } => converge::memory::limit_arenas(),
+        Command::ControlPlane {
+            command: ControlPlaneCommand::Serve { .. },
+        } => {}
+        // Output piped into `grep -q` or `head` ends the command quietly when the reader
+        // goes away, as with other Unix tools (Rust ignores SIGPIPE, so a print would
+        // panic). The daemons keep ignoring it: a peer closing a socket is handled there.
+        // SAFETY: resetting a signal disposition to its default before any thread starts.
+        _ => unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        },
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -22,6 +22,17 @@ pub const DOMAIN: &str = "converge/artifact/v1";
 /// The install scripts, as built into this binary (the plane serves its own release's).
 pub const SETUP_SH: &str = include_str!("../../install/setup.sh");
 pub const UPDATE_SH: &str = include_str!("../../install/update.sh");
+/// The systemd units setup.sh installs, by name.
+pub const UNITS: [(&str, &str); 2] = [
+    (
+        "converge.service",
+        include_str!("../../systemd/converge.service"),
+    ),
+    (
+        "converge-proxy.service",
+        include_str!("../../systemd/converge-proxy.service"),
+    ),
+];
 
 /// One downloadable file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +55,22 @@ pub struct Index {
     /// Name of the agent binary of the plane's own release (`converge-<version>-<arch>`).
     pub agent: String,
     pub artifacts: Vec<Artifact>,
+}
+
+impl Index {
+    /// The index as lines a shell script reads without a JSON parser:
+    /// `signing-key <base64>`, `agent <name>`, then `artifact <name> <size> <sha256>
+    /// <signature>` per file.
+    pub fn to_text(&self) -> String {
+        let mut out = format!("signing-key {}\nagent {}\n", self.signing_key, self.agent);
+        for a in &self.artifacts {
+            out.push_str(&format!(
+                "artifact {} {} {} {}\n",
+                a.name, a.size, a.sha256, a.signature
+            ));
+        }
+        out
+    }
 }
 
 /// The name of this build's agent binary.

@@ -739,10 +739,22 @@ async fn script(text: &'static str) -> Response {
     ([("content-type", "text/x-shellscript")], text).into_response()
 }
 
-/// `GET /v1/artifacts`: what can be downloaded, signed.
-async fn artifacts(State(plane): State<Arc<Plane>>) -> Response {
+/// `GET /v1/artifacts`: what can be downloaded, signed (`.txt`: for shell scripts).
+async fn artifacts(State(plane): State<Arc<Plane>>, uri: Uri) -> Response {
     let key = lock(&plane.keys).signing.verifying_key();
-    Json(lock(&plane.catalog).index(&key)).into_response()
+    let index = lock(&plane.catalog).index(&key);
+    if uri.path().ends_with(".txt") {
+        return ([("content-type", "text/plain")], index.to_text()).into_response();
+    }
+    Json(index).into_response()
+}
+
+/// `GET /units/<name>`: the systemd units of this release.
+async fn unit(UrlPath(name): UrlPath<String>) -> Response {
+    match super::artifacts::UNITS.iter().find(|(n, _)| *n == name) {
+        Some((_, text)) => ([("content-type", "text/plain")], *text).into_response(),
+        None => err(StatusCode::NOT_FOUND, format!("no unit {name:?}")),
+    }
 }
 
 /// `GET /v1/artifacts/<name>`: the file, streamed.
@@ -919,7 +931,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             "/update.sh",
             axum::routing::get(|| script(super::artifacts::UPDATE_SH)),
         )
+        .route("/units/{name}", axum::routing::get(unit))
         .route("/v1/artifacts", axum::routing::get(artifacts))
+        .route("/v1/artifacts.txt", axum::routing::get(artifacts))
         .route("/v1/artifacts/{name}", axum::routing::get(artifact))
         .with_state(plane);
     let listener = tokio::net::TcpListener::bind(opts.listen)

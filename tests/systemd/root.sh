@@ -6,7 +6,9 @@
 # Usage: tests/systemd/root.sh
 set -euo pipefail
 
-PACKAGES=systemd,systemd-sysv,dbus,iproute2,nftables,dnsmasq-base,procps,wireguard-go,ca-certificates
+# What setup.sh installs on a worker with Podman (it finds them present), and what the
+# tests use inside (curl, openssl, xxd for setup.sh's download checks).
+PACKAGES=systemd,systemd-sysv,dbus,iproute2,nftables,dnsmasq-base,procps,wireguard-go,wireguard-tools,ca-certificates,curl,openssl,xxd,podman,borgbackup
 key=$(printf '%s' "$PACKAGES" | sha256sum | cut -c1-12)
 root=/var/tmp/converge-sysd-root-$key
 

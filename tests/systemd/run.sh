@@ -25,6 +25,15 @@ ok() { log "ok: $*"; }
 bad() { log "FAIL: $*"; failures=$((failures + 1)); }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+wait_for() { # SECONDS COMMAND...
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.2
+  done
+}
+
 # Runs a command inside the booted root.
 inside() { nsenter -t "$pid1" -a -- "$@"; }
 
@@ -67,20 +76,104 @@ cat >"$work/dns.json" <<'EOF'
          "ttl": 60, "records": [{"name": "web.internal", "type": "A", "values": ["10.89.7.10"]}]}}
 EOF
 
-log "booting $root"
-booted=$(now)
-systemd-nspawn --quiet --register=no --keep-unit --private-network --volatile=overlay \
-  --hostname=converge-sysd --bind-ro="$work:/t" -D "$root" --boot \
-  </dev/null >"$work/console.log" 2>&1 &
-nspawn_pid=$!
-for _ in $(seq 200); do
-  pid1=$(pgrep -P "$nspawn_pid" -x systemd || true)
-  [[ -n $pid1 ]] && break
-  sleep 0.1
-done
-[[ -n $pid1 ]] || { bad "no systemd started"; exit 1; }
-inside systemctl is-system-running --wait >/dev/null 2>&1 || true
-log "booted in $(since "$booted") s (systemd $(inside systemctl --version | head -1 | cut -d' ' -f2))"
+# Boots a fresh copy of the root (an overlay: every boot starts from the cached root).
+boot() {
+  log "booting $root"
+  booted=$(now)
+  systemd-nspawn --quiet --register=no --keep-unit --private-network --volatile=overlay \
+    --hostname=converge-sysd --bind-ro="$work:/t" -D "$root" --boot \
+    </dev/null >>"$work/console.log" 2>&1 &
+  nspawn_pid=$!
+  pid1=""
+  for _ in $(seq 200); do
+    pid1=$(pgrep -P "$nspawn_pid" -x systemd || true)
+    [[ -n $pid1 ]] && break
+    sleep 0.1
+  done
+  [[ -n $pid1 ]] || { bad "no systemd started"; exit 1; }
+  # `--wait` returns at once while the manager does not answer yet: ask until it does.
+  booted_up() { [[ $(inside systemctl is-system-running 2>/dev/null) =~ ^(running|degraded)$ ]]; }
+  wait_for 60 booted_up || { bad "the root did not finish booting"; exit 1; }
+  log "booted in $(since "$booted") s (systemd $(inside systemctl --version | head -1 | cut -d' ' -f2))"
+}
+
+poweroff() {
+  inside systemctl poweroff >/dev/null 2>&1 || true
+  for _ in $(seq 100); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.1; done
+  wait "$nspawn_pid" 2>/dev/null || true
+  pid1="" nspawn_pid=""
+}
+
+# A control plane inside the root (HTTPS with a private CA, the debug binary as the
+# agent artifact, the host's pinned Caddy as caddy-<version>-<arch>) and a token;
+# sets plane_key and token.
+start_plane() {
+  inside mkdir -p /var/lib/cp-docs
+  inside systemd-run --quiet --unit=cp /t/converge control-plane serve --dir /var/lib/cp-docs \
+    --data /var/lib/cp --listen 127.0.0.1:8443 --tls-cert /t/tls.crt --tls-key /t/tls.key \
+    --artifacts /t/artifacts
+  wait_for 60 inside curl -fsS --cacert /t/ca.crt -o /dev/null https://127.0.0.1:8443/v1/artifacts.txt ||
+    bad "the plane does not answer"
+  token=$(inside /t/converge control-plane token --data /var/lib/cp --name converge-sysd 2>"$work/hint")
+  plane_key=$(grep -o 'SHA256:[^ ]*' "$work/hint")
+}
+
+# setup.sh as an operator runs it: fetched from the plane, piped to bash.
+setup_from_plane() { # OUTPUT-FILE ARGS...
+  local out=$1
+  shift
+  inside bash -c "curl -fsSL --cacert /t/ca.crt https://127.0.0.1:8443/setup.sh | bash -s -- --url https://127.0.0.1:8443 --ca /t/ca.crt $*" >"$out" 2>&1
+}
+
+# shellcheck source=/dev/null
+. "$repo/benches/test_ca.sh"
+make_test_ca "$work"
+chmod 0644 "$work/tls.key"
+mkdir -p "$work/artifacts"
+if [[ -x /opt/converge/caddy/bin/caddy ]]; then
+  caddy_version=$(/opt/converge/caddy/bin/caddy version | cut -d' ' -f1 | tr -d v)
+  cp /opt/converge/caddy/bin/caddy "$work/artifacts/caddy-$caddy_version-$(uname -m)"
+fi
+
+boot
+
+# 0. A fresh worker: setup.sh served by the plane installs, enrolls, starts, checks health;
+# a second run changes nothing; a wrong plane key is refused before anything is installed.
+start_plane
+set +e
+setup_from_plane "$work/setup-bad-key.log" --token "$token" --plane-key SHA256:AAAA
+rc=$?
+set -e
+if [[ $rc != 0 ]] && grep -q 'FAILED at \[3/9\] fetching converge' "$work/setup-bad-key.log" &&
+  ! inside test -e /usr/local/bin/converge; then
+  ok "setup.sh refused a plane key other than the pinned one, nothing installed"
+else
+  bad "setup.sh with a wrong plane key: exit $rc: $(cat "$work/setup-bad-key.log")"
+fi
+t=$(now)
+set +e
+setup_from_plane "$work/setup.log" --token "$token" --plane-key "$plane_key"
+rc=$?
+set -e
+setup_s=$(since "$t")
+if [[ $rc == 0 ]] && grep -q '^\[9/9\] checking health' "$work/setup.log" && grep -q 'healthy' "$work/setup.log" &&
+  inside test -f /var/lib/converge/control.json && inside systemctl is-active --quiet converge &&
+  inside /t/converge control-plane nodes --data /var/lib/cp | grep -q converge-sysd; then
+  ok "setup.sh from the plane: installed, enrolled, started, healthy in ${setup_s} s ($(grep -o 'stage times:.*' "$work/setup.log"))"
+else
+  bad "setup.sh from the plane: exit $rc: $(cat "$work/setup.log")"
+fi
+main_pid=$(inside systemctl show -p MainPID --value converge)
+set +e
+setup_from_plane "$work/setup-again.log" --token "$token" --plane-key "$plane_key"
+rc=$?
+set -e
+changed=$(grep -E '^      (installed|wrote|created|switching|converge.service (started|restarted))' "$work/setup-again.log" || true)
+if [[ $rc == 0 && -z $changed && $(inside systemctl show -p MainPID --value converge) == "$main_pid" ]]; then
+  ok "setup.sh again: nothing changed ($(grep -c 'unchanged' "$work/setup-again.log") stages said unchanged)"
+else
+  bad "setup.sh again: exit $rc, changed: $changed: $(cat "$work/setup-again.log")"
+fi
 
 inside install -m 0755 /t/converge /usr/local/bin/converge
 inside install -m 0644 /t/converge.service /etc/systemd/system/converge.service
@@ -89,14 +182,6 @@ inside systemctl daemon-reload
 agent_json() { inside converge status --output json 2>/dev/null || true; }
 ready() { agent_json | grep -q '"ready": true'; }
 dnsmasq_pid() { inside pgrep -x dnsmasq | head -1; }
-wait_for() { # SECONDS COMMAND...
-  local deadline=$((SECONDS + $1))
-  shift
-  until "$@"; do
-    ((SECONDS < deadline)) || return 1
-    sleep 0.2
-  done
-}
 
 # 1. start returns only once READY (no document: nothing to wait for).
 t=$(now)
@@ -202,7 +287,25 @@ else
   bad "checksum mismatch: exit $rc: $(cat "$work/refused.log")"
 fi
 
-log "timings: start ${start_s} s, restart with a document ${restart_s} s, update ${update_s} s, rollback ${rollback_s} s"
+# 10. A fresh proxy through setup.sh --proxy: Caddy from the plane, verified; the proxy unit.
+poweroff
+boot
+start_plane
+t=$(now)
+set +e
+setup_from_plane "$work/setup-proxy.log" --proxy --token "$token" --plane-key "$plane_key"
+rc=$?
+set -e
+proxy_s=$(since "$t")
+if [[ $rc == 0 ]] && grep -q 'caddy-.*(SHA-256 and signature verified)' "$work/setup-proxy.log" &&
+  inside systemctl is-active --quiet converge-proxy && inside id -u converge-caddy >/dev/null &&
+  inside converge status | grep -q 'ready'; then
+  ok "setup.sh --proxy from the plane in ${proxy_s} s ($(grep -o 'stage times:.*' "$work/setup-proxy.log"))"
+else
+  bad "setup.sh --proxy: exit $rc: $(cat "$work/setup-proxy.log")"
+fi
+
+log "timings: setup (worker) ${setup_s} s, setup (proxy) ${proxy_s} s, start ${start_s} s, restart with a document ${restart_s} s, update ${update_s} s, rollback ${rollback_s} s"
 if ((failures)); then
   log "$failures check(s) failed"
   exit 1
