@@ -16,6 +16,8 @@
 #   --sha256       its expected SHA-256 (required with --binary)
 #   --local-build  --binary is a build of your own: skip the checksum
 #   --timeout S    seconds to wait for the restarted agent (default 300, or CONVERGE_UPDATE_TIMEOUT)
+#   --report FILE  write the outcome there as JSON ({"sha256", "exit", "message"}): the
+#                  agent's self-update reads it after the restart or the rollback
 # Exit codes: 0 updated (or already this binary); 2 usage; 10 verify; 11 check;
 #   12 install; 13 restart failed and rolled back; 14 rollback failed too.
 set -euo pipefail
@@ -26,7 +28,11 @@ DATA_DIR=${CONVERGE_DATA_DIR:-/var/lib/converge}
 timeout=${CONVERGE_UPDATE_TIMEOUT:-300}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd) || repo=""
 
-log() { printf 'update.sh: %s\n' "$*" >&2; }
+message=""
+log() {
+  message=$*
+  printf 'update.sh: %s\n' "$*" >&2
+}
 # fail CODE STAGE MESSAGE
 fail() {
   log "FAILED at $2: $3"
@@ -39,13 +45,27 @@ usage() {
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
-binary="" sha256="" local_build=false
+binary="" sha256="" local_build=false report="" actual="" cleanup=()
+# On every exit: temporary files go, and the outcome is reported if asked.
+# shellcheck disable=SC2317  # called by the EXIT trap
+finish() {
+  local rc=$?
+  ((${#cleanup[@]})) && rm -rf "${cleanup[@]}"
+  if [[ -n $report ]]; then
+    local msg
+    msg=$(printf '%s' "$message" | sed 's/\\/\\\\/g; s/"/\\"/g' | tr -d '\000-\037')
+    printf '{"sha256": "%s", "exit": %d, "message": "%s"}\n' "${sha256:-$actual}" "$rc" "$msg" >"$report.tmp" &&
+      mv -f "$report.tmp" "$report"
+  fi
+}
+trap finish EXIT
 while (($#)); do
   case $1 in
     --binary) binary=${2:-}; [[ -n $binary ]] || usage; shift ;;
     --sha256) sha256=${2:-}; [[ -n $sha256 ]] || usage; shift ;;
     --local-build) local_build=true ;;
     --timeout) timeout=${2:-}; [[ $timeout =~ ^[0-9]+$ ]] || usage; shift ;;
+    --report) report=${2:-}; [[ -n $report ]] || usage; shift ;;
     -h | --help) usage ;;
     *) log "unknown argument: $1"; usage ;;
   esac
@@ -76,16 +96,17 @@ dir=$(dirname "$BIN")
 new=$(mktemp "$dir/.converge.new.XXXXXX")
 old=$(mktemp "$dir/.converge.old.XXXXXX")
 check_dir=$(mktemp -d)
-trap 'rm -rf "$new" "$old" "$check_dir"' EXIT
+cleanup=("$new" "$old" "$check_dir")
 
 log "[1/5] verify: $binary"
 # Copied first, then checked: what is verified is what gets installed.
 cp "$binary" "$new"
 chmod 0755 "$new"
 actual=$(sha256sum "$new" | cut -d' ' -f1)
+sha256=${sha256,,}
 if [[ -n $sha256 ]]; then
-  [[ $actual == "${sha256,,}" ]] ||
-    fail 10 verify "checksum mismatch for $binary: expected ${sha256,,}, got $actual; nothing changed"
+  [[ $actual == "$sha256" ]] ||
+    fail 10 verify "checksum mismatch for $binary: expected $sha256, got $actual; nothing changed"
 else
   log "  --local-build: not verified (sha256 $actual)"
 fi

@@ -85,6 +85,9 @@ pub struct Document {
     /// Node metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<converge_metadata::MetadataSpec>,
+    /// The converge build this node runs (self-update with rollback; needs systemd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<converge_selfupdate::AgentSpec>,
     /// Secret values sealed to this node: secret name → base64 of an X25519 sealed box
     /// (libsodium `crypto_box_seal`) made with the node's sealing key. Opened only in the
     /// agent's memory; the store keeps them sealed. A local file `<secrets dir>/<name>`

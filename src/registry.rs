@@ -147,7 +147,7 @@ fn containers(host: &HostOptions, node_id: &str, secrets: &SecretSource) -> Arc<
 
 /// Every reconciler, in document order (the containers reconciler also owns the
 /// `networks` section).
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     "containers",
     "wireguard",
     "firewall",
@@ -155,6 +155,7 @@ pub const ALL: [&str; 7] = [
     "routes",
     "backups",
     "metadata",
+    "agent",
 ];
 
 /// The dnsmasq binary: `$CONVERGE_DNSMASQ`, else Debian's path, else `dnsmasq` on PATH.
@@ -361,7 +362,28 @@ fn build(
         metadata(data_dir, serve),
         // Unmanaged on workers: validation refuses a routes section there.
         routes(data_dir, host, secrets),
+        selfupdate(data_dir),
     ]
+}
+
+/// The self-update reconciler: downloads under `<data_dir>/selfupdate`, trusting the
+/// control plane's CA (from join) besides the public roots.
+fn selfupdate(data_dir: &Path) -> Arc<dyn Section> {
+    let ca_pem = crate::control::protocol::ControlConfig::load(data_dir)
+        .ok()
+        .flatten()
+        .and_then(|c| c.ca_cert);
+    let host = converge_selfupdate::Host::new(converge_selfupdate::HostConfig {
+        dir: data_dir.join("selfupdate"),
+        data_dir: data_dir.to_path_buf(),
+        version: format!("converge {}", crate::VERSION),
+        update_script: crate::control::artifacts::UPDATE_SH,
+        ca_pem,
+    });
+    Arc::new(Bound::new(
+        converge_selfupdate::SelfUpdate::new(host),
+        |d: &Document| d.agent.as_ref().map(Cow::Borrowed),
+    ))
 }
 
 /// Whether the document has a section for reconciler `name`.
@@ -374,6 +396,7 @@ pub fn has_section(doc: &Document, name: &str) -> bool {
         "routes" => doc.routes.is_some(),
         "backups" => doc.backups.is_some(),
         "metadata" => doc.metadata.is_some(),
+        "agent" => doc.agent.is_some(),
         _ => false,
     }
 }

@@ -68,6 +68,9 @@ pub fn semantic(doc: &Document, problems: &mut Problems) {
     if let Some(m) = &doc.metadata {
         converge_metadata::validate(m, "$.metadata", problems);
     }
+    if let Some(a) = &doc.agent {
+        converge_selfupdate::validate(a, "$.agent", problems);
+    }
     cross_section(doc, problems);
     container_networks(doc, &subnets, problems);
 }

@@ -23,6 +23,7 @@ fn doc(generation: u64) -> Arc<Document> {
         routes: None,
         backups: None,
         metadata: None,
+        agent: None,
         secrets: None,
     })
 }

@@ -112,7 +112,8 @@ start_plane() {
   inside systemd-run --quiet --unit=cp /t/converge control-plane serve --dir /var/lib/cp-docs \
     --data /var/lib/cp --listen 127.0.0.1:8443 --tls-cert /t/tls.crt --tls-key /t/tls.key \
     --artifacts /t/artifacts
-  wait_for 60 inside curl -fsS --cacert /t/ca.crt -o /dev/null https://127.0.0.1:8443/v1/artifacts.txt ||
+  plane_up() { inside curl -fsS --cacert /t/ca.crt -o /dev/null https://127.0.0.1:8443/v1/artifacts.txt 2>/dev/null; }
+  wait_for 60 plane_up ||
     bad "the plane does not answer"
   token=$(inside /t/converge control-plane token --data /var/lib/cp --name converge-sysd 2>"$work/hint")
   plane_key=$(grep -o 'SHA256:[^ ]*' "$work/hint")
@@ -130,6 +131,11 @@ setup_from_plane() { # OUTPUT-FILE ARGS...
 make_test_ca "$work"
 chmod 0644 "$work/tls.key"
 mkdir -p "$work/artifacts"
+# Builds the document's `agent` section names: another good build, and a broken one.
+arch=$(uname -m)
+good2=converge-0.1.0+two-$arch broken2=converge-9.9.9-$arch
+cp "$bin" "$work/artifacts/$good2" && printf '\n\n' >>"$work/artifacts/$good2"
+cp "$work/broken" "$work/artifacts/$broken2"
 if [[ -x /opt/converge/caddy/bin/caddy ]]; then
   caddy_version=$(/opt/converge/caddy/bin/caddy version | cut -d' ' -f1 | tr -d v)
   cp /opt/converge/caddy/bin/caddy "$work/artifacts/caddy-$caddy_version-$(uname -m)"
@@ -158,7 +164,7 @@ set -e
 setup_s=$(since "$t")
 if [[ $rc == 0 ]] && grep -q '^\[9/9\] checking health' "$work/setup.log" && grep -q 'healthy' "$work/setup.log" &&
   inside test -f /var/lib/converge/control.json && inside systemctl is-active --quiet converge &&
-  inside /t/converge control-plane nodes --data /var/lib/cp | grep -q converge-sysd; then
+  [[ $(inside /t/converge control-plane nodes --data /var/lib/cp) == *converge-sysd* ]]; then
   ok "setup.sh from the plane: installed, enrolled, started, healthy in ${setup_s} s ($(grep -o 'stage times:.*' "$work/setup.log"))"
 else
   bad "setup.sh from the plane: exit $rc: $(cat "$work/setup.log")"
@@ -287,7 +293,53 @@ else
   bad "checksum mismatch: exit $rc: $(cat "$work/refused.log")"
 fi
 
-# 10. A fresh proxy through setup.sh --proxy: Caddy from the plane, verified; the proxy unit.
+# 10. Self-update through the signed document (the agent is enrolled with the plane in
+# the root): a new build installed with verification and a restart; then a broken build,
+# rolled back, reported in status and never tried again.
+publish() { # GENERATION AGENT-SECTION
+  inside sh -c 'cat >/var/lib/cp-docs/.next && mv /var/lib/cp-docs/.next /var/lib/cp-docs/converge-sysd.json' <<EOF
+{"apiVersion": "converge/v1", "node": {"id": "converge-sysd", "mode": "worker"},
+ "generation": $1, "issuedAt": "2025-01-01T00:00:00Z", "agent": $2,
+ "dns": {"zone": "internal", "listen": ["127.0.0.1"], "port": 53, "upstreams": ["10.99.0.1"],
+         "ttl": 60, "records": [{"name": "web.internal", "type": "A", "values": ["10.89.7.10"]}]}}
+EOF
+}
+agent_section() { # VERSION ARTIFACT
+  printf '{"version": "%s", "url": "https://127.0.0.1:8443/v1/artifacts/%s", "sha256": "%s", "timeoutSecs": 60}' \
+    "$1" "$2" "$(sha256sum "$work/artifacts/$2" | cut -d' ' -f1)"
+}
+running_sha() { inside sha256sum /usr/local/bin/converge | cut -d' ' -f1; }
+before=$(running_sha)
+want=$(sha256sum "$work/artifacts/$good2" | cut -d' ' -f1)
+t=$(now)
+publish 2 "$(agent_section 0.1.0 "$good2")"
+self_updated() { [[ $(running_sha) == "$want" ]] && ready && agent_json | tr -d ' \n' | grep -q '"reconciler":"agent","state":"Converged"'; }
+if wait_for 120 self_updated; then
+  selfupdate_s=$(since "$t")
+  [[ $(inside sha256sum /usr/local/bin/converge.prev | cut -d' ' -f1) == "$before" ]] || bad "converge.prev is not the build before the self-update"
+  ok "self-update to $good2 from the document in ${selfupdate_s} s (download, verify, swap, restart, READY)"
+else
+  bad "self-update did not happen: $(inside converge status 2>&1 | head -20)"
+fi
+[[ $(dnsmasq_pid) == "$dpid" ]] || bad "dnsmasq changed during the self-update"
+t=$(now)
+publish 3 "$(agent_section 9.9.9 "$broken2")"
+refused() { [[ $(inside converge status 2>/dev/null) == *'update to 9.9.9 failed (update.sh exit 13'* ]]; }
+if wait_for 120 refused && [[ $(running_sha) == "$want" ]] && ready; then
+  selfrollback_s=$(since "$t")
+  stamp=$(inside stat -c %Y /var/lib/converge/selfupdate/result.json)
+  sleep 8
+  if [[ $(inside stat -c %Y /var/lib/converge/selfupdate/result.json) == "$stamp" ]] && [[ $(running_sha) == "$want" ]]; then
+    ok "broken build from the document rolled back and reported in ${selfrollback_s} s, not tried again"
+  else
+    bad "the broken build was tried again"
+  fi
+else
+  bad "broken self-update: $(inside converge status 2>&1 | head -20)"
+fi
+[[ $(dnsmasq_pid) == "$dpid" ]] || bad "dnsmasq changed during the self-update rollback"
+
+# 11. A fresh proxy through setup.sh --proxy: Caddy from the plane, verified; the proxy unit.
 poweroff
 boot
 start_plane
@@ -299,13 +351,13 @@ set -e
 proxy_s=$(since "$t")
 if [[ $rc == 0 ]] && grep -q 'caddy-.*(SHA-256 and signature verified)' "$work/setup-proxy.log" &&
   inside systemctl is-active --quiet converge-proxy && inside id -u converge-caddy >/dev/null &&
-  inside converge status | grep -q 'ready'; then
+  [[ $(inside converge status 2>&1) == *ready* ]]; then
   ok "setup.sh --proxy from the plane in ${proxy_s} s ($(grep -o 'stage times:.*' "$work/setup-proxy.log"))"
 else
   bad "setup.sh --proxy: exit $rc: $(cat "$work/setup-proxy.log")"
 fi
 
-log "timings: setup (worker) ${setup_s} s, setup (proxy) ${proxy_s} s, start ${start_s} s, restart with a document ${restart_s} s, update ${update_s} s, rollback ${rollback_s} s"
+log "timings: setup (worker) ${setup_s} s, setup (proxy) ${proxy_s} s, start ${start_s} s, restart with a document ${restart_s} s, update ${update_s} s, rollback ${rollback_s} s, self-update ${selfupdate_s:-?} s, self-update rollback ${selfrollback_s:-?} s"
 if ((failures)); then
   log "$failures check(s) failed"
   exit 1
