@@ -1025,8 +1025,8 @@ fn nodes_text(nodes: &[crate::control::plane_store::NodeRecord]) -> String {
     use std::fmt::Write;
     let g = |v: Option<u64>| v.map(|g| g.to_string()).unwrap_or_else(|| "-".into());
     let mut out = format!(
-        "{:<20} {:>8} {:>9}  {:<24} CONDITIONS\n",
-        "NODE", "ACCEPTED", "CONVERGED", "LAST SEEN"
+        "{:<20} {:>8} {:>9}  {:<24} {:<20} CONDITIONS\n",
+        "NODE", "ACCEPTED", "CONVERGED", "LAST SEEN", "VERSION"
     );
     for n in nodes {
         let conditions: Vec<String> = n
@@ -1045,13 +1045,21 @@ fn nodes_text(nodes: &[crate::control::plane_store::NodeRecord]) -> String {
                     .collect()
             })
             .unwrap_or_default();
+        // The version the node last reported, else the one it enrolled with.
+        let version = n
+            .status
+            .as_ref()
+            .and_then(|s| s["facts"]["convergeVersion"].as_str())
+            .or_else(|| n.facts["convergeVersion"].as_str())
+            .unwrap_or("-");
         let _ = writeln!(
             out,
-            "{:<20} {:>8} {:>9}  {:<24} {}",
+            "{:<20} {:>8} {:>9}  {:<24} {:<20} {}",
             n.id,
             g(n.accepted_generation),
             g(n.converged_generation),
             n.last_seen.as_deref().unwrap_or("never"),
+            version,
             conditions.join(" ")
         );
         if let Some(r) = &n.refused {

@@ -27,7 +27,7 @@ pub fn facts(data_dir: &Path, host: &crate::registry::HostOptions, proxy: bool) 
         hostname: read("/proc/sys/kernel/hostname"),
         arch: std::env::consts::ARCH.to_string(),
         kernel: read("/proc/sys/kernel/osrelease"),
-        converge_version: env!("CARGO_PKG_VERSION").to_string(),
+        converge_version: crate::VERSION.to_string(),
         container_runtime: runtime.to_string(),
         wireguard_public_keys: wireguard_keys(data_dir),
         mode: if proxy { "proxy" } else { "worker" }.to_string(),

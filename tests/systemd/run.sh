@@ -164,7 +164,7 @@ set -e
 setup_s=$(since "$t")
 if [[ $rc == 0 ]] && grep -q '^\[9/9\] checking health' "$work/setup.log" && grep -q 'healthy' "$work/setup.log" &&
   inside test -f /var/lib/converge/control.json && inside systemctl is-active --quiet converge &&
-  [[ $(inside /t/converge control-plane nodes --data /var/lib/cp) == *converge-sysd* ]]; then
+  [[ $(inside /t/converge control-plane nodes --data /var/lib/cp) == *converge-sysd*"0.1.0 ("* ]]; then
   ok "setup.sh from the plane: installed, enrolled, started, healthy in ${setup_s} s ($(grep -o 'stage times:.*' "$work/setup.log"))"
 else
   bad "setup.sh from the plane: exit $rc: $(cat "$work/setup.log")"
