@@ -140,6 +140,22 @@ pub enum Command {
         /// Status warns when the document in force was issued longer ago (0: never).
         #[arg(long, env = "CONVERGE_MAX_DOCUMENT_AGE_DAYS", default_value_t = 30)]
         max_document_age_days: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464); off
+        /// by default.
+        #[arg(long, env = "CONVERGE_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
+    /// The event journal (what changed, why, when), oldest first, as the running agent
+    /// keeps it; `--follow` keeps printing new events.
+    Events {
+        /// Keep printing new events until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the newest events to print first.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFormat,
     },
     /// Hand a document to the running agent.
     Push { file: PathBuf },
@@ -417,6 +433,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             resync_secs,
             socket_group,
             max_document_age_days,
+            metrics_listen,
         } => {
             let engine = EngineConfig {
                 resync: Duration::from_secs(resync_secs.max(1)),
@@ -435,6 +452,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 limits,
                 socket: crate::privacy::SocketAccess::new(socket_group.as_deref())?,
                 max_document_age: Duration::from_secs(max_document_age_days.saturating_mul(86_400)),
+                metrics_listen,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -587,6 +605,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::ControlPlane { command } => control_plane(command, limits).await,
+        Command::Events {
+            follow,
+            limit,
+            output,
+        } => crate::events::run(&cli.data_dir, follow, limit, output).await,
     }
 }
 
@@ -798,6 +821,10 @@ async fn apply(
             objects: match verify.get(name) {
                 Some(PassResult::Ran { notes, .. }) => notes.clone(),
                 _ => Vec::new(),
+            },
+            owned: match verify.get(name) {
+                Some(PassResult::Ran { owned, .. }) => *owned,
+                _ => None,
             },
         })?;
     }

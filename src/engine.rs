@@ -40,6 +40,8 @@ pub enum PassResult {
         facts: Option<FactsUpdate>,
         notes: Vec<ObjectNote>,
         requeue_after: Option<Duration>,
+        /// How many objects the reconciler owns, as observed (`Reconciler::owned`).
+        owned: Option<u64>,
     },
     /// Observing the host failed (or the pass panicked / timed out): nothing applied.
     /// `transient` failures are retried soon without Degraded.
@@ -152,6 +154,7 @@ where
                 };
                 let published = r.publish(&observed);
                 let notes = r.notes(&observed);
+                let owned = r.owned(&observed);
                 let mut plan = r.plan(spec, &observed, &facts);
                 // Released before apply: a reconciler may update its cached view of the
                 // host in place once no pass holds it.
@@ -166,6 +169,7 @@ where
                     facts: published,
                     notes,
                     requeue_after,
+                    owned,
                 };
                 if dry_run || plan.is_empty() {
                     return ran(Vec::new());
@@ -198,6 +202,8 @@ pub struct EngineConfig {
     pub transient_retry: Duration,
     /// Transient failures in a row before they count as real ones (Degraded, back-off).
     pub max_transient_retries: u32,
+    /// Where each pass is counted (`--metrics-listen`); none: not counted.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Default for EngineConfig {
@@ -210,6 +216,7 @@ impl Default for EngineConfig {
             max_verify_passes: 3,
             transient_retry: Duration::from_millis(200),
             max_transient_retries: 5,
+            metrics: None,
         }
     }
 }
@@ -287,6 +294,7 @@ impl Engine {
                     reports: reports.clone(),
                     status: None,
                     notes: Vec::new(),
+                    owned: None,
                 };
                 tokio::spawn(
                     worker
@@ -337,6 +345,7 @@ struct Worker {
     reports: mpsc::UnboundedSender<Report>,
     status: Option<ReconcilerStatus>,
     notes: Vec<ObjectNote>,
+    owned: Option<u64>,
 }
 
 /// The timers and counters of one worker between passes.
@@ -430,6 +439,7 @@ impl Worker {
             // The pass is created inside its own task too, so even a panic while
             // building the future is contained.
             let section = self.section.clone();
+            let started = Instant::now();
             let mut handle =
                 tokio::spawn(async move { section.pass(doc, facts, false).await }.instrument(span));
             let result = tokio::select! {
@@ -450,6 +460,9 @@ impl Worker {
                 }
                 Err(e) => PassResult::failed(format!("pass aborted: {e}")),
             };
+            if let Some(m) = &self.cfg.metrics {
+                m.pass(self.section.name(), started.elapsed(), &reason, &result);
+            }
             let (verdict, waiting, journal) = self.judge(result, &mut sched);
             // Verify an apply at once, whatever else is scheduled.
             next = verdict.again.then_some(Reason::Verify);
@@ -510,8 +523,10 @@ impl Worker {
                 facts,
                 notes,
                 requeue_after,
+                owned,
             } => {
                 self.notes = notes;
+                self.owned = owned;
                 if let Some(update) = facts {
                     self.facts_tx
                         .send_if_modified(|f| Arc::make_mut(f).merge(update));
@@ -643,6 +658,7 @@ impl Worker {
             object_errors: verdict.errors,
             waiting,
             objects: self.notes.clone(),
+            owned: self.owned,
         };
         let unchanged = prev.as_ref().is_some_and(|p| {
             p.state == status.state
@@ -652,6 +668,7 @@ impl Worker {
                 && p.object_errors == status.object_errors
                 && p.waiting == status.waiting
                 && p.objects == status.objects
+                && p.owned == status.owned
         });
         if !unchanged || !journal.is_empty() {
             let _ = self.reports.send(Report {
