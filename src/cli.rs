@@ -24,6 +24,15 @@ use std::time::Duration;
     about = "Converges this host to a desired-state document"
 )]
 pub struct Cli {
+    /// Configuration file: one key per `converge agent` flag (src/config.rs); the
+    /// command line and CONVERGE_* variables override it.
+    #[arg(
+        long,
+        global = true,
+        env = "CONVERGE_CONFIG",
+        default_value = crate::config::DEFAULT_PATH
+    )]
+    pub config: PathBuf,
     /// Agent state directory (store, socket, reconciler files).
     #[arg(
         long,
@@ -33,7 +42,13 @@ pub struct Cli {
     )]
     pub data_dir: PathBuf,
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "CONVERGE_LOG_FORMAT",
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     #[command(flatten)]
     pub host: HostOptions,
@@ -124,14 +139,14 @@ pub enum Command {
     /// Run the node agent.
     Agent {
         /// Run as a proxy node (TLS and public routes).
-        #[arg(long)]
+        #[arg(long, env = "CONVERGE_PROXY")]
         proxy: bool,
         /// This node's id: documents for another node are refused, and containers are
         /// labelled with it. Defaults to the host name.
         #[arg(long, env = "CONVERGE_NODE_ID")]
         node_id: Option<String>,
         /// Seconds between drift-repair passes.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, env = "CONVERGE_RESYNC_SECS", default_value_t = 60)]
         resync_secs: u64,
         /// Members of this group may push documents and read the status through the
         /// agent socket (0660 root:GROUP); without it only root may.

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod document;
 pub mod engine;
