@@ -160,6 +160,20 @@ pub enum Command {
         #[arg(long, env = "CONVERGE_METRICS_LISTEN")]
         metrics_listen: Option<std::net::SocketAddr>,
     },
+    /// Decommission this node: remove what converge owns (managed containers and
+    /// networks, nftables tables inet converge and inet converge_proxy, the WireGuard
+    /// interface, dnsmasq, the Caddy pair). Refused while the agent runs: stop it first.
+    Reset {
+        /// List what would be removed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also remove the data directory (store, keys, enrollment).
+        #[arg(long)]
+        purge_state: bool,
+        /// The node id containers are labelled with (default: the accepted document's).
+        #[arg(long)]
+        node_id: Option<String>,
+    },
     /// The event journal (what changed, why, when), oldest first, as the running agent
     /// keeps it; `--follow` keeps printing new events.
     Events {
@@ -620,6 +634,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::ControlPlane { command } => control_plane(command, limits).await,
+        Command::Reset {
+            dry_run,
+            purge_state,
+            node_id,
+        } => {
+            crate::reset::reset(crate::reset::ResetOptions {
+                data_dir: &cli.data_dir,
+                host: &cli.host,
+                node_id,
+                dry_run,
+                purge_state,
+                limits: &limits,
+            })
+            .await
+        }
         Command::Events {
             follow,
             limit,

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod output;
 pub mod privacy;
 pub mod registry;
+pub mod reset;
 pub mod schema;
 pub mod status;
 pub mod store;

@@ -235,3 +235,64 @@ fn events_print_the_journal_and_follow_new_ones() {
     assert_eq!(e["generation"], 2);
     let _ = follow.kill();
 }
+
+#[test]
+fn reset_previews_then_removes_what_converge_owns() {
+    require_tool("dnsmasq");
+    require_tool("nft");
+    let node = TestNode::new("ops-reset");
+    let mut agent = start_agent(&node, &[]);
+    push_ok(&node, &doc(&node, 1, records(2)));
+    converged(&node, 1);
+    let dnsmasq = std::fs::read_to_string(data(&node).join("dns/dnsmasq.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .expect("dnsmasq pid");
+
+    // A running agent would put everything back: refused.
+    let out = converge(&node, &["reset", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop it first"));
+
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &agent.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(stopped.success());
+    let _ = agent.wait();
+
+    let out = converge(&node, &["reset", "--dry-run", "--purge-state"]);
+    let preview = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    for want in [
+        "nftables table inet converge".to_string(),
+        format!("dnsmasq pid {dnsmasq}"),
+        format!("data directory {}", data(&node).display()),
+    ] {
+        assert!(preview.contains(&want), "{want:?} missing from\n{preview}");
+    }
+    // The preview changed nothing.
+    node.run_ok("nft", ["list", "table", "inet", "converge"]);
+    assert!(common::sandbox::pid_alive(dnsmasq));
+
+    let out = converge(&node, &["reset", "--purge-state"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!node
+        .run("nft", ["list", "table", "inet", "converge"])
+        .status
+        .success());
+    wait_until(Duration::from_secs(5), "dnsmasq stopped", || {
+        !common::sandbox::pid_alive(dnsmasq)
+    });
+    assert!(!data(&node).exists(), "data directory purged");
+
+    let again = converge(&node, &["reset"]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing converge owns"));
+}
