@@ -174,6 +174,13 @@ pub enum Command {
         #[arg(long)]
         node_id: Option<String>,
     },
+    /// Write man pages or shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: crate::generate::What,
+        dir: PathBuf,
+    },
     /// The event journal (what changed, why, when), oldest first, as the running agent
     /// keeps it; `--follow` keeps printing new events.
     Events {
@@ -648,6 +655,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 limits: &limits,
             })
             .await
+        }
+        Command::Generate { what, dir } => {
+            crate::generate::generate(what, &dir)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Events {
             follow,

@@ -157,7 +157,9 @@ pub fn command(values: &BTreeMap<String, String>) -> clap::Command {
         if *root {
             cmd = cmd.mut_arg(id.as_str(), |a| a.default_value(value));
         } else {
-            cmd = cmd.mut_subcommand("agent", |s| s.mut_arg(id.as_str(), |a| a.default_value(value)));
+            cmd = cmd.mut_subcommand("agent", |s| {
+                s.mut_arg(id.as_str(), |a| a.default_value(value))
+            });
         }
     }
     cmd
@@ -223,7 +225,14 @@ mod tests {
     fn every_agent_flag_is_a_key_with_an_environment_variable() {
         let cmd = Cli::command();
         let keys = keys(&cmd);
-        for k in ["data-dir", "proxy", "resync-secs", "metrics-listen", "runtime", "max-items"] {
+        for k in [
+            "data-dir",
+            "proxy",
+            "resync-secs",
+            "metrics-listen",
+            "runtime",
+            "max-items",
+        ] {
             assert!(keys.contains_key(k), "{k} missing from {keys:?}");
         }
         let agent = cmd
@@ -257,8 +266,14 @@ mod tests {
         let config = Some(file.clone().into_os_string());
         // Default only (no file): the built-in values.
         let none = dir.path().join("absent.toml");
-        let cli = parse_from(args(&["--config", none.to_str().expect("utf-8"), "agent"]), None);
-        assert!(matches!(cli, Err(ParseError::Config(ConfigError::Read { .. }))));
+        let cli = parse_from(
+            args(&["--config", none.to_str().expect("utf-8"), "agent"]),
+            None,
+        );
+        assert!(matches!(
+            cli,
+            Err(ParseError::Config(ConfigError::Read { .. }))
+        ));
         // The file over the defaults.
         let cli = parse_from(args(&["agent"]), config.clone()).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(cli.data_dir, PathBuf::from("/srv/converge"));

@@ -236,7 +236,10 @@ impl Metrics {
         let g = |v: Option<u64>| v.and_then(|g| i64::try_from(g).ok()).unwrap_or(0);
         self.accepted_generation.set(g(snap.accepted));
         self.converged_generation
-            .set(g(status::converged_generation(snap.accepted, &snap.statuses)));
+            .set(g(status::converged_generation(
+                snap.accepted,
+                &snap.statuses,
+            )));
         self.reconciler_state.clear();
         self.observed_generation.clear();
         self.objects_owned.clear();
@@ -301,7 +304,9 @@ impl converge_core::observe::RequestObserver for Metrics {
 }
 
 /// Last successful run per schedule, from the backups record (`<data-dir>/backups/`).
-pub fn backups_record(data_dir: &std::path::Path) -> BTreeMap<String, chrono::DateTime<chrono::Utc>> {
+pub fn backups_record(
+    data_dir: &std::path::Path,
+) -> BTreeMap<String, chrono::DateTime<chrono::Utc>> {
     let file = converge_backups::driver::state::StateFile::new(&data_dir.join("backups"));
     match file.read() {
         Ok(state) => state

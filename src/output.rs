@@ -167,9 +167,7 @@ pub fn status_text(generation: Option<u64>, statuses: &[ReconcilerStatus], color
             s.observed_generation
                 .map(|g| g.to_string())
                 .unwrap_or_else(|| "-".into()),
-            s.owned
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "-".into()),
+            s.owned.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
             s.last_transition.format("%Y-%m-%dT%H:%M:%SZ"),
             s.message
         );

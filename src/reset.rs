@@ -45,7 +45,10 @@ enum Item {
     /// A change of the containers reconciler's delete plan (`container web`).
     Container(String),
     Table(&'static str),
-    Interface { name: String, pids: Vec<i32> },
+    Interface {
+        name: String,
+        pids: Vec<i32>,
+    },
     Dnsmasq(u32),
     Caddy(Vec<u32>),
     DataDir(PathBuf),
@@ -247,8 +250,9 @@ pub async fn reset(opts: ResetOptions<'_>) -> anyhow::Result<ExitCode> {
 
     // Containers first (they may use the networks, the firewall and DNS), state last.
     if items.iter().any(|i| matches!(i, Item::Container(_))) {
-        if let Some(PassResult::Ran { outcomes, .. }) =
-            run_once(&containers, workload, false).await.remove("containers")
+        if let Some(PassResult::Ran { outcomes, .. }) = run_once(&containers, workload, false)
+            .await
+            .remove("containers")
         {
             for o in outcomes {
                 match &o.error {

@@ -71,7 +71,9 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
         object: r.get(3)?,
         message: r.get(4)?,
         reason: r.get(5)?,
-        generation: r.get::<_, Option<i64>>(6)?.and_then(|g| u64::try_from(g).ok()),
+        generation: r
+            .get::<_, Option<i64>>(6)?
+            .and_then(|g| u64::try_from(g).ok()),
     })
 }
 
@@ -312,10 +314,7 @@ impl Store {
         let mut st = self.conn.prepare(&format!(
             "SELECT {EVENT_COLUMNS} FROM events ORDER BY id DESC LIMIT ?1"
         ))?;
-        let rows = st.query_map(
-            params![i64::try_from(limit).unwrap_or(i64::MAX)],
-            event_row,
-        )?;
+        let rows = st.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], event_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -81,16 +81,22 @@ fn agreement(node: &TestNode) -> (BTreeMap<String, String>, BTreeMap<String, Str
         );
         from_status.insert(format!("{name} owned"), r["owned"].to_string());
         let lbl = format!("{{reconciler=\"{name}\"");
-        let in_state = ["Pending", "Converged", "Progressing", "Degraded", "Unmanaged"]
-            .into_iter()
-            .filter(|s| {
-                series(
-                    &text,
-                    &format!("converge_reconciler_state{lbl},state=\"{s}\"}}"),
-                ) == Some(1.0)
-            })
-            .collect::<Vec<_>>()
-            .join("+");
+        let in_state = [
+            "Pending",
+            "Converged",
+            "Progressing",
+            "Degraded",
+            "Unmanaged",
+        ]
+        .into_iter()
+        .filter(|s| {
+            series(
+                &text,
+                &format!("converge_reconciler_state{lbl},state=\"{s}\"}}"),
+            ) == Some(1.0)
+        })
+        .collect::<Vec<_>>()
+        .join("+");
         from_metrics.insert(format!("{name} state"), in_state);
         from_metrics.insert(
             format!("{name} generation"),
@@ -110,13 +116,17 @@ fn agreement(node: &TestNode) -> (BTreeMap<String, String>, BTreeMap<String, Str
 }
 
 fn converged(node: &TestNode, generation: u64) {
-    wait_until(Duration::from_secs(15), "dns and firewall converged", || {
-        let st = status(node);
-        ["dns", "firewall"].iter().all(|n| {
-            let r = reconciler(&st, n);
-            r["state"] == "Converged" && r["observedGeneration"] == generation
-        })
-    });
+    wait_until(
+        Duration::from_secs(15),
+        "dns and firewall converged",
+        || {
+            let st = status(node);
+            ["dns", "firewall"].iter().all(|n| {
+                let r = reconciler(&st, n);
+                r["state"] == "Converged" && r["observedGeneration"] == generation
+            })
+        },
+    );
 }
 
 #[test]
@@ -219,7 +229,9 @@ fn events_print_the_journal_and_follow_new_ones() {
             }
         }
     });
-    let first = rx.recv_timeout(Duration::from_secs(5)).expect("newest event");
+    let first = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("newest event");
     assert!(first.contains("\"id\""), "{first}");
     push_ok(&node, &doc(&node, 2, records(3)));
     let mut seen = Vec::new();

@@ -43,17 +43,15 @@ impl<D: DnsDriver> Reconciler for Dns<D> {
             .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
             .count();
         let running = observed.running.first().map(|r| r.conf_hash.as_str());
-        let conf = running
-            .and_then(|h| observed.confs.get(h))
-            .map_or(0, |c| {
-                c.lines()
-                    .filter(|l| {
-                        ["host-record=", "cname=", "txt-record=", "srv-host="]
-                            .iter()
-                            .any(|p| l.starts_with(p))
-                    })
-                    .count()
-            });
+        let conf = running.and_then(|h| observed.confs.get(h)).map_or(0, |c| {
+            c.lines()
+                .filter(|l| {
+                    ["host-record=", "cname=", "txt-record=", "srv-host="]
+                        .iter()
+                        .any(|p| l.starts_with(p))
+                })
+                .count()
+        });
         Some((hosts + conf) as u64)
     }
 
