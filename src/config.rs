@@ -306,6 +306,26 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_default_file_names_every_key_and_parses_uncommented() {
+        let text = include_str!("../install/converge.toml");
+        let path = Path::new("install/converge.toml");
+        assert!(read(path, text).expect("all commented").is_empty());
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let values = read(path, &uncommented).unwrap_or_else(|e| panic!("{e}"));
+        for key in keys(&Cli::command()).keys() {
+            assert!(values.contains_key(key), "{key} missing from install/converge.toml");
+        }
+        command(&values)
+            .try_get_matches_from(args(&["agent"]))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_name_the_key_and_line() {
         let path = Path::new("/etc/converge/converge.toml");
         let err = read(path, "proxy = true\n\nresync_secs = 3\n").expect_err("unknown key");
