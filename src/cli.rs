@@ -139,7 +139,11 @@ pub enum Command {
     /// Run the node agent.
     Agent {
         /// Run as a proxy node (TLS and public routes).
-        #[arg(long, env = "CONVERGE_PROXY")]
+        #[arg(
+            long,
+            env = "CONVERGE_PROXY",
+            value_parser = clap::builder::BoolishValueParser::new()
+        )]
         proxy: bool,
         /// This node's id: documents for another node are refused, and containers are
         /// labelled with it. Defaults to the host name.

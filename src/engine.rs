@@ -485,6 +485,7 @@ impl Worker {
         };
         match result {
             PassResult::Unmanaged => {
+                self.owned = None;
                 sched.backoff.reset();
                 sched.verify_passes = 0;
                 sched.transient_streak = 0;

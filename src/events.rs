@@ -64,14 +64,31 @@ async fn ask(data_dir: &Path, req: &Request) -> anyhow::Result<Vec<Event>> {
     Ok(resp.events)
 }
 
-/// Prints the newest `limit` events, then (with `follow`) new ones as they come.
+/// The newest `limit` events from the store itself (root, when no agent answers).
+fn stored(data_dir: &Path, limit: u32) -> anyhow::Result<Vec<Event>> {
+    let store = crate::store::Store::open(&agent::store_path(data_dir))?;
+    let mut events = store.events(usize::try_from(limit).unwrap_or(usize::MAX))?;
+    events.reverse();
+    Ok(events)
+}
+
+/// Prints the newest `limit` events, then (with `follow`) new ones as they come. When
+/// no agent answers, the store's journal is printed (said so on stderr).
 pub async fn run(
     data_dir: &Path,
     follow: bool,
     limit: u32,
     output: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
-    let first = ask(data_dir, &Request::Events { after: None, limit }).await?;
+    let first = match ask(data_dir, &Request::Events { after: None, limit }).await {
+        Ok(events) => events,
+        Err(e) if agent::store_path(data_dir).exists() => {
+            let events = stored(data_dir, limit).map_err(|s| e.context(s))?;
+            eprintln!("agent not running: the journal as stored");
+            events
+        }
+        Err(e) => return Err(e),
+    };
     print(&first, output)?;
     if !follow {
         return Ok(ExitCode::SUCCESS);
