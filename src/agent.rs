@@ -53,12 +53,19 @@ pub enum Request {
     MetadataInspect {
         project: String,
     },
+    /// The event journal: the newest `limit` events, or (with `after`) up to `limit`
+    /// events after that id, oldest first (`converge events [--follow]`).
+    Events {
+        #[serde(default)]
+        after: Option<i64>,
+        limit: u32,
+    },
 }
 
 impl Request {
     fn access(&self) -> Access {
         match self {
-            Request::Push { .. } | Request::Status => Access::Operate,
+            Request::Push { .. } | Request::Status | Request::Events { .. } => Access::Operate,
             Request::MetadataInspect { .. } => Access::Inspect,
         }
     }
@@ -68,6 +75,7 @@ impl Request {
             Request::Push { .. } => "push",
             Request::Status => "read the status",
             Request::MetadataInspect { .. } => "inspect metadata",
+            Request::Events { .. } => "read the events",
         }
     }
 }
@@ -96,6 +104,9 @@ pub struct Response {
     /// The running agent itself, with `Status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentInfo>,
+    /// The answer to `Events`, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<crate::store::Event>,
 }
 
 /// The running agent, as `converge status` reports it.
@@ -158,6 +169,8 @@ pub struct AgentOptions {
     /// A document in force issued longer ago than this is reported in status (a node
     /// cut off from its control plane, a plane that stopped publishing); zero: never.
     pub max_document_age: Duration,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (`--metrics-listen`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 pub(crate) struct Shared {
@@ -274,6 +287,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         None => None,
     };
     let (tx, rx) = mpsc::unbounded_channel();
+    let mut engine_cfg = opts.engine.clone();
+    let metrics = opts.metrics_listen.map(|_| {
+        let m = Arc::new(crate::metrics::Metrics::new());
+        converge_core::observe::set_request_observer(m.clone());
+        engine_cfg.metrics = Some(m.clone());
+        m
+    });
     let sections = crate::registry::agent_sections(
         &opts.data_dir,
         &opts.host,
@@ -300,7 +320,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // the store) then sees every reconciler listed.
     let sock = socket_path(&opts.data_dir);
     let listener = bind_socket(&sock, opts.socket.gid()).await?;
-    let engine = Engine::start(sections, opts.engine, initial, tx);
+    let engine = Engine::start(sections, engine_cfg, initial, tx);
     let shared = Arc::new(Shared {
         store: Mutex::new(store),
         engine,
@@ -323,6 +343,21 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         started_at: chrono::Utc::now(),
     });
     let persister = tokio::spawn(persist_reports(shared.clone(), rx));
+    if let (Some(addr), Some(metrics)) = (opts.metrics_listen, metrics) {
+        let reader = shared.clone();
+        let snapshot = Arc::new(move || {
+            let store = lock(&reader.store);
+            let stored = stored_status(&store).unwrap_or_default();
+            drop(store);
+            crate::metrics::Snapshot {
+                accepted: stored.generation,
+                statuses: stored.statuses,
+                control: stored.control,
+                backups: crate::metrics::backups_record(&reader.data_dir),
+            }
+        });
+        crate::metrics::serve(addr, metrics, snapshot).await?;
+    }
     info!(socket = %sock.display(), ?mode, version = crate::VERSION, "agent started");
     tokio::spawn(notify_ready(shared.clone()));
     tokio::spawn(crate::notify::watchdog(
@@ -436,7 +471,18 @@ async fn persist_reports(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Re
         let res = tokio::task::spawn_blocking(move || {
             let mut store = lock(&writer.store);
             store.put_status(&report.status)?;
-            store.journal(&report.status.reconciler, &report.journal)?;
+            let reason = report
+                .status
+                .reason
+                .as_ref()
+                .map(|r| r.to_string())
+                .unwrap_or_default();
+            store.journal_why(
+                &report.status.reconciler,
+                &reason,
+                report.status.observed_generation,
+                &report.journal,
+            )?;
             drop(store);
             Ok::<_, StoreError>(status_line(&writer))
         })
@@ -485,6 +531,7 @@ async fn serve(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
         }
         Ok(Request::Status) => status(shared),
         Ok(Request::MetadataInspect { project }) => metadata_inspect(shared, &project),
+        Ok(Request::Events { after, limit }) => events(shared, after, limit),
         Err(e) => Response::error(format!("bad request: {e}")),
     };
     write.write_all(&serde_json::to_vec(&response)?).await?;
@@ -611,6 +658,27 @@ fn metadata_inspect(shared: &Shared, project: &str) -> Response {
             }
         }
         Ok(None) => Response::error(format!("no metadata project {project:?} on this node")),
+        Err(e) => Response::error(e.to_string()),
+    }
+}
+
+/// The journal, oldest first: the newest `limit` events, or those after `after`.
+fn events(shared: &Shared, after: Option<i64>, limit: u32) -> Response {
+    let limit = usize::try_from(limit.clamp(1, 10_000)).unwrap_or(10_000);
+    let store = lock(&shared.store);
+    let read = match after {
+        Some(id) => store.events_after(id, limit),
+        None => store.events(limit).map(|mut e| {
+            e.reverse();
+            e
+        }),
+    };
+    match read {
+        Ok(events) => Response {
+            ok: true,
+            events,
+            ..Default::default()
+        },
         Err(e) => Response::error(e.to_string()),
     }
 }

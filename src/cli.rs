@@ -24,6 +24,15 @@ use std::time::Duration;
     about = "Converges this host to a desired-state document"
 )]
 pub struct Cli {
+    /// Configuration file: one key per `converge agent` flag (src/config.rs); the
+    /// command line and CONVERGE_* variables override it.
+    #[arg(
+        long,
+        global = true,
+        env = "CONVERGE_CONFIG",
+        default_value = crate::config::DEFAULT_PATH
+    )]
+    pub config: PathBuf,
     /// Agent state directory (store, socket, reconciler files).
     #[arg(
         long,
@@ -33,7 +42,13 @@ pub struct Cli {
     )]
     pub data_dir: PathBuf,
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "CONVERGE_LOG_FORMAT",
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     #[command(flatten)]
     pub host: HostOptions,
@@ -124,14 +139,18 @@ pub enum Command {
     /// Run the node agent.
     Agent {
         /// Run as a proxy node (TLS and public routes).
-        #[arg(long)]
+        #[arg(
+            long,
+            env = "CONVERGE_PROXY",
+            value_parser = clap::builder::BoolishValueParser::new()
+        )]
         proxy: bool,
         /// This node's id: documents for another node are refused, and containers are
         /// labelled with it. Defaults to the host name.
         #[arg(long, env = "CONVERGE_NODE_ID")]
         node_id: Option<String>,
         /// Seconds between drift-repair passes.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, env = "CONVERGE_RESYNC_SECS", default_value_t = 60)]
         resync_secs: u64,
         /// Members of this group may push documents and read the status through the
         /// agent socket (0660 root:GROUP); without it only root may.
@@ -140,6 +159,43 @@ pub enum Command {
         /// Status warns when the document in force was issued longer ago (0: never).
         #[arg(long, env = "CONVERGE_MAX_DOCUMENT_AGE_DAYS", default_value_t = 30)]
         max_document_age_days: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464); off
+        /// by default.
+        #[arg(long, env = "CONVERGE_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
+    /// Decommission this node: remove what converge owns (managed containers and
+    /// networks, nftables tables inet converge and inet converge_proxy, the WireGuard
+    /// interface, dnsmasq, the Caddy pair). Refused while the agent runs: stop it first.
+    Reset {
+        /// List what would be removed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also remove the data directory (store, keys, enrollment).
+        #[arg(long)]
+        purge_state: bool,
+        /// The node id containers are labelled with (default: the accepted document's).
+        #[arg(long)]
+        node_id: Option<String>,
+    },
+    /// Write man pages or shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: crate::generate::What,
+        dir: PathBuf,
+    },
+    /// The event journal (what changed, why, when), oldest first, as the running agent
+    /// keeps it; `--follow` keeps printing new events.
+    Events {
+        /// Keep printing new events until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the newest events to print first.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFormat,
     },
     /// Hand a document to the running agent.
     Push { file: PathBuf },
@@ -219,6 +275,8 @@ pub enum MetadataCommand {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once per process: the size of one variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ControlPlaneCommand {
     /// Serve enrollment and documents from DIR (`<node-id>.json|yaml`, republished when
     /// a file changes); over NATS JetStream with --nats, else over HTTPS long poll.
@@ -428,6 +486,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             resync_secs,
             socket_group,
             max_document_age_days,
+            metrics_listen,
         } => {
             let engine = EngineConfig {
                 resync: Duration::from_secs(resync_secs.max(1)),
@@ -446,6 +505,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 limits,
                 socket: crate::privacy::SocketAccess::new(socket_group.as_deref())?,
                 max_document_age: Duration::from_secs(max_document_age_days.saturating_mul(86_400)),
+                metrics_listen,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -615,6 +675,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::ControlPlane { command } => control_plane(command, limits).await,
+        Command::Reset {
+            dry_run,
+            purge_state,
+            node_id,
+        } => {
+            crate::reset::reset(crate::reset::ResetOptions {
+                data_dir: &cli.data_dir,
+                host: &cli.host,
+                node_id,
+                dry_run,
+                purge_state,
+                limits: &limits,
+            })
+            .await
+        }
+        Command::Generate { what, dir } => {
+            crate::generate::generate(what, &dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events {
+            follow,
+            limit,
+            output,
+        } => crate::events::run(&cli.data_dir, follow, limit, output).await,
     }
 }
 
@@ -826,6 +910,10 @@ async fn apply(
             objects: match verify.get(name) {
                 Some(PassResult::Ran { notes, .. }) => notes.clone(),
                 _ => Vec::new(),
+            },
+            owned: match verify.get(name) {
+                Some(PassResult::Ran { owned, .. }) => *owned,
+                _ => None,
             },
         })?;
     }

@@ -41,6 +41,8 @@ pub enum PassResult {
         facts: Option<FactsUpdate>,
         notes: Vec<ObjectNote>,
         requeue_after: Option<Duration>,
+        /// How many objects the reconciler owns, as observed (`Reconciler::owned`).
+        owned: Option<u64>,
     },
     /// Observing the host failed (or the pass panicked / timed out): nothing applied.
     /// `transient` failures are retried soon without Degraded.
@@ -153,6 +155,7 @@ where
                 };
                 let published = r.publish(&observed);
                 let notes = r.notes(&observed);
+                let owned = r.owned(&observed);
                 let mut plan = r.plan(spec, &observed, &facts);
                 // Released before apply: a reconciler may update its cached view of the
                 // host in place once no pass holds it.
@@ -167,6 +170,7 @@ where
                     facts: published,
                     notes,
                     requeue_after,
+                    owned,
                 };
                 if dry_run || plan.is_empty() {
                     return ran(Vec::new());
@@ -199,6 +203,8 @@ pub struct EngineConfig {
     pub transient_retry: Duration,
     /// Transient failures in a row before they count as real ones (Degraded, back-off).
     pub max_transient_retries: u32,
+    /// Where each pass is counted (`--metrics-listen`); none: not counted.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Default for EngineConfig {
@@ -211,6 +217,7 @@ impl Default for EngineConfig {
             max_verify_passes: 3,
             transient_retry: Duration::from_millis(200),
             max_transient_retries: 5,
+            metrics: None,
         }
     }
 }
@@ -339,6 +346,7 @@ impl Engine {
                     notes: Vec::new(),
                     #[cfg(debug_assertions)]
                     stall_at: None,
+                    owned: None,
                 };
                 tokio::spawn(
                     worker
@@ -409,6 +417,7 @@ struct Worker {
     /// Debug builds: when this worker wedges (`CONVERGE_DEBUG_STALL_ENGINE`).
     #[cfg(debug_assertions)]
     stall_at: Option<Instant>,
+    owned: Option<u64>,
 }
 
 /// The timers and counters of one worker between passes.
@@ -510,6 +519,7 @@ impl Worker {
             // The pass is created inside its own task too, so even a panic while
             // building the future is contained.
             let section = self.section.clone();
+            let started = Instant::now();
             let mut handle =
                 tokio::spawn(async move { section.pass(doc, facts, false).await }.instrument(span));
             // The loop keeps beating while the pass runs (each pass is bounded by its
@@ -535,6 +545,9 @@ impl Worker {
                 }
                 Err(e) => PassResult::failed(format!("pass aborted: {e}")),
             };
+            if let Some(m) = &self.cfg.metrics {
+                m.pass(self.section.name(), started.elapsed(), &reason, &result);
+            }
             let (verdict, waiting, journal) = self.judge(result, &mut sched);
             // Verify an apply at once, whatever else is scheduled.
             next = verdict.again.then_some(Reason::Verify);
@@ -588,6 +601,7 @@ impl Worker {
         };
         match result {
             PassResult::Unmanaged => {
+                self.owned = None;
                 sched.backoff.reset();
                 sched.verify_passes = 0;
                 sched.transient_streak = 0;
@@ -626,8 +640,10 @@ impl Worker {
                 facts,
                 notes,
                 requeue_after,
+                owned,
             } => {
                 self.notes = notes;
+                self.owned = owned;
                 if let Some(update) = facts {
                     self.facts_tx
                         .send_if_modified(|f| Arc::make_mut(f).merge(update));
@@ -759,6 +775,7 @@ impl Worker {
             object_errors: verdict.errors,
             waiting,
             objects: self.notes.clone(),
+            owned: self.owned,
         };
         let unchanged = prev.as_ref().is_some_and(|p| {
             p.state == status.state
@@ -768,6 +785,7 @@ impl Worker {
                 && p.object_errors == status.object_errors
                 && p.waiting == status.waiting
                 && p.objects == status.objects
+                && p.owned == status.owned
         });
         if !unchanged || !journal.is_empty() {
             let _ = self.reports.send(Report {

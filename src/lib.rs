@@ -5,15 +5,20 @@
 
 pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod document;
 pub mod engine;
+pub mod events;
+pub mod generate;
 pub mod limits;
 pub mod memory;
+pub mod metrics;
 pub mod notify;
 pub mod output;
 pub mod privacy;
 pub mod registry;
+pub mod reset;
 pub mod schema;
 pub mod status;
 pub mod store;

@@ -1,11 +1,11 @@
 //! The `converge` binary: parses the command line and runs the command.
 
-use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     converge::privacy::harden_process();
-    let cli = converge::cli::Cli::parse();
+    // The command line over CONVERGE_* over /etc/converge/converge.toml (src/config.rs).
+    let cli = converge::config::parse();
     converge::cli::init_tracing(cli.log_format);
     use converge::cli::{Command, ControlPlaneCommand};
     match &cli.command {

@@ -162,8 +162,8 @@ fn table(
     };
     let _ = writeln!(
         out,
-        "{:<12} {:<12} {:>10}  {:<24} MESSAGE",
-        "RECONCILER", "STATE", "GENERATION", "SINCE"
+        "{:<12} {:<12} {:>10} {:>7}  {:<24} MESSAGE",
+        "RECONCILER", "STATE", "GENERATION", "OBJECTS", "SINCE"
     );
     for s in statuses {
         let state = if stored {
@@ -180,12 +180,13 @@ fn table(
         };
         let _ = writeln!(
             out,
-            "{:<12} {} {:>10}  {:<24} {}",
+            "{:<12} {} {:>10} {:>7}  {:<24} {}",
             s.reconciler,
             paint(color, code, &format!("{state:<12}")),
             s.observed_generation
                 .map(|g| g.to_string())
                 .unwrap_or_else(|| "-".into()),
+            s.owned.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
             s.last_transition.format("%Y-%m-%dT%H:%M:%SZ"),
             s.message
         );

@@ -98,8 +98,8 @@ pub struct HostOptions {
     pub caddy_user: String,
 }
 
-/// The containers reconciler on the chosen runtime.
-fn containers(host: &HostOptions, node_id: &str, secrets: &SecretSource) -> Arc<dyn Section> {
+/// The containers reconciler on the chosen runtime (also `converge reset`'s).
+pub fn containers(host: &HostOptions, node_id: &str, secrets: &SecretSource) -> Arc<dyn Section> {
     let mut config = ContainersConfig::new(node_id, &host.secrets_dir);
     config.secrets = secrets.clone();
     fn select(d: &Document) -> Option<Cow<'_, Workload>> {

@@ -92,6 +92,9 @@ pub struct ReconcilerStatus {
     /// Notes about objects that are not failures (restarts, health).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub objects: Vec<ObjectNote>,
+    /// How many objects it owns on the host, as its last pass observed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned: Option<u64>,
 }
 
 impl ReconcilerStatus {
@@ -108,6 +111,7 @@ impl ReconcilerStatus {
             object_errors: Vec::new(),
             waiting: Vec::new(),
             objects: Vec::new(),
+            owned: None,
         }
     }
 }
@@ -182,6 +186,21 @@ pub fn failed_message(outcomes: &[ObjectOutcome], failed: &[ObjectError]) -> Str
         names.join(", "),
         outcomes.len()
     )
+}
+
+/// The generation a node has converged to: the lowest generation any managed
+/// reconciler's last pass worked from; the accepted one when nothing is managed. The
+/// control plane's `nodes` and the agent's metrics both report this.
+pub fn converged_generation(accepted: Option<u64>, statuses: &[ReconcilerStatus]) -> Option<u64> {
+    if statuses.iter().all(|r| r.state == State::Unmanaged) {
+        return accepted;
+    }
+    statuses
+        .iter()
+        .filter(|r| r.state != State::Unmanaged)
+        .map(|r| r.observed_generation)
+        .min()
+        .flatten()
 }
 
 /// Waiting objects as status entries.

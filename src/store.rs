@@ -41,16 +41,43 @@ const MIGRATIONS: &[&str] = &[
         object TEXT NOT NULL,
         message TEXT NOT NULL
      );",
+    // 2: why and from which generation each journal event came.
+    "ALTER TABLE events ADD COLUMN reason TEXT NOT NULL DEFAULT '';
+     ALTER TABLE events ADD COLUMN generation INTEGER;",
 ];
 
-/// One row of the event journal.
-#[derive(Clone, Debug, serde::Serialize)]
+/// One row of the event journal: what changed (`object`, `message`), why (`reason`:
+/// the pass's trigger), when (`at`), from which document (`generation`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
+    /// Increasing; `converge events --follow` asks for events after the last it saw.
+    #[serde(default)]
+    pub id: i64,
     pub at: String,
     pub reconciler: String,
     pub object: String,
     pub message: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
+
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    Ok(Event {
+        id: r.get(0)?,
+        at: r.get(1)?,
+        reconciler: r.get(2)?,
+        object: r.get(3)?,
+        message: r.get(4)?,
+        reason: r.get(5)?,
+        generation: r
+            .get::<_, Option<i64>>(6)?
+            .and_then(|g| u64::try_from(g).ok()),
+    })
+}
+
+const EVENT_COLUMNS: &str = "id, at, reconciler, object, message, reason, generation";
 
 /// Brings a database to the newest schema: runs the `migrations` it has not run yet
 /// (`PRAGMA user_version` = how many ran), each in its own transaction with the version
@@ -248,17 +275,30 @@ impl Store {
         reconciler: &str,
         entries: &[(String, String)],
     ) -> Result<(), StoreError> {
+        self.journal_why(reconciler, "", None, entries)
+    }
+
+    /// [`Store::journal`], recording why the pass ran and its document's generation.
+    pub fn journal_why(
+        &mut self,
+        reconciler: &str,
+        reason: &str,
+        generation: Option<u64>,
+        entries: &[(String, String)],
+    ) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
         let tx = self.conn.transaction()?;
         {
             let mut st = tx.prepare(
-                "INSERT INTO events (at, reconciler, object, message) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO events (at, reconciler, object, message, reason, generation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             let at = now();
+            let generation = generation.and_then(|g| i64::try_from(g).ok());
             for (object, message) in entries {
-                st.execute(params![at, reconciler, object, message])?;
+                st.execute(params![at, reconciler, object, message, reason, generation])?;
             }
         }
         tx.execute(
@@ -271,17 +311,22 @@ impl Store {
 
     /// The newest `limit` events, newest first.
     pub fn events(&self, limit: usize) -> Result<Vec<Event>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT at, reconciler, object, message FROM events ORDER BY id DESC LIMIT ?1",
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events ORDER BY id DESC LIMIT ?1"
+        ))?;
+        let rows = st.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], event_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Up to `limit` events with an id above `after`, oldest first (`events --follow`).
+    pub fn events_after(&self, after: i64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))?;
+        let rows = st.query_map(
+            params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
+            event_row,
         )?;
-        let rows = st.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-            Ok(Event {
-                at: r.get(0)?,
-                reconciler: r.get(1)?,
-                object: r.get(2)?,
-                message: r.get(3)?,
-            })
-        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -353,5 +398,15 @@ mod tests {
         let ev = s.events(10).unwrap();
         assert_eq!(ev.len(), 2);
         assert_eq!(ev[0].object, "b");
+        s.journal_why("dns", "resync", Some(7), &[("c".into(), "create".into())])
+            .unwrap();
+        let newer = s.events_after(ev[0].id, 10).unwrap();
+        assert_eq!(newer.len(), 1);
+        assert_eq!(
+            (newer[0].object.as_str(), newer[0].reason.as_str()),
+            ("c", "resync")
+        );
+        assert_eq!(newer[0].generation, Some(7));
+        assert!(s.events_after(newer[0].id, 10).unwrap().is_empty());
     }
 }

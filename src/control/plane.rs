@@ -585,18 +585,8 @@ impl Plane {
         let store = lock(&self.store);
         let res = match &msg {
             NodeMessage::Status(s) => {
-                let converged = s
-                    .reconcilers
-                    .iter()
-                    .filter(|r| r.state != crate::status::State::Unmanaged)
-                    .map(|r| r.observed_generation)
-                    .min()
-                    .flatten()
-                    .or(s.accepted_generation.filter(|_| {
-                        s.reconcilers
-                            .iter()
-                            .all(|r| r.state == crate::status::State::Unmanaged)
-                    }));
+                let converged =
+                    crate::status::converged_generation(s.accepted_generation, &s.reconcilers);
                 store.put_status(
                     id,
                     s.accepted_generation,

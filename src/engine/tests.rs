@@ -92,6 +92,7 @@ fn ran(changes: Vec<Change>, outcomes: Vec<ObjectOutcome>) -> PassResult {
         facts: None,
         notes: vec![],
         requeue_after: None,
+        owned: None,
     }
 }
 
@@ -112,6 +113,7 @@ fn converged_with(
         facts,
         notes: vec![],
         requeue_after,
+        owned: None,
     }
 }
 

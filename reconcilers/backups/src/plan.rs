@@ -62,6 +62,9 @@ pub struct ScheduleState {
     /// How the last run ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<RunRecord>,
+    /// When the last successful run ended (the metrics' last backup success time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<DateTime<Utc>>,
 }
 
 /// A slot under way.

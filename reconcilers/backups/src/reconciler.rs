@@ -235,6 +235,11 @@ impl<D: BackupsDriver> Reconciler for Backups<D> {
         p
     }
 
+    /// Schedules on record.
+    fn owned(&self, o: &Observed) -> Option<u64> {
+        Some(o.state.schedules.len() as u64)
+    }
+
     fn notes(&self, o: &Observed) -> Vec<ObjectNote> {
         let mut notes = Vec::new();
         let fmt = |r: &RunRecord| {
@@ -309,6 +314,7 @@ impl<D: BackupsDriver> Reconciler for Backups<D> {
                                 last_slot: None,
                                 started: None,
                                 last: None,
+                                last_success: None,
                             });
                     });
                     ObjectOutcome::from_result(key("schedule", &schedule), res)
@@ -364,7 +370,10 @@ impl<D: BackupsDriver> Reconciler for Backups<D> {
                                 st.started = None;
                                 let mut r = record(now);
                                 match res {
-                                    Ok(m) => ended(&mut r, true, m, end),
+                                    Ok(m) => {
+                                        ended(&mut r, true, m, end);
+                                        st.last_success = Some(end);
+                                    }
                                     Err(e) => ended(&mut r, false, e.to_string(), end),
                                 }
                                 st.last = Some(r);

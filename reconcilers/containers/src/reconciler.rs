@@ -544,6 +544,11 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
         Some(FactsUpdate::Containers(facts))
     }
 
+    /// Containers and networks carrying this node's ownership labels.
+    fn owned(&self, observed: &Observed) -> Option<u64> {
+        Some((observed.containers.len() + observed.network_users.len()) as u64)
+    }
+
     /// Containers worth an operator's look: not running, unhealthy, or restarted.
     fn notes(&self, observed: &Observed) -> Vec<ObjectNote> {
         let mut notes = Vec::new();

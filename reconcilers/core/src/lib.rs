@@ -6,6 +6,7 @@
 pub mod facts;
 pub mod fsutil;
 pub mod nfnl;
+pub mod observe;
 pub mod plan;
 pub mod problems;
 pub mod process;

@@ -128,6 +128,13 @@ pub trait Reconciler: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// How many objects this reconciler owns on the host, as observed (containers and
+    /// networks, peers, table elements, records, projects, schedules, routes), for the
+    /// status and the metrics; `None` when it does not count them.
+    fn owned(&self, _observed: &Self::Observed) -> Option<u64> {
+        None
+    }
+
     /// Host events that should trigger a pass (runtime events, netlink, inotify).
     fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
         None

@@ -35,6 +35,26 @@ impl<D: DnsDriver> Reconciler for Dns<D> {
         true
     }
 
+    /// Records served: hosts-file lines and the running configuration's record lines.
+    fn owned(&self, observed: &Observed) -> Option<u64> {
+        let hosts = observed.hosts.as_deref().unwrap_or_default();
+        let hosts = hosts
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .count();
+        let running = observed.running.first().map(|r| r.conf_hash.as_str());
+        let conf = running.and_then(|h| observed.confs.get(h)).map_or(0, |c| {
+            c.lines()
+                .filter(|l| {
+                    ["host-record=", "cname=", "txt-record=", "srv-host="]
+                        .iter()
+                        .any(|p| l.starts_with(p))
+                })
+                .count()
+        });
+        Some((hosts + conf) as u64)
+    }
+
     /// A hand-edited or deleted file is repaired at once, not only at the next resync.
     fn host_events(&self) -> Option<futures::stream::BoxStream<'static, HostEvent>> {
         self.driver.file_events()

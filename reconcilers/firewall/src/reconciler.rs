@@ -81,6 +81,12 @@ impl<D: NftDriver> Reconciler for Firewall<D> {
         "firewall"
     }
 
+    /// Elements of the table's sets and maps (ports, addresses, DNAT targets).
+    fn owned(&self, observed: &Observed) -> Option<u64> {
+        let t = &observed.table;
+        Some(t.elements.values().map(|e| e.len() as u64).sum())
+    }
+
     /// Container targets follow the containers' addresses.
     fn watches_facts(&self) -> bool {
         true

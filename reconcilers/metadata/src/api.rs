@@ -414,6 +414,7 @@ async fn accept_loop(
 /// lose the answer).
 async fn refuse(mut stream: TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    converge_core::observe::request("metadata", 503);
     let _ = tokio::time::timeout(REFUSE_LINGER, async {
         stream.write_all(REFUSED).await?;
         stream.shutdown().await?;
@@ -430,6 +431,13 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/metadata/{*path}", get(entry))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
+        .layer(axum::middleware::map_response(counted))
+}
+
+/// Counts every answer by status (`converge_core::observe`; the agent's metrics).
+async fn counted(r: Response<Body>) -> Response<Body> {
+    converge_core::observe::request("metadata", r.status().as_u16());
+    r
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Body> {

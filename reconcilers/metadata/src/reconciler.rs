@@ -30,6 +30,11 @@ impl<D: MetadataDriver> Reconciler for Metadata<D> {
         "metadata"
     }
 
+    /// Projects stored.
+    fn owned(&self, observed: &Observed) -> Option<u64> {
+        Some(observed.projects.len() as u64)
+    }
+
     async fn observe(&self, _spec: &Served) -> Result<Observed, DriverError> {
         Ok(Observed {
             projects: self.driver.read()?,

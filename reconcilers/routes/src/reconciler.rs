@@ -307,6 +307,16 @@ impl<D: CaddyDriver> Reconciler for Routes<D> {
         outcomes
     }
 
+    /// converge's routes in the serving Caddy's configuration.
+    fn owned(&self, observed: &Observed) -> Option<u64> {
+        Some(
+            observed
+                .config
+                .as_ref()
+                .map_or(0, |c| plan::extract(&c.value).len() as u64),
+        )
+    }
+
     fn notes(&self, observed: &Observed) -> Vec<ObjectNote> {
         plan::notes(observed)
     }

@@ -894,6 +894,17 @@ impl<D: WgDriver> Reconciler for WireguardReconciler<D> {
         )))
     }
 
+    /// Peers on the interface.
+    fn owned(&self, observed: &Observed) -> Option<u64> {
+        Some(
+            observed
+                .state
+                .device
+                .as_ref()
+                .map_or(0, |d| d.peers.len() as u64),
+        )
+    }
+
     fn notes(&self, observed: &Observed) -> Vec<ObjectNote> {
         let mut notes = Vec::new();
         let Some(link) = &observed.link else {

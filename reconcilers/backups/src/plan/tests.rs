@@ -47,6 +47,7 @@ fn sched(since: &str, last: Option<&str>) -> ScheduleState {
         last_slot: last.map(t),
         started: None,
         last: None,
+        last_success: None,
     }
 }
 
