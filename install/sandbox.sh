@@ -8,9 +8,10 @@
 # shows status, the containers, the DNS answers, the published ports, a ping through the
 # tunnel and the peer's last handshake in `converge status`, the second node (a proxy,
 # enrolled with the reference control plane, which sends it its signed document) serving
-# HTTPS over the mesh, the metadata API, then changes one record and shows the diff of
-# only that change, and last the first scheduled borg backup. Cleans up at the end
-# unless KEEP=1.
+# HTTPS over the mesh, the plane rotating its signing key (the proxy follows) and its
+# signed downloads, the metadata API, the metrics Prometheus scrapes, then changes one
+# record and shows the diff of only that change and the events journal, and last the
+# first scheduled borg backup. Cleans up at the end unless KEEP=1.
 # Usage: install/sandbox.sh
 set -euo pipefail
 
@@ -35,6 +36,7 @@ fi
 banner "building converge (release)"
 cargo build --release --quiet --bin converge
 bin="${CARGO_TARGET_DIR:-$repo/target}/release/converge"
+"$bin" --version
 
 ns=converge-sandbox
 data=/var/tmp/converge-sandbox
@@ -227,7 +229,7 @@ banner "starting the agents and pushing the documents"
 # reads the WireGuard device in full; the default is 60 s).
 node_id=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["node"]["id"])' "$doc")
 nsenter --net="/run/netns/$ns" "$bin" --data-dir "$data" --runtime podman --podman-socket "$data/podman.sock" \
-  agent --node-id "$node_id" --resync-secs 5 2>"$data/agent.log" &
+  agent --node-id "$node_id" --resync-secs 5 --metrics-listen 127.0.0.1:9108 2>"$data/agent.log" &
 agent=$!
 nsenter --net="/run/netns/$ns_b" "$bin" --data-dir "$data_b" \
   agent --proxy --node-id proxy-fra1-01 --resync-secs 5 2>"$data_b/agent.log" &
@@ -300,6 +302,17 @@ done
 in_ns "$bin" control-plane nodes --data "$cp/data"
 cv_b status | grep '^control' || true
 
+banner "the control plane rotates its signing key: proxy-fra1-01 follows the statement signed by the old key"
+in_ns "$bin" control-plane rotate-key --data "$cp/data" 2>/dev/null
+old_pin=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["signingKey"])' "$data_b/control.json")
+for _ in $(seq 100); do
+  [[ $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["signingKey"])' "$data_b/control.json") != "$old_pin" ]] && break
+  sleep 0.1
+done
+grep -o 'signing key rotated.*' "$data_b/agent.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g'
+echo "the plane also serves the install script and its signed downloads (what 'curl …/setup.sh | bash' verifies):"
+in_ns curl -sS --cacert "$cp/ca.crt" https://10.0.3.17:8443/v1/artifacts.txt | cut -c1-100
+
 banner "the metadata API: project storefront, read with its bearer token (on 127.0.0.1:8500 and the network's gateway)"
 in_ns curl -sS -m 5 -H 'Converge-Metadata: true' -H "Authorization: Bearer $md_token" \
   'http://127.0.0.1:8500/v1/metadata/?prefix=db/'; echo
@@ -307,6 +320,10 @@ echo "from inside the web container, at the gateway of its network:"
 podman_cli exec web wget -q -O- --header 'Converge-Metadata: true' --header "Authorization: Bearer $md_token" \
   http://10.89.7.1:8500/v1/metadata/features; echo
 printf 'without the token: HTTP %s\n' "$(in_ns curl -s -o /dev/null -w '%{http_code}' -H 'Converge-Metadata: true' http://127.0.0.1:8500/v1/metadata/db/host)"
+
+banner "what Prometheus scrapes from worker-fra1-07 (--metrics-listen 127.0.0.1:9108)"
+in_ns curl -sS -m 5 http://127.0.0.1:9108/metrics |
+  grep -E '^converge_(accepted_generation|converged_generation|objects_owned|pass_duration_seconds_count)' | head -14
 
 banner "converge status on worker-fra1-07: its public key and the peer's last handshake"
 # Peer statistics in status are as of the last resync (5 s here).
@@ -342,6 +359,9 @@ cv push "$changed"
 sleep 0.5
 printf 'web.internal A -> %s\n' "$(in_ns dig +short +time=1 +tries=1 "@$listen" web.internal A)"
 cv status
+echo
+echo "converge events: what changed, why and when (the newest five):"
+cv events | tail -5
 rm -f "$changed"
 
 banner "backups: schedule fixtures (cron * * * * *) archives fixtures/ into the sandbox's borg repository at the next minute"
