@@ -311,7 +311,8 @@ for _ in $(seq 100); do
 done
 grep -o 'signing key rotated.*' "$data_b/agent.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g'
 echo "the plane also serves the install script and its signed downloads (what 'curl …/setup.sh | bash' verifies):"
-in_ns curl -sS --cacert "$cp/ca.crt" https://10.0.3.17:8443/v1/artifacts.txt | cut -c1-100
+in_ns curl -sS --cacert "$cp/ca.crt" https://10.0.3.17:8443/v1/artifacts.txt |
+  awk '$1 == "artifact" { printf "artifact %s, %d bytes, sha256 %.16s..., signed by the plane key\n", $2, $3, $4; next } { print }'
 
 banner "the metadata API: project storefront, read with its bearer token (on 127.0.0.1:8500 and the network's gateway)"
 in_ns curl -sS -m 5 -H 'Converge-Metadata: true' -H "Authorization: Bearer $md_token" \
