@@ -318,7 +318,10 @@ mod tests {
             .collect();
         let values = read(path, &uncommented).unwrap_or_else(|e| panic!("{e}"));
         for key in keys(&Cli::command()).keys() {
-            assert!(values.contains_key(key), "{key} missing from install/converge.toml");
+            assert!(
+                values.contains_key(key),
+                "{key} missing from install/converge.toml"
+            );
         }
         command(&values)
             .try_get_matches_from(args(&["agent"]))
