@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::agent::{converge, data, push_ok, reconciler, start_agent, status};
+use common::agent::{converge, data, push_ok, reconciler, start_agent, status, wireguard_key};
+use common::podman::{podman_ok, start_podman, TEST_IMAGE};
 use common::sandbox::{require_tool, wait_until, TestNode};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -307,4 +308,99 @@ fn reset_previews_then_removes_what_converge_owns() {
     let again = converge(&node, &["reset"]);
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing converge owns"));
+}
+
+#[test]
+fn reset_removes_containers_networks_and_the_wireguard_interface() {
+    for tool in ["podman", "wireguard-go", "wg", "nft"] {
+        require_tool(tool);
+    }
+    let node = TestNode::new("ops-reset2");
+    let svc = start_podman(&node);
+    let iface = format!("wg-{}-rs", std::process::id());
+    wireguard_key(&node, &iface);
+    let peer = node.run_ok("sh", ["-c", "wg genkey | wg pubkey"]);
+    let socket = svc.socket.to_str().expect("utf-8 socket path").to_string();
+    let runtime = ["--runtime", "podman", "--podman-socket", socket.as_str()];
+    let mut agent = start_agent(&node, &runtime);
+    push_ok(
+        &node,
+        &json!({
+            "apiVersion": "converge/v1",
+            "node": {"id": node.name(), "mode": "worker"},
+            "generation": 1,
+            "issuedAt": "2026-11-24T10:00:00Z",
+            "networks": [{"name": "apps", "subnets": [{"subnet": "10.89.7.0/24"}]}],
+            "containers": [{"name": "web", "image": TEST_IMAGE, "command": ["sleep", "3600"],
+                            "network": "apps", "stopGracePeriod": "1s"}],
+            "wireguard": {"interface": iface, "listenPort": 51820, "addresses": ["10.77.9.1/24"],
+                          "peers": [{"name": "other", "publicKey": peer.trim(), "allowedIps": ["10.77.9.2/32"]}]},
+            "firewall": {"input": {"policy": "accept"}}
+        }),
+    );
+    wait_until(Duration::from_secs(60), "converged", || {
+        let st = status(&node);
+        ["containers", "wireguard", "firewall"]
+            .iter()
+            .all(|n| reconciler(&st, n)["state"] == "Converged")
+    });
+    let ps = || {
+        podman_ok(
+            &node,
+            &svc,
+            &[
+                "ps",
+                "-a",
+                "--filter",
+                "label=converge.managed=true",
+                "--format",
+                "{{.Names}}",
+            ],
+        )
+    };
+    assert_eq!(ps().trim(), "web");
+    let wg_go = converge_wireguard::driver::wireguard_go_pids(&iface);
+    assert!(!wg_go.is_empty(), "wireguard-go runs for {iface}");
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &agent.pid().to_string()])
+        .status();
+    let _ = agent.wait();
+
+    let mut args = vec!["reset", "--dry-run"];
+    args.extend(runtime);
+    let out = converge(&node, &args);
+    let preview = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    for want in [
+        "container web (containers reconciler)".to_string(),
+        "network apps (containers reconciler)".to_string(),
+        format!("WireGuard interface {iface}"),
+        "nftables table inet converge".to_string(),
+    ] {
+        assert!(preview.contains(&want), "{want:?} missing from\n{preview}");
+    }
+    assert_eq!(ps().trim(), "web", "the preview removed nothing");
+
+    let mut args = vec!["reset"];
+    args.extend(runtime);
+    let out = converge(&node, &args);
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ps().trim(), "", "managed containers removed");
+    let nets = podman_ok(&node, &svc, &["network", "ls", "--format", "{{.Name}}"]);
+    assert!(!nets.lines().any(|n| n == "apps"), "{nets}");
+    assert!(!node.run("ip", ["link", "show", &iface]).status.success());
+    wait_until(Duration::from_secs(5), "wireguard-go gone", || {
+        converge_wireguard::driver::wireguard_go_pids(&iface).is_empty()
+    });
+    assert!(
+        data(&node).join("state.db").exists(),
+        "state kept without --purge-state"
+    );
 }
