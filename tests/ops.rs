@@ -1,7 +1,9 @@
 //! Day-2 operation through the real agent in a sandbox node: the Prometheus metrics
-//! agree with `converge status` (generations, per-reconciler state and owned objects)
-//! and count a drift repair; `converge events` prints the journal and `--follow`
-//! streams new events; `converge reset` previews and then removes what converge owns.
+//! agree with `converge status` (generations, per-reconciler state and owned objects),
+//! count a drift repair and the metadata API's answers by status; `converge events`
+//! prints the journal and `--follow` streams new events; `converge reset` previews and
+//! then removes what converge owns (DNS + firewall; Podman container and network +
+//! wireguard-go interface).
 
 mod common;
 
@@ -49,6 +51,33 @@ fn scrape(node: &TestNode) -> String {
         s.read_to_string(&mut body).expect("read");
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         body
+    })
+}
+
+const METADATA: &str = "127.0.0.1:8500";
+
+fn sha_hex(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+/// `GET /v1/metadata/k` from inside the node; the HTTP status.
+fn metadata_get(node: &TestNode, token: Option<&str>) -> u16 {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    node.in_netns(|| {
+        let mut s = TcpStream::connect(METADATA).expect("connect to metadata");
+        write!(
+            s,
+            "GET /v1/metadata/k HTTP/1.1\r\nHost: metadata.internal\r\nConverge-Metadata: true\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read");
+        body.get(9..12)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {body:?}"))
     })
 }
 
@@ -136,8 +165,39 @@ fn metrics_agree_with_status_and_count_drift_repairs() {
     require_tool("nft");
     let node = TestNode::new("ops-metrics");
     let _agent = start_agent(&node, &["--metrics-listen", METRICS]);
-    push_ok(&node, &doc(&node, 1, records(3)));
+    let with_metadata = |generation, n| {
+        let mut d = doc(&node, generation, records(n));
+        d["metadata"] = json!({"listen": [METADATA], "projects": [{
+            "id": "alpha", "tokenSha256": sha_hex("token-alpha"), "rateLimit": 100,
+            "entries": {"k": 1}
+        }]});
+        d
+    };
+    push_ok(&node, &with_metadata(1, 3));
     converged(&node, 1);
+    wait_until(Duration::from_secs(10), "metadata converged", || {
+        reconciler(&status(&node), "metadata")["state"] == "Converged"
+    });
+    // Metadata API answers, counted by status.
+    assert_eq!(metadata_get(&node, Some("token-alpha")), 200);
+    assert_eq!(metadata_get(&node, Some("token-alpha")), 200);
+    assert_eq!(metadata_get(&node, None), 401);
+    let text = scrape(&node);
+    assert_eq!(
+        series(
+            &text,
+            "converge_api_requests_total{api=\"metadata\",status=\"200\"}"
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        series(
+            &text,
+            "converge_api_requests_total{api=\"metadata\",status=\"401\"}"
+        ),
+        Some(1.0)
+    );
 
     // Status and metrics read the same store: they agree once nothing moves.
     let mut last = None;
@@ -151,6 +211,7 @@ fn metrics_agree_with_status_and_count_drift_repairs() {
     assert_eq!(s["accepted"], "1");
     assert_eq!(s["dns owned"], "3", "three A records served");
     assert_eq!(s["firewall owned"], "1", "one published port");
+    assert_eq!(s["metadata owned"], "1", "one project");
     assert_eq!(s["containers state"], "Unmanaged");
     let text = scrape(&node);
     assert_eq!(series(&text, "converge_converged_generation"), Some(1.0));
@@ -174,7 +235,7 @@ fn metrics_agree_with_status_and_count_drift_repairs() {
     node.run_ok("nft", ["list", "table", "inet", "converge"]);
 
     // A new generation: both sides move together.
-    push_ok(&node, &doc(&node, 2, records(5)));
+    push_ok(&node, &with_metadata(2, 5));
     converged(&node, 2);
     wait_until(Duration::from_secs(10), "agree on generation 2", || {
         let (s, m) = agreement(&node);
