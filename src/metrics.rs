@@ -436,4 +436,22 @@ mod tests {
         // A pending reconciler has no generation: nothing is converged yet.
         assert!(text.contains("converge_converged_generation 0"), "{text}");
     }
+
+    #[test]
+    fn last_backup_success_comes_from_the_backups_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(backups_record(dir.path()).is_empty(), "no record yet");
+        std::fs::create_dir_all(dir.path().join("backups")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("backups/state.json"),
+            r#"{"schedules": {
+                "etc": {"since": "2026-01-01T00:00:00Z", "lastSuccess": "2026-01-02T03:04:05Z"},
+                "db": {"since": "2026-01-01T00:00:00Z"}
+            }}"#,
+        )
+        .expect("write");
+        let got = backups_record(dir.path());
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got["etc"].to_rfc3339(), "2026-01-02T03:04:05+00:00");
+    }
 }

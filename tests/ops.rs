@@ -1,11 +1,14 @@
 //! Day-2 operation through the real agent in a sandbox node: the Prometheus metrics
-//! agree with `converge status` (generations, per-reconciler state and owned objects)
-//! and count a drift repair; `converge events` prints the journal and `--follow`
-//! streams new events; `converge reset` previews and then removes what converge owns.
+//! agree with `converge status` (generations, per-reconciler state and owned objects),
+//! count a drift repair and the metadata API's answers by status; `converge events`
+//! prints the journal and `--follow` streams new events; `converge reset` previews and
+//! then removes what converge owns (DNS + firewall; Podman container and network +
+//! wireguard-go interface).
 
 mod common;
 
-use common::agent::{converge, data, push_ok, reconciler, start_agent, status};
+use common::agent::{converge, data, push_ok, reconciler, start_agent, status, wireguard_key};
+use common::podman::{podman_ok, start_podman, TEST_IMAGE};
 use common::sandbox::{require_tool, wait_until, TestNode};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -48,6 +51,33 @@ fn scrape(node: &TestNode) -> String {
         s.read_to_string(&mut body).expect("read");
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         body
+    })
+}
+
+const METADATA: &str = "127.0.0.1:8500";
+
+fn sha_hex(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+/// `GET /v1/metadata/k` from inside the node; the HTTP status.
+fn metadata_get(node: &TestNode, token: Option<&str>) -> u16 {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    node.in_netns(|| {
+        let mut s = TcpStream::connect(METADATA).expect("connect to metadata");
+        write!(
+            s,
+            "GET /v1/metadata/k HTTP/1.1\r\nHost: metadata.internal\r\nConverge-Metadata: true\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read");
+        body.get(9..12)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {body:?}"))
     })
 }
 
@@ -135,8 +165,39 @@ fn metrics_agree_with_status_and_count_drift_repairs() {
     require_tool("nft");
     let node = TestNode::new("ops-metrics");
     let _agent = start_agent(&node, &["--metrics-listen", METRICS]);
-    push_ok(&node, &doc(&node, 1, records(3)));
+    let with_metadata = |generation, n| {
+        let mut d = doc(&node, generation, records(n));
+        d["metadata"] = json!({"listen": [METADATA], "projects": [{
+            "id": "alpha", "tokenSha256": sha_hex("token-alpha"), "rateLimit": 100,
+            "entries": {"k": 1}
+        }]});
+        d
+    };
+    push_ok(&node, &with_metadata(1, 3));
     converged(&node, 1);
+    wait_until(Duration::from_secs(10), "metadata converged", || {
+        reconciler(&status(&node), "metadata")["state"] == "Converged"
+    });
+    // Metadata API answers, counted by status.
+    assert_eq!(metadata_get(&node, Some("token-alpha")), 200);
+    assert_eq!(metadata_get(&node, Some("token-alpha")), 200);
+    assert_eq!(metadata_get(&node, None), 401);
+    let text = scrape(&node);
+    assert_eq!(
+        series(
+            &text,
+            "converge_api_requests_total{api=\"metadata\",status=\"200\"}"
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        series(
+            &text,
+            "converge_api_requests_total{api=\"metadata\",status=\"401\"}"
+        ),
+        Some(1.0)
+    );
 
     // Status and metrics read the same store: they agree once nothing moves.
     let mut last = None;
@@ -150,6 +211,7 @@ fn metrics_agree_with_status_and_count_drift_repairs() {
     assert_eq!(s["accepted"], "1");
     assert_eq!(s["dns owned"], "3", "three A records served");
     assert_eq!(s["firewall owned"], "1", "one published port");
+    assert_eq!(s["metadata owned"], "1", "one project");
     assert_eq!(s["containers state"], "Unmanaged");
     let text = scrape(&node);
     assert_eq!(series(&text, "converge_converged_generation"), Some(1.0));
@@ -173,7 +235,7 @@ fn metrics_agree_with_status_and_count_drift_repairs() {
     node.run_ok("nft", ["list", "table", "inet", "converge"]);
 
     // A new generation: both sides move together.
-    push_ok(&node, &doc(&node, 2, records(5)));
+    push_ok(&node, &with_metadata(2, 5));
     converged(&node, 2);
     wait_until(Duration::from_secs(10), "agree on generation 2", || {
         let (s, m) = agreement(&node);
@@ -307,4 +369,99 @@ fn reset_previews_then_removes_what_converge_owns() {
     let again = converge(&node, &["reset"]);
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing converge owns"));
+}
+
+#[test]
+fn reset_removes_containers_networks_and_the_wireguard_interface() {
+    for tool in ["podman", "wireguard-go", "wg", "nft"] {
+        require_tool(tool);
+    }
+    let node = TestNode::new("ops-reset2");
+    let svc = start_podman(&node);
+    let iface = format!("wg-{}-rs", std::process::id());
+    wireguard_key(&node, &iface);
+    let peer = node.run_ok("sh", ["-c", "wg genkey | wg pubkey"]);
+    let socket = svc.socket.to_str().expect("utf-8 socket path").to_string();
+    let runtime = ["--runtime", "podman", "--podman-socket", socket.as_str()];
+    let mut agent = start_agent(&node, &runtime);
+    push_ok(
+        &node,
+        &json!({
+            "apiVersion": "converge/v1",
+            "node": {"id": node.name(), "mode": "worker"},
+            "generation": 1,
+            "issuedAt": "2026-11-24T10:00:00Z",
+            "networks": [{"name": "apps", "subnets": [{"subnet": "10.89.7.0/24"}]}],
+            "containers": [{"name": "web", "image": TEST_IMAGE, "command": ["sleep", "3600"],
+                            "network": "apps", "stopGracePeriod": "1s"}],
+            "wireguard": {"interface": iface, "listenPort": 51820, "addresses": ["10.77.9.1/24"],
+                          "peers": [{"name": "other", "publicKey": peer.trim(), "allowedIps": ["10.77.9.2/32"]}]},
+            "firewall": {"input": {"policy": "accept"}}
+        }),
+    );
+    wait_until(Duration::from_secs(60), "converged", || {
+        let st = status(&node);
+        ["containers", "wireguard", "firewall"]
+            .iter()
+            .all(|n| reconciler(&st, n)["state"] == "Converged")
+    });
+    let ps = || {
+        podman_ok(
+            &node,
+            &svc,
+            &[
+                "ps",
+                "-a",
+                "--filter",
+                "label=converge.managed=true",
+                "--format",
+                "{{.Names}}",
+            ],
+        )
+    };
+    assert_eq!(ps().trim(), "web");
+    let wg_go = converge_wireguard::driver::wireguard_go_pids(&iface);
+    assert!(!wg_go.is_empty(), "wireguard-go runs for {iface}");
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &agent.pid().to_string()])
+        .status();
+    let _ = agent.wait();
+
+    let mut args = vec!["reset", "--dry-run"];
+    args.extend(runtime);
+    let out = converge(&node, &args);
+    let preview = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    for want in [
+        "container web (containers reconciler)".to_string(),
+        "network apps (containers reconciler)".to_string(),
+        format!("WireGuard interface {iface}"),
+        "nftables table inet converge".to_string(),
+    ] {
+        assert!(preview.contains(&want), "{want:?} missing from\n{preview}");
+    }
+    assert_eq!(ps().trim(), "web", "the preview removed nothing");
+
+    let mut args = vec!["reset"];
+    args.extend(runtime);
+    let out = converge(&node, &args);
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ps().trim(), "", "managed containers removed");
+    let nets = podman_ok(&node, &svc, &["network", "ls", "--format", "{{.Name}}"]);
+    assert!(!nets.lines().any(|n| n == "apps"), "{nets}");
+    assert!(!node.run("ip", ["link", "show", &iface]).status.success());
+    wait_until(Duration::from_secs(5), "wireguard-go gone", || {
+        converge_wireguard::driver::wireguard_go_pids(&iface).is_empty()
+    });
+    assert!(
+        data(&node).join("state.db").exists(),
+        "state kept without --purge-state"
+    );
 }
