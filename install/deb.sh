@@ -12,6 +12,8 @@
 #              release/converge; built with `cargo build --release` if missing)
 #   --version  package version (default: the workspace version from Cargo.toml)
 #   --out      where the .deb is written (default: the current directory)
+# CONVERGE_DEB_COMPRESS: dpkg-deb's compressor (default xz; the tests use none, since a
+# debug binary is large and its package is thrown away).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -167,5 +169,5 @@ Description: node agent converging a host to a signed desired-state document
 EOF
 
 mkdir -p "$out"
-dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
+dpkg-deb --root-owner-group -Z"${CONVERGE_DEB_COMPRESS:-xz}" --build "$root" "$deb" >/dev/null
 echo "$deb"

@@ -30,6 +30,10 @@ cargo test --workspace --all-targets "$@"
 # debug binary the tests above built.
 ./tests/systemd/run.sh "${CARGO_TARGET_DIR:-$repo/target}/debug/converge"
 
+# The Debian package: install, upgrade, purge in a throwaway Debian 12 root (the debug
+# binary, uncompressed: what is tested is the package's layout and scripts).
+CONVERGE_DEB_COMPRESS=none ./tests/deb.sh --binary "${CARGO_TARGET_DIR:-$repo/target}/debug/converge"
+
 # --all-targets leaves out doc tests; run them only if some crate has any.
 if grep -rqs --include='*.rs' -E '^\s*//[/!].*```' src reconcilers; then
   cargo test --workspace --doc "$@"
