@@ -29,8 +29,12 @@
 
 mod common;
 
-use common::agent::{data, push_ok, reconciler, start_agent, status, wireguard_key};
-use common::podman::{start_podman, TEST_IMAGE};
+use common::agent::{push_ok, reconciler, start_agent, status};
+use common::mesh::{
+    caddy_bin, caddy_dir, caddy_version, https_get, instance_dirs, key, mesh_addr, peer, proxy_doc,
+    start_proxy_agent, wait_routes, worker_agent_args, worker_doc, WG_PORT,
+};
+use common::podman::start_podman;
 use common::sandbox::{require_tool, wait_until, TestNode};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -38,38 +42,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The Caddy under test: `$CONVERGE_TEST_CADDY`, else the one `install/deps.sh`
-/// installs, else `caddy` on PATH.
-fn caddy_bin() -> String {
-    if let Some(p) = std::env::var_os("CONVERGE_TEST_CADDY") {
-        return p.to_string_lossy().into_owned();
-    }
-    let installed = "/opt/converge/caddy/bin/caddy";
-    if Path::new(installed).exists() {
-        installed.to_string()
-    } else {
-        "caddy".to_string()
-    }
-}
-
-fn caddy_version(bin: &str) -> String {
-    Command::new(bin)
-        .arg("version")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .next()
-                .unwrap_or("?")
-                .to_string()
-        })
-        .unwrap_or_else(|_| "?".into())
-}
-
-fn caddy_dir(node: &TestNode) -> PathBuf {
-    data(node).join("caddy")
-}
 
 /// One admin API call over the unix socket (empty Host: see the driver).
 fn admin(node: &TestNode, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
@@ -101,33 +73,6 @@ fn caddy_config(node: &TestNode) -> Value {
     let (code, body) = admin(node, "GET", "/config/", None);
     assert_eq!(code, 200, "GET /config/: {body}");
     serde_json::from_str(&body).expect("config json")
-}
-
-/// `curl --resolve HOST:443:ADDR` with Caddy's local CA; the body on success.
-fn https_get(node: &TestNode, host: &str, addr: &str) -> Option<String> {
-    let ca = caddy_dir(node).join("data/caddy/pki/authorities/local/root.crt");
-    let out = node.run(
-        "curl",
-        [
-            "-s".to_string(),
-            "-m".into(),
-            "3".into(),
-            "--fail".into(),
-            "--cacert".into(),
-            ca.to_string_lossy().into_owned(),
-            "--resolve".into(),
-            format!("{host}:443:{addr}"),
-            format!("https://{host}/"),
-        ],
-    );
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The directories of converge's two Caddy instances.
-fn instance_dirs(node: &TestNode) -> [PathBuf; 2] {
-    ["a", "b"].map(|i| caddy_dir(node).join(i))
 }
 
 /// Configuration loads the two Caddy instances received together (`POST /config/` in
@@ -264,59 +209,6 @@ fn connection_header(node: &TestNode, port: u16) -> Result<Option<String>, Strin
         k.eq_ignore_ascii_case("connection")
             .then(|| v.trim().to_ascii_lowercase())
     }))
-}
-
-fn proxy_doc(node: &TestNode, generation: u64, routes: Value) -> Value {
-    json!({
-        "apiVersion": "converge/v1",
-        "node": {"id": node.name(), "mode": "proxy"},
-        "generation": generation,
-        "issuedAt": "2026-12-01T10:00:00Z",
-        "routes": {"routes": routes},
-    })
-}
-
-fn wait_routes(node: &TestNode, generation: u64) -> Value {
-    let mut last = Value::Null;
-    wait_until(
-        Duration::from_secs(90),
-        &format!("routes converged at {generation}"),
-        || {
-            last = reconciler(&status(node), "routes");
-            let done = last["state"] == "Converged" && last["observedGeneration"] == generation;
-            if !done && std::env::var_os("CONVERGE_TEST_TRACE").is_some() {
-                eprintln!("routes: {last}");
-            }
-            done
-        },
-    );
-    last
-}
-
-/// Starts a proxy agent with the Caddy `bin`, a resync every `resync_secs` and the
-/// `extra` arguments.
-fn start_proxy_agent(
-    node: &TestNode,
-    bin: &str,
-    secrets: &Path,
-    resync_secs: &str,
-    extra: &[&str],
-) -> common::sandbox::Spawned {
-    let mut args = vec![
-        "--proxy",
-        "--resync-secs",
-        resync_secs,
-        "--caddy",
-        bin,
-        "--secrets-dir",
-        secrets.to_str().expect("utf-8"),
-    ];
-    args.extend_from_slice(extra);
-    let agent = start_agent(node, &args);
-    for d in instance_dirs(node) {
-        node.track_pidfile(d.join("caddy.pid"));
-    }
-    agent
 }
 
 /// A local upstream on 127.0.0.1:8080 that answers `w-local`, and the node's secrets
@@ -690,52 +582,6 @@ fn flushed_ruleset_repaired_at_once_and_a_burst_never_degraded() {
 
 // ---- the mesh scenario ----
 
-const WG_PORT: u16 = 51820;
-
-fn key(node: &TestNode, tag: &str) -> (String, String) {
-    let iface = format!("wg-{}-{tag}", std::process::id() % 100_000);
-    let public = wireguard_key(node, &iface);
-    (iface, public)
-}
-
-fn mesh_addr(i: u8) -> String {
-    format!("10.78.1.{i}")
-}
-
-fn peer(node: &TestNode, key: &str, i: u8) -> Value {
-    json!({
-        "name": node.name(),
-        "publicKey": key,
-        "endpoint": format!("{}:{WG_PORT}", node.address()),
-        "allowedIps": [format!("{}/32", mesh_addr(i))],
-    })
-}
-
-fn worker_doc(w: &TestNode, iface: &str, i: u8, proxy_peer: Value) -> Value {
-    json!({
-        "apiVersion": "converge/v1",
-        "node": {"id": w.name(), "mode": "worker"},
-        "generation": 1,
-        "issuedAt": "2026-12-01T10:00:00Z",
-        "containers": [{
-            "name": "web",
-            "image": TEST_IMAGE,
-            "command": ["sh", "-c", format!("mkdir -p /www && echo {} > /www/index.html && exec httpd -f -p 8080 -h /www", w.name())],
-            "ports": [{"containerPort": 8080}],
-            "stopGracePeriod": "1s",
-        }],
-        "wireguard": {
-            "interface": iface,
-            "listenPort": WG_PORT,
-            "addresses": [format!("{}/24", mesh_addr(i))],
-            "peers": [proxy_peer],
-        },
-        "firewall": {
-            "publishedPorts": [{"protocol": "tcp", "hostPort": 8080, "target": {"container": "web", "port": 8080}}],
-        },
-    })
-}
-
 /// Route A over `a_peers`, route B (the stream) to worker 1's stream server, and
 /// `others` routes that change.
 fn mesh_routes(a_peers: &[&str], others: usize, tag: u64) -> Value {
@@ -777,18 +623,8 @@ fn proxy_routes_over_the_mesh_to_containers_on_two_workers() {
     let (if_2, key_2) = key(&w2, "2");
     let svc1 = start_podman(&w1);
     let svc2 = start_podman(&w2);
-    let args = |svc: &common::podman::PodmanService| -> Vec<String> {
-        vec![
-            "--runtime".into(),
-            "podman".into(),
-            "--podman-socket".into(),
-            svc.socket.to_string_lossy().into_owned(),
-            "--resync-secs".into(),
-            "5".into(),
-        ]
-    };
-    let a1 = args(&svc1);
-    let a2 = args(&svc2);
+    let a1 = worker_agent_args(&svc1);
+    let a2 = worker_agent_args(&svc2);
     let _ag1 = start_agent(&w1, &a1.iter().map(String::as_str).collect::<Vec<_>>());
     let _ag2 = start_agent(&w2, &a2.iter().map(String::as_str).collect::<Vec<_>>());
     let secrets = px.data_dir().join("secrets");

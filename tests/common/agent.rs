@@ -2,7 +2,7 @@
 
 use super::sandbox::{converge_bin, wait_until, Spawned, TestNode};
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
@@ -22,9 +22,14 @@ pub fn data(node: &TestNode) -> PathBuf {
 /// Starts `converge agent` in the node and waits for its socket. dnsmasq instances it
 /// starts are killed with the node.
 pub fn start_agent(node: &TestNode, extra: &[&str]) -> Spawned {
+    start_agent_bin(node, &converge_bin(), extra)
+}
+
+/// Like [`start_agent`], with another build of the agent (`bin`, e.g. an update).
+pub fn start_agent_bin(node: &TestNode, bin: &Path, extra: &[&str]) -> Spawned {
     let sock = data(node).join("converge.sock");
     let _ = std::fs::remove_file(&sock);
-    let mut cmd = node.command(converge_bin());
+    let mut cmd = node.command(bin);
     cmd.arg("--data-dir")
         .arg(data(node))
         .args(["agent", "--node-id", node.name()])
