@@ -42,8 +42,22 @@ stage() {
 say() { printf '      %s\n' "$*" >&2; }
 die() {
   printf 'setup.sh: FAILED at [%d/%d] %s: %s\n' "$stage_no" "$STAGES" "$stage_name" "$*" >&2
-  printf 'setup.sh: fix the cause and run the same command again (it is safe to repeat)\n' >&2
+  printf 'setup.sh: fix the cause, then retry (safe to repeat): %s\n' "$(retry_command)" >&2
   exit 1
+}
+# The command that ran this, to retry (the token shown as <TOKEN>: it is a secret).
+args=("$@")
+retry_command() {
+  local a shown=() hide=0
+  for a in "${args[@]}"; do
+    if ((hide)); then shown+=("<TOKEN>"); hide=0; else shown+=("$(printf '%q' "$a")"); fi
+    [[ $a == --token ]] && hide=1
+  done
+  if [[ -n $repo ]]; then
+    printf '%s %s' "$repo/install/setup.sh" "${shown[*]}"
+  else
+    printf 'curl -fsSL %s/setup.sh | sudo bash -s -- %s' "${url:-https://PLANE}" "${shown[*]}"
+  fi
 }
 on_error() { die "command failed (exit $1): $2"; }
 trap 'on_error $? "$BASH_COMMAND"' ERR

@@ -357,6 +357,36 @@ else
   bad "setup.sh --proxy: exit $rc: $(cat "$work/setup-proxy.log")"
 fi
 
+# 12. The proxy's Caddy pair runs unprivileged in its own scopes: a route keeps being
+# served through `systemctl kill -s KILL` and `systemctl stop` of the agent.
+inside sh -c 'cat >/var/lib/cp-docs/.next && mv /var/lib/cp-docs/.next /var/lib/cp-docs/converge-sysd.json' <<'EOF'
+{"apiVersion": "converge/v1", "node": {"id": "converge-sysd", "mode": "proxy"},
+ "generation": 1, "issuedAt": "2025-01-01T00:00:00Z",
+ "routes": {"routes": [{"name": "r", "hosts": ["r.test"], "tls": "off",
+                        "redirect": {"to": "https://example.org{uri}", "status": 301}}]}}
+EOF
+served() { [[ $(inside curl -s -m 2 -o /dev/null -w '%{http_code}' -H 'Host: r.test' http://127.0.0.1/x) == 301 ]]; }
+caddy_pids() { inside pgrep -x caddy | sort | tr '\n' ' '; }
+if wait_for 60 served; then
+  pids=$(caddy_pids)
+  first=${pids%% *}
+  cg=$(inside cat "/proc/$first/cgroup")
+  user=$(inside ps -o user= -p "$first")
+  [[ $cg == *converge-caddy-*.scope* && $user == converge-caddy ]] &&
+    ok "Caddy pair ($pids) in its own scopes (${cg##*/}), as $user" || bad "Caddy: cgroup $cg, user $user"
+  inside systemctl kill -s KILL converge-proxy
+  sleep 0.5
+  served && ok "route served after systemctl kill -s KILL of the agent" || bad "route down after kill"
+  inside systemctl stop converge-proxy
+  served && [[ $(caddy_pids) == "$pids" ]] && ok "route served by the same Caddy pair after systemctl stop" ||
+    bad "route or Caddy changed after stop: $(caddy_pids)"
+  inside systemctl start converge-proxy
+  served && [[ $(caddy_pids) == "$pids" ]] && ok "the agent started again adopted the running pair" ||
+    bad "Caddy changed at the agent's start: $(caddy_pids)"
+else
+  bad "the route is not served: $(inside converge status 2>&1 | head -30)"
+fi
+
 log "timings: setup (worker) ${setup_s} s, setup (proxy) ${proxy_s} s, start ${start_s} s, restart with a document ${restart_s} s, update ${update_s} s, rollback ${rollback_s} s, self-update ${selfupdate_s:-?} s, self-update rollback ${selfrollback_s:-?} s"
 if ((failures)); then
   log "$failures check(s) failed"

@@ -91,7 +91,7 @@ fn plan_patch(genid: u32, patch: Patch) -> Plan<Action> {
 }
 
 fn plan_whole(spec: &FirewallSpec, observed: &Observed, facts: &Facts) -> Plan<Action> {
-    let desired = ruleset::desired(spec, facts);
+    let desired = ruleset::desired_keeping(spec, facts, Some(&observed.table));
     let have = &observed.table;
     let want = &desired.snapshot;
     let mut changes = Vec::new();
@@ -326,6 +326,47 @@ mod tests {
             ..observed(&s)
         };
         assert!(plan(&s, &known, &Facts::default()).is_empty());
+    }
+
+    /// After an agent restart the containers reconciler has not reported yet: a port to a
+    /// container the facts do not know keeps the target in force (no moment without
+    /// it); once the facts know the container, they decide.
+    #[test]
+    fn a_port_whose_container_is_not_known_yet_keeps_its_target_in_force() {
+        let s: FirewallSpec = serde_json::from_value(json!({"publishedPorts": [
+            {"hostPort": 3000, "target": {"container": "app", "port": 80}}
+        ]}))
+        .unwrap();
+        let facts_with = |addresses: Vec<&str>| {
+            let mut f = Facts::default();
+            f.containers.insert(
+                "app".into(),
+                converge_core::ContainerFacts {
+                    addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+                    running: !addresses.is_empty(),
+                },
+            );
+            f
+        };
+        let in_force = Observed {
+            genid: 7,
+            table: Arc::new(ruleset::desired(&s, &facts_with(vec!["10.88.0.5"])).snapshot),
+            source: None,
+        };
+        // Facts not published yet: nothing removed, nothing waiting.
+        let p = plan(&s, &in_force, &Facts::default());
+        assert!(
+            p.changes.is_empty() && p.waiting.is_empty(),
+            "{:?}",
+            p.changes
+        );
+        // The container known at another address: moved.
+        let p = plan(&s, &in_force, &facts_with(vec!["10.88.0.9"]));
+        assert_eq!(p.changes.len(), 1, "{:?}", p.changes);
+        // Known without an address (stopped): removed, and the port waits.
+        let p = plan(&s, &in_force, &facts_with(vec![]));
+        assert_eq!(p.changes.len(), 1, "{:?}", p.changes);
+        assert_eq!(p.waiting.len(), 1);
     }
 
     #[test]

@@ -142,12 +142,59 @@ pub(super) fn filter_boxes(rules: &[FilterRule]) -> [Vec<Vec<Range>>; 2] {
 /// One element: its set, key, and data (empty for plain sets).
 pub type Element = (&'static SetDef, Bytes, Bytes);
 
-/// The map elements of one published port, or `None` while its container has no
-/// address (the port is skipped until it has one).
-pub fn port_elements(p: &PublishedPort, facts: &Facts) -> Option<SmallVec<[Element; 2]>> {
+/// The map entries one published port occupies, per address family: its map and key
+/// (`false`: IPv4), whatever its target.
+fn port_keys(p: &PublishedPort) -> SmallVec<[(bool, &'static SetDef, Bytes); 2]> {
     let proto = [proto_byte(p.protocol)];
     let port = p.host_port.to_be_bytes();
     let host_ip: Option<IpAddr> = p.host_ip.as_deref().and_then(|s| s.parse().ok());
+    let mut out = SmallVec::new();
+    for v6 in [false, true] {
+        if host_ip.is_some_and(|h| h.is_ipv6() != v6) {
+            continue;
+        }
+        out.push(match host_ip {
+            Some(h) => (
+                v6,
+                if v6 { &DNAT6_ON } else { &DNAT4_ON },
+                key(&[&ip_bytes(h), &proto, &port]),
+            ),
+            None => (
+                v6,
+                if v6 { &DNAT6_ANY } else { &DNAT4_ANY },
+                key(&[&proto, &port]),
+            ),
+        });
+    }
+    out
+}
+
+/// The elements `in_force` holds for a port whose container the facts do not know yet
+/// (the containers reconciler has not reported since the agent started): kept as they
+/// are, so that an agent restart does not take a published port away for a moment.
+fn kept_elements(
+    p: &PublishedPort,
+    facts: &Facts,
+    in_force: Option<&Snapshot>,
+) -> Option<SmallVec<[Element; 2]>> {
+    let container = p.target.container.as_deref()?;
+    if p.target.address.is_some() || facts.containers.contains_key(container) {
+        return None;
+    }
+    let in_force = in_force?;
+    let out: SmallVec<[Element; 2]> = port_keys(p)
+        .into_iter()
+        .filter_map(|(_, set, k)| {
+            let data = in_force.elements.get(set.name)?.get(&k)?.clone();
+            Some((set, k, data))
+        })
+        .collect();
+    (!out.is_empty()).then_some(out)
+}
+
+/// The map elements of one published port, or `None` while its container has no
+/// address (the port is skipped until it has one).
+pub fn port_elements(p: &PublishedPort, facts: &Facts) -> Option<SmallVec<[Element; 2]>> {
     let fixed: Option<IpAddr> = p.target.address.as_deref().and_then(|a| a.parse().ok());
     let targets: &[IpAddr] = match (&fixed, &p.target.container) {
         (Some(a), _) => std::slice::from_ref(a),
@@ -158,28 +205,13 @@ pub fn port_elements(p: &PublishedPort, facts: &Facts) -> Option<SmallVec<[Eleme
             .unwrap_or_default(),
         (None, None) => &[],
     };
-    let mut out = SmallVec::new();
-    for v6 in [false, true] {
-        if host_ip.is_some_and(|h| h.is_ipv6() != v6) {
-            continue;
-        }
-        let Some(t) = targets.iter().find(|t| t.is_ipv6() == v6) else {
-            continue;
-        };
-        let data = key(&[&ip_bytes(*t), &p.target.port.to_be_bytes()]);
-        out.push(match host_ip {
-            Some(h) => (
-                if v6 { &DNAT6_ON } else { &DNAT4_ON },
-                key(&[&ip_bytes(h), &proto, &port]),
-                data,
-            ),
-            None => (
-                if v6 { &DNAT6_ANY } else { &DNAT4_ANY },
-                key(&[&proto, &port]),
-                data,
-            ),
-        });
-    }
+    let out: SmallVec<[Element; 2]> = port_keys(p)
+        .into_iter()
+        .filter_map(|(v6, set, k)| {
+            let t = targets.iter().find(|t| t.is_ipv6() == v6)?;
+            Some((set, k, key(&[&ip_bytes(*t), &p.target.port.to_be_bytes()])))
+        })
+        .collect();
     (!out.is_empty()).then_some(out)
 }
 
@@ -241,6 +273,12 @@ pub fn allow_elements<'a>(
 
 /// The desired table for `spec`, with container targets resolved through `facts`.
 pub fn desired(spec: &FirewallSpec, facts: &Facts) -> Desired {
+    desired_keeping(spec, facts, None)
+}
+
+/// [`desired`], keeping what `in_force` has for ports whose container the facts do not
+/// know yet (see `kept_elements`): not yet known is not absent.
+pub fn desired_keeping(spec: &FirewallSpec, facts: &Facts, in_force: Option<&Snapshot>) -> Desired {
     let (chains, sets, rules) = structure(spec);
     // Collected unsorted, then bulk-built: BTreeMap::from_iter sorts once (the
     // document's order is usually already sorted) instead of 10,000 tree inserts.
@@ -254,7 +292,8 @@ pub fn desired(spec: &FirewallSpec, facts: &Facts) -> Desired {
     let mut unresolved = Vec::new();
     let mut groups: BTreeMap<Group, Vec<&PublishedPort>> = BTreeMap::new();
     for p in &spec.published_ports {
-        let Some(elements) = port_elements(p, facts) else {
+        let resolved = port_elements(p, facts).or_else(|| kept_elements(p, facts, in_force));
+        let Some(elements) = resolved else {
             unresolved.push(unresolved_note(p));
             continue;
         };
