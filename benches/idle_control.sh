@@ -75,6 +75,8 @@ measure() { # transport extra-serve-args...
     t0=$(ticks "$agent")
     sleep "$SECS"
     t1=$(ticks "$agent"); rss1=$(rss_kb "$agent"); hwm=$(awk '/VmHWM/ {print $2}' "/proc/$agent/status")
+    # What the RSS is made of: heap and stacks (anon) and the binary's pages in use (file).
+    awk '/RssAnon|RssFile/ {printf "  %s %.1f MB", $1, $2/1024} END {print ""}' "/proc/$agent/status"
     cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" -v s="$SECS" 'BEGIN { printf "%.3f", (b - a) / hz / s * 100 }')
     "$BIN" --data-dir "$node" status | tail -1
     awk -v n="$name" -v r="$rss1" -v h="$hwm" -v c="$cpu" -v s="$SECS" \
