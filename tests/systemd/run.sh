@@ -387,6 +387,37 @@ else
   bad "the route is not served: $(inside converge status 2>&1 | head -30)"
 fi
 
+# 13. The Debian package under systemd: installed (not enabled, not started), started by
+# the operator, upgraded while running (the agent restarted, dnsmasq untouched), purged
+# (the agent stopped; the data directory and dnsmasq left: host state is reset's).
+poweroff
+for v in 0.1.0 0.1.1; do
+  CONVERGE_DEB_COMPRESS=none "$repo/install/deb.sh" --binary "$bin" --version "$v" --out "$work/deb-$v" >/dev/null
+done
+boot
+inside sh -c 'dpkg -i /t/deb-0.1.0/converge_0.1.0_*.deb' >"$work/deb.log" 2>&1 || bad "dpkg -i: $(cat "$work/deb.log")"
+[[ $(inside systemctl is-enabled converge 2>/dev/null) != enabled ]] && ! inside systemctl is-active --quiet converge &&
+  ok "package installed: unit neither enabled nor started" || bad "the package enabled or started the agent"
+inside systemctl start converge
+inside converge push /t/dns.json >/dev/null
+wait_for 30 dns_converged || bad "dns did not converge from the packaged agent"
+dpid=$(dnsmasq_pid)
+before_pid=$(inside systemctl show -p MainPID --value converge)
+inside sh -c 'dpkg -i /t/deb-0.1.1/converge_0.1.1_*.deb' >>"$work/deb.log" 2>&1 || bad "upgrade: $(cat "$work/deb.log")"
+after_pid=$(inside systemctl show -p MainPID --value converge)
+if [[ $after_pid != "$before_pid" && $after_pid != 0 ]] && wait_for 30 ready && [[ $(dnsmasq_pid) == "$dpid" ]]; then
+  ok "package upgraded while running: agent restarted ($before_pid -> $after_pid) and ready, dnsmasq $dpid untouched"
+else
+  bad "package upgrade: agent $before_pid -> $after_pid, dnsmasq $(dnsmasq_pid): $(cat "$work/deb.log")"
+fi
+inside dpkg --purge converge >>"$work/deb.log" 2>&1 || bad "purge: $(cat "$work/deb.log")"
+if ! inside systemctl is-active --quiet converge && inside test -f /var/lib/converge/state.db &&
+  [[ $(dnsmasq_pid) == "$dpid" ]]; then
+  ok "package purged: agent stopped, data directory and dnsmasq left (converge reset removes host state)"
+else
+  bad "purge: $(cat "$work/deb.log")"
+fi
+
 log "timings: setup (worker) ${setup_s} s, setup (proxy) ${proxy_s} s, start ${start_s} s, restart with a document ${restart_s} s, update ${update_s} s, rollback ${rollback_s} s, self-update ${selfupdate_s:-?} s, self-update rollback ${selfrollback_s:-?} s"
 if ((failures)); then
   log "$failures check(s) failed"
