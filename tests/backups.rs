@@ -154,6 +154,25 @@ fn check_one_archive_per_slot(node: &TestNode) -> Vec<String> {
     names
 }
 
+/// Waits until `n` more slots of schedule `src` have run to `done` (as the durable record
+/// says), counting from now.
+fn wait_slots_done(node: &TestNode, n: usize) {
+    let mut seen = std::collections::BTreeSet::new();
+    let start = state(node)["schedules"]["src"]["lastSlot"].to_string();
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{n} more slots done"),
+        || {
+            let s = state(node);
+            let slot = s["schedules"]["src"]["lastSlot"].to_string();
+            if slot != start && s["schedules"]["src"]["last"]["status"] == "done" {
+                seen.insert(slot);
+            }
+            seen.len() >= n
+        },
+    );
+}
+
 #[test]
 fn schedule_under_compressed_time_one_archive_per_slot_across_kill9_restart() {
     require_tool("borg");
@@ -165,7 +184,7 @@ fn schedule_under_compressed_time_one_archive_per_slot_across_kill9_restart() {
     push_ok(&node, &doc(&node, 1));
     let done = |node: &TestNode| state(node)["schedules"]["src"]["last"]["status"] == "done";
     wait_until(Duration::from_secs(30), "a first backup", || done(&node));
-    std::thread::sleep(Duration::from_secs(9));
+    wait_slots_done(&node, 3);
     let before = check_one_archive_per_slot(&node);
     assert!(before.len() >= 3, "{before:?}");
     // Between runs the reconciler is Converged and says when the last run ended (a run
@@ -199,7 +218,7 @@ fn schedule_under_compressed_time_one_archive_per_slot_across_kill9_restart() {
                 && s["schedules"]["src"]["last"]["status"] == "done"
         },
     );
-    std::thread::sleep(Duration::from_secs(9));
+    wait_slots_done(&node, 3);
     kill9(&mut agent);
     wait_no_borg(&repo);
     let after = check_one_archive_per_slot(&node);
@@ -256,7 +275,9 @@ fn kill9_during_backup_next_agent_finishes_the_slot_borg_check_clean() {
         !has(&cmdline) && !has(&environ),
         "passphrase visible in /proc/{pid}"
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_until(Duration::from_secs(10), "the slot recorded started", || {
+        state(&node)["schedules"]["src"]["started"].is_object()
+    });
     let started = state(&node)["schedules"]["src"]["started"].clone();
     assert!(
         started.is_object(),

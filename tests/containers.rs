@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::agent::{data, push_ok, start_agent, status};
+use common::agent::{data, push_ok, start_agent, status, wait_ready};
 use common::dnsq::query;
 use common::sandbox::{require_tool, wait_until, Spawned, TestNode};
 use hickory_proto::rr::RecordType;
@@ -293,7 +293,7 @@ fn scenario(rt: &Runtime) {
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
-    std::thread::sleep(Duration::from_secs(3));
+    wait_ready(node, Duration::from_secs(30));
     wait_converged(node, 3, Duration::from_secs(10));
     assert_eq!(
         rt.inspect("web", "{{.State.StartedAt}}"),

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::agent::{converge, data, dns_doc, push, push_ok, reconciler, start_agent, status};
+use common::agent::{
+    converge, data, dns_doc, push, push_ok, reconciler, start_agent, status, wait_ready,
+};
 use common::dnsq::{query, Answer};
 use common::sandbox::{pid_alive, require_tool, wait_until, TestNode};
 use hickory_proto::op::ResponseCode;
@@ -225,8 +227,7 @@ fn bad_stale_and_foreign_documents_change_nothing() {
     let out = push(&node, &proxy);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("$.node.mode"));
-
-    std::thread::sleep(Duration::from_millis(300));
+    // Refused before the store: nothing is under way that could change the answers.
     assert_eq!(
         dns.values("web.internal", RecordType::A),
         vec!["10.88.0.10"],
@@ -302,7 +303,7 @@ fn drift_is_repaired_and_an_agent_restart_does_not_flap() {
         "DNS keeps serving without the agent"
     );
     let _agent = start_agent(&node, &["--resync-secs", "1"]);
-    std::thread::sleep(Duration::from_secs(3));
+    wait_ready(&node, Duration::from_secs(30));
     assert_eq!(
         pid_of_dnsmasq(&node),
         pid,

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::agent::{push_ok, reconciler, start_agent, status};
+use common::agent::{push_ok, reconciler, start_agent, status, wait_ready};
 use common::sandbox::{require_tool, wait_until, Backend, TestNode};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -308,8 +308,8 @@ fn owns_only_its_table_repairs_drift_and_does_not_flap() {
     let _ = agent.kill();
     let _ = agent.wait();
     let _agent = start_agent(&host, &[]);
+    wait_ready(&host, Duration::from_secs(30));
     wait_converged(&host, 1);
-    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         ruleset_generation(&host),
         generation,

@@ -296,7 +296,11 @@ fn drift_refusal_and_one_change_per_pass() {
     assert_eq!(loads(&p), before + 2, "one load of each instance");
     push_ok(&p, &proxy_doc(&p, 3, json!(local_routes(30, "2"))));
     wait_routes(&p, 3);
-    std::thread::sleep(Duration::from_secs(3)); // a resync pass too
+    // A resync pass too (every 2 s here): a later pass than the one that applied 3.
+    let applied = reconciler(&status(&p), "routes")["lastPass"].clone();
+    wait_until(Duration::from_secs(10), "a resync pass", || {
+        reconciler(&status(&p), "routes")["lastPass"] != applied
+    });
     assert_eq!(loads(&p), before + 2, "nothing changed, no load");
 
     // A foreign server, edited continuously while converge changes its routes: an edit

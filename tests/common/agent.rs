@@ -89,6 +89,14 @@ pub fn status(node: &TestNode) -> Value {
     serde_json::from_slice(&out.stdout).expect("status json")
 }
 
+/// Waits until the agent answering now has finished every reconciler's first pass
+/// (systemd's READY): a status stored by an earlier agent does not count.
+pub fn wait_ready(node: &TestNode, within: Duration) {
+    wait_until(within, "the agent ready (every first pass done)", || {
+        status(node)["agentInfo"]["ready"] == true
+    });
+}
+
 /// The status entry of reconciler `name` (Null if absent).
 pub fn reconciler(status: &Value, name: &str) -> Value {
     status["reconcilers"]

@@ -144,7 +144,7 @@ fn ensure_archive(dir: &Path, repo: &Path, mb: u64) -> String {
 }
 
 fn run_variant(variant: &str, repo: &Path, archive: &str, dir: &Path) -> Run {
-    let moto = Moto::start().expect("moto");
+    let moto = Moto::start();
     create_bucket(&moto, BUCKET);
     let spec = format!(
         "{variant}\n{}\n{}\n{archive}\n{}",

@@ -54,7 +54,7 @@ fn sh(script: &str) -> tokio::process::Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn borg_archive_round_trips_through_the_presigned_url() {
-    let Some(moto) = Moto::start() else { return };
+    let moto = Moto::start();
     let tmp = tempfile::tempdir().expect("tempdir");
     // A tree with several files, a nested directory, an empty file and one file larger
     // than two parts, so the upload has several parts and a short last one.
@@ -157,7 +157,7 @@ async fn borg_archive_round_trips_through_the_presigned_url() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_failing_mid_stream_aborts_the_upload() {
-    let Some(moto) = Moto::start() else { return };
+    let moto = Moto::start();
     let tmp = tempfile::tempdir().expect("tempdir");
     create_bucket(&moto, "exports");
     let t = target(&moto, "exports", "broken.tar");
@@ -213,7 +213,7 @@ async fn a_child_failing_mid_stream_aborts_the_upload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_stream_becomes_an_empty_object() {
-    let Some(moto) = Moto::start() else { return };
+    let moto = Moto::start();
     let tmp = tempfile::tempdir().expect("tempdir");
     create_bucket(&moto, "exports");
     let t = target(&moto, "exports", "empty.tar");
@@ -265,7 +265,7 @@ async fn url_ttl_over_a_day_is_refused_before_anything_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_orphans_leaves_a_running_export_alone() {
-    let Some(moto) = Moto::start() else { return };
+    let moto = Moto::start();
     let tmp = tempfile::tempdir().expect("tempdir");
     create_bucket(&moto, "exports");
     let t = target(&moto, "exports", "running.tar");
@@ -355,7 +355,7 @@ fn status_kb(field: &str) -> u64 {
 /// the size, the benchmark shows it for 1 and 4 GB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_bounded_for_a_large_stream() {
-    let Some(moto) = Moto::start() else { return };
+    let moto = Moto::start();
     let tmp = tempfile::tempdir().expect("tempdir");
     create_bucket(&moto, "exports");
     let len: u64 = 512 << 20;
@@ -396,7 +396,7 @@ async fn memory_stays_bounded_for_a_large_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_export_leaves_nothing_after_abort_orphans() {
-    let Some(moto) = Moto::start() else { return };
+    let moto = Moto::start();
     let tmp = tempfile::tempdir().expect("tempdir");
     create_bucket(&moto, "exports");
     let t = target(&moto, "exports", "killed.tar");

@@ -27,9 +27,7 @@ async fn pass(r: &Backups<Host>, s: &BackupsSpec) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_through_the_reconciler() {
-    let Some(moto) = export_support::Moto::start() else {
-        return;
-    };
+    let moto = export_support::Moto::start();
     export_support::create_bucket(&moto, "exports");
     let dir = tempfile::tempdir().unwrap();
     let p = |r: &str| dir.path().join(r);

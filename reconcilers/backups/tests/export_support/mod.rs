@@ -19,12 +19,13 @@ pub struct Moto {
 }
 
 impl Moto {
-    /// None (with a message) when moto is not installed: CI has it (install/deps.sh).
-    pub fn start() -> Option<Self> {
-        if !Path::new(MOTO).exists() {
-            eprintln!("SKIPPED: {MOTO} is absent (install/deps.sh installs it)");
-            return None;
-        }
+    /// Starts moto on a free port; fails the test when it is not installed (as every
+    /// test of the suite does for a missing tool: `./tests/run.sh` installs it).
+    pub fn start() -> Self {
+        assert!(
+            Path::new(MOTO).exists(),
+            "missing tool {MOTO}: run ./tests/run.sh which installs it"
+        );
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -44,7 +45,7 @@ impl Moto {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        Some(moto)
+        moto
     }
 
     pub fn endpoint(&self) -> String {
