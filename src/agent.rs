@@ -1,6 +1,7 @@
 //! The daemon (`converge agent`): stores accepted documents, runs the engine, persists
-//! status, and serves `push`/`status` on a unix socket (mode 0600) until the
-//! control-plane client lands.
+//! status, serves the unix socket (`push`, `status`, `events`, `metadatainspect`; 0600,
+//! or 0660 with `--socket-group`), runs the control-plane client when the node is
+//! enrolled, and tells systemd when it is ready.
 //!
 //! Socket protocol, one request per connection: the client sends a header line (a JSON
 //! [`Request`] ending in `\n`, at most 64 KiB); a `push` header is followed by the
@@ -144,16 +145,6 @@ pub fn store_path(data_dir: &Path) -> PathBuf {
     data_dir.join("state.db")
 }
 
-/// Creates the data directory: 0711, so daemons that drop privileges (dnsmasq, Caddy)
-/// can reach their own subdirectory without being able to list the others; everything
-/// the agent keeps in it directly (store, keys, socket) is 0600.
-pub fn prepare_data_dir(data_dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
-    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o711))
-        .with_context(|| format!("chmod {}", data_dir.display()))
-}
-
 /// Agent settings from the command line.
 pub struct AgentOptions {
     pub data_dir: PathBuf,
@@ -241,7 +232,7 @@ impl Shared {
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
-    prepare_data_dir(&opts.data_dir)?;
+    crate::privacy::prepare_data_dir(&opts.data_dir)?;
     crate::privacy::load_redaction_key(&opts.data_dir, true)?;
     let mut store = Store::open(&store_path(&opts.data_dir)).context("open store")?;
     let mode = if opts.proxy {

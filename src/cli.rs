@@ -1,5 +1,6 @@
 //! Command line: argument definitions and the commands (validate, schema, diff, apply,
-//! agent, push, status, wireguard rotate-key).
+//! agent, push, status, events, reset, wireguard rotate-key, metadata inspect, join,
+//! control-plane …; the hidden generate).
 
 use crate::agent::{self, AgentOptions};
 use crate::document::{self, Document, Format, Mode};
@@ -730,7 +731,7 @@ fn rotate_key(
             return Ok(ExitCode::from(1));
         }
     }
-    agent::prepare_data_dir(data_dir)?;
+    crate::privacy::prepare_data_dir(data_dir)?;
     let public = converge_wireguard::rotate_key(data_dir, &iface)?;
     println!("{}", public.to_base64());
     let running = std::os::unix::net::UnixStream::connect(agent::socket_path(data_dir)).is_ok();
@@ -829,7 +830,7 @@ async fn apply(
     let Some(doc) = load_valid(file, output, limits)? else {
         return Ok(ExitCode::from(1));
     };
-    agent::prepare_data_dir(data_dir)?;
+    crate::privacy::prepare_data_dir(data_dir)?;
     let mut store = Store::open(&agent::store_path(data_dir)).context("open store")?;
     let canonical = serde_json::to_string(&doc)?;
     match store.last_good()? {

@@ -116,6 +116,15 @@ impl SocketAccess {
     }
 }
 
+/// Creates the data directory: 0711, so daemons that drop privileges (dnsmasq, Caddy)
+/// can reach their own subdirectory without being able to list the others; everything
+/// the agent keeps in it directly (store, keys, socket) is 0600.
+pub fn prepare_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("chmod {}", data_dir.display()))
+}
 #[cfg(test)]
 mod tests {
     use super::*;

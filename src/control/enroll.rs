@@ -103,7 +103,7 @@ pub async fn join(
             );
         }
     }
-    crate::agent::prepare_data_dir(data_dir)?;
+    crate::privacy::prepare_data_dir(data_dir)?;
     // New keys live in memory until the control plane accepted them: a refused join
     // leaves no key file, and a refused `--force` leaves the node's old keys working.
     let identity = if opts.force {

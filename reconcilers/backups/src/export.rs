@@ -4,7 +4,7 @@
 //! and the finished object is handed out as a presigned GET URL.
 //!
 //! Memory: at most [`CONCURRENCY`] parts in flight plus the one being filled, each
-//! [`PART_SIZE`] bytes (32 MiB), whatever the archive size. Parts all have the same size
+//! [`PART_SIZE`] bytes (8 MiB), whatever the archive size. Parts all have the same size
 //! (except the last) because some S3 implementations (R2) require it, so an archive can
 //! hold at most 10,000 × [`PART_SIZE`] bytes (78 GiB).
 
