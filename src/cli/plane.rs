@@ -1,0 +1,231 @@
+//! `converge control-plane …`: the reference control plane's commands.
+
+use super::*;
+
+/// `converge control-plane …`.
+pub(super) async fn control_plane(
+    command: ControlPlaneCommand,
+    limits: Limits,
+) -> anyhow::Result<ExitCode> {
+    use crate::control::plane;
+    match command {
+        ControlPlaneCommand::Serve {
+            dir,
+            data,
+            listen,
+            public_url,
+            nats,
+            nats_public_url,
+            nats_user,
+            nats_password,
+            nats_auth_file,
+            nats_pid_file,
+            nats_ca,
+            tls_cert,
+            tls_key,
+            insecure_http,
+            artifacts,
+        } => {
+            let nats = match nats {
+                // The plane's NATS user may do everything: never without a credential.
+                Some(_) if nats_password.is_empty() => anyhow::bail!(
+                    "--nats needs the control plane's NATS password (CONVERGE_NATS_PASSWORD): \
+                     its user may read and write every node's documents"
+                ),
+                Some(url) => Some(plane::NatsOptions {
+                    public_url: nats_public_url.unwrap_or_else(|| url.clone()),
+                    url,
+                    user: nats_user,
+                    password: nats_password,
+                    auth_file: nats_auth_file.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--nats needs --nats-auth-file (per-node users are written there)"
+                        )
+                    })?,
+                    pid_file: nats_pid_file,
+                    ca_pem: read_pem(nats_ca.as_deref())?,
+                }),
+                None => None,
+            };
+            plane::serve(plane::ServeOptions {
+                docs: dir,
+                data,
+                listen,
+                public_url,
+                nats,
+                limits,
+                tls: tls_cert.zip(tls_key),
+                insecure_http,
+                artifacts,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::Token {
+            data,
+            ttl_secs,
+            name,
+        } => {
+            let scope = crate::control::plane_store::TokenScope {
+                node: name
+                    .as_deref()
+                    .map(crate::control::protocol::sanitize_node_id),
+                reenroll: false,
+            };
+            let token = plane::new_token(&data, ttl_secs, &scope)?;
+            println!("{token}");
+            join_hint(&data, &token, name.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::Nodes {
+            command:
+                Some(NodesCommand::ReEnroll {
+                    name,
+                    data,
+                    ttl_secs,
+                }),
+            ..
+        } => {
+            let id = crate::control::protocol::sanitize_node_id(&name);
+            let store = crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?;
+            if store.node(&id)?.is_none() {
+                anyhow::bail!("no enrolled node {id:?} (a new node needs `control-plane token`)");
+            }
+            let scope = crate::control::plane_store::TokenScope {
+                node: Some(id),
+                reenroll: true,
+            };
+            let token = plane::new_token(&data, ttl_secs, &scope)?;
+            println!("{token}");
+            join_hint(&data, &token, Some(&name))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::Nodes {
+            data,
+            output,
+            command: None,
+        } => {
+            let data = data.ok_or_else(|| anyhow::anyhow!("--data DIR is required"))?;
+            let nodes =
+                crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?.nodes()?;
+            match output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&nodes)?),
+                OutputFormat::Text => print!("{}", nodes_text(&nodes)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::RotateKey { data } => {
+            let old = plane::keys(&data)?.signing.verifying_key();
+            let new = plane::rotate_key(&data)?.signing.verifying_key();
+            println!(
+                "signing key rotated: {} -> {}",
+                crate::control::identity::fingerprint(&old),
+                crate::control::identity::fingerprint(&new)
+            );
+            eprintln!("a running `control-plane serve` signs every document again within a second; new joins pin the new key");
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::Sign { data, node, file } => {
+            let store = crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?;
+            let record = store
+                .node(&node)?
+                .ok_or_else(|| anyhow::anyhow!("no enrolled node {node:?}"))?;
+            let (_, bytes) = plane::build_envelope(&plane::keys(&data)?, &file, &record, &limits)?;
+            println!("{}", String::from_utf8_lossy(&bytes));
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::Put {
+            nats,
+            nats_user,
+            nats_password,
+            nats_ca,
+            node,
+            file,
+        } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+            let ca = read_pem(nats_ca.as_deref())?;
+            plane::put(
+                &nats,
+                &nats_user,
+                &nats_password,
+                ca.as_deref(),
+                &node,
+                bytes,
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub(super) fn nodes_text(nodes: &[crate::control::plane_store::NodeRecord]) -> String {
+    use std::fmt::Write;
+    let g = |v: Option<u64>| v.map(|g| g.to_string()).unwrap_or_else(|| "-".into());
+    let mut out = format!(
+        "{:<20} {:>8} {:>9}  {:<24} {:<20} CONDITIONS\n",
+        "NODE", "ACCEPTED", "CONVERGED", "LAST SEEN", "VERSION"
+    );
+    for n in nodes {
+        let conditions: Vec<String> = n
+            .status
+            .as_ref()
+            .and_then(|s| s["reconcilers"].as_array())
+            .map(|rs| {
+                rs.iter()
+                    .map(|r| {
+                        format!(
+                            "{}={}",
+                            r["reconciler"].as_str().unwrap_or("?"),
+                            r["state"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        // The version the node last reported, else the one it enrolled with.
+        let version = n
+            .status
+            .as_ref()
+            .and_then(|s| s["facts"]["convergeVersion"].as_str())
+            .or_else(|| n.facts["convergeVersion"].as_str())
+            .unwrap_or("-");
+        let _ = writeln!(
+            out,
+            "{:<20} {:>8} {:>9}  {:<24} {:<20} {}",
+            n.id,
+            g(n.accepted_generation),
+            g(n.converged_generation),
+            n.last_seen.as_deref().unwrap_or("never"),
+            version,
+            conditions.join(" ")
+        );
+        if let Some(r) = &n.refused {
+            let _ = writeln!(
+                out,
+                "{:<20} refused generation {}: {}",
+                "",
+                r["generation"],
+                r["error"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    out
+}
+
+/// The join command for a new token, on stderr (stdout carries the token alone, for
+/// scripts): with the plane's key fingerprint, so the node pins the right key.
+pub(super) fn join_hint(data: &Path, token: &str, name: Option<&str>) -> anyhow::Result<()> {
+    let key = crate::control::plane::keys(data)?.signing.verifying_key();
+    eprintln!(
+        "join with: converge join --url https://<control plane> --token {token} --plane-key {}{}",
+        crate::control::identity::fingerprint(&key),
+        name.map(|n| format!(" --name {n}")).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// The PEM text of `path`, if given.
+pub(super) fn read_pem(path: Option<&Path>) -> anyhow::Result<Option<String>> {
+    path.map(|p| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display())))
+        .transpose()
+}
