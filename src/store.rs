@@ -1,5 +1,6 @@
 //! Durable agent state in SQLite (WAL): documents by generation, the last good one,
-//! per-reconciler status, and an event journal. Migrations use `PRAGMA user_version`.
+//! per-reconciler status, and an event journal. Migrations follow
+//! `converge_core::sqlite::migrate` (`PRAGMA user_version`).
 
 use crate::status::ReconcilerStatus;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -79,24 +80,6 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 
 const EVENT_COLUMNS: &str = "id, at, reconciler, object, message, reason, generation";
 
-/// Brings a database to the newest schema: runs the `migrations` it has not run yet
-/// (`PRAGMA user_version` = how many ran), each in its own transaction with the version
-/// bump, so an interrupted upgrade resumes where it stopped. The version is read under
-/// the write lock: two processes opening a new database at once (the agent starting,
-/// `converge status` reading the store meanwhile) never both run a migration.
-pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<()> {
-    loop {
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let done: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        let Some(sql) = usize::try_from(done).ok().and_then(|d| migrations.get(d)) else {
-            return Ok(());
-        };
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", done + 1)?;
-        tx.commit()?;
-    }
-}
-
 /// Handle on the SQLite database.
 pub struct Store {
     conn: Connection,
@@ -126,7 +109,10 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        Ok(migrate(&mut self.conn, MIGRATIONS)?)
+        // A newer build's database is used as it is (a rolled-back update keeps its
+        // state): its migrations only ever add.
+        converge_core::sqlite::migrate(&mut self.conn, MIGRATIONS)?;
+        Ok(())
     }
 
     /// Schema version after migrations.
@@ -408,5 +394,60 @@ mod tests {
         );
         assert_eq!(newer[0].generation, Some(7));
         assert!(s.events_after(newer[0].id, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_store_of_every_earlier_version_is_upgraded_with_its_data() {
+        for k in 0..MIGRATIONS.len() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state.db");
+            {
+                // As a converge of schema version k left it.
+                let c = Connection::open(&path).unwrap();
+                for sql in &MIGRATIONS[..k] {
+                    c.execute_batch(sql).unwrap();
+                }
+                c.pragma_update(None, "user_version", k as i64).unwrap();
+                if k >= 1 {
+                    c.execute(
+                        "INSERT INTO documents (generation, received_at, body) VALUES (4, 'then', 'doc 4')",
+                        [],
+                    )
+                    .unwrap();
+                    c.execute(
+                        "INSERT INTO state (key, value) VALUES ('last_good', '4')",
+                        [],
+                    )
+                    .unwrap();
+                    c.execute(
+                        "INSERT INTO events (at, reconciler, object, message) VALUES ('then', 'dns', 'a', 'old')",
+                        [],
+                    )
+                    .unwrap();
+                }
+            }
+            let mut s = Store::open(&path).unwrap();
+            assert_eq!(s.version().unwrap(), MIGRATIONS.len(), "from version {k}");
+            if k >= 1 {
+                assert_eq!(
+                    s.last_good().unwrap(),
+                    Some((4, "doc 4".into())),
+                    "from version {k}"
+                );
+                let ev = s.events(10).unwrap();
+                assert_eq!(ev.len(), 1);
+                assert_eq!((ev[0].message.as_str(), ev[0].reason.as_str()), ("old", ""));
+                assert_eq!(ev[0].generation, None);
+            }
+            // The newest schema is in place: events carry why and which generation.
+            s.journal_why("dns", "resync", Some(5), &[("b".into(), "new".into())])
+                .unwrap();
+            let ev = s.events(10).unwrap();
+            assert_eq!(
+                (ev[0].reason.as_str(), ev[0].generation),
+                ("resync", Some(5))
+            );
+            assert_eq!(s.integrity_check().unwrap(), "ok");
+        }
     }
 }

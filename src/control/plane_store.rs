@@ -110,7 +110,8 @@ impl PlaneStore {
     }
 
     fn migrate(&mut self) -> Result<(), PlaneError> {
-        Ok(crate::store::migrate(&mut self.conn, MIGRATIONS)?)
+        converge_core::sqlite::migrate(&mut self.conn, MIGRATIONS)?;
+        Ok(())
     }
 
     /// Records a new token valid for `ttl_secs`, for what `scope` allows.
@@ -421,5 +422,65 @@ mod tests {
         s.put_status("n", Some(6), Some(5), &serde_json::json!("six"))
             .unwrap();
         assert_eq!(kept(&s), (Some(6), Some(5), "\"six\"".into()));
+    }
+
+    #[test]
+    fn a_store_of_every_earlier_version_is_upgraded_with_its_data() {
+        for k in 0..MIGRATIONS.len() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("db");
+            {
+                // As a plane of schema version k left it.
+                let c = Connection::open(&path).unwrap();
+                for sql in &MIGRATIONS[..k] {
+                    c.execute_batch(sql).unwrap();
+                }
+                c.pragma_update(None, "user_version", k as i64).unwrap();
+                if k >= 1 {
+                    c.execute(
+                        "INSERT INTO tokens (hash, expires_at) VALUES (?1, ?2)",
+                        params![hash("old"), chrono::Utc::now().timestamp() + 60],
+                    )
+                    .unwrap();
+                    c.execute(
+                        "INSERT INTO nodes (id, name, public_key, sealing_key, facts, enrolled_at, nats_password) VALUES ('web-1', 'web-1', 'k1', 's1', '{}', 'then', 'pw')",
+                        [],
+                    )
+                    .unwrap();
+                }
+            }
+            let mut s = PlaneStore::open(&path).unwrap();
+            let v: i64 = s
+                .conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert_eq!(v, MIGRATIONS.len() as i64, "from version {k}");
+            // The newest schema: token scopes and node nkeys.
+            let (node, reenroll): (Option<String>, bool) = s
+                .conn
+                .query_row("SELECT node, reenroll FROM tokens LIMIT 0", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+                .unwrap()
+                .unwrap_or_default();
+            assert_eq!((node, reenroll), (None, false));
+            if k >= 1 {
+                let (key, password, nkey): (String, Option<String>, Option<String>) = s
+                    .conn
+                    .query_row(
+                        "SELECT public_key, nats_password, nats_key FROM nodes WHERE id = 'web-1'",
+                        [],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .unwrap();
+                assert_eq!(
+                    (key.as_str(), password.as_deref(), nkey),
+                    ("k1", Some("pw"), None)
+                );
+                // The old token is a token for any new node.
+                s.enroll("old", &record("n", "k")).unwrap();
+            }
+        }
     }
 }

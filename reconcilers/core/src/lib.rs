@@ -13,6 +13,8 @@ pub mod process;
 pub mod reconciler;
 pub mod redact;
 pub mod secrets;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 pub mod vocab;
 
 pub use facts::{ContainerFacts, Facts, FactsUpdate};

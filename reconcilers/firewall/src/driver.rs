@@ -6,6 +6,9 @@ use crate::ruleset::{self, Snapshot, TABLE};
 use converge_core::{DriverError, HostEvent};
 use futures::stream::BoxStream;
 
+#[cfg(test)]
+pub mod fake;
+
 /// What the reconciler needs from the kernel.
 pub trait NftDriver: Send + Sync + 'static {
     /// The ruleset generation (bumped by every commit of anyone).

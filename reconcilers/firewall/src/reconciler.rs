@@ -179,3 +179,167 @@ impl<D: NftDriver> Reconciler for Firewall<D> {
         outcomes
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::fake::Fake;
+    use crate::ruleset;
+    use converge_core::Retry;
+    use serde_json::json;
+
+    fn spec(ports: std::ops::Range<u16>) -> FirewallSpec {
+        let published: Vec<_> = ports
+            .map(|p| json!({"hostPort": p, "target": {"address": "10.0.0.2", "port": 80}}))
+            .collect();
+        serde_json::from_value(json!({"publishedPorts": published})).unwrap()
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// One pass as the engine runs it: observe, plan, (the observation dropped) apply.
+    fn pass(fw: &Firewall<Fake>, spec: &FirewallSpec) -> (Plan<Action>, Vec<ObjectOutcome>) {
+        block_on(async {
+            let observed = fw.observe(spec).await.unwrap();
+            let p = fw.plan(spec, &observed, &Facts::default());
+            drop(observed);
+            let shown = Plan {
+                changes: p.changes.clone(),
+                actions: Vec::new(),
+                waiting: p.waiting.clone(),
+                requeue_after: p.requeue_after,
+            };
+            let outcomes = fw.apply(p).await;
+            (shown, outcomes)
+        })
+    }
+
+    fn desired(spec: &FirewallSpec) -> ruleset::Snapshot {
+        ruleset::desired(spec, &Facts::default()).snapshot
+    }
+
+    fn fw() -> Firewall<Fake> {
+        Firewall::new(Fake::new())
+    }
+
+    #[test]
+    fn a_pass_builds_the_table_in_one_batch_and_the_next_plans_nothing() {
+        let fw = fw();
+        let s = spec(1000..1010);
+        let (p, outcomes) = pass(&fw, &s);
+        assert!(!p.changes.is_empty());
+        assert_eq!(outcomes.len(), 1);
+        assert_eq!(outcomes[0].error, None);
+        {
+            let k = fw.driver.state();
+            assert_eq!(k.commits.len(), 1);
+            assert_eq!(k.commits[0][0], "add table inet converge");
+            assert_eq!(k.table, desired(&s));
+            assert_eq!(k.genid, 1);
+        }
+        // Converged: nothing planned, nothing committed, and the table not dumped again
+        // (the generation proves the cached table current).
+        let (p, outcomes) = pass(&fw, &s);
+        assert!(p.changes.is_empty(), "{:?}", p.changes);
+        assert!(outcomes.is_empty());
+        let k = fw.driver.state();
+        assert_eq!((k.commits.len(), k.reads), (1, 1));
+        // The DNAT target is published as in use.
+        drop(k);
+        let o = block_on(fw.observe(&s)).unwrap();
+        let Some(FactsUpdate::InUse { addresses, .. }) = fw.publish(&o) else {
+            panic!("no in-use facts")
+        };
+        assert_eq!(addresses, BTreeSet::from(["10.0.0.2".parse().unwrap()]));
+    }
+
+    #[test]
+    fn a_changed_port_list_is_patched_in_place() {
+        let fw = fw();
+        pass(&fw, &spec(1000..1010));
+        let next = spec(1000..1012);
+        let (p, outcomes) = pass(&fw, &next);
+        assert!(!p.changes.is_empty());
+        assert!(outcomes.iter().all(|o| o.error.is_none()));
+        {
+            let k = fw.driver.state();
+            assert_eq!(k.table, desired(&next));
+            // Elements only: no table rebuilt.
+            assert!(
+                k.commits[1].iter().all(|w| !w.contains("table")),
+                "{:?}",
+                k.commits[1]
+            );
+        }
+        let (p, _) = pass(&fw, &next);
+        assert!(p.changes.is_empty());
+        assert_eq!(fw.driver.state().reads, 1);
+    }
+
+    #[test]
+    fn a_refused_commit_is_reported_and_changes_nothing() {
+        let fw = fw();
+        let s = spec(1000..1003);
+        fw.driver.state().refuse_next = Some(libc::EINVAL);
+        let (_, outcomes) = pass(&fw, &s);
+        assert_eq!(outcomes.len(), 1);
+        assert_eq!(outcomes[0].object, "table inet converge");
+        let err = outcomes[0].error.as_deref().unwrap();
+        assert!(err.contains("refused"), "{err}");
+        assert_eq!(outcomes[0].retry, Retry::Backoff);
+        assert!(!fw.driver.state().table.exists);
+        // The next pass plans from the kernel again and succeeds.
+        let (_, outcomes) = pass(&fw, &s);
+        assert_eq!(outcomes[0].error, None);
+        assert_eq!(fw.driver.state().table, desired(&s));
+    }
+
+    #[test]
+    fn a_ruleset_changed_during_the_pass_is_retried_soon() {
+        let fw = fw();
+        let s = spec(1000..1003);
+        block_on(async {
+            let observed = fw.observe(&s).await.unwrap();
+            let p = fw.plan(&s, &observed, &Facts::default());
+            drop(observed);
+            // Someone commits between observe and apply.
+            fw.driver.drift(|_| {});
+            let outcomes = fw.apply(p).await;
+            assert_eq!(outcomes.len(), 1);
+            assert_eq!(outcomes[0].retry, Retry::Soon);
+            assert!(outcomes[0].error.is_some());
+        });
+        assert!(!fw.driver.state().table.exists);
+        let (_, outcomes) = pass(&fw, &s);
+        assert_eq!(outcomes[0].error, None);
+    }
+
+    #[test]
+    fn drift_is_repaired_by_the_next_pass() {
+        let fw = fw();
+        let s = spec(1000..1005);
+        pass(&fw, &s);
+        // An element deleted by hand.
+        fw.driver.drift(|t| {
+            let map = t.elements.values_mut().find(|e| !e.is_empty()).unwrap();
+            let k = map.keys().next().unwrap().clone();
+            map.remove(&k);
+        });
+        let (p, outcomes) = pass(&fw, &s);
+        assert!(!p.changes.is_empty());
+        assert!(outcomes.iter().all(|o| o.error.is_none()));
+        assert_eq!(fw.driver.state().table, desired(&s));
+        // A deleted table: rebuilt.
+        fw.driver.drift(|t| *t = ruleset::Snapshot::default());
+        let (_, outcomes) = pass(&fw, &s);
+        assert!(outcomes.iter().all(|o| o.error.is_none()));
+        assert_eq!(fw.driver.state().table, desired(&s));
+        let (p, outcomes) = pass(&fw, &s);
+        assert!(p.changes.is_empty() && outcomes.is_empty());
+    }
+}

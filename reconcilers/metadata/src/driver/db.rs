@@ -15,8 +15,19 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Schema version (`PRAGMA user_version`).
-const VERSION: i64 = 1;
+/// The schema, one migration per version (`converge_core::sqlite::migrate`: `PRAGMA
+/// user_version` counts those that ran). Append only.
+const MIGRATIONS: &[&str] = &[
+    // 1: projects, entries, listen addresses, the write counter.
+    "CREATE TABLE projects(id TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL,
+         rate_limit INTEGER NOT NULL, idx INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE TABLE entries(project TEXT NOT NULL, path TEXT NOT NULL,
+         value TEXT NOT NULL, PRIMARY KEY(project, path)) WITHOUT ROWID;
+     CREATE TABLE listen(addr TEXT PRIMARY KEY) WITHOUT ROWID;
+     CREATE TABLE counter(id INTEGER PRIMARY KEY CHECK (id = 0),
+         value INTEGER NOT NULL);
+     INSERT INTO counter(id, value) VALUES (0, 0);",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -34,7 +45,8 @@ pub enum DbError {
         source: std::io::Error,
     },
     #[error(
-        "metadata database {path}: schema version {found} is newer than this build's {VERSION}"
+        "metadata database {path}: schema version {found} is newer than this build's {}",
+        MIGRATIONS.len()
     )]
     TooNew { path: String, found: i64 },
 }
@@ -136,32 +148,19 @@ impl Db {
     }
 
     fn migrate(&self, conn: &mut Connection) -> Result<(), DbError> {
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(|e| self.sqlite(e))?;
-        if version > VERSION {
+        let found = converge_core::sqlite::migrate(conn, MIGRATIONS).map_err(|e| self.sqlite(e))?;
+        if found > MIGRATIONS.len() {
             return Err(DbError::TooNew {
                 path: self.path.display().to_string(),
-                found: version,
+                found: i64::try_from(found).unwrap_or(i64::MAX),
             });
         }
-        if version < 1 {
-            let tx = conn.transaction().map_err(|e| self.sqlite(e))?;
-            tx.execute_batch(
-                "CREATE TABLE projects(id TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL,
-                     rate_limit INTEGER NOT NULL, idx INTEGER NOT NULL) WITHOUT ROWID;
-                 CREATE TABLE entries(project TEXT NOT NULL, path TEXT NOT NULL,
-                     value TEXT NOT NULL, PRIMARY KEY(project, path)) WITHOUT ROWID;
-                 CREATE TABLE listen(addr TEXT PRIMARY KEY) WITHOUT ROWID;
-                 CREATE TABLE counter(id INTEGER PRIMARY KEY CHECK (id = 0),
-                     value INTEGER NOT NULL);
-                 PRAGMA user_version = 1;",
-            )
-            .map_err(|e| self.sqlite(e))?;
+        if found == 0 {
+            // A new file continues from the highest index this process has seen, so
+            // indexes never go back (a deleted database is recreated).
             let seed = i64::try_from(self.last_index.load(Ordering::Relaxed)).unwrap_or(0);
-            tx.execute("INSERT INTO counter(id, value) VALUES (0, ?1)", [seed])
+            conn.execute("UPDATE counter SET value = ?1 WHERE id = 0", [seed])
                 .map_err(|e| self.sqlite(e))?;
-            tx.commit().map_err(|e| self.sqlite(e))?;
         }
         Ok(())
     }
@@ -437,5 +436,68 @@ mod tests {
         db.remove("a").unwrap();
         assert!(db.read_all().unwrap().is_empty());
         assert!(inspect(&path, "a").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_database_of_every_earlier_version_is_upgraded_with_its_data() {
+        for k in 0..MIGRATIONS.len() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("metadata.db");
+            {
+                // As a converge of schema version k left it (0: an empty file).
+                let c = Connection::open(&path).unwrap();
+                for sql in &MIGRATIONS[..k] {
+                    c.execute_batch(sql).unwrap();
+                }
+                c.pragma_update(None, "user_version", k as i64).unwrap();
+                if k >= 1 {
+                    c.execute_batch(
+                        "INSERT INTO projects VALUES ('a', 'cd', 5, 7);
+                         INSERT INTO entries VALUES ('a', 'x', '\"v\"');
+                         INSERT INTO listen VALUES ('127.0.0.1:8500');
+                         UPDATE counter SET value = 7;",
+                    )
+                    .unwrap();
+                }
+            }
+            let db = Db::new(&path);
+            let all = db.read_all().unwrap();
+            {
+                let guard = db.conn().unwrap();
+                let conn = &guard.as_ref().unwrap().conn;
+                assert_eq!(
+                    converge_core::sqlite::version(conn).unwrap(),
+                    MIGRATIONS.len() as i64,
+                    "from version {k}"
+                );
+            }
+            if k >= 1 {
+                assert_eq!((all["a"].index, all["a"].rate_limit), (7, 5));
+                assert_eq!(&*all["a"].entries["x"], "\"v\"");
+                assert_eq!(db.listen_addrs().unwrap().len(), 1);
+                // The counter survived: the next write continues from it.
+                assert_eq!(db.write(&write("a", &[("x", "1")], &[])).unwrap(), 8);
+            } else {
+                assert!(all.is_empty());
+                assert_eq!(db.write(&write("a", &[("x", "1")], &[])).unwrap(), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_database_of_a_newer_build_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", MIGRATIONS.len() as i64 + 1)
+            .unwrap();
+        let db = Db::new(&path);
+        assert!(matches!(db.read_all(), Err(DbError::TooNew { .. })));
+        let c = Connection::open(&path).unwrap();
+        assert_eq!(
+            converge_core::sqlite::version(&c).unwrap(),
+            MIGRATIONS.len() as i64 + 1
+        );
     }
 }
