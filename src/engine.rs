@@ -586,7 +586,8 @@ impl Worker {
         }
     }
 
-    /// Decides the status and the next wake-up from a pass's result.
+    /// Decides the status and the next wake-up from a pass's result: what the pass reads
+    /// as ([`read`], the rule `converge apply` uses too), then the retry policy.
     fn judge(
         &mut self,
         result: PassResult,
@@ -599,43 +600,17 @@ impl Worker {
             errors,
             again: false,
         };
+        let reading = read(&result);
+        let mut waiting = Vec::new();
+        let mut journal_lines = Vec::new();
         match result {
-            PassResult::Unmanaged => {
-                self.owned = None;
-                sched.backoff.reset();
-                sched.verify_passes = 0;
-                sched.transient_streak = 0;
-                let msg = "no section in the document: nothing managed".to_string();
-                (
-                    verdict(State::Unmanaged, msg, Vec::new()),
-                    Vec::new(),
-                    Vec::new(),
-                )
-            }
-            PassResult::Failed { error, transient } => {
-                let journal = vec![("*".to_string(), error.clone())];
-                if transient && self.transient(sched) {
-                    warn!(error = %error, "pass failed (transient), retrying soon");
-                    let msg = format!("retrying: {error}");
-                    return (
-                        verdict(State::Progressing, msg, Vec::new()),
-                        Vec::new(),
-                        journal,
-                    );
-                }
-                sched.transient_streak = 0;
-                let delay = sched.backoff.next_delay();
-                warn!(error = %error, retry_in = ?delay, "pass failed");
-                sched.retry_at = Some(now + delay);
-                (
-                    verdict(State::Degraded, error, Vec::new()),
-                    Vec::new(),
-                    journal,
-                )
+            PassResult::Unmanaged => self.owned = None,
+            PassResult::Failed { ref error, .. } => {
+                journal_lines.push(("*".to_string(), error.clone()));
             }
             PassResult::Ran {
                 changes,
-                waiting,
+                waiting: w,
                 outcomes,
                 facts,
                 notes,
@@ -649,89 +624,94 @@ impl Worker {
                         .send_if_modified(|f| Arc::make_mut(f).merge(update));
                 }
                 let failures = Failures::of(&outcomes);
-                let journal = journal(&changes, &failures.all());
+                journal_lines = journal(&changes, &failures.all());
                 // Wake-ups the reconciler asked for: the plan's, waiting objects', and
                 // objects failing on their own delay.
-                let delays = waiting.iter().filter_map(|w| w.retry_after);
+                let delays = w.iter().filter_map(|w| w.retry_after);
                 sched.requeue_at =
                     converge_core::earliest(requeue_after, delays.chain(failures.later_after))
                         .map(|d| now + d);
-                let under_way = waiting.iter().filter(|w| w.in_progress).count();
-                let waiting = status::waiting(&waiting);
-                // Transient failures retry soon, until too many come in a row.
-                if failures.backoff.is_empty() && !failures.soon.is_empty() && self.transient(sched)
-                {
-                    let msg = format!("retrying {} transient failures", failures.soon.len());
-                    return (
-                        verdict(State::Progressing, msg, failures.all()),
-                        waiting,
-                        journal,
-                    );
-                }
-                let failed = failures.backoff.len() + failures.soon.len();
-                if failed > 0 {
-                    let delay = sched.backoff.next_delay();
-                    warn!(failed, retry_in = ?delay, "some objects failed");
-                    sched.retry_at = Some(now + delay);
-                    let errors = failures.all();
-                    let msg = status::failed_message(&outcomes, &errors);
-                    return (verdict(State::Degraded, msg, errors), waiting, journal);
-                }
-                sched.transient_streak = 0;
-                if !changes.is_empty() {
-                    // Applied: re-observe at once to verify (and publish fresh facts).
-                    sched.verify_passes += 1;
-                    if sched.verify_passes > self.cfg.max_verify_passes {
-                        sched.retry_at = Some(now + sched.backoff.next_delay());
-                        let msg = format!("still {} changes after {} applies: something else keeps changing the host", changes.len(), sched.verify_passes - 1);
-                        return (
-                            verdict(State::Degraded, msg, failures.all()),
-                            waiting,
-                            journal,
-                        );
-                    }
-                    info!(changes = changes.len(), "applied");
-                    let msg = format!("applied {} changes, verifying", changes.len());
-                    let mut v = verdict(State::Progressing, msg, failures.all());
-                    v.again = true;
-                    return (v, waiting, journal);
-                }
-                sched.backoff.reset();
-                sched.verify_passes = 0;
-                if !failures.later.is_empty() {
-                    let msg = format!(
-                        "{} objects failing, each retried on its own delay",
-                        failures.later.len()
-                    );
-                    return (
-                        verdict(State::Progressing, msg, failures.all()),
-                        waiting,
-                        journal,
-                    );
-                }
-                if under_way > 0 {
-                    // What each waits for is in `waiting` (a switch, a backup running).
-                    let msg = match under_way {
-                        1 => "1 change under way".to_string(),
-                        n => format!("{n} changes under way"),
-                    };
-                    return (
-                        verdict(State::Progressing, msg, Vec::new()),
-                        waiting,
-                        journal,
-                    );
-                }
-                let msg = if waiting.is_empty() {
-                    "host matches the document".to_string()
-                } else {
-                    format!(
-                        "host matches the document; {} objects waiting",
-                        waiting.len()
-                    )
-                };
-                (verdict(State::Converged, msg, Vec::new()), waiting, journal)
+                waiting = status::waiting(&w);
             }
         }
+        let v = match reading {
+            Reading::Unmanaged => {
+                sched.backoff.reset();
+                sched.verify_passes = 0;
+                sched.transient_streak = 0;
+                verdict(
+                    State::Unmanaged,
+                    "no section in the document: nothing managed".to_string(),
+                    Vec::new(),
+                )
+            }
+            // Transient failures retry soon, until too many come in a row.
+            Reading::Failed {
+                error,
+                transient: true,
+            } if self.transient(sched) => {
+                warn!(error = %error, "pass failed (transient), retrying soon");
+                verdict(State::Progressing, format!("retrying: {error}"), Vec::new())
+            }
+            Reading::ObjectsFailed {
+                errors,
+                transient: true,
+                ..
+            } if self.transient(sched) => verdict(
+                State::Progressing,
+                format!(
+                    "retrying {} transient failures",
+                    // Those retried soon (the others, if any, on their own delay).
+                    errors.iter().filter(|e| e.retry_in_secs.is_none()).count()
+                ),
+                errors,
+            ),
+            Reading::Failed { error, .. } => {
+                sched.transient_streak = 0;
+                let delay = sched.backoff.next_delay();
+                warn!(error = %error, retry_in = ?delay, "pass failed");
+                sched.retry_at = Some(now + delay);
+                verdict(State::Degraded, error, Vec::new())
+            }
+            Reading::ObjectsFailed {
+                errors, message, ..
+            } => {
+                let delay = sched.backoff.next_delay();
+                warn!(failed = errors.len(), retry_in = ?delay, "some objects failed");
+                sched.retry_at = Some(now + delay);
+                verdict(State::Degraded, message, errors)
+            }
+            Reading::Applied { changes, errors } => {
+                sched.transient_streak = 0;
+                // Applied: re-observe at once to verify (and publish fresh facts).
+                sched.verify_passes += 1;
+                if sched.verify_passes > self.cfg.max_verify_passes {
+                    sched.retry_at = Some(now + sched.backoff.next_delay());
+                    let msg = format!("still {changes} changes after {} applies: something else keeps changing the host", sched.verify_passes - 1);
+                    verdict(State::Degraded, msg, errors)
+                } else {
+                    info!(changes, "applied");
+                    let mut v = verdict(
+                        State::Progressing,
+                        format!("applied {changes} changes, verifying"),
+                        errors,
+                    );
+                    v.again = true;
+                    v
+                }
+            }
+            Reading::Settled {
+                state,
+                message,
+                errors,
+            } => {
+                sched.transient_streak = 0;
+                sched.backoff.reset();
+                sched.verify_passes = 0;
+                verdict(state, message, errors)
+            }
+        };
+        (v, waiting, journal_lines)
     }
 
     /// Counts a transient failure: schedules a quick retry and returns true, or
@@ -821,6 +801,162 @@ fn panic_message(e: tokio::task::JoinError) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// What a pass's result reads as, before any retry policy: the one rule behind the
+/// agent's status ([`Worker::judge`], which adds retries and verify passes) and
+/// `converge apply`'s ([`judge_once`], which has neither).
+#[derive(Debug)]
+enum Reading {
+    Unmanaged,
+    /// The pass itself failed (observe, a panic, a timeout).
+    Failed {
+        error: String,
+        transient: bool,
+    },
+    /// Objects failed with back-off or soon retries; `transient`: soon ones only.
+    ObjectsFailed {
+        errors: Vec<ObjectError>,
+        message: String,
+        transient: bool,
+    },
+    /// Changes were applied (and must be verified); `errors`: objects failing on their
+    /// own delay meanwhile.
+    Applied {
+        changes: usize,
+        errors: Vec<ObjectError>,
+    },
+    /// Nothing to apply: Converged, or Progressing while objects fail on their own
+    /// delay or a change is under way.
+    Settled {
+        state: State,
+        message: String,
+        errors: Vec<ObjectError>,
+    },
+}
+
+fn read(result: &PassResult) -> Reading {
+    let (changes, waiting, outcomes) = match result {
+        PassResult::Unmanaged => return Reading::Unmanaged,
+        PassResult::Failed { error, transient } => {
+            return Reading::Failed {
+                error: error.clone(),
+                transient: *transient,
+            }
+        }
+        PassResult::Ran {
+            changes,
+            waiting,
+            outcomes,
+            ..
+        } => (changes, waiting, outcomes),
+    };
+    let failures = Failures::of(outcomes);
+    if !failures.backoff.is_empty() || !failures.soon.is_empty() {
+        let errors = failures.all();
+        return Reading::ObjectsFailed {
+            message: status::failed_message(outcomes, &errors),
+            transient: failures.backoff.is_empty(),
+            errors,
+        };
+    }
+    if !changes.is_empty() {
+        return Reading::Applied {
+            changes: changes.len(),
+            errors: failures.all(),
+        };
+    }
+    let settled = |state, message: String, errors| Reading::Settled {
+        state,
+        message,
+        errors,
+    };
+    if !failures.later.is_empty() {
+        let n = failures.later.len();
+        return settled(
+            State::Progressing,
+            format!("{n} objects failing, each retried on its own delay"),
+            failures.all(),
+        );
+    }
+    // What each waits for is in `waiting` (a switch, a backup running).
+    match waiting.iter().filter(|w| w.in_progress).count() {
+        0 => {}
+        1 => return settled(State::Progressing, "1 change under way".into(), Vec::new()),
+        n => {
+            return settled(
+                State::Progressing,
+                format!("{n} changes under way"),
+                Vec::new(),
+            )
+        }
+    }
+    let message = if waiting.is_empty() {
+        "host matches the document".to_string()
+    } else {
+        format!(
+            "host matches the document; {} objects waiting",
+            waiting.len()
+        )
+    };
+    settled(State::Converged, message, Vec::new())
+}
+
+/// `converge apply`'s status of one reconciler: its apply pass and the verify pass after
+/// it, read by the engine's rule, with no retry to wait for (every failure counts, and
+/// changes still there after one apply mean something else keeps changing the host).
+pub fn judge_once(
+    applied: &PassResult,
+    verify: Option<&PassResult>,
+) -> (State, String, Vec<ObjectError>) {
+    match read(applied) {
+        Reading::Unmanaged => {
+            return (
+                State::Unmanaged,
+                "no section in the document".into(),
+                Vec::new(),
+            )
+        }
+        Reading::Failed { error, .. } => return (State::Degraded, error, Vec::new()),
+        Reading::ObjectsFailed {
+            errors, message, ..
+        } => return (State::Degraded, message, errors),
+        Reading::Applied { errors, .. } | Reading::Settled { errors, .. } if !errors.is_empty() => {
+            let outcomes = match applied {
+                PassResult::Ran { outcomes, .. } => outcomes.as_slice(),
+                _ => &[],
+            };
+            return (
+                State::Degraded,
+                status::failed_message(outcomes, &errors),
+                errors,
+            );
+        }
+        Reading::Applied { .. } | Reading::Settled { .. } => {}
+    }
+    match verify.map(read) {
+        Some(Reading::Failed { error, .. }) => {
+            (State::Degraded, format!("verify: {error}"), Vec::new())
+        }
+        Some(Reading::ObjectsFailed {
+            errors, message, ..
+        }) => (State::Degraded, message, errors),
+        Some(Reading::Applied { changes, .. }) => (
+            State::Degraded,
+            format!("{changes} changes remain after apply"),
+            Vec::new(),
+        ),
+        Some(Reading::Settled {
+            state,
+            message,
+            errors,
+        }) => (state, message, errors),
+        Some(Reading::Unmanaged) | None => (
+            State::Converged,
+            "host matches the document".into(),
+            Vec::new(),
+        ),
+    }
 }
 
 /// Runs one pass of every section (the `apply` and `diff` commands): first the

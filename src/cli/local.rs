@@ -172,33 +172,7 @@ pub(super) async fn apply(
     let mut degraded = false;
     let now = chrono::Utc::now();
     for (name, r) in &applied {
-        let (state, message, errors) = match (r, verify.get(name)) {
-            (PassResult::Unmanaged, _) => (
-                State::Unmanaged,
-                "no section in the document".to_string(),
-                vec![],
-            ),
-            (PassResult::Failed { error, .. }, _) => (State::Degraded, error.clone(), vec![]),
-            // One shot: nothing retries later, so any failure counts.
-            (PassResult::Ran { outcomes, .. }, _) if outcomes.iter().any(|o| o.error.is_some()) => {
-                let errors = Failures::of(outcomes).all();
-                let msg = status::failed_message(outcomes, &errors);
-                (State::Degraded, msg, errors)
-            }
-            (_, Some(PassResult::Ran { changes, .. })) if !changes.is_empty() => (
-                State::Degraded,
-                format!("{} changes remain after apply", changes.len()),
-                vec![],
-            ),
-            (_, Some(PassResult::Failed { error, .. })) => {
-                (State::Degraded, format!("verify: {error}"), vec![])
-            }
-            _ => (
-                State::Converged,
-                "host matches the document".to_string(),
-                vec![],
-            ),
-        };
+        let (state, message, errors) = crate::engine::judge_once(r, verify.get(name));
         degraded |= state == State::Degraded;
         if let PassResult::Ran { changes, .. } = r {
             store.journal(name, &journal(changes, &errors))?;

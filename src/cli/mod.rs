@@ -20,7 +20,7 @@ use crate::engine::{journal, run_once, EngineConfig, PassResult};
 use crate::limits::{self, Limits};
 use crate::output::{self, OutputFormat};
 use crate::registry::{self, HostOptions};
-use crate::status::{self, Failures, ReconcilerStatus, State};
+use crate::status::{self, ReconcilerStatus, State};
 use crate::store::Store;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};

@@ -605,3 +605,62 @@ async fn a_change_under_way_is_progressing_until_it_completes() {
     assert!(st.waiting.is_empty());
     engine.shutdown().await;
 }
+
+/// `converge apply` reads a pass by the engine's rule: the same states and messages,
+/// without the retries (a failure on its own delay counts, changes left after one apply
+/// mean Degraded).
+#[test]
+fn apply_reads_a_pass_by_the_engines_rule() {
+    let change = || Change::new(converge_core::Op::Create, "file", "x");
+    let failed = ObjectOutcome::failed("file x", "disk full");
+    let mut later = ObjectOutcome::failed("container web", "crash-loop");
+    later.retry = converge_core::Retry::After(Duration::from_secs(30));
+    let converged = ran(vec![], vec![]);
+    let state = |r: &PassResult, v: Option<&PassResult>| judge_once(r, v).0;
+
+    assert_eq!(state(&PassResult::Unmanaged, None), State::Unmanaged);
+    assert_eq!(
+        judge_once(&ran(vec![change()], vec![failed.clone()]), None).1,
+        status::failed_message(&[failed.clone()], &Failures::of(&[failed.clone()]).all())
+    );
+    assert_eq!(
+        state(&ran(vec![change()], vec![later]), None),
+        State::Degraded
+    );
+    assert_eq!(
+        state(&ran(vec![change()], vec![]), Some(&converged)),
+        State::Converged
+    );
+    assert_eq!(
+        judge_once(
+            &ran(vec![change()], vec![]),
+            Some(&ran(vec![change()], vec![]))
+        )
+        .1,
+        "1 changes remain after apply"
+    );
+    let under_way = PassResult::Ran {
+        changes: vec![],
+        waiting: vec![converge_core::Waiting::new("route", "a", "switching").in_progress()],
+        outcomes: vec![],
+        facts: None,
+        notes: vec![],
+        requeue_after: None,
+        owned: None,
+    };
+    assert_eq!(
+        judge_once(&converged, Some(&under_way)),
+        (State::Progressing, "1 change under way".to_string(), vec![])
+    );
+    assert_eq!(
+        judge_once(
+            &PassResult::Failed {
+                error: "boom".into(),
+                transient: false
+            },
+            None
+        )
+        .0,
+        State::Degraded
+    );
+}
