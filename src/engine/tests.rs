@@ -621,7 +621,10 @@ fn apply_reads_a_pass_by_the_engines_rule() {
     assert_eq!(state(&PassResult::Unmanaged, None), State::Unmanaged);
     assert_eq!(
         judge_once(&ran(vec![change()], vec![failed.clone()]), None).1,
-        status::failed_message(&[failed.clone()], &Failures::of(&[failed.clone()]).all())
+        status::failed_message(
+            std::slice::from_ref(&failed),
+            &Failures::of(std::slice::from_ref(&failed)).all()
+        )
     );
     assert_eq!(
         state(&ran(vec![change()], vec![later]), None),
