@@ -451,6 +451,13 @@ fn check_http_url(url: &str) -> bool {
 
 /// Semantic checks of the section; `path` is its JSON path (`$.backups`).
 pub fn validate(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
+    validate_repositories(spec, path, problems);
+    validate_schedules(spec, path, problems);
+    validate_restores(spec, path, problems);
+    validate_exports(spec, path, problems);
+}
+
+fn validate_repositories(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
     let mut repos = Unique::new("repository name", format!("{path}.repositories"));
     for (i, r) in spec.repositories.iter().enumerate() {
         let rp = format!("{path}.repositories[{i}]");
@@ -554,8 +561,11 @@ pub fn validate(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
             }
         }
     }
-    let repo = |name: &str| spec.repositories.iter().find(|r| r.name == name);
-    let check_repo = |field: String, name: &str, problems: &mut Problems| match repo(name) {
+}
+
+/// `name` must be a borg repository of the section (schedules, restores and exports).
+fn check_repo(spec: &BackupsSpec, path: &str, field: String, name: &str, problems: &mut Problems) {
+    match spec.repositories.iter().find(|r| r.name == name) {
         None => {
             let available: Vec<&str> = spec.repositories.iter().map(|r| r.name.as_str()).collect();
             problems.push_hint(
@@ -574,7 +584,10 @@ pub fn validate(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
             "schedules, restores and exports need a borg repository",
         ),
         Some(_) => {}
-    };
+    }
+}
+
+fn validate_schedules(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
     let mut schedules = Unique::new("schedule name", format!("{path}.schedules"));
     for (i, j) in spec.schedules.iter().enumerate() {
         let jp = format!("{path}.schedules[{i}]");
@@ -587,7 +600,13 @@ pub fn validate(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
         } else {
             schedules.check(&j.name, i, format!("{jp}.name"), problems);
         }
-        check_repo(format!("{jp}.repository"), &j.repository, problems);
+        check_repo(
+            spec,
+            path,
+            format!("{jp}.repository"),
+            &j.repository,
+            problems,
+        );
         match (&j.dump, j.paths.is_empty() && j.volumes.is_empty()) {
             (None, true) => problems.push_hint(
                 jp.clone(),
@@ -670,11 +689,20 @@ pub fn validate(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
             );
         }
     }
+}
+
+fn validate_restores(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
     let mut restores = Unique::new("restore id", format!("{path}.restores"));
     for (i, r) in spec.restores.iter().enumerate() {
         let rp = format!("{path}.restores[{i}]");
         check_id(&rp, &r.id, i, &mut restores, problems);
-        check_repo(format!("{rp}.repository"), &r.repository, problems);
+        check_repo(
+            spec,
+            path,
+            format!("{rp}.repository"),
+            &r.repository,
+            problems,
+        );
         check_archive(&rp, &r.archive, problems);
         match (&r.target_volume, &r.target_path) {
             (Some(v), None) => {
@@ -710,11 +738,20 @@ pub fn validate(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
             }
         }
     }
+}
+
+fn validate_exports(spec: &BackupsSpec, path: &str, problems: &mut Problems) {
     let mut exports = Unique::new("export id", format!("{path}.exports"));
     for (i, e) in spec.exports.iter().enumerate() {
         let ep = format!("{path}.exports[{i}]");
         check_id(&ep, &e.id, i, &mut exports, problems);
-        check_repo(format!("{ep}.repository"), &e.repository, problems);
+        check_repo(
+            spec,
+            path,
+            format!("{ep}.repository"),
+            &e.repository,
+            problems,
+        );
         check_archive(&ep, &e.archive, problems);
         if !check_http_url(&e.s3.endpoint) {
             problems.push_hint(
