@@ -403,11 +403,7 @@ mod tests {
             let path = dir.path().join("state.db");
             {
                 // As a converge of schema version k left it.
-                let c = Connection::open(&path).unwrap();
-                for sql in &MIGRATIONS[..k] {
-                    c.execute_batch(sql).unwrap();
-                }
-                c.pragma_update(None, "user_version", k as i64).unwrap();
+                let c = converge_core::sqlite::at_version(&path, MIGRATIONS, k).unwrap();
                 if k >= 1 {
                     c.execute(
                         "INSERT INTO documents (generation, received_at, body) VALUES (4, 'then', 'doc 4')",

@@ -431,11 +431,7 @@ mod tests {
             let path = dir.path().join("db");
             {
                 // As a plane of schema version k left it.
-                let c = Connection::open(&path).unwrap();
-                for sql in &MIGRATIONS[..k] {
-                    c.execute_batch(sql).unwrap();
-                }
-                c.pragma_update(None, "user_version", k as i64).unwrap();
+                let c = converge_core::sqlite::at_version(&path, MIGRATIONS, k).unwrap();
                 if k >= 1 {
                     c.execute(
                         "INSERT INTO tokens (hash, expires_at) VALUES (?1, ?2)",

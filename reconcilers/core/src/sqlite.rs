@@ -30,6 +30,21 @@ pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<u
     }
 }
 
+/// A database at `path` as a build of schema version `k` left it: the first `k`
+/// migrations run, the version set (for each store's upgrade-from-every-version test).
+pub fn at_version(
+    path: &std::path::Path,
+    migrations: &[&str],
+    k: usize,
+) -> rusqlite::Result<Connection> {
+    let c = Connection::open(path)?;
+    for sql in &migrations[..k.min(migrations.len())] {
+        c.execute_batch(sql)?;
+    }
+    c.pragma_update(None, "user_version", k as i64)?;
+    Ok(c)
+}
+
 /// The version a database is at (`PRAGMA user_version`).
 pub fn version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.pragma_query_value(None, "user_version", |r| r.get(0))

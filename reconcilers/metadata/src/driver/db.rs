@@ -445,11 +445,7 @@ mod tests {
             let path = dir.path().join("metadata.db");
             {
                 // As a converge of schema version k left it (0: an empty file).
-                let c = Connection::open(&path).unwrap();
-                for sql in &MIGRATIONS[..k] {
-                    c.execute_batch(sql).unwrap();
-                }
-                c.pragma_update(None, "user_version", k as i64).unwrap();
+                let c = converge_core::sqlite::at_version(&path, MIGRATIONS, k).unwrap();
                 if k >= 1 {
                     c.execute_batch(
                         "INSERT INTO projects VALUES ('a', 'cd', 5, 7);
