@@ -47,7 +47,7 @@ enum Item {
     Table(&'static str),
     Interface {
         name: String,
-        pids: Vec<i32>,
+        pids: Vec<u32>,
     },
     Dnsmasq(u32),
     Caddy(Vec<u32>),
@@ -134,17 +134,7 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
 
 /// SIGTERM, up to 3 s, then SIGKILL.
 async fn stop(pids: &[u32]) {
-    use converge_core::process::{alive, signal};
-    for p in pids {
-        signal(*p, libc::SIGTERM);
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while pids.iter().any(|p| alive(*p)) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    for p in pids.iter().filter(|p| alive(**p)) {
-        signal(*p, libc::SIGKILL);
-    }
+    converge_core::host::stop(pids, Duration::from_secs(3)).await;
 }
 
 /// Runs `converge reset`.
@@ -272,8 +262,7 @@ pub async fn reset(opts: ResetOptions<'_>) -> anyhow::Result<ExitCode> {
                 } else {
                     Ok(())
                 };
-                let pids: Vec<u32> = pids.iter().filter_map(|p| u32::try_from(*p).ok()).collect();
-                stop(&pids).await;
+                stop(pids).await;
                 r
             }
             Item::Dnsmasq(pid) => {

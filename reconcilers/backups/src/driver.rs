@@ -295,7 +295,7 @@ impl Host {
                     access.location
                 )));
             }
-            if converge_core::process::alive(*pid) {
+            if converge_core::host::alive(*pid) {
                 return Err(DriverError::RetryAfter {
                     message: format!("repository {} locked by live pid {pid}", access.location),
                     after: Duration::from_secs(30),
@@ -793,42 +793,23 @@ pub fn lock_holders(repo: &Path) -> Vec<(String, u32)> {
 /// those this process started).
 pub fn borg_users(location: &str, own: bool) -> Vec<u32> {
     let me = std::process::id();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut pids = Vec::new();
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+    let found = converge_core::host::find(|args| {
         let is_borg = args
             .iter()
             .take(2)
             .any(|a| a.ends_with(b"/borg") || *a == b"borg");
-        let names = args.iter().any(|a| {
-            a.starts_with(location.as_bytes())
-                && matches!(a.get(location.len()), None | Some(b':') | Some(b'/'))
-        });
-        if !is_borg || !names || !converge_core::process::alive(pid) {
-            continue;
-        }
-        if !own && parent_of(pid) == Some(me) {
-            continue;
-        }
-        pids.push(pid);
-    }
-    pids.sort_unstable();
-    pids
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
+        is_borg
+            && args.iter().any(|a| {
+                a.starts_with(location.as_bytes())
+                    && matches!(a.get(location.len()), None | Some(b':') | Some(b'/'))
+            })
+    });
+    found
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| p.pid)
+        .filter(|pid| own || converge_core::host::parent_of(*pid) != Some(me))
+        .collect()
 }
 
 impl BackupsDriver for Host {

@@ -5,11 +5,11 @@
 
 pub mod facts;
 pub mod fsutil;
+pub mod host;
 pub mod nfnl;
 pub mod observe;
 pub mod plan;
 pub mod problems;
-pub mod process;
 pub mod reconciler;
 pub mod redact;
 pub mod secrets;

@@ -2,7 +2,7 @@
 
 use crate::render::{conf_hash_of, Layout};
 use converge_core::fsutil::{read_optional, write_atomic};
-use converge_core::process::{alive, daemon_command, signal};
+use converge_core::host;
 use converge_core::{with_timeout, DriverError, HostEvent};
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -148,58 +148,41 @@ impl DnsDriver for Dnsmasq {
         // Scan /proc instead of trusting the pid file: an instance orphaned by a crash
         // mid-restart is found too, by the config argument only converge passes.
         let prefix = self.conf_prefix();
-        let procs = std::fs::read_dir("/proc").map_err(|e| DriverError::io("list /proc", e))?;
+        let prefix = prefix.as_bytes();
+        let procs = host::find(|args| args.iter().any(|a| a.starts_with(prefix)))
+            .map_err(|e| DriverError::io("list /proc", e))?;
         let mut found = Vec::new();
-        for p in procs.flatten() {
-            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            if !alive(pid) {
-                continue;
-            }
-            let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-                continue;
-            };
-            for arg in cmdline.split(|b| *b == 0) {
-                let arg = String::from_utf8_lossy(arg);
+        for p in procs {
+            for arg in &p.args {
                 if let Some(hash) = arg
-                    .strip_prefix(&prefix)
-                    .and_then(|rest| rest.strip_suffix(".conf"))
+                    .strip_prefix(prefix)
+                    .and_then(|rest| rest.strip_suffix(b".conf"))
                 {
                     found.push(Running {
-                        pid,
-                        conf_hash: hash.to_string(),
+                        pid: p.pid,
+                        conf_hash: String::from_utf8_lossy(hash).into_owned(),
                     });
                 }
             }
         }
-        found.sort_by_key(|r| r.pid);
         Ok(found)
     }
 
     async fn restart(&self, old: &[Running], hash: &str) -> Result<(), DriverError> {
-        for r in old {
-            signal(r.pid, libc::SIGTERM);
-        }
-        let deadline = tokio::time::Instant::now() + STOP_GRACE;
-        while old.iter().any(|r| alive(r.pid)) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        for r in old.iter().filter(|r| alive(r.pid)) {
-            signal(r.pid, libc::SIGKILL);
-        }
+        let pids: Vec<u32> = old.iter().map(|r| r.pid).collect();
+        host::stop(&pids, STOP_GRACE).await;
         let conf = self.layout.conf_file(hash);
         let log = self.layout.dir.join("dnsmasq.start.log");
         let stderr = std::fs::File::create(&log)
             .map_err(|e| DriverError::io(format!("create {}", log.display()), e))?;
         // Its own systemd scope when systemd runs the host: outside the agent's cgroup.
         let unit = format!("converge-dnsmasq-{}", hash.get(..12).unwrap_or(hash));
-        let mut child = tokio::process::Command::from(daemon_command(&self.binary, &unit, None))
-            .arg(format!("--conf-file={}", conf.display()))
+        let mut cmd = host::daemon_command(&self.binary, &unit, None);
+        cmd.arg(format!("--conf-file={}", conf.display()))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            .spawn()
+            .stderr(stderr);
+        let mut child = host::spawn_detached(cmd)
             .map_err(|e| DriverError::io(format!("spawn {}", self.binary.display()), e))?;
         // dnsmasq forks into the background; the parent exits once the daemon has
         // bound its sockets, with a non-zero status if it could not.
@@ -221,24 +204,18 @@ impl DnsDriver for Dnsmasq {
     }
 
     fn file_events(&self) -> Option<BoxStream<'static, HostEvent>> {
-        use inotify::{Inotify, WatchMask};
         let watch = || -> std::io::Result<BoxStream<'static, HostEvent>> {
             self.ensure_dirs().map_err(std::io::Error::other)?;
-            let inotify = Inotify::init()?;
-            let mask = WatchMask::CLOSE_WRITE
-                | WatchMask::DELETE
-                | WatchMask::MOVED_FROM
-                | WatchMask::MOVED_TO;
-            inotify.watches().add(self.layout.hosts_dir(), mask)?;
-            inotify.watches().add(&self.layout.dir, mask)?;
-            let events = inotify.into_event_stream(vec![0u8; 4096])?;
+            let names = host::dir_watch(&[&self.layout.hosts_dir(), &self.layout.dir])?;
             // Only our own files matter (not dnsmasq's pid/log files or temp names).
-            Ok(events
-                .filter_map(|e| async move {
-                    let name = e.ok()?.name?.to_string_lossy().into_owned();
-                    (name == "converge.hosts"
-                        || (name.starts_with("dnsmasq-") && name.ends_with(".conf")))
-                    .then(|| HostEvent(format!("file {name}")))
+            Ok(names
+                .filter_map(|name| {
+                    let name = name.to_string_lossy().into_owned();
+                    std::future::ready(
+                        (name == "converge.hosts"
+                            || (name.starts_with("dnsmasq-") && name.ends_with(".conf")))
+                        .then(|| HostEvent(format!("file {name}"))),
+                    )
                 })
                 .boxed())
         };

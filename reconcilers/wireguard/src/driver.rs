@@ -18,7 +18,6 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -207,42 +206,19 @@ pub fn wireguard_go_running(iface: &str) -> bool {
 
 /// The wireguard-go processes serving `iface` (wireguard-go re-executes itself with the
 /// same arguments when it daemonises, so its command line is `wireguard-go <iface>`).
-pub fn wireguard_go_pids(iface: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in dir.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let mut args = cmd.split(|b| *b == 0);
-        let prog = args.next().unwrap_or_default();
-        if prog.ends_with(b"wireguard-go") && args.next() == Some(iface.as_bytes()) {
-            pids.push(pid);
-        }
-    }
-    pids
+pub fn wireguard_go_pids(iface: &str) -> Vec<u32> {
+    converge_core::host::find(|args| {
+        args.first().is_some_and(|p| p.ends_with(b"wireguard-go"))
+            && args.get(1) == Some(&iface.as_bytes())
+    })
+    .map(|found| found.into_iter().map(|p| p.pid).collect())
+    .unwrap_or_default()
 }
 
-/// Stops the wireguard-go of `iface`: SIGTERM, then SIGKILL after `grace`.
+/// Stops the wireguard-go of `iface`: SIGTERM, then SIGKILL after `grace` (called on a
+/// blocking thread, like every driver call).
 fn stop_wireguard_go(iface: &str, grace: Duration) {
-    let pids = wireguard_go_pids(iface);
-    for pid in &pids {
-        // SAFETY: signalling a process found serving our interface.
-        unsafe { libc::kill(*pid, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && !wireguard_go_pids(iface).is_empty() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    for pid in wireguard_go_pids(iface) {
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+    converge_core::host::stop_blocking(&wireguard_go_pids(iface), grace);
 }
 
 fn nl(op: &str, e: io::Error) -> DriverError {
@@ -378,7 +354,7 @@ impl System {
         let _ = std::fs::remove_file(&sock);
         std::fs::create_dir_all(UAPI_DIR).map_err(|e| DriverError::io(UAPI_DIR, e))?;
         // Its own systemd scope when systemd runs the host: outside the agent's cgroup.
-        let mut cmd = converge_core::process::daemon_command(
+        let mut cmd = converge_core::host::daemon_command(
             &self.config.wireguard_go,
             &format!("converge-wireguard-go-{iface}"),
             None,
@@ -389,14 +365,7 @@ impl System {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|e| {
+        let mut child = converge_core::host::detach(&mut cmd).spawn().map_err(|e| {
             DriverError::io(format!("start {}", self.config.wireguard_go.display()), e)
         })?;
         // The first process creates the TUN device and the UAPI socket, starts the

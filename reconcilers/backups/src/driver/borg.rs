@@ -353,7 +353,7 @@ impl Borg {
             Err(_) => {
                 if let Some(pid) = pid {
                     // SIGTERM lets borg release its lock and write a checkpoint.
-                    converge_core::process::signal(pid, libc::SIGTERM);
+                    converge_core::host::signal(pid, converge_core::host::Signal::TERM);
                 }
                 if tokio::time::timeout(Duration::from_secs(10), child.wait())
                     .await

@@ -7,12 +7,11 @@
 use super::pair::admin_listen;
 use super::user::{self, RunAs};
 use converge_core::fsutil::write_atomic;
-use converge_core::process::{alive, signal};
+use converge_core::host;
 use converge_core::{with_timeout, DriverError, HostEvent};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -59,38 +58,17 @@ pub fn parse_version(v: &str) -> Option<(u32, u32)> {
 pub fn running(dir: &Path) -> Result<Vec<u32>, DriverError> {
     let conf = config_file(dir);
     let conf = conf.as_os_str().as_encoded_bytes();
-    let procs = std::fs::read_dir("/proc").map_err(|e| DriverError::io("list /proc", e))?;
-    let mut found = Vec::new();
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let found = host::find(|args| {
         let is_run = args.get(1).is_some_and(|a| *a == b"run");
-        let ours = args.windows(2).any(|w| w[0] == b"--config" && w[1] == conf);
-        if is_run && ours && alive(pid) {
-            found.push(pid);
-        }
-    }
-    found.sort_unstable();
-    Ok(found)
+        is_run && args.windows(2).any(|w| w[0] == b"--config" && w[1] == conf)
+    })
+    .map_err(|e| DriverError::io("list /proc", e))?;
+    Ok(found.into_iter().map(|p| p.pid).collect())
 }
 
 /// Stops `stop` (SIGTERM, then SIGKILL after a grace).
 pub async fn stop(stop: &[u32]) {
-    for pid in stop {
-        signal(*pid, libc::SIGTERM);
-    }
-    let deadline = tokio::time::Instant::now() + STOP_GRACE;
-    while stop.iter().any(|p| alive(*p)) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    for pid in stop.iter().filter(|p| alive(**p)) {
-        signal(*pid, libc::SIGKILL);
-    }
+    host::stop(stop, STOP_GRACE).await;
 }
 
 /// Environment variables Caddy is given from the agent's (the rest is not passed on:
@@ -173,11 +151,11 @@ pub async fn start(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut cmd = tokio::process::Command::from(converge_core::process::daemon_command(
+    let mut cmd = host::daemon_command(
         binary,
         &format!("converge-caddy-{instance}"),
         run_as.map(|u| (u.uid, u.gid)),
-    ));
+    );
     cmd.env_clear();
     for (k, v) in std::env::vars_os().filter(|(k, _)| PASSED_ENV.iter().any(|p| k == *p)) {
         cmd.env(k, v);
@@ -198,17 +176,7 @@ pub async fn start(
         .stdout(log)
         .stderr(log2);
     // Its own session: a signal to the agent's process group does not reach Caddy.
-    // SAFETY: setsid is async-signal-safe and touches no memory of this process.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
+    let mut child = host::spawn_detached(cmd)
         .map_err(|e| DriverError::io(format!("spawn {} start", binary.display()), e))?;
     // `caddy start` exits 0 once the background `caddy run` has loaded its config.
     let status = with_timeout("caddy start", START_TIMEOUT, async {
@@ -229,15 +197,6 @@ pub async fn start(
     Ok(())
 }
 
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).ok()?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-    // SAFETY: fd is a new descriptor this process owns.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// An event each time a watched Caddy process exits (a pidfd becomes readable when its
 /// process ends); `pids` is updated by observe and start.
 pub fn exit_events(pids: tokio::sync::watch::Receiver<Vec<u32>>) -> BoxStream<'static, HostEvent> {
@@ -249,7 +208,7 @@ pub fn exit_events(pids: tokio::sync::watch::Receiver<Vec<u32>>) -> BoxStream<'s
             exited.retain(|p| current.contains(p));
             let mut watched = Vec::new();
             for pid in current.iter().copied().filter(|p| !exited.contains(p)) {
-                let Some(fd) = pidfd_open(pid) else {
+                let Ok(watch) = host::exit_watch(pid) else {
                     // Already gone before we could watch it.
                     exited.insert(pid);
                     return Some((
@@ -257,26 +216,16 @@ pub fn exit_events(pids: tokio::sync::watch::Receiver<Vec<u32>>) -> BoxStream<'s
                         (pids, exited),
                     ));
                 };
-                // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open (the
-                // same descriptor) until it is dropped.
-                let registered = unsafe {
-                    tokio::io::unix::AsyncFd::register_with_interest(
-                        fd,
-                        tokio::io::Interest::READABLE,
-                    )
-                };
-                if let Ok(afd) = registered {
-                    watched.push((pid, afd));
-                }
+                watched.push((pid, watch));
             }
             if watched.is_empty() {
                 // Nothing (new) to watch: wait until observe or start sees a process.
                 pids.changed().await.ok()?;
                 continue;
             }
-            let exits = watched.iter().map(|(pid, afd)| {
+            let exits = watched.iter().map(|(pid, watch)| {
                 Box::pin(async move {
-                    drop(afd.readable().await);
+                    watch.exited().await;
                     *pid
                 })
             });
