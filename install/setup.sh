@@ -61,7 +61,7 @@ retry_command() {
 }
 on_error() { die "command failed (exit $1): $2"; }
 trap 'on_error $? "$BASH_COMMAND"' ERR
-usage() { sed -n 's/^# \{0,1\}//; 2,23p' "${BASH_SOURCE[0]:-/dev/null}" >&2; exit 2; }
+usage() { sed -n 's/^# \{0,1\}//; 2,22p' "${BASH_SOURCE[0]:-/dev/null}" >&2; exit 2; }
 
 url=${CONVERGE_URL:-} token=${CONVERGE_TOKEN:-} name=${CONVERGE_NAME:-}
 plane_key=${CONVERGE_PLANE_KEY:-} ca=${CONVERGE_CA:-}
