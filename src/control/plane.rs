@@ -90,6 +90,20 @@ impl Keys {
     fn key_id(&self) -> String {
         super::identity::key_id(&self.signing.verifying_key())
     }
+
+    /// The JSON envelope of `document` for `node`, signed by the current key, with the
+    /// rotations that lead to it.
+    fn envelope(
+        &self,
+        node: &str,
+        generation: u64,
+        issued_at: &str,
+        document: &[u8],
+    ) -> anyhow::Result<Vec<u8>> {
+        let mut env = Envelope::sign(&self.signing, node, generation, issued_at, document)?;
+        env.rotations = self.rotations.clone();
+        Ok(serde_json::to_vec(&env)?)
+    }
 }
 
 /// `<data>/rotations.json`: the rotation statements, oldest first.
@@ -249,9 +263,10 @@ pub fn build_envelope(
         );
     }
     let issued = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let mut env = Envelope::sign(&keys.signing, &node.id, doc.generation, &issued, &bytes)?;
-    env.rotations = keys.rotations.clone();
-    Ok((doc.generation, serde_json::to_vec(&env)?))
+    Ok((
+        doc.generation,
+        keys.envelope(&node.id, doc.generation, &issued, &bytes)?,
+    ))
 }
 
 impl Plane {
@@ -400,12 +415,7 @@ impl Plane {
             let resigned = B64
                 .decode(&old.document)
                 .map_err(anyhow::Error::from)
-                .and_then(|doc| {
-                    let mut env =
-                        Envelope::sign(&keys.signing, id, old.generation, &old.issued_at, &doc)?;
-                    env.rotations = keys.rotations.clone();
-                    Ok(serde_json::to_vec(&env)?)
-                });
+                .and_then(|doc| keys.envelope(id, old.generation, &old.issued_at, &doc));
             match resigned {
                 Ok(bytes) => {
                     p.bytes = Arc::new(bytes);

@@ -374,10 +374,7 @@ mod tests {
             .unwrap();
         }
         let mut s = PlaneStore::open(&path).unwrap();
-        let v: i64 = s
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
+        let v = converge_core::sqlite::version(&s.conn).unwrap();
         assert_eq!(v, MIGRATIONS.len() as i64);
         // An old token is a token for any new node.
         s.enroll("old", &record("n", "k")).unwrap();
@@ -446,10 +443,7 @@ mod tests {
                 }
             }
             let mut s = PlaneStore::open(&path).unwrap();
-            let v: i64 = s
-                .conn
-                .pragma_query_value(None, "user_version", |r| r.get(0))
-                .unwrap();
+            let v = converge_core::sqlite::version(&s.conn).unwrap();
             assert_eq!(v, MIGRATIONS.len() as i64, "from version {k}");
             // The newest schema: token scopes and node nkeys.
             let (node, reenroll): (Option<String>, bool) = s
