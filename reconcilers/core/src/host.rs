@@ -268,12 +268,20 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
+    /// A `sleep 30 TAG`, returned once it has exec'd: until then /proc shows the test
+    /// binary's own command line for the forked child.
     fn sleep_with_tag(tag: &str) -> std::process::Child {
-        std::process::Command::new("sleep")
+        let child = std::process::Command::new("sleep")
             .arg("30")
             .arg(tag)
             .spawn()
-            .expect("spawn sleep")
+            .expect("spawn sleep");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while find_tag(tag).is_empty() {
+            assert!(Instant::now() < deadline, "sleep {tag} never exec'd");
+            std::thread::yield_now();
+        }
+        child
     }
 
     fn find_tag(tag: &str) -> Vec<u32> {
