@@ -269,7 +269,8 @@ mod tests {
     use std::time::Instant;
 
     /// A `sleep 30 TAG`, returned once it has exec'd: until then /proc shows the test
-    /// binary's own command line for the forked child.
+    /// binary's own command line for the forked child. TAG is a duration too (sleep adds
+    /// its arguments up and fails on anything else).
     fn sleep_with_tag(tag: &str) -> std::process::Child {
         let child = std::process::Command::new("sleep")
             .arg("30")
@@ -335,7 +336,7 @@ mod tests {
 
     #[test]
     fn stop_blocking_stops_a_process() {
-        let tag = format!("{}b", std::process::id());
+        let tag = format!("{}m", std::process::id());
         let mut child = sleep_with_tag(&tag);
         stop_blocking(&find_tag(&tag), Duration::from_secs(5));
         assert!(!child.wait().expect("wait").success());
