@@ -1,5 +1,7 @@
 //! The glue: observe (netlink, the device, keys, secrets, DNS) → plan → apply through
-//! the driver, with what is kept between passes, the node's key, notes and facts.
+//! the driver, and the facts it publishes. What is kept between passes is in `cache`,
+//! key files in `keys`, the record of created interfaces in `created`, status notes in
+//! `notes`.
 //!
 //! Between passes converge keeps the device as last read (and patched by its own
 //! writes) and its routes (kept current by route notifications): reading 10,000 peers
@@ -11,26 +13,30 @@
 
 use crate::driver::{RouteChange, WgDriver};
 use crate::plan::{
-    self, peer_label, Action, ActionKind, Backend, Device, HostState, Inputs, KeyInput, Link,
-    Observed, PeerUpdate, SecretKey,
+    self, Action, ActionKind, Backend, Device, Inputs, Observed, PeerUpdate, SecretKey,
 };
 use crate::spec::{Endpoint, PublicKey, WireguardSpec};
-use converge_core::fsutil::write_atomic;
 use converge_core::SecretSource;
 use converge_core::{
     with_timeout, DriverError, Facts, FactsUpdate, HostEvent, ObjectNote, ObjectOutcome, Plan,
     Reconciler,
 };
 use futures::stream::BoxStream;
-use ipnet::IpNet;
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, info, info_span, warn};
 
+mod cache;
+mod created;
+mod keys;
 mod keywatch;
+mod notes;
+
+use cache::Cache;
+use created::{created, record_created};
+pub use keys::{key_dir, key_path, rotate_key, KeyError};
 
 /// Settings of the reconciler.
 #[derive(Clone, Debug)]
@@ -64,186 +70,12 @@ impl Config {
     }
 }
 
-/// The directory of converge's generated keys (0700), watched by the agent.
-pub fn key_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("wireguard")
-}
-
-/// The list of interfaces converge created (one name per line), so that a renamed one
-/// is removed; not a `*.key` file, so writing it does not wake the key watch.
-fn created_path(data_dir: &Path) -> PathBuf {
-    key_dir(data_dir).join("interfaces")
-}
-
-/// The interfaces converge created, as recorded.
-fn created(data_dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(created_path(data_dir))
-        .map(|t| {
-            t.lines()
-                .filter(|l| !l.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Records that converge created (`add`) or deleted `iface`.
-fn record_created(data_dir: &Path, iface: &str, add: bool) -> Result<(), DriverError> {
-    let mut names = created(data_dir);
-    names.retain(|n| n != iface);
-    if add {
-        names.push(iface.to_string());
-    }
-    let text: String = names.iter().map(|n| format!("{n}\n")).collect();
-    make_key_dir(&key_dir(data_dir))
-        .and_then(|()| {
-            converge_core::fsutil::write_atomic(&created_path(data_dir), text.as_bytes(), 0o600)
-        })
-        .map_err(|e| DriverError::io("record the interfaces converge created", e))
-}
-
-/// Where converge keeps the generated private key of `iface`.
-pub fn key_path(data_dir: &Path, iface: &str) -> PathBuf {
-    key_dir(data_dir).join(format!("{iface}.key"))
-}
-
-fn make_key_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-/// Errors of the key file helpers.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0} does not hold a WireGuard key (base64 of 32 bytes)")]
-    Invalid(String),
-}
-
-fn parse_key(text: &str) -> Option<SecretKey> {
-    PublicKey::from_base64(text.trim()).map(|k| SecretKey(k.0))
-}
-
-fn read_key(path: &Path) -> Result<Option<SecretKey>, KeyError> {
-    match std::fs::read_to_string(path) {
-        Ok(t) => parse_key(&t)
-            .map(Some)
-            .ok_or_else(|| KeyError::Invalid(path.display().to_string())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(KeyError::Io {
-            path: path.display().to_string(),
-            source: e,
-        }),
-    }
-}
-
-fn write_key(path: &Path, key: &SecretKey) -> Result<(), KeyError> {
-    let io = |source| KeyError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        make_key_dir(dir).map_err(io)?;
-    }
-    // write_atomic sets the mode on the temp file before the rename: never readable by others.
-    write_atomic(
-        path,
-        format!("{}\n", PublicKey(key.0).to_base64()).as_bytes(),
-        0o600,
-    )
-    .map_err(io)
-}
-
-/// Replaces the generated private key of `iface` with a new one (or creates it) and
-/// returns the new public key (what `converge wireguard rotate-key` calls). A running
-/// agent sees the file change (it watches [`key_dir`]) and sets the key on the interface
-/// at once; every peer must learn the new public key before it can handshake again, so
-/// the control plane must be told (status and facts report it). A node whose document
-/// names a `privateKeySecret` does not use this file: rotate that secret instead.
-pub fn rotate_key(data_dir: &Path, iface: &str) -> Result<PublicKey, KeyError> {
-    let key = SecretKey(wireguard_control::Key::generate_private().0);
-    write_key(&key_path(data_dir, iface), &key)?;
-    Ok(key.public())
-}
-
-#[derive(Default)]
-struct Cache {
-    state: Arc<HostState>,
-    /// Whether `state.routes` was listed and the notification feed has been intact since.
-    routes_listed: bool,
-    /// The interface's addresses as the last pass saw them. The kernel flushes a link's
-    /// IPv4 routes without a notification when its last IPv4 address goes or the link
-    /// is set down, so either makes a pass list the routes again.
-    seen_addresses: Vec<IpNet>,
-    device_read_at: Option<Instant>,
-    /// The link the device belongs to (a re-created link has a new index).
-    link: Option<Link>,
-    /// Who holds each allowed IP of `state.device`, built on first use after the device
-    /// was (re)read and kept current by converge's own peer writes.
-    owners: Option<plan::Owners>,
-    resolved: HashMap<String, (Instant, SocketAddr)>,
-}
-
-/// A peer's status note and what it was made from. The engine asks for the notes on
-/// every pass, and formatting one per peer costs ~10 ms at 10,000 peers, so a note is
-/// formatted again only when its inputs changed (most do not between passes).
-struct PeerNote {
-    name: String,
-    last_handshake: Option<SystemTime>,
-    rx: u64,
-    tx: u64,
-    endpoint: Option<SocketAddr>,
-    note: ObjectNote,
-}
-
-impl PeerNote {
-    fn new(name: &str, key: &PublicKey, p: &plan::PeerState) -> PeerNote {
-        // An absolute time: status is read long after the pass that wrote it.
-        let handshake = match p.last_handshake {
-            Some(t) => format!("last handshake {}", utc(t)),
-            None => "no handshake yet".to_string(),
-        };
-        PeerNote {
-            name: name.to_string(),
-            last_handshake: p.last_handshake,
-            rx: p.rx_bytes,
-            tx: p.tx_bytes,
-            endpoint: p.endpoint,
-            note: ObjectNote {
-                object: format!("peer {}", peer_label(name, key)),
-                note: format!(
-                    "{handshake}, rx {} B, tx {} B, endpoint {}",
-                    p.rx_bytes,
-                    p.tx_bytes,
-                    p.endpoint
-                        .map_or_else(|| "none".to_string(), |e| e.to_string())
-                ),
-            },
-        }
-    }
-
-    fn made_from(&self, name: &str, p: &plan::PeerState) -> bool {
-        self.name == name
-            && self.last_handshake == p.last_handshake
-            && self.rx == p.rx_bytes
-            && self.tx == p.tx_bytes
-            && self.endpoint == p.endpoint
-    }
-}
-
 /// The WireGuard reconciler.
 pub struct WireguardReconciler<D: WgDriver> {
     driver: Arc<D>,
     config: Config,
     cache: Mutex<Cache>,
-    /// The peer notes of the last `notes` call, sorted by key.
-    notes: Mutex<Vec<(PublicKey, PeerNote)>>,
+    notes: notes::Notes,
 }
 
 fn short_err(e: &DriverError) -> String {
@@ -256,7 +88,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
             driver: Arc::new(driver),
             config,
             cache: Mutex::default(),
-            notes: Mutex::default(),
+            notes: notes::Notes::default(),
         }
     }
 
@@ -283,38 +115,6 @@ impl<D: WgDriver> WireguardReconciler<D> {
         .await
     }
 
-    /// A key held in a secret (local file override, else the sealed value).
-    fn secret_key(&self, name: &str) -> Result<Option<SecretKey>, KeyError> {
-        match self.config.secrets.get(name) {
-            Ok(Some(t)) => parse_key(&t)
-                .map(Some)
-                .ok_or_else(|| KeyError::Invalid(format!("secret {name:?}"))),
-            Ok(None) => Ok(None),
-            Err(e) => Err(KeyError::Io {
-                path: e.path,
-                source: e.source,
-            }),
-        }
-    }
-
-    fn private_key(&self, spec: &WireguardSpec) -> KeyInput {
-        let read = match &spec.private_key_secret {
-            Some(name) => self.secret_key(name),
-            None => read_key(&key_path(&self.config.data_dir, &spec.interface)),
-        };
-        match read {
-            Ok(Some(k)) => KeyInput::Ready(k),
-            Ok(None) if spec.private_key_secret.is_none() => KeyInput::Missing,
-            Ok(None) => KeyInput::Unreadable(format!(
-                "{} not found",
-                self.config
-                    .secrets
-                    .describe(spec.private_key_secret.as_deref().unwrap_or_default())
-            )),
-            Err(e) => KeyInput::Unreadable(e.to_string()),
-        }
-    }
-
     /// Pre-shared keys and endpoint names of the peers that have them.
     async fn inputs(&self, spec: &WireguardSpec) -> Inputs {
         let parsed = spec.peers.parsed();
@@ -324,7 +124,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
             let Some(w) = &parsed.wants[i] else { continue };
             if let Some(s) = &w.psk_secret {
                 if !psks.contains_key(s) {
-                    let v = match self.secret_key(s) {
+                    let v = match keys::secret_key(&self.config.secrets, s) {
                         Ok(Some(k)) => Ok(k),
                         Ok(None) => Err(format!("{} not found", self.config.secrets.describe(s))),
                         Err(e) => Err(e.to_string()),
@@ -366,7 +166,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
             resolved.insert(key, r);
         }
         Inputs {
-            private_key: self.private_key(spec),
+            private_key: keys::private_key(&self.config.data_dir, &self.config.secrets, spec),
             psks,
             resolved,
         }
@@ -492,45 +292,10 @@ impl<D: WgDriver> WireguardReconciler<D> {
         Ok(obs)
     }
 
+    /// The interface's index and backend; the cache lock is released on return, so
+    /// this may be called inside a statement that locks it again.
     fn backend(&self) -> Result<(u32, Backend), DriverError> {
-        self.cache()
-            .link
-            .as_ref()
-            .map(|l| (l.index, l.backend))
-            .ok_or_else(|| DriverError::Transient("the interface does not exist".into()))
-    }
-
-    /// Forgets the device so the next pass reads it in full (after a failed write:
-    /// wireguard-go applies a request line by line, so part of it may have landed).
-    fn invalidate_device(&self) {
-        let mut c = self.cache();
-        c.device_read_at = None;
-        c.owners = None;
-        Arc::make_mut(&mut c.state).baseline = None;
-    }
-
-    fn patch_device(&self, f: impl FnOnce(&mut Device)) {
-        let mut c = self.cache();
-        let state = Arc::make_mut(&mut c.state);
-        f(state.device.get_or_insert_with(Device::default));
-    }
-
-    /// Patches converge's copy of the device after its own peer writes (`set`: these
-    /// updates; `removed`: these keys), through the owner index: the cost of the change,
-    /// not of the device.
-    fn patch_peers(&self, set: &[PeerUpdate], removed: &[PublicKey]) {
-        let mut c = self.cache();
-        let c = &mut *c;
-        let device = Arc::make_mut(&mut c.state)
-            .device
-            .get_or_insert_with(Device::default);
-        let owners = c.owners.get_or_insert_with(|| plan::owners_of(device));
-        for u in set {
-            plan::apply_peer_indexed(device, owners, u);
-        }
-        for k in removed {
-            plan::remove_peer_indexed(device, owners, k);
-        }
+        self.cache().backend()
     }
 
     async fn create(&self, iface: &str) -> Result<(), DriverError> {
@@ -558,23 +323,14 @@ impl<D: WgDriver> WireguardReconciler<D> {
             d.configure(&i, backend, Some(&key), None)
         })
         .await?;
-        self.patch_device(|d| d.public_key = Some(public));
+        self.cache().patch_device(|d| d.public_key = Some(public));
         info!(interface = iface, public_key = %public, "private key set");
         Ok(())
     }
 
     async fn generate_key(&self, iface: &str) -> Result<(), DriverError> {
-        let path = key_path(&self.config.data_dir, iface);
-        let key = match read_key(&path) {
-            // Written since observe (a rotation): use it.
-            Ok(Some(k)) => k,
-            Ok(None) => {
-                let k = SecretKey(wireguard_control::Key::generate_private().0);
-                write_key(&path, &k).map_err(|e| DriverError::Failed(e.to_string()))?;
-                k
-            }
-            Err(e) => return Err(DriverError::Failed(e.to_string())),
-        };
+        let key = keys::read_or_generate(&key_path(&self.config.data_dir, iface))
+            .map_err(|e| DriverError::Failed(e.to_string()))?;
         self.set_key(iface, key).await
     }
 
@@ -612,11 +368,11 @@ impl<D: WgDriver> WireguardReconciler<D> {
                         debug!(fields = ?fields_of(u), "peer set");
                         out.push(ObjectOutcome::ok(format!("peer {}", u.label)));
                     }
-                    self.patch_peers(chunk, &[]);
+                    self.cache().patch_peers(chunk, &[]);
                 }
                 Err(e) if chunk.len() > 1 => {
                     warn!(error = %e, peers = chunk.len(), "batch failed; retrying peer by peer");
-                    self.invalidate_device();
+                    self.cache().invalidate_device();
                     for u in chunk {
                         let one = u.clone();
                         let i = iface.to_string();
@@ -634,7 +390,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
                 Err(e) => {
                     let _s = info_span!("peer", peer = %chunk[0].label).entered();
                     warn!(error = %e, "peer not set");
-                    self.invalidate_device();
+                    self.cache().invalidate_device();
                     ok = false;
                     out.push(ObjectOutcome::from_result(
                         format!("peer {}", chunk[0].label),
@@ -668,9 +424,9 @@ impl<D: WgDriver> WireguardReconciler<D> {
             .await;
         let ok = r.is_ok();
         if ok {
-            self.patch_peers(&[], &keys);
+            self.cache().patch_peers(&[], &keys);
         } else {
-            self.invalidate_device();
+            self.cache().invalidate_device();
         }
         for k in &keys {
             let _s = info_span!("peer", peer = %k.short()).entered();
@@ -701,7 +457,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
                     d.configure(&i, backend, None, Some(p))
                 })
                 .await?;
-                self.patch_device(|d| d.listen_port = p);
+                self.cache().patch_device(|d| d.listen_port = p);
                 Ok(())
             }
             ActionKind::DeleteInterface => {
@@ -737,29 +493,6 @@ impl<D: WgDriver> WireguardReconciler<D> {
             }
         }
     }
-}
-
-/// `t` as `YYYY-MM-DDTHH:MM:SSZ` (UTC; days to civil date after H. Hinnant).
-fn utc(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
 }
 
 fn fields_of(u: &PeerUpdate) -> Vec<&'static str> {
@@ -906,68 +639,22 @@ impl<D: WgDriver> Reconciler for WireguardReconciler<D> {
     }
 
     fn notes(&self, observed: &Observed) -> Vec<ObjectNote> {
-        let mut notes = Vec::new();
-        let Some(link) = &observed.link else {
-            return notes;
-        };
-        let device = observed.state.device.as_ref();
-        // When the generated key was written (first use or `rotate-key`), so status
-        // shows a rotation; a key from `privateKeySecret` has no key file.
-        let written = std::fs::metadata(key_path(&self.config.data_dir, &observed.interface))
-            .and_then(|m| m.modified())
-            .ok()
-            .map(|t| format!(", key from {}", utc(t)))
-            .unwrap_or_default();
-        notes.push(ObjectNote {
-            object: format!("interface {}", observed.interface),
-            note: format!(
-                "backend {}, public key {}{written}",
-                link.backend,
-                device
-                    .and_then(|d| d.public_key)
-                    .map_or_else(|| "not set".to_string(), |k| k.to_base64())
-            ),
-        });
-        let Some(device) = device else {
-            return notes;
-        };
-        let parsed = &observed.peers;
-        let mut peers: Vec<_> = device.peers.iter().collect();
-        peers.sort_unstable_by_key(|(k, _)| **k);
-        notes.reserve(peers.len());
-        let mut memo = self.notes.lock().unwrap_or_else(|p| p.into_inner());
-        // Both sorted by key: one merge, no hashing.
-        let mut old = std::mem::replace(&mut *memo, Vec::with_capacity(peers.len()))
-            .into_iter()
-            .peekable();
-        for (key, p) in peers {
-            let name = parsed
-                .index
-                .get(key)
-                .and_then(|&i| parsed.names.get(i))
-                .map_or("(not in the document)", String::as_str);
-            while old.next_if(|(k, _)| k < key).is_some() {}
-            let entry = match old.next_if(|(k, _)| k == key) {
-                Some((_, e)) if e.made_from(name, p) => e,
-                _ => PeerNote::new(name, key, p),
-            };
-            notes.push(entry.note.clone());
-            memo.push((*key, entry));
-        }
-        notes
+        self.notes.notes(observed, || {
+            keys::written_at(&self.config.data_dir, &observed.interface)
+        })
     }
 
     fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
         // A key written while the agent runs (a rotation) is applied at once.
         let dir = key_dir(&self.config.data_dir);
-        let keys = match make_key_dir(&dir).and_then(|()| keywatch::watch(&dir)) {
+        let key_events = match keys::make_key_dir(&dir).and_then(|()| keywatch::watch(&dir)) {
             Ok(s) => Some(s),
             Err(e) => {
                 warn!(dir = %dir.display(), error = %e, "cannot watch the key directory; a rotated key is applied at the next resync");
                 None
             }
         };
-        match (self.driver.host_events(), keys) {
+        match (self.driver.host_events(), key_events) {
             (Some(a), Some(b)) => Some(Box::pin(futures::stream::select(a, b))),
             (a, b) => a.or(b),
         }

@@ -509,14 +509,6 @@ fn notes_follow_the_device_and_the_names() {
 }
 
 #[test]
-fn handshake_times_in_notes_are_utc() {
-    let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
-    assert_eq!(utc(at(0)), "1970-01-01T00:00:00Z");
-    assert_eq!(utc(at(951_782_400)), "2000-02-29T00:00:00Z");
-    assert_eq!(utc(at(1_796_123_045)), "2026-12-01T11:04:05Z");
-}
-
-#[test]
 fn a_renamed_interface_replaces_the_old_one() {
     let e = env();
     let r = reconciler(&e, Duration::from_secs(3600));
