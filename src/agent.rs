@@ -272,6 +272,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             },
             Err(p) => {
                 error!(generation = g, problems = %p.len(), "stored document no longer validates; waiting for a new one");
+                log_problems(&p);
                 None
             }
         },
@@ -540,6 +541,21 @@ fn accept(shared: &Shared, bytes: &[u8], format: Format) -> Response {
     accept_expecting(shared, bytes, format, None)
 }
 
+/// Logs each problem of a refused document with its JSON path (the first 20: a
+/// document with thousands of bad entries does not flood the journal).
+fn log_problems(problems: &converge_core::Problems) {
+    const SHOWN: usize = 20;
+    for p in problems.0.iter().take(SHOWN) {
+        warn!(path = %p.path, problem = %p.message, "document problem");
+    }
+    if problems.len() > SHOWN {
+        warn!(
+            more = problems.len() - SHOWN,
+            "more document problems not logged"
+        );
+    }
+}
+
 /// [`accept`], refusing a document whose generation is not `expected` (the generation
 /// a control-plane envelope signed).
 fn accept_expecting(
@@ -555,6 +571,7 @@ fn accept_expecting(
                 problems = problems.len(),
                 "refused an invalid document; the last good one stays in force"
             );
+            log_problems(&problems);
             return Response {
                 ok: false,
                 error: Some("document is invalid".into()),

@@ -625,6 +625,16 @@ impl Worker {
                 }
                 let failures = Failures::of(&outcomes);
                 journal_lines = journal(&changes, &failures.all());
+                // An object stuck until the operator acts is an event once, when it
+                // starts failing (or fails differently), not at every look.
+                let before = self.status.as_ref().map(|s| s.object_errors.as_slice());
+                let new = status::stuck(&w).into_iter().filter(|e| {
+                    !before
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|b| b.object == e.object && b.error == e.error)
+                });
+                journal_lines.extend(journal(&[], &new.collect::<Vec<_>>()));
                 // Wake-ups the reconciler asked for: the plan's, waiting objects', and
                 // objects failing on their own delay.
                 let delays = w.iter().filter_map(|w| w.retry_after);
@@ -871,6 +881,22 @@ fn read(result: &PassResult) -> Reading {
         message,
         errors,
     };
+    // Objects stuck until the operator acts: Degraded, listed with the errors.
+    let stuck = status::stuck(waiting);
+    if !stuck.is_empty() {
+        let names: Vec<&str> = stuck.iter().take(3).map(|e| e.object.as_str()).collect();
+        let more = match stuck.len() {
+            n if n > 3 => format!(" and {} more", n - 3),
+            _ => String::new(),
+        };
+        let mut errors = stuck.clone();
+        errors.extend(failures.all());
+        return settled(
+            State::Degraded,
+            format!("{}{more} failed", names.join(", ")),
+            errors,
+        );
+    }
     if !failures.later.is_empty() {
         let n = failures.later.len();
         return settled(

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     converge::cli::init_tracing(cli.log_format);
     use converge::cli::{Command, ControlPlaneCommand};
     match &cli.command {
-        Command::Agent { .. } => converge::memory::limit_arenas(),
+        Command::Agent { .. } => converge::memory::tune_allocator(),
         Command::ControlPlane {
             command: ControlPlaneCommand::Serve { .. },
         } => {}

@@ -1,13 +1,21 @@
 //! Keeps the idle agent small: glibc keeps freed memory in per-thread arenas, so a
 //! large document pushed once would otherwise stay resident for the agent's lifetime.
 
-/// Caps glibc's malloc arenas (one per thread by default, each holding its own free
-/// memory). Call once at agent start, before the runtime's threads exist.
-pub fn limit_arenas() {
+/// Large blocks (an export's 8 MiB parts, a big document's text) get their own mapping
+/// from this size up, returned to the kernel when freed.
+const MMAP_THRESHOLD: i32 = 256 * 1024;
+
+/// Tunes glibc's malloc for a long-lived agent: at most two arenas (one per thread by
+/// default, each holding its own free memory), and a fixed mmap threshold (glibc raises
+/// its default one to the size of the largest block freed, after which such blocks stay
+/// in the heap: an export's parts kept ~20 MB resident after it ended). Call once at
+/// agent start, before the runtime's threads exist.
+pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator tuning parameters.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
     }
 }
 

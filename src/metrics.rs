@@ -72,8 +72,15 @@ pub struct Snapshot {
     pub accepted: Option<u64>,
     pub statuses: Vec<ReconcilerStatus>,
     pub control: Option<ControlState>,
-    /// Last successful run per backup schedule.
-    pub backups: BTreeMap<String, chrono::DateTime<chrono::Utc>>,
+    /// Per backup schedule, from the backups record.
+    pub backups: BTreeMap<String, BackupRuns>,
+}
+
+/// What the metrics show of one backup schedule.
+#[derive(Debug, Default, PartialEq)]
+pub struct BackupRuns {
+    pub last_success: Option<chrono::DateTime<chrono::Utc>>,
+    pub last_failed: bool,
 }
 
 /// The agent's metrics.
@@ -89,6 +96,7 @@ pub struct Metrics {
     objects_owned: Family<ReconcilerLabel, Gauge>,
     control_connected: Family<TransportLabel, Gauge>,
     backup_last_success: Family<ScheduleLabel, FloatGauge>,
+    backup_last_failed: Family<ScheduleLabel, Gauge>,
     requests: Family<RequestLabels, Counter>,
     /// One scrape at a time refreshes and encodes the read-at-scrape series.
     scrape: Mutex<()>,
@@ -120,6 +128,7 @@ impl Metrics {
             objects_owned: Family::default(),
             control_connected: Family::default(),
             backup_last_success: Family::default(),
+            backup_last_failed: Family::default(),
             requests: Family::default(),
             registry: Registry::default(),
             scrape: Mutex::new(()),
@@ -175,6 +184,11 @@ impl Metrics {
             "When the last successful backup of each schedule ended (Unix time)",
             prometheus_client::registry::Unit::Seconds,
             m.backup_last_success.clone(),
+        );
+        registry.register(
+            "backup_last_run_failed",
+            "1 when the last run of a backup schedule failed (a missing source, a borg error)",
+            m.backup_last_failed.clone(),
         );
         registry.register(
             "api_requests",
@@ -279,12 +293,19 @@ impl Metrics {
                 .set(i64::from(c.connected));
         }
         self.backup_last_success.clear();
-        for (schedule, at) in &snap.backups {
-            self.backup_last_success
-                .get_or_create(&ScheduleLabel {
-                    schedule: schedule.clone(),
-                })
-                .set(at.timestamp_millis() as f64 / 1000.0);
+        self.backup_last_failed.clear();
+        for (schedule, runs) in &snap.backups {
+            let label = ScheduleLabel {
+                schedule: schedule.clone(),
+            };
+            if let Some(at) = runs.last_success {
+                self.backup_last_success
+                    .get_or_create(&label)
+                    .set(at.timestamp_millis() as f64 / 1000.0);
+            }
+            self.backup_last_failed
+                .get_or_create(&label)
+                .set(i64::from(runs.last_failed));
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
@@ -303,16 +324,22 @@ impl converge_core::observe::RequestObserver for Metrics {
     }
 }
 
-/// Last successful run per schedule, from the backups record (`<data-dir>/backups/`).
-pub fn backups_record(
-    data_dir: &std::path::Path,
-) -> BTreeMap<String, chrono::DateTime<chrono::Utc>> {
+/// Each schedule's last success and whether its last run failed, from the backups record
+/// (`<data-dir>/backups/`).
+pub fn backups_record(data_dir: &std::path::Path) -> BTreeMap<String, BackupRuns> {
+    use converge_backups::plan::RunStatus;
     let file = converge_backups::driver::state::StateFile::new(&data_dir.join("backups"));
     match file.read() {
         Ok(state) => state
             .schedules
             .into_iter()
-            .filter_map(|(name, s)| Some((name, s.last_success?)))
+            .map(|(name, s)| {
+                let runs = BackupRuns {
+                    last_success: s.last_success,
+                    last_failed: s.last.is_some_and(|l| l.status == RunStatus::Failed),
+                };
+                (name, runs)
+            })
             .collect(),
         Err(e) => {
             tracing::debug!(error = %e, "metrics: no backups record");
@@ -416,7 +443,10 @@ mod tests {
             control: None,
             backups: BTreeMap::from([(
                 "etc".to_string(),
-                chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("time"),
+                BackupRuns {
+                    last_success: chrono::DateTime::from_timestamp(1_700_000_000, 0),
+                    last_failed: true,
+                },
             )]),
         };
         let text = m.render(&snap).expect("render");
@@ -429,6 +459,7 @@ mod tests {
             "converge_reconciler_state{reconciler=\"firewall\",state=\"Pending\"} 1",
             "converge_objects_owned{reconciler=\"dns\"} 2",
             "converge_backup_last_success_timestamp_seconds{schedule=\"etc\"} 1700000000",
+            "converge_backup_last_run_failed{schedule=\"etc\"} 1",
             "converge_api_requests_total{api=\"metadata\",status=\"200\"} 1",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
@@ -446,12 +477,17 @@ mod tests {
             dir.path().join("backups/state.json"),
             r#"{"schedules": {
                 "etc": {"since": "2026-01-01T00:00:00Z", "lastSuccess": "2026-01-02T03:04:05Z"},
-                "db": {"since": "2026-01-01T00:00:00Z"}
+                "db": {"since": "2026-01-01T00:00:00Z", "last": {"status": "failed",
+                       "started": "2026-01-02T00:00:00Z", "message": "source /x does not exist"}}
             }}"#,
         )
         .expect("write");
         let got = backups_record(dir.path());
-        assert_eq!(got.len(), 1, "{got:?}");
-        assert_eq!(got["etc"].to_rfc3339(), "2026-01-02T03:04:05+00:00");
+        assert_eq!(got.len(), 2, "{got:?}");
+        let etc = got["etc"].last_success.expect("etc succeeded");
+        assert_eq!(etc.to_rfc3339(), "2026-01-02T03:04:05+00:00");
+        assert!(!got["etc"].last_failed);
+        assert_eq!(got["db"].last_success, None);
+        assert!(got["db"].last_failed);
     }
 }

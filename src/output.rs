@@ -37,7 +37,7 @@ pub fn plan_text(
     color: bool,
 ) -> String {
     let mut out = String::new();
-    let (mut add, mut change, mut remove, mut pending) = (0, 0, 0, 0);
+    let (mut add, mut change, mut remove, mut pending, mut failed) = (0, 0, 0, 0, 0);
     for (name, r) in results {
         match r {
             PassResult::Unmanaged => {
@@ -68,8 +68,14 @@ pub fn plan_text(
                     write_change(&mut out, c, color);
                 }
                 for w in waiting {
-                    pending += 1;
-                    let _ = writeln!(out, "  {}", paint(color, "2", &w.to_string()));
+                    let code = if w.failed {
+                        failed += 1;
+                        "31"
+                    } else {
+                        pending += 1;
+                        "2"
+                    };
+                    let _ = writeln!(out, "  {}", paint(color, code, &w.to_string()));
                 }
             }
         }
@@ -86,6 +92,9 @@ pub fn plan_text(
     );
     if pending > 0 {
         let _ = write!(out, "; {pending} waiting");
+    }
+    if failed > 0 {
+        let _ = write!(out, "; {failed} failed (nothing will be tried for them)");
     }
     let _ = writeln!(out, ".");
     out

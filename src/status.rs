@@ -203,10 +203,19 @@ pub fn converged_generation(accepted: Option<u64>, statuses: &[ReconcilerStatus]
         .flatten()
 }
 
-/// Waiting objects as status entries.
+/// Waiting objects as status entries; those marked failed are left out (they go with
+/// the errors: [`stuck`]).
 pub fn waiting(items: &[Waiting]) -> Vec<ObjectError> {
+    entries(items.iter().filter(|w| !w.failed))
+}
+
+/// Waiting objects marked failed, as status errors.
+pub fn stuck(items: &[Waiting]) -> Vec<ObjectError> {
+    entries(items.iter().filter(|w| w.failed))
+}
+
+fn entries<'a>(items: impl Iterator<Item = &'a Waiting>) -> Vec<ObjectError> {
     items
-        .iter()
         .map(|w| ObjectError {
             object: format!("{} {}", w.kind, w.id),
             error: w.reason.clone(),

@@ -667,3 +667,57 @@ fn apply_reads_a_pass_by_the_engines_rule() {
         State::Degraded
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_object_degrades_without_hot_retries_and_is_one_event() {
+    // A repository converge will not initialise: stuck until the operator acts. Passes
+    // come only from its own look-again delay, and the event is journaled once.
+    let (s, times) = timed("stuck", |n| match n {
+        1..=3 => converged_with(
+            vec![Waiting::new("repository", "local", "/srv/borg is not a borg repository")
+                .retry_after(Duration::from_secs(60))
+                .failed()],
+            None,
+            None,
+        ),
+        _ => converged(),
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let hourly = EngineConfig {
+        resync: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let engine = Engine::start(vec![Arc::new(s)], hourly, Some(doc(1)), tx);
+    let mut journaled = 0;
+    let st = loop {
+        let r = tokio::time::timeout(Duration::from_secs(600), rx.recv())
+            .await
+            .expect("no report")
+            .expect("closed");
+        journaled += r.journal.len();
+        if r.status.state == State::Degraded {
+            break r.status;
+        }
+    };
+    assert_eq!(st.message, "repository local failed");
+    assert_eq!(st.object_errors.len(), 1, "{st:?}");
+    assert!(st.object_errors[0].error.contains("not a borg repository"));
+    assert!(st.waiting.is_empty(), "listed with the errors, not as waiting");
+    let st = loop {
+        let r = tokio::time::timeout(Duration::from_secs(600), rx.recv())
+            .await
+            .expect("no report")
+            .expect("closed");
+        journaled += r.journal.len();
+        if r.status.state == State::Converged {
+            break r.status;
+        }
+    };
+    assert!(st.object_errors.is_empty());
+    // Three looks, a minute apart (its own delay), not a retry loop; one event.
+    let t = pass_times(&times);
+    assert_eq!(t.len(), 4, "{t:?}");
+    assert!(t.windows(2).all(|w| w[1] - w[0] >= 59.0), "{t:?}");
+    assert_eq!(journaled, 1);
+    engine.shutdown().await;
+}

@@ -28,25 +28,42 @@ pub struct Cron {
     weekdays_any: bool,
 }
 
-/// Parses one field into a bit set of the values in `min..=max`.
-fn field(s: &str, min: u32, max: u32) -> Option<u64> {
-    let num = |s: &str| {
-        (!s.is_empty() && s.len() <= 2 && s.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| s.parse::<u32>().ok())
-            .flatten()
-            .filter(|n| (min..=max).contains(n))
+/// The five fields: name, lowest and highest value.
+const FIELDS: [(&str, u32, u32); 5] = [
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day-of-month", 1, 31),
+    ("month", 1, 12),
+    ("day-of-week", 0, 7),
+];
+
+/// A number of at most two digits.
+fn number(s: &str) -> Option<u32> {
+    (!s.is_empty() && s.len() <= 2 && s.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| s.parse().ok())
+        .flatten()
+}
+
+/// Parses one field into a bit set of the values in `min..=max`, or says what is wrong.
+fn field(s: &str, (name, min, max): (&str, u32, u32)) -> Result<u64, String> {
+    let num = |v: &str| match number(v) {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        Some(n) => Err(format!("{name} field {s:?}: {n} is out of {min}-{max}")),
+        None => Err(format!("{name} field {s:?}: {v:?} is not a number")),
     };
     let mut bits = 0u64;
     for item in s.split(',') {
         let (range, step) = match item.split_once('/') {
-            Some((r, st)) => {
-                let st =
-                    (!st.is_empty() && st.len() <= 2 && st.bytes().all(|b| b.is_ascii_digit()))
-                        .then(|| st.parse::<u32>().ok())
-                        .flatten()
-                        .filter(|n| *n >= 1)?;
-                (r, Some(st))
-            }
+            Some((r, st)) => match number(st) {
+                // A step longer than the field would only ever match its first value.
+                Some(n) if (1..=max - min + 1).contains(&n) => (r, Some(n)),
+                _ => {
+                    return Err(format!(
+                        "{name} field {s:?}: step {st:?} is not within 1-{}",
+                        max - min + 1
+                    ))
+                }
+            },
             None => (item, None),
         };
         let (lo, hi) = if range == "*" {
@@ -54,7 +71,7 @@ fn field(s: &str, min: u32, max: u32) -> Option<u64> {
         } else if let Some((a, b)) = range.split_once('-') {
             let (a, b) = (num(a)?, num(b)?);
             if a > b {
-                return None;
+                return Err(format!("{name} field {s:?}: range {a}-{b} is backwards"));
             }
             (a, b)
         } else {
@@ -68,26 +85,31 @@ fn field(s: &str, min: u32, max: u32) -> Option<u64> {
             v += step.unwrap_or(1);
         }
     }
-    Some(bits)
+    Ok(bits)
 }
 
 impl Cron {
-    /// Parses a 5-field expression; `None` if it is not one.
-    pub fn parse(s: &str) -> Option<Cron> {
+    /// Parses a 5-field expression, or says which field is wrong and why.
+    pub fn parse(s: &str) -> Result<Cron, String> {
         let f: Vec<&str> = s.split_whitespace().collect();
-        if f.len() != 5 {
-            return None;
-        }
-        let weekdays = field(f[4], 0, 7)?;
-        Some(Cron {
-            minutes: field(f[0], 0, 59)?,
-            hours: u32::try_from(field(f[1], 0, 23)?).ok()?,
-            days: u32::try_from(field(f[2], 1, 31)?).ok()?,
-            months: u16::try_from(field(f[3], 1, 12)?).ok()?,
+        let [minute, hour, dom, month, dow] = f[..] else {
+            return Err(format!("{} fields, not 5", f.len()));
+        };
+        let narrow = |bits: u64| -> Result<u32, String> {
+            u32::try_from(bits).map_err(|_| "field out of range".to_string())
+        };
+        let weekdays = field(dow, FIELDS[4])?;
+        Ok(Cron {
+            minutes: field(minute, FIELDS[0])?,
+            hours: narrow(field(hour, FIELDS[1])?)?,
+            days: narrow(field(dom, FIELDS[2])?)?,
+            months: u16::try_from(field(month, FIELDS[3])?)
+                .map_err(|_| "month out of range".to_string())?,
             // 7 is Sunday too.
-            weekdays: u8::try_from((weekdays | (weekdays >> 7)) & 0x7f).ok()?,
-            days_any: f[2].starts_with('*'),
-            weekdays_any: f[4].starts_with('*'),
+            weekdays: u8::try_from((weekdays | (weekdays >> 7)) & 0x7f)
+                .map_err(|_| "day-of-week out of range".to_string())?,
+            days_any: dom.starts_with('*'),
+            weekdays_any: dow.starts_with('*'),
         })
     }
 
@@ -195,7 +217,7 @@ mod tests {
             "59 23 31 12 6",
             "5/15 * * * *",
         ] {
-            assert!(Cron::parse(good).is_some(), "{good}");
+            assert!(Cron::parse(good).is_ok(), "{good}");
         }
         for bad in [
             "",
@@ -207,13 +229,23 @@ mod tests {
             "* * * 13 *",
             "* * * * 8",
             "*/0 * * * *",
+            "*/61 * * * *",
+            "0 */25 * * *",
             "5-1 * * * *",
             "a * * * *",
             "1,,2 * * * *",
             "@daily",
         ] {
-            assert!(Cron::parse(bad).is_none(), "{bad}");
+            assert!(Cron::parse(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            Cron::parse("*/61 * * * *").unwrap_err(),
+            "minute field \"*/61\": step \"61\" is not within 1-60"
+        );
+        assert_eq!(
+            Cron::parse("0 0 32 * *").unwrap_err(),
+            "day-of-month field \"32\": 32 is out of 1-31"
+        );
     }
 
     #[test]

@@ -1,16 +1,21 @@
 //! The backups driver: the trait the reconciler calls, and the real driver (`Host`):
-//! borg (`driver/borg.rs`), the durable run record (`driver/state.rs`), the container
-//! runtime CLI for volumes, hooks and freezes (`driver/runtime.rs`), and the S3 export.
-//! The fake for unit tests is `driver/fake.rs`.
+//! backups here; borg (`driver/borg.rs`), the durable run record (`driver/state.rs`),
+//! the container runtime CLI for volumes, hooks and freezes (`driver/runtime.rs`),
+//! restores (`driver/restore.rs`) and the S3 export (`driver/export.rs`). The fake for
+//! unit tests is `driver/fake.rs`.
 
 pub mod borg;
+mod export;
 #[cfg(test)]
 pub mod fake;
+mod restore;
 pub mod runtime;
 pub mod state;
 
-use crate::plan::{BackupRun, RepoObserved, State};
-use crate::spec::{BackupRepository, Export, Restore, RestoreMode};
+pub use restore::Cleaned;
+
+use crate::plan::{BackupRun, ForeignBorg, RepoObserved, State};
+use crate::spec::{BackupRepository, Export, Restore};
 use borg::{human, Access, Borg, Progress};
 use chrono::{DateTime, Utc};
 use converge_core::{DriverError, SecretSource};
@@ -19,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use state::StateFile;
 use std::ffi::OsString;
 use std::future::Future;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -69,6 +74,10 @@ pub trait BackupsDriver: Send + Sync + 'static {
         repo: &BackupRepository,
         progress: &Progress,
     ) -> impl Future<Output = Result<ExportDone, DriverError>> + Send;
+    /// Ids of restores with a journal: under way, or cut short (kill -9).
+    fn journaled_restores(&self) -> Vec<String>;
+    /// Finishes or undoes restore `id`, cut short (see `driver/restore.rs`).
+    fn clean_restore(&self, id: &str) -> impl Future<Output = Result<Cleaned, DriverError>> + Send;
 }
 
 /// Per-operation time limits (generous: a backup of a large volume takes hours).
@@ -202,10 +211,6 @@ impl Host {
             state,
             started,
         }
-    }
-
-    pub fn borg(&self) -> &Borg {
-        &self.borg
     }
 
     /// How borg reaches `repo`: location, passphrase (read now, kept only for the call).
@@ -389,6 +394,15 @@ impl Host {
                 dump: true,
             });
         }
+        // borg only warns about a source that is missing and archives the rest: a typo
+        // would be a "successful" backup of nothing.
+        if let Some(why) = sources
+            .iter()
+            .filter(|x| !x.dump)
+            .find_map(|x| unreadable(Path::new(&x.path)))
+        {
+            return Err(DriverError::Failed(format!("{why}: nothing archived")));
+        }
         let comment = serde_json::to_string(&ArchiveSources {
             converge: 1,
             sources: sources.clone(),
@@ -442,13 +456,33 @@ impl Host {
             .as_u64()
             .unwrap_or(out.stats.deduplicated);
         let secs = started.elapsed().as_secs_f64();
-        info!(archive = %run.archive, bytes, files, deduplicated = dedup, secs, "archive created");
-        Ok(format!(
+        let w = &out.warnings;
+        info!(archive = %run.archive, bytes, files, deduplicated = dedup, secs, warnings = w.count, "archive created");
+        let summary = format!(
             "archive {}: {files} files, {} ({} new) in {secs:.1} s",
             run.archive,
             human(bytes),
             human(dedup)
-        ))
+        );
+        // A source gone while borg ran is only a warning to borg.
+        let gone = sources
+            .iter()
+            .filter(|x| !x.dump)
+            .find_map(|x| unreadable(Path::new(&x.path)));
+        if let Some(why) = gone {
+            return Err(DriverError::Failed(format!("{summary}, incomplete: {why}")));
+        }
+        if w.failing_count > 0 {
+            warn!(archive = %run.archive, warnings = w.failing_count, "archive incomplete");
+            return Err(DriverError::Failed(format!(
+                "{summary}, incomplete: {}",
+                w.describe()
+            )));
+        }
+        if w.count > 0 {
+            return Ok(format!("{summary}; {}", w.describe()));
+        }
+        Ok(summary)
     }
 
     /// Running containers that use the schedule's volumes (a torn copy risk).
@@ -565,187 +599,26 @@ impl Host {
         }
         Ok("; pruned".into())
     }
-
-    /// The sources recorded in an archive's comment.
-    async fn sources(&self, access: &Access, archive: &str) -> Result<Vec<Source>, DriverError> {
-        let target = format!("{}::{archive}", access.location);
-        let out = self
-            .borg
-            .run(
-                access,
-                &os(&["info", "--json", "--lock-wait", "60", &target]),
-                None,
-                self.cfg.timeouts.init,
-                &Progress::default(),
-            )
-            .await?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| DriverError::Failed(format!("borg info: unexpected output: {e}")))?;
-        let comment = v["archives"][0]["comment"].as_str().unwrap_or_default();
-        let s: ArchiveSources = serde_json::from_str(comment).map_err(|_| {
-            DriverError::Failed(format!(
-                "archive {archive} was not made by converge (no source list in its comment)"
-            ))
-        })?;
-        Ok(s.sources)
-    }
-
-    async fn restore_inner(
-        &self,
-        r: &Restore,
-        repo: &BackupRepository,
-        progress: &Progress,
-    ) -> Result<String, DriverError> {
-        let access = self.access(repo)?;
-        self.clear_stale_lock(&access).await?;
-        let sources = self.sources(&access, &r.archive).await?;
-        let source = match &r.source {
-            Some(want) => sources
-                .iter()
-                .find(|s| s.volume.as_deref() == Some(want.as_str()) || s.path == *want)
-                .ok_or_else(|| {
-                    DriverError::Failed(format!("archive {} has no source {want:?}", r.archive))
-                })?,
-            None if sources.len() == 1 => &sources[0],
-            None => {
-                let names: Vec<String> = sources
-                    .iter()
-                    .map(|s| s.volume.clone().unwrap_or_else(|| s.path.clone()))
-                    .collect();
-                return Err(DriverError::Failed(format!(
-                    "archive {} has {} sources ({}): name one in source",
-                    r.archive,
-                    sources.len(),
-                    names.join(", ")
-                )));
-            }
-        };
-        let dest = match (&r.target_volume, &r.target_path, r.mode) {
-            (Some(v), _, RestoreMode::Replace) => self.runtime()?.volume_path(v).await?,
-            (Some(v), _, RestoreMode::SideBySide) => {
-                self.runtime()?
-                    .create_volume(&format!("{v}-restore-{}", r.id))
-                    .await?
-            }
-            (None, Some(p), RestoreMode::Replace) => PathBuf::from(p),
-            (None, Some(p), RestoreMode::SideBySide) => {
-                let d = PathBuf::from(format!("{p}.restore-{}", r.id));
-                if d.exists() {
-                    return Err(DriverError::Failed(format!(
-                        "{} exists already",
-                        d.display()
-                    )));
-                }
-                d
-            }
-            (None, None, _) => return Err(DriverError::Failed("no target".into())),
-        };
-        std::fs::create_dir_all(&dest)
-            .map_err(|e| DriverError::io(format!("create {}", dest.display()), e))?;
-        let (pattern, strip) = if source.dump {
-            (source.path.clone(), 0)
-        } else {
-            let p = Path::new(&source.path);
-            let parts: Vec<String> = p
-                .components()
-                .filter_map(|c| match c {
-                    Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
-                    _ => None,
-                })
-                .collect();
-            (parts.join("/"), parts.len())
-        };
-        let extract = |into: PathBuf| {
-            let target = format!("{}::{}", access.location, r.archive);
-            let args = os(&[
-                "extract",
-                "--log-json",
-                "--progress",
-                "--lock-wait",
-                "60",
-                "--strip-components",
-                &strip.to_string(),
-                &target,
-                &pattern,
-            ]);
-            let access = access.clone();
-            async move {
-                self.borg
-                    .run(
-                        &access,
-                        &args,
-                        Some(&into),
-                        self.cfg.timeouts.extract,
-                        progress,
-                    )
-                    .await
-            }
-        };
-        let started = Instant::now();
-        match r.mode {
-            RestoreMode::SideBySide => {
-                extract(dest.clone()).await?;
-            }
-            RestoreMode::Replace => {
-                // Extract next to the target (same file system), then swap the contents:
-                // the target directory stays (a container's mount keeps working) and a
-                // failed extraction leaves the target untouched.
-                let parent = dest
-                    .parent()
-                    .ok_or_else(|| DriverError::Failed("target has no parent".into()))?;
-                let staging = parent.join(format!(".converge-restore-{}", r.id));
-                let old = parent.join(format!(".converge-old-{}", r.id));
-                for d in [&staging, &old] {
-                    if d.exists() {
-                        std::fs::remove_dir_all(d)
-                            .map_err(|e| DriverError::io(format!("remove {}", d.display()), e))?;
-                    }
-                    std::fs::create_dir(d)
-                        .map_err(|e| DriverError::io(format!("create {}", d.display()), e))?;
-                }
-                if let Err(e) = extract(staging.clone()).await {
-                    let _ = std::fs::remove_dir_all(&staging);
-                    let _ = std::fs::remove_dir_all(&old);
-                    return Err(e);
-                }
-                swap_contents(&dest, &staging, &old)?;
-                let _ = std::fs::remove_dir_all(&staging);
-                let _ = std::fs::remove_dir_all(&old);
-            }
-        }
-        Ok(format!(
-            "archive {} restored into {} ({}) in {:.1} s",
-            r.archive,
-            dest.display(),
-            match r.mode {
-                RestoreMode::Replace => "replace",
-                RestoreMode::SideBySide => "side-by-side",
-            },
-            started.elapsed().as_secs_f64()
-        ))
-    }
 }
 
-/// Moves every entry of `dest` into `old`, then every entry of `new` into `dest`.
-fn swap_contents(dest: &Path, new: &Path, old: &Path) -> Result<(), DriverError> {
-    let entries = |d: &Path| -> Result<Vec<std::ffi::OsString>, DriverError> {
-        std::fs::read_dir(d)
-            .map_err(|e| DriverError::io(format!("read {}", d.display()), e))?
-            .map(|e| {
-                e.map(|e| e.file_name())
-                    .map_err(|e| DriverError::io(format!("read {}", d.display()), e))
-            })
-            .collect()
-    };
-    for n in entries(dest)? {
-        std::fs::rename(dest.join(&n), old.join(&n))
-            .map_err(|e| DriverError::io(format!("move {} aside", dest.join(&n).display()), e))?;
+/// Why a source cannot be archived (missing, or not readable: a directory is listed,
+/// a file opened), if it cannot.
+fn unreadable(path: &Path) -> Option<String> {
+    let shown = path.display();
+    let opened = std::fs::metadata(path).and_then(|m| {
+        if m.is_dir() {
+            std::fs::read_dir(path).map(drop)
+        } else {
+            std::fs::File::open(path).map(drop)
+        }
+    });
+    match opened {
+        Ok(()) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Some(format!("source {shown} does not exist"))
+        }
+        Err(e) => Some(format!("source {shown} cannot be read: {e}")),
     }
-    for n in entries(new)? {
-        std::fs::rename(new.join(&n), dest.join(&n))
-            .map_err(|e| DriverError::io(format!("move {} in", dest.join(&n).display()), e))?;
-    }
-    Ok(())
 }
 
 /// This host's name as borg writes it in lock names.
@@ -792,24 +665,67 @@ pub fn lock_holders(repo: &Path) -> Vec<(String, u32)> {
 /// Live borg processes on this host whose arguments name `location` (`own`: also
 /// those this process started).
 pub fn borg_users(location: &str, own: bool) -> Vec<u32> {
+    borg_uses(location, own)
+        .into_iter()
+        .map(|b| b.pid)
+        .collect()
+}
+
+/// [`borg_users`] with the archive each one names (`REPO::ARCHIVE`), if any.
+pub fn borg_uses(location: &str, own: bool) -> Vec<ForeignBorg> {
     let me = std::process::id();
+    let names = |a: &[u8]| {
+        a.starts_with(location.as_bytes())
+            && matches!(a.get(location.len()), None | Some(b':') | Some(b'/'))
+    };
     let found = converge_core::host::find(|args| {
         let is_borg = args
             .iter()
             .take(2)
             .any(|a| a.ends_with(b"/borg") || *a == b"borg");
-        is_borg
-            && args.iter().any(|a| {
-                a.starts_with(location.as_bytes())
-                    && matches!(a.get(location.len()), None | Some(b':') | Some(b'/'))
-            })
+        is_borg && args.iter().any(|a| names(a))
     });
     found
         .unwrap_or_default()
         .into_iter()
-        .map(|p| p.pid)
-        .filter(|pid| own || converge_core::host::parent_of(*pid) != Some(me))
+        .filter(|p| own || converge_core::host::parent_of(p.pid) != Some(me))
+        .map(|p| ForeignBorg {
+            pid: p.pid,
+            archive: p.args.iter().find_map(|a| {
+                let rest = a.strip_prefix(location.as_bytes())?.strip_prefix(b"::")?;
+                Some(String::from_utf8_lossy(rest).into_owned())
+            }),
+        })
         .collect()
+}
+
+/// What is at a local repository's path: `Ok(true)` a borg repository, `Ok(false)`
+/// nothing (or an empty directory: borg initialises it), `Err(why)` something else, which
+/// converge never initialises over.
+fn local_repository(path: &Path) -> Result<bool, String> {
+    let shown = path.display();
+    if let Ok(config) = std::fs::read_to_string(path.join("config")) {
+        if config.contains("[repository]") {
+            return Ok(true);
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(format!("cannot look at {shown}: {e}")),
+        Ok(m) if !m.is_dir() => {
+            return Err(format!(
+                "{shown} exists and is not a directory: not a borg repository"
+            ))
+        }
+        Ok(_) => {}
+    }
+    match std::fs::read_dir(path).map(|mut d| d.next().is_none()) {
+        Ok(true) => Ok(false),
+        Ok(false) => Err(format!(
+            "{shown} is not empty and is not a borg repository: converge does not initialise over it (empty it, or name another path)"
+        )),
+        Err(e) => Err(format!("cannot read {shown}: {e}")),
+    }
 }
 
 impl BackupsDriver for Host {
@@ -834,14 +750,18 @@ impl BackupsDriver for Host {
     }
 
     fn repository(&self, r: &BackupRepository, state: &State) -> Result<RepoObserved, DriverError> {
-        let initialised = if r.url.starts_with('/') {
-            Path::new(&r.url).join("config").exists()
+        let (initialised, unusable) = if r.url.starts_with('/') {
+            match local_repository(Path::new(&r.url)) {
+                Ok(is) => (is, None),
+                Err(why) => (false, Some(why)),
+            }
         } else {
-            state.initialised.contains(&r.name)
+            (state.initialised.contains(&r.name), None)
         };
         Ok(RepoObserved {
             initialised,
-            foreign_borg: borg_users(&r.url, false).first().copied(),
+            foreign_borg: borg_uses(&r.url, false).into_iter().next(),
+            unusable,
         })
     }
 
@@ -869,7 +789,8 @@ impl BackupsDriver for Host {
                 info!(repository = %r.name, encryption = r.encryption_mode().as_str(), "repository initialised");
                 Ok(())
             }
-            Err(DriverError::Failed(m)) if m.contains("AlreadyExists") => Ok(()),
+            // Not `PathAlreadyExists`: something else is there, never initialised over.
+            Err(DriverError::Failed(m)) if m.contains("Repository.AlreadyExists:") => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -893,12 +814,14 @@ impl BackupsDriver for Host {
         repo: &BackupRepository,
         progress: &Progress,
     ) -> Result<ExportDone, DriverError> {
-        crate::export_glue::run(self, e, repo, progress).await
+        export::run(self, e, repo, progress).await
     }
-}
 
-impl Host {
-    pub(crate) fn config(&self) -> &HostConfig {
-        &self.cfg
+    fn journaled_restores(&self) -> Vec<String> {
+        Host::journaled_restores(self)
+    }
+
+    async fn clean_restore(&self, id: &str) -> Result<Cleaned, DriverError> {
+        Host::clean_restore(self, id).await
     }
 }

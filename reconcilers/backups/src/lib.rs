@@ -3,14 +3,13 @@
 //! exports of an archive to S3 with a presigned link.
 //!
 //! Layout follows the reconciler contract: `spec.rs` (section + validation), `cron.rs`
-//! (slots, pure), `plan.rs` (pure), `driver.rs` (+ `driver/{borg,state,runtime}.rs`;
-//! test-only `driver/fake.rs`), `reconciler.rs` (glue, background runs),
-//! `export_glue.rs` (wires an export to the S3 upload module).
+//! (slots, pure), `plan.rs` (pure), `driver.rs` (+ `driver/{borg,state,runtime,restore,
+//! export}.rs`; test-only `driver/fake.rs`), `reconciler.rs` (glue, background runs);
+//! `export.rs` is the S3 upload module (`driver/export.rs` wires an export to it).
 
 pub mod cron;
 pub mod driver;
 pub mod export;
-mod export_glue;
 pub mod plan;
 pub mod reconciler;
 pub mod spec;

@@ -112,7 +112,41 @@ pub struct RepoObserved {
     /// A borg repository exists at its location (or converge initialised it).
     pub initialised: bool,
     /// A borg process converge did not start (e.g. one left by a killed agent) uses it.
-    pub foreign_borg: Option<u32>,
+    pub foreign_borg: Option<ForeignBorg>,
+    /// Why converge will not initialise it (a local path holding something else).
+    pub unusable: Option<String>,
+}
+
+/// A borg process on this host that this agent did not start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignBorg {
+    pub pid: u32,
+    /// The archive it names (`REPO::ARCHIVE`), if any.
+    pub archive: Option<String>,
+}
+
+/// A failed `borg init`, retried on its own delay (doubling from
+/// [`INIT_RETRY`] up to [`INIT_RETRY_MAX`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InitFailure {
+    pub message: String,
+    pub at: DateTime<Utc>,
+    pub attempts: u32,
+}
+
+/// First delay before `borg init` is tried again after a failure.
+pub const INIT_RETRY: Duration = Duration::from_secs(30);
+/// Longest delay between two tries of `borg init`.
+pub const INIT_RETRY_MAX: Duration = Duration::from_secs(30 * 60);
+/// How often a repository converge will not use is looked at again.
+pub const RECHECK: Duration = Duration::from_secs(60);
+
+impl InitFailure {
+    /// The delay after this failure before the next try.
+    pub fn delay(&self) -> Duration {
+        let doubling = 2u32.saturating_pow(self.attempts.saturating_sub(1).min(16));
+        INIT_RETRY.saturating_mul(doubling).min(INIT_RETRY_MAX)
+    }
 }
 
 /// A run in progress in this process.
@@ -135,6 +169,10 @@ pub struct Observed {
     pub repositories: BTreeMap<String, RepoObserved>,
     /// Runs in progress in this process, keyed by object (`schedule etc`, `restore r1`).
     pub running: BTreeMap<String, Running>,
+    /// Failed `borg init`s, by repository.
+    pub init_failures: BTreeMap<String, InitFailure>,
+    /// Restores with a journal (see `driver/restore.rs`): cut short unless running.
+    pub journaled_restores: Vec<String>,
 }
 
 /// A backup run to start.
@@ -171,6 +209,9 @@ pub enum Action {
     Export(Export, BackupRepository),
     /// Records a restore or export whose run was killed as failed (never run twice).
     Interrupted { kind: &'static str, id: String },
+    /// Finishes or undoes a restore cut short (its staging directories, see
+    /// `driver/restore.rs`).
+    CleanRestore(String),
 }
 
 fn tz_of(s: &Schedule) -> Tz {
@@ -204,10 +245,8 @@ pub fn plan(spec: &BackupsSpec, observed: &Observed, _facts: &Facts) -> Plan<Act
         .map(|(k, r)| (r.repository.clone(), format!("busy with {k}")))
         .collect();
     for (name, o) in &observed.repositories {
-        if let Some(pid) = o.foreign_borg {
-            busy.entry(name.clone()).or_insert_with(|| {
-                format!("busy: borg pid {pid} (not started by this agent) uses it")
-            });
+        if let Some(b) = &o.foreign_borg {
+            busy.entry(name.clone()).or_insert_with(|| foreign(b));
         }
     }
     for r in &spec.repositories {
@@ -224,6 +263,41 @@ pub fn plan(spec: &BackupsSpec, observed: &Observed, _facts: &Facts) -> Plan<Act
             .get(&r.name)
             .cloned()
             .unwrap_or_default();
+        if let Some(why) = &o.unusable {
+            p.waiting.push(
+                Waiting::new("repository", &r.name, why)
+                    .retry_after(RECHECK)
+                    .failed(),
+            );
+            busy.insert(r.name.clone(), "cannot be used (see the repository)".into());
+            continue;
+        }
+        let failed_init = observed
+            .init_failures
+            .get(&r.name)
+            .filter(|_| !o.initialised)
+            .and_then(|f| {
+                let next = f.at + chrono::Duration::from_std(f.delay()).ok()?;
+                (now < next).then_some((f, next))
+            });
+        if let Some((f, next)) = failed_init {
+            let reason = format!(
+                "borg init failed ({} tries): {}; next try at {}",
+                f.attempts,
+                f.message,
+                next.format("%Y-%m-%dT%H:%M:%SZ")
+            );
+            p.waiting.push(
+                Waiting::new("repository", &r.name, reason)
+                    .retry_after(until(now, next))
+                    .failed(),
+            );
+            busy.insert(
+                r.name.clone(),
+                "is not initialised (see the repository)".into(),
+            );
+            continue;
+        }
         if !o.initialised && !busy.contains_key(&r.name) {
             p.changes
                 .push(
@@ -249,13 +323,25 @@ pub fn plan(spec: &BackupsSpec, observed: &Observed, _facts: &Facts) -> Plan<Act
     let mut wake: Vec<Duration> = Vec::new();
     for s in &spec.schedules {
         let k = key("schedule", &s.name);
-        let (Some(cron), Some(r)) = (Cron::parse(&s.cron), repo(&s.repository)) else {
+        let (Some(cron), Some(r)) = (Cron::parse(&s.cron).ok(), repo(&s.repository)) else {
             continue;
         };
         if r.kind != RepositoryKind::Borg {
             continue;
         }
         let tz = tz_of(s);
+        if cron.next_after(now, tz).is_none() {
+            // Validation cannot know every impossible date (`0 0 30 2 *`): shown, not refused.
+            p.waiting.push(Waiting::new(
+                "schedule",
+                &s.name,
+                format!(
+                    "cron {:?} matches no date: this schedule never runs",
+                    s.cron
+                ),
+            ));
+            continue;
+        }
         if let Some(run) = observed.running.get(&k) {
             p.waiting.push(
                 Waiting::new("schedule", &s.name, format!("backing up: {}", run.progress))
@@ -307,6 +393,7 @@ pub fn plan(spec: &BackupsSpec, observed: &Observed, _facts: &Facts) -> Plan<Act
                 })
         };
         let mut after = st.last_slot.unwrap_or(st.since).max(now);
+        let next_slot = cron.next_after(after, tz);
         if let Some((slot, attempt)) = due {
             let archive = archive_name(&s.name, slot);
             match claim(&s.repository, &mut busy, k.clone()) {
@@ -324,17 +411,38 @@ pub fn plan(spec: &BackupsSpec, observed: &Observed, _facts: &Facts) -> Plan<Act
                     }));
                 }
                 Err(why) => {
-                    p.waiting.push(
-                        Waiting::new(
-                            "schedule",
-                            &s.name,
-                            format!("slot {slot}: repository {} {why}", s.repository),
-                        )
-                        .retry_after(PROGRESS_EVERY),
-                    );
+                    let mut w = Waiting::new(
+                        "schedule",
+                        &s.name,
+                        format!("slot {slot}: repository {} {why}", s.repository),
+                    )
+                    .retry_after(PROGRESS_EVERY);
+                    // A borg left by a killed agent finishing this very archive.
+                    let finishing = observed.repositories.get(&s.repository).is_some_and(|o| {
+                        o.foreign_borg.as_ref().and_then(|b| b.archive.as_deref())
+                            == Some(archive.as_str())
+                    });
+                    if finishing {
+                        w = w.in_progress();
+                    }
+                    p.waiting.push(w);
                 }
             }
             after = after.max(slot);
+        } else if let Some(last) = st.last.as_ref().filter(|l| l.status == RunStatus::Failed) {
+            // Until a run succeeds, the schedule is failed (the reconciler Degraded).
+            let mut reason = format!(
+                "last run failed at {}: {}",
+                last.finished
+                    .unwrap_or(last.started)
+                    .format("%Y-%m-%dT%H:%M:%SZ"),
+                last.message
+            );
+            if let Some(n) = next_slot {
+                reason.push_str(&format!("; next slot {}", n.format("%Y-%m-%dT%H:%MZ")));
+            }
+            p.waiting
+                .push(Waiting::new("schedule", &s.name, reason).failed());
         }
         if let Some(n) = cron.next_after(after, tz) {
             wake.push(until(now, n));
@@ -370,8 +478,30 @@ pub fn plan(spec: &BackupsSpec, observed: &Observed, _facts: &Facts) -> Plan<Act
             || repo(&e.repository).map(|rp| Action::Export(e.clone(), rp.clone())),
         );
     }
+    // Restores cut short: finished or undone (those running here have a journal too).
+    for id in &observed.journaled_restores {
+        if !observed.running.contains_key(&key("restore", id)) {
+            p.changes
+                .push(Change::new(Op::Delete, "restore-staging", id));
+            p.actions.push(Action::CleanRestore(id.clone()));
+        }
+    }
     p.requeue_after = wake.into_iter().min();
     p
+}
+
+/// Why a repository is busy with a borg this agent did not start.
+fn foreign(b: &ForeignBorg) -> String {
+    match &b.archive {
+        Some(a) => format!(
+            "busy: borg pid {} (not started by this agent) is writing archive {a}",
+            b.pid
+        ),
+        None => format!(
+            "busy: borg pid {} (not started by this agent) uses it",
+            b.pid
+        ),
+    }
 }
 
 /// The plan of one restore or export: never run twice.

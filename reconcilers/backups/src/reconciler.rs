@@ -7,11 +7,14 @@
 use crate::driver::borg::Progress;
 use crate::driver::BackupsDriver;
 use crate::plan::{
-    key, plan, Action, Observed, RunRecord, RunStatus, Running, ScheduleState, Started, State,
+    key, plan, Action, InitFailure, Observed, RunRecord, RunStatus, Running, ScheduleState,
+    Started, State,
 };
 use crate::spec::BackupsSpec;
 use chrono::{DateTime, Utc};
-use converge_core::{DriverError, Facts, HostEvent, ObjectNote, ObjectOutcome, Plan, Reconciler};
+use converge_core::{
+    DriverError, Facts, HostEvent, ObjectNote, ObjectOutcome, Plan, Reconciler, Retry,
+};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use std::collections::BTreeMap;
@@ -29,6 +32,8 @@ struct Shared<D> {
     driver: D,
     /// Runs in progress in this process, by object key.
     running: Mutex<BTreeMap<String, Job>>,
+    /// Failed `borg init`s by repository (retried on their own delay, see the plan).
+    init_failures: Mutex<BTreeMap<String, InitFailure>>,
     /// Serialises read-modify-write of the record (passes and finishing tasks).
     record: Mutex<()>,
     events: mpsc::UnboundedSender<HostEvent>,
@@ -59,6 +64,7 @@ impl<D: BackupsDriver> Backups<D> {
             shared: Arc::new(Shared {
                 driver,
                 running: Mutex::new(BTreeMap::new()),
+                init_failures: Mutex::new(BTreeMap::new()),
                 record: Mutex::new(()),
                 events: tx,
             }),
@@ -190,7 +196,18 @@ impl<D: BackupsDriver> Reconciler for Backups<D> {
 
     async fn observe(&self, spec: &BackupsSpec) -> Result<Observed, DriverError> {
         let d = &self.shared.driver;
-        let state = d.read_state()?;
+        let mut state = d.read_state()?;
+        // Objects no longer in the document keep their record on disk (an id never runs
+        // twice) but leave the status.
+        state
+            .schedules
+            .retain(|name, _| spec.schedules.iter().any(|s| s.name == *name));
+        state
+            .restores
+            .retain(|id, _| spec.restores.iter().any(|r| r.id == *id));
+        state
+            .exports
+            .retain(|id, _| spec.exports.iter().any(|e| e.id == *id));
         let mut repositories = BTreeMap::new();
         for r in &spec.repositories {
             if r.kind == crate::spec::RepositoryKind::Borg {
@@ -213,12 +230,20 @@ impl<D: BackupsDriver> Reconciler for Backups<D> {
                 )
             })
             .collect();
+        let init_failures = self
+            .shared
+            .init_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         Ok(Observed {
             now: d.now(),
             agent_start: d.agent_start(),
             state,
             repositories,
             running,
+            init_failures,
+            journaled_restores: d.journaled_restores(),
         })
     }
 
@@ -303,7 +328,32 @@ impl<D: BackupsDriver> Reconciler for Backups<D> {
                                 s.initialised.insert(r.name.clone());
                             })
                         });
-                    ObjectOutcome::from_result(format!("repository {}", r.name), res)
+                    let object = format!("repository {}", r.name);
+                    let mut failures = self
+                        .shared
+                        .init_failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    match res {
+                        Ok(()) => {
+                            failures.remove(&r.name);
+                            ObjectOutcome::ok(object)
+                        }
+                        // Retried on this repository's own delay, not in a loop.
+                        Err(e) => {
+                            let attempts = failures.get(&r.name).map_or(0, |f| f.attempts) + 1;
+                            let f = InitFailure {
+                                message: e.to_string(),
+                                at: self.shared.driver.now(),
+                                attempts,
+                            };
+                            error!(repository = %r.name, error = %e, attempts, retry_in = ?f.delay(), "borg init failed");
+                            let mut outcome = ObjectOutcome::failed(object, &e);
+                            outcome.retry = Retry::After(f.delay());
+                            failures.insert(r.name.clone(), f);
+                            outcome
+                        }
+                    }
                 }
                 Action::Baseline { schedule, since } => {
                     let res = self.shared.update(|s| {
@@ -431,6 +481,23 @@ impl<D: BackupsDriver> Reconciler for Backups<D> {
                         },
                     )
                     .await
+                }
+                Action::CleanRestore(id) => {
+                    let res = self.shared.driver.clean_restore(&id).await;
+                    let now = self.shared.driver.now();
+                    let res = res.and_then(|c| {
+                        self.shared.update(|s| {
+                            if let Some(r) = s.restores.get_mut(&id) {
+                                let message = if c.completed {
+                                    c.message
+                                } else {
+                                    format!("{}; not run again: use a new id", c.message)
+                                };
+                                ended(r, c.completed, message, now);
+                            }
+                        })
+                    });
+                    ObjectOutcome::from_result(key("restore", &id), res)
                 }
                 Action::Interrupted { kind, id } => {
                     let now = self.shared.driver.now();

@@ -2,10 +2,13 @@
 //! delete files, restore in both modes (byte-identical, modes and links included);
 //! the passphrase never in a borg process's arguments or environment; a lock left by
 //! a borg killed with SIGKILL is broken and the next backup succeeds, `borg check`
-//! clean; restores run once. Needs `borg` on PATH (install/deps.sh).
+//! clean; restores run once; a missing source fails the run and names it; a directory
+//! that is not a repository is never initialised; a restore cut short is undone (or,
+//! in its last step, completed) on the next pass. Needs `borg` on PATH
+//! (install/deps.sh).
 
 use chrono::{DateTime, Utc};
-use converge_backups::driver::borg_users;
+use converge_backups::driver::{borg_users, BackupsDriver};
 use converge_backups::plan::{RunStatus, State};
 use converge_backups::{Backups, BackupsSpec, Host, HostConfig};
 use converge_core::{Facts, Reconciler, SecretSource};
@@ -352,6 +355,197 @@ async fn lock_of_a_killed_borg_is_broken_and_the_next_backup_succeeds() {
         String::from_utf8_lossy(&check.stderr)
     );
     assert!(env.archives().contains(&"src-20261201T1001Z".to_string()));
+}
+
+/// One pass whose outcomes may fail; returns the plan's waiting objects as shown.
+async fn pass_waiting(r: &Backups<Host>, s: &BackupsSpec) -> Vec<converge_core::Waiting> {
+    let o = r.observe(s).await.unwrap();
+    let p = r.plan(s, &o, &Facts::default());
+    let waiting = p.waiting.clone();
+    r.apply(p).await;
+    waiting
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_source_fails_the_run_and_names_it() {
+    let env = Env::new();
+    make_source(&env.path("src"));
+    let r = env.reconciler(false);
+    let typo = env.path("srcc").display().to_string();
+    let mut s = env.spec(json!({}));
+    s.schedules[0].paths.push(typo.clone());
+    pass(&r, &s).await;
+    env.set("2026-12-01T10:01:00.5Z");
+    pass_waiting(&r, &s).await;
+    let last = env.state().schedules["src"].last.clone().unwrap();
+    assert_eq!(last.status, RunStatus::Failed, "{last:?}");
+    assert!(
+        last.message
+            .contains(&format!("source {typo} does not exist")),
+        "{last:?}"
+    );
+    assert!(
+        env.archives().is_empty(),
+        "nothing archived: {:?}",
+        env.archives()
+    );
+    // Until a run succeeds the schedule is a failed object (the reconciler Degraded).
+    let w = pass_waiting(&r, &s).await;
+    assert!(
+        w.iter()
+            .any(|w| w.failed && w.id == "src" && w.reason.contains(&typo)),
+        "{w:?}"
+    );
+    // The typo fixed: the next slot runs and the failure is gone.
+    s.schedules[0].paths.pop();
+    env.set("2026-12-01T10:02:00.5Z");
+    assert_eq!(pass(&r, &s).await, ["+ archive src-20261201T1002Z"]);
+    assert!(pass_waiting(&r, &s).await.iter().all(|w| !w.failed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_that_is_not_a_repository_is_never_initialised() {
+    let env = Env::new();
+    make_source(&env.path("src"));
+    std::fs::create_dir_all(env.path("repo")).unwrap();
+    std::fs::write(env.path("repo/notes.txt"), b"someone else's files\n").unwrap();
+    let r = env.reconciler(false);
+    let s = env.spec(json!({}));
+    let o = r.observe(&s).await.unwrap();
+    let p = r.plan(&s, &o, &Facts::default());
+    // Not a pending add: a failed object naming the path, and nothing to apply for it.
+    assert!(
+        !p.changes.iter().any(|c| c.kind == "repository"),
+        "{:?}",
+        p.changes
+    );
+    let w = p.waiting.iter().find(|w| w.kind == "repository").unwrap();
+    assert!(w.failed, "{w:?}");
+    assert!(
+        w.reason.contains(&env.path("repo").display().to_string())
+            && w.reason.contains("not a borg repository"),
+        "{w:?}"
+    );
+    // borg's own refusal is an error, never taken for "already initialised".
+    let repo = s.repositories[0].clone();
+    let err = r.driver().init(&repo).await.unwrap_err().to_string();
+    assert!(err.contains("There is already something at"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(env.path("repo")).unwrap().count(),
+        1,
+        "the directory is left alone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_cut_short_is_undone_or_completed_on_the_next_pass() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.path("src")).unwrap();
+    for i in 0..16 {
+        std::fs::write(env.path(&format!("src/f{i:02}")), random_bytes(i, 4 << 20)).unwrap();
+    }
+    let r = env.reconciler(false);
+    let s = env.spec(json!({}));
+    pass(&r, &s).await;
+    env.set("2026-12-01T10:01:00.5Z");
+    assert_eq!(pass(&r, &s).await, ["+ archive src-20261201T1001Z"]);
+    let before = tree(&env.path("src"));
+    std::fs::write(env.path("src/mine"), b"written after the backup\n").unwrap();
+    let after = tree(&env.path("src"));
+    let target = env.path("src").display().to_string();
+    let s = env.spec(json!({"restores": [
+        {"id": "r1", "repository": "local", "archive": "src-20261201T1001Z", "targetPath": target, "mode": "replace"}
+    ]}));
+    // The agent stops mid-extraction: the pass is dropped (its borg killed) once the
+    // staging directory holds part of the archive, as a kill -9 would leave it.
+    let staging = env.path(".converge-restore-r1");
+    let o = r.observe(&s).await.unwrap();
+    let p = r.plan(&s, &o, &Facts::default());
+    tokio::select! {
+        out = r.apply(p) => panic!("the restore finished before it could be cut short: {out:?}"),
+        _ = async {
+            while std::fs::read_dir(&staging).map_or(0, |d| d.count()) < 2 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        } => {}
+    }
+    assert!(staging.exists(), "a partial extraction is there");
+    // The next agent: the restore is recorded failed, its debris removed, the target
+    // exactly as it was.
+    let r2 = env.reconciler(false);
+    let changes = pass(&r2, &s).await;
+    assert!(
+        changes.contains(&"- restore-staging r1".to_string()),
+        "{changes:?}"
+    );
+    let names: Vec<String> = std::fs::read_dir(env.path(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".converge"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+    assert_eq!(tree(&env.path("src")), after, "the target is untouched");
+    let rec = env.state().restores["r1"].clone();
+    assert_eq!(rec.status, RunStatus::Failed, "{rec:?}");
+    assert!(rec.message.contains("use a new id"), "{rec:?}");
+    assert!(pass(&r2, &s).await.is_empty(), "never run twice");
+
+    // Cut short in the last step (the restored entries half moved in): completed.
+    let s = env.spec(json!({"restores": [
+        {"id": "r2", "repository": "local", "archive": "src-20261201T1001Z", "targetPath": target, "mode": "replace"}
+    ]}));
+    let (staging, old) = (
+        env.path(".converge-restore-r2"),
+        env.path(".converge-old-r2"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(&old).unwrap();
+    // The target's entries were moved aside; half of the extracted ones are in, the
+    // rest still staged.
+    for e in std::fs::read_dir(env.path("src")).unwrap() {
+        let e = e.unwrap();
+        std::fs::rename(e.path(), old.join(e.file_name())).unwrap();
+    }
+    for (i, (name, (_, _, data))) in before.iter().enumerate() {
+        let into = if i % 2 == 0 {
+            env.path("src")
+        } else {
+            staging.clone()
+        };
+        std::fs::write(into.join(name), data).unwrap();
+    }
+    std::fs::create_dir_all(env.path("data/backups/restores")).unwrap();
+    std::fs::write(
+        env.path("data/backups/restores/r2.json"),
+        json!({"step": "moving-in", "staging": staging, "dest": env.path("src"), "old": old})
+            .to_string(),
+    )
+    .unwrap();
+    {
+        let mut st = env.state();
+        st.restores.insert(
+            "r2".into(),
+            converge_backups::plan::RunRecord {
+                status: RunStatus::Started,
+                started: t("2026-12-01T10:01:30Z"),
+                finished: None,
+                message: String::new(),
+                url: None,
+                expires_at: None,
+            },
+        );
+        std::fs::write(
+            env.path("data/backups/state.json"),
+            serde_json::to_vec(&st).unwrap(),
+        )
+        .unwrap();
+    }
+    let r3 = env.reconciler(false);
+    pass(&r3, &s).await;
+    assert_eq!(tree(&env.path("src")), before, "the restore is completed");
+    assert!(!staging.exists() && !old.exists());
+    let rec = env.state().restores["r2"].clone();
+    assert_eq!(rec.status, RunStatus::Done, "{rec:?}");
 }
 
 /// Podman with its own storage under the test's temp dir (no service, no network).

@@ -81,7 +81,8 @@ impl fmt::Display for Change {
 
 /// An object that cannot converge yet and waits for something outside this pass (its
 /// container's address, a crash-loop delay, a schedule slot). `converge diff` shows it;
-/// nothing is applied for it and the reconciler is not Degraded because of it.
+/// nothing is applied for it and the reconciler is not Degraded because of it, unless it
+/// is marked [`Waiting::failed`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Waiting {
     /// Object kind within the reconciler, as in [`Change::kind`].
@@ -96,6 +97,12 @@ pub struct Waiting {
     /// not a lasting condition: the reconciler is Progressing, not Converged, meanwhile.
     #[serde(skip)]
     pub in_progress: bool,
+    /// Stuck until the operator acts (a directory that is not a borg repository, a
+    /// backup whose last run failed): the reconciler is Degraded and the object is listed
+    /// with the errors, but nothing is retried hot: it is looked at again after
+    /// `retry_after`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub failed: bool,
 }
 
 impl Waiting {
@@ -106,6 +113,7 @@ impl Waiting {
             reason: reason.into(),
             retry_after: None,
             in_progress: false,
+            failed: false,
         }
     }
 
@@ -119,11 +127,18 @@ impl Waiting {
         self.in_progress = true;
         self
     }
+
+    /// Marks it as failed (see `failed`).
+    pub fn failed(mut self) -> Self {
+        self.failed = true;
+        self
+    }
 }
 
 impl fmt::Display for Waiting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "~ {} {} ({})", self.kind, self.id, self.reason)
+        let mark = if self.failed { "!" } else { "~" };
+        write!(f, "{mark} {} {} ({})", self.kind, self.id, self.reason)
     }
 }
 

@@ -82,6 +82,44 @@ pub struct Stats {
 pub struct Output {
     pub stdout: Vec<u8>,
     pub stats: Stats,
+    /// borg's warnings (it exited 1).
+    pub warnings: Warnings,
+}
+
+/// borg's warnings of one call: the first few of each kind, and how many there were.
+#[derive(Clone, Debug, Default)]
+pub struct Warnings {
+    pub count: usize,
+    pub first: Vec<String>,
+    /// Those that mean missing data (see [`warning_fails`]).
+    pub failing_count: usize,
+    pub failing: Vec<String>,
+}
+
+impl Warnings {
+    fn push(&mut self, msg: String) {
+        self.count += 1;
+        if warning_fails(&msg) {
+            self.failing_count += 1;
+            if self.failing.len() < MAX_WARNINGS {
+                self.failing.push(cut(msg.clone()));
+            }
+        }
+        if self.first.len() < MAX_WARNINGS {
+            self.first.push(cut(msg));
+        }
+    }
+
+    /// `3 borg warning(s): a; b; c`, the failing ones first.
+    pub fn describe(&self) -> String {
+        let (count, list) = if self.failing_count > 0 {
+            (self.failing_count, &self.failing)
+        } else {
+            (self.count, &self.first)
+        };
+        let more = if count > list.len() { "; …" } else { "" };
+        format!("{count} borg warning(s): {}{more}", list.join("; "))
+    }
 }
 
 /// One line of `--log-json` output (the fields converge reads).
@@ -244,10 +282,12 @@ impl Borg {
         let stdout = child.stdout.take();
         let started = Instant::now();
         let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+        let warnings = Arc::new(Mutex::new(Warnings::default()));
         let stats = Arc::new(Mutex::new(Stats::default()));
         let logged = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let read_err = {
             let (errors, stats, progress) = (errors.clone(), stats.clone(), progress.clone());
+            let warnings = warnings.clone();
             let logged = logged.clone();
             let op = op.clone();
             async move {
@@ -290,13 +330,17 @@ impl Borg {
                         }
                         "log_message" => {
                             let level = l.levelname.unwrap_or_default();
-                            if matches!(level.as_str(), "ERROR" | "CRITICAL" | "WARNING") {
-                                let msg = l.message.unwrap_or_default();
-                                let msg = match l.msgid {
-                                    Some(id) => format!("{id}: {msg}"),
-                                    None => msg,
-                                };
-                                push_error(&errors, msg);
+                            let msg = l.message.unwrap_or_default();
+                            let msg = match l.msgid {
+                                Some(id) => format!("{id}: {msg}"),
+                                None => msg,
+                            };
+                            match level.as_str() {
+                                "ERROR" | "CRITICAL" => push_error(&errors, msg),
+                                "WARNING" => {
+                                    warnings.lock().unwrap_or_else(|p| p.into_inner()).push(msg)
+                                }
+                                _ => {}
                             }
                         }
                         _ => {}
@@ -369,10 +413,18 @@ impl Borg {
         };
         let status = status.map_err(|e| DriverError::io(format!("wait for borg {op}"), e))?;
         let stats = *stats.lock().unwrap_or_else(|p| p.into_inner());
+        let warnings = std::mem::take(&mut *warnings.lock().unwrap_or_else(|p| p.into_inner()));
         match status.code() {
-            Some(0) | Some(1) => Ok(Output { stdout: out, stats }),
+            Some(0) | Some(1) => Ok(Output {
+                stdout: out,
+                stats,
+                warnings,
+            }),
             code => {
-                let errs = errors.lock().unwrap_or_else(|p| p.into_inner()).join("; ");
+                let mut errs = errors.lock().unwrap_or_else(|p| p.into_inner()).join("; ");
+                if errs.is_empty() && warnings.count > 0 {
+                    errs = warnings.describe();
+                }
                 Err(DriverError::Failed(format!(
                     "borg {op} failed ({}): {}",
                     code.map_or_else(|| "killed by a signal".to_string(), |c| format!("exit {c}")),
@@ -391,15 +443,38 @@ fn read_chars(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// How many of borg's warnings a run keeps (a noisy borg never grows memory).
+const MAX_WARNINGS: usize = 5;
+
+/// One line of borg's output, cut to a size fit for a status (on a char boundary).
+fn cut(mut line: String) -> String {
+    if line.len() > 500 {
+        let mut at = 500;
+        while !line.is_char_boundary(at) {
+            at -= 1;
+        }
+        line.truncate(at);
+    }
+    line
+}
+
 /// Keeps the last few error lines of a run (bounded: a noisy borg never grows memory).
 fn push_error(errors: &Mutex<Vec<String>>, line: String) {
     let mut e = errors.lock().unwrap_or_else(|p| p.into_inner());
     if e.len() >= 5 {
         e.remove(0);
     }
-    let mut line = line;
-    line.truncate(500);
-    e.push(line);
+    e.push(cut(line));
+}
+
+/// Whether a warning of `borg create` means data the operator asked for is missing (the
+/// run failed). Harmless: a file that changed while it was read, or one removed between
+/// the directory walk and its read (normal churn; a source itself that is gone is found
+/// by the driver's own check). Anything else (a file that cannot be read, an I/O error,
+/// an unknown warning) fails the run.
+pub fn warning_fails(message: &str) -> bool {
+    !(message.ends_with("file changed while we backed it up")
+        || message.contains("[Errno 2] No such file or directory"))
 }
 
 #[cfg(test)]
@@ -423,5 +498,41 @@ mod tests {
         assert_eq!(trim_secret("pw\n"), "pw");
         assert_eq!(trim_secret("pw\r\n"), "pw");
         assert_eq!(trim_secret("pw"), "pw");
+    }
+
+    #[test]
+    fn which_warnings_fail_a_backup() {
+        // Churn while borg reads: the archive is as good as it can be.
+        assert!(!warning_fails(
+            "/srv/data/log: file changed while we backed it up"
+        ));
+        assert!(!warning_fails(
+            "/srv/data/tmp/x: [Errno 2] No such file or directory: 'x'"
+        ));
+        // An unreadable file, an I/O error, anything unknown.
+        assert!(warning_fails(
+            "/srv/data/key: [Errno 13] Permission denied: 'key'"
+        ));
+        assert!(warning_fails("/etc/x: [Errno 5] Input/output error"));
+        assert!(warning_fails("something new"));
+        let mut w = Warnings::default();
+        w.push("/a: file changed while we backed it up".into());
+        assert_eq!(
+            w.describe(),
+            "1 borg warning(s): /a: file changed while we backed it up"
+        );
+        w.push("/b: [Errno 13] Permission denied".into());
+        assert_eq!((w.count, w.failing_count), (2, 1));
+        assert_eq!(
+            w.describe(),
+            "1 borg warning(s): /b: [Errno 13] Permission denied"
+        );
+    }
+
+    #[test]
+    fn long_lines_are_cut_on_a_char_boundary() {
+        let line = "é".repeat(400);
+        let cut = cut(line);
+        assert!(cut.len() <= 500 && cut.chars().all(|c| c == 'é'));
     }
 }

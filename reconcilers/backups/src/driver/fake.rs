@@ -2,12 +2,12 @@
 //! demand, a clock the test moves.
 
 use super::borg::Progress;
-use super::{BackupsDriver, ExportDone};
+use super::{BackupsDriver, Cleaned, ExportDone};
 use crate::plan::{BackupRun, RepoObserved, State};
 use crate::spec::{BackupRepository, Export, Restore};
 use chrono::{DateTime, Utc};
 use converge_core::DriverError;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 #[derive(Default)]
@@ -20,6 +20,12 @@ pub struct Fake {
     pub archives: Mutex<Vec<String>>,
     pub restores: Mutex<Vec<String>>,
     pub fail: Mutex<bool>,
+    /// `borg init` fails with this message.
+    pub init_error: Mutex<Option<String>>,
+    /// Repositories converge must not initialise, with why.
+    pub unusable: Mutex<BTreeMap<String, String>>,
+    /// Restores with a journal left (cut short); cleaned ones are removed.
+    pub journaled: Mutex<Vec<String>>,
 }
 
 impl Fake {
@@ -54,9 +60,13 @@ impl BackupsDriver for Fake {
         Ok(RepoObserved {
             initialised: self.repos.lock().unwrap().contains(&r.name),
             foreign_borg: None,
+            unusable: self.unusable.lock().unwrap().get(&r.name).cloned(),
         })
     }
     async fn init(&self, r: &BackupRepository) -> Result<(), DriverError> {
+        if let Some(e) = self.init_error.lock().unwrap().clone() {
+            return Err(DriverError::Failed(e));
+        }
         self.repos.lock().unwrap().insert(r.name.clone());
         Ok(())
     }
@@ -86,6 +96,16 @@ impl BackupsDriver for Fake {
             message: "uploaded".into(),
             url: format!("http://s3/{}", e.s3.key),
             expires_at: self.now(),
+        })
+    }
+    fn journaled_restores(&self) -> Vec<String> {
+        self.journaled.lock().unwrap().clone()
+    }
+    async fn clean_restore(&self, id: &str) -> Result<Cleaned, DriverError> {
+        self.journaled.lock().unwrap().retain(|j| j != id);
+        Ok(Cleaned {
+            completed: false,
+            message: "partial extraction removed".into(),
         })
     }
 }

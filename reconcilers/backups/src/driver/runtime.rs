@@ -99,6 +99,13 @@ impl RuntimeCli {
         self.volume_path(name).await
     }
 
+    /// Removes volume `name` (a side-by-side restore's, cut short).
+    pub async fn remove_volume(&self, name: &str) -> Result<(), DriverError> {
+        self.output(&["volume", "rm", "--", name], Duration::from_secs(30))
+            .await
+            .map(|_| ())
+    }
+
     /// Names of the running containers that mount volume `name`.
     pub async fn running_users(&self, name: &str) -> Result<Vec<String>, DriverError> {
         let filter = format!("volume={name}");

@@ -33,11 +33,14 @@ fn observed(now: &str, state: State) -> Observed {
                     RepoObserved {
                         initialised: true,
                         foreign_borg: None,
+                        unusable: None,
                     },
                 )
             })
             .collect(),
         running: BTreeMap::new(),
+        init_failures: BTreeMap::new(),
+        journaled_restores: Vec::new(),
     }
 }
 
@@ -309,4 +312,173 @@ fn archive_names_and_prune_glob() {
     );
     let g = crate::driver::schedule_glob("etc");
     assert!(g.starts_with("etc-[0-9]"));
+}
+
+#[test]
+fn a_directory_that_is_not_a_repository_is_failed_not_initialised() {
+    let mut o = observed(
+        "2026-12-01T10:05:30Z",
+        state(sched("2026-12-01T10:00:00Z", Some("2026-12-01T10:04:00Z"))),
+    );
+    let local = o.repositories.get_mut("local").unwrap();
+    local.initialised = false;
+    local.unusable = Some("/srv/borg is not empty and is not a borg repository".into());
+    let p = plan(&spec("run-once"), &o, &Facts::default());
+    // No `borg init`, and no backup into it: the repository and the schedule say why.
+    assert!(
+        !p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Init(_) | Action::Backup(_))),
+        "{:?}",
+        p.actions
+    );
+    assert!(p.changes.is_empty(), "{:?}", p.changes);
+    let repo = p.waiting.iter().find(|w| w.kind == "repository").unwrap();
+    assert!(
+        repo.failed && repo.reason.contains("not a borg repository"),
+        "{repo:?}"
+    );
+    assert_eq!(repo.retry_after, Some(RECHECK));
+    let sched = p.waiting.iter().find(|w| w.kind == "schedule").unwrap();
+    assert!(
+        sched.reason.contains("repository local cannot be used"),
+        "{sched:?}"
+    );
+}
+
+#[test]
+fn a_failed_init_is_retried_on_its_own_doubling_delay() {
+    let mut o = observed("2026-12-01T10:00:10Z", State::default());
+    o.repositories.get_mut("local").unwrap().initialised = false;
+    o.init_failures.insert(
+        "local".into(),
+        InitFailure {
+            message: "borg init failed (exit 2): Permission denied".into(),
+            at: t("2026-12-01T10:00:00Z"),
+            attempts: 2,
+        },
+    );
+    // Two failures: 60 s before the third try.
+    let p = plan(&spec("run-once"), &o, &Facts::default());
+    assert!(!p.actions.iter().any(|a| matches!(a, Action::Init(_))));
+    let w = p.waiting.iter().find(|w| w.kind == "repository").unwrap();
+    assert!(
+        w.failed && w.reason.contains("Permission denied") && w.reason.contains("2 tries"),
+        "{w:?}"
+    );
+    assert_eq!(w.retry_after, Some(Duration::from_millis(50_020)));
+    o.now = t("2026-12-01T10:01:00Z");
+    let p = plan(&spec("run-once"), &o, &Facts::default());
+    assert!(p
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::Init(r) if r.name == "local")));
+    let f = |attempts| {
+        InitFailure {
+            message: String::new(),
+            at: o.now,
+            attempts,
+        }
+        .delay()
+    };
+    assert_eq!(
+        (f(1), f(2), f(3)),
+        (INIT_RETRY, INIT_RETRY * 2, INIT_RETRY * 4)
+    );
+    assert_eq!(f(40), INIT_RETRY_MAX);
+}
+
+#[test]
+fn a_schedule_whose_last_run_failed_is_failed_until_a_run_succeeds() {
+    let mut a = sched("2026-12-01T10:00:00Z", Some("2026-12-01T10:05:00Z"));
+    a.last = Some(RunRecord {
+        status: RunStatus::Failed,
+        started: t("2026-12-01T10:05:00Z"),
+        finished: Some(t("2026-12-01T10:05:01Z")),
+        message: "source /srv/typo does not exist: nothing archived".into(),
+        url: None,
+        expires_at: None,
+    });
+    let o = observed("2026-12-01T10:05:30Z", state(a.clone()));
+    let p = plan(&spec("run-once"), &o, &Facts::default());
+    let w = p.waiting.iter().find(|w| w.id == "a").unwrap();
+    assert!(w.failed, "{w:?}");
+    assert!(
+        w.reason.contains("/srv/typo does not exist")
+            && w.reason.contains("next slot 2026-12-01T10:06Z"),
+        "{w:?}"
+    );
+    // The next slot runs anyway (a failed run is not retried, the schedule goes on).
+    let o = observed("2026-12-01T10:06:01Z", state(a));
+    let p = plan(&spec("run-once"), &o, &Facts::default());
+    assert_eq!(
+        backups(&p),
+        vec![("a".into(), "a-20261201T1006Z".into(), 1)]
+    );
+    assert!(!p.waiting.iter().any(|w| w.failed));
+}
+
+#[test]
+fn a_cron_that_matches_no_date_is_shown_as_never_running() {
+    let mut s = spec("run-once");
+    s.schedules[0].cron = "0 0 30 2 *".into();
+    let o = observed(
+        "2026-12-01T10:05:30Z",
+        state(sched("2026-12-01T10:00:00Z", None)),
+    );
+    let p = plan(&s, &o, &Facts::default());
+    let w = p.waiting.iter().find(|w| w.id == "a").unwrap();
+    assert!(!w.failed && w.reason.contains("never runs"), "{w:?}");
+    assert!(backups(&p).is_empty());
+}
+
+#[test]
+fn an_orphaned_borg_is_named_with_the_archive_it_writes() {
+    let mut st = sched("2026-12-01T10:00:00Z", Some("2026-12-01T10:04:00Z"));
+    st.started = Some(Started {
+        slot: t("2026-12-01T10:05:00Z"),
+        at: t("2026-12-01T10:05:00Z"),
+        attempt: 1,
+    });
+    let mut o = observed("2026-12-01T10:05:30Z", state(st));
+    o.repositories.get_mut("local").unwrap().foreign_borg = Some(ForeignBorg {
+        pid: 4242,
+        archive: Some("a-20261201T1005Z".into()),
+    });
+    let p = plan(&spec("run-once"), &o, &Facts::default());
+    assert!(backups(&p).is_empty());
+    let w = p.waiting.iter().find(|w| w.id == "a").unwrap();
+    assert!(
+        w.reason.contains("borg pid 4242") && w.reason.contains("a-20261201T1005Z"),
+        "{w:?}"
+    );
+    // Finishing this schedule's own archive: a change under way, not a lasting wait.
+    assert!(w.in_progress);
+}
+
+#[test]
+fn restores_cut_short_are_cleaned_unless_running_here() {
+    let mut o = observed(
+        "2026-12-01T10:05:30Z",
+        state(sched("2026-12-01T10:00:00Z", None)),
+    );
+    o.journaled_restores = vec!["r1".into(), "r2".into()];
+    o.running.insert(
+        key("restore", "r2"),
+        Running {
+            repository: "local".into(),
+            progress: "1 %".into(),
+        },
+    );
+    let p = plan(&spec("run-once"), &o, &Facts::default());
+    let cleans: Vec<&Action> = p
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::CleanRestore(_)))
+        .collect();
+    assert_eq!(cleans, vec![&Action::CleanRestore("r1".into())]);
+    assert!(p
+        .changes
+        .iter()
+        .any(|c| c.kind == "restore-staging" && c.id == "r1" && c.op == Op::Delete));
 }

@@ -104,3 +104,75 @@ async fn background_runs_report_their_end_through_host_events() {
     assert_eq!(e.unwrap().0, "restore r1 finished");
     assert!(!r.busy());
 }
+
+#[tokio::test]
+async fn a_failed_init_backs_off_and_a_removed_schedule_leaves_the_status() {
+    let s = spec();
+    let fake = Fake::at(t("2026-12-01T10:00:20Z"));
+    *fake.init_error.lock().unwrap() = Some("borg init failed (exit 2): Permission denied".into());
+    let r = Backups::new(fake, false);
+    let o = r.observe(&s).await.unwrap();
+    let out = r.apply(r.plan(&s, &o, &Facts::default())).await;
+    let failed = out.iter().find(|o| o.object == "repository local").unwrap();
+    assert_eq!(
+        failed.retry,
+        Retry::After(crate::plan::INIT_RETRY),
+        "{failed:?}"
+    );
+    // The next pass does not try again before the delay: it shows the failure.
+    let o = r.observe(&s).await.unwrap();
+    let p = r.plan(&s, &o, &Facts::default());
+    assert!(!p.actions.iter().any(|a| matches!(a, Action::Init(_))));
+    assert!(p
+        .waiting
+        .iter()
+        .any(|w| w.failed && w.reason.contains("Permission denied")));
+    // After the delay, a good init clears it.
+    *r.driver().init_error.lock().unwrap() = None;
+    r.driver().set_now(t("2026-12-01T10:00:51Z"));
+    pass(&r, &s).await;
+    let o = r.observe(&s).await.unwrap();
+    assert!(o.init_failures.is_empty());
+    // A schedule with a record, then removed from the document: no line in the status.
+    r.driver().set_now(t("2026-12-01T10:01:01Z"));
+    pass(&r, &s).await;
+    let o = r.observe(&s).await.unwrap();
+    assert!(
+        r.notes(&o).iter().any(|n| n.object == "schedule a"),
+        "{:?}",
+        r.notes(&o)
+    );
+    let mut without = s.clone();
+    without.schedules.clear();
+    without.restores.clear();
+    let o = r.observe(&without).await.unwrap();
+    assert!(r.notes(&o).is_empty(), "{:?}", r.notes(&o));
+    // The record keeps it (a slot is never run twice if it comes back).
+    assert!(r.driver().state.lock().unwrap().schedules.contains_key("a"));
+}
+
+#[tokio::test]
+async fn a_restore_cut_short_is_cleaned_and_recorded() {
+    let s = spec();
+    let fake = Fake::at(t("2026-12-01T10:00:20Z"));
+    fake.repos.lock().unwrap().insert("local".into());
+    fake.state
+        .lock()
+        .unwrap()
+        .restores
+        .insert("r1".into(), record(t("2026-12-01T10:00:00Z")));
+    fake.journaled.lock().unwrap().push("r1".into());
+    let r = Backups::new(fake, false);
+    pass(&r, &s).await;
+    assert!(r.driver().journaled.lock().unwrap().is_empty());
+    let rec = r.driver().state.lock().unwrap().restores["r1"].clone();
+    assert_eq!(rec.status, RunStatus::Failed);
+    assert!(
+        rec.message.contains("partial extraction removed") && rec.message.contains("use a new id"),
+        "{rec:?}"
+    );
+    assert!(
+        r.driver().restores.lock().unwrap().is_empty(),
+        "never run twice"
+    );
+}

@@ -2,8 +2,8 @@
 //! (`{"accessKeyId": "…", "secretAccessKey": "…"}`), orphaned uploads of a killed run
 //! aborted first, then `borg export-tar REPO::ARCHIVE -` streamed into the upload.
 
+use super::{ExportDone, Host};
 use crate::driver::borg::{human, Progress};
-use crate::driver::{ExportDone, Host};
 use crate::export;
 use crate::spec::{parse_ttl, BackupRepository, Export, MAX_URL_TTL};
 use converge_core::DriverError;
@@ -26,7 +26,7 @@ pub(crate) async fn run(
     repo: &BackupRepository,
     progress: &Progress,
 ) -> Result<ExportDone, DriverError> {
-    let cfg = host.config();
+    let cfg = &host.cfg;
     let name = &e.s3.credentials_secret;
     let raw = cfg
         .secrets
@@ -71,7 +71,7 @@ pub(crate) async fn run(
             OsString::from("-"),
         ])
         .collect();
-    let child = host.borg().spawn_stdout(&access, &args)?;
+    let child = host.borg.spawn_stdout(&access, &args)?;
     let started = Instant::now();
     let p = progress.clone();
     let out = export::export(
