@@ -7,9 +7,10 @@ const MMAP_THRESHOLD: i32 = 256 * 1024;
 
 /// Tunes glibc's malloc for a long-lived agent: at most two arenas (one per thread by
 /// default, each holding its own free memory), and a fixed mmap threshold (glibc raises
-/// its default one to the size of the largest block freed, after which such blocks stay
-/// in the heap: an export's parts kept ~20 MB resident after it ended). Call once at
-/// agent start, before the runtime's threads exist.
+/// its default one to the size of the largest block freed; after that, such blocks come
+/// from the arenas, where they fragment: a 1 GiB export peaked 43-51 MB over the idle
+/// agent, 23 MB with the fixed threshold, see benches/export_rss.sh). Call once at agent
+/// start, before the runtime's threads exist.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator tuning parameters.
