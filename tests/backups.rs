@@ -10,8 +10,8 @@
 
 mod common;
 
-use common::agent::{converge, data, push_ok, reconciler, status};
-use common::sandbox::{converge_bin, require_tool, wait_until, Spawned, TestNode};
+use common::agent::{converge, data, push_ok, reconciler, status, wait_ready};
+use common::sandbox::{converge_bin, pid_alive, require_tool, wait_until, Spawned, TestNode};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -289,6 +289,18 @@ fn kill9_during_backup_next_agent_finishes_the_slot_borg_check_clean() {
     // must finish this slot exactly once.
     let mut agent = start_agent(&node, 10, epoch);
     let slot = started["slot"].clone();
+    // While the orphaned borg still runs, the status says what the schedule waits for.
+    wait_ready(&node, Duration::from_secs(30));
+    if pid_alive(pid) {
+        let waiting = reconciler(&status(&node), "backups")["waiting"].to_string();
+        let archive = slot_archive(&slot);
+        assert!(
+            waiting.contains(&format!("borg pid {pid}")) && waiting.contains(&archive),
+            "{waiting}"
+        );
+    } else {
+        eprintln!("the orphaned borg ended before the next agent's first pass");
+    }
     wait_until(
         Duration::from_secs(180),
         "the interrupted slot finished",
@@ -355,14 +367,19 @@ fn parent_of(pid: u32) -> Option<u32> {
 }
 
 /// The archive of `slot` exists, once, and no archive is there twice.
-fn assert_slot_archived(node: &TestNode, slot: &Value) {
-    let names = check_one_archive_per_slot(node);
-    let slot_archive = format!(
+/// The archive of `slot` (an RFC 3339 time in the record).
+fn slot_archive(slot: &Value) -> String {
+    format!(
         "src-{}",
         chrono::DateTime::parse_from_rfc3339(slot.as_str().expect("slot"))
             .expect("rfc3339")
             .format("%Y%m%dT%H%MZ")
-    );
+    )
+}
+
+fn assert_slot_archived(node: &TestNode, slot: &Value) {
+    let names = check_one_archive_per_slot(node);
+    let slot_archive = slot_archive(slot);
     assert!(
         names.contains(&slot_archive),
         "{slot_archive} not in {names:?}"

@@ -674,9 +674,11 @@ async fn a_failed_object_degrades_without_hot_retries_and_is_one_event() {
     // come only from its own look-again delay, and the event is journaled once.
     let (s, times) = timed("stuck", |n| match n {
         1..=3 => converged_with(
-            vec![Waiting::new("repository", "local", "/srv/borg is not a borg repository")
-                .retry_after(Duration::from_secs(60))
-                .failed()],
+            vec![
+                Waiting::new("repository", "local", "/srv/borg is not a borg repository")
+                    .retry_after(Duration::from_secs(60))
+                    .failed(),
+            ],
             None,
             None,
         ),
@@ -702,7 +704,10 @@ async fn a_failed_object_degrades_without_hot_retries_and_is_one_event() {
     assert_eq!(st.message, "repository local failed");
     assert_eq!(st.object_errors.len(), 1, "{st:?}");
     assert!(st.object_errors[0].error.contains("not a borg repository"));
-    assert!(st.waiting.is_empty(), "listed with the errors, not as waiting");
+    assert!(
+        st.waiting.is_empty(),
+        "listed with the errors, not as waiting"
+    );
     let st = loop {
         let r = tokio::time::timeout(Duration::from_secs(600), rx.recv())
             .await
