@@ -373,4 +373,14 @@ done
 cv status | sed -n '/^backups/,/^[a-z]/p' | sed '$d'
 BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_BASE_DIR="$data/borg-cli" \
   borg list "$data/borg-repo" 2>/dev/null || true
+
+banner "backups: a repository path that holds other files is never initialised over (a failed object, not a pending add)"
+not_repo="$data/not-a-repo.json"
+python3 - "$doc" "$not_repo" <<'PY'
+import json, os, sys
+d = json.load(open(sys.argv[1]))
+d["backups"]["repositories"][0]["url"] = os.path.abspath("fixtures")
+json.dump(d, open(sys.argv[2], "w"))
+PY
+set +e; cv diff "$not_repo" --reconciler backups; set -e
 banner "done"

@@ -9,8 +9,8 @@ use futures::StreamExt;
 use std::ffi::OsString;
 use std::path::Path;
 
-/// The first `*.key` file among `names` (temp files of atomic writes,
-/// `.<name>.tmp.<pid>`, are left out).
+/// The first `*.key` file among `names` (the temp files of atomic writes are dotfiles
+/// and are left out).
 fn first_key(names: &[OsString]) -> Option<String> {
     names
         .iter()
