@@ -276,6 +276,7 @@ fn noop_pass(socket: &str) -> ((Duration, Duration), (Duration, Duration)) {
             .collect::<Vec<_>>()))
         .expect("spec")),
         networks: None,
+        registries: Vec::new(),
     };
     let c = Containers::new(
         Podman::new(Path::new(socket)),

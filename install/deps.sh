@@ -13,6 +13,8 @@ APT_PACKAGES=(
   podman runc docker.io
   wireguard-tools wireguard-go
   caddy borgbackup nats-server
+  # tests: a private registry with TLS and htpasswd auth (distribution 2.8).
+  docker-registry apache2-utils
   # tests/systemd: a Debian 12 root booting systemd (mmdebstrap, systemd-nspawn).
   systemd-container mmdebstrap shellcheck
 )

@@ -67,6 +67,10 @@ pub struct Document {
     /// node's slice of the mesh's container address space).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub networks: Option<converge_containers::NetworksSpec>,
+    /// Credentials for the container registries images are pulled from (per registry
+    /// server; images from others are pulled anonymously).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registries: Option<converge_containers::RegistriesSpec>,
     /// WireGuard interface and peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<converge_wireguard::WireguardSpec>,

@@ -109,6 +109,7 @@ pub fn containers(host: &HostOptions, node_id: &str, secrets: &SecretSource) -> 
         Some(Cow::Owned(Workload {
             containers: d.containers.clone(),
             networks: d.networks.clone(),
+            registries: d.registries.clone().unwrap_or_default(),
         }))
     }
     let podman = || {

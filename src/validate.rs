@@ -45,6 +45,9 @@ pub fn semantic(doc: &Document, problems: &mut Problems) {
     if let Some(c) = &doc.containers {
         converge_containers::validate(c, "$.containers", problems);
     }
+    if let Some(r) = &doc.registries {
+        converge_containers::validate_registries(r, "$.registries", problems);
+    }
     let subnets = doc
         .networks
         .as_ref()

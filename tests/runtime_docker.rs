@@ -143,10 +143,11 @@ async fn full_lifecycle_through_the_driver() {
     assert_eq!(c.exit_code, None);
     assert_eq!(c.image, TEST_IMAGE);
     let image_id = driver
-        .image_id(TEST_IMAGE)
+        .image(TEST_IMAGE)
         .await
-        .expect("image_id")
-        .expect("test image present");
+        .expect("image inspect")
+        .expect("test image present")
+        .id;
     assert!(image_id.starts_with("sha256:"), "{image_id}");
     assert_eq!(c.image_id, image_id);
     assert_eq!(c.labels, spec.labels);
@@ -392,9 +393,9 @@ async fn already_in_state_missing_and_failures() {
     // Missing things.
     assert_eq!(
         driver
-            .image_id("localhost/missing:1")
+            .image("localhost/missing:1")
             .await
-            .expect("image_id"),
+            .expect("image inspect"),
         None
     );
     assert!(driver
@@ -438,7 +439,7 @@ async fn already_in_state_missing_and_failures() {
     let started = Instant::now();
     let pulled = tokio::time::timeout(
         Duration::from_secs(60),
-        driver.pull("127.0.0.1:1/converge/missing:1"),
+        driver.pull("127.0.0.1:1/converge/missing:1", None),
     )
     .await
     .expect("pull must not hang");
@@ -455,9 +456,9 @@ async fn already_in_state_missing_and_failures() {
     );
     assert_eq!(
         driver
-            .image_id("127.0.0.1:1/converge/missing:1")
+            .image("127.0.0.1:1/converge/missing:1")
             .await
-            .expect("image_id"),
+            .expect("image inspect"),
         None
     );
 

@@ -60,10 +60,11 @@ async fn full_lifecycle_through_the_driver() {
     let www_src = www.display().to_string();
 
     let image_id = driver
-        .image_id(TEST_IMAGE)
+        .image(TEST_IMAGE)
         .await
-        .expect("image_id")
-        .expect("test image present");
+        .expect("image inspect")
+        .expect("test image present")
+        .id;
     assert!(image_id.starts_with("sha256:"), "{image_id}");
 
     let mut spec = simple_spec(&node, "web", &["httpd", "-f", "-p", "8080", "-h", "/www"]);
@@ -409,9 +410,9 @@ async fn ownership_health_network_and_edge_cases() {
     // Missing things.
     assert_eq!(
         driver
-            .image_id("localhost/nope:missing")
+            .image("localhost/nope:missing")
             .await
-            .expect("image_id"),
+            .expect("image inspect"),
         None
     );
     assert!(driver.inspect("no-such-container").await.unwrap().is_none());
@@ -430,7 +431,7 @@ async fn ownership_health_network_and_edge_cases() {
     let t = Instant::now();
     let pulled = tokio::time::timeout(
         Duration::from_secs(60),
-        driver.pull("localhost:1/nope/missing:latest"),
+        driver.pull("localhost:1/nope/missing:latest", None),
     )
     .await
     .expect("pull returned within 60 s");

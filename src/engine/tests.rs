@@ -17,6 +17,7 @@ fn doc(generation: u64) -> Arc<Document> {
         issued_at: Utc::now(),
         containers: None,
         networks: None,
+        registries: None,
         wireguard: None,
         firewall: None,
         dns: None,

@@ -6,5 +6,6 @@ pub mod dnsq;
 pub mod docker;
 pub mod mesh;
 pub mod podman;
+pub mod registry;
 pub mod runtime;
 pub mod sandbox;

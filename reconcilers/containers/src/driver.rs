@@ -7,6 +7,7 @@ pub mod docker;
 pub mod fake;
 pub mod podman;
 
+use crate::registry::RegistryAuth;
 use crate::spec::{ContainerPort, ContainerVolume};
 use converge_core::{DriverError, HostEvent};
 use futures::stream::BoxStream;
@@ -148,6 +149,30 @@ impl std::fmt::Debug for CreateSpec {
     }
 }
 
+/// An image on the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalImage {
+    /// `sha256:<64 hex>`, what containers made from it report as their image id.
+    pub id: String,
+    /// Its registry manifest digests (`sha256:…`), one per repository it was pulled from.
+    pub digests: Vec<String>,
+}
+
+/// The `sha256:…` digests among an image's `RepoDigests` (`name@sha256:…`) that belong
+/// to the repository `image` names (an image has one per repository it came from).
+pub fn repo_digests<'a>(image: &str, entries: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    let repo = crate::registry::repository(image);
+    let mut v: Vec<String> = entries
+        .into_iter()
+        .filter_map(|e| e.rsplit_once('@'))
+        .filter(|(r, _)| crate::registry::repository(r) == repo)
+        .map(|(_, d)| d.to_string())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// The runtime operations converge needs. Every call is bounded by a timeout in the
 /// reconciler; drivers map "already in that state" (start of a running container,
 /// stop of a stopped one, remove of a missing one) to success.
@@ -161,14 +186,19 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         node: &str,
     ) -> impl Future<Output = Result<Vec<RuntimeContainer>, DriverError>> + Send;
 
-    /// The local image id for a reference, or None if not present.
-    fn image_id(
+    /// The local image for a reference, or None if not present.
+    fn image(
         &self,
         image: &str,
-    ) -> impl Future<Output = Result<Option<String>, DriverError>> + Send;
+    ) -> impl Future<Output = Result<Option<LocalImage>, DriverError>> + Send;
 
-    /// Pulls an image (progress goes to tracing).
-    fn pull(&self, image: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Pulls an image, with credentials for its registry if any (progress goes to
+    /// tracing). A digest-pinned reference is verified by the runtime as it pulls.
+    fn pull(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
 
     /// Creates (does not start) a container; returns its id.
     fn create(&self, spec: &CreateSpec)
@@ -248,10 +278,10 @@ impl ContainerRuntime for NoRuntime {
     async fn list_managed(&self, _: &str) -> Result<Vec<RuntimeContainer>, DriverError> {
         self.err()
     }
-    async fn image_id(&self, _: &str) -> Result<Option<String>, DriverError> {
+    async fn image(&self, _: &str) -> Result<Option<LocalImage>, DriverError> {
         self.err()
     }
-    async fn pull(&self, _: &str) -> Result<(), DriverError> {
+    async fn pull(&self, _: &str, _: Option<&RegistryAuth>) -> Result<(), DriverError> {
         self.err()
     }
     async fn create(&self, _: &CreateSpec) -> Result<String, DriverError> {

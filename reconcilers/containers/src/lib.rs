@@ -5,6 +5,7 @@
 pub mod driver;
 pub mod plan;
 pub mod reconciler;
+pub mod registry;
 mod spec;
 
 pub use driver::{docker, podman};

@@ -6,11 +6,12 @@ mod networks;
 pub use networks::{desired as network_spec, owned as owned_network, IN_USE_RETRY};
 
 use crate::driver::{
-    CreateSpec, Health, HealthSpec, NetworkCreate, RunState, RuntimeContainer, RuntimeNetwork,
-    LABEL_HASH, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
+    CreateSpec, Health, HealthSpec, LocalImage, NetworkCreate, RunState, RuntimeContainer,
+    RuntimeNetwork, LABEL_HASH, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
 };
 use crate::spec::{
-    parse_duration, parse_memory, Container, ContainerState, RestartPolicy, Workload,
+    parse_duration, parse_memory, Container, ContainerState, PullPolicy, Registry, RestartPolicy,
+    Workload,
 };
 use converge_core::{redact, Change, Facts, FieldChange, Op, Plan, Waiting};
 use sha2::{Digest, Sha256};
@@ -38,8 +39,11 @@ impl std::fmt::Debug for Secret {
 pub struct Observed {
     /// Containers carrying this node's ownership labels.
     pub containers: Vec<RuntimeContainer>,
-    /// Local image id per image reference of the spec (None: not present locally).
-    pub images: BTreeMap<String, Option<String>>,
+    /// The local image per image reference of the spec (None: not present locally).
+    pub images: BTreeMap<String, Option<LocalImage>>,
+    /// Images of `pullPolicy: always` containers due for another pull (not pulled by
+    /// this agent within [`ALWAYS_PULL_EVERY`]).
+    pub refresh: BTreeSet<String>,
     /// Secret values by name, or why one could not be read.
     pub secrets: BTreeMap<String, Result<Secret, String>>,
     /// Restarts converge made per container (document name) in the crash-loop window,
@@ -207,14 +211,19 @@ pub enum NetStep {
     Create(NetworkCreate),
 }
 
+/// How often the image of a `pullPolicy: always` container is pulled again.
+pub const ALWAYS_PULL_EVERY: Duration = Duration::from_secs(300);
+
 /// One driver operation unit. `apply` runs pulls, then networks, then containers, then
 /// network removals.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    /// Pull an image needed by `for_containers` (runs before their steps).
+    /// Pull an image needed by `for_containers` (runs before their steps), with the
+    /// credentials of `registry` (its password secret is read at pull time).
     Pull {
         image: String,
         for_containers: Vec<String>,
+        registry: Option<Registry>,
     },
     /// Create or replace a network (runs before every container's steps).
     Network { name: String, steps: Vec<NetStep> },
@@ -404,7 +413,7 @@ pub fn plan(spec: &Workload, observed: &Observed, node: &str, facts: &Facts) -> 
         None => networks::NetworkPlan::default(),
     };
     let mut plan = match containers {
-        Some(c) => plan_containers(c, observed, node, facts, &nets.replaced),
+        Some(c) => plan_containers(c, observed, node, facts, &nets.replaced, &spec.registries),
         None => Plan::default(),
     };
     let mut changes = nets.changes;
@@ -430,9 +439,29 @@ fn plan_containers(
     node: &str,
     facts: &Facts,
     replaced: &BTreeSet<String>,
+    registries: &[Registry],
 ) -> Plan<Action> {
     let mut plan = Plan::default();
     let mut pulls: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // `always` images due for another pull (a tag that moved replaces its containers
+    // at the pass after the pull, as any image drift does).
+    for c in spec.iter().filter(|c| c.pull_policy == PullPolicy::Always) {
+        if observed.refresh.contains(&c.image) {
+            pulls
+                .entry(c.image.clone())
+                .or_default()
+                .push(c.name.clone());
+        }
+    }
+    for image in pulls.keys() {
+        plan.changes.push(
+            Change::new(Op::Update, "image", image).with_field(FieldChange::new(
+                "pull",
+                None,
+                Some("again (pullPolicy: always)".into()),
+            )),
+        );
+    }
     let mut by_name: BTreeMap<&str, Vec<&RuntimeContainer>> = BTreeMap::new();
     for rc in &observed.containers {
         if let Some(n) = rc.labels.get(LABEL_NAME) {
@@ -474,7 +503,8 @@ fn plan_containers(
                 continue;
             }
         };
-        let image_id = observed.images.get(&c.image).and_then(|i| i.as_ref());
+        let local = observed.images.get(&c.image).and_then(Option::as_ref);
+        let image_id = local.map(|i| &i.id);
         let is_fresh = |rc: &&RuntimeContainer| {
             rc.labels.get(LABEL_HASH) == Some(&hash)
                 && inspect_matches(rc, &want, image_id).is_empty()
@@ -604,15 +634,29 @@ fn plan_containers(
             }
             None => {
                 if image_id.is_none() {
-                    pulls
-                        .entry(c.image.clone())
-                        .or_default()
-                        .push(c.name.clone());
+                    if c.pull_policy == PullPolicy::Never {
+                        plan.waiting.push(
+                            Waiting::new(
+                                "container",
+                                &c.name,
+                                format!("image {} is not on the node and its pullPolicy is never: load or pre-pull it", c.image),
+                            )
+                            .failed(),
+                        );
+                        continue;
+                    }
+                    let users = pulls.entry(c.image.clone()).or_default();
+                    if !users.contains(&c.name) {
+                        users.push(c.name.clone());
+                    }
                 }
                 let old: Vec<String> = cands.iter().map(|rc| rc.id.clone()).collect();
                 if cands.is_empty() {
                     let mut ch = Change::new(Op::Create, "container", &c.name)
                         .with_field(FieldChange::new("image", None, Some(c.image.clone())));
+                    if let Some(d) = local.and_then(|i| i.digests.first()) {
+                        ch = ch.with_field(FieldChange::new("digest", None, Some(d.clone())));
+                    }
                     if !c.ports.is_empty() {
                         let ports: Vec<String> = c
                             .ports
@@ -769,6 +813,7 @@ fn plan_containers(
     let pull_actions = pulls
         .into_iter()
         .map(|(image, for_containers)| Action::Pull {
+            registry: crate::registry::for_image(registries, &image).cloned(),
             image,
             for_containers,
         });

@@ -3,13 +3,16 @@
 //! crash-loop back-off, publish container addresses as facts.
 
 use crate::driver::{ContainerRuntime, CreateSpec, Health, RunState, RuntimeContainer, LABEL_NAME};
-use crate::plan::{self, Action, Crashes, NetStep, Observed, Secret, Step, CRASH_WINDOW};
-use crate::spec::Workload;
-use converge_core::SecretSource;
+use crate::plan::{
+    self, Action, Crashes, NetStep, Observed, Secret, Step, CRASH_WINDOW, LABEL_SPEC,
+};
+use crate::registry::RegistryAuth;
+use crate::spec::{PullPolicy, Registry, Workload};
 use converge_core::{
     with_timeout, ContainerFacts, DriverError, Facts, FactsUpdate, HostEvent, ObjectNote,
     ObjectOutcome, Plan, Reconciler,
 };
+use converge_core::{SecretSource, Zeroizing};
 use futures::stream::{BoxStream, StreamExt};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -62,6 +65,9 @@ pub struct Containers<R> {
     /// When each replacement instance (by id) was first seen ready under its
     /// temporary name: the switch-over's clock.
     ready_since: Mutex<BTreeMap<String, Instant>>,
+    /// When this agent last pulled each image (for `pullPolicy: always`; tokio's clock,
+    /// which tests can move).
+    pulled_at: Mutex<BTreeMap<String, tokio::time::Instant>>,
 }
 
 impl<R: ContainerRuntime> Containers<R> {
@@ -71,7 +77,58 @@ impl<R: ContainerRuntime> Containers<R> {
             config,
             crashes: Mutex::new(BTreeMap::new()),
             ready_since: Mutex::new(BTreeMap::new()),
+            pulled_at: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Pulls `image` with its registry's credentials, then checks that a pinned digest
+    /// is what the node now has.
+    async fn pull(&self, image: &str, registry: Option<&Registry>) -> Result<(), DriverError> {
+        let auth = match registry {
+            Some(r) => {
+                let password = self
+                    .read_secret(&r.password_secret)
+                    .map_err(|e| DriverError::Failed(format!("registry {}: {e}", r.server)))?;
+                Some(RegistryAuth {
+                    server: r.server.clone(),
+                    username: r.username.clone(),
+                    password: Zeroizing::new(password.0),
+                })
+            }
+            None => None,
+        };
+        let server = crate::registry::server_of(image);
+        info!(
+            image,
+            registry = server,
+            authenticated = auth.is_some(),
+            "pulling"
+        );
+        with_timeout(
+            "pull",
+            self.config.pull_timeout,
+            self.runtime.pull(image, auth.as_ref()),
+        )
+        .await
+        .map_err(|e| DriverError::Failed(format!("pull from registry {server}: {e}")))?;
+        if let Some(want) = crate::registry::pinned_digest(image) {
+            let got = self
+                .call("image inspect", self.runtime.image(image))
+                .await?
+                .map(|i| i.digests)
+                .unwrap_or_default();
+            if !got.iter().any(|d| d == want) {
+                return Err(DriverError::Failed(format!(
+                    "image {image}: the node has digests [{}], not the pinned {want}",
+                    got.join(", ")
+                )));
+            }
+        }
+        self.pulled_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(image.to_string(), tokio::time::Instant::now());
+        Ok(())
     }
 
     pub fn runtime(&self) -> &R {
@@ -369,12 +426,24 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
         let mut images = BTreeMap::new();
         for c in spec {
             if !images.contains_key(&c.image) {
-                let id = self
-                    .call("image inspect", self.runtime.image_id(&c.image))
+                let local = self
+                    .call("image inspect", self.runtime.image(&c.image))
                     .await?;
-                images.insert(c.image.clone(), id);
+                images.insert(c.image.clone(), local);
             }
         }
+        let refresh = {
+            let pulled = self.pulled_at.lock().unwrap_or_else(|p| p.into_inner());
+            spec.iter()
+                .filter(|c| c.pull_policy == PullPolicy::Always)
+                .filter(|c| {
+                    pulled
+                        .get(&c.image)
+                        .is_none_or(|t| t.elapsed() >= plan::ALWAYS_PULL_EVERY)
+                })
+                .map(|c| c.image.clone())
+                .collect()
+        };
         let secrets: BTreeMap<String, Result<Secret, String>> = spec
             .iter()
             .flat_map(|c| c.secret_env.values())
@@ -391,6 +460,7 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
         let mut observed = Observed {
             containers,
             images,
+            refresh,
             secrets,
             crashes: self.crashes(),
             networks,
@@ -423,15 +493,13 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
                         Action::Pull {
                             image,
                             for_containers,
-                        } => Some((image, for_containers)),
+                            registry,
+                        } => Some((image, for_containers, registry)),
                         _ => None,
                     }
                 })
-                .map(|(image, users)| async move {
-                    info!(image = %image, "pulling");
-                    let r =
-                        with_timeout("pull", self.config.pull_timeout, self.runtime.pull(&image))
-                            .await;
+                .map(|(image, users, registry)| async move {
+                    let r = self.pull(&image, registry.as_ref()).await;
                     (image, users, r)
                 })
                 .buffer_unordered(self.config.parallel.max(1))
@@ -570,6 +638,23 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
                 Some(Health::Unhealthy) => parts.push("unhealthy".into()),
                 Some(Health::Starting) => parts.push("health check starting".into()),
                 _ => {}
+            }
+            // What a tag resolved to when pulled (images built on the node have none).
+            let pinned = rc
+                .labels
+                .get(LABEL_SPEC)
+                .is_some_and(|s| s.contains("@sha256:"));
+            // (Podman lists every digest the image has had under this repository, e.g.
+            // one from a local build and one from the registry: all are shown.)
+            let digests = observed
+                .images
+                .values()
+                .flatten()
+                .find(|i| i.id == rc.image_id)
+                .map(|i| i.digests.join(", "))
+                .filter(|d| !d.is_empty());
+            if let (Some(d), false) = (digests, pinned) {
+                parts.push(format!("image digest {d}"));
             }
             if let Some(c) = observed.crashes.get(name).filter(|c| c.count > 0) {
                 parts.push(format!(

@@ -17,13 +17,52 @@ pub type ContainersSpec = Vec<Container>;
 /// and containers may still attach to them by name.
 pub type NetworksSpec = Vec<Network>;
 
+/// Container registries that need credentials to pull from. Images from any other
+/// registry are pulled anonymously.
+pub type RegistriesSpec = Vec<Registry>;
+
 /// What the containers reconciler manages: the `containers` and `networks` sections
 /// (networks are created before the containers that use them and removed after them,
-/// so one reconciler orders both). Either may be absent (unmanaged).
+/// so one reconciler orders both), and the `registries` their images come from. Either
+/// of the first two may be absent (unmanaged).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Workload {
     pub containers: Option<ContainersSpec>,
     pub networks: Option<NetworksSpec>,
+    pub registries: RegistriesSpec,
+}
+
+/// Credentials for one registry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Registry {
+    /// The registry as image references name it: `host[:port]`, e.g.
+    /// `registry.example.com:5000`, or `docker.io` for Docker Hub (no scheme, no path).
+    pub server: String,
+    pub username: String,
+    /// Secret holding the password or access token (sealed in the document's `secrets`,
+    /// or a local secret file). Read at each pull, never logged, shown or stored.
+    pub password_secret: String,
+}
+
+/// When converge pulls a container's image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// Only when the node does not have the image (the default).
+    #[default]
+    Missing,
+    /// Also again every few minutes: a tag moved to another image replaces the
+    /// container (the same zero-drop way as any replacement); an unchanged one does not.
+    Always,
+    /// Never: the image must be on the node already (loaded or pre-pulled).
+    Never,
+}
+
+impl PullPolicy {
+    fn is_default(&self) -> bool {
+        *self == PullPolicy::Missing
+    }
 }
 
 /// A bridge network for containers, e.g. the node's slice of the mesh's container
@@ -120,6 +159,9 @@ pub struct Container {
     /// Default false: data outlives the container.
     #[serde(default, skip_serializing_if = "is_false")]
     pub remove_volumes_on_delete: bool,
+    /// `missing` (default), `always` or `never`: see [`PullPolicy`].
+    #[serde(default, skip_serializing_if = "PullPolicy::is_default")]
+    pub pull_policy: PullPolicy,
 }
 
 fn default_stop_grace_period() -> String {

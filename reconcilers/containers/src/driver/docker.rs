@@ -8,9 +8,11 @@ use convert::*;
 use events::*;
 
 use crate::driver::{
-    inspect_all, port_bindings, ContainerRuntime, CreateSpec, Health, Mount, NetworkCreate,
-    RunState, RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
+    inspect_all, port_bindings, repo_digests, ContainerRuntime, CreateSpec, Health, LocalImage,
+    Mount, NetworkCreate, RunState, RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME,
+    LABEL_NODE,
 };
+use crate::registry::RegistryAuth;
 use bollard::container::{
     Config as ContainerConfig, CreateContainerOptions, ListContainersOptions,
     RemoveContainerOptions, RenameContainerOptions, StartContainerOptions, StopContainerOptions,
@@ -190,24 +192,33 @@ impl ContainerRuntime for Docker {
         inspect_all(ids, |id| async move { self.inspect(&id).await }).await
     }
 
-    async fn image_id(&self, image: &str) -> Result<Option<String>, DriverError> {
+    async fn image(&self, image: &str) -> Result<Option<LocalImage>, DriverError> {
         let client = self.client().await?;
         match client.inspect_image(image).await {
-            Ok(i) => Ok(i.id),
+            Ok(i) => Ok(i.id.map(|id| LocalImage {
+                id,
+                digests: repo_digests(image, i.repo_digests.iter().flatten()),
+            })),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(api_failed("image inspect", image, e)),
         }
     }
 
-    async fn pull(&self, image: &str) -> Result<(), DriverError> {
+    async fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> Result<(), DriverError> {
         let client = self.client().await?;
+        let credentials = auth.map(|a| bollard::auth::DockerCredentials {
+            username: Some(a.username.clone()),
+            password: Some(a.password.to_string()),
+            serveraddress: Some(a.server.clone()),
+            ..Default::default()
+        });
         let mut progress = client.create_image(
             Some(CreateImageOptions {
                 from_image: image,
                 ..Default::default()
             }),
             None,
-            None,
+            credentials,
         );
         // Errors can arrive mid-stream (bollard turns an `error` message into Err).
         while let Some(item) = progress.next().await {

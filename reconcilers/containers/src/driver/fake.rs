@@ -1,9 +1,10 @@
 //! In-memory container runtime for unit tests of the reconciler's logic.
 
 use crate::driver::{
-    ContainerRuntime, CreateSpec, Health, Mount, NetworkCreate, PortBinding, RunState,
+    ContainerRuntime, CreateSpec, Health, LocalImage, Mount, NetworkCreate, PortBinding, RunState,
     RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NODE,
 };
+use crate::registry::RegistryAuth;
 use converge_core::{DriverError, HostEvent};
 use futures::stream::BoxStream;
 use std::collections::{BTreeMap, BTreeSet};
@@ -65,13 +66,24 @@ impl ContainerRuntime for FakeRuntime {
         }))
     }
 
-    async fn image_id(&self, image: &str) -> Result<Option<String>, DriverError> {
-        Ok(self.with(|s| s.images.get(image).cloned()))
+    async fn image(&self, image: &str) -> Result<Option<LocalImage>, DriverError> {
+        Ok(self.with(|s| {
+            s.images.get(image).map(|id| LocalImage {
+                id: id.clone(),
+                digests: crate::registry::pinned_digest(image)
+                    .map(String::from)
+                    .into_iter()
+                    .collect(),
+            })
+        }))
     }
 
-    async fn pull(&self, image: &str) -> Result<(), DriverError> {
+    async fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> Result<(), DriverError> {
         self.with(|s| {
-            s.log.push(format!("pull {image}"));
+            match auth {
+                Some(a) => s.log.push(format!("pull {image} as {}", a.username)),
+                None => s.log.push(format!("pull {image}")),
+            }
             match s.registry.get(image).cloned() {
                 Some(id) => {
                     s.images.insert(image.to_string(), id);

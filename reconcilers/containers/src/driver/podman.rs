@@ -20,9 +20,11 @@ use events::*;
 use health::*;
 
 use crate::driver::{
-    inspect_all, port_bindings, ContainerRuntime, CreateSpec, Health, Mount, NetworkCreate,
-    RunState, RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
+    inspect_all, port_bindings, repo_digests, ContainerRuntime, CreateSpec, Health, LocalImage,
+    Mount, NetworkCreate, RunState, RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME,
+    LABEL_NODE,
 };
+use crate::registry::RegistryAuth;
 use converge_core::{DriverError, HostEvent};
 use futures::channel::mpsc;
 use futures::stream::{BoxStream, StreamExt};
@@ -348,16 +350,29 @@ impl ContainerRuntime for Podman {
         Ok(fresh)
     }
 
-    async fn image_id(&self, image: &str) -> Result<Option<String>, DriverError> {
+    async fn image(&self, image: &str) -> Result<Option<LocalImage>, DriverError> {
         match self.api().images().get(image).inspect().await {
-            Ok(i) => Ok(i.id.as_deref().map(image_id)),
+            Ok(i) => Ok(i.id.as_deref().map(|id| LocalImage {
+                id: image_id(id),
+                digests: repo_digests(image, i.repo_digests.iter().flatten()),
+            })),
             Err(e) if status_is(&e, 404) => Ok(None),
             Err(e) => Err(failed("image inspect", image, e)),
         }
     }
 
-    async fn pull(&self, image: &str) -> Result<(), DriverError> {
-        let opts = PullOpts::builder().reference(image).quiet(true).build();
+    async fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> Result<(), DriverError> {
+        let mut opts = PullOpts::builder().reference(image).quiet(true);
+        if let Some(a) = auth {
+            opts.auth(
+                podman_api::opts::RegistryAuth::builder()
+                    .username(&a.username)
+                    .password(a.password.as_str())
+                    .server_address(&a.server)
+                    .build(),
+            );
+        }
+        let opts = opts.build();
         let images = self.api().images();
         let mut reports = images.pull(&opts);
         let mut pulled = None;

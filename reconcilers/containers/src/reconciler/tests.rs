@@ -27,6 +27,7 @@ fn spec(v: serde_json::Value) -> Workload {
     Workload {
         containers: Some(serde_json::from_value(v).unwrap()),
         networks: None,
+        registries: Vec::new(),
     }
 }
 
@@ -35,6 +36,7 @@ fn with_networks(containers: serde_json::Value, networks: serde_json::Value) -> 
     Workload {
         containers: Some(serde_json::from_value(containers).unwrap()),
         networks: Some(serde_json::from_value(networks).unwrap()),
+        registries: Vec::new(),
     }
 }
 
@@ -690,4 +692,53 @@ async fn a_static_ip_replaces_stop_first() {
         .fields
         .iter()
         .any(|f| f.new.as_deref() == Some("stop old, start new (static ip)")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn pull_policies_and_registry_credentials() {
+    let c = rt();
+    c.runtime().with(|s| {
+        s.registry
+            .insert("reg.example:5000/app:1".into(), "sha256:app1".into());
+    });
+    let mut s = spec(serde_json::json!([
+        {"name": "app", "image": "reg.example:5000/app:1", "pullPolicy": "always"},
+        {"name": "offline", "image": "localhost/absent:1", "pullPolicy": "never"}
+    ]));
+    s.registries = serde_json::from_value(serde_json::json!([
+        {"server": "reg.example:5000", "username": "ci", "passwordSecret": "db-password"}
+    ]))
+    .unwrap();
+    let p = pending(&c, &s).await;
+    // `never`: no pull, a failed object that says why.
+    let never = p.waiting.iter().find(|w| w.id == "offline").unwrap();
+    assert!(
+        never.failed && never.reason.contains("pullPolicy is never"),
+        "{never:?}"
+    );
+    assert!(!log(&c).iter().any(|l| l.contains("absent")));
+    // The registry's credentials go with the pull (the password read from its secret).
+    ok(&pass(&c, &s).await.1);
+    let pulls: Vec<String> = log(&c)
+        .into_iter()
+        .filter(|l| l.starts_with("pull"))
+        .collect();
+    assert_eq!(pulls, vec!["pull reg.example:5000/app:1 as ci".to_string()]);
+    // `always`: not again within ALWAYS_PULL_EVERY (the clock is paused: real time moves
+    // only when the test says).
+    assert!(!pending(&c, &s)
+        .await
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::Pull { .. })));
+    tokio::time::advance(plan::ALWAYS_PULL_EVERY).await;
+    let again = pending(&c, &s).await;
+    assert!(
+        again
+            .changes
+            .iter()
+            .any(|ch| ch.kind == "image" && ch.op == Op::Update),
+        "{:?}",
+        again.changes
+    );
 }

@@ -13,6 +13,72 @@ use std::net::IpAddr;
 /// Published host ports seen so far: (protocol, hostPort) to every (hostIp, path).
 type Published = BTreeMap<(Protocol, u16), Vec<(Option<IpAddr>, String)>>;
 
+/// Semantic checks of the `registries` section; `path` is its JSON path.
+pub fn validate_registries(spec: &[Registry], path: &str, problems: &mut Problems) {
+    let mut servers = Unique::new("registry server", path);
+    for (i, r) in spec.iter().enumerate() {
+        let rp = format!("{path}[{i}]");
+        if let Err(e) = check_server(&r.server) {
+            problems.push_hint(
+                format!("{rp}.server"),
+                e,
+                "host[:port] as image references name it, e.g. registry.example.com:5000 or docker.io",
+            );
+        } else {
+            servers.check(&r.server, i, format!("{rp}.server"), problems);
+        }
+        if r.username.is_empty() || r.username.chars().any(char::is_control) {
+            problems.push(
+                format!("{rp}.username"),
+                "the username must be non-empty, without control characters",
+            );
+        }
+        if !is_secret_name(&r.password_secret) {
+            problems.push(
+                format!("{rp}.passwordSecret"),
+                format!("invalid secret name {:?}", r.password_secret),
+            );
+        }
+    }
+}
+
+/// A registry server: a host name or IPv4 address, or an IPv6 address in brackets, with
+/// an optional port.
+fn check_server(server: &str) -> Result<(), String> {
+    let bad = |why: &str| format!("invalid registry server {server:?}: {why}");
+    if server.contains('/') {
+        return Err(bad("no scheme or path"));
+    }
+    let (ip6, port) = match server.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((h, tail)) if h.parse::<std::net::Ipv6Addr>().is_ok() => {
+                (true, tail.strip_prefix(':'))
+            }
+            _ => return Err(bad("not an IPv6 address in brackets")),
+        },
+        None => (false, server.split_once(':').map(|(_, p)| p)),
+    };
+    if let Some(p) = port {
+        if p.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(bad("the port is not 1-65535"));
+        }
+    }
+    let host = server.split(':').next().unwrap_or_default();
+    let name = host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ip6 || name {
+        Ok(())
+    } else {
+        Err(bad("not a host name or address"))
+    }
+}
+
 /// Semantic checks of the section; `path` is its JSON path (`$.containers`).
 pub fn validate(spec: &[Container], path: &str, problems: &mut Problems) {
     let mut names = Unique::new("container name", path);
@@ -595,6 +661,33 @@ mod tests {
                 "$.containers[0].stopGracePeriod",
                 "$.containers[1].resources.memory",
             ]
+        );
+    }
+
+    #[test]
+    fn registries() {
+        let spec: RegistriesSpec = serde_json::from_value(json!([
+            {"server": "registry.example.com:5000", "username": "ci", "passwordSecret": "reg"},
+            {"server": "[fd00::1]:5000", "username": "ci", "passwordSecret": "reg"},
+            {"server": "10.0.0.5", "username": "ci", "passwordSecret": "reg"},
+            {"server": "https://r.example/v2", "username": "", "passwordSecret": "bad secret"},
+            {"server": "r.example:0", "username": "ci", "passwordSecret": "reg"},
+            {"server": "registry.example.com:5000", "username": "ci", "passwordSecret": "reg"}
+        ]))
+        .unwrap();
+        let mut p = Problems::default();
+        validate_registries(&spec, "$.registries", &mut p);
+        let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "$.registries[3].server",
+                "$.registries[3].username",
+                "$.registries[3].passwordSecret",
+                "$.registries[4].server",
+                "$.registries[5].server",
+            ],
+            "{p:?}"
         );
     }
 
