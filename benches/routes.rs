@@ -382,6 +382,7 @@ fn main() {
                 // A pass's own cost is measured: changes timed back to back, no hold.
                 min_reload_interval: Duration::ZERO,
                 user: converge_routes::driver::user::DEFAULT_USER.to_string(),
+                drain: converge_routes::driver::DRAIN,
             }));
             let mut lines = vec![format!(
                 "caddy {version}; times in ms; ratios against converge's pass; failed = requests to r0 that \

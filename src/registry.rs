@@ -86,6 +86,17 @@ pub struct HostOptions {
         default_value_t = 1000
     )]
     pub caddy_min_reload_ms: u64,
+    /// After a configuration switch, how long (ms) the old Caddy instance keeps
+    /// answering the connections it already had (each answer closes its connection)
+    /// before it is reloaded. Raise it for long requests (large uploads); 0-600000.
+    #[arg(
+        long,
+        global = true,
+        env = "CONVERGE_CADDY_DRAIN_MS",
+        default_value_t = 500,
+        value_parser = clap::value_parser!(u64).range(0..=600_000)
+    )]
+    pub caddy_drain_ms: u64,
     /// System user converge runs its Caddy instances as (created by
     /// `install/setup.sh --proxy`); a missing user is an error. `root` runs Caddy as
     /// root (not recommended).
@@ -303,6 +314,7 @@ fn routes(data_dir: &Path, host: &HostOptions, secrets: &SecretSource) -> Arc<dy
         secrets: secrets.clone(),
         min_reload_interval: Duration::from_millis(host.caddy_min_reload_ms),
         user: host.caddy_user.clone(),
+        drain: Duration::from_millis(host.caddy_drain_ms),
     });
     fn select(d: &Document) -> Option<Cow<'_, RoutesInput>> {
         let spec = d.routes.as_ref()?;

@@ -347,3 +347,12 @@ fn the_agent_applies_its_own_limits() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn node_settings_out_of_range_are_refused_by_name() {
+    let (code, _, err) = run(&["--caddy-drain-ms", "600001", "schema"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--caddy-drain-ms"), "{err}");
+    let (code, _, err) = run(&["--caddy-drain-ms", "2000", "schema"]);
+    assert_eq!(code, 0, "{err}");
+}

@@ -89,12 +89,15 @@ pub struct CaddyConfig {
     /// The system user the managed pair runs as (`user.rs`; default
     /// [`user::DEFAULT_USER`]); `root` runs it as root, with a warning.
     pub user: String,
+    /// How long the old instance drains after a switch (default [`DRAIN`]).
+    pub drain: Duration,
 }
 
 /// How long the old instance keeps serving the connections it accepted before the
 /// switch, answering each request with `Connection: close` (see `pair.rs`), before it
 /// is reloaded: a TLS handshake and a first request fit well in it, and a client
-/// sending on a kept-alive connection gets its last answer there and leaves.
+/// sending on a kept-alive connection gets its last answer there and leaves. Longer
+/// requests (uploads, slow clients) need a longer drain: `--caddy-drain-ms`.
 pub const DRAIN: Duration = Duration::from_millis(500);
 
 /// The real driver.
@@ -280,7 +283,7 @@ impl CaddyDriver for Caddy {
 
     /// Managed: into the standby instance, then new connections switched to it (one
     /// nf_tables transaction), then the old instance drained — `Connection: close` on
-    /// every answer for `DRAIN` — and, in the background, the next load waiting for it,
+    /// every answer for the drain time — and, in the background, the next load waiting for it,
     /// reloaded with the same configuration. Caddy's refusal leaves everything as it
     /// was. `etag` is checked against the active instance's configuration first.
     async fn load(&self, config: &Value, etag: Option<&str>) -> Result<(), LoadError> {
@@ -319,9 +322,10 @@ impl CaddyDriver for Caddy {
         let same = pair::to_instance(config, dir, active);
         let span = tracing::info_span!("caddy drain", instance = active.name());
         let failed = self.drain_failed.clone();
+        let drain = self.config.drain;
         tokio::spawn(
             async move {
-                tokio::time::sleep(DRAIN).await;
+                tokio::time::sleep(drain).await;
                 let r = old.load(&same, None).await;
                 drop(settled);
                 if let Err(e) = r {
