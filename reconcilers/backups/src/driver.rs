@@ -205,6 +205,8 @@ impl Host {
         };
         let state = StateFile::new(&cfg.dir);
         let started = (cfg.clock)();
+        // Key files a killed agent left behind (a running agent removes its own).
+        let _ = std::fs::remove_dir_all(cfg.dir.join("ssh"));
         Self {
             cfg,
             borg,
@@ -227,15 +229,50 @@ impl Host {
             }
         };
         let passphrase = secret(&repo.passphrase_secret)?;
-        let ssh_key = match (&repo.credentials_secret, repo.url.starts_with("ssh://")) {
-            (Some(n), true) => Some(self.cfg.secrets.dir().join(n)),
-            _ => None,
+        let (ssh_key, key_file) = match (&repo.credentials_secret, repo.url.starts_with("ssh://")) {
+            (Some(n), true) => {
+                let local = self.cfg.secrets.dir().join(n);
+                if local.is_file() {
+                    (Some(local), None)
+                } else {
+                    // A sealed key: ssh reads keys from files only, so it is written for
+                    // this access (0600, in the private data dir) and removed after it.
+                    let value = secret(&repo.credentials_secret)?.unwrap_or_default();
+                    let file = self.key_file(n, &value)?;
+                    (Some(file.0.clone()), Some(Arc::new(file)))
+                }
+            }
+            _ => (None, None),
         };
         Ok(Access {
             location: repo.url.clone(),
             passphrase,
             ssh_key,
+            key_file,
         })
+    }
+
+    /// Where sealed SSH keys are written while a borg call uses them.
+    fn key_dir(&self) -> PathBuf {
+        self.cfg.dir.join("ssh")
+    }
+
+    /// Writes `value` as the private key of secret `name` for one access. Each access has
+    /// its own file (runs may overlap), numbered.
+    fn key_file(&self, name: &str, value: &str) -> Result<borg::KeyFile, DriverError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = self.key_dir();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| DriverError::io(format!("create {}", dir.display()), e))?;
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{name}.{n}"));
+        // ssh refuses a key without its final newline.
+        let mut key = value.trim_end().to_string();
+        key.push('\n');
+        let key = converge_core::Zeroizing::new(key);
+        converge_core::fsutil::write_atomic(&path, key.as_bytes(), 0o600)
+            .map_err(|e| DriverError::io(format!("write {}", path.display()), e))?;
+        Ok(borg::KeyFile(path))
     }
 
     fn runtime(&self) -> Result<&RuntimeCli, DriverError> {

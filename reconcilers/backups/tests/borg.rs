@@ -772,3 +772,40 @@ async fn volume_in_use_needs_a_hook_and_a_dump_streams_or_fails_cleanly() {
     );
     assert!(env.archives().contains(&"frz-20261201T1005Z".to_string()));
 }
+
+#[test]
+fn a_sealed_ssh_key_is_written_private_for_the_access_and_removed_after() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = Env::new();
+    let secrets = SecretSource::new(env.path("secrets"));
+    secrets.set_sealed(BTreeMap::from([(
+        "offsite-key".to_string(),
+        converge_core::Zeroizing::new(
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----"
+                .to_string(),
+        ),
+    )]));
+    let host = Host::new(HostConfig::new(&env.path("data"), secrets));
+    let repo: converge_backups::BackupRepository = serde_json::from_value(json!({
+        "name": "offsite", "kind": "borg", "url": "ssh://borg@backup.example:22/./repo",
+        "passphraseSecret": "borg-pass", "credentialsSecret": "offsite-key"
+    }))
+    .unwrap();
+    let access = host.access(&repo).unwrap();
+    let key = access.ssh_key.clone().expect("a key file");
+    assert!(key.starts_with(env.path("data/backups/ssh")), "{key:?}");
+    let meta = std::fs::metadata(&key).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(std::fs::read_to_string(&key)
+        .unwrap()
+        .ends_with("KEY-----\n"));
+    let again = access.clone();
+    drop(access);
+    assert!(key.exists(), "kept while a clone of the access is in use");
+    drop(again);
+    assert!(!key.exists(), "removed with the access");
+    // A local secret file is used in place, never copied.
+    std::fs::write(env.path("secrets/offsite-key"), "local key\n").unwrap();
+    let access = host.access(&repo).unwrap();
+    assert_eq!(access.ssh_key, Some(env.path("secrets/offsite-key")));
+}

@@ -41,6 +41,20 @@ pub struct Access {
     pub passphrase: Option<String>,
     /// SSH private key file for `ssh://` repositories.
     pub ssh_key: Option<PathBuf>,
+    /// A key file written for this access from a sealed secret: removed when the last
+    /// clone of the access is dropped.
+    pub key_file: Option<std::sync::Arc<KeyFile>>,
+}
+
+/// A private key written out (0600) because ssh reads keys from files only; removed on
+/// drop.
+#[derive(Debug)]
+pub struct KeyFile(pub PathBuf);
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 impl std::fmt::Debug for Access {
@@ -493,6 +507,7 @@ mod tests {
             location: "/r".into(),
             passphrase: Some("hunter2".into()),
             ssh_key: None,
+            key_file: None,
         };
         assert!(!format!("{a:?}").contains("hunter2"));
         assert_eq!(trim_secret("pw\n"), "pw");
