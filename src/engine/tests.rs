@@ -691,17 +691,19 @@ async fn a_failed_object_degrades_without_hot_retries_and_is_one_event() {
         ..Default::default()
     };
     let engine = Engine::start(vec![Arc::new(s)], hourly, Some(doc(1)), tx);
+    // Every report's journal lines are counted until the state wanted comes.
     let mut journaled = 0;
-    let st = loop {
+    let mut until = async |want: State| loop {
         let r = tokio::time::timeout(Duration::from_secs(600), rx.recv())
             .await
             .expect("no report")
             .expect("closed");
         journaled += r.journal.len();
-        if r.status.state == State::Degraded {
+        if r.status.state == want {
             break r.status;
         }
     };
+    let st = until(State::Degraded).await;
     assert_eq!(st.message, "repository local failed");
     assert_eq!(st.object_errors.len(), 1, "{st:?}");
     assert!(st.object_errors[0].error.contains("not a borg repository"));
@@ -709,16 +711,8 @@ async fn a_failed_object_degrades_without_hot_retries_and_is_one_event() {
         st.waiting.is_empty(),
         "listed with the errors, not as waiting"
     );
-    let st = loop {
-        let r = tokio::time::timeout(Duration::from_secs(600), rx.recv())
-            .await
-            .expect("no report")
-            .expect("closed");
-        journaled += r.journal.len();
-        if r.status.state == State::Converged {
-            break r.status;
-        }
-    };
+    let st = until(State::Converged).await;
+    drop(until);
     assert!(st.object_errors.is_empty());
     // Three looks, a minute apart (its own delay), not a retry loop; one event.
     let t = pass_times(&times);
