@@ -5,12 +5,14 @@
 pub mod db;
 #[cfg(test)]
 pub mod fake;
+pub mod node;
 
 use crate::api::Server;
 use crate::plan::{ProjectWrite, StoredProject};
 use crate::snapshot::{ProjectData, Published};
 use converge_core::DriverError;
 use db::Db;
+use node::NodeFiles;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,12 +30,19 @@ pub trait MetadataDriver: Send + Sync + 'static {
     fn listening(&self) -> Option<BTreeSet<SocketAddr>>;
     fn listen(&self, addr: SocketAddr) -> Result<(), DriverError>;
     fn unlisten(&self, addr: SocketAddr) -> Result<(), DriverError>;
+    /// The kernel's host name and `/etc/hostname`.
+    fn hostname(&self) -> Result<(String, String), DriverError>;
+    fn set_hostname(&self, name: &str) -> Result<(), DriverError>;
+    /// `/etc/motd`, None when absent.
+    fn motd(&self) -> Result<Option<String>, DriverError>;
+    fn write_motd(&self, text: &str) -> Result<(), DriverError>;
 }
 
-/// The real driver: `<data-dir>/metadata.db`, and the API when serving.
+/// The real driver: `<data-dir>/metadata.db`, the API when serving, the node's files.
 pub struct Host {
     db: Db,
     server: Option<Arc<Server>>,
+    node: NodeFiles,
 }
 
 /// The database file under the data directory.
@@ -47,6 +56,7 @@ impl Host {
         Host {
             db: Db::new(db_path(data_dir)),
             server: None,
+            node: NodeFiles::default(),
         }
     }
 
@@ -78,7 +88,14 @@ impl Host {
         Host {
             db,
             server: Some(server),
+            node: NodeFiles::default(),
         }
+    }
+
+    /// The node's files under `etc` instead of `/etc` (tests).
+    pub fn with_etc(mut self, etc: impl Into<std::path::PathBuf>) -> Host {
+        self.node = NodeFiles::new(etc);
+        self
     }
 
     pub fn server(&self) -> Option<&Arc<Server>> {
@@ -137,5 +154,25 @@ impl MetadataDriver for Host {
             s.unlisten(addr);
         }
         Ok(self.db.set_listen(addr, false)?)
+    }
+
+    fn hostname(&self) -> Result<(String, String), DriverError> {
+        self.node.hostname()
+    }
+
+    fn set_hostname(&self, name: &str) -> Result<(), DriverError> {
+        self.node.set_hostname(name)?;
+        info!(hostname = name, "host name set");
+        Ok(())
+    }
+
+    fn motd(&self) -> Result<Option<String>, DriverError> {
+        self.node.motd()
+    }
+
+    fn write_motd(&self, text: &str) -> Result<(), DriverError> {
+        self.node.write_motd(text)?;
+        info!(bytes = text.len(), "motd written");
+        Ok(())
     }
 }

@@ -22,6 +22,9 @@ pub struct ServedProject {
 pub struct Served {
     pub projects: BTreeMap<String, ServedProject>,
     pub listen: BTreeSet<SocketAddr>,
+    /// The node's host name and message of the day, when the section sets them.
+    pub hostname: Option<String>,
+    pub motd: Option<String>,
 }
 
 impl Served {
@@ -61,7 +64,12 @@ impl Served {
                 .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
                 .collect(),
         };
-        Served { projects, listen }
+        Served {
+            projects,
+            listen,
+            hostname: spec.hostname.clone(),
+            motd: spec.motd.clone(),
+        }
     }
 }
 
@@ -79,6 +87,10 @@ pub struct StoredProject {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
     pub projects: BTreeMap<String, StoredProject>,
+    /// The kernel's host name and `/etc/hostname` (read when the section sets one).
+    pub hostname: Option<(String, String)>,
+    /// `/etc/motd` (read when the section sets one; inner None: no file).
+    pub motd: Option<Option<String>>,
     /// Addresses the API listens on; `None` when this process does not serve (one-shot
     /// commands such as `converge apply` only write the database).
     pub listening: Option<BTreeSet<SocketAddr>>,
@@ -105,6 +117,8 @@ pub enum Action {
     Remove(String),
     Listen(SocketAddr),
     Unlisten(SocketAddr),
+    SetHostname(String),
+    WriteMotd(String),
 }
 
 /// A short fingerprint of a value or hash for diffs: never the value itself.
@@ -118,6 +132,33 @@ fn fingerprint(text: &str) -> String {
 /// Diff of served against observed; empty when converged.
 pub fn plan(served: &Served, observed: &Observed, _facts: &Facts) -> Plan<Action> {
     let mut p = Plan::default();
+    if let (Some(want), Some((kernel, file))) = (&served.hostname, &observed.hostname) {
+        if kernel != want || file != want {
+            p.changes
+                .push(
+                    Change::new(Op::Update, "hostname", "node").with_field(FieldChange::new(
+                        "hostname",
+                        Some(kernel.clone()),
+                        Some(want.clone()),
+                    )),
+                );
+            p.actions.push(Action::SetHostname(want.clone()));
+        }
+    }
+    if let (Some(want), Some(have)) = (&served.motd, &observed.motd) {
+        if have.as_deref() != Some(want.as_str()) {
+            // Fingerprints, not the text: a diff line stays one line.
+            p.changes
+                .push(
+                    Change::new(Op::Update, "motd", "/etc/motd").with_field(FieldChange::new(
+                        "content",
+                        have.as_deref().map(fingerprint),
+                        Some(fingerprint(want)),
+                    )),
+                );
+            p.actions.push(Action::WriteMotd(want.clone()));
+        }
+    }
     for (id, want) in &served.projects {
         let have = observed.projects.get(id);
         let (op, mut change) = match have {
@@ -259,9 +300,41 @@ mod tests {
                         l.remove(a);
                     }
                 }
+                Action::SetHostname(h) => o.hostname = Some((h.clone(), h.clone())),
+                Action::WriteMotd(m) => o.motd = Some(Some(m.clone())),
             }
         }
         o
+    }
+
+    #[test]
+    fn hostname_and_motd_converge_and_drift_is_repaired() {
+        let s = served(
+            json!({"hostname": "web-7", "motd": "Managed by converge\n"}),
+            &[],
+        );
+        let o = Observed {
+            hostname: Some(("localhost".into(), "localhost".into())),
+            motd: Some(None),
+            ..Default::default()
+        };
+        let p = plan(&s, &o, &Facts::default());
+        let shown: Vec<String> = p.changes.iter().map(|c| c.to_string()).collect();
+        assert_eq!(shown, ["~ hostname node", "~ motd /etc/motd"]);
+        let o = apply(o, &p);
+        assert!(plan(&s, &o, &Facts::default()).is_empty());
+        // Someone set the kernel's name only (`hostname x`): set again.
+        let drifted = Observed {
+            hostname: Some(("x".into(), "web-7".into())),
+            ..o.clone()
+        };
+        assert_eq!(
+            plan(&s, &drifted, &Facts::default()).actions,
+            [Action::SetHostname("web-7".into())]
+        );
+        // Absent from the section: left as it is.
+        let none = served(json!({}), &[]);
+        assert!(plan(&none, &drifted, &Facts::default()).is_empty());
     }
 
     #[test]

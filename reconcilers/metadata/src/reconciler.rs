@@ -35,10 +35,18 @@ impl<D: MetadataDriver> Reconciler for Metadata<D> {
         Some(observed.projects.len() as u64)
     }
 
-    async fn observe(&self, _spec: &Served) -> Result<Observed, DriverError> {
+    async fn observe(&self, spec: &Served) -> Result<Observed, DriverError> {
         Ok(Observed {
             projects: self.driver.read()?,
             listening: self.driver.listening(),
+            hostname: match spec.hostname {
+                Some(_) => Some(self.driver.hostname()?),
+                None => None,
+            },
+            motd: match spec.motd {
+                Some(_) => Some(self.driver.motd()?),
+                None => None,
+            },
         })
     }
 
@@ -63,6 +71,12 @@ impl<D: MetadataDriver> Reconciler for Metadata<D> {
                 }
                 Action::Unlisten(a) => {
                     ObjectOutcome::from_result(format!("listener {a}"), self.driver.unlisten(a))
+                }
+                Action::SetHostname(h) => {
+                    ObjectOutcome::from_result("hostname node", self.driver.set_hostname(&h))
+                }
+                Action::WriteMotd(m) => {
+                    ObjectOutcome::from_result("motd /etc/motd", self.driver.write_motd(&m))
                 }
             };
             outcomes.push(outcome);

@@ -15,6 +15,8 @@ pub struct Fake {
     pub fail: Mutex<BTreeSet<String>>,
     pub writes: Mutex<usize>,
     counter: Mutex<u64>,
+    pub hostname: Mutex<String>,
+    pub motd: Mutex<Option<String>>,
 }
 
 impl MetadataDriver for Fake {
@@ -57,6 +59,25 @@ impl MetadataDriver for Fake {
 
     fn unlisten(&self, addr: SocketAddr) -> Result<(), DriverError> {
         self.listening.lock().unwrap().remove(&addr);
+        Ok(())
+    }
+
+    fn hostname(&self) -> Result<(String, String), DriverError> {
+        let h = self.hostname.lock().unwrap().clone();
+        Ok((h.clone(), h))
+    }
+
+    fn set_hostname(&self, name: &str) -> Result<(), DriverError> {
+        *self.hostname.lock().unwrap() = name.to_string();
+        Ok(())
+    }
+
+    fn motd(&self) -> Result<Option<String>, DriverError> {
+        Ok(self.motd.lock().unwrap().clone())
+    }
+
+    fn write_motd(&self, text: &str) -> Result<(), DriverError> {
+        *self.motd.lock().unwrap() = Some(text.to_string());
         Ok(())
     }
 }
