@@ -119,6 +119,7 @@ async fn full_lifecycle_through_the_driver() {
         network: None,
         ip: None,
         stop_grace: Duration::from_secs(2),
+        settings: Default::default(),
     };
 
     let (mut events, events_task) = watch_events(&driver);
@@ -602,6 +603,45 @@ async fn networks_through_the_driver() {
         },
         |name| {
             docker_ok(&node, &daemon, &["rm", "-f", name]);
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_container_setting_takes_effect() {
+    let node = TestNode::new("dkr-set");
+    let daemon = start_docker(&node);
+    let driver = daemon_driver(&daemon);
+    common::runtime::settings_contract(
+        &driver,
+        &node,
+        |args| {
+            let mut all = vec!["exec"];
+            all.extend_from_slice(args);
+            let out = docker(&node, &daemon, &all);
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        },
+        |name| {
+            let out = docker_ok(&node, &daemon, &["inspect", name]);
+            let v: serde_json::Value = serde_json::from_str(&out).expect("inspect JSON");
+            v[0].clone()
+        },
+        |v| {
+            // json-file rotated at 1 MiB, two files kept.
+            let log = &v["HostConfig"]["LogConfig"];
+            assert_eq!(log["Type"], "json-file", "{log}");
+            assert_eq!(log["Config"]["max-size"], "1048576", "{log}");
+            assert_eq!(log["Config"]["max-file"], "2", "{log}");
+            let files = common::runtime::log_files(v["LogPath"].as_str().expect("LogPath"));
+            assert_eq!(files.len(), 2, "{files:?}");
+            // Rotated once a write crosses the limit: at most a line above it.
+            let limit = (1 << 20) + 4096;
+            assert!(files.iter().all(|(_, size)| *size <= limit), "{files:?}");
+            let devices = &v["HostConfig"]["Devices"];
+            assert_eq!(devices[0]["CgroupPermissions"], "r", "{devices}");
         },
     )
     .await;

@@ -518,3 +518,57 @@ async fn networks_through_the_driver() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_container_setting_takes_effect() {
+    let node = TestNode::new("pdm-set");
+    let svc = start_podman(&node);
+    let driver = driver(&svc);
+    common::runtime::settings_contract(
+        &driver,
+        &node,
+        |args| {
+            let mut all = vec!["exec"];
+            all.extend_from_slice(args);
+            let out = podman(&node, &svc, &all);
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        },
+        |name| {
+            let out = podman_ok(&node, &svc, &["inspect", name]);
+            let v: serde_json::Value = serde_json::from_str(&out).expect("inspect JSON");
+            v[0].clone()
+        },
+        |v| {
+            // Podman keeps one k8s-file log, truncated at the size limit.
+            let log = &v["HostConfig"]["LogConfig"];
+            assert_eq!(log["Type"], "k8s-file", "{log}");
+            let path = log["Path"].as_str().expect("log path");
+            let files = common::runtime::log_files(path);
+            assert_eq!(files.len(), 1, "{files:?}");
+            assert!(files[0].1 <= 1 << 20, "log above its limit: {files:?}");
+            // Podman's inspect leaves CgroupPermissions empty: read the OCI config.
+            let id = v["Id"].as_str().expect("id");
+            let config = svc
+                .root
+                .join("overlay-containers")
+                .join(id)
+                .join("userdata/config.json");
+            let config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&config).expect("read config.json"))
+                    .expect("config.json");
+            let rules = &config["linux"]["resources"]["devices"];
+            assert!(
+                rules
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|d| d["allow"] == true
+                        && d["major"] == 1
+                        && d["minor"] == 5
+                        && d["access"] == "r")),
+                "device rule: {rules}"
+            );
+        },
+    )
+    .await;
+}

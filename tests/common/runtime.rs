@@ -84,6 +84,7 @@ pub fn simple_spec(node: &TestNode, name: &str, args: &[&str]) -> CreateSpec {
         network: None,
         ip: None,
         stop_grace: Duration::from_secs(1),
+        settings: Default::default(),
     }
 }
 
@@ -244,4 +245,285 @@ pub async fn network_contract<R: ContainerRuntime>(
         .remove_network(&name)
         .await
         .expect("removing a missing network is success");
+}
+
+/// Lines of output the surface container writes at start (about 1.6 MB with the log
+/// driver's framing), so a 1 MiB log limit must rotate or truncate.
+const LOG_LINES: u32 = 25_000;
+
+/// The settings half of the driver contract: a container created with every
+/// [`ContainerSettings`] field set shows each one in effect, seen from inside (exec) and
+/// in the runtime's own inspect. `exec(args)` runs the runtime CLI's `exec` with `args`
+/// and returns trimmed stdout (None when it failed); `inspect(name)` returns the CLI's
+/// inspect object. `runtime_checks(inspect)` checks what each runtime keeps its own
+/// way: the log files on the host against the 1 MiB / 2 files rotation, and the device's
+/// cgroup rule (read-only).
+pub async fn settings_contract<R: ContainerRuntime>(
+    driver: &R,
+    node: &TestNode,
+    exec: impl Fn(&[&str]) -> Option<String>,
+    inspect: impl Fn(&str) -> serde_json::Value,
+    runtime_checks: impl Fn(&serde_json::Value),
+) {
+    use converge_containers::driver::{
+        ContainerSettings, LogSpec, RunState, StopSignal, TmpfsMount,
+    };
+    use converge_containers::{DeviceEntry, LogDriver};
+
+    let name = "surface";
+    let script = format!(
+        "i=0; while [ $i -lt {LOG_LINES} ]; do echo 0123456789012345678901234567890123456789012345678901234567890123; i=$((i+1)); done; \
+         trap 'exit 42' QUIT; echo ready; while true; do sleep 1; done"
+    );
+    let mut spec = simple_spec(node, name, &["-c", &script]);
+    spec.command = Some(vec!["/bin/sh".into()]);
+    spec.stop_grace = Duration::from_secs(10);
+    spec.settings = ContainerSettings {
+        user: Some("1000:100".into()),
+        working_dir: Some("/srv/app".into()),
+        hostname: Some("surface-1".into()),
+        extra_hosts: vec![
+            ("db.internal".into(), "10.0.0.5".parse().expect("ip")),
+            ("v6.internal".into(), "fd00::5".parse().expect("ip")),
+        ],
+        cap_add: vec!["CAP_NET_ADMIN".into()],
+        cap_drop: vec!["CAP_CHOWN".into()],
+        read_only_rootfs: true,
+        tmpfs: vec![TmpfsMount {
+            target: "/run".into(),
+            size: Some(8 << 20),
+            mode: Some(0o1770),
+        }],
+        // Both: podman raises an unlisted nofile or nproc past this host's limit.
+        ulimits: BTreeMap::from([
+            ("nofile".to_string(), (512, 1024)),
+            ("nproc".to_string(), (500, 1000)),
+        ]),
+        sysctls: BTreeMap::from([
+            ("net.core.somaxconn".to_string(), "1000".to_string()),
+            ("kernel.msgmax".to_string(), "12345".to_string()),
+        ]),
+        stop_signal: Some(StopSignal {
+            name: "SIGQUIT".into(),
+            number: 3,
+        }),
+        logging: Some(LogSpec {
+            driver: LogDriver::JsonFile,
+            max_size: Some(1 << 20),
+            max_file: Some(2),
+        }),
+        devices: vec![DeviceEntry {
+            host: "/dev/zero".into(),
+            container: "/dev/zero2".into(),
+            permissions: "r".into(),
+        }],
+    };
+    let id = driver
+        .create(&spec)
+        .await
+        .expect("create with every setting");
+    driver.start(&id).await.expect("start");
+    wait_for(driver, &id, "running", Duration::from_secs(20), |c| {
+        c.state == RunState::Running
+    })
+    .await;
+    let sh = |user: Option<&str>, cmd: &str| -> Option<String> {
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(u) = user {
+            args.extend(["-u", u]);
+        }
+        args.extend([name, "sh", "-c", cmd]);
+        exec(&args)
+    };
+    let ok = |user: Option<&str>, cmd: &str| -> String {
+        sh(user, cmd).unwrap_or_else(|| panic!("exec {cmd:?} failed"))
+    };
+
+    // Inside the container.
+    assert_eq!(
+        ok(None, "busybox id -u; busybox id -g"),
+        "1000\n100",
+        "user"
+    );
+    assert_eq!(ok(None, "pwd"), "/srv/app", "workingDir");
+    assert_eq!(ok(None, "busybox hostname"), "surface-1", "hostname");
+    let hosts = ok(None, "cat /etc/hosts");
+    for (ip, host) in [("10.0.0.5", "db.internal"), ("fd00::5", "v6.internal")] {
+        assert!(
+            hosts.lines().any(|l| {
+                let mut w = l.split_whitespace();
+                w.next() == Some(ip) && w.any(|h| h == host)
+            }),
+            "extraHosts {host}: {hosts}"
+        );
+    }
+    let bounding = ok(None, "grep CapBnd /proc/self/status");
+    let caps = u64::from_str_radix(
+        bounding.split_whitespace().nth(1).expect("CapBnd value"),
+        16,
+    )
+    .expect("hex caps");
+    assert!(caps & (1 << 12) != 0, "capAdd NET_ADMIN: {bounding}");
+    assert!(caps & 1 == 0, "capDrop CHOWN: {bounding}");
+    // As root, so only the read-only root (not file permissions) can refuse.
+    assert!(
+        sh(Some("0"), "echo x > /probe").is_none(),
+        "readOnlyRootfs: / is writable"
+    );
+    assert!(
+        sh(Some("0"), "echo x > /run/probe && cat /run/probe").as_deref() == Some("x"),
+        "tmpfs /run is not writable"
+    );
+    let mounts = ok(None, "cat /proc/mounts");
+    let run = mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("/run"))
+        .unwrap_or_else(|| panic!("no /run mount: {mounts}"));
+    assert!(run.starts_with("tmpfs /run tmpfs "), "{run}");
+    let opts: Vec<&str> = run
+        .split_whitespace()
+        .nth(3)
+        .expect("mount options")
+        .split(',')
+        .collect();
+    for want in ["rw", "noexec", "nosuid", "nodev", "size=8192k", "mode=1770"] {
+        assert!(opts.contains(&want), "tmpfs option {want}: {run}");
+    }
+    // Podman's `--read-only` adds tmpfs on /tmp, /var/tmp and /run; through converge
+    // neither runtime does.
+    assert!(
+        !mounts
+            .lines()
+            .any(|l| matches!(l.split_whitespace().nth(1), Some("/tmp" | "/var/tmp"))),
+        "unexpected tmpfs: {mounts}"
+    );
+    // Of the container's process: an exec session gets the runtime's own limits.
+    let limits = ok(None, "cat /proc/1/limits");
+    for (row, soft, hard) in [
+        ("Max open files", "512", "1024"),
+        ("Max processes", "500", "1000"),
+    ] {
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("{row}: {limits}"));
+        let words: Vec<&str> = line[row.len()..].split_whitespace().take(2).collect();
+        assert_eq!(words, [soft, hard], "ulimits: {line}");
+    }
+    assert_eq!(
+        ok(
+            None,
+            "cat /proc/sys/net/core/somaxconn /proc/sys/kernel/msgmax"
+        ),
+        "1000\n12345",
+        "sysctls"
+    );
+    assert_eq!(
+        ok(None, "busybox stat -c %t,%T /dev/zero2"),
+        "1,5",
+        "device /dev/zero as /dev/zero2"
+    );
+    assert_eq!(
+        ok(Some("0"), "busybox head -c 3 /dev/zero2 | busybox wc -c"),
+        "3",
+        "device readable"
+    );
+    // Writing is not tried: device cgroup rules are not enforced on the test machines
+    // (nested containers); `runtime_checks` looks at the rule the runtime set up.
+
+    // In the runtime's inspect.
+    let v = inspect(name);
+    let config = &v["Config"];
+    let host = &v["HostConfig"];
+    assert_eq!(config["User"], "1000:100", "{config}");
+    assert_eq!(config["WorkingDir"], "/srv/app");
+    assert_eq!(config["Hostname"], "surface-1");
+    // Podman 4 reports the entrypoint as one string.
+    let entrypoint = &config["Entrypoint"];
+    assert!(
+        *entrypoint == serde_json::json!(["/bin/sh"]) || entrypoint == "/bin/sh",
+        "Entrypoint {entrypoint}"
+    );
+    let stop = &config["StopSignal"];
+    assert!(stop == "SIGQUIT" || stop == 3, "StopSignal {stop}");
+    assert_eq!(host["ReadonlyRootfs"], true);
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for h in ["db.internal:10.0.0.5", "v6.internal:fd00::5"] {
+        assert!(
+            strings(&host["ExtraHosts"]).iter().any(|e| e == h),
+            "ExtraHosts {h}: {}",
+            host["ExtraHosts"]
+        );
+    }
+    assert!(
+        strings(&host["CapAdd"]).contains(&"CAP_NET_ADMIN".to_string()),
+        "{}",
+        host["CapAdd"]
+    );
+    assert!(
+        strings(&host["CapDrop"]).contains(&"CAP_CHOWN".to_string()),
+        "{}",
+        host["CapDrop"]
+    );
+    let ulimits = host["Ulimits"].as_array().cloned().unwrap_or_default();
+    assert!(
+        ulimits.iter().any(|u| {
+            u["Name"].as_str().is_some_and(|n| {
+                n.eq_ignore_ascii_case("nofile") || n.eq_ignore_ascii_case("RLIMIT_NOFILE")
+            }) && u["Soft"] == 512
+                && u["Hard"] == 1024
+        }),
+        "Ulimits {}",
+        host["Ulimits"]
+    );
+    let devices = host["Devices"].as_array().cloned().unwrap_or_default();
+    assert!(
+        devices
+            .iter()
+            .any(|d| d["PathOnHost"] == "/dev/zero" && d["PathInContainer"] == "/dev/zero2"),
+        "Devices {}",
+        host["Devices"]
+    );
+    runtime_checks(&v);
+
+    // The stop signal: the trap on SIGQUIT exits 42 (SIGTERM would not run it).
+    driver
+        .stop(&id, Duration::from_secs(10))
+        .await
+        .expect("stop");
+    let stopped = wait_for(driver, &id, "exited", Duration::from_secs(15), |c| {
+        c.state == RunState::Exited
+    })
+    .await;
+    assert_eq!(stopped.exit_code, Some(42), "stopSignal SIGQUIT");
+    driver.remove(&id).await.expect("remove");
+}
+
+/// The log files of a container on the host: the file at `path` and its rotated
+/// siblings (`<path>.1`, …), with their sizes.
+pub fn log_files(path: &str) -> Vec<(String, u64)> {
+    let p = Path::new(path);
+    let (Some(dir), Some(file)) = (p.parent(), p.file_name()) else {
+        panic!("log path {path:?}");
+    };
+    let file = file.to_string_lossy().into_owned();
+    let mut out: Vec<(String, u64)> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name == file || name.starts_with(&format!("{file}.")))
+                .then(|| (name, e.metadata().map(|m| m.len()).unwrap_or(0)))
+        })
+        .collect();
+    out.sort();
+    out
 }

@@ -6,6 +6,9 @@ pub mod docker;
 #[cfg(test)]
 pub mod fake;
 pub mod podman;
+mod settings;
+
+pub use settings::*;
 
 use crate::registry::RegistryAuth;
 use crate::spec::{ContainerPort, ContainerVolume};
@@ -136,6 +139,9 @@ pub struct CreateSpec {
     pub ip: Option<IpAddr>,
     /// SIGTERM → SIGKILL grace used by `stop`.
     pub stop_grace: Duration,
+    /// User, hostname, capabilities, tmpfs, ulimits, logging and the rest; the
+    /// default leaves all of it to the runtime.
+    pub settings: ContainerSettings,
 }
 
 impl std::fmt::Debug for CreateSpec {
@@ -444,5 +450,45 @@ pub(crate) fn sample_create_spec() -> CreateSpec {
         network: None,
         ip: None,
         stop_grace: Duration::from_millis(1500),
+        settings: sample_settings(),
+    }
+}
+
+/// Every [`ContainerSettings`] field set, for the drivers' request-mapping tests.
+#[cfg(test)]
+fn sample_settings() -> ContainerSettings {
+    use crate::spec::{DeviceEntry, LogDriver};
+    ContainerSettings {
+        user: Some("1000:100".into()),
+        working_dir: Some("/srv".into()),
+        hostname: Some("web-1".into()),
+        extra_hosts: vec![
+            ("db.internal".into(), "10.0.0.5".parse().unwrap()),
+            ("v6.internal".into(), "fd00::5".parse().unwrap()),
+        ],
+        cap_add: vec!["CAP_NET_ADMIN".into()],
+        cap_drop: vec!["CAP_MKNOD".into()],
+        read_only_rootfs: true,
+        tmpfs: vec![TmpfsMount {
+            target: "/run".into(),
+            size: Some(64 << 20),
+            mode: Some(0o1777),
+        }],
+        ulimits: BTreeMap::from([("nofile".into(), (512, 1024))]),
+        sysctls: BTreeMap::from([("net.ipv4.ip_unprivileged_port_start".into(), "80".into())]),
+        stop_signal: Some(StopSignal {
+            name: "SIGQUIT".into(),
+            number: 3,
+        }),
+        logging: Some(LogSpec {
+            driver: LogDriver::JsonFile,
+            max_size: Some(10 << 20),
+            max_file: Some(3),
+        }),
+        devices: vec![DeviceEntry {
+            host: "/dev/zero".into(),
+            container: "/dev/zero2".into(),
+            permissions: "r".into(),
+        }],
     }
 }

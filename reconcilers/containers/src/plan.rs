@@ -284,7 +284,8 @@ pub fn desired(
     let spec = CreateSpec {
         name: c.name.clone(),
         image: c.image.clone(),
-        command: c.command.clone(),
+        // `entrypoint` is `command` under Compose's name (validation allows one).
+        command: c.entrypoint.clone().or_else(|| c.command.clone()),
         args: c.args.clone(),
         env,
         ports: c.ports.clone(),
@@ -299,6 +300,7 @@ pub fn desired(
         network: c.network.clone(),
         ip: c.ip.as_deref().and_then(|s| s.parse().ok()),
         stop_grace: stop_grace(c),
+        settings: crate::driver::ContainerSettings::of(c),
     };
     Ok((spec, hash))
 }
@@ -820,3 +822,6 @@ fn plan_containers(
     plan.actions.splice(0..0, pull_actions);
     plan
 }
+
+#[cfg(test)]
+mod tests;

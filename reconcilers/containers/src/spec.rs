@@ -109,10 +109,13 @@ pub struct Container {
     /// Image reference with an explicit tag or digest, e.g. `docker.io/library/nginx:1.27`
     /// or `ghcr.io/acme/api@sha256:<64 hex digits>`. A digest pins the exact image.
     pub image: String,
-    /// Overrides the image's entrypoint (argv form).
+    /// Replaces the image's ENTRYPOINT (argv form), as Kubernetes' `command` does.
+    /// `entrypoint` is the same thing under Compose's name: set at most one of them.
+    /// Compose's `command` is `args` here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
-    /// Overrides the image's default arguments (argv form).
+    /// Replaces the image's CMD, the arguments given to the entrypoint (argv form):
+    /// Compose's `command`, Kubernetes' `args`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<String>>,
     /// Environment variables, name to value. Never put secrets here: use `secretEnv`.
@@ -159,6 +162,68 @@ pub struct Container {
     /// Default false: data outlives the container.
     #[serde(default, skip_serializing_if = "is_false")]
     pub remove_volumes_on_delete: bool,
+    // The fields below are absent from the serialized entry when unset, so adding them
+    // did not change the spec hash of existing containers (no mass replacement).
+    /// Replaces the image's ENTRYPOINT (argv form), as Compose's `entrypoint` does; the
+    /// same as `command` (set at most one). Arguments go in `args`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// User the process runs as: a name or uid, optionally with `:group` or `:gid`,
+    /// e.g. `1000:1000` or `nobody`; absent: the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Absolute working directory of the process; absent: the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// Hostname inside the container (at most 63 characters); absent: the runtime's
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Extra `/etc/hosts` entries: host name to IPv4 or IPv6 address (Compose's map
+    /// form of `extra_hosts`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra_hosts: BTreeMap<String, String>,
+    /// Capabilities added to the runtime's default set, e.g. `NET_ADMIN` (the `CAP_`
+    /// prefix is optional, case does not matter), or `ALL`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// Capabilities removed from the default set; `ALL` with a few `capAdd` gives a
+    /// minimal set. A capability cannot be both added and dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
+    /// Mount the image's root filesystem read-only; writable places then come from
+    /// `volumes` and `tmpfs` only, on both runtimes (unlike `podman run --read-only`,
+    /// no tmpfs is added on /tmp, /var/tmp and /run).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only_rootfs: bool,
+    /// tmpfs mounts, mounted `rw,noexec,nosuid,nodev` (Docker's defaults) on both runtimes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tmpfs: Vec<Tmpfs>,
+    /// Process resource limits by name (`nofile`, `nproc`, `core`, `memlock`, …).
+    /// Absent names keep the runtime's defaults, except on Podman: once any is set,
+    /// Podman ignores its configured defaults and raises `nofile` and `nproc` to
+    /// 1048576 unless they are listed too (list them where the host cannot grant that).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ulimits: BTreeMap<String, Ulimit>,
+    /// Kernel parameters of the container's own namespaces, name to value (a string,
+    /// e.g. `"1024"`). Only namespaced ones: `net.*`, `kernel.shm*`, `kernel.msg*`,
+    /// `kernel.sem`, `fs.mqueue.*`; anything else would change the host.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sysctls: BTreeMap<String, String>,
+    /// Signal that asks the container to stop (before SIGKILL after
+    /// `stopGracePeriod`), e.g. `SIGQUIT` or `SIGRTMIN+3`; absent: the image's, else
+    /// SIGTERM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    /// Log driver and rotation; absent: the runtime's default (Docker: json-file
+    /// without rotation; Podman: its configured driver).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logging: Option<Logging>,
+    /// Host devices made available in the container:
+    /// `host-path[:container-path[:permissions]]`, e.g. `/dev/fuse` or
+    /// `/dev/ttyUSB0:/dev/modem:rw` (permissions from `rwm`, default `rwm`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
     /// `missing` (default), `always` or `never`: see [`PullPolicy`].
     #[serde(default, skip_serializing_if = "PullPolicy::is_default")]
     pub pull_policy: PullPolicy,
@@ -277,8 +342,10 @@ pub enum ContainerState {
     Stopped,
 }
 
+mod settings;
 mod validate;
 mod values;
 
+pub use settings::*;
 pub use validate::*;
 pub use values::*;

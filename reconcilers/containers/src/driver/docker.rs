@@ -7,12 +7,14 @@ mod events;
 use convert::*;
 use events::*;
 
+use crate::driver::ContainerSettings;
 use crate::driver::{
     inspect_all, port_bindings, repo_digests, ContainerRuntime, CreateSpec, Health, LocalImage,
     Mount, NetworkCreate, RunState, RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME,
     LABEL_NODE,
 };
 use crate::registry::RegistryAuth;
+use crate::spec::LogDriver;
 use bollard::container::{
     Config as ContainerConfig, CreateContainerOptions, ListContainersOptions,
     RemoveContainerOptions, RenameContainerOptions, StartContainerOptions, StopContainerOptions,
@@ -24,6 +26,7 @@ use bollard::models::{
     EventMessage, HealthConfig, HealthStatusEnum, HostConfig, Ipam, IpamConfig, MountPointTypeEnum,
     MountTypeEnum, PortBinding as DockerPortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
+use bollard::models::{DeviceMapping, HostConfigLogConfig, ResourcesUlimits};
 use bollard::network::{CreateNetworkOptions, ListNetworksOptions};
 use bollard::system::EventsOptions;
 use converge_core::{DriverError, HostEvent};

@@ -1,7 +1,7 @@
 //! Podman driver: [`ContainerRuntime`] over the libpod REST API (podman-api) on a unix
 //! socket (`podman system service`).
 //!
-//! Two things differ from Docker and are handled here:
+//! What differs from Docker, or from what podman-api offers, is handled here:
 //! - Podman schedules health checks with systemd timers. On a host without systemd
 //!   (containers, CI machines, the test sandbox) nothing would ever run them and a
 //!   container would stay `starting` forever, so the driver then runs them itself over
@@ -10,10 +10,13 @@
 //!   re-inspects the container and pings only when its health actually changed.
 //! - `stop` sends the stop signal and SIGKILLs after the grace itself: podman-api 0.10
 //!   spells the stop endpoint's `timeout` parameter `Timeout`, which libpod ignores.
+//! - `create` posts a body built here (`raw`): podman-api 0.10's builder writes
+//!   `log_configuration` in Docker's shape, which libpod ignores.
 
 mod convert;
 mod events;
 mod health;
+mod raw;
 
 use convert::*;
 use events::*;
@@ -24,7 +27,9 @@ use crate::driver::{
     Mount, NetworkCreate, RunState, RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME,
     LABEL_NODE,
 };
+use crate::driver::{ContainerSettings, LogSpec};
 use crate::registry::RegistryAuth;
+use crate::spec::LogDriver;
 use converge_core::{DriverError, HostEvent};
 use futures::channel::mpsc;
 use futures::stream::{BoxStream, StreamExt};
@@ -32,6 +37,8 @@ use podman_api::models::{
     ContainerMount, InspectContainerData, LinuxCpu, LinuxMemory, LinuxPids, LinuxResources,
     NamedVolume, Namespace, PortMapping, Schema2HealthConfig, Subnet,
 };
+use podman_api::models::{LinuxDevice, PosixRlimit};
+use podman_api::opts::ContainerCreateOptsBuilder;
 use podman_api::opts::{
     ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter, ContainerListOpts,
     ContainerRestartPolicy, EventsOpts, NetworkCreateOpts, NetworkListOpts, PullOpts,
@@ -74,6 +81,8 @@ pub struct Podman {
 struct Inner {
     socket: PathBuf,
     api: podman_api::Podman,
+    /// For the create call podman-api cannot make (see `raw`).
+    raw: raw::Raw,
     /// Set when the driver runs health checks itself (no systemd on this host).
     health: Option<Arc<HealthTicks>>,
     inspected: Arc<InspectCache>,
@@ -169,6 +178,7 @@ impl Podman {
         Podman {
             inner: Arc::new(Inner {
                 api: podman_api::Podman::unix(&socket),
+                raw: raw::Raw::unix(&socket),
                 socket,
                 health: drive_health_checks.then(|| Arc::new(HealthTicks::default())),
                 inspected: Arc::default(),
@@ -270,6 +280,20 @@ impl Podman {
 
 fn failed(op: &str, id: &str, e: impl std::fmt::Display) -> DriverError {
     DriverError::Failed(format!("podman {op} {id}: {e}"))
+}
+
+/// Explains runc's refusal of the nofile/nproc podman picks itself: with any `ulimits`
+/// given, libpod sets those two, unless given, to 1048576, which a host without
+/// CAP_SYS_RESOURCE for the service (a nested container) cannot grant.
+fn rlimit_hint(message: String) -> String {
+    if message.contains("error setting rlimit") {
+        format!(
+            "{message} (with ulimits set, podman raises nofile and nproc to 1048576 unless \
+             they are listed too: add both to ulimits, within the host's limits)"
+        )
+    } else {
+        message
+    }
 }
 
 fn status(e: &PodmanError) -> Option<u16> {
@@ -401,11 +425,11 @@ impl ContainerRuntime for Podman {
     }
 
     async fn create(&self, spec: &CreateSpec) -> Result<String, DriverError> {
-        let opts = create_opts(spec)?;
+        let body = create_body(spec)?;
         let created = self
-            .api()
-            .containers()
-            .create(&opts)
+            .inner
+            .raw
+            .create(&body)
             .await
             .map_err(|e| failed("create", &spec.name, e))?;
         for w in created.warnings.iter().filter(|w| !w.is_empty()) {
@@ -419,7 +443,7 @@ impl ContainerRuntime for Podman {
             Ok(()) => {}
             // 304: already running.
             Err(e) if status_is(&e, 304) => {}
-            Err(e) => return Err(failed("start", id, e)),
+            Err(e) => return Err(failed("start", id, rlimit_hint(e.to_string()))),
         }
         if self.inner.health.is_some() {
             if let Some(data) = self.inspect_raw(id).await? {
@@ -620,8 +644,7 @@ mod tests {
 
     #[test]
     fn create_body_maps_every_field() {
-        let body: serde_json::Value =
-            serde_json::from_str(&create_opts(&spec()).unwrap().serialize().unwrap()).unwrap();
+        let body = create_body(&spec()).unwrap();
         assert_eq!(body["name"], "web");
         assert_eq!(body["image"], "localhost/busybox:test");
         assert_eq!(
@@ -658,13 +681,90 @@ mod tests {
             body["Networks"]["net1"]["static_ips"],
             serde_json::json!(["10.1.2.3"])
         );
+        // The rest of the surface.
+        assert_eq!(body["user"], "1000:100");
+        assert_eq!(body["work_dir"], "/srv");
+        assert_eq!(body["create_working_dir"], true);
+        assert_eq!(body["hostname"], "web-1");
+        assert_eq!(
+            body["hostadd"],
+            serde_json::json!(["db.internal:10.0.0.5", "v6.internal:fd00::5"])
+        );
+        assert_eq!(body["cap_add"], serde_json::json!(["CAP_NET_ADMIN"]));
+        assert_eq!(body["cap_drop"], serde_json::json!(["CAP_MKNOD"]));
+        assert_eq!(body["read_only_filesystem"], true);
+        assert_eq!(
+            body["mounts"][1],
+            serde_json::json!({"type": "tmpfs", "source": "tmpfs", "destination": "/run",
+                "options": ["rw", "noexec", "nosuid", "nodev", "size=67108864", "mode=1777"]})
+        );
+        assert_eq!(
+            body["r_limits"],
+            serde_json::json!([{"type": "nofile", "soft": 512, "hard": 1024}])
+        );
+        assert_eq!(body["sysctl"]["net.ipv4.ip_unprivileged_port_start"], "80");
+        assert_eq!(body["stop_signal"], 3);
+        assert_eq!(
+            body["log_configuration"],
+            serde_json::json!({"driver": "k8s-file", "size": 10 << 20})
+        );
+        assert_eq!(body["devices"][0]["path"], "/dev/zero:/dev/zero2:r");
+    }
+
+    #[test]
+    fn unset_settings_leave_the_runtime_defaults() {
+        let mut s = spec();
+        s.settings = Default::default();
+        let body = create_body(&s).unwrap();
+        for key in [
+            "user",
+            "work_dir",
+            "hostname",
+            "hostadd",
+            "cap_add",
+            "cap_drop",
+            "read_only_filesystem",
+            "r_limits",
+            "sysctl",
+            "stop_signal",
+            "log_configuration",
+            "devices",
+        ] {
+            assert!(body.get(key).is_none(), "{key}");
+        }
+        // Only the bind mount.
+        assert_eq!(body["mounts"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn log_drivers() {
+        use crate::driver::LogSpec;
+        let mut s = spec();
+        for (driver, want) in [
+            (
+                LogDriver::K8sFile,
+                serde_json::json!({"driver": "k8s-file", "size": 4096}),
+            ),
+            (
+                LogDriver::Journald,
+                serde_json::json!({"driver": "journald"}),
+            ),
+            (LogDriver::None, serde_json::json!({"driver": "none"})),
+        ] {
+            s.settings.logging = Some(LogSpec {
+                driver,
+                max_size: Some(4096),
+                max_file: Some(2),
+            });
+            assert_eq!(create_body(&s).unwrap()["log_configuration"], want);
+        }
     }
 
     #[test]
     fn bad_cpu_is_an_error() {
         let mut s = spec();
         s.cpus = Some(f64::NAN);
-        assert!(create_opts(&s).is_err());
+        assert!(create_body(&s).is_err());
     }
 
     #[test]

@@ -222,6 +222,7 @@ pub fn validate(spec: &[Container], path: &str, problems: &mut Problems) {
                 "e.g. 500ms, 10s, 1m30s, 2h",
             );
         }
+        validate_settings(c, &cp, &targets, problems);
     }
 }
 

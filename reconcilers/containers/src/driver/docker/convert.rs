@@ -74,6 +74,7 @@ pub(super) fn container_config(spec: &CreateSpec) -> Result<ContainerConfig<Stri
         network_mode: spec.network.clone(),
         ..Default::default()
     };
+    let host_config = with_settings(host_config, &spec.settings).map_err(bad)?;
 
     let networking_config = match (&spec.network, spec.ip) {
         (Some(network), ip) => {
@@ -134,8 +135,78 @@ pub(super) fn container_config(spec: &CreateSpec) -> Result<ContainerConfig<Stri
         stop_timeout: Some(ceil_secs(spec.stop_grace)),
         host_config: Some(host_config),
         networking_config,
+        user: spec.settings.user.clone(),
+        working_dir: spec.settings.working_dir.clone(),
+        hostname: spec.settings.hostname.clone(),
+        stop_signal: spec.settings.stop_signal.as_ref().map(|s| s.name.clone()),
         ..Default::default()
     })
+}
+
+/// Adds the host-side [`ContainerSettings`] to a host config; an error says what
+/// Docker cannot do.
+fn with_settings(mut h: HostConfig, s: &ContainerSettings) -> Result<HostConfig, String> {
+    let some = |v: Vec<String>| (!v.is_empty()).then_some(v);
+    h.extra_hosts = some(
+        s.extra_hosts
+            .iter()
+            .map(|(host, ip)| format!("{host}:{ip}"))
+            .collect(),
+    );
+    h.cap_add = some(s.cap_add.clone());
+    h.cap_drop = some(s.cap_drop.clone());
+    h.readonly_rootfs = s.read_only_rootfs.then_some(true);
+    h.tmpfs = (!s.tmpfs.is_empty()).then(|| {
+        s.tmpfs
+            .iter()
+            .map(|t| (t.target.clone(), t.options().join(",")))
+            .collect()
+    });
+    if !s.ulimits.is_empty() {
+        let mut limits = Vec::new();
+        for (name, &(soft, hard)) in &s.ulimits {
+            let int = |v: u64| i64::try_from(v).map_err(|_| format!("ulimit {name} {v} too large"));
+            limits.push(ResourcesUlimits {
+                name: Some(name.clone()),
+                soft: Some(int(soft)?),
+                hard: Some(int(hard)?),
+            });
+        }
+        h.ulimits = Some(limits);
+    }
+    h.sysctls = (!s.sysctls.is_empty()).then(|| s.sysctls.clone().into_iter().collect());
+    if let Some(l) = &s.logging {
+        let mut config = HashMap::new();
+        match l.driver {
+            LogDriver::K8sFile => {
+                return Err("docker has no k8s-file log driver (use json-file)".into())
+            }
+            LogDriver::JsonFile => {
+                if let Some(size) = l.max_size {
+                    config.insert("max-size".to_string(), size.to_string());
+                }
+                if let Some(n) = l.max_file {
+                    config.insert("max-file".to_string(), n.to_string());
+                }
+            }
+            LogDriver::Journald | LogDriver::None => {}
+        }
+        h.log_config = Some(HostConfigLogConfig {
+            typ: Some(l.driver.as_str().to_string()),
+            config: Some(config),
+        });
+    }
+    h.devices = (!s.devices.is_empty()).then(|| {
+        s.devices
+            .iter()
+            .map(|d| DeviceMapping {
+                path_on_host: Some(d.host.clone()),
+                path_in_container: Some(d.container.clone()),
+                cgroup_permissions: Some(d.permissions.clone()),
+            })
+            .collect()
+    });
+    Ok(h)
 }
 
 fn run_state(s: Option<&ContainerStateStatusEnum>) -> RunState {
@@ -266,6 +337,86 @@ mod tests {
         assert_eq!(v["Healthcheck"]["Test"], serde_json::json!(["CMD", "true"]));
         assert_eq!(v["Healthcheck"]["Interval"], 500_000_000);
         assert!(v.get("NetworkingConfig").is_none());
+        // The rest of the surface.
+        assert_eq!(v["User"], "1000:100");
+        assert_eq!(v["WorkingDir"], "/srv");
+        assert_eq!(v["Hostname"], "web-1");
+        assert_eq!(v["StopSignal"], "SIGQUIT");
+        assert_eq!(
+            hc["ExtraHosts"],
+            serde_json::json!(["db.internal:10.0.0.5", "v6.internal:fd00::5"])
+        );
+        assert_eq!(hc["CapAdd"], serde_json::json!(["CAP_NET_ADMIN"]));
+        assert_eq!(hc["CapDrop"], serde_json::json!(["CAP_MKNOD"]));
+        assert_eq!(hc["ReadonlyRootfs"], true);
+        assert_eq!(
+            hc["Tmpfs"]["/run"],
+            "rw,noexec,nosuid,nodev,size=67108864,mode=1777"
+        );
+        assert_eq!(
+            hc["Ulimits"],
+            serde_json::json!([{"Name": "nofile", "Soft": 512, "Hard": 1024}])
+        );
+        assert_eq!(hc["Sysctls"]["net.ipv4.ip_unprivileged_port_start"], "80");
+        assert_eq!(
+            hc["LogConfig"],
+            serde_json::json!({"Type": "json-file",
+                "Config": {"max-size": "10485760", "max-file": "3"}})
+        );
+        assert_eq!(
+            hc["Devices"],
+            serde_json::json!([{"PathOnHost": "/dev/zero", "PathInContainer": "/dev/zero2",
+                "CgroupPermissions": "r"}])
+        );
+    }
+
+    #[test]
+    fn unset_settings_leave_the_runtime_defaults() {
+        let mut s = spec();
+        s.settings = Default::default();
+        let v = serde_json::to_value(container_config(&s).unwrap()).unwrap();
+        for key in ["User", "WorkingDir", "Hostname", "StopSignal"] {
+            assert!(v.get(key).is_none(), "{key}");
+        }
+        let hc = &v["HostConfig"];
+        for key in [
+            "ExtraHosts",
+            "CapAdd",
+            "CapDrop",
+            "ReadonlyRootfs",
+            "Tmpfs",
+            "Ulimits",
+            "Sysctls",
+            "LogConfig",
+            "Devices",
+        ] {
+            assert!(hc.get(key).is_none(), "{key}");
+        }
+    }
+
+    #[test]
+    fn log_drivers() {
+        use crate::driver::LogSpec;
+        use crate::spec::LogDriver;
+        let mut s = spec();
+        let log = |driver| LogSpec {
+            driver,
+            max_size: None,
+            max_file: None,
+        };
+        s.settings.logging = Some(log(LogDriver::Journald));
+        let v = serde_json::to_value(container_config(&s).unwrap()).unwrap();
+        assert_eq!(
+            v["HostConfig"]["LogConfig"],
+            serde_json::json!({"Type": "journald", "Config": {}})
+        );
+        s.settings.logging = Some(log(LogDriver::None));
+        let v = serde_json::to_value(container_config(&s).unwrap()).unwrap();
+        assert_eq!(v["HostConfig"]["LogConfig"]["Type"], "none");
+        // Docker has no k8s-file: refused with a message naming the alternative.
+        s.settings.logging = Some(log(LogDriver::K8sFile));
+        let e = container_config(&s).unwrap_err().to_string();
+        assert!(e.contains("k8s-file") && e.contains("json-file"), "{e}");
     }
 
     #[test]

@@ -3,8 +3,9 @@
 
 use super::*;
 
-/// Translates a [`CreateSpec`] into libpod's create body (a SpecGenerator).
-pub(super) fn create_opts(spec: &CreateSpec) -> Result<ContainerCreateOpts, DriverError> {
+/// Translates a [`CreateSpec`] into libpod's create body (a SpecGenerator, as JSON:
+/// podman-api's builder cannot express every field, see [`log_configuration`]).
+pub(super) fn create_body(spec: &CreateSpec) -> Result<serde_json::Value, DriverError> {
     let bad = |what: String| failed("create", &spec.name, what);
 
     let mut b = ContainerCreateOpts::builder()
@@ -52,15 +53,27 @@ pub(super) fn create_opts(spec: &CreateSpec) -> Result<ContainerCreateOpts, Driv
             is_anonymous: None,
         }));
     }
-    if !binds.is_empty() {
-        b = b.mounts(binds.into_iter().map(|v| ContainerMount {
+    let mounts: Vec<ContainerMount> = binds
+        .into_iter()
+        .map(|v| ContainerMount {
             _type: Some("bind".into()),
             source: Some(v.source.clone()),
             destination: Some(v.target.clone()),
             options: Some(vec![rw(v.read_only)]),
             uid_mappings: None,
             gid_mappings: None,
-        }));
+        })
+        .chain(spec.settings.tmpfs.iter().map(|t| ContainerMount {
+            _type: Some("tmpfs".into()),
+            source: Some("tmpfs".into()),
+            destination: Some(t.target.clone()),
+            options: Some(t.options()),
+            uid_mappings: None,
+            gid_mappings: None,
+        }))
+        .collect();
+    if !mounts.is_empty() {
+        b = b.mounts(mounts);
     }
 
     let cpu = match spec.cpus {
@@ -144,7 +157,93 @@ pub(super) fn create_opts(spec: &CreateSpec) -> Result<ContainerCreateOpts, Driv
             .networks([(net, serde_json::Value::Object(opts))]);
     }
 
-    Ok(b.build())
+    let b = with_settings(b, &spec.settings);
+    let mut body: serde_json::Value = serde_json::from_str(
+        &b.build()
+            .serialize()
+            .map_err(|e| bad(format!("create body: {e}")))?,
+    )
+    .map_err(|e| bad(format!("create body: {e}")))?;
+    if let (Some(l), Some(map)) = (&spec.settings.logging, body.as_object_mut()) {
+        // podman-api 0.10's `log_configuration` takes Docker's `{Type, Config}` shape,
+        // which libpod ignores: set libpod's own here.
+        map.insert("log_configuration".into(), log_configuration(l));
+    }
+    Ok(body)
+}
+
+/// Adds the rest of the [`ContainerSettings`] but logging (see [`create_body`]).
+fn with_settings(
+    mut b: ContainerCreateOptsBuilder,
+    s: &ContainerSettings,
+) -> ContainerCreateOptsBuilder {
+    if let Some(u) = &s.user {
+        b = b.user(u);
+    }
+    if let Some(w) = &s.working_dir {
+        // Created when the image lacks it, as Docker does.
+        b = b.work_dir(w).create_working_dir(true);
+    }
+    if let Some(h) = &s.hostname {
+        b = b.hostname(h);
+    }
+    if !s.extra_hosts.is_empty() {
+        b = b.hosts_add(s.extra_hosts.iter().map(|(h, ip)| format!("{h}:{ip}")));
+    }
+    if !s.cap_add.is_empty() {
+        b = b.add_capabilities(&s.cap_add);
+    }
+    if !s.cap_drop.is_empty() {
+        b = b.drop_capabilities(&s.cap_drop);
+    }
+    if s.read_only_rootfs {
+        // Unlike `podman run --read-only`, the API adds no tmpfs on /tmp, /var/tmp
+        // and /run (read_write_tmpfs stays false): the same as Docker.
+        b = b.read_only_fs(true);
+    }
+    if !s.ulimits.is_empty() {
+        // Once any is given, libpod drops containers.conf's `default_ulimits` and sets
+        // nofile and nproc, unless given, to 1048576 (see `start` for the hint).
+        b = b.r_limits(s.ulimits.iter().map(|(name, &(soft, hard))| PosixRlimit {
+            type_: Some(name.clone()),
+            soft: Some(soft),
+            hard: Some(hard),
+        }));
+    }
+    if !s.sysctls.is_empty() {
+        b = b.sysctl(s.sysctls.iter());
+    }
+    if let Some(sig) = &s.stop_signal {
+        b = b.stop_signal(i64::from(sig.number));
+    }
+    if !s.devices.is_empty() {
+        // libpod reads only `path`, in the CLI's `host:container:permissions` form.
+        b = b.devices(s.devices.iter().map(|d| LinuxDevice {
+            path: Some(format!("{}:{}:{}", d.host, d.container, d.permissions)),
+            file_mode: None,
+            gid: None,
+            major: None,
+            minor: None,
+            type_: None,
+            uid: None,
+        }));
+    }
+    b
+}
+
+/// libpod's `log_configuration`. Podman spells Docker's json-file `k8s-file` (its own
+/// format) and keeps a single file, truncated at `size`: `max_file` has no equivalent.
+fn log_configuration(l: &LogSpec) -> serde_json::Value {
+    let driver = match l.driver {
+        LogDriver::JsonFile | LogDriver::K8sFile => "k8s-file",
+        LogDriver::Journald => "journald",
+        LogDriver::None => "none",
+    };
+    let mut v = serde_json::json!({ "driver": driver });
+    if let Some(size) = l.max_size.filter(|_| driver == "k8s-file") {
+        v["size"] = serde_json::json!(size);
+    }
+    v
 }
 
 pub(super) fn run_state(status: &str) -> RunState {
