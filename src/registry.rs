@@ -283,11 +283,17 @@ fn served(d: &Document) -> Option<Cow<'_, Served>> {
 /// The metadata reconciler: the database `<data_dir>/metadata.db`, and in the agent
 /// (`serve`) the read API, serving the stored data from construction on.
 fn metadata(data_dir: &Path, serve: bool) -> Arc<dyn Section> {
-    let driver = if serve {
+    let mut driver = if serve {
         converge_metadata::Host::serving(data_dir)
     } else {
         converge_metadata::Host::offline(data_dir)
     };
+    // Test-only: the node's /etc files (hostname, motd) under another directory
+    // (tests/node_settings.rs; the host name itself is the agent's UTS namespace's).
+    if let Some(etc) = std::env::var_os("CONVERGE_TEST_ETC_DIR") {
+        tracing::warn!(etc = ?etc, "metadata: test /etc directory");
+        driver = driver.with_etc(etc);
+    }
     Arc::new(Bound::new(Metadata::new(driver), served))
 }
 

@@ -712,7 +712,6 @@ async fn a_failed_object_degrades_without_hot_retries_and_is_one_event() {
         "listed with the errors, not as waiting"
     );
     let st = until(State::Converged).await;
-    drop(until);
     assert!(st.object_errors.is_empty());
     // Three looks, a minute apart (its own delay), not a retry loop; one event.
     let t = pass_times(&times);
