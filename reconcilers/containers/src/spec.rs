@@ -39,6 +39,7 @@ pub struct Registry {
     /// The registry as image references name it: `host[:port]`, e.g.
     /// `registry.example.com:5000`, or `docker.io` for Docker Hub (no scheme, no path).
     pub server: String,
+    /// User name the registry knows (sent with the password).
     pub username: String,
     /// Secret holding the password or access token (sealed in the document's `secrets`,
     /// or a local secret file). Read at each pull, never logged, shown or stored.
