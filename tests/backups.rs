@@ -335,7 +335,12 @@ fn kill9_during_backup_next_agent_finishes_the_slot_borg_check_clean() {
         assert!(Instant::now() < deadline, "no second borg create seen");
         std::thread::sleep(Duration::from_millis(10));
     };
-    std::thread::sleep(Duration::from_millis(800));
+    // Killed mid-run: with a transaction open (unless borg was done first).
+    wait_until(
+        Duration::from_secs(60),
+        "borg writing to the repository",
+        || mid_transaction(&repo) || !pid_alive(pid),
+    );
     kill9(&mut agent);
     // SAFETY: plain kill(2) of the borg process this test saw.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
@@ -358,6 +363,28 @@ fn kill9_during_backup_next_agent_finishes_the_slot_borg_check_clean() {
         String::from_utf8_lossy(&check.stderr)
     );
     eprintln!("second kill: stale lock left by the killed borg: {lock_left}");
+}
+
+/// Whether a borg transaction is open in `repo`: its lock held, and data written to a
+/// segment newer than the last commit (the number of the `index.N` file).
+fn mid_transaction(repo: &Path) -> bool {
+    let numbers = |dir: &Path, prefix: &str| -> Vec<u64> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok())
+            .collect()
+    };
+    let committed = numbers(repo, "index.").into_iter().max();
+    let newest = std::fs::read_dir(repo.join("data"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| numbers(&d.path(), ""))
+        .max();
+    repo.join("lock.exclusive").exists()
+        && matches!((committed, newest), (Some(c), Some(n)) if n > c)
 }
 
 fn parent_of(pid: u32) -> Option<u32> {

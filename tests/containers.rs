@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::agent::{data, push_ok, start_agent, status, wait_ready};
+use common::agent::{data, push_ok, reconciler, start_agent, status, wait_ready};
 use common::dnsq::query;
 use common::sandbox::{require_tool, wait_until, Spawned, TestNode};
 use hickory_proto::rr::RecordType;
@@ -363,7 +363,19 @@ fn podman_end_to_end() {
     // containers live on under conmon, the agent reconnects, nothing is restarted.
     let started = rt.inspect("web", "{{.State.StartedAt}}");
     svc.restart(&node);
-    std::thread::sleep(Duration::from_secs(3));
+    // The agent's next pass after the restart (its event stream reconnects and asks
+    // for one) talks to the new service.
+    let back = chrono::Utc::now();
+    wait_until(
+        Duration::from_secs(20),
+        "a containers pass after the service restart",
+        || {
+            reconciler(&status(&node), "containers")["lastPass"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .is_some_and(|t| t >= back)
+        },
+    );
     wait_converged(&node, 5, Duration::from_secs(10));
     assert_eq!(
         rt.inspect("web", "{{.State.StartedAt}}"),

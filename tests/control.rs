@@ -154,6 +154,13 @@ impl Cp {
         fs::read_to_string(self.root.join("cp.log")).unwrap_or_default()
     }
 
+    /// Whether the plane has read `generation` of `node`'s file (and signed it).
+    fn read_generation(&self, node: &str, generation: u64) -> bool {
+        self.log().contains(&format!(
+            "publishing document node={node} generation={generation}"
+        ))
+    }
+
     fn start_nats(&mut self) {
         let log = self.root.join("nats.log");
         let _ = fs::remove_file(&log);
@@ -607,7 +614,14 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
     // Signed now with a high generation, delivered after newer documents: its issue
     // time is then before the one in force.
     let early = cp.sign("na", &doc("na", 9));
-    std::thread::sleep(Duration::from_millis(20));
+    // Issue times are in milliseconds and a tie is not "before": the plane signs what
+    // follows at least a millisecond later.
+    let early_issued = issued_at(&early);
+    wait_until(
+        Duration::from_secs(1),
+        "the clock past the early issue time",
+        || chrono::Utc::now() >= early_issued + chrono::Duration::milliseconds(1),
+    );
     cp.publish("na", &doc("na", 1));
     cp.publish("nb", &doc("nb", 1));
     wait_accepted(&a, 1);
@@ -686,6 +700,7 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
     let url = cp.nats_url();
     let ca_pem = fs::read_to_string(cp.ca()).expect("ca");
     let (ready_tx, ready) = std::sync::mpsc::channel();
+    let (done_tx, done) = tokio::sync::oneshot::channel();
     let seen = std::thread::scope(|s| {
         let spy = s.spawn(|| {
             cp.node.in_netns(|| {
@@ -693,16 +708,23 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
                     .enable_all()
                     .build()
                     .expect("runtime");
-                rt.block_on(isolation_probe(&url, &user, &seed, &ca_pem, ready_tx))
+                rt.block_on(isolation_probe(&url, &user, &seed, &ca_pem, ready_tx, done))
             })
         });
         let _ = ready.recv_timeout(Duration::from_secs(60));
         cp.publish("nb", &doc("nb", 2));
         wait_accepted(&b, 2);
+        let _ = done_tx.send(());
         spy.join().expect("probe thread")
     });
     assert!(seen.is_empty(), "na saw nb's data: {seen:?}");
-    std::thread::sleep(Duration::from_secs(1));
+    // The probe's own status, sent after the forged one on the same connection, reaches
+    // the plane after it: once it is recorded, a forged status let through would be too.
+    poll(
+        Duration::from_secs(20),
+        "the probe's own status at the control plane",
+        || (cp.record("na")["refused"]["error"] == PROBE_DONE).then_some(()),
+    );
     assert!(
         !cp.record("nb")["refused"]
             .to_string()
@@ -711,20 +733,34 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
     );
 }
 
+/// The error of the status the isolation probe sends for itself once it is done.
+const PROBE_DONE: &str = "isolation probe done";
+
 /// Runs as node `na`: tries to read `nb`'s document and to speak for it; signals `ready`
-/// once its subscriptions are in place. Returns what it managed to see (nothing, if the
-/// permissions hold).
+/// once its subscriptions are in place and listens on them until `done` (nb has its
+/// next document). Returns what it managed to see (nothing, if the permissions hold).
+/// An attempt ends with its answer, or with the server's report that the publish was
+/// refused for want of permission (nothing will answer then), or after 3 s.
 async fn isolation_probe(
     url: &str,
     user: &str,
     seed: &str,
     ca: &str,
     ready: std::sync::mpsc::Sender<()>,
+    mut done: tokio::sync::oneshot::Receiver<()>,
 ) -> Vec<String> {
     use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
     use futures::StreamExt;
     let mut seen = Vec::new();
-    let opts = async_nats::ConnectOptions::with_nkey(seed.into());
+    let (errors, mut refused) = tokio::sync::mpsc::unbounded_channel();
+    let opts = async_nats::ConnectOptions::with_nkey(seed.into()).event_callback(move |event| {
+        let errors = errors.clone();
+        async move {
+            if let async_nats::Event::ServerError(async_nats::ServerError::Other(e)) = event {
+                let _ = errors.send(e);
+            }
+        }
+    });
     let client = converge::control::nats::with_tls(opts, url, Some(ca))
         .expect("tls")
         .custom_inbox_prefix(format!("_INBOX_{user}"))
@@ -743,10 +779,15 @@ async fn isolation_probe(
     };
     // Nodes make no consumers (the plane makes each node's): not on nb's key, and not on
     // its own key either, where it could aim the delivery at nb's status subject.
-    match js
-        .create_consumer_on_stream(watch("nb"), "KV_converge")
-        .await
-    {
+    let made = tokio::select! {
+        made = js.create_consumer_on_stream(watch("nb"), "KV_converge") => {
+            made.map_err(|e| e.to_string())
+        }
+        () = publish_refused(&mut refused, "$JS.API.CONSUMER.") => {
+            Err("publish refused by the server".to_string())
+        }
+    };
+    match made {
         Ok(c) => {
             let mut m = c.messages().await.expect("messages");
             if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(3), m.next()).await {
@@ -761,11 +802,11 @@ async fn isolation_probe(
         deliver_subject: "converge.status.nb".into(),
         ..watch(user)
     };
-    if js
-        .create_consumer_on_stream(aimed, "KV_converge")
-        .await
-        .is_ok()
-    {
+    let made = tokio::select! {
+        made = js.create_consumer_on_stream(aimed, "KV_converge") => made.is_ok(),
+        () = publish_refused(&mut refused, "$JS.API.CONSUMER.") => false,
+    };
+    if made {
         seen.push("a consumer delivering to nb's status subject was created".into());
     }
     // Raw API calls: a consumer without the filter in the subject, a durable one, direct
@@ -800,12 +841,14 @@ async fn isolation_probe(
         ),
         ("$JS.API.STREAM.MSG.DELETE.KV_converge", r#"{"seq":1}"#),
     ] {
-        let r = tokio::time::timeout(
-            Duration::from_secs(3),
-            client.request(subject.to_string(), body.as_bytes().to_vec().into()),
-        )
-        .await;
-        if let Ok(Ok(m)) = r {
+        let r = tokio::select! {
+            r = tokio::time::timeout(
+                Duration::from_secs(3),
+                client.request(subject.to_string(), body.as_bytes().to_vec().into()),
+            ) => r.ok().and_then(Result::ok),
+            () = publish_refused(&mut refused, subject) => None,
+        };
+        if let Some(m) = r {
             let text = String::from_utf8_lossy(&m.payload).to_string();
             if !text.contains("\"error\"") {
                 seen.push(format!("{subject}: {text}"));
@@ -829,14 +872,52 @@ async fn isolation_probe(
             serde_json::to_vec(&forged).expect("json").into(),
         )
         .await;
+    // Then a status of its own (which it may send), the barrier the test waits for.
+    let own = json!({"type": "refused", "nodeId": "na", "sentAt": "2026-01-01T00:00:00Z",
+        "generation": 98, "error": PROBE_DONE});
+    let _ = client
+        .publish(
+            "converge.status.na",
+            serde_json::to_vec(&own).expect("json").into(),
+        )
+        .await;
     let _ = client.flush().await;
     let _ = ready.send(());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    let deadline = tokio::time::sleep(Duration::from_secs(120));
+    tokio::pin!(deadline);
     let mut all = futures::stream::select_all(subs);
-    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, all.next()).await {
-        seen.push(format!("{}: {} bytes", m.subject, m.payload.len()));
+    loop {
+        tokio::select! {
+            biased;
+            m = all.next() => match m {
+                Some(m) => seen.push(format!("{}: {} bytes", m.subject, m.payload.len())),
+                None => break,
+            },
+            // Sent, or dropped by a failing test.
+            _ = &mut done => break,
+            () = &mut deadline => break,
+        }
     }
     seen
+}
+
+/// Waits until the server reports a publish to a subject containing `subject` refused
+/// for want of permission (it answers a refused publish with such an error, nothing else).
+async fn publish_refused(errors: &mut tokio::sync::mpsc::UnboundedReceiver<String>, subject: &str) {
+    while let Some(e) = errors.recv().await {
+        if e.contains("Permissions Violation for Publish") && e.contains(subject) {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// The `issuedAt` of an envelope.
+fn issued_at(envelope: &str) -> chrono::DateTime<chrono::Utc> {
+    let v: Value = serde_json::from_str(envelope).expect("envelope json");
+    chrono::DateTime::parse_from_rfc3339(v["issuedAt"].as_str().expect("issuedAt"))
+        .expect("rfc3339")
+        .to_utc()
 }
 
 /// A WireGuard key used as the secret: its public half shows in status once the
@@ -961,10 +1042,18 @@ fn disconnect_and_reconnect(use_nats: bool, name: &str) {
     });
     let text = String::from_utf8_lossy(&converge(&node, &["status"]).stdout).to_string();
     assert!(text.contains("control: disconnected"), "{text}");
-    cp.publish(name, &doc(name, 2));
-    std::thread::sleep(Duration::from_secs(1));
-    cp.publish(name, &doc(name, 3));
-    std::thread::sleep(Duration::from_secs(1));
+    // On NATS the plane runs on and reads each generation (it cannot put it on NATS);
+    // over HTTPS it is stopped and reads only the last file when it is back.
+    for generation in [2, 3] {
+        cp.publish(name, &doc(name, generation));
+        if use_nats {
+            wait_until(
+                Duration::from_secs(10),
+                &format!("the plane reads generation {generation}"),
+                || cp.read_generation(name, generation),
+            );
+        }
+    }
     if use_nats {
         cp.start_nats();
     } else {

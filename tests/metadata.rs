@@ -10,6 +10,7 @@
 mod common;
 
 use common::agent::{converge, data, reconciler, start_agent, status};
+use common::netstat::{tcp_sockets, tcp_sockets_here, TcpSocket};
 use common::podman::{podman, start_podman, TEST_IMAGE};
 use common::sandbox::{converge_bin, require_tool, wait_until, Spawned, TestNode};
 use serde_json::{json, Value};
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const API: &str = "127.0.0.1:8500";
+const API_PORT: u16 = 8500;
 
 fn sha(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -96,7 +98,16 @@ impl Client {
     }
 
     fn raw(&mut self, request: &str) -> std::io::Result<Resp> {
-        self.0.get_mut().write_all(request.as_bytes())?;
+        self.send(request)?;
+        self.response()
+    }
+
+    fn send(&mut self, request: &str) -> std::io::Result<()> {
+        self.0.get_mut().write_all(request.as_bytes())
+    }
+
+    /// Reads the next response on the connection.
+    fn response(&mut self) -> std::io::Result<Resp> {
         let mut line = String::new();
         self.0.read_line(&mut line)?;
         let status = line
@@ -131,12 +142,38 @@ impl Client {
 
     /// A GET with the required header and `token` (if any) plus `extra` header lines.
     fn get(&mut self, path: &str, token: Option<&str>, extra: &str) -> std::io::Result<Resp> {
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        self.raw(&format!(
-            "GET {path} HTTP/1.1\r\nHost: metadata.internal\r\nConverge-Metadata: true\r\n{auth}{extra}\r\n"
-        ))
+        self.raw(&get_request(path, token, extra))
+    }
+
+    /// The port of this end of the connection.
+    fn local_port(&self) -> u16 {
+        self.0.get_ref().local_addr().expect("local address").port()
+    }
+}
+
+/// The text of a GET with the required header and `token` (if any) plus `extra` header
+/// lines.
+fn get_request(path: &str, token: Option<&str>, extra: &str) -> String {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: metadata.internal\r\nConverge-Metadata: true\r\n{auth}{extra}\r\n"
+    )
+}
+
+/// Whether the API has read all that the client on local port `client_port` sent it:
+/// every byte acknowledged, none left unread on the agent's end. The handler gets a
+/// request as soon as it is read, and a watch parks before the handler first waits.
+fn request_read(sockets: &[TcpSocket], client_port: u16) -> bool {
+    let end = |local: u16, remote: u16| {
+        sockets
+            .iter()
+            .find(|s| s.local.port() == local && s.remote.port() == remote)
+    };
+    match (end(client_port, API_PORT), end(API_PORT, client_port)) {
+        (Some(client), Some(agent)) => client.tx_queue == 0 && agent.rx_queue == 0,
+        _ => false,
     }
 }
 
@@ -340,17 +377,21 @@ fn watch_hammer_restart_and_drift() {
     let quiet_index = get(&node, "/v1/metadata/fixed", Some("token-quiet"), "").index();
     let n = first.index();
     let mut watcher = Client::connect(&node, API).unwrap();
-    let handle = std::thread::spawn(move || {
-        let r = watcher
-            .get(
-                &format!("/v1/metadata/gen/k00?index={n}&wait=30s"),
-                Some("token-hammer"),
-                "",
-            )
-            .expect("watch");
-        (r, Instant::now())
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    let watcher_port = watcher.local_port();
+    watcher
+        .send(&get_request(
+            &format!("/v1/metadata/gen/k00?index={n}&wait=30s"),
+            Some("token-hammer"),
+            "",
+        ))
+        .expect("watch");
+    let handle = std::thread::spawn(move || (watcher.response().expect("watch"), Instant::now()));
+    // The push must find the watch in flight (parked), not yet to be read.
+    wait_until(
+        Duration::from_secs(10),
+        "the watch read by the agent",
+        || request_read(&tcp_sockets(&node), watcher_port),
+    );
     let pushed = Instant::now();
     push_fast(&node, &hammer_doc(&node, 2));
     let (woke, at) = handle.join().expect("watch thread");
@@ -372,8 +413,9 @@ fn watch_hammer_restart_and_drift() {
     // A reader hammering the API during 1,000 document updates.
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
+    let latest = Arc::new(AtomicU64::new(0));
     let reader = {
-        let (stop, reads) = (stop.clone(), reads.clone());
+        let (stop, reads, latest) = (stop.clone(), reads.clone(), latest.clone());
         let mut c = Client::connect(&node, API).unwrap();
         std::thread::spawn(move || {
             let (mut errors, mut mixed, mut last) = (Vec::new(), 0u64, 0u64);
@@ -390,6 +432,7 @@ fn watch_hammer_restart_and_drift() {
                                 errors.push(format!("went back from {last} to {g}"));
                             }
                             last = *g;
+                            latest.store(last, Ordering::Relaxed);
                         }
                         reads.fetch_add(1, Ordering::Relaxed);
                     }
@@ -414,7 +457,14 @@ fn watch_hammer_restart_and_drift() {
         "reader saw the last generation",
         || get(&node, "/v1/metadata/gen/k19", Some("token-hammer"), "").body == "1002",
     );
-    std::thread::sleep(Duration::from_millis(100));
+    // ... the hammering reader too (unless it stopped on an error), before it stops.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while latest.load(Ordering::Relaxed) != 1002
+        && !reader.is_finished()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     stop.store(true, Ordering::Relaxed);
     let (errors, mixed, last) = reader.join().expect("reader");
     println!(
@@ -662,8 +712,14 @@ enum Outcome {
     ConnectFailed,
 }
 
+/// How the connection was answered, for a connection whose answer is due already.
 fn outcome(stream: &mut TcpStream) -> Outcome {
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(20)));
+    outcome_within(stream, Duration::from_millis(20))
+}
+
+/// How the connection was answered, waiting at most `wait` for an answer.
+fn outcome_within(stream: &mut TcpStream, wait: Duration) -> Outcome {
+    let _ = stream.set_read_timeout(Some(wait));
     let mut buf = [0u8; 512];
     match stream.read(&mut buf) {
         Ok(0) => Outcome::Closed,
@@ -695,6 +751,22 @@ struct Flood {
     quiet_failures: Vec<String>,
     parked_quiet: usize,
     flooder_again: Outcome,
+}
+
+/// Whether the API has dealt with every connection to it: none is waiting to be accepted,
+/// every request sent has been read (and acknowledged).
+fn flood_settled(sockets: &[TcpSocket]) -> bool {
+    sockets.iter().all(|s| {
+        if s.local.port() == API_PORT {
+            // The agent's end; for the listener, the connections not yet accepted.
+            s.rx_queue == 0
+        } else if s.remote.port() == API_PORT {
+            // A client's end.
+            s.tx_queue == 0
+        } else {
+            true
+        }
+    })
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -737,8 +809,14 @@ fn metadata_one_project_cannot_starve_another() {
             });
             flood.push(s);
         }
-        // Every immediate answer (429, 503) has arrived by then.
-        std::thread::sleep(Duration::from_millis(1000));
+        // Every immediate answer (429, 503) has arrived once the agent has accepted every
+        // connection and read every request: it answers a request as it reads it, and
+        // writes a refusal before reading what the refused connection sent.
+        wait_until(
+            Duration::from_secs(60),
+            "every flooding connection accepted and its request read",
+            || flood_settled(&tcp_sockets_here()),
+        );
         let mut watches = BTreeMap::<Outcome, usize>::new();
         let mut idle = BTreeMap::<Outcome, usize>::new();
         // Parked watches first (in order), then every other connection still open (429
@@ -767,8 +845,8 @@ fn metadata_one_project_cannot_starve_another() {
         let flooder_again = connect_from(flooder, api)
             .map(|mut s| {
                 let _ = s.write_all(request("token-flood", "").as_bytes());
-                std::thread::sleep(Duration::from_millis(100));
-                outcome(&mut s)
+                // Refused at once; still open after this long, it was not refused.
+                outcome_within(&mut s, Duration::from_secs(5))
             })
             .unwrap_or(Outcome::ConnectFailed);
         // Meanwhile the other project, from its own source: watches park, and every

@@ -337,6 +337,7 @@ fn drift_refusal_and_one_change_per_pass() {
                     .args(["-d", &format!("\"foreign-{n}\"")])
                     .arg("http://caddy/config/apps/http/servers/foreign/routes/0/handle/0/body")
                     .output();
+                // Pacing: an edit every few milliseconds, not a wait for anything.
                 std::thread::sleep(Duration::from_millis(5));
             }
         })

@@ -3,8 +3,10 @@
 
 mod common;
 
+use common::netstat::{snmp_counter, tcp_sockets, TCP_ESTABLISHED, TCP_LISTEN};
 use common::sandbox::{pid_alive, require_tool, TestNode};
-use std::net::UdpSocket;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::process::Command;
@@ -38,6 +40,59 @@ fn in_netns_sockets_live_in_the_node() {
     let (n, from) = rx.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"hello");
     assert_eq!(from, tx.local_addr().unwrap());
+}
+
+#[test]
+fn netstat_shows_the_node_sockets_queues_and_counters() {
+    require_tool("ping");
+    let node = TestNode::new("netstat");
+    let (listener, mut client) = node.in_netns(|| {
+        let l = TcpListener::bind((node.address(), 0)).expect("listen");
+        let c = TcpStream::connect(l.local_addr().unwrap()).expect("connect");
+        (l, c)
+    });
+    let (server_addr, client_addr) = (listener.local_addr().unwrap(), client.local_addr().unwrap());
+    let find = |local, remote| {
+        tcp_sockets(&node)
+            .into_iter()
+            .find(|s| s.local == local && s.remote == remote)
+    };
+    // Not accepted yet: the listener counts it as waiting.
+    let waiting = tcp_sockets(&node)
+        .into_iter()
+        .find(|s| s.local == server_addr && s.state == TCP_LISTEN)
+        .expect("the listener");
+    assert_eq!(waiting.rx_queue, 1, "{waiting:?}");
+    client.write_all(b"hello").unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    let unread = find(server_addr, client_addr).expect("the server end");
+    assert_eq!(
+        (unread.state, unread.rx_queue),
+        (TCP_ESTABLISHED, 5),
+        "{unread:?}"
+    );
+    let mut buf = [0u8; 5];
+    server.read_exact(&mut buf).unwrap();
+    assert_eq!(
+        find(server_addr, client_addr)
+            .expect("the server end")
+            .rx_queue,
+        0
+    );
+    assert_eq!(
+        find(client_addr, server_addr)
+            .expect("the client end")
+            .tx_queue,
+        0
+    );
+    assert!(
+        tcp_sockets(&TestNode::new("netstat-b")).is_empty(),
+        "another node has none of them"
+    );
+
+    let echoes = snmp_counter(&node, "Icmp", "OutEchos");
+    node.run_ok("ping", ["-c2", "-i0.2", &node.address().to_string()]);
+    assert_eq!(snmp_counter(&node, "Icmp", "OutEchos"), echoes + 2);
 }
 
 #[test]

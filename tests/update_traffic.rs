@@ -251,6 +251,7 @@ impl Traffic {
                         why.push(format!("{ans:?}"));
                     }
                 }
+                // Pacing: a query every 50 ms.
                 std::thread::sleep(Duration::from_millis(50));
             }
             (sent, failed, why)
@@ -441,6 +442,7 @@ fn daemons_keep_serving_through_agent_update_and_rollback() {
     });
 
     let (base, _, _) = phase("baseline", &px, &w, (&mut ag_p, &mut ag_w), |_, _| {
+        // Nothing happens: a second more of traffic to compare the other phases with.
         std::thread::sleep(Duration::from_secs(1));
         Duration::ZERO
     });

@@ -16,7 +16,9 @@
 mod common;
 
 use common::agent::{converge, data, push_ok, reconciler, start_agent, status, wireguard_key};
+use common::netstat::snmp_counter;
 use common::sandbox::{pid_alive, require_tool, wait_until, Spawned, TestNode};
+use converge_wireguard::driver::wireguard_go_pids;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
@@ -146,14 +148,17 @@ fn mesh_node(tag: &str, n: u8, agent_args: &[&str]) -> Mesh {
 }
 
 /// A continuous ping (every 5 ms) from a node, its replies written to a file in the
-/// node's data dir; stopped with SIGINT.
+/// node's data dir; stopped with SIGINT. The only ping of its node while it runs.
 struct LivePing {
     child: Spawned,
     out: PathBuf,
+    /// The node's ICMP echo requests sent before this ping started.
+    echoes_before: u64,
 }
 
 impl LivePing {
     fn start(from: &Mesh, to: IpAddr) -> LivePing {
+        let echoes_before = snmp_counter(&from.node, "Icmp", "OutEchos");
         let out = from.node.data_dir().join(format!("ping-{to}.txt"));
         let file = std::fs::File::create(&out).expect("ping output file");
         let mut cmd = from.node.command("ping");
@@ -163,11 +168,30 @@ impl LivePing {
         let ping = LivePing {
             child: from.node.spawn(&mut cmd),
             out,
+            echoes_before,
         };
         wait_until(Duration::from_secs(5), "the first ping reply", || {
             std::fs::read_to_string(&ping.out).is_ok_and(|t| t.contains("icmp_seq="))
         });
         ping
+    }
+
+    /// The highest sequence number answered so far.
+    fn last_answered(&self) -> u32 {
+        answered(&std::fs::read_to_string(&self.out).unwrap_or_default())
+            .into_iter()
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits (at most `within`) until the reply to every ping sent by now is in, or
+    /// that to a later one (then any unanswered one before it counts as lost).
+    fn settle(&self, node: &TestNode, within: Duration) {
+        let sent = snmp_counter(node, "Icmp", "OutEchos") - self.echoes_before;
+        let deadline = Instant::now() + within;
+        while u64::from(self.last_answered()) < sent && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Stops the ping, which must still be running; returns how many were sent and
@@ -186,14 +210,17 @@ impl LivePing {
             .find_map(|l| l.split_once(" packets transmitted"))
             .and_then(|(n, _)| n.trim().parse().ok())
             .unwrap_or_else(|| panic!("no ping summary in {text}"));
-        let answered: HashSet<u32> = text
-            .lines()
-            .filter(|l| l.contains(" bytes from "))
-            .filter_map(|l| l.split("icmp_seq=").nth(1))
-            .filter_map(|r| r.split(' ').next()?.parse().ok())
-            .collect();
-        (sent, lost(sent, &answered))
+        (sent, lost(sent, &answered(&text)))
     }
+}
+
+/// The sequence numbers answered in a ping's output.
+fn answered(text: &str) -> HashSet<u32> {
+    text.lines()
+        .filter(|l| l.contains(" bytes from "))
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|r| r.split(' ').next()?.parse().ok())
+        .collect()
 }
 
 /// The lost pings among `sent`: those unanswered below the highest answered one, and
@@ -260,27 +287,6 @@ fn wait_pings(from: &Mesh, to: IpAddr) {
         &format!("{} pings {to}", from.node.name()),
         || from.pings(to),
     );
-}
-
-/// The pids of the wireguard-go serving `iface` (its command line is `wireguard-go <iface>`).
-fn wireguard_go_pids(iface: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        if args.first().is_some_and(|p| p.ends_with(b"wireguard-go"))
-            && args.get(1) == Some(&iface.as_bytes())
-        {
-            pids.push(pid);
-        }
-    }
-    pids.sort_unstable();
-    pids
 }
 
 #[test]
@@ -490,8 +496,8 @@ fn churn_of_one_peer_through_the_agent_loses_no_packet_of_another() {
         (v, (endpoint, allowed, keepalive.to_string()))
     };
 
+    // Started once a reply came back: the A-B session carries it from here on.
     let ping = LivePing::start(&a, b.v4());
-    std::thread::sleep(Duration::from_millis(200));
     let before = wg_dump(&a)[&b.public_key].clone();
     let started = Instant::now();
     let mut generation = 1;
@@ -510,8 +516,8 @@ fn churn_of_one_peer_through_the_agent_loses_no_packet_of_another() {
     }
     let churn = started.elapsed();
     let after = wg_dump(&a)[&b.public_key].clone();
-    // Time for the replies to the pings sent during the churn.
-    std::thread::sleep(Duration::from_millis(200));
+    // The replies to the pings sent during the churn.
+    ping.settle(&a.node, Duration::from_secs(5));
     let (sent, lost) = ping.stop();
     let pushes = generation - 1;
     eprintln!(

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod dnsq;
 pub mod docker;
 pub mod mesh;
+pub mod netstat;
 pub mod podman;
 pub mod registry;
 pub mod runtime;

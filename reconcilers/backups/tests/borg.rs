@@ -308,6 +308,28 @@ async fn passphrase_never_in_borg_cmdline_or_environ() {
     );
 }
 
+/// Whether a borg transaction is open in `repo`: its lock held, and data written to a
+/// segment newer than the last commit (the number of the `index.N` file).
+fn mid_transaction(repo: &Path) -> bool {
+    let numbers = |dir: &Path, prefix: &str| -> Vec<u64> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok())
+            .collect()
+    };
+    let committed = numbers(repo, "index.").into_iter().max();
+    let newest = std::fs::read_dir(repo.join("data"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| numbers(&d.path(), ""))
+        .max();
+    repo.join("lock.exclusive").exists()
+        && matches!((committed, newest), (Some(c), Some(n)) if n > c)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_of_a_killed_borg_is_broken_and_the_next_backup_succeeds() {
     let env = Env::new();
@@ -336,7 +358,13 @@ async fn lock_of_a_killed_borg_is_broken_and_the_next_backup_succeeds() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    while !mid_transaction(&env.path("repo")) {
+        assert!(
+            Instant::now() < deadline,
+            "borg never wrote to the repository"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 
 use common::{borg, create_bucket, open_uploads, random_file, Moto};
 use converge_backups::export::{
@@ -270,14 +271,16 @@ async fn abort_orphans_leaves_a_running_export_alone() {
     create_bucket(&moto, "exports");
     let t = target(&moto, "exports", "running.tar");
     let journal = tmp.path().join("journal");
-    // Data, a pause during which abort_orphans runs, then the rest.
+    // Data, a pause (until a line arrives on its stdin) during which abort_orphans runs,
+    // then the rest.
     let script = format!(
-        "head -c {} /dev/urandom; sleep 3; head -c 1000 /dev/urandom",
+        "head -c {} /dev/urandom; read go; head -c 1000 /dev/urandom",
         PART_SIZE
     );
+    let mut child = sh(&script).stdin(Stdio::piped()).spawn().expect("spawn");
+    let mut go = child.stdin.take().expect("the child's stdin");
     let running = tokio::spawn({
         let (t, journal) = (t.clone(), journal.clone());
-        let child = sh(&script).spawn().expect("spawn");
         async move { export(child, &t, TTL, &journal, |_| {}).await }
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -286,6 +289,8 @@ async fn abort_orphans_leaves_a_running_export_alone() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(abort_orphans(&journal, &t).await.expect("abort orphans"), 0);
+    go.write_all(b"\n").await.expect("resume the child");
+    drop(go);
     let outcome = running
         .await
         .expect("join")
@@ -612,7 +617,13 @@ async fn presigned_url_is_verified_by_a_sigv4_server_and_expires() {
         .format("%Y%m%dT%H%M%SZ")
         .to_string()
     );
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Expired once the clock is past expires_at (the server checks to the sub-second).
+    while chrono::Utc::now() <= expires_at {
+        let left = (expires_at - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        tokio::time::sleep(left + Duration::from_millis(1)).await;
+    }
     let (status, body) = get(&short).await;
     let body = String::from_utf8_lossy(&body);
     assert_eq!(status, 403, "expired URL: {body}");

@@ -54,6 +54,7 @@ fn mesh_pings_and_peer_churn_never_disturbs_another_session() {
 
     // A continuous ping A -> B for ~10 s while peer C churns on A.
     let net = format!("--net=/run/netns/{}", a.ns);
+    let replies_before = a.snmp("Icmp", "InEchoReps");
     let ping = Command::new("nsenter")
         .args([
             net.as_str(),
@@ -72,7 +73,12 @@ fn mesh_pings_and_peer_churn_never_disturbs_another_session() {
         .stderr(Stdio::null())
         .spawn()
         .expect("ping");
-    std::thread::sleep(Duration::from_millis(300));
+    // The churn starts once the ping runs: its first reply is in (A pings nothing else).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.snmp("Icmp", "InEchoReps") == replies_before {
+        assert!(Instant::now() < deadline, "no reply to the ping A -> B");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let c_key = PublicKey([0x5c; 32]);
     // C's endpoints are unused addresses of A's own underlay: nothing answers there.
     let prefix = a.underlay.rsplit_once('.').expect("ipv4").0.to_string();

@@ -180,6 +180,19 @@ impl Node {
     pub fn wireguard_go_pid(&self) -> Option<u32> {
         wireguard_go_pids(&self.iface).into_iter().next()
     }
+
+    /// Counter `name` of protocol `proto` in the node's `/proc/net/snmp` (e.g. `("Icmp",
+    /// "InEchoReps")`): each protocol has a line of names, then one of values.
+    pub fn snmp(&self, proto: &str, name: &str) -> u64 {
+        let text = self.ns_ok(&["cat", "/proc/net/snmp"]);
+        let prefix = format!("{proto}:");
+        let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+        let (names, values) = (lines.next(), lines.next());
+        names
+            .and_then(|n| n.split_whitespace().position(|n| n == name))
+            .and_then(|i| values?.split_whitespace().nth(i)?.parse().ok())
+            .unwrap_or_else(|| panic!("no counter {proto} {name} in {text}"))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,26 +235,9 @@ pub async fn converge(rec: &Rec, spec: &WireguardSpec) -> Plan<Action> {
     panic!("not converged after 3 passes");
 }
 
-/// wireguard-go processes serving `iface` (by their command line).
-pub fn wireguard_go_pids(iface: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in dir.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        if args.len() >= 2 && args[0].ends_with(b"wireguard-go") && args[1] == iface.as_bytes() {
-            pids.push(pid);
-        }
-    }
-    pids
-}
+/// wireguard-go processes serving `iface` (by their command line): the driver's own
+/// finder, a /proc scan (`converge_core::host::find`).
+pub use converge_wireguard::driver::wireguard_go_pids;
 
 /// Two or more namespaces on one veth "switch" (a bridge namespace would be more
 /// general; a chain of veth pairs from node 0 is enough for these tests).
