@@ -122,11 +122,19 @@ impl<D: BackupsDriver> Backups<D> {
         let shared = self.shared.clone();
         let span = info_span!("backups", object = %object);
         let obj = object.clone();
+        let background = self.background;
         let task = async move {
-            let inner = tokio::spawn(work(shared.clone(), progress).in_current_span());
-            let result = match inner.await {
-                Ok(r) => r,
-                Err(e) => Err(DriverError::Failed(format!("run aborted: {e}"))),
+            let run = work(shared.clone(), progress);
+            let result = if background {
+                // Its own task: a panic in the run is recorded as a failed run.
+                match tokio::spawn(run.in_current_span()).await {
+                    Ok(r) => r,
+                    Err(e) => Err(DriverError::Failed(format!("run aborted: {e}"))),
+                }
+            } else {
+                // Inside the pass, so that dropping the pass stops the run (and its
+                // borg) as a killed agent would.
+                run.await
             };
             match &result {
                 Ok(_) => info!("run finished"),
@@ -145,13 +153,12 @@ impl<D: BackupsDriver> Backups<D> {
             let _ = shared.events.send(HostEvent(format!("{obj} finished")));
         }
         .instrument(span);
-        if self.background {
+        if background {
             tokio::spawn(task);
-            ObjectOutcome::ok(object)
         } else {
             task.await;
-            ObjectOutcome::ok(object)
         }
+        ObjectOutcome::ok(object)
     }
 }
 

@@ -498,6 +498,16 @@ async fn a_restore_cut_short_is_undone_or_completed_on_the_next_pass() {
         } => {}
     }
     assert!(staging.exists(), "a partial extraction is there");
+    // Dropping the pass killed its borg (SIGKILL): let it be gone, as after a kill -9.
+    let repo = env.path("repo").display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !borg_users(&repo, true).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the extraction's borg outlived its pass"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // The next agent: the restore is recorded failed, its debris removed, the target
     // exactly as it was.
     let r2 = env.reconciler(false);
