@@ -94,7 +94,7 @@ pub fn plan_text(
         let _ = write!(out, "; {pending} waiting");
     }
     if failed > 0 {
-        let _ = write!(out, "; {failed} failed (nothing will be tried for them)");
+        let _ = write!(out, "; {failed} failed (marked !, why beside each)");
     }
     let _ = writeln!(out, ".");
     out
