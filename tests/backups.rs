@@ -11,6 +11,7 @@
 mod common;
 
 use common::agent::{converge, data, push_ok, reconciler, status, wait_ready};
+use common::borg_repo::{mid_transaction, random_bytes};
 use common::sandbox::{converge_bin, pid_alive, require_tool, wait_until, Spawned, TestNode};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -18,20 +19,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PASSPHRASE: &str = "converge-test-passphrase-5f1e2d";
-
-/// Deterministic incompressible bytes (xorshift64*).
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// Starts the agent with compressed backups time (`scale` x from `epoch`).
 fn start_agent(node: &TestNode, scale: u32, epoch: i64) -> Spawned {
@@ -325,7 +312,7 @@ fn kill9_during_backup_next_agent_finishes_the_slot_borg_check_clean() {
     let (pid, started) = loop {
         let st = state(&node)["schedules"]["src"]["started"].clone();
         let creating = borg_pids(&repo).into_iter().find(|p| {
-            parent_of(*p) == Some(agent_pid)
+            converge_core::host::parent_of(*p) == Some(agent_pid)
                 && std::fs::read(format!("/proc/{p}/cmdline"))
                     .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"create"))
         });
@@ -363,34 +350,6 @@ fn kill9_during_backup_next_agent_finishes_the_slot_borg_check_clean() {
         String::from_utf8_lossy(&check.stderr)
     );
     eprintln!("second kill: stale lock left by the killed borg: {lock_left}");
-}
-
-/// Whether a borg transaction is open in `repo`: its lock held, and data written to a
-/// segment newer than the last commit (the number of the `index.N` file).
-fn mid_transaction(repo: &Path) -> bool {
-    let numbers = |dir: &Path, prefix: &str| -> Vec<u64> {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok())
-            .collect()
-    };
-    let committed = numbers(repo, "index.").into_iter().max();
-    let newest = std::fs::read_dir(repo.join("data"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .flat_map(|d| numbers(&d.path(), ""))
-        .max();
-    repo.join("lock.exclusive").exists()
-        && matches!((committed, newest), (Some(c), Some(n)) if n > c)
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The archive of `slot` exists, once, and no archive is there twice.

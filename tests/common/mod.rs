@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod borg_repo;
 pub mod dnsq;
 pub mod docker;
 pub mod mesh;

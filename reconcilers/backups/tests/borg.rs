@@ -20,19 +20,9 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Deterministic incompressible bytes (xorshift64*), so runs are comparable.
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+#[path = "../../../tests/common/borg_repo.rs"]
+mod borg_repo;
+use borg_repo::{mid_transaction, random_bytes};
 
 /// Every entry under `root`: relative path -> (type, mode, content or link target).
 fn tree(root: &Path) -> BTreeMap<String, (char, u32, Vec<u8>)> {
@@ -306,28 +296,6 @@ async fn passphrase_never_in_borg_cmdline_or_environ() {
             .unwrap()
             .contains(&env.passphrase)
     );
-}
-
-/// Whether a borg transaction is open in `repo`: its lock held, and data written to a
-/// segment newer than the last commit (the number of the `index.N` file).
-fn mid_transaction(repo: &Path) -> bool {
-    let numbers = |dir: &Path, prefix: &str| -> Vec<u64> {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok())
-            .collect()
-    };
-    let committed = numbers(repo, "index.").into_iter().max();
-    let newest = std::fs::read_dir(repo.join("data"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .flat_map(|d| numbers(&d.path(), ""))
-        .max();
-    repo.join("lock.exclusive").exists()
-        && matches!((committed, newest), (Some(c), Some(n)) if n > c)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
