@@ -393,7 +393,7 @@ pub fn plan(spec: &BackupsSpec, observed: &Observed, _facts: &Facts) -> Plan<Act
                 })
         };
         let mut after = st.last_slot.unwrap_or(st.since).max(now);
-        let next_slot = cron.next_after(after, tz);
+        let mut failed_last = None;
         if let Some((slot, attempt)) = due {
             let archive = archive_name(&s.name, slot);
             match claim(&s.repository, &mut busy, k.clone()) {
@@ -429,7 +429,11 @@ pub fn plan(spec: &BackupsSpec, observed: &Observed, _facts: &Facts) -> Plan<Act
                 }
             }
             after = after.max(slot);
-        } else if let Some(last) = st.last.as_ref().filter(|l| l.status == RunStatus::Failed) {
+        } else {
+            failed_last = st.last.as_ref().filter(|l| l.status == RunStatus::Failed);
+        }
+        let next = cron.next_after(after, tz);
+        if let Some(last) = failed_last {
             // Until a run succeeds, the schedule is failed (the reconciler Degraded).
             let mut reason = format!(
                 "last run failed at {}: {}",
@@ -438,13 +442,13 @@ pub fn plan(spec: &BackupsSpec, observed: &Observed, _facts: &Facts) -> Plan<Act
                     .format("%Y-%m-%dT%H:%M:%SZ"),
                 last.message
             );
-            if let Some(n) = next_slot {
+            if let Some(n) = next {
                 reason.push_str(&format!("; next slot {}", n.format("%Y-%m-%dT%H:%MZ")));
             }
             p.waiting
                 .push(Waiting::new("schedule", &s.name, reason).failed());
         }
-        if let Some(n) = cron.next_after(after, tz) {
+        if let Some(n) = next {
             wake.push(until(now, n));
         }
     }

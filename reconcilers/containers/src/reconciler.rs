@@ -3,9 +3,7 @@
 //! crash-loop back-off, publish container addresses as facts.
 
 use crate::driver::{ContainerRuntime, CreateSpec, Health, RunState, RuntimeContainer, LABEL_NAME};
-use crate::plan::{
-    self, Action, Crashes, NetStep, Observed, Secret, Step, CRASH_WINDOW, LABEL_SPEC,
-};
+use crate::plan::{self, Action, Crashes, NetStep, Observed, Secret, Step, CRASH_WINDOW};
 use crate::registry::RegistryAuth;
 use crate::spec::{PullPolicy, Registry, Workload};
 use converge_core::{
@@ -640,10 +638,7 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
                 _ => {}
             }
             // What a tag resolved to when pulled (images built on the node have none).
-            let pinned = rc
-                .labels
-                .get(LABEL_SPEC)
-                .is_some_and(|s| s.contains("@sha256:"));
+            let pinned = crate::registry::pinned_digest(&rc.image).is_some();
             // (Podman lists every digest the image has had under this repository, e.g.
             // one from a local build and one from the registry: all are shown.)
             let digests = observed
