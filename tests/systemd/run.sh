@@ -316,7 +316,10 @@ publish 2 "$(agent_section 0.1.0 "$good2")"
 self_updated() { [[ $(running_sha) == "$want" ]] && ready && agent_json | tr -d ' \n' | grep -q '"reconciler":"agent","state":"Converged"'; }
 if wait_for 120 self_updated; then
   selfupdate_s=$(since "$t")
-  [[ $(inside sha256sum /usr/local/bin/converge.prev | cut -d' ' -f1) == "$before" ]] || bad "converge.prev is not the build before the self-update"
+  # update.sh commits (old binary -> converge.prev) after the new agent is READY and
+  # converged: the commit may land a moment after what self_updated sees.
+  prev_is_before() { [[ $(inside sha256sum /usr/local/bin/converge.prev | cut -d' ' -f1) == "$before" ]]; }
+  wait_for 30 prev_is_before || bad "converge.prev is not the build before the self-update"
   ok "self-update to $good2 from the document in ${selfupdate_s} s (download, verify, swap, restart, READY)"
 else
   bad "self-update did not happen: $(inside converge status 2>&1 | head -20)"
