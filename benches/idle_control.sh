@@ -35,7 +35,8 @@ pid_file: "$DIR/nats.pid"
 tls { cert_file: "$DIR/tls.crt", key_file: "$DIR/tls.key" }
 include ./auth.conf
 CONF
-echo 'authorization { users = [ {user: "converge-cp", password: "bench"} ] }' >"$DIR/auth.conf"
+# The NATS plane's own user (its nkey) before the server starts; serve keeps it current.
+"$BIN" control-plane nats-auth --data "$DIR/cp-nats" --out "$DIR/auth.conf" 2>/dev/null
 nsenter --net="/run/netns/$NS" /usr/sbin/nats-server -c "$DIR/nats.conf" >"$DIR/nats.log" 2>&1 &
 PIDS+=($!)
 sleep 1
@@ -47,7 +48,7 @@ measure() { # transport extra-serve-args...
     local name=$1; shift
     local node="$DIR/node-$name" port=$((8440 + ${#name}))
     # nsenter directly (not the function): `$!` is then the program's own pid.
-    CONVERGE_NATS_PASSWORD=bench nsenter --net="/run/netns/$NS" "$BIN" control-plane serve --dir "$DIR/docs" --data "$DIR/cp-$name" \
+    nsenter --net="/run/netns/$NS" "$BIN" control-plane serve --dir "$DIR/docs" --data "$DIR/cp-$name" \
         --listen "127.0.0.1:$port" --tls-cert "$DIR/tls.crt" --tls-key "$DIR/tls.key" "$@" 2>"$DIR/cp-$name.log" &
     PIDS+=($!)
     sleep 1

@@ -19,8 +19,6 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 const NATS_SERVER: &str = "/usr/sbin/nats-server";
-const CP_USER: &str = "converge-cp";
-const CP_PASSWORD: &str = "cp-test-password";
 const NATS_PORT: u16 = 4222;
 const HTTP_PORT: u16 = 8443;
 
@@ -126,11 +124,17 @@ impl Cp {
                 log = cp.root.join("nats.log").display(),
             );
             fs::write(cp.root.join("nats.conf"), conf).expect("nats.conf");
-            fs::write(
-                cp.root.join("auth.conf"),
-                format!("authorization {{ users = [ {{user: \"{CP_USER}\", password: \"{CP_PASSWORD}\"}} ] }}\n"),
-            )
-            .expect("auth.conf");
+            // The plane's own NATS user (its nkey) before the server first starts.
+            let auth = cp.root.join("auth.conf");
+            let out = cp.cli(&[
+                "control-plane",
+                "nats-auth",
+                "--data",
+                &cp.data(),
+                "--out",
+                auth.to_str().expect("path"),
+            ]);
+            assert!(out.status.success(), "nats-auth: {}", stderr(&out));
             cp.start_nats();
         }
         cp.start_server();
@@ -199,11 +203,10 @@ impl Cp {
             .arg(self.root.join("tls.crt"))
             .arg("--tls-key")
             .arg(self.root.join("tls.key"))
-            .env("CONVERGE_NATS_PASSWORD", CP_PASSWORD)
             .stdout(Stdio::null())
             .stderr(log);
         if self.use_nats {
-            cmd.args(["--nats", &self.nats_url(), "--nats-user", CP_USER])
+            cmd.args(["--nats", &self.nats_url()])
                 .args(["--nats-ca", &self.ca()])
                 .arg("--nats-auth-file")
                 .arg(self.root.join("auth.conf"))
@@ -227,7 +230,6 @@ impl Cp {
         self.node
             .command(converge_bin())
             .args(args)
-            .env("CONVERGE_NATS_PASSWORD", CP_PASSWORD)
             .output()
             .expect("run converge control-plane")
     }
@@ -304,8 +306,8 @@ impl Cp {
             "put",
             "--nats",
             &self.nats_url(),
-            "--nats-user",
-            CP_USER,
+            "--data",
+            &self.data(),
             "--nats-ca",
             &self.ca(),
             "--node",
@@ -689,12 +691,12 @@ fn nats_refuses_forged_misaddressed_and_replayed_documents_and_isolates_nodes() 
         .as_str()
         .expect("user")
         .to_string();
-    // No password: the node's NATS user is its identity key (an nkey); the users file
-    // holds public keys only (and the plane's own credential).
+    // No password: the node's NATS user is its identity key (an nkey), the plane's its
+    // own nkey; the users file holds public keys only.
     assert!(pinned["transport"].get("password").is_none(), "{pinned}");
     let users = fs::read_to_string(cp.root.join("auth.conf")).expect("auth.conf");
-    assert_eq!(users.matches("password:").count(), 1, "{users}");
-    assert!(users.matches("nkey: \"U").count() >= 2, "{users}");
+    assert_eq!(users.matches("password").count(), 0, "{users}");
+    assert!(users.matches("nkey: \"U").count() >= 3, "{users}");
     let identity = converge::control::identity::Identity::load(&data(&a)).expect("keys");
     let (_, seed) = converge::control::nats::nkey(identity.signing_key()).expect("nkey");
     let url = cp.nats_url();

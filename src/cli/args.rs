@@ -286,10 +286,6 @@ pub enum ControlPlaneCommand {
         /// NATS URL handed to nodes (default: --nats).
         #[arg(long)]
         nats_public_url: Option<String>,
-        #[arg(long, default_value = "converge-cp")]
-        nats_user: String,
-        #[arg(long, env = "CONVERGE_NATS_PASSWORD", default_value = "")]
-        nats_password: String,
         /// Authorization file included by nats-server; rewritten on each enrollment.
         #[arg(long)]
         nats_auth_file: Option<PathBuf>,
@@ -351,14 +347,23 @@ pub enum ControlPlaneCommand {
         node: String,
         file: PathBuf,
     },
+    /// Write nats-server's authorization file: the control plane's NATS user (its nkey,
+    /// `<data>/nats.key`, made here on first use) and every enrolled node's. Run it
+    /// before nats-server first starts; `serve` keeps the file up to date afterwards.
+    NatsAuth {
+        #[arg(long)]
+        data: PathBuf,
+        /// The file nats-server includes (`include ./auth.conf`).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Put an envelope (JSON file) under NODE's key of the NATS KV bucket as is.
     Put {
         #[arg(long)]
         nats: String,
-        #[arg(long, default_value = "converge-cp")]
-        nats_user: String,
-        #[arg(long, env = "CONVERGE_NATS_PASSWORD", default_value = "")]
-        nats_password: String,
+        /// Control-plane state: the plane's NATS key is read from it.
+        #[arg(long)]
+        data: PathBuf,
         /// PEM of the CA of the NATS server's certificate (a tls:// URL requires TLS).
         #[arg(long)]
         nats_ca: Option<PathBuf>,

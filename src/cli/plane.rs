@@ -16,8 +16,6 @@ pub(super) async fn control_plane(
             public_url,
             nats,
             nats_public_url,
-            nats_user,
-            nats_password,
             nats_auth_file,
             nats_pid_file,
             nats_ca,
@@ -27,16 +25,10 @@ pub(super) async fn control_plane(
             artifacts,
         } => {
             let nats = match nats {
-                // The plane's NATS user may do everything: never without a credential.
-                Some(_) if nats_password.is_empty() => anyhow::bail!(
-                    "--nats needs the control plane's NATS password (CONVERGE_NATS_PASSWORD): \
-                     its user may read and write every node's documents"
-                ),
                 Some(url) => Some(plane::NatsOptions {
                     public_url: nats_public_url.unwrap_or_else(|| url.clone()),
                     url,
-                    user: nats_user,
-                    password: nats_password,
+                    key: plane::nats_key(&data)?,
                     auth_file: nats_auth_file.ok_or_else(|| {
                         anyhow::anyhow!(
                             "--nats needs --nats-auth-file (per-node users are written there)"
@@ -134,25 +126,29 @@ pub(super) async fn control_plane(
             println!("{}", String::from_utf8_lossy(&bytes));
             Ok(ExitCode::SUCCESS)
         }
+        ControlPlaneCommand::NatsAuth { data, out } => {
+            let key = plane::nats_key(&data)?;
+            let store = crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?;
+            plane::write_nats_authorization(&store, &key, &out)?;
+            eprintln!(
+                "wrote {} (control plane {}, {} node(s))",
+                out.display(),
+                key.public,
+                store.nodes()?.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         ControlPlaneCommand::Put {
             nats,
-            nats_user,
-            nats_password,
+            data,
             nats_ca,
             node,
             file,
         } => {
             let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
             let ca = read_pem(nats_ca.as_deref())?;
-            plane::put(
-                &nats,
-                &nats_user,
-                &nats_password,
-                ca.as_deref(),
-                &node,
-                bytes,
-            )
-            .await?;
+            let key = plane::nats_key(&data)?;
+            plane::put(&nats, &key, ca.as_deref(), &node, bytes).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

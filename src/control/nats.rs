@@ -263,7 +263,7 @@ pub struct User<'a> {
 
 /// How a user proves who it is.
 pub enum Credential<'a> {
-    /// A shared password (the control plane; nodes enrolled by an older converge).
+    /// A password (nodes enrolled by an older converge, until re-enrolled).
     Password(&'a str),
     /// A public nkey (`U…`): the server checks a signature, the file holds no secret.
     Nkey(&'a str),

@@ -38,8 +38,8 @@ pub struct NatsOptions {
     pub url: String,
     /// The URL handed to nodes (default: `url`).
     pub public_url: String,
-    pub user: String,
-    pub password: String,
+    /// The plane's own NATS user key (`<data>/nats.key`, see [`nats_key`]).
+    pub key: NatsKey,
     /// The authorization file nats-server includes; rewritten on each enrollment.
     pub auth_file: PathBuf,
     /// nats-server's pid file: SIGHUP makes it reload the authorization file.
@@ -76,6 +76,72 @@ fn prepare_dir(data: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
     std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("chmod {}", data.display()))
+}
+
+/// The control plane's NATS user key: a user nkey of its own, `<data>/nats.key` (0600,
+/// made on first use), apart from the signing key (a NATS server picks the nonce the
+/// client signs, so the key that signs documents never signs for NATS). The server's
+/// authorization file holds only its public half.
+#[derive(Clone)]
+pub struct NatsKey {
+    pub public: String,
+    seed: String,
+}
+
+impl std::fmt::Debug for NatsKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsKey")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsKey {
+    /// Connect options that authenticate with this key.
+    fn connect_options(&self) -> async_nats::ConnectOptions {
+        async_nats::ConnectOptions::with_nkey(self.seed.clone())
+    }
+}
+
+/// Reads (or makes) the plane's NATS user key in `data`.
+pub fn nats_key(data: &Path) -> anyhow::Result<NatsKey> {
+    prepare_dir(data)?;
+    let seed = read_or_make(&data.join("nats.key"))?;
+    let (public, seed) =
+        super::nats::nkey(&SigningKey::from_bytes(&seed)).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(NatsKey { public, seed })
+}
+
+/// Writes nats-server's authorization file: the plane's nkey user (every permission) and
+/// each enrolled node's user (its nkey, or the password an older agent enrolled with),
+/// limited to its own subjects. No file written here holds a secret of the plane.
+pub fn write_nats_authorization(
+    store: &PlaneStore,
+    plane: &NatsKey,
+    auth_file: &Path,
+) -> anyhow::Result<()> {
+    use super::nats::{Credential, User};
+    let nodes = store.nodes()?;
+    let mut users = vec![User {
+        user: "control-plane",
+        credential: Credential::Nkey(&plane.public),
+        permissions: None,
+    }];
+    for node in &nodes {
+        let credential = match (&node.nats_key, &node.nats_password) {
+            (Some(k), _) => Credential::Nkey(k),
+            (None, Some(pw)) => Credential::Password(pw),
+            (None, None) => continue,
+        };
+        users.push(User {
+            user: &node.id,
+            credential,
+            permissions: Some(super::nats::node_permissions(&node.id)),
+        });
+    }
+    let text = super::nats::render_authorization(&users);
+    converge_core::fsutil::write_atomic(auth_file, text.as_bytes(), 0o600)
+        .with_context(|| format!("write {}", auth_file.display()))
 }
 
 /// The plane's signing key and the rotations that lead to it from older keys (attached
@@ -272,28 +338,7 @@ pub fn build_envelope(
 impl Plane {
     fn write_nats_auth(&self) -> anyhow::Result<()> {
         let Some(n) = &self.nats else { return Ok(()) };
-        let nodes = lock(&self.store).nodes()?;
-        use super::nats::{Credential, User};
-        let mut users = vec![User {
-            user: &n.user,
-            credential: Credential::Password(&n.password),
-            permissions: None,
-        }];
-        for node in &nodes {
-            let credential = match (&node.nats_key, &node.nats_password) {
-                (Some(k), _) => Credential::Nkey(k),
-                (None, Some(pw)) => Credential::Password(pw),
-                (None, None) => continue,
-            };
-            users.push(User {
-                user: &node.id,
-                credential,
-                permissions: Some(super::nats::node_permissions(&node.id)),
-            });
-        }
-        let text = super::nats::render_authorization(&users);
-        converge_core::fsutil::write_atomic(&n.auth_file, text.as_bytes(), 0o600)
-            .with_context(|| format!("write {}", n.auth_file.display()))?;
+        write_nats_authorization(&lock(&self.store), &n.key, &n.auth_file)?;
         if let Some(pid_file) = &n.pid_file {
             let pid: i32 = std::fs::read_to_string(pid_file)
                 .with_context(|| format!("read {}", pid_file.display()))?
@@ -806,9 +851,7 @@ async fn status(
 
 /// Connects to NATS as the control plane, makes the bucket, records status messages.
 async fn run_nats(plane: Arc<Plane>, n: NatsOptions) -> anyhow::Result<()> {
-    let opts =
-        async_nats::ConnectOptions::with_user_and_password(n.user.clone(), n.password.clone());
-    let client = super::nats::with_tls(opts, &n.url, n.ca_pem.as_deref())
+    let client = super::nats::with_tls(n.key.connect_options(), &n.url, n.ca_pem.as_deref())
         .map_err(|e| anyhow::anyhow!(e))?
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -1023,14 +1066,12 @@ async fn serve_tls(
 /// signed elsewhere; the tests use it to offer forged and replayed envelopes).
 pub async fn put(
     url: &str,
-    user: &str,
-    password: &str,
+    key: &NatsKey,
     ca_pem: Option<&str>,
     node: &str,
     bytes: Vec<u8>,
 ) -> anyhow::Result<()> {
-    let opts = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into());
-    let client = super::nats::with_tls(opts, url, ca_pem)
+    let client = super::nats::with_tls(key.connect_options(), url, ca_pem)
         .map_err(|e| anyhow::anyhow!(e))?
         .connect(url)
         .await
