@@ -20,12 +20,11 @@
 //! an agent is printed (not asserted). A baseline phase (no agent touched) is the
 //! control.
 //!
-//! Found by this test (2026-12-07, not fixed here): restarting the worker's agent alone
-//! makes requests to the container behind its published port fail for a moment (Caddy
-//! answers 502; pings, DNS and the stream to a host process are unaffected). Likely
-//! the new agent's first firewall pass runs before the containers reconciler published
-//! the container addresses (facts), so the published port is "unresolved", its DNAT
-//! element removed and put back a moment later (`ruleset/elements.rs`).
+//! Found by this test (2026-12-07) and fixed since: restarting the worker's agent alone
+//! made requests to the container behind its published port fail for a moment (Caddy
+//! answered 502) because the new agent's first firewall pass ran before the containers
+//! reconciler had published the container addresses (facts); a published port whose
+//! container the facts do not know yet now keeps its DNAT target in force.
 
 mod common;
 
