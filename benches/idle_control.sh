@@ -4,7 +4,9 @@
 # document: resident memory (target < 20 MB) and CPU over the window (target < 0.5 %),
 # heartbeats included. Runs nats-server, the reference control plane (TLS from a private
 # CA the node pins at join) and the agent in one network namespace on 127.0.0.1; cleans
-# up after itself. Needs root, nats-server and openssl.
+# up after itself. Needs root, nats-server and openssl. Each transport runs two agents
+# one after the other: one that keeps its start-up code pages mapped (the baseline,
+# CONVERGE_KEEP_STARTUP_PAGES=1) and one that releases them after READY (the default).
 # Usage: benches/idle_control.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,23 +46,31 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 hz=$(getconf CLK_TCK)
 
-measure() { # transport extra-serve-args...
+plane() { # transport extra-serve-args...: starts the transport's control plane
     local name=$1; shift
-    local node="$DIR/node-$name" port=$((8440 + ${#name}))
     # nsenter directly (not the function): `$!` is then the program's own pid.
     nsenter --net="/run/netns/$NS" "$BIN" control-plane serve --dir "$DIR/docs" --data "$DIR/cp-$name" \
-        --listen "127.0.0.1:$port" --tls-cert "$DIR/tls.crt" --tls-key "$DIR/tls.key" "$@" 2>"$DIR/cp-$name.log" &
+        --listen "127.0.0.1:$(port "$name")" --tls-cert "$DIR/tls.crt" --tls-key "$DIR/tls.key" "$@" 2>"$DIR/cp-$name.log" &
     PIDS+=($!)
     sleep 1
+}
+port() { [ "$1" = nats ] && echo 8444 || echo 8445; }
+
+measure() { # transport pages: an agent enrolled with the transport's plane; pages=keep
+    # keeps the start-up code pages mapped (CONVERGE_KEEP_STARTUP_PAGES, the baseline)
+    local name=$1 pages=$2
+    local node="$DIR/node-$name-$pages" id="bench-$name-$pages"
     local token
     token=$("$BIN" control-plane token --data "$DIR/cp-$name" 2>/dev/null)
-    in_ns "$BIN" --data-dir "$node" join --url "https://127.0.0.1:$port" --ca "$DIR/ca.crt" --token "$token" \
-        --name "bench-$name" >/dev/null
-    printf '{"apiVersion":"converge/v1","node":{"id":"bench-%s","mode":"worker"},"generation":1,"issuedAt":"2026-11-24T10:00:00Z","secrets":{"k":"v"}}' "$name" \
-        >"$DIR/docs/bench-$name.json"
-    nsenter --net="/run/netns/$NS" "$BIN" --data-dir "$node" --secrets-dir "$DIR/none" agent --node-id "bench-$name" 2>"$DIR/agent-$name.log" &
+    in_ns "$BIN" --data-dir "$node" join --url "https://127.0.0.1:$(port "$name")" --ca "$DIR/ca.crt" --token "$token" \
+        --name "$id" >/dev/null
+    printf '{"apiVersion":"converge/v1","node":{"id":"%s","mode":"worker"},"generation":1,"issuedAt":"2026-11-24T10:00:00Z","secrets":{"k":"v"}}' "$id" \
+        >"$DIR/docs/$id.json"
+    local keep=()
+    [ "$pages" = released ] || keep=(env CONVERGE_KEEP_STARTUP_PAGES=1)
+    nsenter --net="/run/netns/$NS" "${keep[@]}" "$BIN" --data-dir "$node" --secrets-dir "$DIR/none" agent --node-id "$id" 2>"$DIR/agent-$id.log" &
     local agent=$!
-    PIDS+=($agent)
+    PIDS+=("$agent")
     for _ in $(seq 100); do
         "$BIN" --data-dir "$node" status 2>/dev/null | grep -q "control: connected" && \
             "$BIN" --data-dir "$node" status | grep -q "accepted generation: 1" && break
@@ -68,21 +78,30 @@ measure() { # transport extra-serve-args...
     done
     sleep 3
     if ! kill -0 "$agent" 2>/dev/null; then
-        echo "the $name agent exited:" >&2
-        cat "$DIR/agent-$name.log" >&2
+        echo "the $id agent exited:" >&2
+        cat "$DIR/agent-$id.log" >&2
         exit 1
     fi
     local t0 t1 rss1 hwm cpu
     t0=$(ticks "$agent")
     sleep "$SECS"
     t1=$(ticks "$agent"); rss1=$(rss_kb "$agent"); hwm=$(awk '/VmHWM/ {print $2}' "/proc/$agent/status")
-    # What the RSS is made of: heap and stacks (anon) and the binary's pages in use (file).
-    awk '/RssAnon|RssFile/ {printf "  %s %.1f MB", $1, $2/1024} END {print ""}' "/proc/$agent/status"
     cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" -v s="$SECS" 'BEGIN { printf "%.3f", (b - a) / hz / s * 100 }')
-    "$BIN" --data-dir "$node" status | tail -1
-    awk -v n="$name" -v r="$rss1" -v h="$hwm" -v c="$cpu" -v s="$SECS" \
-        'BEGIN { printf "%-6s idle %3d s: RSS %5.1f MB (peak %5.1f MB, target 20), CPU %.3f %% (target 0.5)\n", n, s, r/1024, h/1024, c }'
+    "$BIN" --data-dir "$node" status | tail -1 >&2
+    # What the RSS is made of: heap and stacks (anon) and the binary's pages in use (file).
+    awk -v n="$name" -v p="$pages" -v r="$rss1" -v h="$hwm" -v c="$cpu" \
+        '/RssAnon/ {a=$2} /RssFile/ {f=$2}
+         END { printf "| %s | %s | %.1f | %.1f | %.1f | %.1f | %.3f |\n", n, p, r/1024, a/1024, f/1024, h/1024, c }' \
+        "/proc/$agent/status"
+    kill "$agent"
 }
-measure nats --nats tls://127.0.0.1:4222 --nats-ca "$DIR/ca.crt" --nats-auth-file "$DIR/auth.conf" \
+plane nats --nats tls://127.0.0.1:4222 --nats-ca "$DIR/ca.crt" --nats-auth-file "$DIR/auth.conf" \
     --nats-pid-file "$DIR/nats.pid"
-measure https
+plane https
+echo "idle $SECS s after READY and the first document (targets: RSS 20 MB, CPU 0.5 %)"
+echo "| transport | start-up pages | RSS MB | RssAnon MB | RssFile MB | peak MB | CPU % |"
+echo "|---|---|---|---|---|---|---|"
+for t in nats https; do
+    measure "$t" kept
+    measure "$t" released
+done

@@ -446,6 +446,11 @@ async fn notify_ready(shared: Arc<Shared>) {
     }
     let line = status_line(&shared);
     shared.notifier.ready(&line);
+    // CONVERGE_KEEP_STARTUP_PAGES=1 keeps them, for benches/idle_control.sh's baseline.
+    if std::env::var_os("CONVERGE_KEEP_STARTUP_PAGES").is_none() {
+        let released = crate::memory::release_startup_pages();
+        tracing::debug!(kib = released / 1024, "start-up code pages released");
+    }
 }
 
 /// The one-line summary of the stored statuses (systemd's STATUS=).
