@@ -256,7 +256,7 @@ done
 
 banner "containers resolve through the node: the web container's resolv.conf (written by Podman from the document) and a lookup from inside it"
 podman_cli exec web cat /etc/resolv.conf
-podman_cli exec web busybox nslookup api | sed -n '/^Name:/,$p' | grep -v '^$' || true
+podman_cli exec web busybox nslookup -type=a api | grep -A1 '^Name:' || true
 
 banner "the result: published ports in converge's nftables table (container targets resolved to their addresses)"
 in_ns nft list map inet converge dnat4_on
