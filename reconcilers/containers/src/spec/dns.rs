@@ -237,5 +237,17 @@ mod tests {
         // Not on a network of the section: as written.
         assert_eq!(cs[3], before[3]);
         assert_eq!(cs[4], before[4]);
+        // What the runtimes get.
+        let s = crate::driver::ContainerSettings::of(&cs[1]);
+        assert_eq!(s.dns_servers, ["10.89.8.254".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            (s.dns_search, s.dns_options),
+            (vec!["internal".to_string()], vec!["ndots:1".to_string()])
+        );
+        // Another zone is another entry, so another spec hash: the containers are replaced.
+        let mut other = before[0].clone();
+        NodeResolver::new("example", &nets, "n1").apply(&mut other);
+        let hash = |c: &Container| crate::plan::desired(c, "n1", &BTreeMap::new()).unwrap().1;
+        assert_ne!(hash(&other), hash(&cs[0]));
     }
 }
