@@ -278,6 +278,7 @@ fn resolver_zone(d: &Document) -> Option<&str> {
     Some(&dns.zone)
 }
 
+/// That resolver with the gateways of each network, as the containers get it.
 fn node_resolver(d: &Document) -> Option<NodeResolver> {
     let networks = d.networks.as_deref().unwrap_or_default();
     Some(NodeResolver::new(resolver_zone(d)?, networks, &d.node.id))
