@@ -254,6 +254,10 @@ for q in "web.internal A" "api.internal A" "www.internal CNAME" "web.internal TX
   printf '%-28s %-6s -> %s\n' "$name" "$type" "$(in_ns dig +short +time=1 +tries=1 -p 53 "@$listen" "$name" "$type" | tr '\n' ' ')"
 done
 
+banner "containers resolve through the node: the web container's resolv.conf (written by Podman from the document) and a lookup from inside it"
+podman_cli exec web cat /etc/resolv.conf
+podman_cli exec web busybox nslookup -type=a api | grep -A1 '^Name:' || true
+
 banner "the result: published ports in converge's nftables table (container targets resolved to their addresses)"
 in_ns nft list map inet converge dnat4_on
 
@@ -317,9 +321,9 @@ in_ns curl -sS --cacert "$cp/ca.crt" https://10.0.3.17:8443/v1/artifacts.txt |
 banner "the metadata API: project storefront, read with its bearer token (on 127.0.0.1:8500 and the network's gateway)"
 in_ns curl -sS -m 5 -H 'Converge-Metadata: true' -H "Authorization: Bearer $md_token" \
   'http://127.0.0.1:8500/v1/metadata/?prefix=db/'; echo
-echo "from inside the web container, at the gateway of its network:"
+echo "from inside the web container, by name (its resolver is the node's dnsmasq on the gateway of its network):"
 podman_cli exec web wget -q -O- --header 'Converge-Metadata: true' --header "Authorization: Bearer $md_token" \
-  http://10.89.7.1:8500/v1/metadata/features; echo
+  http://metadata.internal:8500/v1/metadata/features; echo
 printf 'without the token: HTTP %s\n' "$(in_ns curl -s -o /dev/null -w '%{http_code}' -H 'Converge-Metadata: true' http://127.0.0.1:8500/v1/metadata/db/host)"
 
 banner "what Prometheus scrapes from worker-fra1-07 (--metrics-listen 127.0.0.1:9108)"

@@ -5,11 +5,11 @@ use crate::engine::{Bound, Section};
 use converge_backups::driver::runtime::RuntimeCli;
 use converge_backups::{Backups, BackupsSpec};
 use converge_containers::driver::NoRuntime;
-use converge_containers::{Config as ContainersConfig, Containers, Workload};
+use converge_containers::{Config as ContainersConfig, Containers, NodeResolver, Workload};
 use converge_core::SecretSource;
 use converge_dns::driver::Dnsmasq;
-use converge_dns::{Dns, Layout};
-use converge_firewall::{Firewall, Kernel};
+use converge_dns::{Dns, DnsSpec, Layout};
+use converge_firewall::{FilterPolicy, FilterRule, Firewall, FirewallSpec, Kernel, Protocol};
 use converge_metadata::{Metadata, Served};
 use converge_routes::driver::{Caddy, CaddyConfig};
 use converge_routes::{Routes, RoutesInput};
@@ -117,8 +117,12 @@ pub fn containers(host: &HostOptions, node_id: &str, secrets: &SecretSource) -> 
         if d.containers.is_none() && d.networks.is_none() {
             return None;
         }
+        let mut containers = d.containers.clone();
+        if let (Some(cs), Some(r)) = (containers.as_mut(), node_resolver(d)) {
+            cs.iter_mut().for_each(|c| r.apply(c));
+        }
         Some(Cow::Owned(Workload {
-            containers: d.containers.clone(),
+            containers,
             networks: d.networks.clone(),
             registries: d.registries.clone().unwrap_or_default(),
         }))
@@ -265,6 +269,69 @@ fn backups(
     ))
 }
 
+/// The zone of the node's resolver for the containers on its networks: the `dns`
+/// section's, answered on the gateway of every network of the `networks` section, when
+/// the section answers on port 53 (a container's resolv.conf cannot name another port).
+fn resolver_zone(d: &Document) -> Option<&str> {
+    let dns = d.dns.as_ref().filter(|s| s.port == 53)?;
+    d.networks.as_ref().filter(|n| !n.is_empty())?;
+    Some(&dns.zone)
+}
+
+/// That resolver with the gateways of each network, as the containers get it.
+fn node_resolver(d: &Document) -> Option<NodeResolver> {
+    let networks = d.networks.as_deref().unwrap_or_default();
+    Some(NodeResolver::new(resolver_zone(d)?, networks, &d.node.id))
+}
+
+/// The dns section as served: its `listen` addresses plus the gateways of the node's
+/// resolver for containers.
+fn dns_served(d: &Document) -> Option<Cow<'_, DnsSpec>> {
+    let spec = d.dns.as_ref()?;
+    let Some(r) = node_resolver(d) else {
+        return Some(Cow::Borrowed(spec));
+    };
+    let mut spec = spec.clone();
+    for gw in r.gateways.values().flatten() {
+        if !spec.listen.contains(gw) {
+            spec.listen.push(*gw);
+        }
+    }
+    Some(Cow::Owned(spec))
+}
+
+/// The firewall section as enforced: with an input policy of `drop`, the containers of
+/// each network reach the node's resolver on their gateway (udp and tcp 53), where
+/// their resolv.conf sends them.
+fn firewall_enforced(d: &Document) -> Option<Cow<'_, FirewallSpec>> {
+    let spec = d.firewall.as_ref()?;
+    let drops = spec
+        .input
+        .as_ref()
+        .is_some_and(|i| i.policy == FilterPolicy::Drop);
+    if !drops || resolver_zone(d).is_none() {
+        return Some(Cow::Borrowed(spec));
+    }
+    let rules = d
+        .networks
+        .iter()
+        .flatten()
+        .flat_map(|n| converge_containers::plan::network_spec(n, &d.node.id).subnets)
+        .flat_map(|(net, gw)| {
+            [Protocol::Udp, Protocol::Tcp].map(|protocol| FilterRule {
+                from: vec![net.to_string()],
+                to: vec![ipnet::IpNet::from(gw).to_string()],
+                protocol: Some(protocol),
+                ports: vec![53],
+            })
+        });
+    let mut spec = spec.clone();
+    if let Some(input) = spec.input.as_mut() {
+        input.allow.extend(rules);
+    }
+    Some(Cow::Owned(spec))
+}
+
 /// The metadata section resolved against the document: its default listen addresses
 /// include the gateway of every container network (where containers reach the node),
 /// so the metadata reconciler needs no knowledge of the containers section.
@@ -371,12 +438,8 @@ fn build(
     vec![
         containers(host, node_id, secrets),
         wireguard(data_dir, host, resync, secrets),
-        Arc::new(Bound::new(firewall, |d: &Document| {
-            d.firewall.as_ref().map(Cow::Borrowed)
-        })),
-        Arc::new(Bound::new(dns, |d: &Document| {
-            d.dns.as_ref().map(Cow::Borrowed)
-        })),
+        Arc::new(Bound::new(firewall, firewall_enforced)),
+        Arc::new(Bound::new(dns, dns_served)),
         backups(data_dir, host, secrets, serve),
         metadata(data_dir, serve),
         // Unmanaged on workers: validation refuses a routes section there.
@@ -417,5 +480,83 @@ pub fn has_section(doc: &Document, name: &str) -> bool {
         "metadata" => doc.metadata.is_some(),
         "agent" => doc.agent.is_some(),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::document::{parse, Format};
+
+    fn worker() -> Document {
+        let text = include_str!("../fixtures/worker.json");
+        parse(text, Format::Json).expect("fixture parses")
+    }
+
+    #[test]
+    fn the_node_resolver_reaches_containers_dnsmasq_and_the_firewall() {
+        let d = worker();
+        // The network's gateways, IPv4 first (the IPv6 one as the network defaults it).
+        let apps = &d.networks.as_ref().unwrap()[0];
+        let gws: Vec<String> = converge_containers::plan::network_spec(apps, &d.node.id)
+            .subnets
+            .iter()
+            .map(|(_, gw)| gw.to_string())
+            .collect();
+        assert_eq!(gws[0], "10.89.7.1");
+        let v6 = gws[1].clone();
+        // Containers on `apps` get the gateways and the zone.
+        let mut web = d.containers.as_ref().unwrap()[0].clone();
+        assert_eq!(web.network.as_deref(), Some("apps"));
+        node_resolver(&d).unwrap().apply(&mut web);
+        assert_eq!(
+            serde_json::to_value(&web.dns).unwrap(),
+            serde_json::json!({"servers": ["10.89.7.1", v6], "search": ["internal"]})
+        );
+        // dnsmasq also listens on the gateways.
+        let served = dns_served(&d).unwrap();
+        let listen: Vec<String> = served.listen.iter().map(ToString::to_string).collect();
+        assert_eq!(listen, ["10.210.0.7", "10.89.7.1", &v6]);
+        // Input policy drop: the subnets reach their gateway on udp/tcp 53.
+        let fw = firewall_enforced(&d).unwrap();
+        let allow = &fw.input.as_ref().unwrap().allow;
+        let added = &allow[d
+            .firewall
+            .as_ref()
+            .unwrap()
+            .input
+            .as_ref()
+            .unwrap()
+            .allow
+            .len()..];
+        let shown: Vec<String> = added
+            .iter()
+            .map(|r| format!("{} {} {:?} {:?}", r.from[0], r.to[0], r.protocol, r.ports))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "10.89.7.0/24 10.89.7.1/32 Some(Udp) [53]".to_string(),
+                "10.89.7.0/24 10.89.7.1/32 Some(Tcp) [53]".into(),
+                format!("fd00:89:7::/64 {v6}/128 Some(Udp) [53]"),
+                format!("fd00:89:7::/64 {v6}/128 Some(Tcp) [53]"),
+            ]
+        );
+    }
+
+    #[test]
+    fn no_resolver_without_port_53_or_networks() {
+        let mut d = worker();
+        d.dns.as_mut().unwrap().port = 5353;
+        assert!(matches!(dns_served(&d), Some(Cow::Borrowed(_))));
+        assert!(matches!(firewall_enforced(&d), Some(Cow::Borrowed(_))));
+        assert!(node_resolver(&d).is_none());
+        let mut d = worker();
+        d.networks = None;
+        assert!(matches!(dns_served(&d), Some(Cow::Borrowed(_))));
+        // An input policy of accept needs no rule.
+        let mut d = worker();
+        d.firewall.as_mut().unwrap().input.as_mut().unwrap().policy = FilterPolicy::Accept;
+        assert!(matches!(firewall_enforced(&d), Some(Cow::Borrowed(_))));
     }
 }

@@ -548,17 +548,13 @@ fn a_container_reads_its_metadata_by_name() {
     let gateway = "10.231.5.1";
     let mut d = envelope(&node, 1);
     d["networks"] = json!([{"name": "apps", "subnets": [{"subnet": "10.231.5.0/24"}]}]);
-    // The document cannot set a container's resolver yet: the container points its own
-    // resolv.conf at the node's converge-run dnsmasq, then asks for the name.
-    let script = format!(
-        "echo nameserver {ns} > /etc/resolv.conf; \
-         while true; do \
+    // No resolv.conf of its own: on a network of the `networks` section the container's
+    // resolver is the node's dnsmasq on the gateway, which serves the name.
+    let script = "while true; do \
            wget -q -O - --header 'Converge-Metadata: true' --header 'Authorization: Bearer token-app' \
              http://metadata.internal:8500/v1/metadata/greeting && echo; \
            sleep 0.5; \
-         done",
-        ns = node.address()
-    );
+         done";
     d["containers"] = json!([{
         "name": "reader",
         "image": TEST_IMAGE,

@@ -317,6 +317,9 @@ pub async fn settings_contract<R: ContainerRuntime>(
             container: "/dev/zero2".into(),
             permissions: "r".into(),
         }],
+        dns_servers: vec!["10.0.0.53".parse().expect("ip")],
+        dns_search: vec!["svc.example".into()],
+        dns_options: vec!["ndots:2".into()],
     };
     let id = driver
         .create(&spec)
@@ -355,6 +358,18 @@ pub async fn settings_contract<R: ContainerRuntime>(
                 w.next() == Some(ip) && w.any(|h| h == host)
             }),
             "extraHosts {host}: {hosts}"
+        );
+    }
+    // On the default network both runtimes write the servers themselves.
+    let resolv = ok(None, "cat /etc/resolv.conf");
+    for want in [
+        "nameserver 10.0.0.53",
+        "search svc.example",
+        "options ndots:2",
+    ] {
+        assert!(
+            resolv.lines().any(|l| l.trim() == want),
+            "dns {want:?}: {resolv}"
         );
     }
     let bounding = ok(None, "grep CapBnd /proc/self/status");

@@ -490,5 +490,8 @@ fn sample_settings() -> ContainerSettings {
             container: "/dev/zero2".into(),
             permissions: "r".into(),
         }],
+        dns_servers: vec!["10.89.7.1".parse().unwrap(), "fd00:7::1".parse().unwrap()],
+        dns_search: vec!["internal".into()],
+        dns_options: vec!["ndots:2".into()],
     }
 }

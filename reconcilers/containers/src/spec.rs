@@ -228,6 +228,10 @@ pub struct Container {
     /// `missing` (default), `always` or `never`: see [`PullPolicy`].
     #[serde(default, skip_serializing_if = "PullPolicy::is_default")]
     pub pull_policy: PullPolicy,
+    /// The container's resolver; see [`ContainerDns`] for the node's default on
+    /// converge's networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<ContainerDns>,
 }
 
 fn default_stop_grace_period() -> String {
@@ -343,10 +347,12 @@ pub enum ContainerState {
     Stopped,
 }
 
+mod dns;
 mod settings;
 mod validate;
 mod values;
 
+pub use dns::*;
 pub use settings::*;
 pub use validate::*;
 pub use values::*;

@@ -176,10 +176,13 @@ pub fn render(spec: &DnsSpec, zone: &Zone, layout: &Layout) -> Rendered {
     let s = settings(spec);
     // Only this file configures the instance: no /etc/hosts, no resolv.conf, bind
     // exactly the listen addresses, never forward plain names or private reverses.
+    // `bind-dynamic`, not `bind-interfaces`: a listen address that does not exist yet (a
+    // container network's gateway before its bridge is up, a WireGuard address) is bound
+    // when it appears and released when it goes, instead of failing the start.
     for flag in [
         "no-resolv",
         "no-hosts",
-        "bind-interfaces",
+        "bind-dynamic",
         "domain-needed",
         "bogus-priv",
     ] {
@@ -408,6 +411,7 @@ mod tests {
             .conf
             .contains("srv-host=_http._tcp.web.internal,web.internal,80,10,5\n"));
         assert!(r.conf.contains("no-resolv\n"));
+        assert!(r.conf.contains("bind-dynamic\n"));
         assert_eq!(
             parse(Some(&r.hosts), Some(&r.conf)),
             desired_served(&s, &zone)

@@ -17,10 +17,13 @@ pub struct DnsSpec {
     /// Zone answered locally and never forwarded, e.g. `internal`. Every record name
     /// must be inside it; unknown names in it get NXDOMAIN.
     pub zone: String,
-    /// Addresses dnsmasq listens on (it binds only these).
+    /// Addresses dnsmasq listens on (it binds only these, each once the host has it).
+    /// With port 53 it also answers on the gateway of every network of the `networks`
+    /// section: the resolver of the containers on them.
     #[schemars(length(min = 1))]
     pub listen: Vec<IpAddr>,
-    /// UDP/TCP port to listen on.
+    /// UDP/TCP port to listen on. Containers are given the node's resolver only on 53
+    /// (a resolv.conf cannot name another port).
     #[serde(default = "default_port")]
     pub port: u16,
     /// Upstream resolvers for names outside the zone, as `IP` or `IP#port`. Empty: names

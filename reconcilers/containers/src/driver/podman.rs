@@ -709,6 +709,12 @@ mod tests {
             serde_json::json!({"driver": "k8s-file", "size": 10 << 20})
         );
         assert_eq!(body["devices"][0]["path"], "/dev/zero:/dev/zero2:r");
+        assert_eq!(
+            body["dns_server"],
+            serde_json::json!(["10.89.7.1", "fd00:7::1"])
+        );
+        assert_eq!(body["dns_search"], serde_json::json!(["internal"]));
+        assert_eq!(body["dns_option"], serde_json::json!(["ndots:2"]));
     }
 
     #[test]
@@ -729,6 +735,9 @@ mod tests {
             "stop_signal",
             "log_configuration",
             "devices",
+            "dns_server",
+            "dns_search",
+            "dns_option",
         ] {
             assert!(body.get(key).is_none(), "{key}");
         }

@@ -1,6 +1,7 @@
 //! The rest of the container surface as handed to a runtime: user, hostname, hosts
-//! entries, capabilities, read-only root, tmpfs, ulimits, sysctls, stop signal, logging
-//! and devices, already parsed and normalized from the document (see `spec::settings`).
+//! entries, capabilities, read-only root, tmpfs, ulimits, sysctls, stop signal, logging,
+//! devices and resolver, already parsed and normalized from the document (see
+//! `spec::settings` and `spec::dns`).
 
 use crate::spec::{
     capability, parse_device, parse_memory, parse_mode, signal, Container, DeviceEntry, LogDriver,
@@ -28,6 +29,10 @@ pub struct ContainerSettings {
     pub stop_signal: Option<StopSignal>,
     pub logging: Option<LogSpec>,
     pub devices: Vec<DeviceEntry>,
+    /// resolv.conf name servers, search domains and options; each empty: the runtime's.
+    pub dns_servers: Vec<IpAddr>,
+    pub dns_search: Vec<String>,
+    pub dns_options: Vec<String>,
 }
 
 /// A tmpfs mount.
@@ -80,6 +85,7 @@ impl ContainerSettings {
     /// The settings of a document entry. Values that do not parse are left out: the
     /// document was validated before it got here.
     pub fn of(c: &Container) -> ContainerSettings {
+        let dns = c.dns.as_ref();
         ContainerSettings {
             user: c.user.clone(),
             working_dir: c.working_dir.clone(),
@@ -126,6 +132,14 @@ impl ContainerSettings {
                 .iter()
                 .filter_map(|d| parse_device(d).ok())
                 .collect(),
+            dns_servers: dns
+                .and_then(|d| d.servers.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.parse().ok())
+                .collect(),
+            dns_search: dns.and_then(|d| d.search.clone()).unwrap_or_default(),
+            dns_options: dns.and_then(|d| d.options.clone()).unwrap_or_default(),
         }
     }
 }

@@ -45,6 +45,11 @@ fn settings() -> Vec<(&'static str, serde_json::Value, serde_json::Value)> {
             json!({"driver": "json-file", "options": {"maxSize": "10Mi", "maxFile": 2}}),
         ),
         ("devices", json!(["/dev/fuse"]), json!(["/dev/fuse:r"])),
+        (
+            "dns",
+            json!({"servers": ["10.0.0.1"]}),
+            json!({"search": ["internal"]}),
+        ),
     ]
 }
 

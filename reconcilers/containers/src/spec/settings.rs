@@ -506,6 +506,7 @@ pub(super) fn validate_settings(
             }
         }
     }
+    super::dns::validate_dns(c, cp, problems);
 }
 
 fn validate_logging(l: &Logging, lp: &str, problems: &mut Problems) {

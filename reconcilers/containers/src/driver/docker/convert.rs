@@ -175,6 +175,9 @@ fn with_settings(mut h: HostConfig, s: &ContainerSettings) -> Result<HostConfig,
         h.ulimits = Some(limits);
     }
     h.sysctls = (!s.sysctls.is_empty()).then(|| s.sysctls.clone().into_iter().collect());
+    h.dns = some(s.dns_servers.iter().map(ToString::to_string).collect());
+    h.dns_search = some(s.dns_search.clone());
+    h.dns_options = some(s.dns_options.clone());
     if let Some(l) = &s.logging {
         let mut config = HashMap::new();
         match l.driver {
@@ -368,6 +371,9 @@ mod tests {
             serde_json::json!([{"PathOnHost": "/dev/zero", "PathInContainer": "/dev/zero2",
                 "CgroupPermissions": "r"}])
         );
+        assert_eq!(hc["Dns"], serde_json::json!(["10.89.7.1", "fd00:7::1"]));
+        assert_eq!(hc["DnsSearch"], serde_json::json!(["internal"]));
+        assert_eq!(hc["DnsOptions"], serde_json::json!(["ndots:2"]));
     }
 
     #[test]
@@ -389,6 +395,9 @@ mod tests {
             "Sysctls",
             "LogConfig",
             "Devices",
+            "Dns",
+            "DnsSearch",
+            "DnsOptions",
         ] {
             assert!(hc.get(key).is_none(), "{key}");
         }

@@ -216,6 +216,15 @@ fn with_settings(
     if let Some(sig) = &s.stop_signal {
         b = b.stop_signal(i64::from(sig.number));
     }
+    if !s.dns_servers.is_empty() {
+        b = b.dns_server(s.dns_servers.iter().map(ToString::to_string));
+    }
+    if !s.dns_search.is_empty() {
+        b = b.dns_search(&s.dns_search);
+    }
+    if !s.dns_options.is_empty() {
+        b = b.dns_option(&s.dns_options);
+    }
     if !s.devices.is_empty() {
         // libpod reads only `path`, in the CLI's `host:container:permissions` form.
         b = b.devices(s.devices.iter().map(|d| LinuxDevice {
