@@ -71,6 +71,10 @@ pub struct Document {
     /// server; images from others are pulled anonymously).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registries: Option<converge_containers::RegistriesSpec>,
+    /// Images pulled ahead of need, and image garbage collection when the image
+    /// store's disk fills up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<converge_containers::ImagesSpec>,
     /// WireGuard interface and peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<converge_wireguard::WireguardSpec>,

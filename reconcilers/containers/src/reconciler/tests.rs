@@ -28,6 +28,7 @@ fn spec(v: serde_json::Value) -> Workload {
         containers: Some(serde_json::from_value(v).unwrap()),
         networks: None,
         registries: Vec::new(),
+        images: None,
     }
 }
 
@@ -37,6 +38,7 @@ fn with_networks(containers: serde_json::Value, networks: serde_json::Value) -> 
         containers: Some(serde_json::from_value(containers).unwrap()),
         networks: Some(serde_json::from_value(networks).unwrap()),
         registries: Vec::new(),
+        images: None,
     }
 }
 
