@@ -10,8 +10,9 @@ use converge_core::{Change, FieldChange, Op, Plan, Waiting};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-/// How often a pass looks at a prefetch under way (its progress in the status).
-pub const PREFETCH_POLL: Duration = Duration::from_secs(1);
+/// How often a pass looks at a prefetch under way (its progress in the status); its
+/// end starts a pass by itself.
+pub const PREFETCH_POLL: Duration = Duration::from_secs(2);
 
 /// When a pass looks again after the image store could not be read.
 pub const STORE_RETRY: Duration = Duration::from_secs(60);
@@ -141,7 +142,11 @@ pub fn plan(
     plan: &mut Plan<Action>,
 ) {
     for image in &spec.prefetch {
-        if observed.images.get(image).is_some_and(Option::is_some) {
+        let pulled_anyway = plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Pull { image: i, .. } if i == image));
+        if pulled_anyway || observed.images.get(image).is_some_and(Option::is_some) {
             continue;
         }
         match observed.prefetch.get(image) {
