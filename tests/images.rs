@@ -282,6 +282,14 @@ fn prefetch_scenario(
         .args(["import", "-q", "-", "localhost/big:1"]);
     import_image(node, "localhost/big:1", 24 * MB, import);
     registry.push(node, podman_args, "localhost/big:1", "converge/big:1");
+    // Its layers must come from the registry, not from the store that pushed them.
+    let rmi = node
+        .command("podman")
+        .args(podman_args)
+        .args(["rmi", "localhost/big:1"])
+        .output()
+        .expect("podman rmi");
+    assert!(rmi.status.success(), "{}", String::from_utf8_lossy(&rmi.stderr));
     let image = format!("{server}/converge/big:1");
     let secrets = node.data_dir().join("secrets");
     std::fs::create_dir_all(&secrets).expect("secrets dir");
