@@ -19,6 +19,7 @@ use common::images::{import_image, tmpfs, usage, MB};
 use common::registry::{start_registry, PASSWORD, USER};
 use common::runtime::TEST_IMAGE;
 use common::sandbox::{wait_until, TestNode};
+use converge_containers::driver::ContainerRuntime;
 use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -289,7 +290,11 @@ fn prefetch_scenario(
         .args(["rmi", "localhost/big:1"])
         .output()
         .expect("podman rmi");
-    assert!(rmi.status.success(), "{}", String::from_utf8_lossy(&rmi.stderr));
+    assert!(
+        rmi.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rmi.stderr)
+    );
     let image = format!("{server}/converge/big:1");
     let secrets = node.data_dir().join("secrets");
     std::fs::create_dir_all(&secrets).expect("secrets dir");
@@ -378,4 +383,78 @@ fn prefetch_shows_progress_and_pulls_ahead_on_docker() {
             .success()
     };
     prefetch_scenario("docker", &node, &agent_args, &svc.global_args(), &has);
+}
+
+/// The image half of the driver contract: the image list (ids, names, sizes, build
+/// times), the users (a stopped container counts), the store's disk; a removal is
+/// refused while a container uses the image (never forced) and succeeds after, and a
+/// missing image is success.
+async fn driver_contract<R: ContainerRuntime>(driver: &R, cli: &dyn Fn(&[&str]) -> String) {
+    let images = driver.list_images().await.expect("list images");
+    let image = images
+        .iter()
+        .find(|i| i.tags.iter().any(|t| t == TEST_IMAGE))
+        .unwrap_or_else(|| panic!("{TEST_IMAGE} not listed: {images:?}"))
+        .clone();
+    assert!(
+        image.id.starts_with("sha256:") && image.size > 1_000_000 && image.created > 0,
+        "{image:?}"
+    );
+    let disk = driver.image_disk().await.expect("image disk");
+    assert!(
+        disk.capacity > 0 && disk.used > 0 && disk.used <= disk.capacity,
+        "{disk:?}"
+    );
+    cli(&["create", "--name", "user", TEST_IMAGE, "sleep", "1"]);
+    assert!(driver
+        .image_users()
+        .await
+        .expect("users")
+        .contains(&image.id));
+    let err = driver
+        .remove_image(&image)
+        .await
+        .expect_err("refused while used");
+    assert!(err.to_string().contains("image remove"), "{err}");
+    assert!(
+        driver.image(TEST_IMAGE).await.expect("inspect").is_some(),
+        "the image survived"
+    );
+    cli(&["rm", "user"]);
+    assert!(!driver
+        .image_users()
+        .await
+        .expect("users")
+        .contains(&image.id));
+    driver
+        .remove_image(&image)
+        .await
+        .expect("removed once unused");
+    assert!(driver.image(TEST_IMAGE).await.expect("inspect").is_none());
+    driver
+        .remove_image(&image)
+        .await
+        .expect("a missing image is success");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_driver_lists_and_removes_images_never_forced() {
+    let node = TestNode::new("img-drv-p");
+    let svc = common::podman::start_podman(&node);
+    let driver = converge_containers::podman::Podman::new(&svc.socket);
+    driver_contract(&driver, &|args| {
+        common::podman::podman_ok(&node, &svc, args)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_driver_lists_and_removes_images_never_forced() {
+    let node = TestNode::new("img-drv-d");
+    let daemon = common::docker::start_docker(&node);
+    let driver = converge_containers::docker::Docker::new(daemon.socket.clone());
+    driver_contract(&driver, &|args| {
+        common::docker::docker_ok(&node, &daemon, args)
+    })
+    .await;
 }
