@@ -48,13 +48,16 @@ fn containers_status(node: &TestNode) -> Value {
     reconciler(&status(node), "containers")
 }
 
+/// A daemon CLI call (any exit status).
+type Cli<'a> = Box<dyn Fn(&[&str]) -> std::process::Output + 'a>;
+
 /// The daemon, as the GC scenario drives it.
 struct Daemon<'a> {
     kind: &'static str,
     agent_args: Vec<String>,
     /// The storage root (a tmpfs).
     root: std::path::PathBuf,
-    cli: Box<dyn Fn(&[&str]) -> std::process::Output + 'a>,
+    cli: Cli<'a>,
     import: Box<dyn Fn(&str) -> Command + 'a>,
 }
 
