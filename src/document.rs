@@ -419,6 +419,9 @@ mod tests {
         );
         // Out of a percentage's type: the schema pass names it.
         let p = with(json!({"gc": {"highPercent": 300}}));
-        assert!(p.iter().any(|p| p.starts_with("$.images.gc.highPercent")), "{p:?}");
+        assert!(
+            p.iter().any(|p| p.starts_with("$.images.gc.highPercent")),
+            "{p:?}"
+        );
     }
 }

@@ -58,6 +58,8 @@ pub struct Docker {
 struct Inner {
     socket: PathBuf,
     client: OnceCell<bollard::Docker>,
+    /// `DockerRootDir`, read once.
+    root: OnceCell<PathBuf>,
 }
 
 impl std::fmt::Debug for Docker {
@@ -144,6 +146,7 @@ impl Docker {
             inner: Arc::new(Inner {
                 socket: socket.into(),
                 client: OnceCell::new(),
+                root: OnceCell::new(),
             }),
         }
     }
@@ -324,16 +327,23 @@ impl ContainerRuntime for Docker {
     }
 
     async fn image_disk(&self) -> Result<DiskUsage, DriverError> {
-        let info = self
-            .client()
+        let root = self
+            .inner
+            .root
+            .get_or_try_init(|| async {
+                let info = self
+                    .client()
+                    .await?
+                    .info()
+                    .await
+                    .map_err(|e| api_failed("info", "", e))?;
+                info.docker_root_dir
+                    .map(PathBuf::from)
+                    .ok_or_else(|| failed("info", "", "no DockerRootDir"))
+            })
             .await?
-            .info()
-            .await
-            .map_err(|e| api_failed("info", "", e))?;
-        let root = info
-            .docker_root_dir
-            .ok_or_else(|| failed("info", "", "no DockerRootDir"))?;
-        converge_core::blocking("statvfs", move || disk_usage(Path::new(&root))).await
+            .clone();
+        converge_core::blocking("statvfs", move || disk_usage(&root)).await
     }
 
     async fn create(&self, spec: &CreateSpec) -> Result<String, DriverError> {

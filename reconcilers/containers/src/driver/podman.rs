@@ -86,6 +86,9 @@ struct Inner {
     raw: raw::Raw,
     /// The Docker-compatible API on the same socket, for pulls (see `pull`).
     compat: super::docker::Docker,
+    /// The storage root (`store.graphRoot`), read once: libpod's info call gathers the
+    /// whole host's facts (a quarter of a second here).
+    graph_root: tokio::sync::OnceCell<PathBuf>,
     /// Set when the driver runs health checks itself (no systemd on this host).
     health: Option<Arc<HealthTicks>>,
     inspected: Arc<InspectCache>,
@@ -183,6 +186,7 @@ impl Podman {
                 api: podman_api::Podman::unix(&socket),
                 raw: raw::Raw::unix(&socket),
                 compat: super::docker::Docker::new(&socket),
+                graph_root: tokio::sync::OnceCell::new(),
                 socket,
                 health: drive_health_checks.then(|| Arc::new(HealthTicks::default())),
                 inspected: Arc::default(),
@@ -457,12 +461,19 @@ impl ContainerRuntime for Podman {
     }
 
     async fn image_disk(&self) -> Result<DiskUsage, DriverError> {
-        let info = self.api().info().await.map_err(|e| failed("info", "", e))?;
-        let root = info
-            .store
-            .and_then(|s| s.graph_root)
-            .ok_or_else(|| failed("info", "", "no store.graphRoot"))?;
-        converge_core::blocking("statvfs", move || disk_usage(Path::new(&root))).await
+        let root = self
+            .inner
+            .graph_root
+            .get_or_try_init(|| async {
+                let info = self.api().info().await.map_err(|e| failed("info", "", e))?;
+                info.store
+                    .and_then(|s| s.graph_root)
+                    .map(PathBuf::from)
+                    .ok_or_else(|| failed("info", "", "no store.graphRoot"))
+            })
+            .await?
+            .clone();
+        converge_core::blocking("statvfs", move || disk_usage(&root)).await
     }
 
     async fn create(&self, spec: &CreateSpec) -> Result<String, DriverError> {
