@@ -277,6 +277,7 @@ fn noop_pass(socket: &str) -> ((Duration, Duration), (Duration, Duration)) {
         .expect("spec")),
         networks: None,
         registries: Vec::new(),
+        images: None,
     };
     let c = Containers::new(
         Podman::new(Path::new(socket)),

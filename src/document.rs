@@ -71,6 +71,10 @@ pub struct Document {
     /// server; images from others are pulled anonymously).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registries: Option<converge_containers::RegistriesSpec>,
+    /// Images pulled ahead of need, and image garbage collection when the image
+    /// store's disk fills up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<converge_containers::ImagesSpec>,
     /// WireGuard interface and peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<converge_wireguard::WireguardSpec>,
@@ -396,5 +400,28 @@ mod tests {
                 doc(json!([])).replace("\"generation\":1", &format!("\"generation\":{generation}"));
             assert_eq!(parse(&text, Format::Json).is_ok(), ok, "{generation}");
         }
+    }
+
+    #[test]
+    fn the_images_section_is_validated_with_its_paths() {
+        let with = |images: serde_json::Value| {
+            let mut v: serde_json::Value = serde_json::from_str(&doc(json!([]))).unwrap();
+            v["images"] = images;
+            problems(&v.to_string(), Format::Json)
+        };
+        assert!(with(json!({"prefetch": ["r:5000/a:1"], "gc": {"keep": ["nginx"]}})).is_empty());
+        assert_eq!(
+            with(json!({"prefetch": ["nginx"], "gc": {"highPercent": 80, "lowPercent": 90}})),
+            [
+                "$.images.prefetch[0]: image \"nginx\" has neither a tag nor a digest",
+                "$.images.gc.lowPercent: lowPercent 90 must be below highPercent 80"
+            ]
+        );
+        // Out of a percentage's type: the schema pass names it.
+        let p = with(json!({"gc": {"highPercent": 300}}));
+        assert!(
+            p.iter().any(|p| p.starts_with("$.images.gc.highPercent")),
+            "{p:?}"
+        );
     }
 }

@@ -109,12 +109,19 @@ pub struct HostOptions {
     pub caddy_user: String,
 }
 
-/// The containers reconciler on the chosen runtime (also `converge reset`'s).
-pub fn containers(host: &HostOptions, node_id: &str, secrets: &SecretSource) -> Arc<dyn Section> {
+/// The containers reconciler on the chosen runtime (also `converge reset`'s). In the
+/// agent (`background`) prefetch pulls run in their own tasks.
+pub fn containers(
+    host: &HostOptions,
+    node_id: &str,
+    secrets: &SecretSource,
+    background: bool,
+) -> Arc<dyn Section> {
     let mut config = ContainersConfig::new(node_id, &host.secrets_dir);
     config.secrets = secrets.clone();
+    config.background_prefetch = background;
     fn select(d: &Document) -> Option<Cow<'_, Workload>> {
-        if d.containers.is_none() && d.networks.is_none() {
+        if d.containers.is_none() && d.networks.is_none() && d.images.is_none() {
             return None;
         }
         let mut containers = d.containers.clone();
@@ -125,6 +132,7 @@ pub fn containers(host: &HostOptions, node_id: &str, secrets: &SecretSource) -> 
             containers,
             networks: d.networks.clone(),
             registries: d.registries.clone().unwrap_or_default(),
+            images: d.images.clone(),
         }))
     }
     let podman = || {
@@ -436,7 +444,7 @@ fn build(
     ));
     let firewall = Firewall::new(Kernel::new());
     vec![
-        containers(host, node_id, secrets),
+        containers(host, node_id, secrets, serve),
         wireguard(data_dir, host, resync, secrets),
         Arc::new(Bound::new(firewall, firewall_enforced)),
         Arc::new(Bound::new(dns, dns_served)),
@@ -471,7 +479,7 @@ fn selfupdate(data_dir: &Path) -> Arc<dyn Section> {
 /// Whether the document has a section for reconciler `name`.
 pub fn has_section(doc: &Document, name: &str) -> bool {
     match name {
-        "containers" => doc.containers.is_some() || doc.networks.is_some(),
+        "containers" => doc.containers.is_some() || doc.networks.is_some() || doc.images.is_some(),
         "wireguard" => doc.wireguard.is_some(),
         "firewall" => doc.firewall.is_some(),
         "dns" => doc.dns.is_some(),

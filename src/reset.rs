@@ -162,7 +162,7 @@ pub async fn reset(opts: ResetOptions<'_>) -> anyhow::Result<ExitCode> {
     // Containers and networks: the reconciler's own plan against empty sections.
     let workload = Arc::new(empty_workload(doc.as_ref(), &node_id)?);
     let secrets = converge_core::SecretSource::new(&opts.host.secrets_dir);
-    let containers = vec![registry::containers(opts.host, &node_id, &secrets)];
+    let containers = vec![registry::containers(opts.host, &node_id, &secrets, false)];
     // No runtime socket at all (`--runtime auto`): no container can be running.
     let no_runtime = opts.host.runtime == registry::RuntimeChoice::Auto
         && !opts.host.podman_socket.exists()

@@ -48,6 +48,9 @@ pub fn semantic(doc: &Document, problems: &mut Problems) {
     if let Some(r) = &doc.registries {
         converge_containers::validate_registries(r, "$.registries", problems);
     }
+    if let Some(i) = &doc.images {
+        converge_containers::validate_images(i, "$.images", problems);
+    }
     let subnets = doc
         .networks
         .as_ref()

@@ -440,7 +440,7 @@ async fn already_in_state_missing_and_failures() {
     let started = Instant::now();
     let pulled = tokio::time::timeout(
         Duration::from_secs(60),
-        driver.pull("127.0.0.1:1/converge/missing:1", None),
+        driver.pull("127.0.0.1:1/converge/missing:1", None, &Default::default()),
     )
     .await
     .expect("pull must not hang");

@@ -431,7 +431,7 @@ async fn ownership_health_network_and_edge_cases() {
     let t = Instant::now();
     let pulled = tokio::time::timeout(
         Duration::from_secs(60),
-        driver.pull("localhost:1/nope/missing:latest", None),
+        driver.pull("localhost:1/nope/missing:latest", None, &Default::default()),
     )
     .await
     .expect("pull returned within 60 s");

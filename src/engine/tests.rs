@@ -18,6 +18,7 @@ fn doc(generation: u64) -> Arc<Document> {
         containers: None,
         networks: None,
         registries: None,
+        images: None,
         wireguard: None,
         firewall: None,
         dns: None,

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod borg_repo;
 pub mod dnsq;
 pub mod docker;
+pub mod images;
 pub mod mesh;
 pub mod netstat;
 pub mod podman;

@@ -5,9 +5,11 @@
 pub mod docker;
 #[cfg(test)]
 pub mod fake;
+mod images;
 pub mod podman;
 mod settings;
 
+pub use images::*;
 pub use settings::*;
 
 use crate::registry::RegistryAuth;
@@ -15,7 +17,7 @@ use crate::spec::{ContainerPort, ContainerVolume};
 use converge_core::{DriverError, HostEvent};
 use futures::stream::BoxStream;
 use ipnet::IpNet;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -198,13 +200,32 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         image: &str,
     ) -> impl Future<Output = Result<Option<LocalImage>, DriverError>> + Send;
 
-    /// Pulls an image, with credentials for its registry if any (progress goes to
-    /// tracing). A digest-pinned reference is verified by the runtime as it pulls.
+    /// Pulls an image, with credentials for its registry if any, reporting bytes and
+    /// layers to `progress`. A digest-pinned reference is verified by the runtime as it
+    /// pulls.
     fn pull(
         &self,
         image: &str,
         auth: Option<&RegistryAuth>,
+        progress: &PullProgress,
     ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Every image on the node (converge's or not), for image GC.
+    fn list_images(&self) -> impl Future<Output = Result<Vec<ImageInfo>, DriverError>> + Send;
+
+    /// The ids of the images any container on the node uses (converge's or not,
+    /// running or not).
+    fn image_users(&self) -> impl Future<Output = Result<BTreeSet<String>, DriverError>> + Send;
+
+    /// Removes an image, never forced: each of its names, then its id (a missing one is
+    /// success). The runtime refuses while a container uses it.
+    fn remove_image(
+        &self,
+        image: &ImageInfo,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// The filesystem holding the runtime's image store (its storage root).
+    fn image_disk(&self) -> impl Future<Output = Result<DiskUsage, DriverError>> + Send;
 
     /// Creates (does not start) a container; returns its id.
     fn create(&self, spec: &CreateSpec)
@@ -287,7 +308,24 @@ impl ContainerRuntime for NoRuntime {
     async fn image(&self, _: &str) -> Result<Option<LocalImage>, DriverError> {
         self.err()
     }
-    async fn pull(&self, _: &str, _: Option<&RegistryAuth>) -> Result<(), DriverError> {
+    async fn pull(
+        &self,
+        _: &str,
+        _: Option<&RegistryAuth>,
+        _: &PullProgress,
+    ) -> Result<(), DriverError> {
+        self.err()
+    }
+    async fn list_images(&self) -> Result<Vec<ImageInfo>, DriverError> {
+        self.err()
+    }
+    async fn image_users(&self) -> Result<BTreeSet<String>, DriverError> {
+        self.err()
+    }
+    async fn remove_image(&self, _: &ImageInfo) -> Result<(), DriverError> {
+        self.err()
+    }
+    async fn image_disk(&self) -> Result<DiskUsage, DriverError> {
         self.err()
     }
     async fn create(&self, _: &CreateSpec) -> Result<String, DriverError> {

@@ -1,13 +1,15 @@
 //! Pure planning: what the runtime must do so its managed containers and networks match
 //! the spec.
 
+pub mod images;
 mod networks;
 
+pub use images::{ImageStore, PrefetchStatus};
 pub use networks::{desired as network_spec, owned as owned_network, IN_USE_RETRY};
 
 use crate::driver::{
-    CreateSpec, Health, HealthSpec, LocalImage, NetworkCreate, RunState, RuntimeContainer,
-    RuntimeNetwork, LABEL_HASH, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
+    CreateSpec, Health, HealthSpec, ImageInfo, LocalImage, NetworkCreate, RunState,
+    RuntimeContainer, RuntimeNetwork, LABEL_HASH, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
 };
 use crate::spec::{
     parse_duration, parse_memory, Container, ContainerState, PullPolicy, Registry, RestartPolicy,
@@ -39,8 +41,14 @@ impl std::fmt::Debug for Secret {
 pub struct Observed {
     /// Containers carrying this node's ownership labels.
     pub containers: Vec<RuntimeContainer>,
-    /// The local image per image reference of the spec (None: not present locally).
+    /// The local image per image reference of the spec, containers and prefetch list
+    /// (None: not present locally).
     pub images: BTreeMap<String, Option<LocalImage>>,
+    /// The image store, for image GC (read only when the `images` section has `gc`),
+    /// or why it could not be read (GC then waits; containers converge regardless).
+    pub store: Option<Result<ImageStore, String>>,
+    /// This agent's prefetch pulls by reference: under way, failed or done.
+    pub prefetch: BTreeMap<String, PrefetchStatus>,
     /// Images of `pullPolicy: always` containers due for another pull (not pulled by
     /// this agent within [`ALWAYS_PULL_EVERY`]).
     pub refresh: BTreeSet<String>,
@@ -235,6 +243,14 @@ pub enum Action {
     /// The object (`container web`, `network mesh`) cannot be built or changed (a
     /// secret is missing, a foreign network holds the name): reported as failed.
     Invalid { object: String, error: String },
+    /// Pull an image of the `images.prefetch` list (in the agent in the background,
+    /// its progress in the status).
+    Prefetch {
+        image: String,
+        registry: Option<Registry>,
+    },
+    /// Remove an image nobody needs (image GC; runs last).
+    RemoveImage { image: ImageInfo },
 }
 
 /// The runtime-level desired state of one document container, or why it cannot be built.
@@ -430,6 +446,9 @@ pub fn plan(spec: &Workload, observed: &Observed, node: &str, facts: &Facts) -> 
         .count();
     plan.actions.splice(pulls..pulls, nets.before);
     plan.actions.extend(nets.after);
+    if let Some(images) = &spec.images {
+        images::plan(images, observed, &spec.registries, &mut plan);
+    }
     plan
 }
 

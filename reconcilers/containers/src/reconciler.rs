@@ -2,7 +2,9 @@
 //! with bounded concurrency and per-call timeouts, restart dead containers with a
 //! crash-loop back-off, publish container addresses as facts.
 
-use crate::driver::{ContainerRuntime, CreateSpec, Health, RunState, RuntimeContainer, LABEL_NAME};
+use crate::driver::{
+    ContainerRuntime, CreateSpec, Health, PullProgress, RunState, RuntimeContainer, LABEL_NAME,
+};
 use crate::plan::{self, Action, Crashes, NetStep, Observed, Secret, Step, CRASH_WINDOW};
 use crate::registry::RegistryAuth;
 use crate::spec::{PullPolicy, Registry, Workload};
@@ -14,7 +16,7 @@ use converge_core::{SecretSource, Zeroizing};
 use futures::stream::{BoxStream, StreamExt};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn, Instrument};
 
@@ -33,6 +35,9 @@ pub struct Config {
     pub pull_timeout: Duration,
     /// How long a replacement may take to become healthy before it is abandoned.
     pub health_timeout: Duration,
+    /// Prefetch pulls run in their own tasks (the agent) rather than in the pass
+    /// (one-shot commands, which exit after it).
+    pub background_prefetch: bool,
 }
 
 impl Config {
@@ -44,6 +49,7 @@ impl Config {
             call_timeout: Duration::from_secs(30),
             pull_timeout: Duration::from_secs(600),
             health_timeout: Duration::from_secs(120),
+            background_prefetch: false,
         }
     }
 }
@@ -57,7 +63,8 @@ struct Restarts {
 
 /// The reconciler over a runtime driver.
 pub struct Containers<R> {
-    runtime: R,
+    /// Shared with background prefetches.
+    runtime: Arc<R>,
     config: Config,
     crashes: Mutex<BTreeMap<String, Restarts>>,
     /// When each replacement instance (by id) was first seen ready under its
@@ -66,62 +73,26 @@ pub struct Containers<R> {
     /// When this agent last pulled each image (for `pullPolicy: always`; tokio's clock,
     /// which tests can move).
     pulled_at: Mutex<BTreeMap<String, tokio::time::Instant>>,
+    /// Prefetches, images seen, the last GC.
+    images: images::ImagesState,
 }
 
 impl<R: ContainerRuntime> Containers<R> {
     pub fn new(runtime: R, config: Config) -> Self {
         Self {
-            runtime,
+            runtime: Arc::new(runtime),
             config,
             crashes: Mutex::new(BTreeMap::new()),
             ready_since: Mutex::new(BTreeMap::new()),
             pulled_at: Mutex::new(BTreeMap::new()),
+            images: images::ImagesState::default(),
         }
     }
 
-    /// Pulls `image` with its registry's credentials, then checks that a pinned digest
-    /// is what the node now has.
+    /// Pulls `image` for a container (see [`pull_image`]) and records when.
     async fn pull(&self, image: &str, registry: Option<&Registry>) -> Result<(), DriverError> {
-        let auth = match registry {
-            Some(r) => {
-                let password = self
-                    .read_secret(&r.password_secret)
-                    .map_err(|e| DriverError::Failed(format!("registry {}: {e}", r.server)))?;
-                Some(RegistryAuth {
-                    server: r.server.clone(),
-                    username: r.username.clone(),
-                    password: Zeroizing::new(password.0),
-                })
-            }
-            None => None,
-        };
-        let server = crate::registry::server_of(image);
-        info!(
-            image,
-            registry = server,
-            authenticated = auth.is_some(),
-            "pulling"
-        );
-        with_timeout(
-            "pull",
-            self.config.pull_timeout,
-            self.runtime.pull(image, auth.as_ref()),
-        )
-        .await
-        .map_err(|e| DriverError::Failed(format!("pull from registry {server}: {e}")))?;
-        if let Some(want) = crate::registry::pinned_digest(image) {
-            let got = self
-                .call("image inspect", self.runtime.image(image))
-                .await?
-                .map(|i| i.digests)
-                .unwrap_or_default();
-            if !got.iter().any(|d| d == want) {
-                return Err(DriverError::Failed(format!(
-                    "image {image}: the node has digests [{}], not the pinned {want}",
-                    got.join(", ")
-                )));
-            }
-        }
+        let progress = PullProgress::default();
+        pull_image(&*self.runtime, &self.config, image, registry, &progress).await?;
         self.pulled_at
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -142,11 +113,7 @@ impl<R: ContainerRuntime> Containers<R> {
     }
 
     fn read_secret(&self, name: &str) -> Result<Secret, String> {
-        match self.config.secrets.get(name) {
-            Ok(Some(s)) => Ok(Secret(s.trim_end_matches('\n').to_string())),
-            Ok(None) => Err(format!("{} not found", self.config.secrets.describe(name))),
-            Err(e) => Err(e.to_string()),
-        }
+        read_secret(&self.config, name)
     }
 
     /// Records a restart of `name` (the plan already waited out its back-off).
@@ -384,6 +351,65 @@ impl<R: ContainerRuntime> Containers<R> {
     }
 }
 
+fn read_secret(config: &Config, name: &str) -> Result<Secret, String> {
+    match config.secrets.get(name) {
+        Ok(Some(s)) => Ok(Secret(s.trim_end_matches('\n').to_string())),
+        Ok(None) => Err(format!("{} not found", config.secrets.describe(name))),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Pulls `image` with its registry's credentials (the password read now, dropped
+/// after the call), then checks that a pinned digest is what the node now has.
+async fn pull_image<R: ContainerRuntime>(
+    runtime: &R,
+    config: &Config,
+    image: &str,
+    registry: Option<&Registry>,
+    progress: &PullProgress,
+) -> Result<(), DriverError> {
+    let auth = match registry {
+        Some(r) => {
+            let password = read_secret(config, &r.password_secret)
+                .map_err(|e| DriverError::Failed(format!("registry {}: {e}", r.server)))?;
+            Some(RegistryAuth {
+                server: r.server.clone(),
+                username: r.username.clone(),
+                password: Zeroizing::new(password.0),
+            })
+        }
+        None => None,
+    };
+    let server = crate::registry::server_of(image);
+    info!(
+        image,
+        registry = server,
+        authenticated = auth.is_some(),
+        "pulling"
+    );
+    with_timeout(
+        "pull",
+        config.pull_timeout,
+        runtime.pull(image, auth.as_ref(), progress),
+    )
+    .await
+    .map_err(|e| DriverError::Failed(format!("pull from registry {server}: {e}")))?;
+    drop(auth);
+    if let Some(want) = crate::registry::pinned_digest(image) {
+        let got = with_timeout("image inspect", config.call_timeout, runtime.image(image))
+            .await?
+            .map(|i| i.digests)
+            .unwrap_or_default();
+        if !got.iter().any(|d| d == want) {
+            return Err(DriverError::Failed(format!(
+                "image {image}: the node has digests [{}], not the pinned {want}",
+                got.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl<R: ContainerRuntime> Reconciler for Containers<R> {
     type Spec = Workload;
     type Observed = Observed;
@@ -394,6 +420,7 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
     }
 
     async fn observe(&self, spec: &Workload) -> Result<Observed, DriverError> {
+        let workload = spec;
         let containers = self
             .call("list", self.runtime.list_managed(&self.config.node_id))
             .await
@@ -458,6 +485,8 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
         let mut observed = Observed {
             containers,
             images,
+            store: None,
+            prefetch: BTreeMap::new(),
             refresh,
             secrets,
             crashes: self.crashes(),
@@ -467,6 +496,9 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
             switching: BTreeMap::new(),
         };
         observed.switching = self.switching(&observed);
+        if let Some(images) = &workload.images {
+            self.observe_images(images, &mut observed).await?;
+        }
         Ok(observed)
     }
 
@@ -480,8 +512,21 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
         // without touching its running instance.
         let mut blocked: BTreeMap<String, String> = BTreeMap::new();
         let mut blocked_networks: BTreeMap<String, String> = BTreeMap::new();
-        let (pulls, work): (Vec<Action>, Vec<Action>) = plan
+        let (images, actions): (Vec<Action>, Vec<Action>) = plan
             .actions
+            .into_iter()
+            .partition(|a| matches!(a, Action::Prefetch { .. } | Action::RemoveImage { .. }));
+        let mut prefetch = Vec::new();
+        let mut collect = Vec::new();
+        for a in images {
+            match a {
+                Action::Prefetch { image, registry } => prefetch.push((image, registry)),
+                Action::RemoveImage { image } => collect.push(image),
+                _ => {}
+            }
+        }
+        outcomes.extend(self.prefetch(prefetch).await);
+        let (pulls, work): (Vec<Action>, Vec<Action>) = actions
             .into_iter()
             .partition(|a| matches!(a, Action::Pull { .. }));
         let pulled: Vec<(String, Vec<String>, Result<(), DriverError>)> =
@@ -560,6 +605,12 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
                         (Action::Network { name, .. } | Action::RemoveNetwork { name }, _) => {
                             ObjectOutcome::ok(format!("network {name}"))
                         }
+                        (Action::Prefetch { image, .. }, _) => {
+                            ObjectOutcome::ok(format!("image {image}"))
+                        }
+                        (Action::RemoveImage { image }, _) => {
+                            ObjectOutcome::ok(format!("image {}", image.name()))
+                        }
                     }
                 }
             })
@@ -576,6 +627,10 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
                     .await;
                 outcomes.push(ObjectOutcome::from_result(format!("network {name}"), r));
             }
+        }
+        // Image GC last: the containers removed above no longer hold their images.
+        if !collect.is_empty() {
+            outcomes.extend(self.collect(collect).await);
         }
         outcomes.sort_by(|a, b| a.object.cmp(&b.object));
         outcomes
@@ -665,13 +720,26 @@ impl<R: ContainerRuntime> Reconciler for Containers<R> {
                 });
             }
         }
+        notes.extend(self.image_notes(observed));
         notes
     }
 
     fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
-        Some(self.runtime.events())
+        let runtime = self.runtime.events();
+        // Background prefetches end as host events too (taken by the first caller).
+        Some(match self.images.take_events() {
+            Some(rx) => {
+                let ends = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|e| (e, rx))
+                });
+                futures::stream::select(runtime, ends).boxed()
+            }
+            None => runtime,
+        })
     }
 }
+
+mod images;
 
 #[cfg(test)]
 mod tests;

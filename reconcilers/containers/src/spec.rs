@@ -23,13 +23,15 @@ pub type RegistriesSpec = Vec<Registry>;
 
 /// What the containers reconciler manages: the `containers` and `networks` sections
 /// (networks are created before the containers that use them and removed after them,
-/// so one reconciler orders both), and the `registries` their images come from. Either
-/// of the first two may be absent (unmanaged).
+/// so one reconciler orders both), the `registries` their images come from, and the
+/// `images` section (prefetch and image GC need to know which images containers use).
+/// Any of `containers`, `networks` and `images` may be absent (unmanaged).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Workload {
     pub containers: Option<ContainersSpec>,
     pub networks: Option<NetworksSpec>,
     pub registries: RegistriesSpec,
+    pub images: Option<ImagesSpec>,
 }
 
 /// Credentials for one registry.
@@ -348,11 +350,13 @@ pub enum ContainerState {
 }
 
 mod dns;
+mod images;
 mod settings;
 mod validate;
 mod values;
 
 pub use dns::*;
+pub use images::*;
 pub use settings::*;
 pub use validate::*;
 pub use values::*;

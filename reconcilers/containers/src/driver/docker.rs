@@ -8,6 +8,7 @@ use convert::*;
 use events::*;
 
 use crate::driver::ContainerSettings;
+use crate::driver::{disk_usage, DiskUsage, ImageInfo, PullProgress};
 use crate::driver::{
     inspect_all, port_bindings, repo_digests, ContainerRuntime, CreateSpec, Health, LocalImage,
     Mount, NetworkCreate, RunState, RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME,
@@ -20,7 +21,7 @@ use bollard::container::{
     RemoveContainerOptions, RenameContainerOptions, StartContainerOptions, StopContainerOptions,
 };
 use bollard::errors::Error as BollardError;
-use bollard::image::CreateImageOptions;
+use bollard::image::{CreateImageOptions, ListImagesOptions, RemoveImageOptions};
 use bollard::models::{
     ContainerInspectResponse, ContainerStateStatusEnum, EndpointIpamConfig, EndpointSettings,
     EventMessage, HealthConfig, HealthStatusEnum, HostConfig, Ipam, IpamConfig, MountPointTypeEnum,
@@ -31,7 +32,7 @@ use bollard::network::{CreateNetworkOptions, ListNetworksOptions};
 use bollard::system::EventsOptions;
 use converge_core::{DriverError, HostEvent};
 use futures::stream::{BoxStream, StreamExt};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,6 +58,8 @@ pub struct Docker {
 struct Inner {
     socket: PathBuf,
     client: OnceCell<bollard::Docker>,
+    /// `DockerRootDir`, read once.
+    root: OnceCell<PathBuf>,
 }
 
 impl std::fmt::Debug for Docker {
@@ -143,6 +146,7 @@ impl Docker {
             inner: Arc::new(Inner {
                 socket: socket.into(),
                 client: OnceCell::new(),
+                root: OnceCell::new(),
             }),
         }
     }
@@ -165,6 +169,47 @@ impl Docker {
 
     async fn client(&self) -> Result<&bollard::Docker, DriverError> {
         self.inner.client().await
+    }
+
+    /// Pulls through `POST /images/create`, feeding `progress` from the stream; the
+    /// error is the daemon's message. Also Podman's pull (its Docker-compatible
+    /// endpoint reports bytes per layer, libpod's only the blobs' names).
+    pub(crate) async fn pull_stream(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+        progress: &PullProgress,
+    ) -> Result<(), String> {
+        let client = self.client().await.map_err(|e| e.to_string())?;
+        let credentials = auth.map(|a| bollard::auth::DockerCredentials {
+            username: Some(a.username.clone()),
+            password: Some(a.password.to_string()),
+            serveraddress: Some(a.server.clone()),
+            ..Default::default()
+        });
+        let mut stream = client.create_image(
+            Some(CreateImageOptions {
+                from_image: image,
+                ..Default::default()
+            }),
+            None,
+            credentials,
+        );
+        // Errors can arrive mid-stream (bollard turns an `error` message into Err).
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| describe(&e))?;
+            if let Some(status) = info.status.as_deref() {
+                let detail = info.progress_detail.as_ref();
+                progress.update(
+                    info.id.as_deref(),
+                    status,
+                    detail.and_then(|d| d.current),
+                    detail.and_then(|d| d.total),
+                );
+                debug!(image, status, id = info.id, "pull");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -207,30 +252,98 @@ impl ContainerRuntime for Docker {
         }
     }
 
-    async fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> Result<(), DriverError> {
-        let client = self.client().await?;
-        let credentials = auth.map(|a| bollard::auth::DockerCredentials {
-            username: Some(a.username.clone()),
-            password: Some(a.password.to_string()),
-            serveraddress: Some(a.server.clone()),
-            ..Default::default()
-        });
-        let mut progress = client.create_image(
-            Some(CreateImageOptions {
-                from_image: image,
+    async fn pull(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+        progress: &PullProgress,
+    ) -> Result<(), DriverError> {
+        self.pull_stream(image, auth, progress)
+            .await
+            .map_err(|e| failed("pull", image, e))
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageInfo>, DriverError> {
+        let listed = self
+            .client()
+            .await?
+            .list_images(Some(ListImagesOptions::<String> {
+                all: false,
                 ..Default::default()
-            }),
-            None,
-            credentials,
-        );
-        // Errors can arrive mid-stream (bollard turns an `error` message into Err).
-        while let Some(item) = progress.next().await {
-            let info = item.map_err(|e| api_failed("pull", image, e))?;
-            if let Some(status) = info.status {
-                debug!(image, status, progress = info.progress, "docker pull");
+            }))
+            .await
+            .map_err(|e| api_failed("image list", "", e))?;
+        Ok(listed
+            .into_iter()
+            .map(|i| ImageInfo {
+                id: i.id,
+                tags: i
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .collect(),
+                digests: i
+                    .repo_digests
+                    .into_iter()
+                    .filter(|d| d != "<none>@<none>")
+                    .collect(),
+                size: u64::try_from(i.size).unwrap_or(0),
+                created: i.created,
+                // -1 unless asked for (and then costly): the container list decides.
+                in_use: i.containers > 0,
+            })
+            .collect())
+    }
+
+    async fn image_users(&self) -> Result<BTreeSet<String>, DriverError> {
+        let listed = self
+            .client()
+            .await?
+            .list_containers(Some(ListContainersOptions::<String> {
+                all: true,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| api_failed("list", "", e))?;
+        Ok(listed.into_iter().filter_map(|c| c.image_id).collect())
+    }
+
+    async fn remove_image(&self, image: &ImageInfo) -> Result<(), DriverError> {
+        let client = self.client().await?;
+        // Names first: removing an id that still has several names needs `force`,
+        // which would also take an image a stopped container uses.
+        for name in image.tags.iter().chain(&image.digests).chain([&image.id]) {
+            let opts = RemoveImageOptions {
+                force: false,
+                noprune: false,
+            };
+            match client.remove_image(name, Some(opts), None).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(api_failed("image remove", name, e)),
             }
         }
         Ok(())
+    }
+
+    async fn image_disk(&self) -> Result<DiskUsage, DriverError> {
+        let root = self
+            .inner
+            .root
+            .get_or_try_init(|| async {
+                let info = self
+                    .client()
+                    .await?
+                    .info()
+                    .await
+                    .map_err(|e| api_failed("info", "", e))?;
+                info.docker_root_dir
+                    .map(PathBuf::from)
+                    .ok_or_else(|| failed("info", "", "no DockerRootDir"))
+            })
+            .await?
+            .clone();
+        converge_core::blocking("statvfs", move || disk_usage(&root)).await
     }
 
     async fn create(&self, spec: &CreateSpec) -> Result<String, DriverError> {

@@ -4,6 +4,7 @@ use crate::driver::{
     ContainerRuntime, CreateSpec, Health, LocalImage, Mount, NetworkCreate, PortBinding, RunState,
     RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NODE,
 };
+use crate::driver::{DiskUsage, ImageInfo, PullProgress};
 use crate::registry::RegistryAuth;
 use converge_core::{DriverError, HostEvent};
 use futures::stream::BoxStream;
@@ -29,6 +30,10 @@ pub struct FakeState {
     pub networks: BTreeMap<String, RuntimeNetwork>,
     /// The network each container (by id) is attached to.
     pub attached: BTreeMap<String, String>,
+    /// Size and creation time (Unix seconds) per image id (absent: 1 MB, time 0).
+    pub image_meta: BTreeMap<String, (u64, i64)>,
+    /// The image store's filesystem; removing an image frees its size.
+    pub disk: DiskUsage,
 }
 
 /// The runtime's default network, which always exists in the fake.
@@ -78,7 +83,13 @@ impl ContainerRuntime for FakeRuntime {
         }))
     }
 
-    async fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> Result<(), DriverError> {
+    async fn pull(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+        progress: &PullProgress,
+    ) -> Result<(), DriverError> {
+        progress.update(Some("layer1"), "Downloading", Some(1), Some(2));
         self.with(|s| {
             match auth {
                 Some(a) => s.log.push(format!("pull {image} as {}", a.username)),
@@ -288,6 +299,58 @@ impl ContainerRuntime for FakeRuntime {
             }
             Ok(())
         })
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageInfo>, DriverError> {
+        Ok(self.with(|s| {
+            let mut by_id: BTreeMap<String, ImageInfo> = BTreeMap::new();
+            for (name, id) in &s.images {
+                let (size, created) = s.image_meta.get(id).copied().unwrap_or((1_000_000, 0));
+                let i = by_id.entry(id.clone()).or_insert_with(|| ImageInfo {
+                    id: id.clone(),
+                    size,
+                    created,
+                    ..Default::default()
+                });
+                if name.contains('@') {
+                    i.digests.push(name.clone());
+                } else {
+                    i.tags.push(name.clone());
+                }
+            }
+            by_id.into_values().collect()
+        }))
+    }
+
+    async fn image_users(&self) -> Result<BTreeSet<String>, DriverError> {
+        Ok(self.with(|s| s.containers.values().map(|c| c.image_id.clone()).collect()))
+    }
+
+    async fn remove_image(&self, image: &ImageInfo) -> Result<(), DriverError> {
+        self.with(|s| {
+            if s.containers.values().any(|c| c.image_id == image.id) {
+                return Err(DriverError::Failed(format!(
+                    "fake image remove {}: in use",
+                    image.id
+                )));
+            }
+            let before = s.images.len();
+            s.images.retain(|_, id| *id != image.id);
+            if s.images.len() != before {
+                let (size, _) = s
+                    .image_meta
+                    .get(&image.id)
+                    .copied()
+                    .unwrap_or((1_000_000, 0));
+                s.disk.used = s.disk.used.saturating_sub(size);
+                s.log.push(format!("remove image {}", image.name()));
+            }
+            Ok(())
+        })
+    }
+
+    async fn image_disk(&self) -> Result<DiskUsage, DriverError> {
+        Ok(self.with(|s| s.disk))
     }
 
     fn events(&self) -> BoxStream<'static, HostEvent> {

@@ -22,6 +22,7 @@ use convert::*;
 use events::*;
 use health::*;
 
+use crate::driver::{disk_usage, DiskUsage, ImageInfo, PullProgress};
 use crate::driver::{
     inspect_all, port_bindings, repo_digests, ContainerRuntime, CreateSpec, Health, LocalImage,
     Mount, NetworkCreate, RunState, RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME,
@@ -41,16 +42,16 @@ use podman_api::models::{LinuxDevice, PosixRlimit};
 use podman_api::opts::ContainerCreateOptsBuilder;
 use podman_api::opts::{
     ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter, ContainerListOpts,
-    ContainerRestartPolicy, EventsOpts, NetworkCreateOpts, NetworkListOpts, PullOpts,
+    ContainerRestartPolicy, EventsOpts, ImageListOpts, NetworkCreateOpts, NetworkListOpts,
 };
 use podman_api::Error as PodmanError;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 /// Podman's default rootful API socket.
 pub const DEFAULT_SOCKET: &str = "/run/podman/podman.sock";
@@ -83,6 +84,11 @@ struct Inner {
     api: podman_api::Podman,
     /// For the create call podman-api cannot make (see `raw`).
     raw: raw::Raw,
+    /// The Docker-compatible API on the same socket, for pulls (see `pull`).
+    compat: super::docker::Docker,
+    /// The storage root (`store.graphRoot`), read once: libpod's info call gathers the
+    /// whole host's facts (a quarter of a second here).
+    graph_root: tokio::sync::OnceCell<PathBuf>,
     /// Set when the driver runs health checks itself (no systemd on this host).
     health: Option<Arc<HealthTicks>>,
     inspected: Arc<InspectCache>,
@@ -179,6 +185,8 @@ impl Podman {
             inner: Arc::new(Inner {
                 api: podman_api::Podman::unix(&socket),
                 raw: raw::Raw::unix(&socket),
+                compat: super::docker::Docker::new(&socket),
+                graph_root: tokio::sync::OnceCell::new(),
                 socket,
                 health: drive_health_checks.then(|| Arc::new(HealthTicks::default())),
                 inspected: Arc::default(),
@@ -385,43 +393,87 @@ impl ContainerRuntime for Podman {
         }
     }
 
-    async fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> Result<(), DriverError> {
-        let mut opts = PullOpts::builder().reference(image).quiet(true);
-        if let Some(a) = auth {
-            opts.auth(
-                podman_api::opts::RegistryAuth::builder()
-                    .username(&a.username)
-                    .password(a.password.as_str())
-                    .server_address(&a.server)
-                    .build(),
-            );
+    async fn pull(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+        progress: &PullProgress,
+    ) -> Result<(), DriverError> {
+        // Through the Docker-compatible endpoint on the same socket: libpod's pull
+        // stream names the blobs but not their sizes or progress.
+        self.inner
+            .compat
+            .pull_stream(image, auth, progress)
+            .await
+            .map_err(|e| failed("pull", image, e))?;
+        debug!(image, "pulled");
+        Ok(())
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageInfo>, DriverError> {
+        let listed = self
+            .api()
+            .images()
+            .list(&ImageListOpts::builder().all(false).build())
+            .await
+            .map_err(|e| failed("image list", "", e))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|i| {
+                Some(ImageInfo {
+                    id: image_id(&i.id?),
+                    tags: i.repo_tags.unwrap_or_default(),
+                    digests: i.repo_digests.unwrap_or_default(),
+                    size: i.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                    created: i.created.unwrap_or(0),
+                    // Build containers included, which the container list omits.
+                    in_use: i.containers.unwrap_or(0) > 0,
+                })
+            })
+            .collect())
+    }
+
+    async fn image_users(&self) -> Result<BTreeSet<String>, DriverError> {
+        let listed = self
+            .api()
+            .containers()
+            .list(&ContainerListOpts::builder().all(true).build())
+            .await
+            .map_err(|e| failed("list", "", e))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|c| c.image_id)
+            .map(|id| image_id(&id))
+            .collect())
+    }
+
+    async fn remove_image(&self, image: &ImageInfo) -> Result<(), DriverError> {
+        // Names first, then the id, never forced: libpod's force also removes the
+        // containers using the image.
+        for name in image.tags.iter().chain(&image.digests).chain([&image.id]) {
+            match self.api().images().get(name).delete().await {
+                Ok(()) => {}
+                Err(e) if status_is(&e, 404) => {}
+                Err(e) => return Err(failed("image remove", name, e)),
+            }
         }
-        let opts = opts.build();
-        let images = self.api().images();
-        let mut reports = images.pull(&opts);
-        let mut pulled = None;
-        // libpod answers 200 at once and reports a failed pull inside the stream.
-        while let Some(report) = reports.next().await {
-            let report = report.map_err(|e| failed("pull", image, e))?;
-            if let Some(err) = report.error.filter(|e| !e.is_empty()) {
-                return Err(failed("pull", image, err));
-            }
-            if let Some(line) = report.stream.as_deref().map(str::trim) {
-                if !line.is_empty() {
-                    debug!(image, "podman pull: {line}");
-                }
-            }
-            if let Some(id) = report.id.filter(|i| !i.is_empty()) {
-                pulled = Some(id);
-            }
-        }
-        match pulled {
-            Some(id) => {
-                info!(image, id = %image_id(&id), "pulled");
-                Ok(())
-            }
-            None => Err(failed("pull", image, "no image in the pull report")),
-        }
+        Ok(())
+    }
+
+    async fn image_disk(&self) -> Result<DiskUsage, DriverError> {
+        let root = self
+            .inner
+            .graph_root
+            .get_or_try_init(|| async {
+                let info = self.api().info().await.map_err(|e| failed("info", "", e))?;
+                info.store
+                    .and_then(|s| s.graph_root)
+                    .map(PathBuf::from)
+                    .ok_or_else(|| failed("info", "", "no store.graphRoot"))
+            })
+            .await?
+            .clone();
+        converge_core::blocking("statvfs", move || disk_usage(&root)).await
     }
 
     async fn create(&self, spec: &CreateSpec) -> Result<String, DriverError> {

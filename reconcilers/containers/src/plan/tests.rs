@@ -103,6 +103,7 @@ fn plan_for(want: &Container, running: &Container) -> Plan<Action> {
         containers: Some(vec![want.clone()]),
         networks: None,
         registries: Vec::new(),
+        images: None,
     };
     plan(&spec, &observed, NODE, &Facts::default())
 }

@@ -28,6 +28,7 @@ fn spec(v: serde_json::Value) -> Workload {
         containers: Some(serde_json::from_value(v).unwrap()),
         networks: None,
         registries: Vec::new(),
+        images: None,
     }
 }
 
@@ -37,6 +38,7 @@ fn with_networks(containers: serde_json::Value, networks: serde_json::Value) -> 
         containers: Some(serde_json::from_value(containers).unwrap()),
         networks: Some(serde_json::from_value(networks).unwrap()),
         registries: Vec::new(),
+        images: None,
     }
 }
 
@@ -741,4 +743,228 @@ async fn pull_policies_and_registry_credentials() {
         "{:?}",
         again.changes
     );
+}
+
+/// A workload with an `images` section.
+fn with_images(containers: serde_json::Value, images: serde_json::Value) -> Workload {
+    Workload {
+        containers: Some(serde_json::from_value(containers).unwrap()),
+        networks: None,
+        registries: Vec::new(),
+        images: Some(serde_json::from_value(images).unwrap()),
+    }
+}
+
+const MB: u64 = 1_000_000;
+
+/// Images of 10 MB on a 100 MB store at 90 %: `used:1` (a converge container's),
+/// `foreign:1` (a stopped container converge does not own), `kept:1`, `old:1` and
+/// `new:1` (unused; old built first).
+fn gc_node() -> Containers<FakeRuntime> {
+    let c = rt();
+    c.runtime().with(|s| {
+        for (i, name) in ["old", "used", "foreign", "kept", "new"].iter().enumerate() {
+            let id = format!("sha256:{name}");
+            s.images.insert(format!("localhost/{name}:1"), id.clone());
+            s.image_meta.insert(id, (10 * MB, 1000 + i as i64));
+        }
+        s.images.remove("localhost/other:1");
+        s.images.remove("localhost/busybox:test");
+        s.images
+            .insert("localhost/busybox:test".into(), "sha256:used".into());
+        s.disk = crate::driver::DiskUsage {
+            capacity: 100 * MB,
+            used: 90 * MB,
+        };
+    });
+    c
+}
+
+fn images_left(c: &Containers<FakeRuntime>) -> Vec<String> {
+    c.runtime().with(|s| s.images.keys().cloned().collect())
+}
+
+#[tokio::test(start_paused = true)]
+async fn gc_frees_down_to_low_without_touching_used_foreign_or_kept_images() {
+    let c = gc_node();
+    let s = with_images(
+        serde_json::json!([{"name": "app", "image": "localhost/used:1"}]),
+        serde_json::json!({"gc": {"highPercent": 85, "lowPercent": 80, "keep": ["localhost/kept"], "minAge": "0s"}}),
+    );
+    // A stopped container converge does not own, made from foreign:1.
+    let mut foreign = crate::driver::sample_create_spec();
+    foreign.labels.clear();
+    foreign.name = "admin-thing".into();
+    foreign.image = "localhost/foreign:1".into();
+    let id = c.runtime().create(&foreign).await.unwrap();
+    c.runtime().stop(&id, Duration::ZERO).await.unwrap();
+    log(&c);
+    // 90 % ≥ 85 %: 10 MB to free; the oldest unused image is enough.
+    let (changes, out) = pass(&c, &s).await;
+    ok(&out);
+    let shown: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+    assert_eq!(shown, ["+ container app", "- image localhost/old:1"]);
+    assert_eq!(
+        log(&c),
+        ["create app", "start app", "remove image localhost/old:1"]
+    );
+    assert!(
+        pending(&c, &s).await.is_empty(),
+        "80 % is below the high mark"
+    );
+    let obs = c.observe(&s).await.unwrap();
+    let note = c
+        .notes(&obs)
+        .into_iter()
+        .find(|n| n.object == "image store")
+        .unwrap();
+    assert!(
+        note.note
+            .starts_with("80.0% of 100.0 MB used (gc from 85% down to 80%)"),
+        "{}",
+        note.note
+    );
+    assert!(
+        note.note.contains("removed 1 images, freed 10.0 MB"),
+        "{}",
+        note.note
+    );
+
+    // Fuller still: everything nobody needs goes, and the note says it was not enough.
+    c.runtime().with(|s| s.disk.used = 99 * MB);
+    let (changes, out) = pass(&c, &s).await;
+    ok(&out);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(
+        images_left(&c),
+        [
+            "localhost/busybox:test",
+            "localhost/foreign:1",
+            "localhost/kept:1",
+            "localhost/used:1"
+        ]
+    );
+    let obs = c.observe(&s).await.unwrap();
+    let note = c
+        .notes(&obs)
+        .into_iter()
+        .find(|n| n.object == "image store")
+        .unwrap();
+    assert!(note.note.contains("only 0 B of the"), "{}", note.note);
+}
+
+#[tokio::test(start_paused = true)]
+async fn gc_waits_min_age_and_diff_shows_what_it_would_remove() {
+    let c = gc_node();
+    let s = with_images(
+        serde_json::json!([]),
+        serde_json::json!({"gc": {"minAge": "10m"}}),
+    );
+    assert!(
+        pending(&c, &s).await.is_empty(),
+        "images first seen now are too young"
+    );
+    tokio::time::advance(std::time::Duration::from_secs(601)).await;
+    let p = pending(&c, &s).await;
+    assert_eq!(p.changes.len(), 1);
+    let c0 = &p.changes[0];
+    assert_eq!(c0.to_string(), "- image localhost/old:1");
+    assert_eq!(c0.fields[0].field, "size");
+    assert_eq!(c0.fields[0].old.as_deref(), Some("10.0 MB"));
+    // A dry run (plan only) removed nothing.
+    assert_eq!(images_left(&c).len(), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_image_a_container_starts_using_after_observe_is_kept() {
+    let c = gc_node();
+    let s = with_images(
+        serde_json::json!([]),
+        serde_json::json!({"gc": {"minAge": "0s"}}),
+    );
+    let p = pending(&c, &s).await;
+    assert_eq!(p.actions.len(), 1);
+    // A container made from it between the observation and the removal.
+    let fake = c.runtime();
+    let mut spec = crate::driver::sample_create_spec();
+    spec.labels.clear();
+    spec.name = "late".into();
+    spec.image = "localhost/old:1".into();
+    fake.create(&spec).await.unwrap();
+    log(&c);
+    ok(&c.apply(p).await);
+    assert!(images_left(&c).contains(&"localhost/old:1".to_string()));
+    assert!(log(&c).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn prefetch_pulls_ahead_reports_done_and_protects_the_image() {
+    let c = rt();
+    c.runtime().with(|s| {
+        s.registry
+            .insert("localhost/next:2".into(), "sha256:next".into());
+        s.disk = crate::driver::DiskUsage {
+            capacity: 100 * MB,
+            used: 99 * MB,
+        };
+    });
+    let s = with_images(
+        serde_json::json!([]),
+        serde_json::json!({"prefetch": ["localhost/next:2", "localhost/nowhere:1"], "gc": {"minAge": "0s"}}),
+    );
+    let (changes, out) = pass(&c, &s).await;
+    let shown: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+    // The two unused test images go; the prefetched one is protected once pulled.
+    assert!(
+        shown.contains(&"+ image localhost/next:2".to_string()),
+        "{shown:?}"
+    );
+    let failed: Vec<&str> = out
+        .iter()
+        .filter(|o| o.error.is_some())
+        .map(|o| o.object.as_str())
+        .collect();
+    assert_eq!(failed, ["image localhost/nowhere:1"]);
+    assert!(images_left(&c).contains(&"localhost/next:2".to_string()));
+    let p = pending(&c, &s).await;
+    assert!(
+        !p.changes.iter().any(|c| c.id == "localhost/next:2"),
+        "never collected while listed: {:?}",
+        p.changes
+    );
+    // The failure waits its back-off, as a failed object.
+    assert_eq!(p.waiting.len(), 1, "{:?}", p.waiting);
+    assert!(p.waiting[0].failed && p.waiting[0].reason.contains("next try in 10s"));
+    let obs = c.observe(&s).await.unwrap();
+    let notes = c.notes(&obs);
+    let done = notes
+        .iter()
+        .find(|n| n.object == "image localhost/next:2")
+        .unwrap();
+    assert!(
+        done.note.starts_with("prefetched: 2 B, 1 layers in"),
+        "{}",
+        done.note
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn background_prefetch_ends_as_a_host_event() {
+    let fake = FakeRuntime::default();
+    fake.with(|s| {
+        s.registry
+            .insert("localhost/next:2".into(), "sha256:next".into());
+    });
+    let mut config = Config::new(NODE, std::env::temp_dir());
+    config.background_prefetch = true;
+    let c = Containers::new(fake, config);
+    let mut events = c.host_events().unwrap();
+    let s = with_images(
+        serde_json::json!([]),
+        serde_json::json!({"prefetch": ["localhost/next:2"]}),
+    );
+    ok(&pass(&c, &s).await.1);
+    let e = events.next().await.unwrap();
+    assert_eq!(e.0, "image localhost/next:2 prefetched");
+    assert!(pending(&c, &s).await.is_empty());
 }
