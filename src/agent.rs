@@ -494,19 +494,27 @@ async fn persist_reports(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Re
     }
 }
 
+/// Reads a request's header line (JSON, at most [`MAX_HEADER`] bytes, ended by a newline);
+/// a push's document follows it on the same stream.
+pub(crate) async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+) -> std::io::Result<Result<Request, serde_json::Error>> {
+    let mut header = Vec::new();
+    reader
+        .take(MAX_HEADER)
+        .read_until(b'\n', &mut header)
+        .await?;
+    Ok(serde_json::from_slice::<Request>(&header))
+}
+
 async fn serve(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
     // Who is asking, from the kernel (SO_PEERCRED), not from anything the client says.
     let peer = stream.peer_cred().context("peer credentials")?;
     let allowed = |what| shared.socket.allows(peer.uid(), peer.gid(), what);
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read);
-    let mut header = Vec::new();
-    (&mut reader)
-        .take(MAX_HEADER)
-        .read_until(b'\n', &mut header)
-        .await?;
     let mut oversized = false;
-    let response = match serde_json::from_slice::<Request>(&header) {
+    let response = match read_request(&mut reader).await? {
         Ok(req) if !allowed(req.access()) => {
             warn!(uid = peer.uid(), op = req.name(), "socket request refused");
             Response::error(format!(

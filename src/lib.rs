@@ -10,6 +10,7 @@ pub mod control;
 pub mod document;
 pub mod engine;
 pub mod events;
+pub mod fuzzing;
 pub mod generate;
 pub mod limits;
 pub mod memory;
