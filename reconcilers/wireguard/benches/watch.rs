@@ -137,7 +137,7 @@ fn wg_pid(iface: &str) -> u32 {
 
 struct Row {
     n: u32,
-    /// Per read: this process's CPU, wireguard-go's CPU, wall; summed UAPI read then full read.
+    /// Per read (the summed UAPI read, then a full read): our CPU, wireguard-go's, wall.
     look: [(Duration, Duration, Duration); 2],
     /// Idle, without and with the watch: this process's CPU %, wireguard-go's CPU %.
     idle: [(f64, f64); 2],
@@ -365,24 +365,30 @@ fn main() {
 
     println!("\nWireGuard device watch (a look every 1 s), idle {secs} s per phase");
     println!(
-        "{:>6} | {:>24} | {:>24} | {:>17} | {:>24} | {:>6} | {:>16}",
+        "{:>6} | {:>23} | {:>24} | {:>19} | {:>24} | {:>20} | {:>6} | {:>19}",
         "peers",
         "look: converge/wg-go µs",
         "full read: conv/wg-go µs",
-        "idle off: conv/wg",
+        "idle off: conv/wg %",
         "idle watch: conv/wg-go %",
+        "watch's cost: conv/wg",
         "events",
         "repair rm/chg ms",
     );
     for r in &rows {
         let [(c1, w1, _), (c2, w2, _)] = r.look;
         println!(
-            "{:>6} | {:>24} | {:>24} | {:>17} | {:>24} | {:>6} | {:>16}",
+            "{:>6} | {:>23} | {:>24} | {:>19} | {:>24} | {:>20} | {:>6} | {:>19}",
             r.n,
             format!("{}/{}", us(c1), us(w1)),
             format!("{}/{}", us(c2), us(w2)),
-            format!("{:.3}/{:.3} %", r.idle[0].0, r.idle[0].1),
+            format!("{:.3}/{:.3}", r.idle[0].0, r.idle[0].1),
             format!("{:.3}/{:.3}", r.idle[1].0, r.idle[1].1),
+            format!(
+                "{:+.3}/{:+.3} %",
+                r.idle[1].0 - r.idle[0].0,
+                r.idle[1].1 - r.idle[0].1
+            ),
             r.events,
             format!("{} / {}", ms(&r.repair[0]), ms(&r.repair[1])),
         );
@@ -390,7 +396,7 @@ fn main() {
     println!(
         "look: CPU per read of the device, this process / wireguard-go (200 reads): the \
          watch's summed UAPI read vs a full read through wireguard-control. idle: CPU % of \
-         one core over the phase, without the watch / with it. repair: median/max of 5, \
+         one core over the phase, without the watch / with it, and the difference. repair: median/max of 5, \
          from `wg set` to `wg show` showing the peer as configured (polled every 20 ms)."
     );
 }

@@ -302,6 +302,8 @@ pub struct System {
     /// The last private key's fingerprint the device watch saw, with its public key:
     /// deriving it (a curve multiplication) is paid once per key, not once per read.
     public_memo: Mutex<Option<(u64, PublicKey)>>,
+    /// The device watch's UAPI connection and the interface it serves.
+    uapi: Mutex<Option<(String, UnixStream)>>,
 }
 
 /// SO_RCVBUFFORCE (root) so that a burst of our own route changes (thousands at the
@@ -345,6 +347,7 @@ impl System {
             events: Mutex::new(Some(events)),
             target: Arc::default(),
             public_memo: Mutex::default(),
+            uapi: Mutex::default(),
         })
     }
 
@@ -561,18 +564,28 @@ impl WgDriver for System {
                 }
             }
         };
-        uapi::get_sum(
-            &uapi_socket(iface),
-            self.config.netlink_timeout,
-            counted,
-            &mut public_of,
-        )
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                DriverError::Transient(format!("wireguard-go for {iface} is not running"))
+        let mut conn = self.uapi.lock().unwrap_or_else(|p| p.into_inner());
+        // The kept connection first (it fails once when wireguard-go was restarted),
+        // then a new one.
+        if let Some((_, s)) = conn.take().filter(|(i, _)| i == iface) {
+            let mut s = s;
+            if let Ok(sum) = uapi::get_sum(&mut s, counted, &mut public_of) {
+                *conn = Some((iface.to_string(), s));
+                return Ok(sum);
             }
-            _ => DriverError::io(format!("read device {iface}"), e),
-        })
+        }
+        uapi::connect(&uapi_socket(iface), self.config.netlink_timeout)
+            .and_then(|mut s| {
+                let sum = uapi::get_sum(&mut s, counted, &mut public_of)?;
+                *conn = Some((iface.to_string(), s));
+                Ok(sum)
+            })
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                    DriverError::Transient(format!("wireguard-go for {iface} is not running"))
+                }
+                _ => DriverError::io(format!("read device {iface}"), e),
+            })
     }
 
     fn create(&self, iface: &str) -> Result<Backend, DriverError> {

@@ -1,8 +1,9 @@
-//! The device watch's read of a wireguard-go device: one UAPI `get` over its socket,
-//! streamed through a buffer on the stack and summed line by line into a
-//! [`DeviceSum`], allocating nothing. Statistics lines (handshakes, counters) are
-//! skipped unparsed. A full read through wireguard-control builds every peer (strings,
-//! vectors) and derives the public key from the private key on every call.
+//! The device watch's read of a wireguard-go device: one UAPI `get` over a connection
+//! kept open between looks (wireguard-go answers any number of requests on one: no
+//! connect, accept and new goroutine per look), streamed through a buffer on the stack
+//! and summed line by line into a [`DeviceSum`], allocating nothing. Statistics lines
+//! (handshakes, counters) are skipped unparsed. A full read through wireguard-control
+//! builds every peer (strings, vectors) and derives the public key on every call.
 
 use crate::plan::SecretKey;
 use crate::spec::PublicKey;
@@ -14,9 +15,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+/// How wireguard-go shows "no pre-shared key".
 const ZERO_KEY: &[u8] = &[b'0'; 64];
 
-/// Bytes read per `read` call (one UAPI line is under 100 bytes; 1,000 peers are ~250 KB).
+/// Bytes read per `read` call (a UAPI line is under 100 bytes; 1,000 peers ~350 KB).
 const BUF: usize = 32 * 1024;
 
 fn bad(what: &str) -> io::Error {
@@ -190,18 +192,23 @@ pub fn read_sum(
     }
 }
 
-/// Connects to the UAPI socket at `sock`, asks for the device and sums the answer.
+/// Opens a UAPI connection (wireguard-go serves any number of requests on one).
+pub fn connect(sock: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+/// Asks for the device on an open UAPI connection and sums the answer. After an error
+/// the connection is in an unknown state: drop it.
 pub fn get_sum(
-    sock: &Path,
-    timeout: Duration,
+    s: &mut UnixStream,
     counted: Counted<'_>,
     public_of: &mut dyn FnMut(&SecretKey) -> PublicKey,
 ) -> io::Result<DeviceSum> {
-    let mut s = UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
     s.write_all(b"get=1\n\n")?;
-    read_sum(&mut s, counted, public_of)
+    read_sum(s, counted, public_of)
 }
 
 #[cfg(test)]

@@ -13,9 +13,9 @@
 //! A device state that already caused a pass causes no other (should the copy still
 //! differ after it), so the watch never makes passes run back to back.
 //!
-//! A look costs ~0.45 ms of CPU at 1,000 peers (and wireguard-go ~1.8 ms to answer it;
+//! A look costs ~0.4 ms of CPU at 1,000 peers (and wireguard-go ~1.4 ms to answer it;
 //! BENCHMARKS.md): the looks are spaced so that they take at most [`BUDGET`] of one
-//! core in the agent, every second up to ~2,000 peers.
+//! core in the agent, every second up to ~1,200 peers.
 
 use super::cache::Cache;
 use crate::driver::WgDriver;
