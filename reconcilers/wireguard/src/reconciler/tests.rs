@@ -290,6 +290,27 @@ fn the_device_watch_sees_hand_changes_and_not_traffic_or_roaming() {
         pass(&r, &s).await;
         assert!(planned(&r, &s).await.is_empty());
         assert!(look(&r).is_none());
+
+        // Should a pass leave the copy differing from the device (a field read one way
+        // by the look and another by the full read), that device state asks for no
+        // second pass; a further change does.
+        let pretend = |r: &WireguardReconciler<Fake>| {
+            let mut c = r.cache();
+            Arc::make_mut(&mut c.state)
+                .device
+                .as_mut()
+                .unwrap()
+                .listen_port = 2;
+            c.device_version += 1;
+            c.device_read_at = Some(Instant::now());
+        };
+        pretend(&r);
+        assert!(look(&r).is_some());
+        pretend(&r);
+        assert!(look(&r).is_none());
+        r.driver().host().device.peers.remove(&key(1));
+        pretend(&r);
+        assert!(look(&r).is_some());
     });
 }
 
