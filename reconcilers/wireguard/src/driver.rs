@@ -11,6 +11,7 @@
 use crate::plan::{Backend, Device, Link, PeerState, PeerUpdate, Route, SecretKey};
 use crate::rtnl::{self, Notice, Rtnl};
 use crate::spec::PublicKey;
+use crate::sum::{Counted, DeviceSum};
 use converge_core::{DriverError, HostEvent};
 use futures::stream::BoxStream;
 use ipnet::IpNet;
@@ -27,6 +28,7 @@ use wireguard_control::{DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
 
 #[cfg(test)]
 pub mod fake;
+pub mod uapi;
 
 /// A change of one of converge's routes, as notified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +51,17 @@ pub trait WgDriver: Send + Sync + 'static {
     fn route_changes(&self) -> Result<Option<Vec<RouteChange>>, DriverError>;
     /// The device: keys, port, peers with their statistics.
     fn read_device(&self, iface: &str, backend: Backend) -> Result<Device, DriverError>;
+    /// The device's configuration as a [`DeviceSum`] (`counted`: whose endpoint counts),
+    /// for the device watch, which calls it every second: as cheap as the backend
+    /// allows. By default a full read, summed.
+    fn device_sum(
+        &self,
+        iface: &str,
+        backend: Backend,
+        counted: Counted<'_>,
+    ) -> Result<DeviceSum, DriverError> {
+        Ok(DeviceSum::of(&self.read_device(iface, backend)?, counted))
+    }
     /// Creates the interface: a kernel link where the module exists, else wireguard-go.
     fn create(&self, iface: &str) -> Result<Backend, DriverError>;
     /// Deletes a WireGuard interface converge created (wireguard-go exits when its
@@ -286,6 +299,11 @@ pub struct System {
     /// Link, address and route notifications for `host_events`, taken once.
     events: Mutex<Option<netlink_sys::Socket>>,
     target: Arc<Target>,
+    /// The last private key's fingerprint the device watch saw, with its public key:
+    /// deriving it (a curve multiplication) is paid once per key, not once per read.
+    public_memo: Mutex<Option<(u64, PublicKey)>>,
+    /// The device watch's UAPI connection and the interface it serves.
+    uapi: Mutex<Option<(String, UnixStream)>>,
 }
 
 /// SO_RCVBUFFORCE (root) so that a burst of our own route changes (thousands at the
@@ -328,6 +346,8 @@ impl System {
             route_feed: Mutex::new((feed, Vec::with_capacity(1 << 16))),
             events: Mutex::new(Some(events)),
             target: Arc::default(),
+            public_memo: Mutex::default(),
+            uapi: Mutex::default(),
         })
     }
 
@@ -520,6 +540,52 @@ impl WgDriver for System {
             listen_port: d.listen_port.unwrap_or(0),
             peers,
         })
+    }
+
+    fn device_sum(
+        &self,
+        iface: &str,
+        backend: Backend,
+        counted: Counted<'_>,
+    ) -> Result<DeviceSum, DriverError> {
+        if backend == Backend::Kernel {
+            // One netlink dump; the kernel gives the public key itself.
+            return Ok(DeviceSum::of(&self.read_device(iface, backend)?, counted));
+        }
+        let mut public_of = |k: &SecretKey| {
+            let fp = k.fingerprint();
+            let mut memo = self.public_memo.lock().unwrap_or_else(|p| p.into_inner());
+            match *memo {
+                Some((f, public)) if f == fp => public,
+                _ => {
+                    let public = k.public();
+                    *memo = Some((fp, public));
+                    public
+                }
+            }
+        };
+        let mut conn = self.uapi.lock().unwrap_or_else(|p| p.into_inner());
+        // The kept connection first (it fails once when wireguard-go was restarted),
+        // then a new one.
+        if let Some((_, s)) = conn.take().filter(|(i, _)| i == iface) {
+            let mut s = s;
+            if let Ok(sum) = uapi::get_sum(&mut s, counted, &mut public_of) {
+                *conn = Some((iface.to_string(), s));
+                return Ok(sum);
+            }
+        }
+        uapi::connect(&uapi_socket(iface), self.config.netlink_timeout)
+            .and_then(|mut s| {
+                let sum = uapi::get_sum(&mut s, counted, &mut public_of)?;
+                *conn = Some((iface.to_string(), s));
+                Ok(sum)
+            })
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                    DriverError::Transient(format!("wireguard-go for {iface} is not running"))
+                }
+                _ => DriverError::io(format!("read device {iface}"), e),
+            })
     }
 
     fn create(&self, iface: &str) -> Result<Backend, DriverError> {

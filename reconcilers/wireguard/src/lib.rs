@@ -7,6 +7,7 @@ pub mod plan;
 pub mod reconciler;
 pub mod rtnl;
 pub mod spec;
+pub mod sum;
 
 pub use driver::{System, SystemConfig, WgDriver};
 pub use plan::{plan, Action, ActionKind, Backend, Observed};

@@ -7,9 +7,10 @@
 //! writes) and its routes (kept current by route notifications): reading 10,000 peers
 //! from wireguard-go takes ~150 ms, which a one-peer change must not pay. The device is
 //! read in full again when it is older than `Config::full_read_after` (so every engine
-//! resync re-reads it: a peer changed by hand is repaired within a resync), when the
-//! interface is new or was re-created, and after a failed write. The link and the
-//! addresses are read on every pass (one netlink round trip each).
+//! resync re-reads it), when the interface is new or was re-created, after a failed
+//! write, and when the device watch (`devwatch`, a cheap read every second) finds it
+//! differs from converge's copy: a peer changed by hand is repaired within seconds. The
+//! link and the addresses are read on every pass (one netlink round trip each).
 
 use crate::driver::{RouteChange, WgDriver};
 use crate::plan::{
@@ -22,6 +23,7 @@ use converge_core::{
     Reconciler,
 };
 use futures::stream::BoxStream;
+use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,6 +32,7 @@ use tracing::{debug, info, info_span, warn};
 
 mod cache;
 mod created;
+mod devwatch;
 mod keys;
 mod keywatch;
 mod notes;
@@ -54,6 +57,9 @@ pub struct Config {
     pub resolve_ttl: Duration,
     /// Peers per device write (one UAPI request); a failing batch is retried peer by peer.
     pub batch: usize,
+    /// How often the device watch compares the device with converge's copy; `None`: no
+    /// watch (a peer changed by hand is then repaired at the next full read).
+    pub watch_every: Option<Duration>,
 }
 
 impl Config {
@@ -66,6 +72,7 @@ impl Config {
             full_read_after: Duration::from_secs(50),
             resolve_ttl: Duration::from_secs(60),
             batch: 512,
+            watch_every: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -74,7 +81,8 @@ impl Config {
 pub struct WireguardReconciler<D: WgDriver> {
     driver: Arc<D>,
     config: Config,
-    cache: Mutex<Cache>,
+    /// Shared with the device watch.
+    cache: Arc<Mutex<Cache>>,
     notes: notes::Notes,
 }
 
@@ -87,7 +95,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
         Self {
             driver: Arc::new(driver),
             config,
-            cache: Mutex::default(),
+            cache: Arc::default(),
             notes: notes::Notes::default(),
         }
     }
@@ -213,6 +221,18 @@ impl<D: WgDriver> WireguardReconciler<D> {
                 c.routes_listed = false;
             }
             c.seen_addresses.clone_from(&addresses);
+            let peers = spec.peers.parsed();
+            let same = c
+                .watched
+                .as_ref()
+                .is_some_and(|w| w.iface == iface && Arc::ptr_eq(&w.peers, peers));
+            if !same {
+                c.watched = Some(devwatch::Watched {
+                    iface: iface.clone(),
+                    peers: peers.clone(),
+                });
+                c.device_version += 1;
+            }
             let due = c
                 .device_read_at
                 .is_none_or(|t| t.elapsed() >= self.config.full_read_after);
@@ -246,6 +266,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
             state.device = device;
             state.baseline = None;
             c.owners = None;
+            c.device_version += 1;
             c.device_read_at = link.as_ref().map(|_| Instant::now());
             c.link = link.clone();
         } else {
@@ -311,6 +332,7 @@ impl<D: WgDriver> WireguardReconciler<D> {
         // A new device is empty: known without reading it.
         c.device_read_at = Some(Instant::now());
         c.owners = None;
+        c.device_version += 1;
         Arc::make_mut(&mut c.state).device = Some(Device::default());
         Ok(())
     }
@@ -495,6 +517,25 @@ impl<D: WgDriver> WireguardReconciler<D> {
     }
 }
 
+/// Marks apply as writing to the device for as long as it lives (also when apply is
+/// abandoned at its deadline): the device watch compares nothing meanwhile.
+struct Writing<'a>(&'a Mutex<Cache>);
+
+impl<'a> Writing<'a> {
+    fn start(cache: &'a Mutex<Cache>) -> Self {
+        cache.lock().unwrap_or_else(|p| p.into_inner()).writing = true;
+        Writing(cache)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        c.writing = false;
+        c.device_version += 1;
+    }
+}
+
 fn fields_of(u: &PeerUpdate) -> Vec<&'static str> {
     let mut f = Vec::new();
     if u.allowed.is_some() {
@@ -530,6 +571,7 @@ impl<D: WgDriver> Reconciler for WireguardReconciler<D> {
     }
 
     async fn apply(&self, plan: Plan<Action>) -> Vec<ObjectOutcome> {
+        let _writing = Writing::start(&self.cache);
         let mut out = Vec::with_capacity(plan.actions.len());
         let mut ok = true;
         let mut actions = plan.actions.into_iter().peekable();
@@ -654,10 +696,16 @@ impl<D: WgDriver> Reconciler for WireguardReconciler<D> {
                 None
             }
         };
-        match (self.driver.host_events(), key_events) {
-            (Some(a), Some(b)) => Some(Box::pin(futures::stream::select(a, b))),
-            (a, b) => a.or(b),
-        }
+        // A peer changed by hand (no netlink event) is noticed by the device watch.
+        let device_events = self
+            .config
+            .watch_every
+            .map(|every| devwatch::watch(self.driver.clone(), self.cache.clone(), every));
+        let streams: Vec<_> = [self.driver.host_events(), key_events, device_events]
+            .into_iter()
+            .flatten()
+            .collect();
+        (!streams.is_empty()).then(|| futures::stream::select_all(streams).boxed())
     }
 }
 

@@ -1,9 +1,12 @@
 //! What the reconciler keeps between passes (the device as last read, its routes, the
-//! link, resolved endpoints) and how converge's own writes patch it, so that a one-peer
-//! change does not pay for a full read of the device.
+//! link, resolved endpoints, the device watch's reference) and how converge's own
+//! writes patch it, so that a one-peer change does not pay for a full read of the
+//! device.
 
+use super::devwatch::Watched;
 use crate::plan::{self, Backend, Device, HostState, Link, PeerUpdate};
 use crate::spec::PublicKey;
+use crate::sum::DeviceSum;
 use converge_core::DriverError;
 use ipnet::IpNet;
 use std::collections::HashMap;
@@ -27,6 +30,17 @@ pub(super) struct Cache {
     /// was (re)read and kept current by converge's own peer writes.
     pub(super) owners: Option<plan::Owners>,
     pub(super) resolved: HashMap<String, (Instant, SocketAddr)>,
+    /// Bumped whenever `state.device` or `watched` changes: the device watch trusts a
+    /// read only if no change happened while it read, and recomputes `expected` then.
+    pub(super) device_version: u64,
+    /// While apply writes (the device is ahead of this copy until it is patched).
+    pub(super) writing: bool,
+    /// What the device watch looks at, as of the last pass.
+    pub(super) watched: Option<Watched>,
+    /// The sum of `state.device` at `device_version` (the device watch's reference).
+    pub(super) expected: Option<(u64, DeviceSum)>,
+    /// The device as the device watch last asked for a pass about it.
+    pub(super) fired: Option<DeviceSum>,
 }
 
 impl Cache {
@@ -41,12 +55,14 @@ impl Cache {
     /// Forgets the device so the next pass reads it in full (after a failed write:
     /// wireguard-go applies a request line by line, so part of it may have landed).
     pub(super) fn invalidate_device(&mut self) {
+        self.device_version += 1;
         self.device_read_at = None;
         self.owners = None;
         Arc::make_mut(&mut self.state).baseline = None;
     }
 
     pub(super) fn patch_device(&mut self, f: impl FnOnce(&mut Device)) {
+        self.device_version += 1;
         let state = Arc::make_mut(&mut self.state);
         f(state.device.get_or_insert_with(Device::default));
     }
@@ -55,6 +71,7 @@ impl Cache {
     /// `removed`: these keys), through the owner index: the cost of the change, not of
     /// the device.
     pub(super) fn patch_peers(&mut self, set: &[PeerUpdate], removed: &[PublicKey]) {
+        self.device_version += 1;
         let device = Arc::make_mut(&mut self.state)
             .device
             .get_or_insert_with(Device::default);

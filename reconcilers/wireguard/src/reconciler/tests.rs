@@ -200,6 +200,121 @@ fn drift_is_repaired() {
 }
 
 #[test]
+fn the_device_watch_sees_hand_changes_and_not_traffic_or_roaming() {
+    let e = env();
+    let r = reconciler(&e, Duration::from_secs(3600));
+    let mut roaming = peer(3, &nets(3));
+    roaming.endpoint = None;
+    let s = spec(vec![peer(1, &nets(1)), peer(2, &nets(2)), roaming]);
+    let look = |r: &WireguardReconciler<Fake>| devwatch::check(r.driver(), &r.cache);
+    rt().block_on(async {
+        // Nothing to compare before the first pass.
+        assert!(look(&r).is_none());
+        pass(&r, &s).await;
+        assert!(look(&r).is_none());
+
+        // Traffic, handshakes, and the peer without an endpoint roaming: no event.
+        {
+            let mut h = r.driver().host();
+            for p in h.device.peers.values_mut() {
+                p.rx_bytes += 1 << 20;
+                p.tx_bytes += 4096;
+                p.last_handshake = Some(SystemTime::now());
+            }
+            h.device.peers.get_mut(&key(3)).unwrap().endpoint =
+                Some("198.51.100.3:40000".parse().unwrap());
+        }
+        assert!(look(&r).is_none());
+
+        // Nothing compared while apply writes.
+        r.driver().host().device.peers.remove(&key(2));
+        r.cache().writing = true;
+        assert!(look(&r).is_none());
+        r.cache().writing = false;
+
+        // A peer removed by hand: one event, and the next pass reads in full and
+        // repairs it although the document did not change.
+        let e1 = look(&r).expect("an event");
+        assert_eq!(e1.0, "WireGuard device wg0 changed outside converge");
+        assert!(look(&r).is_none(), "one event per change");
+        let reads = r.driver().host().device_reads;
+        let p = pass(&r, &s).await;
+        assert_eq!(r.driver().host().device_reads, reads + 1);
+        assert_eq!(p.changes[0].to_string(), "+ peer p2 (AgICAgIC…)");
+        assert!(look(&r).is_none());
+
+        // Peer 1's endpoint, which the document sets, changes during a live session
+        // (WireGuard roams to where the peer's packets come from): one look sees it,
+        // the pass keeps it, and the copy matches again.
+        r.driver()
+            .host()
+            .device
+            .peers
+            .get_mut(&key(1))
+            .unwrap()
+            .endpoint = Some("198.51.100.1:40000".parse().unwrap());
+        assert!(look(&r).is_some());
+        assert!(pass(&r, &s).await.is_empty());
+        assert!(look(&r).is_none());
+
+        // Allowed IPs, keepalive and (with no session) the endpoint changed by hand.
+        r.driver()
+            .host()
+            .device
+            .peers
+            .get_mut(&key(1))
+            .unwrap()
+            .last_handshake = None;
+        for change in [
+            |p: &mut PeerState| p.allowed = vec!["10.77.9.9/32".parse().unwrap()],
+            |p: &mut PeerState| p.keepalive = 7,
+            |p: &mut PeerState| p.endpoint = Some("192.0.2.99:1".parse().unwrap()),
+        ] {
+            change(r.driver().host().device.peers.get_mut(&key(1)).unwrap());
+            assert!(look(&r).is_some());
+            let p = pass(&r, &s).await;
+            assert_eq!(p.changes.len(), 1, "{:?}", p.changes);
+            assert!(look(&r).is_none());
+        }
+
+        // A foreign peer added and the listen port changed by hand.
+        r.driver()
+            .host()
+            .device
+            .peers
+            .insert(key(9), PeerState::default());
+        assert!(look(&r).is_some());
+        pass(&r, &s).await;
+        r.driver().host().device.listen_port = 1;
+        assert!(look(&r).is_some());
+        pass(&r, &s).await;
+        assert!(planned(&r, &s).await.is_empty());
+        assert!(look(&r).is_none());
+
+        // Should a pass leave the copy differing from the device (a field read one way
+        // by the look and another by the full read), that device state asks for no
+        // second pass; a further change does.
+        let pretend = |r: &WireguardReconciler<Fake>| {
+            let mut c = r.cache();
+            Arc::make_mut(&mut c.state)
+                .device
+                .as_mut()
+                .unwrap()
+                .listen_port = 2;
+            c.device_version += 1;
+            c.device_read_at = Some(Instant::now());
+        };
+        pretend(&r);
+        assert!(look(&r).is_some());
+        pretend(&r);
+        assert!(look(&r).is_none());
+        r.driver().host().device.peers.remove(&key(1));
+        pretend(&r);
+        assert!(look(&r).is_some());
+    });
+}
+
+#[test]
 fn routes_flushed_silently_by_the_kernel_are_restored() {
     let e = env();
     let r = reconciler(&e, Duration::from_secs(3600));
