@@ -321,6 +321,7 @@ mod tests {
                 }
                 Ok(Some(Event::Connected)) => seen.push("connected".into()),
                 Ok(Some(Event::Disconnected(e))) => seen.push(format!("disconnected: {e}")),
+                Ok(Some(Event::DryRun(_))) => seen.push("dry run".into()),
                 Ok(None) | Err(_) => break,
             }
         }
