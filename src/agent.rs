@@ -562,6 +562,9 @@ fn log_problems(problems: &converge_core::Problems) {
     }
 }
 
+/// A document's secrets, opened (in memory only).
+type Opened = std::collections::BTreeMap<String, zeroize::Zeroizing<String>>;
+
 /// The checks a document passes before it is stored, shared by the accept path and the
 /// dry run: limits, schema and semantic validation, the envelope's generation
 /// (`expected`), mode, node id, sealed secrets openable. Returns the document and its
@@ -571,44 +574,38 @@ fn check_document(
     bytes: &[u8],
     format: Format,
     expected: Option<u64>,
-) -> Result<
-    (
-        Document,
-        std::collections::BTreeMap<String, zeroize::Zeroizing<String>>,
-    ),
-    Response,
-> {
+) -> Result<(Document, Opened), Box<Response>> {
     let doc = match document::parse_bytes(bytes, format, &shared.limits) {
         Ok(d) => d,
         Err(problems) => {
-            return Err(Response {
+            return Err(Box::new(Response {
                 ok: false,
                 error: Some("document is invalid".into()),
                 problems,
                 ..Default::default()
-            });
+            }));
         }
     };
     if let Some(g) = expected.filter(|g| *g != doc.generation) {
-        return Err(Response::error(format!(
+        return Err(Box::new(Response::error(format!(
             "$.generation: the envelope signed generation {g} but the document says {}",
             doc.generation
-        )));
+        ))));
     }
     if let Err(e) = check_mode(&doc, shared.mode) {
-        return Err(Response::error(e));
+        return Err(Box::new(Response::error(e)));
     }
     if doc.node.id != shared.node_id {
-        return Err(Response::error(format!(
+        return Err(Box::new(Response::error(format!(
             "$.node.id: document is for node {:?} but this agent is node {:?} (hint: check the target, or start the agent with --node-id)",
             doc.node.id, shared.node_id
-        )));
+        ))));
     }
     // Secrets are opened before anything is stored: a document whose secrets this node
     // cannot open is refused like an invalid one. Values stay in memory only.
     match sealed::open_all(&shared.sealing, doc.secrets.as_ref()) {
         Ok(opened) => Ok((doc, opened)),
-        Err(e) => Err(Response::error(e.to_string())),
+        Err(e) => Err(Box::new(Response::error(e.to_string()))),
     }
 }
 
@@ -630,7 +627,7 @@ fn accept_expecting(
                 );
                 log_problems(&refusal.problems);
             }
-            return refusal;
+            return *refusal;
         }
     };
     let canonical = match serde_json::to_string(&doc) {
@@ -663,7 +660,7 @@ fn accept_expecting(
 /// exactly what `converge diff` runs. Nothing on the host changes and the store is only
 /// read: the accepted document, the secrets in force and the pin stay as they are.
 async fn dry_run(shared: Arc<Shared>, bytes: Vec<u8>) -> Option<PlanAnswer> {
-    use crate::control::dryrun::{problem_from_message, Counts, Outcome, Problem};
+    use crate::control::dryrun::{problem_from_message, Outcome, Problem};
     let req = match DryRunRequest::parse(&bytes) {
         Ok(r) => r,
         Err(e) => {
@@ -735,10 +732,7 @@ async fn dry_run(shared: Arc<Shared>, bytes: Vec<u8>) -> Option<PlanAnswer> {
     for (name, r) in &results {
         match r {
             PassResult::Ran { changes, .. } if !changes.is_empty() => {
-                let c = answer
-                    .counts
-                    .entry(name.to_string())
-                    .or_insert(Counts::default());
+                let c = answer.counts.entry(name.to_string()).or_default();
                 for change in changes {
                     match change.op {
                         converge_core::Op::Create => c.add += 1,

@@ -1463,7 +1463,7 @@ fn fleet_dry_run(use_nats: bool, p: &str) {
     refused["node"]["mode"] = json!("proxy");
     write(&r, &refused);
     write(&x, &doc(&x, 2));
-    let tables_before = nodes[1].run_ok("nft", &["list", "tables"]);
+    let tables_before = nodes[1].run_ok("nft", ["list", "tables"]);
 
     let t0 = Instant::now();
     let out = cp.cli(&[
@@ -1571,7 +1571,7 @@ fn fleet_dry_run(use_nats: bool, p: &str) {
     );
     assert!(text.contains("$.node.mode"), "{text}");
     // Nothing changed: hosts, stores, the plane's record.
-    assert_eq!(nodes[1].run_ok("nft", &["list", "tables"]), tables_before);
+    assert_eq!(nodes[1].run_ok("nft", ["list", "tables"]), tables_before);
     for node in &nodes[..3] {
         assert_eq!(status(node)["generation"], 1);
         assert_eq!(stored_generations(node), vec![1]);

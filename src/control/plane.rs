@@ -281,7 +281,7 @@ struct Plane {
     plans: Mutex<HashMap<String, PlanWait>>,
     /// Dry-run requests waiting for an HTTPS node's long poll, by node, each with the
     /// time it expires (the node would refuse it then anyway).
-    dry_runs: Mutex<HashMap<String, std::collections::VecDeque<(i64, Arc<Vec<u8>>)>>>,
+    dry_runs: Mutex<HashMap<String, std::collections::VecDeque<QueuedDryRun>>>,
 }
 
 /// One dry run under way: the nodes asked, where their answers go.
@@ -289,6 +289,9 @@ struct PlanWait {
     asked: std::collections::HashSet<String>,
     answers: tokio::sync::mpsc::UnboundedSender<PlanAnswer>,
 }
+
+/// A dry-run request waiting for a long poll: when it expires (unix seconds), its bytes.
+type QueuedDryRun = (i64, Arc<Vec<u8>>);
 
 /// Dry-run requests kept per HTTPS node (the oldest are dropped).
 const MAX_QUEUED_DRY_RUNS: usize = 4;
