@@ -198,6 +198,8 @@ async fn run_node(
             Event::Disconnected(_) => {
                 errors.fetch_add(1, Ordering::Relaxed);
             }
+            // Simulated nodes do not answer dry runs (not measured yet).
+            Event::DryRun(_) => {}
             Event::Envelope(bytes, reply) => {
                 let applied = Some(accepted.load(Ordering::Relaxed)).filter(|g| *g > 0);
                 let verified = Envelope::parse(&bytes).ok().and_then(|env| {

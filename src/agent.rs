@@ -9,13 +9,14 @@
 //! side). The agent reads at most `--max-document-bytes` + 1 of them, answers with one
 //! JSON [`Response`] and closes.
 
+use crate::control::dryrun::{DryRunError, DryRunRequest, PlanAnswer};
 use crate::control::envelope::{Envelope, EnvelopeError, Pin};
 use crate::control::identity::Identity;
 use crate::control::protocol::{ControlConfig, StatusMessage};
 use crate::control::sealed;
 use crate::control::transport::{Accepted, ControlState};
 use crate::document::{self, Document, Format, Mode};
-use crate::engine::{Engine, EngineConfig, Report};
+use crate::engine::{Engine, EngineConfig, PassResult, Report};
 use crate::limits::{self, Limits};
 use crate::privacy::{Access, SocketAccess};
 use crate::status::ReconcilerStatus;
@@ -569,6 +570,53 @@ fn log_problems(problems: &converge_core::Problems) {
     }
 }
 
+/// A document's secrets, opened (in memory only).
+type Opened = std::collections::BTreeMap<String, zeroize::Zeroizing<String>>;
+
+/// The checks a document passes before it is stored, shared by the accept path and the
+/// dry run: limits, schema and semantic validation, the envelope's generation
+/// (`expected`), mode, node id, sealed secrets openable. Returns the document and its
+/// opened secrets (in memory only), or the refusal.
+fn check_document(
+    shared: &Shared,
+    bytes: &[u8],
+    format: Format,
+    expected: Option<u64>,
+) -> Result<(Document, Opened), Box<Response>> {
+    let doc = match document::parse_bytes(bytes, format, &shared.limits) {
+        Ok(d) => d,
+        Err(problems) => {
+            return Err(Box::new(Response {
+                ok: false,
+                error: Some("document is invalid".into()),
+                problems,
+                ..Default::default()
+            }));
+        }
+    };
+    if let Some(g) = expected.filter(|g| *g != doc.generation) {
+        return Err(Box::new(Response::error(format!(
+            "$.generation: the envelope signed generation {g} but the document says {}",
+            doc.generation
+        ))));
+    }
+    if let Err(e) = check_mode(&doc, shared.mode) {
+        return Err(Box::new(Response::error(e)));
+    }
+    if doc.node.id != shared.node_id {
+        return Err(Box::new(Response::error(format!(
+            "$.node.id: document is for node {:?} but this agent is node {:?} (hint: check the target, or start the agent with --node-id)",
+            doc.node.id, shared.node_id
+        ))));
+    }
+    // Secrets are opened before anything is stored: a document whose secrets this node
+    // cannot open is refused like an invalid one. Values stay in memory only.
+    match sealed::open_all(&shared.sealing, doc.secrets.as_ref()) {
+        Ok(opened) => Ok((doc, opened)),
+        Err(e) => Err(Box::new(Response::error(e.to_string()))),
+    }
+}
+
 /// [`accept`], refusing a document whose generation is not `expected` (the generation
 /// a control-plane envelope signed).
 fn accept_expecting(
@@ -577,42 +625,18 @@ fn accept_expecting(
     format: Format,
     expected: Option<u64>,
 ) -> Response {
-    let doc = match document::parse_bytes(bytes, format, &shared.limits) {
-        Ok(d) => d,
-        Err(problems) => {
-            warn!(
-                problems = problems.len(),
-                "refused an invalid document; the last good one stays in force"
-            );
-            log_problems(&problems);
-            return Response {
-                ok: false,
-                error: Some("document is invalid".into()),
-                problems,
-                ..Default::default()
-            };
+    let (doc, opened) = match check_document(shared, bytes, format, expected) {
+        Ok(checked) => checked,
+        Err(refusal) => {
+            if !refusal.problems.is_empty() {
+                warn!(
+                    problems = refusal.problems.len(),
+                    "refused an invalid document; the last good one stays in force"
+                );
+                log_problems(&refusal.problems);
+            }
+            return *refusal;
         }
-    };
-    if let Some(g) = expected.filter(|g| *g != doc.generation) {
-        return Response::error(format!(
-            "$.generation: the envelope signed generation {g} but the document says {}",
-            doc.generation
-        ));
-    }
-    if let Err(e) = check_mode(&doc, shared.mode) {
-        return Response::error(e);
-    }
-    if doc.node.id != shared.node_id {
-        return Response::error(format!(
-            "$.node.id: document is for node {:?} but this agent is node {:?} (hint: check the target, or start the agent with --node-id)",
-            doc.node.id, shared.node_id
-        ));
-    }
-    // Secrets are opened before anything is stored: a document whose secrets this node
-    // cannot open is refused like an invalid one. Values stay in memory only.
-    let opened = match sealed::open_all(&shared.sealing, doc.secrets.as_ref()) {
-        Ok(v) => v,
-        Err(e) => return Response::error(e.to_string()),
     };
     let canonical = match serde_json::to_string(&doc) {
         Ok(c) => c,
@@ -636,6 +660,109 @@ fn accept_expecting(
         generation: Some(generation),
         ..Default::default()
     }
+}
+
+/// A control-plane dry run (`control-plane plan`): the request verified like an
+/// envelope but in its own signature domain (never applied), its document checked like
+/// one to accept (plus the generation against the one in force), then planned by
+/// exactly what `converge diff` runs. Nothing on the host changes and the store is only
+/// read: the accepted document, the secrets in force and the pin stay as they are.
+async fn dry_run(shared: Arc<Shared>, bytes: Vec<u8>) -> Option<PlanAnswer> {
+    use crate::control::dryrun::{problem_from_message, Outcome, Problem};
+    let req = match DryRunRequest::parse(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "ignored a malformed dry-run request");
+            return None;
+        }
+    };
+    let mut answer = PlanAnswer::without_plan(&req.request_id, &shared.node_id, Outcome::Error);
+    let Some(pin) = &shared.pinned else {
+        answer.error = Some("no pinned control-plane key".into());
+        return Some(answer);
+    };
+    let pinned = *lock(pin);
+    let now = chrono::Utc::now().timestamp();
+    let verified = req
+        .signer(&pinned)
+        .map_err(DryRunError::from)
+        .and_then(|key| req.verify(&key, &shared.node_id, now));
+    let bytes = match verified {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(request = %req.request_id, error = %e, "refused a dry-run request");
+            answer.error = Some(e.to_string());
+            return Some(answer);
+        }
+    };
+    let refused = |mut answer: PlanAnswer, problems: Vec<Problem>| {
+        answer.outcome = Outcome::Refused;
+        answer.set_problems(problems);
+        Some(answer)
+    };
+    let (doc, opened) = match check_document(&shared, &bytes, Format::Json, None) {
+        Ok(checked) => checked,
+        Err(r) if !r.problems.is_empty() => {
+            let problems = r.problems.0.iter().map(|p| Problem {
+                path: p.path.clone(),
+                message: p.message.clone(),
+            });
+            return refused(answer, problems.collect());
+        }
+        Err(r) => {
+            let message = r.error.unwrap_or_else(|| "refused".into());
+            return refused(answer, vec![problem_from_message(&message)]);
+        }
+    };
+    // The store would refuse an older generation, or another document at the same one.
+    let in_force = lock(&shared.store).last_good().ok().flatten();
+    if let Some((g, body)) = in_force {
+        let same = serde_json::to_string(&doc).is_ok_and(|c| c == body);
+        if doc.generation < g || (doc.generation == g && !same) {
+            let message = format!(
+                "generation {} is not newer than the accepted generation {g} (replay or rollback)",
+                doc.generation
+            );
+            return refused(
+                answer,
+                vec![Problem {
+                    path: "$.generation".into(),
+                    message,
+                }],
+            );
+        }
+    }
+    let secrets = SecretSource::new(&shared.host.secrets_dir);
+    secrets.set_sealed(opened);
+    let (results, unbuilt) =
+        crate::registry::diff(&shared.data_dir, &shared.host, doc, &secrets, None).await;
+    let mut failed = Vec::new();
+    for (name, r) in &results {
+        match r {
+            PassResult::Ran { changes, .. } if !changes.is_empty() => {
+                let c = answer.counts.entry(name.to_string()).or_default();
+                for change in changes {
+                    match change.op {
+                        converge_core::Op::Create => c.add += 1,
+                        converge_core::Op::Update => c.change += 1,
+                        converge_core::Op::Delete => c.remove += 1,
+                    }
+                }
+            }
+            PassResult::Failed { error, .. } => failed.push(format!("{name}: {error}")),
+            _ => {}
+        }
+    }
+    answer.outcome = if !failed.is_empty() {
+        answer.error = Some(failed.join("; "));
+        Outcome::Error
+    } else if answer.counts.is_empty() {
+        Outcome::Unchanged
+    } else {
+        Outcome::Changes
+    };
+    answer.set_plan(crate::output::plan_text(&results, &unbuilt, false));
+    Some(answer)
 }
 
 /// Refuses a document meant for the other kind of node.
@@ -969,5 +1096,12 @@ impl crate::control::transport::Node for ControlNode {
 
     fn status_changed(&self) -> Arc<tokio::sync::Notify> {
         self.0.status_changed.clone()
+    }
+
+    fn dry_run(
+        &self,
+        bytes: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<PlanAnswer>> + Send>> {
+        Box::pin(dry_run(self.0.clone(), bytes))
     }
 }

@@ -430,6 +430,47 @@ pub fn sections(
     build(data_dir, host, node_id, resync, secrets, false)
 }
 
+/// What `converge diff` computes for a candidate document: one dry pass of every
+/// reconciler this build has (publishers first, then the fact watchers, as `run_once`
+/// does) against the real host, and the sections this build cannot run yet. With `only`,
+/// the plan of that reconciler alone (planned with the facts it watches). Nothing on the
+/// host changes; the control plane's dry run (`converge control-plane plan`) runs this
+/// too, in the agent.
+pub async fn diff(
+    data_dir: &Path,
+    host: &HostOptions,
+    doc: Document,
+    secrets: &SecretSource,
+    only: Option<&str>,
+) -> (
+    std::collections::BTreeMap<&'static str, crate::engine::PassResult>,
+    Vec<&'static str>,
+) {
+    let mut sections = sections(
+        data_dir,
+        host,
+        &doc.node.id,
+        crate::engine::EngineConfig::default().resync,
+        secrets,
+    );
+    let mut unbuilt: Vec<&'static str> = ALL
+        .into_iter()
+        .filter(|n| has_section(&doc, n) && !sections.iter().any(|s| s.name() == *n))
+        .collect();
+    if let Some(r) = only {
+        // A reconciler that uses facts (container addresses) is planned with them: the
+        // publishers run too, and only its plan is shown.
+        let watches = sections.iter().any(|s| s.name() == r && s.watches_facts());
+        sections.retain(|s| s.name() == r || (watches && !s.watches_facts()));
+        unbuilt.retain(|u| *u == r);
+    }
+    let mut results = crate::engine::run_once(&sections, Arc::new(doc), true).await;
+    if let Some(r) = only {
+        results.retain(|name, _| *name == r);
+    }
+    (results, unbuilt)
+}
+
 fn build(
     data_dir: &Path,
     host: &HostOptions,

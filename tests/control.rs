@@ -1422,3 +1422,189 @@ fn nats_signing_key_rotation_reaches_online_and_offline_nodes() {
 fn https_signing_key_rotation_reaches_online_and_offline_nodes() {
     key_rotation(false, "rh", "rf");
 }
+
+/// `control-plane plan` over one transport: four nodes at generation 1, candidates at
+/// generation 2 — one unchanged, one with firewall changes (counts as `converge diff`
+/// on the node gives them), one the node refuses (`$.node.mode`), one whose agent is
+/// stopped (no answer within the timeout). Afterwards every host and store is as
+/// before. Over NATS, a signed dry-run request put where envelopes go is refused.
+fn fleet_dry_run(use_nats: bool, p: &str) {
+    require_tool("nft");
+    let cp = Cp::new(use_nats);
+    let [u, c, r, x] = ["u", "c", "r", "x"].map(|s| format!("{p}{s}"));
+    let nodes: Vec<TestNode> = [&u, &c, &r, &x].iter().map(|n| TestNode::new(n)).collect();
+    let mut agents = Vec::new();
+    for node in &nodes {
+        join_ok(node, &cp);
+        agents.push(start_agent(node));
+        cp.publish(node.name(), &doc(node.name(), 1));
+    }
+    for node in &nodes {
+        wait_accepted(node, 1);
+        poll(Duration::from_secs(20), "connected", || {
+            (status(node)["control"]["connected"] == true).then_some(())
+        });
+    }
+    let mut stopped = agents.pop().expect("x's agent");
+    let _ = stopped.kill();
+    let _ = stopped.wait();
+    let cand = cp.root.join(format!("candidates-{p}"));
+    fs::create_dir_all(&cand).expect("candidates dir");
+    let write = |n: &str, d: &Value| {
+        fs::write(cand.join(format!("{n}.json")), d.to_string()).expect("candidate")
+    };
+    write(&u, &doc(&u, 2));
+    let mut changed = doc(&c, 2);
+    changed["firewall"] = json!({"publishedPorts": [
+        {"protocol": "tcp", "hostPort": 8080, "target": {"address": "10.251.9.2", "port": 80}},
+        {"protocol": "udp", "hostPort": 5353, "target": {"address": "10.251.9.3", "port": 53}}]});
+    write(&c, &changed);
+    let mut refused = doc(&r, 2);
+    refused["node"]["mode"] = json!("proxy");
+    write(&r, &refused);
+    write(&x, &doc(&x, 2));
+    let tables_before = nodes[1].run_ok("nft", ["list", "tables"]);
+
+    let t0 = Instant::now();
+    let out = cp.cli(&[
+        "control-plane",
+        "plan",
+        cand.to_str().expect("path"),
+        "--data",
+        &cp.data(),
+        "--nodes",
+        &format!("{p}*"),
+        "--timeout",
+        "10s",
+        "-o",
+        "json",
+    ]);
+    eprintln!(
+        "plan over {} answered in {:?}",
+        if use_nats { "nats" } else { "https" },
+        t0.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1), "plan: {}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("plan json");
+    let s = &report["summary"];
+    assert_eq!(
+        (
+            &s["nodes"],
+            &s["unchanged"],
+            &s["changes"],
+            &s["refused"],
+            &s["noAnswer"],
+            &s["error"]
+        ),
+        (
+            &json!(4),
+            &json!(1),
+            &json!(1),
+            &json!(1),
+            &json!(1),
+            &json!(0)
+        ),
+        "{report:#}"
+    );
+    let node = |id: &str| {
+        report["nodes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["nodeId"] == id).cloned())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(node(&u)["verdict"], "unchanged", "{report:#}");
+    assert_eq!(node(&x)["verdict"], "noAnswer", "{report:#}");
+    assert_eq!(node(&r)["verdict"], "refused", "{report:#}");
+    assert_eq!(node(&r)["refusedBy"], "node");
+    assert_eq!(node(&r)["problems"][0]["path"], "$.node.mode", "{report:#}");
+    // The counts are what `converge diff` of the same candidate says on that node.
+    let file = nodes[1].data_dir().join("candidate.json");
+    fs::write(&file, changed.to_string()).expect("write");
+    let diff = converge(
+        &nodes[1],
+        &["diff", file.to_str().expect("path"), "--output", "json"],
+    );
+    assert_eq!(diff.status.code(), Some(2), "diff: {}", stderr(&diff));
+    let diff: Value = serde_json::from_slice(&diff.stdout).expect("diff json");
+    let mut want = serde_json::Map::new();
+    for (name, v) in diff.as_object().expect("diff object") {
+        let Some(changes) = v["changes"].as_array().filter(|c| !c.is_empty()) else {
+            continue;
+        };
+        let count = |op: &str| changes.iter().filter(|c| c["op"] == op).count();
+        want.insert(
+            name.clone(),
+            json!({"add": count("create"), "change": count("update"), "remove": count("delete")}),
+        );
+    }
+    assert!(
+        !want.is_empty(),
+        "the candidate changes something: {diff:#}"
+    );
+    assert_eq!(node(&c)["verdict"], "changes", "{report:#}");
+    assert_eq!(
+        node(&c)["counts"],
+        Value::Object(want.clone()),
+        "{report:#}"
+    );
+    assert_eq!(s["counts"], Value::Object(want), "{report:#}");
+    assert!(node(&c)["plan"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("firewall"));
+    // Text output: the aggregate and the refusal's path.
+    let text = cp.cli(&[
+        "control-plane",
+        "plan",
+        cand.to_str().expect("path"),
+        "--data",
+        &cp.data(),
+        "--nodes",
+        &format!("{u},{r}"),
+        "--timeout",
+        "10s",
+    ]);
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(
+        text.contains("2 node(s): 1 unchanged, 0 with changes, 1 would refuse"),
+        "{text}"
+    );
+    assert!(text.contains("$.node.mode"), "{text}");
+    // Nothing changed: hosts, stores, the plane's record.
+    assert_eq!(nodes[1].run_ok("nft", ["list", "tables"]), tables_before);
+    for node in &nodes[..3] {
+        assert_eq!(status(node)["generation"], 1);
+        assert_eq!(stored_generations(node), vec![1]);
+    }
+    if use_nats {
+        // A signed dry-run request put where envelopes go never applies.
+        let keys = converge::control::plane::keys(&cp.root.join("data")).expect("plane keys");
+        let issued = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let req = converge::control::dryrun::DryRunRequest::sign(
+            &keys.signing,
+            &u,
+            "0123abcd",
+            &issued,
+            doc(&u, 5).to_string().as_bytes(),
+        )
+        .expect("sign");
+        cp.put(&u, &serde_json::to_string(&req).expect("json"));
+        poll(
+            Duration::from_secs(20),
+            "the node reports the refusal",
+            || cp.record(&u)["refused"].is_object().then_some(()),
+        );
+        assert_eq!(status(&nodes[0])["generation"], 1);
+        assert_eq!(stored_generations(&nodes[0]), vec![1]);
+    }
+}
+
+#[test]
+fn nats_fleet_dry_run() {
+    fleet_dry_run(true, "pn");
+}
+
+#[test]
+fn https_fleet_dry_run() {
+    fleet_dry_run(false, "ph");
+}

@@ -339,6 +339,26 @@ pub enum ControlPlaneCommand {
         #[arg(long)]
         data: PathBuf,
     },
+    /// Dry run across the fleet: send each selected node its candidate document from
+    /// DIR (`<node-id>.json|yaml`) as a signed dry-run request through the running
+    /// `serve` (same --data), and print what each node would do: unchanged, changes
+    /// (counts by reconciler and action), would refuse (with JSON paths), or no answer.
+    /// Nothing is applied anywhere. Exit 0: all unchanged, 2: changes, 1: a refusal, an
+    /// error or a node that did not answer.
+    Plan {
+        /// Candidate documents, one file per node id.
+        dir: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// Node ids or globs, comma-separated (`web-*,db-1`); default: every node.
+        #[arg(long)]
+        nodes: Option<String>,
+        /// How long to wait for answers (`30s`, `500ms`, `2m`).
+        #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+        timeout: std::time::Duration,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: OutputFormat,
+    },
     /// Print the signed envelope of FILE for NODE (secrets sealed to it).
     Sign {
         #[arg(long)]
@@ -383,4 +403,24 @@ pub enum WireguardCommand {
         #[arg(long)]
         interface: Option<String>,
     },
+}
+
+/// `30s`, `500ms`, `2m` or plain seconds.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration such as 30s, 500ms or 2m"))?;
+    let d = match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "" | "s" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("{s:?}: the unit is ms, s or m")),
+    };
+    if d.is_zero() {
+        return Err("the timeout must be more than zero".into());
+    }
+    Ok(d)
 }

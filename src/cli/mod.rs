@@ -68,14 +68,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             };
             let secrets = secret_source(&cli.data_dir, &cli.host, &doc)?;
-            let mut sections = registry::sections(
-                &cli.data_dir,
-                &cli.host,
-                &doc.node.id,
-                EngineConfig::default().resync,
-                &secrets,
-            );
-            let mut unbuilt = unbuilt_sections(&doc, &sections);
             if let Some(r) = &reconciler {
                 if !registry::ALL.contains(&r.as_str()) {
                     anyhow::bail!(
@@ -83,16 +75,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         registry::ALL.join(", ")
                     );
                 }
-                // A reconciler that uses facts (container addresses) is planned with
-                // them: the publishers run too, and only its plan is shown.
-                let watches = sections.iter().any(|s| s.name() == r && s.watches_facts());
-                sections.retain(|s| s.name() == r || (watches && !s.watches_facts()));
-                unbuilt.retain(|u| u == r);
             }
-            let mut results = run_once(&sections, Arc::new(doc), true).await;
-            if let Some(r) = &reconciler {
-                results.retain(|name, _| name == r);
-            }
+            let (results, unbuilt) = registry::diff(
+                &cli.data_dir,
+                &cli.host,
+                doc,
+                &secrets,
+                reconciler.as_deref(),
+            )
+            .await;
             match output {
                 OutputFormat::Text => print!("{}", output::plan_text(&results, &unbuilt, color)),
                 OutputFormat::Json => println!(

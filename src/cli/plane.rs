@@ -117,6 +117,28 @@ pub(super) async fn control_plane(
             eprintln!("a running `control-plane serve` signs every document again within a second; new joins pin the new key");
             Ok(ExitCode::SUCCESS)
         }
+        ControlPlaneCommand::Plan {
+            dir,
+            data,
+            nodes,
+            timeout,
+            output,
+        } => {
+            // `serve` may run from another directory.
+            let dir = std::fs::canonicalize(&dir)
+                .with_context(|| format!("documents directory {}", dir.display()))?;
+            let query = crate::control::fleetplan::PlanQuery {
+                dir,
+                nodes,
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            };
+            let report = crate::control::fleetplan::query(&data, &query).await?;
+            match output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                OutputFormat::Text => print!("{}", report.text()),
+            }
+            Ok(ExitCode::from(report.exit_code()))
+        }
         ControlPlaneCommand::Sign { data, node, file } => {
             let store = crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?;
             let record = store

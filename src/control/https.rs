@@ -2,8 +2,9 @@
 //! behind a TLS-terminating proxy). Documents arrive by long poll:
 //! `GET /v1/nodes/<id>/document?after=<generation>` is held by the control plane until
 //! a newer envelope exists (200) or the poll times out (204); the cursor moves only past
-//! envelopes that verified, and answers are read up to a size cap. Status goes to
-//! `POST /v1/nodes/<id>/status`. Every request is signed with the node's key and
+//! envelopes that verified, and answers are read up to a size cap; the same poll
+//! carries dry-run requests (header `x-converge-kind: dry-run`). Status and dry-run
+//! answers go to `POST /v1/nodes/<id>/status`. Every request is signed with the node's key and
 //! carries a nonce the plane accepts once. "Connected" is reported once a signed
 //! `GET /v1/nodes/<id>/hello` answered, not when the first long poll returns.
 
@@ -19,6 +20,15 @@ use tokio::sync::{mpsc, oneshot};
 
 /// How long the control plane holds a poll; the client waits a little longer.
 pub const POLL_SECS: u64 = 25;
+
+/// What a long poll brought.
+enum Polled {
+    Envelope(Vec<u8>),
+    /// A dry-run request (the answer's `x-converge-kind: dry-run`); it never moves the
+    /// cursor, and being routed by an unsigned header changes nothing: its signature is
+    /// in a domain of its own.
+    DryRun(Vec<u8>),
+}
 
 /// The node's HTTPS client.
 #[derive(Clone)]
@@ -94,7 +104,7 @@ impl HttpsTransport {
         }
     }
 
-    async fn poll(&self, after: u64) -> Result<Option<Vec<u8>>, String> {
+    async fn poll(&self, after: u64) -> Result<Option<Polled>, String> {
         let mut path = format!("/v1/nodes/{}/document?after={after}", self.node_id);
         if let Some(pin) = &self.pin {
             let pinned = *pin.lock().unwrap_or_else(|p| p.into_inner());
@@ -106,11 +116,20 @@ impl HttpsTransport {
             .await
             .map_err(|e| format!("poll: {e}"))?;
         match resp.status().as_u16() {
-            200 => Ok(Some(
-                read_capped(resp, self.max_body)
+            200 => {
+                let dry_run = resp
+                    .headers()
+                    .get(super::dryrun::H_KIND)
+                    .is_some_and(|v| v == super::dryrun::KIND);
+                let body = read_capped(resp, self.max_body)
                     .await
-                    .map_err(|e| format!("poll: {e}"))?,
-            )),
+                    .map_err(|e| format!("poll: {e}"))?;
+                Ok(Some(if dry_run {
+                    Polled::DryRun(body)
+                } else {
+                    Polled::Envelope(body)
+                }))
+            }
             204 => Ok(None),
             s => Err(format!(
                 "poll: HTTP {s}: {}",
@@ -147,9 +166,20 @@ impl HttpsTransport {
                     return;
                 }
             }
-            let Some(bytes) = got else {
-                attempt = 0;
-                continue;
+            let bytes = match got {
+                None => {
+                    attempt = 0;
+                    continue;
+                }
+                // Handled by the client; the cursor does not move.
+                Some(Polled::DryRun(bytes)) => {
+                    attempt = 0;
+                    if events.send(Event::DryRun(bytes)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Some(Polled::Envelope(bytes)) => bytes,
             };
             // Past this envelope only once the client verified it (a verified one the
             // agent refused is not fetched in a loop either); an unverified one is asked
@@ -291,6 +321,7 @@ mod tests {
                 }
                 Ok(Some(Event::Connected)) => seen.push("connected".into()),
                 Ok(Some(Event::Disconnected(e))) => seen.push(format!("disconnected: {e}")),
+                Ok(Some(Event::DryRun(_))) => seen.push("dry run".into()),
                 Ok(None) | Err(_) => break,
             }
         }

@@ -3,8 +3,10 @@
 
 pub mod artifacts;
 pub mod client;
+pub mod dryrun;
 pub mod enroll;
 pub mod envelope;
+pub mod fleetplan;
 pub mod https;
 pub mod identity;
 pub mod nats;

@@ -1,7 +1,8 @@
 //! NATS JetStream transport. The node receives its own key of the KV bucket `converge`
 //! from a durable push consumer that the control plane makes for it (filtered to
 //! `$KV.converge.<node>`, delivering to `_INBOX_<node>.docs`, the last value first, each
-//! message acknowledged once the agent handled it) and publishes status on
+//! message acknowledged once the agent handled it), dry-run requests on
+//! `_INBOX_<node>.plan`, and publishes status (and dry-run answers) on
 //! `converge.status.<node>`. Nodes cannot make consumers: one made by a node could aim
 //! its delivery at any subject, such as another node's status (nats-server does not
 //! check a delivery subject against the creator's permissions). Only APIs of
@@ -124,6 +125,14 @@ pub fn deliver_subject(node_id: &str) -> String {
     format!("{}.docs", inbox_prefix(node_id))
 }
 
+/// Where the control plane publishes dry-run requests for a node (plain NATS, not
+/// JetStream: a dry run is for now or never): under the node's own inbox, which it may
+/// already subscribe to and which no other node may publish to, so no permission of an
+/// enrolled node changes.
+pub fn plan_subject(node_id: &str) -> String {
+    format!("{}.plan", inbox_prefix(node_id))
+}
+
 /// The consumer the control plane makes for a node: its key only, to its inbox, the
 /// newest value first, redelivered until the node acknowledges it (an agent killed
 /// before it handled a document gets it again).
@@ -168,6 +177,21 @@ impl NatsTransport {
                     continue;
                 }
             };
+            let mut plans = match self.client.subscribe(plan_subject(&self.node_id)).await {
+                Ok(p) => p,
+                Err(e) => {
+                    if events
+                        .send(Event::Disconnected(format!("subscribe: {e}")))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+            };
             attempt = 0;
             if events.send(Event::Connected).await.is_err() {
                 return;
@@ -192,6 +216,14 @@ impl NatsTransport {
                                 if let Err(e) = self.client.publish(reply, Vec::new().into()).await {
                                     debug!(error = %e, "ack not sent; the server delivers again");
                                 }
+                            }
+                        }
+                        None => break,
+                    },
+                    p = plans.next() => match p {
+                        Some(p) => {
+                            if events.send(Event::DryRun(p.payload.to_vec())).await.is_err() {
+                                return;
                             }
                         }
                         None => break,

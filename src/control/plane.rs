@@ -4,7 +4,9 @@
 //! records what nodes report. Small on purpose: docs/protocol.md is the contract.
 
 use super::artifacts::Catalog;
+use super::dryrun::{DryRunRequest, PlanAnswer};
 use super::envelope::{Envelope, Rotation};
+use super::fleetplan::{NodeResult, PlanQuery, PlanReport, Verdict};
 use super::identity::{parse_public_key, parse_sealing_key, read_or_make};
 use super::plane_store::{NodeRecord, PlaneError, PlaneStore, TokenScope};
 use super::protocol::{
@@ -275,7 +277,24 @@ struct Plane {
     /// Nonces of the signed requests seen within the clock window, with the time each
     /// may be forgotten: a captured request is not accepted a second time.
     nonces: Mutex<Nonces>,
+    /// Dry runs under way (`control-plane plan`), by request id.
+    plans: Mutex<HashMap<String, PlanWait>>,
+    /// Dry-run requests waiting for an HTTPS node's long poll, by node, each with the
+    /// time it expires (the node would refuse it then anyway).
+    dry_runs: Mutex<HashMap<String, std::collections::VecDeque<QueuedDryRun>>>,
 }
+
+/// One dry run under way: the nodes asked, where their answers go.
+struct PlanWait {
+    asked: std::collections::HashSet<String>,
+    answers: tokio::sync::mpsc::UnboundedSender<PlanAnswer>,
+}
+
+/// A dry-run request waiting for a long poll: when it expires (unix seconds), its bytes.
+type QueuedDryRun = (i64, Arc<Vec<u8>>);
+
+/// Dry-run requests kept per HTTPS node (the oldest are dropped).
+const MAX_QUEUED_DRY_RUNS: usize = 4;
 
 /// Request nonces by `node/nonce`, each with the time it may be forgotten.
 #[derive(Default)]
@@ -289,49 +308,70 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Builds the envelope for one document file: secrets sealed to the node, validated,
-/// signed. The plaintext stays in the file on this host.
+/// One document file made ready for `node`: secrets sealed to the node, validated, for
+/// this node. Returns its generation and bytes, or what is wrong with it (JSON paths;
+/// a file that cannot be read or parsed is one problem at `$`). The plaintext stays in
+/// the file on this host.
+pub fn seal_document(
+    file: &Path,
+    node: &NodeRecord,
+    limits: &Limits,
+) -> Result<(u64, Vec<u8>), converge_core::Problems> {
+    let one = |message: String| {
+        let mut p = converge_core::Problems::default();
+        p.push("$", message);
+        p
+    };
+    let raw = std::fs::read(file).map_err(|e| one(format!("read {}: {e}", file.display())))?;
+    let mut value: serde_json::Value = match Format::from_path(file) {
+        Format::Yaml => serde_yaml::from_slice(&raw).map_err(|e| one(format!("YAML: {e}")))?,
+        Format::Json => serde_json::from_slice(&raw).map_err(|e| one(format!("JSON: {e}")))?,
+    };
+    if let Some(secrets) = value.get_mut("secrets").and_then(|s| s.as_object_mut()) {
+        let to = parse_sealing_key(&node.sealing_key)
+            .ok_or_else(|| one(format!("node {} has no valid sealing key", node.id)))?;
+        for (name, v) in secrets.iter_mut() {
+            let mut at = converge_core::Problems::default();
+            let Some(plain) = v.as_str() else {
+                at.push(format!("$.secrets.{name}"), "not a string");
+                return Err(at);
+            };
+            let sealed = super::sealed::seal(&to, name, plain.as_bytes())
+                .map_err(|e| one(format!("seal {name}: {e}")))?;
+            *v = serde_json::Value::String(sealed);
+        }
+    }
+    let bytes = serde_json::to_vec(&value).map_err(|e| one(e.to_string()))?;
+    let doc = document::parse_bytes(&bytes, Format::Json, limits)?;
+    if doc.node.id != node.id {
+        let mut p = converge_core::Problems::default();
+        p.push(
+            "$.node.id",
+            format!("is {:?}, the file is for {:?}", doc.node.id, node.id),
+        );
+        return Err(p);
+    }
+    Ok((doc.generation, bytes))
+}
+
+/// Builds the envelope for one document file ([`seal_document`]), signed.
 pub fn build_envelope(
     keys: &Keys,
     file: &Path,
     node: &NodeRecord,
     limits: &Limits,
 ) -> anyhow::Result<(u64, Vec<u8>)> {
-    let raw = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
-    let mut value: serde_json::Value = match Format::from_path(file) {
-        Format::Yaml => serde_yaml::from_slice(&raw).context("YAML")?,
-        Format::Json => serde_json::from_slice(&raw).context("JSON")?,
-    };
-    if let Some(secrets) = value.get_mut("secrets").and_then(|s| s.as_object_mut()) {
-        let to = parse_sealing_key(&node.sealing_key)
-            .ok_or_else(|| anyhow::anyhow!("node {} has no valid sealing key", node.id))?;
-        for (name, v) in secrets.iter_mut() {
-            let plain = v
-                .as_str()
-                .ok_or_else(|| anyhow::anyhow!("secrets.{name}: not a string"))?;
-            *v = serde_json::Value::String(super::sealed::seal(&to, name, plain.as_bytes())?);
-        }
-    }
-    let bytes = serde_json::to_vec(&value)?;
-    let doc = match document::parse_bytes(&bytes, Format::Json, limits) {
-        Ok(d) => d,
-        Err(p) => anyhow::bail!(
+    let (generation, bytes) = seal_document(file, node, limits).map_err(|p| {
+        anyhow::anyhow!(
             "invalid document ({} problems; first: {})",
             p.len(),
             p.0.first().map(|p| p.to_string()).unwrap_or_default()
-        ),
-    };
-    if doc.node.id != node.id {
-        anyhow::bail!(
-            "$.node.id is {:?}, the file is for {:?}",
-            doc.node.id,
-            node.id
-        );
-    }
+        )
+    })?;
     let issued = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     Ok((
-        doc.generation,
-        keys.envelope(&node.id, doc.generation, &issued, &bytes)?,
+        generation,
+        keys.envelope(&node.id, generation, &issued, &bytes)?,
     ))
 }
 
@@ -655,10 +695,150 @@ impl Plane {
                 warn!(node = %id, ?generation, %error, "node refused a document");
                 store.put_refusal(id, &serde_json::to_value(&msg).unwrap_or_default())
             }
+            NodeMessage::Planned(answer) => {
+                drop(store);
+                // Only to a dry run under way that asked this node (the authenticated
+                // sender, whatever the answer says).
+                let mut answer = (**answer).clone();
+                answer.node_id = id.to_string();
+                if let Some(w) = lock(&self.plans).get(&answer.request_id) {
+                    if w.asked.contains(id) {
+                        let _ = w.answers.send(answer);
+                    }
+                }
+                return;
+            }
         };
         if let Err(e) = res {
             error!(node = %id, error = %e, "cannot record status");
         }
+    }
+
+    /// The next dry-run request queued for an HTTPS node, expired ones dropped.
+    fn take_dry_run(&self, id: &str) -> Option<Arc<Vec<u8>>> {
+        let mut queues = lock(&self.dry_runs);
+        let queue = queues.get_mut(id)?;
+        let now = chrono::Utc::now().timestamp();
+        let next = std::iter::from_fn(|| queue.pop_front()).find(|(expires, _)| *expires > now);
+        if queue.is_empty() {
+            queues.remove(id);
+        }
+        next.map(|(_, bytes)| bytes)
+    }
+
+    /// A fleet-wide dry run (`control-plane plan`): each selected node with a file in
+    /// `q.dir` gets its candidate as a signed dry-run request (over NATS or in its next
+    /// HTTPS long poll); answers are gathered until every node answered or the timeout.
+    async fn plan(&self, q: PlanQuery) -> anyhow::Result<PlanReport> {
+        let nodes = lock(&self.store).nodes()?;
+        let request_id = super::dryrun::request_id();
+        let issued = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let keys = lock(&self.keys).clone();
+        let (mut results, mut no_document, mut asked) = (Vec::new(), Vec::new(), Vec::new());
+        for node in nodes
+            .iter()
+            .filter(|n| super::fleetplan::selected(q.nodes.as_deref(), &n.id))
+        {
+            let Some(file) = super::fleetplan::candidate_file(&q.dir, &node.id) else {
+                no_document.push(node.id.clone());
+                continue;
+            };
+            match seal_document(&file, node, &self.limits) {
+                Ok((_, bytes)) => {
+                    let mut req =
+                        DryRunRequest::sign(&keys.signing, &node.id, &request_id, &issued, &bytes)?;
+                    req.rotations = keys.rotations.clone();
+                    asked.push((node, Arc::new(serde_json::to_vec(&req)?)));
+                }
+                Err(problems) => {
+                    let mut r = NodeResult::bare(&node.id, Verdict::Refused);
+                    r.refused_by = Some("plane".into());
+                    r.problem_count = problems.len();
+                    r.problems = problems
+                        .0
+                        .into_iter()
+                        .take(super::dryrun::MAX_PROBLEMS)
+                        .map(|p| super::dryrun::Problem {
+                            path: p.path,
+                            message: p.message,
+                        })
+                        .collect();
+                    results.push(r);
+                }
+            }
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        lock(&self.plans).insert(
+            request_id.clone(),
+            PlanWait {
+                asked: asked.iter().map(|(n, _)| n.id.clone()).collect(),
+                answers: tx,
+            },
+        );
+        info!(request = %request_id, nodes = asked.len(), "dry run");
+        let expires = chrono::Utc::now().timestamp() + MAX_SKEW_SECS;
+        let nats = self
+            .js
+            .get()
+            .map(|js| js.client())
+            .filter(|c| c.connection_state() == async_nats::connection::State::Connected);
+        let mut queued = false;
+        for (node, bytes) in &asked {
+            let on_nats =
+                self.nats.is_some() && (node.nats_key.is_some() || node.nats_password.is_some());
+            if on_nats {
+                // Not connected: no answer, reported as such.
+                if let Some(c) = &nats {
+                    let subject = super::nats::plan_subject(&node.id);
+                    if let Err(e) = c.publish(subject, bytes.to_vec().into()).await {
+                        warn!(node = %node.id, error = %e, "dry run not sent");
+                    }
+                }
+            } else {
+                let mut queues = lock(&self.dry_runs);
+                let queue = queues.entry(node.id.clone()).or_default();
+                queue.push_back((expires, bytes.clone()));
+                while queue.len() > MAX_QUEUED_DRY_RUNS {
+                    queue.pop_front();
+                }
+                queued = true;
+            }
+        }
+        if let Some(c) = &nats {
+            let _ = c.flush().await;
+        }
+        if queued {
+            self.changed.send_modify(|n| *n += 1);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(q.timeout_ms);
+        let mut answers: HashMap<String, PlanAnswer> = HashMap::new();
+        while answers.len() < asked.len() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(a)) => {
+                    answers.insert(a.node_id.clone(), a);
+                }
+                _ => break,
+            }
+        }
+        lock(&self.plans).remove(&request_id);
+        // Requests not picked up are of no use any more.
+        let mut queues = lock(&self.dry_runs);
+        for (node, bytes) in &asked {
+            if let Some(queue) = queues.get_mut(&node.id) {
+                queue.retain(|(_, b)| !Arc::ptr_eq(b, bytes));
+                if queue.is_empty() {
+                    queues.remove(&node.id);
+                }
+            }
+        }
+        drop(queues);
+        for (node, _) in &asked {
+            results.push(match answers.remove(&node.id) {
+                Some(a) => NodeResult::answered(a),
+                None => NodeResult::bare(&node.id, Verdict::NoAnswer),
+            });
+        }
+        Ok(PlanReport::new(request_id, results, no_document))
     }
 
     /// Checks a node's request signature; returns the node.
@@ -763,6 +943,17 @@ async fn document(
     let mut changed = plane.changed.subscribe();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(super::https::POLL_SECS);
     loop {
+        // A dry run waiting for this node goes first; it never moves the node's cursor.
+        if let Some(bytes) = plane.take_dry_run(&id) {
+            return (
+                [
+                    ("content-type", "application/json"),
+                    (super::dryrun::H_KIND, super::dryrun::KIND),
+                ],
+                bytes.to_vec(),
+            )
+                .into_response();
+        }
         let ready = lock(&plane.published)
             .get(&id)
             .filter(|p| {
@@ -943,6 +1134,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         enrolling: Mutex::new(()),
         enrollment_open: opts.tls.is_some() || opts.insecure_http,
         nonces: Mutex::new(Nonces::default()),
+        plans: Mutex::new(HashMap::new()),
+        dry_runs: Mutex::new(HashMap::new()),
     });
     if let Some(n) = opts.nats.clone() {
         plane.write_nats_auth()?;
@@ -961,6 +1154,16 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     });
+    let admin = super::fleetplan::admin_socket(&opts.data);
+    let _ = std::fs::remove_file(&admin);
+    let listener = tokio::net::UnixListener::bind(&admin)
+        .with_context(|| format!("bind {}", admin.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&admin, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod {}", admin.display()))?;
+    }
+    tokio::spawn(serve_admin(plane.clone(), listener));
     let app = axum::Router::new()
         .route("/v1/enroll", axum::routing::post(enroll))
         .route("/v1/nodes/{id}/document", axum::routing::get(document))
@@ -1016,6 +1219,54 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         })
         .await?;
     Ok(())
+}
+
+/// The admin socket (`<data>/admin.sock`): one JSON [`PlanQuery`] line per connection,
+/// one JSON answer line. Only whoever can enter the 0700 data directory reaches it.
+async fn serve_admin(plane: Arc<Plane>, listener: tokio::net::UnixListener) {
+    use super::fleetplan::AdminAnswer;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!(error = %e, "admin socket: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let plane = plane.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let limit = super::fleetplan::MAX_REQUEST as u64;
+            let answer = match tokio::io::BufReader::new(read.take(limit))
+                .read_line(&mut line)
+                .await
+            {
+                Err(e) => Err(anyhow::anyhow!("read: {e}")),
+                Ok(_) => match serde_json::from_str::<PlanQuery>(&line) {
+                    Ok(q) => plane.plan(q).await,
+                    Err(e) => Err(anyhow::anyhow!("bad request: {e}")),
+                },
+            };
+            let answer = match answer {
+                Ok(report) => AdminAnswer {
+                    ok: true,
+                    error: None,
+                    report: Some(report),
+                },
+                Err(e) => AdminAnswer {
+                    ok: false,
+                    error: Some(format!("{e:#}")),
+                    report: None,
+                },
+            };
+            let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+            out.push(b'\n');
+            let _ = write.write_all(&out).await;
+        });
+    }
 }
 
 /// A rustls server configuration from PEM files (ring provider, TLS 1.2 and 1.3).

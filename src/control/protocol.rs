@@ -1,6 +1,7 @@
 //! Wire types shared by the node and the reference control plane (docs/protocol.md):
 //! enrollment, the transport credentials, the node's pinned `control.json`, the
-//! messages a node sends (status, refusal) and the signature on HTTPS requests.
+//! messages a node sends (status, refusal, dry-run answer) and the signature on HTTPS
+//! requests.
 
 use crate::status::ReconcilerStatus;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -217,6 +218,8 @@ pub enum NodeMessage {
         generation: Option<u64>,
         error: String,
     },
+    /// The answer to a dry run (`control-plane plan`): nothing changed on the host.
+    Planned(Box<super::dryrun::PlanAnswer>),
 }
 
 /// The node's status.

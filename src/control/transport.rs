@@ -22,6 +22,9 @@ pub enum Event {
     /// the cursor may move to once the envelope verified (or the node is past it), or
     /// `None` when it did not verify — an unauthenticated envelope never moves it.
     Envelope(Vec<u8>, Option<oneshot::Sender<Option<u64>>>),
+    /// A dry-run request (JSON bytes, not yet verified): the node plans the candidate
+    /// and answers with a `planned` message; nothing is applied.
+    DryRun(Vec<u8>),
 }
 
 /// Transport failures.
@@ -78,6 +81,12 @@ pub trait Node: Send + Sync + 'static {
     fn set_control_state(&self, state: &ControlState);
     /// Notified whenever a reconciler's status is saved.
     fn status_changed(&self) -> Arc<Notify>;
+    /// Verifies a dry-run request and plans its document against the host without
+    /// changing anything; `None` when there is nothing to answer (unparseable).
+    fn dry_run(
+        &self,
+        bytes: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Option<super::dryrun::PlanAnswer>> + Send>>;
 }
 
 /// Jittered exponential backoff: 250 ms doubling to 15 s, times a random factor in
@@ -112,6 +121,8 @@ pub async fn run_client<T: Transport>(transport: T, node: Arc<dyn Node>, heartbe
     };
     node.set_control_state(&state);
     let changed = node.status_changed();
+    // One dry run at a time: each observes the whole host; more wait their turn.
+    let planning = Arc::new(tokio::sync::Semaphore::new(1));
     let mut tick = tokio::time::interval(heartbeat.max(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut due: Option<tokio::time::Instant> = None;
@@ -166,6 +177,19 @@ pub async fn run_client<T: Transport>(transport: T, node: Arc<dyn Node>, heartbe
                         }
                     }
                     true
+                }
+                Some(Event::DryRun(bytes)) => {
+                    // Planned off the loop: envelopes and status go on meanwhile.
+                    let (node, transport, planning) = (node.clone(), transport.clone(), planning.clone());
+                    tokio::spawn(async move {
+                        let Ok(_turn) = planning.acquire_owned().await else { return };
+                        let Some(answer) = node.dry_run(bytes).await else { return };
+                        info!(request = %answer.request_id, outcome = ?answer.outcome, "answered a dry run");
+                        if let Err(e) = transport.send(&NodeMessage::Planned(Box::new(answer))).await {
+                            warn!(error = %e, "cannot send the dry-run answer");
+                        }
+                    });
+                    false
                 }
             },
             _ = changed.notified() => {
@@ -274,6 +298,14 @@ mod tests {
         }
         fn status_changed(&self) -> Arc<Notify> {
             self.changed.clone()
+        }
+        fn dry_run(
+            &self,
+            _bytes: Vec<u8>,
+        ) -> std::pin::Pin<
+            Box<dyn Future<Output = Option<crate::control::dryrun::PlanAnswer>> + Send>,
+        > {
+            Box::pin(async { None })
         }
     }
 
