@@ -13,3 +13,5 @@ pub mod plane_store;
 pub mod protocol;
 pub mod sealed;
 pub mod transport;
+#[cfg(test)]
+mod vectors;
