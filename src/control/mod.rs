@@ -3,6 +3,7 @@
 
 pub mod artifacts;
 pub mod client;
+pub mod conformance;
 pub mod enroll;
 pub mod envelope;
 pub mod https;
