@@ -232,7 +232,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Check>> {
 
     // Enrollment of a throwaway identity.
     let req = enroll_req(&opts.token, &identity)?;
-    let enrolled: Result<(EnrollResponse, usize), String> = async {
+    let enrolled: Result<(EnrollResponse, usize, ed25519_dalek::VerifyingKey), String> = async {
         let resp = client
             .post(&enroll_url)
             .json(&req)
@@ -267,14 +267,14 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Check>> {
                 answer.node_id
             ));
         }
-        if parse_public_key(&answer.signing_key).is_none() {
+        let Some(pinned) = parse_public_key(&answer.signing_key) else {
             return Err("signingKey is not base64 of an Ed25519 public key".into());
-        }
-        Ok((answer, body.len()))
+        };
+        Ok((answer, body.len(), pinned))
     }
     .await;
-    let answer = match enrolled {
-        Ok((a, size)) => {
+    let (answer, pinned) = match enrolled {
+        Ok((a, size, pinned)) => {
             run.add(
                 "enrollment",
                 Ok(format!(
@@ -283,7 +283,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Check>> {
                     a.transport.describe()
                 )),
             );
-            a
+            (a, pinned)
         }
         Err(e) => {
             run.add("enrollment", Err(e));
@@ -293,7 +293,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Check>> {
             return Ok(run.checks);
         }
     };
-    let pinned = parse_public_key(&answer.signing_key).expect("checked above");
     let node = answer.node_id.clone();
 
     let fp = fingerprint(&pinned);
