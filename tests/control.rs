@@ -1608,3 +1608,90 @@ fn nats_fleet_dry_run() {
 fn https_fleet_dry_run() {
     fleet_dry_run(false, "ph");
 }
+
+/// `control-plane conformance` against the reference plane: every check passes (the
+/// document path included: the plane has a document, with a secret, for the throwaway
+/// node), and a wrong `--plane-key` fails its check and the run.
+#[test]
+fn conformance_checks_pass_against_the_reference_plane() {
+    let cp = Cp::new(false);
+    let mut d = doc("conf-1", 1);
+    d["secrets"] = json!({"api-key": "s3cret"});
+    cp.publish("conf-1", &d);
+    let out = cp.cli(&[
+        "control-plane",
+        "token",
+        "--data",
+        &cp.data(),
+        "--name",
+        "conf-1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let hint = String::from_utf8_lossy(&out.stderr).to_string();
+    let fingerprint = hint
+        .split_whitespace()
+        .skip_while(|w| *w != "--plane-key")
+        .nth(1)
+        .expect("--plane-key in the join hint")
+        .to_string();
+    let (url, ca) = (cp.http_url(), cp.ca());
+    let conformance = |token: &str, plane_key: &str, name: &str| {
+        cp.cli(&[
+            "control-plane",
+            "conformance",
+            &url,
+            "--ca",
+            &ca,
+            "--token",
+            token,
+            "--plane-key",
+            plane_key,
+            "--name",
+            name,
+        ])
+    };
+    let out = conformance(&token, &fingerprint, "conf-1");
+    let text = stderr(&out);
+    assert!(out.status.success(), "{text}");
+    for check in [
+        "unknown token refused",
+        "enrollment",
+        "plane key",
+        "used token refused",
+        "signed hello",
+        "document",
+        "status accepted",
+        "replayed request refused",
+        "unsigned request refused",
+        "forged request refused",
+        "tampered body refused",
+        "stale time refused",
+        "other node's path refused",
+    ] {
+        assert!(
+            text.contains(&format!("PASS  {check}: ")),
+            "{check}: {text}"
+        );
+    }
+    assert!(text.contains("1 sealed secret(s) opened"), "{text}");
+    assert!(text.contains("0 failed, 0 skipped"), "{text}");
+    assert!(cp.log().contains("a signed request was replayed"));
+    // The throwaway node's status reached the plane.
+    assert!(
+        cp.record("conf-1")["lastSeen"].is_string(),
+        "{:?}",
+        cp.record("conf-1")
+    );
+
+    // A plane answering with another key than the one expected: that check fails.
+    let out = conformance(&cp.token(600), "SHA256:bm90IHRoZSBrZXk", "conf-2");
+    let text = stderr(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("FAIL  plane key: the plane signs with"),
+        "{text}"
+    );
+    // Nothing for conf-2: the document check says so instead of failing.
+    assert!(text.contains("SKIP  document: no document"), "{text}");
+}

@@ -377,6 +377,28 @@ pub enum ControlPlaneCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Check a running control plane over HTTPS as a node would (docs/protocol.md):
+    /// enrolls a throwaway node with TOKEN, then checks the plane's key, a document over
+    /// the long poll, a signed status, and the refusal of replayed, unsigned and forged
+    /// requests. Prints each check PASS/FAIL/SKIP; exits 0 only if none failed.
+    Conformance {
+        /// The control plane's URL, as nodes join it (e.g. https://cp.example:8443).
+        url: String,
+        /// PEM file of the certificate (or CA) to trust for its HTTPS.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// A one-time registration token (consumed: the throwaway node stays enrolled).
+        #[arg(long, env = "CONVERGE_JOIN_TOKEN")]
+        token: String,
+        /// The plane's signing key (`SHA256:…`): the check fails if it answers with
+        /// another.
+        #[arg(long)]
+        plane_key: Option<String>,
+        /// The throwaway node's name (default conformance-<random>); give the plane a
+        /// document for it to check the document path.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Put an envelope (JSON file) under NODE's key of the NATS KV bucket as is.
     Put {
         #[arg(long)]

@@ -160,6 +160,47 @@ pub(super) async fn control_plane(
             );
             Ok(ExitCode::SUCCESS)
         }
+        ControlPlaneCommand::Conformance {
+            url,
+            ca,
+            token,
+            plane_key,
+            name,
+        } => {
+            let checks = crate::control::conformance::run(crate::control::conformance::Options {
+                url,
+                ca_pem: read_pem(ca.as_deref())?,
+                token,
+                plane_key,
+                name,
+                limits,
+            })
+            .await?;
+            for c in &checks {
+                println!("{c}");
+            }
+            let failed = checks
+                .iter()
+                .filter(|c| c.outcome == crate::control::conformance::Outcome::Fail)
+                .count();
+            println!(
+                "{} checks: {} passed, {failed} failed, {} skipped",
+                checks.len(),
+                checks
+                    .iter()
+                    .filter(|c| c.outcome == crate::control::conformance::Outcome::Pass)
+                    .count(),
+                checks
+                    .iter()
+                    .filter(|c| c.outcome == crate::control::conformance::Outcome::Skip)
+                    .count()
+            );
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         ControlPlaneCommand::Put {
             nats,
             data,

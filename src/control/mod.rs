@@ -3,6 +3,7 @@
 
 pub mod artifacts;
 pub mod client;
+pub mod conformance;
 pub mod dryrun;
 pub mod enroll;
 pub mod envelope;
@@ -15,3 +16,5 @@ pub mod plane_store;
 pub mod protocol;
 pub mod sealed;
 pub mod transport;
+#[cfg(test)]
+mod vectors;
