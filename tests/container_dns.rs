@@ -7,10 +7,9 @@
 mod common;
 
 use common::agent::{push_ok, start_agent, status};
+use common::runtime::Runtime;
 use common::sandbox::{require_tool, wait_until, TestNode};
 use serde_json::{json, Value};
-use std::path::PathBuf;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 const IMAGE: &str = "localhost/busybox:test";
@@ -18,40 +17,7 @@ const SUBNET: &str = "10.231.7.0/24";
 const GATEWAY: &str = "10.231.7.1";
 
 /// The runtime under test: how the agent reaches it and how the test looks inside.
-struct Runtime<'a> {
-    kind: &'static str,
-    node: &'a TestNode,
-    socket: PathBuf,
-    cli: Vec<String>,
-}
-
 impl Runtime<'_> {
-    fn agent_args(&self) -> Vec<String> {
-        vec![
-            "--runtime".into(),
-            self.kind.into(),
-            format!("--{}-socket", self.kind),
-            self.socket.display().to_string(),
-        ]
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let mut cmd = self.node.command(&self.cli[0]);
-        cmd.args(&self.cli[1..]).args(args);
-        cmd.output().expect("run runtime cli")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "{} {args:?}: {}",
-            self.kind,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     /// `busybox nslookup NAME [SERVER]` inside `container`: the addresses it answered
     /// (busybox's own resolver reads resolv.conf, search domains included).
     fn nslookup(&self, container: &str, args: &[&str]) -> Vec<String> {

@@ -9,12 +9,11 @@ mod common;
 
 use common::agent::{data, push_ok, reconciler, start_agent, status, wait_ready};
 use common::dnsq::query;
+use common::runtime::Runtime;
 use common::sandbox::{require_tool, wait_until, Spawned, TestNode};
 use hickory_proto::rr::RecordType;
 use serde_json::{json, Value};
 use std::net::{SocketAddr, UdpSocket};
-use std::path::PathBuf;
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,40 +21,7 @@ use std::time::{Duration, Instant};
 const IMAGE: &str = "localhost/busybox:test";
 
 /// The runtime under test: how the agent reaches it and how the test inspects it.
-struct Runtime<'a> {
-    kind: &'static str,
-    node: &'a TestNode,
-    socket: PathBuf,
-    cli: Vec<String>,
-}
-
 impl Runtime<'_> {
-    fn agent_args(&self) -> Vec<String> {
-        vec![
-            "--runtime".into(),
-            self.kind.into(),
-            format!("--{}-socket", self.kind),
-            self.socket.display().to_string(),
-        ]
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let mut cmd = self.node.command(&self.cli[0]);
-        cmd.args(&self.cli[1..]).args(args);
-        cmd.output().expect("run runtime cli")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "{} {args:?}: {}",
-            self.kind,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     /// `name state` of every container with converge.name=`name`.
     fn instances(&self, name: &str) -> Vec<(String, String)> {
         self.ok(&[

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -541,4 +541,44 @@ pub fn log_files(path: &str) -> Vec<(String, u64)> {
         .collect();
     out.sort();
     out
+}
+
+/// A container runtime as a test drives it: its kind, the node it runs in, its API socket
+/// and the CLI (with the per-node flags) for checks from outside the agent.
+pub struct Runtime<'a> {
+    pub kind: &'static str,
+    pub node: &'a TestNode,
+    pub socket: PathBuf,
+    pub cli: Vec<String>,
+}
+
+impl Runtime<'_> {
+    /// The agent's flags for this runtime.
+    pub fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--runtime".into(),
+            self.kind.into(),
+            format!("--{}-socket", self.kind),
+            self.socket.display().to_string(),
+        ]
+    }
+
+    /// Runs the runtime's CLI in the node.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = self.node.command(&self.cli[0]);
+        cmd.args(&self.cli[1..]).args(args);
+        cmd.output().expect("run runtime cli")
+    }
+
+    /// Runs the CLI, asserts success, returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{} {args:?}: {}",
+            self.kind,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
