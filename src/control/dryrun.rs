@@ -13,7 +13,7 @@ use super::envelope::{EnvelopeError, Rotation};
 use super::protocol::MAX_SKEW_SECS;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use ed25519_dalek::{Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -162,16 +162,9 @@ impl DryRunRequest {
             }
             .into());
         }
-        let sig: [u8; 64] = B64
-            .decode(&self.signature)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or(EnvelopeError::BadSignature)?;
-        let document = B64
-            .decode(&self.document)
-            .map_err(|e| EnvelopeError::Malformed(format!("document: {e}")))?;
+        let (sig, document) = super::envelope::decode_signed(&self.signature, &self.document)?;
         let msg = signed_bytes(&self.node_id, &self.request_id, &self.issued_at, &document)?;
-        key.verify(&msg, &Signature::from_bytes(&sig))
+        key.verify(&msg, &sig)
             .map_err(|_| EnvelopeError::BadSignature)?;
         if self.node_id != this_node {
             return Err(EnvelopeError::OtherNode {

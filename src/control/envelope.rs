@@ -227,17 +227,10 @@ impl Envelope {
                 pinned: pinned_id,
             });
         }
-        let sig: [u8; 64] = B64
-            .decode(&self.signature)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or(EnvelopeError::BadSignature)?;
-        let document = B64
-            .decode(&self.document)
-            .map_err(|e| EnvelopeError::Malformed(format!("document: {e}")))?;
+        let (sig, document) = decode_signed(&self.signature, &self.document)?;
         let msg = signed_bytes(&self.node_id, self.generation, &self.issued_at, &document)?;
         pinned
-            .verify(&msg, &Signature::from_bytes(&sig))
+            .verify(&msg, &sig)
             .map_err(|_| EnvelopeError::BadSignature)?;
         if self.node_id != this_node {
             return Err(EnvelopeError::OtherNode {
@@ -255,6 +248,23 @@ impl Envelope {
         }
         Ok(document)
     }
+}
+
+/// The base64 signature and document of a signed message (an envelope, a dry-run
+/// request): a signature that is not 64 bytes is a bad signature.
+pub(super) fn decode_signed(
+    signature: &str,
+    document: &str,
+) -> Result<(Signature, Vec<u8>), EnvelopeError> {
+    let sig: [u8; 64] = B64
+        .decode(signature)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or(EnvelopeError::BadSignature)?;
+    let document = B64
+        .decode(document)
+        .map_err(|e| EnvelopeError::Malformed(format!("document: {e}")))?;
+    Ok((Signature::from_bytes(&sig), document))
 }
 
 #[cfg(test)]

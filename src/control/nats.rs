@@ -162,23 +162,16 @@ impl NatsTransport {
                 }
             }
             // The client renews the subscription on every reconnect by itself.
-            let mut messages = match self.client.subscribe(deliver_subject(&self.node_id)).await {
-                Ok(m) => m,
-                Err(e) => {
-                    if events
-                        .send(Event::Disconnected(format!("subscribe: {e}")))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                    continue;
-                }
+            let subscribed = async {
+                let messages = self
+                    .client
+                    .subscribe(deliver_subject(&self.node_id))
+                    .await?;
+                let plans = self.client.subscribe(plan_subject(&self.node_id)).await?;
+                Ok::<_, async_nats::SubscribeError>((messages, plans))
             };
-            let mut plans = match self.client.subscribe(plan_subject(&self.node_id)).await {
-                Ok(p) => p,
+            let (mut messages, mut plans) = match subscribed.await {
+                Ok(s) => s,
                 Err(e) => {
                     if events
                         .send(Event::Disconnected(format!("subscribe: {e}")))
