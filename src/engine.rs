@@ -490,6 +490,13 @@ impl Worker {
             if *self.shutdown.borrow() {
                 return;
             }
+            // A pass that takes a document it has not seen yet is that document's pass,
+            // whichever trigger woke it (select! picks among ready ones at random).
+            let reason = if reason != Reason::Document && self.docs.has_changed().unwrap_or(false) {
+                Reason::Document
+            } else {
+                reason
+            };
             let Some(doc) = self.docs.borrow_and_update().clone() else {
                 continue;
             };
