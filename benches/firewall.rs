@@ -1,11 +1,13 @@
 //! Firewall benchmark on kernel nftables in a sandbox node, side by side with the common
-//! approaches: a full table rebuild with `nft -f` (one atomic file) and one iptables DNAT
-//! rule per port (legacy). At 10, 1,000 and 10,000 published ports: initial apply, adding,
-//! changing and removing ONE port, and first-packet connect latency to the last port.
-//! Prints a table with ratios and the targets.
+//! approaches: a full table rebuild with `nft -f` of the same ruleset (converge's own
+//! table as `nft list` prints it, one atomic file) and one iptables DNAT rule per port
+//! (legacy). At 10, 1,000 and 10,000 published ports: initial apply (from an empty
+//! ruleset, converge and `nft -f` interleaved, with converge's phases), adding, changing
+//! and removing ONE port, a pass with nothing to change, and first-packet connect latency
+//! to the last port. Prints a table with ratios and the targets.
 //!
-//! Run: `cargo bench --bench firewall` (root). Under `cargo test --all-targets` it does
-//! nothing.
+//! Run: `cargo bench --bench firewall` (root); `BENCH_PORTS=10000` picks the sizes.
+//! Under `cargo test --all-targets` it does nothing.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -18,6 +20,7 @@ use converge_firewall::{Firewall, FirewallSpec, Kernel, PublishedPorts};
 use serde_json::json;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -25,6 +28,8 @@ const BASE: u16 = 10_000;
 const FRONT: &str = "10.99.0.1";
 const BACK: &str = "10.99.0.2";
 const REPEAT: usize = 9;
+/// Initial applies per approach and size (each from an empty ruleset, interleaved).
+const ROUNDS: usize = 7;
 
 fn spec(n: u16, changed: Option<u16>) -> FirewallSpec {
     let ports: Vec<_> = (0..n)
@@ -45,13 +50,14 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn sh(program: &str, args: &[&str]) {
+fn sh(program: &str, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().expect("spawn");
     assert!(
         out.status.success(),
         "{program} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn timed(program: &str, args: &[&str]) -> Duration {
@@ -60,35 +66,54 @@ fn timed(program: &str, args: &[&str]) -> Duration {
     t.elapsed()
 }
 
-/// `nft -f` input for the whole table with `n` ports (the common atomic approach).
-fn nft_file(n: u16, dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join(format!("rebuild-{n}.nft"));
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).expect("create"));
-    // `table …; delete table …` makes the file work whether or not the table exists.
-    writeln!(
-        f,
-        "table ip bench {{}}\ndelete table ip bench\ntable ip bench {{"
-    )
-    .ok();
-    writeln!(
-        f,
-        " map ports {{ type inet_service : ipv4_addr . inet_service;"
-    )
-    .ok();
-    if n > 0 {
-        write!(f, "  elements = {{ ").ok();
-        for i in 0..n {
-            let sep = if i + 1 == n { "" } else { ", " };
-            write!(f, "{} : {BACK} . 9000{sep}", BASE + i).ok();
+fn nft_f(file: &Path) -> Duration {
+    timed("nft", &["-f", file.to_str().unwrap_or("")])
+}
+
+/// One converge pass, by phase: observe, plan, apply (the netlink batch), whole pass.
+#[derive(Clone, Copy)]
+struct Phases([Duration; 4]);
+
+fn pass(rt: &tokio::runtime::Runtime, fw: &Firewall<Kernel>, s: &FirewallSpec) -> Phases {
+    let facts = Facts::default();
+    rt.block_on(async {
+        let t = Instant::now();
+        let o = fw.observe(s).await.expect("observe");
+        let observe = t.elapsed();
+        let p = fw.plan(s, &o, &facts);
+        let plan = t.elapsed() - observe;
+        drop(o); // as the engine does
+        let a = Instant::now();
+        for out in fw.apply(p).await {
+            assert!(out.error.is_none(), "{out:?}");
         }
-        writeln!(f, " }}").ok();
-    }
-    writeln!(f, " }}").ok();
-    for (chain, hook) in [("pre", "prerouting"), ("out", "output")] {
-        writeln!(f, " chain {chain} {{ type nat hook {hook} priority -100; fib daddr type local dnat ip to tcp dport map @ports; }}").ok();
-    }
-    writeln!(f, "}}").ok();
-    drop(f);
+        Phases([observe, plan, a.elapsed(), t.elapsed()])
+    })
+}
+
+fn medians(v: &[Phases]) -> [f64; 4] {
+    std::array::from_fn(|i| ms(median(v.iter().map(|p| p.0[i]).collect())))
+}
+
+/// converge's table for `s` as `nft list` prints it, built by a fresh converge on an
+/// empty ruleset (the baseline's `nft -f` input is exactly converge's ruleset), and the
+/// time of that pass.
+fn listing(rt: &tokio::runtime::Runtime, s: &FirewallSpec) -> (String, Phases) {
+    sh("nft", &["flush", "ruleset"]);
+    let took = pass(rt, &Firewall::new(Kernel::new()), s);
+    (sh("nft", &["list", "table", "inet", "converge"]), took)
+}
+
+/// `nft -f` input holding `listing`; `replace`: preceded by `table …; delete table …`,
+/// so the file replaces the table whether or not it exists (the common full rebuild).
+fn nft_file(dir: &Path, name: &str, listing: &str, replace: bool) -> PathBuf {
+    let path = dir.join(format!("{name}.nft"));
+    let prefix = if replace {
+        "table inet converge {}\ndelete table inet converge\n"
+    } else {
+        ""
+    };
+    std::fs::write(&path, format!("{prefix}{listing}")).expect("write nft file");
     path
 }
 
@@ -114,47 +139,106 @@ struct Row {
     iptables: Option<f64>,
 }
 
-/// converge's passes at `n` ports: [initial, add one, change one, remove one, kernel
+impl Row {
+    fn converge_only(op: String, converge: f64) -> Self {
+        Row {
+            op,
+            converge,
+            nft_f: None,
+            iptables: None,
+        }
+    }
+}
+
+/// The `nft -f` files of one size: the full table, one port more, one target changed;
+/// `initial` without the replace prefix (loaded into an empty ruleset).
+struct NftFiles {
+    initial: PathBuf,
+    full: PathBuf,
+    plus: PathBuf,
+    changed: PathBuf,
+}
+
+/// Also returns the full table's listing and the time of converge's first pass at `n`
+/// ports (the process's first of all at the first size: cold caches and allocator).
+fn nft_files(rt: &tokio::runtime::Runtime, n: u16, dir: &Path) -> (NftFiles, String, Phases) {
+    let (full, first) = listing(rt, &spec(n, None));
+    let (plus, _) = listing(rt, &spec(n + 1, None));
+    let (changed, _) = listing(rt, &spec(n, Some(n - 1)));
+    let files = NftFiles {
+        initial: nft_file(dir, &format!("initial-{n}"), &full, false),
+        full: nft_file(dir, &format!("full-{n}"), &full, true),
+        plus: nft_file(dir, &format!("plus-{n}"), &plus, true),
+        changed: nft_file(dir, &format!("changed-{n}"), &changed, true),
+    };
+    (files, full, first)
+}
+
+/// Initial apply into an empty ruleset, converge (a new reconciler, as at an agent's
+/// first pass) and `nft -f` of the same ruleset, interleaved (alternating which goes
+/// first); then converge again with its nftables event watch open, as in the agent
+/// (the kernel then also sends a notification per element, which the watch reads).
+/// Returns converge's phases, nft's times and converge's phases with the watch.
+fn initial_apply(
+    rt: &tokio::runtime::Runtime,
+    n: u16,
+    files: &NftFiles,
+    listed: &str,
+) -> (Vec<Phases>, Vec<Duration>, Vec<Phases>) {
+    let full = spec(n, None);
+    let (mut c, mut f) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        for first in [round % 2 == 0, round % 2 != 0] {
+            sh("nft", &["flush", "ruleset"]);
+            if first {
+                let fw = Firewall::new(Kernel::new());
+                c.push(pass(rt, &fw, &full));
+            } else {
+                f.push(nft_f(&files.initial));
+                // The same ruleset: what nft -f loaded lists exactly as converge's table.
+                if round == 0 {
+                    let again = sh("nft", &["list", "table", "inet", "converge"]);
+                    assert!(again == listed, "nft -f did not rebuild converge's table");
+                }
+            }
+        }
+    }
+    let watched = (0..ROUNDS)
+        .map(|_| {
+            sh("nft", &["flush", "ruleset"]);
+            let fw = Firewall::new(Kernel::new());
+            let events = fw.host_events().expect("nftables event watch");
+            let took = pass(rt, &fw, &full);
+            drop(events);
+            took
+        })
+        .collect();
+    (c, f, watched)
+}
+
+/// converge's passes at `n` ports: [add one, change one, remove one, no change, kernel
 /// delete cost, connect latency] in ms; pushes the netlink-batch-only rows.
 fn converge_runs(rt: &tokio::runtime::Runtime, n: u16, rows: &mut Vec<Row>) -> [f64; 6] {
     sh("nft", &["flush", "ruleset"]);
     let fw = Firewall::new(Kernel::new());
-    let facts = Facts::default();
-    // Whole pass, and the netlink batch alone (apply).
-    let pass = |s: &FirewallSpec| -> (Duration, Duration) {
-        let t = Instant::now();
-        let batch = rt.block_on(async {
-            let o = fw.observe(s).await.expect("observe");
-            let p = fw.plan(s, &o, &facts);
-            drop(o); // as the engine does
-            let a = Instant::now();
-            for out in fw.apply(p).await {
-                assert!(out.error.is_none(), "{out:?}");
-            }
-            a.elapsed()
-        });
-        (t.elapsed(), batch)
-    };
     let full = spec(n, None);
-    let initial = pass(&full).0;
-    // Add, change, remove one port, back and forth.
-    let (mut add, mut change, mut remove) = (Vec::new(), Vec::new(), Vec::new());
+    pass(rt, &fw, &full);
+    // Add, change, remove one port, back and forth; then passes with nothing to do.
+    let (mut add, mut change, mut remove, mut noop) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (plus, changed) = (spec(n + 1, None), spec(n, Some(n - 1)));
     for _ in 0..REPEAT {
-        add.push(pass(&plus));
-        remove.push(pass(&full));
-        change.push(pass(&changed));
-        pass(&full);
+        add.push(pass(rt, &fw, &plus));
+        remove.push(pass(rt, &fw, &full));
+        change.push(pass(rt, &fw, &changed));
+        pass(rt, &fw, &full);
+        noop.push(pass(rt, &fw, &full));
     }
-    let batch = |v: &[(Duration, Duration)]| ms(median(v.iter().map(|x| x.1).collect()));
-    let whole = |v: &[(Duration, Duration)]| median(v.iter().map(|x| x.0).collect());
     for (what, v) in [("add", &add), ("change", &change), ("remove", &remove)] {
-        rows.push(Row {
-            op: format!("{n:>6} ports: {what} one port, netlink batch only"),
-            converge: batch(v),
-            nft_f: None,
-            iptables: None,
-        });
+        rows.push(Row::converge_only(
+            format!("{n:>6} ports: {what} one port, netlink batch only"),
+            medians(v)[2],
+        ));
     }
     // What a pass no longer does: the per-port digests are taken once, when the
     // document is read (next to parsing it).
@@ -182,24 +266,100 @@ fn converge_runs(rt: &tokio::runtime::Runtime, n: u16, rows: &mut Vec<Row>) -> [
         assert!(problems.is_empty());
         (parse, t.elapsed())
     };
-    rows.push(Row {
-        op: format!(
+    rows.push(Row::converge_only(
+        format!(
             "{n:>6} ports: port digests, once per document (parse {:.3}, validate {:.3})",
             ms(parse),
             ms(validate)
         ),
-        converge: ms(digests),
-        nft_f: None,
-        iptables: None,
-    });
+        ms(digests),
+    ));
     let latency = connect_latency(BASE + n - 1);
     let kernel = kernel_delete_cost(n);
     [
-        ms(initial),
-        ms(whole(&add)),
-        ms(whole(&change)),
-        ms(whole(&remove)),
+        medians(&add)[3],
+        medians(&change)[3],
+        medians(&remove)[3],
+        medians(&noop)[3],
         ms(kernel),
+        ms(latency),
+    ]
+}
+
+/// `nft -f` of the same ruleset at `n` ports: [add one, change one, remove one, no
+/// change (the same file again), connect latency] in ms, each a whole-table rebuild.
+fn nft_runs(n: u16, files: &NftFiles) -> [f64; 5] {
+    sh("nft", &["flush", "ruleset"]);
+    nft_f(&files.full);
+    let f_latency = connect_latency(BASE + n - 1);
+    let (mut add, mut change, mut remove, mut noop) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..REPEAT {
+        add.push(nft_f(&files.plus));
+        remove.push(nft_f(&files.full));
+        change.push(nft_f(&files.changed));
+        nft_f(&files.full);
+        noop.push(nft_f(&files.full));
+    }
+    [
+        ms(median(add)),
+        ms(median(change)),
+        ms(median(remove)),
+        ms(median(noop)),
+        ms(f_latency),
+    ]
+}
+
+/// iptables (legacy), one DNAT rule per port and chain: [initial (iptables-restore into
+/// an empty table), add one, change one, remove one, no change (the same file restored
+/// again), connect latency] in ms. One-port changes touch the OUTPUT chain only.
+fn iptables_runs(n: u16, dir: &Path) -> [f64; 6] {
+    sh("nft", &["flush", "ruleset"]);
+    let rules = dir.join(format!("ipt-{n}"));
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&rules).expect("create"));
+    writeln!(f, "*nat").ok();
+    for i in 0..n {
+        for chain in ["PREROUTING", "OUTPUT"] {
+            writeln!(
+                f,
+                "-A {chain} -d {FRONT} -p tcp --dport {} -j DNAT --to-destination {BACK}:9000",
+                BASE + i
+            )
+            .ok();
+        }
+    }
+    writeln!(f, "COMMIT").ok();
+    drop(f);
+    let restore = || timed("iptables-legacy-restore", &[rules.to_str().unwrap_or("")]);
+    let initial = restore();
+    let latency = connect_latency(BASE + n - 1);
+    let rule = |op: &str, port: u16, to: u16| {
+        let (port, to) = (port.to_string(), format!("{BACK}:{to}"));
+        let last = n.to_string();
+        let mut args = vec!["-t", "nat", op, "OUTPUT"];
+        if op == "-R" {
+            args.push(&last);
+        }
+        args.extend(["-d", FRONT, "-p", "tcp", "--dport", &port, "-j", "DNAT"]);
+        args.extend(["--to-destination", &to]);
+        timed("iptables-legacy", &args)
+    };
+    let (mut add, mut change, mut remove, mut noop) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..REPEAT {
+        add.push(rule("-A", BASE + n, 9000));
+        remove.push(rule("-D", BASE + n, 9000));
+        change.push(rule("-R", BASE + n - 1, 9001));
+        rule("-R", BASE + n - 1, 9000);
+        noop.push(restore());
+    }
+    sh("iptables-legacy", &["-t", "nat", "-F"]);
+    [
+        ms(initial),
+        ms(median(add)),
+        ms(median(change)),
+        ms(median(remove)),
+        ms(median(noop)),
         ms(latency),
     ]
 }
@@ -208,6 +368,10 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    let sizes: Vec<u16> = std::env::var("BENCH_PORTS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10, 1_000, 10_000]);
     let node = TestNode::new("bench-fw");
     // Both ends local: the DNAT happens in the output hook, as for a host-local client.
     for a in [FRONT, BACK] {
@@ -223,77 +387,115 @@ fn main() {
             .expect("runtime");
         let mut rows = Vec::new();
         let mut summary = Vec::new();
-        for n in [10u16, 1_000, 10_000] {
-            let [c_init, c_add, c_change, c_remove, k_del, c_latency] =
+        for n in sizes {
+            let (files, listed, first) = nft_files(&rt, n, &dir);
+            let (c_init, f_init, c_watched) = initial_apply(&rt, n, &files, &listed);
+            let [c_add, c_change, c_remove, c_noop, k_del, c_latency] =
                 converge_runs(&rt, n, &mut rows);
-
-            // nft -f: the whole table each time.
-            sh("nft", &["flush", "ruleset"]);
-            let (full, plus) = (nft_file(n, &dir), nft_file(n + 1, &dir));
-            let f_init = median((0..3).map(|_| timed("nft", &["-f", full.to_str().unwrap_or("")])).collect());
-            let f_latency = connect_latency(BASE + n - 1);
-            let f_add = median(
-                (0..REPEAT)
-                    .map(|_| {
-                        let t = timed("nft", &["-f", plus.to_str().unwrap_or("")]);
-                        sh("nft", &["-f", full.to_str().unwrap_or("")]);
-                        t
-                    })
-                    .collect(),
-            );
+            let [f_add, f_change, f_remove, f_noop, f_latency] = nft_runs(n, &files);
             // For orientation: the same one-port change as one `nft` element command.
-            let last = format!("{{ {} }}", BASE + n - 1);
+            let port = BASE + n - 1;
             let f_del = median(
                 (0..REPEAT)
                     .map(|_| {
-                        let t = timed("nft", &["delete", "element", "ip", "bench", "ports", &last]);
-                        sh("nft", &["add", "element", "ip", "bench", "ports", &format!("{{ {} : {BACK} . 9000 }}", BASE + n - 1)]);
+                        let t = timed(
+                            "nft",
+                            &[
+                                "delete",
+                                "element",
+                                "inet",
+                                "converge",
+                                "dnat4_any",
+                                &format!("{{ tcp . {port} }}"),
+                            ],
+                        );
+                        sh(
+                            "nft",
+                            &[
+                                "add",
+                                "element",
+                                "inet",
+                                "converge",
+                                "dnat4_any",
+                                &format!("{{ tcp . {port} : {BACK} . 9000 }}"),
+                            ],
+                        );
                         t
                     })
                     .collect(),
             );
+            let [i_init, i_add, i_change, i_remove, i_noop, i_latency] = iptables_runs(n, &dir);
 
-            // iptables: one DNAT rule per port, loaded with iptables-restore.
-            sh("nft", &["flush", "ruleset"]);
-            let rules = dir.join(format!("ipt-{n}"));
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&rules).expect("create"));
-            writeln!(f, "*nat").ok();
-            for i in 0..n {
-                for chain in ["PREROUTING", "OUTPUT"] {
-                    writeln!(f, "-A {chain} -d {FRONT} -p tcp --dport {} -j DNAT --to-destination {BACK}:9000", BASE + i).ok();
-                }
-            }
-            writeln!(f, "COMMIT").ok();
-            drop(f);
-            let i_init = {
-                let t = Instant::now();
-                let out = Command::new("iptables-legacy-restore")
-                    .arg(&rules)
-                    .output()
-                    .expect("iptables-restore");
-                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                t.elapsed()
+            let init = medians(&c_init);
+            let f_init = ms(median(f_init));
+            summary.push((
+                n, c_add, c_change, c_remove, f_add, k_del, c_latency, i_latency, init[3], f_init,
+            ));
+            let row = |what: &str, c: f64, f: Option<f64>, i: Option<f64>| Row {
+                op: format!("{n:>6} ports: {what}"),
+                converge: c,
+                nft_f: f,
+                iptables: i,
             };
-            let i_latency = connect_latency(BASE + n - 1);
-            let one = |op: &str| {
-                let port = (BASE + n).to_string();
-                timed("iptables-legacy", &["-t", "nat", op, "OUTPUT", "-d", FRONT, "-p", "tcp", "--dport", &port, "-j", "DNAT", "--to-destination", &format!("{BACK}:9000")])
-            };
-            let (mut i_add, mut i_del) = (Vec::new(), Vec::new());
-            for _ in 0..REPEAT {
-                i_add.push(one("-A"));
-                i_del.push(one("-D"));
+            rows.push(row(
+                "initial apply (empty ruleset)",
+                init[3],
+                Some(f_init),
+                Some(i_init),
+            ));
+            for (i, phase) in ["observe", "plan", "apply (netlink batch)"]
+                .into_iter()
+                .enumerate()
+            {
+                rows.push(row(
+                    &format!("  initial apply: {phase}"),
+                    init[i],
+                    None,
+                    None,
+                ));
             }
-            sh("iptables-legacy", &["-t", "nat", "-F"]);
-
-            summary.push((n, c_add, c_change, c_remove, ms(f_add), k_del, c_latency, ms(i_latency)));
-            rows.push(Row { op: format!("{n:>6} ports: initial apply"), converge: c_init, nft_f: Some(ms(f_init)), iptables: Some(ms(i_init)) });
-            rows.push(Row { op: format!("{n:>6} ports: add one port"), converge: c_add, nft_f: Some(ms(f_add)), iptables: Some(ms(median(i_add))) });
-            rows.push(Row { op: format!("{n:>6} ports: change one port's target"), converge: c_change, nft_f: Some(ms(f_add)), iptables: None });
-            rows.push(Row { op: format!("{n:>6} ports: remove one port"), converge: c_remove, nft_f: Some(ms(f_add)), iptables: Some(ms(median(i_del))) });
-            rows.push(Row { op: format!("{n:>6} ports: `nft delete element` (one process)"), converge: ms(f_del), nft_f: None, iptables: None });
-            rows.push(Row { op: format!("{n:>6} ports: kernel cost of one element delete (raw netlink)"), converge: k_del, nft_f: None, iptables: None });
-            rows.push(Row { op: format!("{n:>6} ports: first-packet connect (median)"), converge: c_latency, nft_f: Some(ms(f_latency)), iptables: Some(ms(i_latency)) });
+            let watched = medians(&c_watched)[3];
+            let with_watch = "initial apply with the event watch open (as in the agent)";
+            rows.push(row(with_watch, watched, Some(f_init), None));
+            let cold = "initial apply, converge's first pass at this size (once)";
+            rows.push(row(cold, ms(first.0[3]), None, None));
+            rows.push(row("add one port", c_add, Some(f_add), Some(i_add)));
+            rows.push(row(
+                "change one port's target",
+                c_change,
+                Some(f_change),
+                Some(i_change),
+            ));
+            rows.push(row(
+                "remove one port",
+                c_remove,
+                Some(f_remove),
+                Some(i_remove),
+            ));
+            rows.push(row(
+                "no change (converged)",
+                c_noop,
+                Some(f_noop),
+                Some(i_noop),
+            ));
+            rows.push(row(
+                "`nft delete element` (one process)",
+                ms(f_del),
+                None,
+                None,
+            ));
+            rows.push(row(
+                "kernel cost of one element delete (raw netlink)",
+                k_del,
+                None,
+                None,
+            ));
+            rows.push(row(
+                "first-packet connect (median)",
+                c_latency,
+                Some(f_latency),
+                Some(i_latency),
+            ));
         }
         (rows, summary)
     });
@@ -318,8 +520,12 @@ fn main() {
         );
     }
     if let (Some(small), Some(big)) = (summary.first(), summary.last()) {
-        let (n, add, change, remove, rebuild, kernel, lat, ipt_lat) = *big;
+        let (n, add, change, remove, rebuild, kernel, lat, ipt_lat, init, f_init) = *big;
         println!("\nTargets at {n} ports (same run):");
+        println!(
+            "  initial apply vs nft -f of the same ruleset: {:.2}x (target >= 1.0x)",
+            f_init / init
+        );
         println!(
             "  add one port vs nft -f rebuild: {:.1}x faster (target >= 50x)",
             rebuild / add
@@ -331,8 +537,8 @@ fn main() {
         );
         println!("  first-packet connect: {lat:.3} ms at {n} vs {:.3} ms at {} (iptables {ipt_lat:.3} vs {:.3})", small.6, small.0, small.7);
     }
-    println!("\nconverge = one whole reconcile pass (observe, plan, one atomic netlink batch).");
-    println!("nft -f = full rebuild of a table holding the same DNAT map; iptables = legacy, one DNAT rule per port (initial: iptables-restore).");
+    println!("\nconverge = one whole reconcile pass (observe, plan, one atomic netlink batch); initial: a new reconciler, median of {ROUNDS} from an empty ruleset, phases each their own median.");
+    println!("nft -f = converge's own table as `nft list` prints it, loaded whole (initial: into an empty ruleset, interleaved with converge; then a full rebuild per change); iptables = legacy, one DNAT rule per port (initial and no change: iptables-restore; one-port changes: one iptables call on OUTPUT).");
 }
 
 /// Median kernel time to delete one element of converge's map (raw netlink batch,
