@@ -17,6 +17,8 @@ APT_PACKAGES=(
   docker-registry apache2-utils
   # tests/systemd: a Debian 12 root booting systemd (mmdebstrap, systemd-nspawn).
   systemd-container mmdebstrap shellcheck
+  # tests/control.rs: the fleet page in headless Chromium.
+  chromium
 )
 # Python tools, installed into a private venv (Debian's python is externally managed).
 PIP_PACKAGES=('moto[server]')

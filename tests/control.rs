@@ -203,6 +203,7 @@ impl Cp {
             .arg(self.root.join("tls.crt"))
             .arg("--tls-key")
             .arg(self.root.join("tls.key"))
+            .arg("--fleet-page")
             .stdout(Stdio::null())
             .stderr(log);
         if self.use_nats {
@@ -224,6 +225,51 @@ impl Cp {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The fleet page as headless Chromium renders it (its DOM); a screenshot goes to
+    /// `$CARGO_TARGET_TMPDIR/fleet-<shot>.png` and its path to the test output. Without the token the page
+    /// is refused.
+    fn fleet_page(&self, shot: &str) -> String {
+        require_tool("chromium");
+        let token =
+            fs::read_to_string(self.root.join("data/fleet-page.token")).expect("fleet page token");
+        let url = format!("{}/fleet?token={}", self.http_url(), token.trim());
+        let chromium = |extra: &[String]| {
+            let profile = tempfile::tempdir().expect("profile dir");
+            let out = self
+                .node
+                .command("chromium")
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    // The plane's certificate is from the test CA.
+                    "--ignore-certificate-errors",
+                    "--window-size=1200,900",
+                ])
+                .arg(format!("--user-data-dir={}", profile.path().display()))
+                .args(extra)
+                .output()
+                .expect("run chromium");
+            assert!(out.status.success(), "chromium: {}", stderr(&out));
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        // Kept after the test: cargo's scratch directory for integration tests.
+        let png = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fleet-{shot}.png"));
+        chromium(&[format!("--screenshot={}", png.display()), url.clone()]);
+        eprintln!("fleet page screenshot: {}", png.display());
+        let denied = chromium(&[
+            "--dump-dom".into(),
+            format!("{}/fleet?token=wrong", self.http_url()),
+        ]);
+        assert!(!denied.contains("converge fleet"), "{denied}");
+        chromium(&["--dump-dom".into(), url])
     }
 
     fn cli(&self, args: &[&str]) -> Output {
@@ -1694,4 +1740,206 @@ fn conformance_checks_pass_against_the_reference_plane() {
     );
     // Nothing for conf-2: the document check says so instead of failing.
     assert!(text.contains("SKIP  document: no document"), "{text}");
+}
+
+/// `control-plane rollout` over HTTPS with four nodes: waves in order, each gated on
+/// its nodes converging; a refused canary halts the rollout and, with --revert, gets its
+/// previous document back under a newer generation while the other nodes are never
+/// touched; a rollout survives a kill -9 of the plane; an abort stops one.
+#[test]
+fn staged_rollout_waves_halt_revert_resume_and_abort() {
+    require_tool("nft");
+    let mut cp = Cp::new(false);
+    let ids = ["ra", "rb", "rc", "rd"];
+    let nodes: Vec<TestNode> = ids.iter().map(|n| TestNode::new(n)).collect();
+    let with_ports = |id: &str, generation: u64, port: u16| {
+        let mut d = doc(id, generation);
+        d["firewall"] = json!({"publishedPorts": [
+            {"protocol": "tcp", "hostPort": port, "target": {"address": "10.251.9.2", "port": 80}}]});
+        d
+    };
+    let mut agents = Vec::new();
+    for node in &nodes {
+        join_ok(node, &cp);
+        agents.push(start_agent(node));
+        cp.publish(node.name(), &with_ports(node.name(), 1, 8001));
+    }
+    for node in &nodes {
+        wait_accepted(node, 1);
+    }
+    let root = cp.root.clone();
+    let candidates = |tag: &str, docs: &[Value]| {
+        let dir = root.join(format!("rollout-{tag}"));
+        fs::create_dir_all(&dir).expect("candidates dir");
+        for d in docs {
+            let id = d["node"]["id"].as_str().expect("id");
+            fs::write(dir.join(format!("{id}.json")), d.to_string()).expect("candidate");
+        }
+        dir.display().to_string()
+    };
+    let rollout = |cp: &Cp, dir: &str, extra: &[&str]| {
+        let data = cp.data();
+        let mut args = vec!["control-plane", "rollout", dir, "--data", &data];
+        args.extend_from_slice(extra);
+        cp.cli(&args)
+    };
+    let rollouts = |cp: &Cp, id: &str| -> Value {
+        let out = cp.cli(&[
+            "control-plane",
+            "rollouts",
+            "--data",
+            &cp.data(),
+            "--id",
+            id,
+            "-o",
+            "json",
+        ]);
+        assert!(out.status.success(), "rollouts: {}", stderr(&out));
+        let list: Value = serde_json::from_slice(&out.stdout).expect("rollouts json");
+        list[0].clone()
+    };
+    let accepted = |i: usize| status(&nodes[i])["generation"].as_u64();
+
+    // 1. Canary, then 50% batches: three waves, each started after the one before passed.
+    let gen2: Vec<Value> = ids.iter().map(|id| with_ports(id, 2, 8002)).collect();
+    let out = rollout(
+        &cp,
+        &candidates("2", &gen2),
+        &[
+            "--canary", "1", "--batch", "50%", "--wait", "60s", "-o", "json",
+        ],
+    );
+    assert!(out.status.success(), "rollout: {}", stderr(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).expect("rollout json");
+    assert_eq!(r["phase"], "succeeded", "{r:#}");
+    let waves = r["waves"].as_array().expect("waves");
+    let sizes: Vec<usize> = waves
+        .iter()
+        .map(|w| w["nodes"].as_array().map_or(0, Vec::len))
+        .collect();
+    assert_eq!(sizes, vec![1, 2, 1], "{r:#}");
+    for pair in waves.windows(2) {
+        assert!(
+            pair[1]["startedMs"].as_i64() >= pair[0]["endedMs"].as_i64(),
+            "a wave started before the one before passed: {r:#}"
+        );
+    }
+    for i in 0..4 {
+        assert_eq!(accepted(i), Some(2));
+    }
+
+    // 2. The canary refuses its document: halted at once, reverted, nobody else touched.
+    let mut gen3: Vec<Value> = ids.iter().map(|id| with_ports(id, 3, 8003)).collect();
+    gen3[0]["node"]["mode"] = json!("proxy");
+    let t0 = Instant::now();
+    let out = rollout(
+        &cp,
+        &candidates("3", &gen3),
+        &[
+            "--canary", "1", "--batch", "50%", "--wait", "60s", "--revert",
+        ],
+    );
+    let halted_in = t0.elapsed();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("Reverted"), "{text}");
+    assert!(text.contains("ra refused the document"), "{text}");
+    eprintln!("a refused canary halted and reverted the rollout in {halted_in:?}");
+    // The previous document, as generation 4 (above the refused 3).
+    poll(
+        Duration::from_secs(30),
+        "ra takes the reverted document",
+        || (accepted(0) == Some(4)).then_some(()),
+    );
+    let back: Value =
+        serde_json::from_slice(&fs::read(cp.root.join("docs/ra.json")).expect("ra's document"))
+            .expect("json");
+    assert_eq!(back["generation"], 4);
+    assert_eq!(back["firewall"], gen2[0]["firewall"]);
+    for i in 1..4 {
+        assert_eq!(accepted(i), Some(2), "{} was touched", ids[i]);
+        assert_eq!(stored_generations(&nodes[i]), vec![1, 2]);
+    }
+
+    // 3. kill -9 of the plane mid-rollout: the restarted plane carries on.
+    let gen5: Vec<Value> = ids.iter().map(|id| with_ports(id, 5, 8005)).collect();
+    let out = rollout(
+        &cp,
+        &candidates("5", &gen5),
+        &[
+            "--canary", "1", "--batch", "1", "--wait", "60s", "--detach", "-o", "json",
+        ],
+    );
+    assert!(out.status.success(), "rollout: {}", stderr(&out));
+    let id = serde_json::from_slice::<Value>(&out.stdout).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    poll(Duration::from_secs(30), "the canary wave published", || {
+        rollouts(&cp, &id)["waves"][0]["startedMs"]
+            .is_i64()
+            .then_some(())
+    });
+    cp.stop_server();
+    cp.start_server();
+    let busy = rollout(&cp, &candidates("2", &gen2), &[]);
+    assert_refused(&busy, "still running");
+    let r = poll(Duration::from_secs(60), "the rollout finished", || {
+        let r = rollouts(&cp, &id);
+        (r["phase"] != "running").then_some(r)
+    });
+    assert_eq!(r["phase"], "succeeded", "{r:#}");
+    for i in 0..4 {
+        assert_eq!(accepted(i), Some(5));
+    }
+
+    // 4. A node that never answers holds its wave; the operator aborts the rollout.
+    let mut stopped = agents.pop().expect("rd's agent");
+    let _ = stopped.kill();
+    let _ = stopped.wait();
+    let out = rollout(
+        &cp,
+        &candidates("6", &[with_ports("rd", 6, 8006)]),
+        &["--wait", "10m", "--detach", "-o", "json"],
+    );
+    assert!(out.status.success(), "rollout: {}", stderr(&out));
+    let id = serde_json::from_slice::<Value>(&out.stdout).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    // The fleet page, in headless Chromium, while the rollout holds its wave.
+    let page = poll(
+        Duration::from_secs(20),
+        "the page shows the waiting wave",
+        || {
+            let dom = cp.fleet_page("rollout-running");
+            dom.contains("canary 1/1 (rd): waiting").then_some(dom)
+        },
+    );
+    assert!(page.contains(&id) && page.contains(">running<"), "{page}");
+    for id in ids {
+        assert!(page.contains(&format!("id=\"node-{id}\"")), "{id}: {page}");
+    }
+    assert!(page.contains("firewall=Converged"), "{page}");
+    let out = cp.cli(&[
+        "control-plane",
+        "rollouts",
+        "abort",
+        &id,
+        "--data",
+        &cp.data(),
+    ]);
+    assert!(out.status.success(), "abort: {}", stderr(&out));
+    assert_eq!(rollouts(&cp, &id)["phase"], "aborted");
+    let out = cp.cli(&["control-plane", "rollouts", "--data", &cp.data()]);
+    let text = stderr(&out);
+    assert!(
+        text.contains("Aborted") && text.contains("Succeeded"),
+        "{text}"
+    );
+    let page = cp.fleet_page("rollout-aborted");
+    assert!(
+        page.contains(">aborted<") && page.contains("aborted by the operator"),
+        "{page}"
+    );
 }

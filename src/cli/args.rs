@@ -254,6 +254,16 @@ pub enum NodesCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum RolloutsCommand {
+    /// Stop a running rollout: no further wave is published; nodes keep what they have.
+    Abort {
+        id: String,
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum MetadataCommand {
     /// Print one project as stored: index, rate limit, token hash prefix, every entry.
     Inspect { project: String },
@@ -309,6 +319,11 @@ pub enum ControlPlaneCommand {
         /// pinned Caddy `caddy-<version>-<arch>`, other converge releases).
         #[arg(long)]
         artifacts: Option<PathBuf>,
+        /// Serve the read-only fleet page at /fleet: nodes, the newest rollout, the last
+        /// dry run. Open it once with `?token=` and the token in
+        /// `<data>/fleet-page.token` (made on first use).
+        #[arg(long)]
+        fleet_page: bool,
     },
     /// Print a new one-time registration token: for the node NAME (`--name`), or for
     /// any new node (the id its join asks for, if no node has it yet).
@@ -358,6 +373,53 @@ pub enum ControlPlaneCommand {
         timeout: std::time::Duration,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: OutputFormat,
+    },
+    /// Staged rollout: publish the candidate documents in DIR (`<node-id>.json|yaml`)
+    /// wave by wave through the running `serve` (same --data): the canary first, then
+    /// batches. A wave passes when each of its nodes reports the new generation
+    /// Converged; the rollout halts on a refusal, a Degraded reconciler or a wave that
+    /// misses --wait, and with --revert sends the nodes it changed their previous
+    /// documents again. An `agent` section (self-update) rolls out the same way. Follows
+    /// the rollout until it ends (exit 0: succeeded, 1: anything else) unless --detach;
+    /// `serve` drives it either way, across its own restarts.
+    Rollout {
+        /// Candidate documents, one file per node id.
+        dir: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// Node ids or globs, comma-separated (`web-*,db-1`); default: every node.
+        #[arg(long)]
+        nodes: Option<String>,
+        /// Nodes in the first wave, alone.
+        #[arg(long, default_value_t = 1)]
+        canary: usize,
+        /// Nodes in each later wave: N, or P% of the rollout's nodes.
+        #[arg(long, default_value = "10%")]
+        batch: crate::control::rollout::Batch,
+        /// How long each wave may take to converge (`120s`, `2m`).
+        #[arg(long, default_value = "120s", value_parser = parse_timeout)]
+        wait: std::time::Duration,
+        /// On a halt, publish the previous documents to the nodes already changed.
+        #[arg(long)]
+        revert: bool,
+        /// Start it and return (follow it with `control-plane rollouts`).
+        #[arg(long)]
+        detach: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: OutputFormat,
+    },
+    /// Staged rollouts, newest first: phase, waves and each node's outcome.
+    #[command(args_conflicts_with_subcommands = true)]
+    Rollouts {
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Only this rollout.
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: OutputFormat,
+        #[command(subcommand)]
+        command: Option<RolloutsCommand>,
     },
     /// Print the signed envelope of FILE for NODE (secrets sealed to it).
     Sign {

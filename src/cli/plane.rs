@@ -23,6 +23,7 @@ pub(super) async fn control_plane(
             tls_key,
             insecure_http,
             artifacts,
+            fleet_page,
         } => {
             let nats = match nats {
                 Some(url) => Some(plane::NatsOptions {
@@ -49,6 +50,7 @@ pub(super) async fn control_plane(
                 tls: tls_cert.zip(tls_key),
                 insecure_http,
                 artifacts,
+                fleet_page,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -132,12 +134,84 @@ pub(super) async fn control_plane(
                 nodes,
                 timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             };
-            let report = crate::control::fleetplan::query(&data, &query).await?;
+            let report = crate::control::admin::plan(&data, query).await?;
             match output {
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 OutputFormat::Text => print!("{}", report.text()),
             }
             Ok(ExitCode::from(report.exit_code()))
+        }
+        ControlPlaneCommand::Rollout {
+            dir,
+            data,
+            nodes,
+            canary,
+            batch,
+            wait,
+            revert,
+            detach,
+            output,
+        } => {
+            use crate::control::admin::{self, Request};
+            let dir = std::fs::canonicalize(&dir)
+                .with_context(|| format!("documents directory {}", dir.display()))?;
+            let spec = crate::control::rollout::RolloutSpec {
+                dir,
+                nodes,
+                canary,
+                batch,
+                wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                revert,
+            };
+            let mut r = admin::rollouts(&data, Request::Rollout(spec))
+                .await?
+                .pop()
+                .ok_or_else(|| anyhow::anyhow!("the plane did not say which rollout started"))?;
+            let text = output == OutputFormat::Text;
+            if text {
+                println!(
+                    "rollout {}: {} node(s) in {} wave(s)",
+                    r.id,
+                    r.waves.iter().map(|w| w.nodes.len()).sum::<usize>(),
+                    r.waves.len()
+                );
+            }
+            if !detach {
+                r = follow_rollout(&data, r, text).await?;
+            }
+            match output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                OutputFormat::Text if detach => {}
+                OutputFormat::Text => print!("{}", r.text()),
+            }
+            Ok(ExitCode::from(if detach { 0 } else { r.exit_code() }))
+        }
+        ControlPlaneCommand::Rollouts {
+            command: Some(RolloutsCommand::Abort { id, data }),
+            ..
+        } => {
+            use crate::control::admin::{self, Request};
+            for r in admin::rollouts(&data, Request::Abort { id }).await? {
+                print!("{}", r.text());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlPlaneCommand::Rollouts {
+            data,
+            id,
+            output,
+            command: None,
+        } => {
+            let data = data.ok_or_else(|| anyhow::anyhow!("--data DIR is required"))?;
+            // From the store: readable while `serve` is down.
+            let store = crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?;
+            let list = store.rollouts(id.as_deref(), 20)?;
+            match output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                OutputFormat::Text if list.is_empty() => println!("no rollouts"),
+                OutputFormat::Text => list.iter().for_each(|r| print!("{}", r.text())),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         ControlPlaneCommand::Sign { data, node, file } => {
             let store = crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?;
@@ -214,6 +288,36 @@ pub(super) async fn control_plane(
             plane::put(&nats, &key, ca.as_deref(), &node, bytes).await?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Follows a rollout until it ends, printing each wave's line when it changes (`text`).
+async fn follow_rollout(
+    data: &std::path::Path,
+    mut r: crate::control::rollout::Rollout,
+    text: bool,
+) -> anyhow::Result<crate::control::rollout::Rollout> {
+    use crate::control::admin::{self, Request};
+    let mut shown: Vec<String> = vec![String::new(); r.waves.len()];
+    loop {
+        for (i, seen) in shown.iter_mut().enumerate() {
+            let line = r.wave_line(i);
+            if r.waves[i].started_ms.is_some() && *seen != line {
+                if text {
+                    println!("{line}");
+                }
+                *seen = line;
+            }
+        }
+        if r.phase.is_done() {
+            return Ok(r);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let id = Some(r.id.clone());
+        r = admin::rollouts(data, Request::Rollouts { id })
+            .await?
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("the rollout is gone from the plane"))?;
     }
 }
 

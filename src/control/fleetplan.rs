@@ -3,21 +3,13 @@
 //! (`<data>/admin.sock`, 0600 in the 0700 data directory), because `serve` holds the
 //! NATS connection and the HTTPS long polls of every node; `serve` sends each selected
 //! node a signed dry run (`control::dryrun`), gathers the answers until all came or the
-//! timeout, and returns one report. This module holds the report, the node selector and
-//! both ends of the admin socket's one-line JSON protocol.
+//! timeout, and returns one report. This module holds the query, the report and the
+//! node selector.
 
 use super::dryrun::{Counts, PlanAnswer, Problem};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// Longest request line on the admin socket.
-pub const MAX_REQUEST: usize = 64 << 10;
-
-/// `<data>/admin.sock`.
-pub fn admin_socket(data: &Path) -> PathBuf {
-    data.join("admin.sock")
-}
 
 /// What the command asks `serve`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -268,47 +260,6 @@ pub fn candidate_file(dir: &Path, node: &str) -> Option<PathBuf> {
         .iter()
         .map(|ext| dir.join(format!("{node}.{ext}")))
         .find(|p| p.is_file())
-}
-
-/// The admin socket's answer line.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AdminAnswer {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub report: Option<PlanReport>,
-}
-
-/// Asks the `serve` running with data directory `data` (the command's side).
-pub async fn query(data: &Path, q: &PlanQuery) -> anyhow::Result<PlanReport> {
-    use anyhow::Context;
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let path = admin_socket(data);
-    let mut stream = tokio::net::UnixStream::connect(&path)
-        .await
-        .with_context(|| {
-            format!(
-                "connect {} (is `control-plane serve --data {}` running?)",
-                path.display(),
-                data.display()
-            )
-        })?;
-    let mut line = serde_json::to_vec(q)?;
-    line.push(b'\n');
-    stream.write_all(&line).await?;
-    stream.shutdown().await?;
-    let mut answer = String::new();
-    tokio::io::BufReader::new(stream)
-        .read_line(&mut answer)
-        .await
-        .context("read the plane's answer")?;
-    let a: AdminAnswer = serde_json::from_str(&answer).context("the plane's answer")?;
-    match (a.ok, a.report) {
-        (true, Some(r)) => Ok(r),
-        _ => anyhow::bail!(a.error.unwrap_or_else(|| "the plane gave no report".into())),
-    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use super::protocol::{
     sanitize_node_id, EnrollRequest, EnrollResponse, NodeMessage, SignedRequest, Transport, BUCKET,
     H_NODE, H_NONCE, H_SIGNATURE, H_TIME, MAX_SKEW_SECS, STREAM,
 };
+use super::rollout::{Rollout, RolloutSpec};
 use crate::document::{self, Format};
 use crate::limits::Limits;
 use anyhow::Context;
@@ -65,6 +66,8 @@ pub struct ServeOptions {
     pub insecure_http: bool,
     /// More files to serve as signed artifacts (a pinned Caddy, other releases).
     pub artifacts: Option<PathBuf>,
+    /// Serve the fleet page at `/fleet` (`control::fleetpage`).
+    pub fleet_page: bool,
 }
 
 /// `<data>/control-plane.db`.
@@ -282,6 +285,10 @@ struct Plane {
     /// Dry-run requests waiting for an HTTPS node's long poll, by node, each with the
     /// time it expires (the node would refuse it then anyway).
     dry_runs: Mutex<HashMap<String, std::collections::VecDeque<QueuedDryRun>>>,
+    /// The newest dry run's report, for the fleet page.
+    last_plan: Mutex<Option<Arc<PlanReport>>>,
+    /// The fleet page's token; `None`: no page.
+    page_token: Option<String>,
 }
 
 /// One dry run under way: the nodes asked, where their answers go.
@@ -838,7 +845,151 @@ impl Plane {
                 None => NodeResult::bare(&node.id, Verdict::NoAnswer),
             });
         }
-        Ok(PlanReport::new(request_id, results, no_document))
+        let report = PlanReport::new(request_id, results, no_document);
+        *lock(&self.last_plan) = Some(Arc::new(report.clone()));
+        Ok(report)
+    }
+
+    /// Starts a staged rollout of the candidates in `spec.dir` (see `control::rollout`):
+    /// each is validated and sealed as a publish would, and must be newer than what its
+    /// node accepted; nothing is written until the driver publishes the first wave.
+    fn start_rollout(&self, spec: RolloutSpec) -> anyhow::Result<Rollout> {
+        use super::rollout::{DocFile, NodeStep, Outcome, Phase, StartError, Wave};
+        let store = lock(&self.store);
+        if let Some(r) = store.running_rollout()? {
+            return Err(StartError::Busy(r.id).into());
+        }
+        let (mut steps, mut skipped) = (Vec::new(), Vec::new());
+        for node in store
+            .nodes()?
+            .iter()
+            .filter(|n| super::fleetplan::selected(spec.nodes.as_deref(), &n.id))
+        {
+            let invalid = |problem: String| StartError::Invalid {
+                node: node.id.clone(),
+                problem,
+            };
+            let Some(file) = super::fleetplan::candidate_file(&spec.dir, &node.id) else {
+                skipped.push(node.id.clone());
+                continue;
+            };
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| invalid(format!("read {}: {e}", file.display())))?;
+            let previous = super::rollout::doc_file(&self.docs, &node.id);
+            if previous.as_ref().is_some_and(|p| p.text == text) {
+                skipped.push(node.id.clone());
+                continue;
+            }
+            let (generation, _) = seal_document(&file, node, &self.limits).map_err(|p| {
+                invalid(format!(
+                    "{} problem(s); first: {}",
+                    p.len(),
+                    p.0.first().map(|p| p.to_string()).unwrap_or_default()
+                ))
+            })?;
+            if let Some(a) = node.accepted_generation.filter(|a| *a >= generation) {
+                return Err(invalid(format!(
+                    "generation {generation} is not newer than the {a} the node accepted"
+                ))
+                .into());
+            }
+            let name = file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            steps.push(NodeStep {
+                node_id: node.id.clone(),
+                generation,
+                candidate: DocFile { name, text },
+                previous,
+                outcome: Outcome::Pending,
+                detail: None,
+                at_ms: None,
+            });
+        }
+        if steps.is_empty() {
+            return Err(StartError::Empty(spec.dir.clone()).into());
+        }
+        let ids: Vec<String> = steps.iter().map(|s| s.node_id.clone()).collect();
+        let mut by_id: HashMap<String, NodeStep> =
+            steps.into_iter().map(|s| (s.node_id.clone(), s)).collect();
+        let waves = super::rollout::waves(&ids, spec.canary, spec.batch)
+            .into_iter()
+            .map(|ids| Wave {
+                nodes: ids.iter().filter_map(|id| by_id.remove(id)).collect(),
+                started_ms: None,
+                ended_ms: None,
+            })
+            .collect();
+        let r = Rollout {
+            id: super::rollout::new_id(),
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            spec,
+            phase: Phase::Running,
+            waves,
+            message: None,
+            skipped,
+            ended_ms: None,
+        };
+        store.put_rollout(&r)?;
+        info!(rollout = %r.id, nodes = ids.len(), waves = r.waves.len(), "rollout started");
+        Ok(r)
+    }
+
+    /// Stops a running rollout where it is.
+    fn abort_rollout(&self, id: &str) -> anyhow::Result<Rollout> {
+        use super::rollout::Phase;
+        let store = lock(&self.store);
+        let mut r = store
+            .rollouts(Some(id), 1)?
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("no rollout {id:?}"))?;
+        if r.phase == Phase::Running {
+            let now = chrono::Utc::now().timestamp_millis();
+            r.phase = Phase::Aborted;
+            r.message = Some("aborted by the operator".into());
+            r.ended_ms = Some(now);
+            for w in r.waves.iter_mut().filter(|w| w.started_ms.is_some()) {
+                w.ended_ms.get_or_insert(now);
+            }
+            store.put_rollout(&r)?;
+            warn!(rollout = %r.id, "rollout aborted");
+        }
+        Ok(r)
+    }
+
+    /// One step of the running rollout, if any, saved before the next (the store's lock
+    /// is held throughout, so an abort never crosses a step).
+    fn drive_rollout(&self) {
+        let store = lock(&self.store);
+        let mut r = match store.running_rollout() {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => return error!(error = %e, "cannot read the running rollout"),
+        };
+        let driver = super::rollout::Driver {
+            docs: &self.docs,
+            now_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        let before: Vec<_> = r.waves.iter().map(|w| (w.started_ms, w.ended_ms)).collect();
+        match driver.advance(&mut r, |id| store.node(id).ok().flatten()) {
+            Ok(false) => {}
+            Ok(true) => {
+                for (i, w) in r.waves.iter().enumerate() {
+                    if before.get(i) != Some(&(w.started_ms, w.ended_ms)) {
+                        info!(rollout = %r.id, "{}", r.wave_line(i));
+                    }
+                }
+                if r.phase.is_done() {
+                    let m = r.message.as_deref().unwrap_or_default();
+                    info!(rollout = %r.id, phase = ?r.phase, message = m, "rollout ended");
+                }
+                if let Err(e) = store.put_rollout(&r) {
+                    error!(rollout = %r.id, error = %e, "cannot save the rollout");
+                }
+            }
+            Err(e) => error!(rollout = %r.id, error = %e, "cannot write the documents directory"),
+        }
     }
 
     /// Checks a node's request signature; returns the node.
@@ -1008,6 +1159,70 @@ async fn artifact(State(plane): State<Arc<Plane>>, UrlPath(name): UrlPath<String
     }
 }
 
+#[derive(serde::Deserialize)]
+struct PageQuery {
+    token: Option<String>,
+}
+
+/// `GET /fleet`: the fleet page, to the holder of its token (404 when not enabled).
+async fn fleet_page(
+    State(plane): State<Arc<Plane>>,
+    axum::extract::Query(q): axum::extract::Query<PageQuery>,
+    headers: HeaderMap,
+) -> Response {
+    use super::fleetpage::{access, render, Access, COOKIE};
+    let Some(token) = &plane.page_token else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let cookie = headers
+        .get(axum::http::header::COOKIE)
+        .and_then(|v| v.to_str().ok());
+    let how = access(q.token.as_deref(), cookie, token);
+    if how == Access::Denied {
+        return err(
+            StatusCode::UNAUTHORIZED,
+            "open /fleet?token=… with the token in <data>/fleet-page.token".into(),
+        );
+    }
+    let (nodes, rollout) = {
+        let store = lock(&plane.store);
+        (
+            store.nodes().unwrap_or_default(),
+            store.rollouts(None, 1).ok().and_then(|mut r| r.pop()),
+        )
+    };
+    let plan = lock(&plane.last_plan).clone();
+    let page = render(
+        &nodes,
+        rollout.as_ref(),
+        plan.as_deref(),
+        chrono::Utc::now(),
+    );
+    let mut resp = axum::response::Html(page).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    h.insert(
+        "content-security-policy",
+        axum::http::HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+    );
+    if how == Access::Query {
+        // Secure only over HTTPS: a plain-HTTP plane behind a terminating proxy still works.
+        let secure = if plane.public_url.starts_with("https:") {
+            "; Secure"
+        } else {
+            ""
+        };
+        let value = format!("{COOKIE}={token}; Path=/fleet; HttpOnly; SameSite=Strict{secure}");
+        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+            h.insert(axum::http::header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
 /// A signed no-op: the node knows its TLS session is up and the plane accepts it.
 async fn hello(
     State(plane): State<Arc<Plane>>,
@@ -1136,7 +1351,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         nonces: Mutex::new(Nonces::default()),
         plans: Mutex::new(HashMap::new()),
         dry_runs: Mutex::new(HashMap::new()),
+        last_plan: Mutex::new(None),
+        page_token: match opts.fleet_page {
+            true => Some(super::fleetpage::token(&opts.data)?),
+            false => None,
+        },
     });
+    let plane_url = plane.public_url.clone();
     if let Some(n) = opts.nats.clone() {
         plane.write_nats_auth()?;
         let p = plane.clone();
@@ -1154,7 +1375,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     });
-    let admin = super::fleetplan::admin_socket(&opts.data);
+    let roller = plane.clone();
+    tokio::spawn(async move {
+        loop {
+            roller.drive_rollout();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    let admin = super::admin::socket(&opts.data);
     let _ = std::fs::remove_file(&admin);
     let listener = tokio::net::UnixListener::bind(&admin)
         .with_context(|| format!("bind {}", admin.display()))?;
@@ -1181,6 +1409,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .route("/v1/artifacts", axum::routing::get(artifacts))
         .route("/v1/artifacts.txt", axum::routing::get(artifacts))
         .route("/v1/artifacts/{name}", axum::routing::get(artifact))
+        .route("/fleet", axum::routing::get(fleet_page))
         .with_state(plane);
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -1190,6 +1419,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // On stdout too: what operators hand to `converge join --plane-key` (a closed
     // stdout must not stop the plane).
     let _ = writeln!(std::io::stdout(), "control plane signing key {fingerprint}");
+    if opts.fleet_page {
+        let file = opts.data.join("fleet-page.token");
+        info!(url = %format!("{}/fleet", plane_url), token_file = %file.display(), "fleet page served (open it once with ?token=)");
+    }
     if opts.tls.is_none() && !opts.insecure_http {
         warn!("plain HTTP without --insecure-http: enrollment is refused (nodes would trust an unauthenticated key)");
     }
@@ -1221,10 +1454,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The admin socket (`<data>/admin.sock`): one JSON [`PlanQuery`] line per connection,
-/// one JSON answer line. Only whoever can enter the 0700 data directory reaches it.
+/// The admin socket ([`super::admin`]): one request line per connection, one answer.
 async fn serve_admin(plane: Arc<Plane>, listener: tokio::net::UnixListener) {
-    use super::fleetplan::AdminAnswer;
+    use super::admin::{Answer, Reply, Request};
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     loop {
         let stream = match listener.accept().await {
@@ -1239,30 +1471,28 @@ async fn serve_admin(plane: Arc<Plane>, listener: tokio::net::UnixListener) {
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
-            let limit = super::fleetplan::MAX_REQUEST as u64;
+            let limit = super::admin::MAX_REQUEST as u64;
             let answer = match tokio::io::BufReader::new(read.take(limit))
                 .read_line(&mut line)
                 .await
             {
                 Err(e) => Err(anyhow::anyhow!("read: {e}")),
-                Ok(_) => match serde_json::from_str::<PlanQuery>(&line) {
-                    Ok(q) => plane.plan(q).await,
+                Ok(_) => match serde_json::from_str::<Request>(&line) {
+                    Ok(Request::Plan(q)) => plane.plan(q).await.map(Reply::Plan),
+                    Ok(Request::Rollout(spec)) => {
+                        plane.start_rollout(spec).map(|r| Reply::Rollouts(vec![r]))
+                    }
+                    Ok(Request::Rollouts { id }) => lock(&plane.store)
+                        .rollouts(id.as_deref(), 50)
+                        .map(Reply::Rollouts)
+                        .map_err(anyhow::Error::from),
+                    Ok(Request::Abort { id }) => {
+                        plane.abort_rollout(&id).map(|r| Reply::Rollouts(vec![r]))
+                    }
                     Err(e) => Err(anyhow::anyhow!("bad request: {e}")),
                 },
             };
-            let answer = match answer {
-                Ok(report) => AdminAnswer {
-                    ok: true,
-                    error: None,
-                    report: Some(report),
-                },
-                Err(e) => AdminAnswer {
-                    ok: false,
-                    error: Some(format!("{e:#}")),
-                    report: None,
-                },
-            };
-            let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+            let mut out = serde_json::to_vec(&Answer::from(answer)).unwrap_or_default();
             out.push(b'\n');
             let _ = write.write_all(&out).await;
         });

@@ -1,7 +1,8 @@
 //! The reference control plane's records (SQLite, `<data>/control-plane.db`): one-time
 //! registration tokens (only their SHA-256 is kept), enrolled nodes, and each node's last
-//! status and refusal.
+//! status and refusal, and staged rollouts.
 
+use super::rollout::Rollout;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -48,6 +49,10 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE tokens ADD COLUMN reenroll INTEGER NOT NULL DEFAULT 0;",
     // 3: a node's NATS nkey (its identity key); nodes enrolled before keep a password.
     "ALTER TABLE nodes ADD COLUMN nats_key TEXT;",
+    // 4: staged rollouts, each one JSON document (`control::rollout::Rollout`).
+    "CREATE TABLE rollouts (
+       id TEXT PRIMARY KEY, created_at TEXT NOT NULL, phase TEXT NOT NULL, body TEXT NOT NULL
+     );",
 ];
 
 /// What a registration token allows.
@@ -269,6 +274,57 @@ impl PlaneStore {
             params![id, now(), refusal.to_string()],
         )?;
         Ok(())
+    }
+}
+
+impl PlaneStore {
+    /// Saves a rollout (new, or its next step).
+    pub fn put_rollout(&self, r: &Rollout) -> Result<(), PlaneError> {
+        let body = serde_json::to_string(r).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let phase = serde_json::to_value(r.phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.conn.execute(
+            "INSERT INTO rollouts (id, created_at, phase, body) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (id) DO UPDATE SET phase = ?3, body = ?4",
+            params![r.id, r.created_at, phase, body],
+        )?;
+        Ok(())
+    }
+
+    /// Rollouts, newest first (at most `limit`), or the one with `id`.
+    pub fn rollouts(&self, id: Option<&str>, limit: usize) -> Result<Vec<Rollout>, PlaneError> {
+        let mut st = self.conn.prepare(
+            "SELECT body FROM rollouts WHERE ?1 IS NULL OR id = ?1
+             ORDER BY created_at DESC, id DESC LIMIT ?2",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = st.query_map(params![id, limit], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for body in rows {
+            let body = body?;
+            let r = serde_json::from_str(&body)
+                .map_err(|e| std::io::Error::other(format!("a stored rollout: {e}")))?;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// The rollout under way, if any (there is at most one).
+    pub fn running_rollout(&self) -> Result<Option<Rollout>, PlaneError> {
+        let id: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT id FROM rollouts WHERE phase = 'running' LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match id {
+            Some(id) => Ok(self.rollouts(Some(&id), 1)?.pop()),
+            None => Ok(None),
+        }
     }
 }
 
