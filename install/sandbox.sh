@@ -9,7 +9,8 @@
 # tunnel and the peer's last handshake in `converge status`, the second node (a proxy,
 # enrolled with the reference control plane, which sends it its signed document) serving
 # HTTPS over the mesh, the plane rotating its signing key (the proxy follows) and its
-# signed downloads, the metadata API, the metrics Prometheus scrapes, then changes one
+# signed downloads, a staged rollout of the proxy's next document and the fleet page, the
+# metadata API, the metrics Prometheus scrapes, then changes one
 # record and shows the diff of only that change and the events journal, and last the
 # first scheduled borg backup. Cleans up at the end unless KEEP=1.
 # Usage: install/sandbox.sh
@@ -200,7 +201,7 @@ printf 'subjectAltName=IP:10.0.3.17\nbasicConstraints=CA:FALSE\nextendedKeyUsage
 openssl x509 -req -in "$cp/tls.csr" -CA "$cp/ca.crt" -CAkey "$cp/ca.key" -CAcreateserial -days 1 \
   -extfile "$cp/tls.ext" -out "$cp/tls.crt" 2>/dev/null
 in_ns "$bin" control-plane serve --dir "$cp/docs" --data "$cp/data" --listen 10.0.3.17:8443 \
-  --tls-cert "$cp/tls.crt" --tls-key "$cp/tls.key" 2>"$cp/cp.log" &
+  --tls-cert "$cp/tls.crt" --tls-key "$cp/tls.key" --fleet-page 2>"$cp/cp.log" &
 for _ in $(seq 100); do grep -q "control plane serving" "$cp/cp.log" && break; sleep 0.1; done
 # A token for exactly this node; the plane prints the join command with its key's
 # fingerprint, which the node pins (any other key answering is refused).
@@ -317,6 +318,20 @@ grep -o 'signing key rotated.*' "$data_b/agent.log" | tail -1 | sed 's/\x1b\[[0-
 echo "the plane also serves the install script and its signed downloads (what 'curl …/setup.sh | bash' verifies):"
 in_ns curl -sS --cacert "$cp/ca.crt" https://10.0.3.17:8443/v1/artifacts.txt |
   awk '$1 == "artifact" { printf "artifact %s, %d bytes, sha256 %.16s..., signed by the plane key\n", $2, $3, $4; next } { print }'
+
+banner "a staged rollout: proxy-fra1-01's next generation as the canary wave, gated on it reporting Converged (control-plane rollout)"
+mkdir -p "$cp/candidates"
+python3 -c 'import json, sys
+d = json.load(open(sys.argv[1])); d["generation"] += 1
+json.dump(d, open(sys.argv[2], "w"), indent=1)' "$cp/docs/proxy-fra1-01.json" "$cp/candidates/proxy-fra1-01.json"
+in_ns "$bin" control-plane rollout "$cp/candidates" --data "$cp/data" --canary 1 --wait 60s --revert
+echo "the fleet page (serve --fleet-page; opened with the token in <data>/fleet-page.token), as text:"
+in_ns curl -sS --cacert "$cp/ca.crt" "https://10.0.3.17:8443/fleet?token=$(cat "$cp/data/fleet-page.token")" |
+  python3 -c 'import html, re, sys
+t = re.sub(r"<(style|title)>.*?</\1>", "", sys.stdin.read(), flags=re.S)
+t = re.sub(r"<(tr|p|h1|h2|pre)[ >]", lambda m: "\n<" + m.group(1) + " ", t)
+for line in html.unescape(re.sub(r"<[^>]+>", " ", t)).splitlines():
+    if line.strip(): print("  " + " ".join(line.split()))'
 
 banner "the metadata API: project storefront, read with its bearer token (on 127.0.0.1:8500 and the network's gateway)"
 in_ns curl -sS -m 5 -H 'Converge-Metadata: true' -H "Authorization: Bearer $md_token" \
