@@ -26,13 +26,25 @@ const HTTP_PORT: u16 = 8443;
 struct Cp {
     node: TestNode,
     root: PathBuf,
-    nats: Option<Spawned>,
+    /// The namespaces of NATS servers 1.. of a cluster (server 0 runs in `node`).
+    nats_hosts: Vec<TestNode>,
+    nats: Vec<Option<Spawned>>,
     server: Option<Spawned>,
     use_nats: bool,
 }
 
 impl Cp {
     fn new(use_nats: bool) -> Cp {
+        Cp::build(use_nats, 1)
+    }
+
+    /// A plane on a JetStream cluster of `n` nats-servers, each in its own namespace
+    /// (routes between them; the documents bucket with `n` replicas, at most 3).
+    fn cluster(n: usize) -> Cp {
+        Cp::build(true, n)
+    }
+
+    fn build(use_nats: bool, servers: usize) -> Cp {
         let node = TestNode::new("cp");
         let root = node.data_dir().join("cp");
         fs::create_dir_all(root.join("docs")).expect("docs dir");
@@ -40,7 +52,10 @@ impl Cp {
         let mut cp = Cp {
             node,
             root,
-            nats: None,
+            nats_hosts: (1..servers)
+                .map(|i| TestNode::new(&format!("nats{i}")))
+                .collect(),
+            nats: Vec::new(),
             server: None,
             use_nats,
         };
@@ -51,8 +66,11 @@ impl Cp {
         fs::write(
             cp.root.join("leaf.ext"),
             format!(
-                "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:{}\n",
-                cp.node.address()
+                "basicConstraints=critical,CA:FALSE\nsubjectAltName={}\n",
+                (0..servers)
+                    .map(|i| format!("IP:{}", cp.nats_host(i).address()))
+                    .collect::<Vec<_>>()
+                    .join(",")
             ),
         )
         .expect("ext");
@@ -114,16 +132,31 @@ impl Cp {
         }
         if use_nats {
             require_tool("nats-server");
-            let conf = format!(
-                "listen: \"{addr}:{NATS_PORT}\"\njetstream {{ store_dir: \"{js}\" }}\npid_file: \"{pid}\"\nlog_file: \"{log}\"\nmax_payload: 8MB\ntls {{ cert_file: \"{crt}\", key_file: \"{key}\" }}\ninclude ./auth.conf\n",
-                addr = cp.node.address(),
-                crt = cp.root.join("tls.crt").display(),
-                key = cp.root.join("tls.key").display(),
-                js = cp.root.join("js").display(),
-                pid = cp.root.join("nats.pid").display(),
-                log = cp.root.join("nats.log").display(),
-            );
-            fs::write(cp.root.join("nats.conf"), conf).expect("nats.conf");
+            let routes: Vec<String> = (0..servers)
+                .map(|i| format!("\"nats-route://{}:6222\"", cp.nats_host(i).address()))
+                .collect();
+            for i in 0..servers {
+                let r = |f: &str| cp.root.join(f).display().to_string();
+                let mut conf = format!(
+                    "server_name: n{i}\nlisten: \"{addr}:{NATS_PORT}\"\njetstream {{ store_dir: \"{js}\" }}\npid_file: \"{pid}\"\nlog_file: \"{log}\"\nmax_payload: 8MB\ntls {{ cert_file: \"{crt}\", key_file: \"{key}\" }}\ninclude ./auth.conf\n",
+                    addr = cp.nats_host(i).address(),
+                    crt = r("tls.crt"),
+                    key = r("tls.key"),
+                    js = r(&format!("js-{i}")),
+                    pid = r(&format!("nats-{i}.pid")),
+                    log = r(&format!("nats-{i}.log")),
+                );
+                if servers > 1 {
+                    // Monitoring, for /healthz (JetStream current after a restart).
+                    conf.push_str(&format!("http: \"{}:8222\"\n", cp.nats_host(i).address()));
+                    conf.push_str(&format!(
+                        "cluster {{ name: converge, listen: \"{}:6222\", routes: [{}] }}\n",
+                        cp.nats_host(i).address(),
+                        routes.join(", ")
+                    ));
+                }
+                fs::write(cp.root.join(format!("nats-{i}.conf")), conf).expect("nats.conf");
+            }
             // The plane's own NATS user (its nkey) before the server first starts.
             let auth = cp.root.join("auth.conf");
             let out = cp.cli(&[
@@ -135,15 +168,33 @@ impl Cp {
                 auth.to_str().expect("path"),
             ]);
             assert!(out.status.success(), "nats-auth: {}", stderr(&out));
-            cp.start_nats();
+            cp.nats = (0..servers).map(|_| None).collect();
+            for i in 0..servers {
+                cp.start_nats_server(i, false);
+            }
+            for i in 0..servers {
+                cp.wait_nats_server(i);
+            }
         }
         cp.start_server();
         cp
     }
 
-    /// NATS over TLS (the plane's certificate, signed by the CA nodes pin at join).
+    /// The namespace of NATS server `i`.
+    fn nats_host(&self, i: usize) -> &TestNode {
+        match i {
+            0 => &self.node,
+            i => &self.nats_hosts[i - 1],
+        }
+    }
+
+    /// NATS over TLS (the plane's certificate, signed by the CA nodes pin at join); a
+    /// cluster's servers comma-separated.
     fn nats_url(&self) -> String {
-        format!("tls://{}:{NATS_PORT}", self.node.address())
+        (0..self.nats.len().max(1))
+            .map(|i| format!("tls://{}:{NATS_PORT}", self.nats_host(i).address()))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     fn http_url(&self) -> String {
@@ -166,21 +217,49 @@ impl Cp {
     }
 
     fn start_nats(&mut self) {
-        let log = self.root.join("nats.log");
-        let _ = fs::remove_file(&log);
-        let mut cmd = self.node.command(NATS_SERVER);
+        self.start_nats_server(0, true);
+    }
+
+    fn stop_nats(&mut self) {
+        self.stop_nats_server(0);
+    }
+
+    /// Starts NATS server `i` (its log anew), waiting until it is ready if `wait`.
+    fn start_nats_server(&mut self, i: usize, wait: bool) {
+        let _ = fs::remove_file(self.root.join(format!("nats-{i}.log")));
+        let mut cmd = self.nats_host(i).command(NATS_SERVER);
         cmd.arg("-c")
-            .arg(self.root.join("nats.conf"))
+            .arg(self.root.join(format!("nats-{i}.conf")))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        self.nats = Some(self.node.spawn(&mut cmd));
-        wait_until(Duration::from_secs(15), "nats-server ready", || {
+        self.nats[i] = Some(self.nats_host(i).spawn(&mut cmd));
+        if wait {
+            self.wait_nats_server(i);
+        }
+    }
+
+    fn wait_nats_server(&self, i: usize) {
+        let log = self.root.join(format!("nats-{i}.log"));
+        wait_until(Duration::from_secs(30), "nats-server ready", || {
             fs::read_to_string(&log).is_ok_and(|l| l.contains("Server is ready"))
         });
     }
 
-    fn stop_nats(&mut self) {
-        if let Some(mut c) = self.nats.take() {
+    /// Waits until server `i` says its JetStream assets are current (`/healthz`).
+    fn wait_nats_healthy(&self, i: usize) {
+        let url = format!("http://{}:8222/healthz", self.nats_host(i).address());
+        wait_until(Duration::from_secs(60), "nats-server healthy", || {
+            self.nats_host(i)
+                .command("curl")
+                .args(["-sf", "-m", "2", &url])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    }
+
+    /// kill -9 of NATS server `i`.
+    fn stop_nats_server(&mut self, i: usize) {
+        if let Some(mut c) = self.nats[i].take() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -211,8 +290,11 @@ impl Cp {
                 .args(["--nats-ca", &self.ca()])
                 .arg("--nats-auth-file")
                 .arg(self.root.join("auth.conf"))
-                .arg("--nats-pid-file")
-                .arg(self.root.join("nats.pid"));
+                .args(["--nats-replicas", &self.nats.len().min(3).to_string()]);
+            for i in 0..self.nats.len() {
+                cmd.arg("--nats-pid-file")
+                    .arg(self.root.join(format!("nats-{i}.pid")));
+            }
         }
         self.server = Some(self.node.spawn(&mut cmd));
         wait_until(Duration::from_secs(15), "control plane serving", || {
@@ -1942,4 +2024,102 @@ fn staged_rollout_waves_halt_revert_resume_and_abort() {
         page.contains(">aborted<") && page.contains("aborted by the operator"),
         "{page}"
     );
+}
+
+/// The plane and its nodes on a 3-server JetStream cluster (three namespaces, the
+/// documents bucket R3, nodes given all three URLs): each server in turn is killed -9
+/// while a new generation is published; every node converges to it, the plane records
+/// every node's newest status, and a node enrolls while a server is down.
+#[test]
+fn nats_cluster_failover_keeps_nodes_converging_and_enrolling() {
+    require_tool("curl");
+    let mut cp = Cp::cluster(3);
+    let ids = ["ka", "kb", "kc"];
+    let mut nodes: Vec<TestNode> = ids[..2].iter().map(|n| TestNode::new(n)).collect();
+    let mut agents = Vec::new();
+    for node in &nodes {
+        join_ok(node, &cp);
+        assert_eq!(
+            control_json(node)["transport"]["url"],
+            cp.nats_url(),
+            "the node is given every server"
+        );
+        agents.push(start_agent(node));
+        cp.publish(node.name(), &doc(node.name(), 1));
+    }
+    for node in &nodes {
+        wait_accepted(node, 1);
+    }
+    let mut generation = 1;
+    let mut table = Vec::new();
+    for victim in 0..3 {
+        cp.stop_nats_server(victim);
+        let t0 = Instant::now();
+        generation += 1;
+        for node in &nodes {
+            cp.publish(node.name(), &doc(node.name(), generation));
+        }
+        for node in &nodes {
+            wait_accepted(node, generation);
+            table.push((victim, node.name().to_string(), t0.elapsed()));
+        }
+        if victim == 2 {
+            // Enrollment with a server down: the others reload the users file.
+            let node = TestNode::new(ids[2]);
+            join_ok(&node, &cp);
+            agents.push(start_agent(&node));
+            cp.publish(node.name(), &doc(node.name(), generation));
+            wait_accepted(&node, generation);
+            nodes.push(node);
+        }
+        // No status lost: the plane has each node's newest.
+        for node in &nodes {
+            poll(
+                Duration::from_secs(30),
+                "the plane records the newest status",
+                || (cp.record(node.name())["acceptedGeneration"] == generation).then_some(()),
+            );
+        }
+        cp.start_nats_server(victim, true);
+        for i in 0..3 {
+            cp.wait_nats_healthy(i);
+        }
+    }
+    eprintln!("server killed | node | kill to new generation accepted");
+    for (victim, node, took) in &table {
+        eprintln!("n{victim} | {node} | {took:?}");
+    }
+    // The clients' own failover (disconnected to connected to another server), from
+    // their logs, apart from the stream's leader election that a publish waits for.
+    let mut logs = vec![("plane".to_string(), cp.log())];
+    for node in &nodes {
+        logs.push((
+            node.name().to_string(),
+            fs::read_to_string(agent_log(node)).unwrap_or_default(),
+        ));
+    }
+    for (who, log) in logs {
+        eprintln!("{who}: reconnected after {:?}", reconnects(&log));
+    }
+}
+
+/// Each disconnected-to-connected interval of an async-nats client, from its log.
+fn reconnects(log: &str) -> Vec<Duration> {
+    let time = |l: &str| {
+        l.split_whitespace()
+            .next()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    };
+    let mut down = None;
+    let mut out = Vec::new();
+    for l in log.lines() {
+        if l.contains("event: disconnected") {
+            down = down.or(time(l));
+        } else if l.contains("event: connected") {
+            if let (Some(a), Some(b)) = (down.take(), time(l)) {
+                out.push((b - a).to_std().unwrap_or_default());
+            }
+        }
+    }
+    out
 }

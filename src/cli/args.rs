@@ -289,19 +289,24 @@ pub enum ControlPlaneCommand {
         /// URL nodes use to reach this server (default http://<listen>).
         #[arg(long)]
         public_url: Option<String>,
-        /// NATS server URL: documents in the KV bucket `converge`, status on
-        /// `converge.status.<node>`.
+        /// NATS server URL, or a cluster's URLs comma-separated: documents in the KV
+        /// bucket `converge`, status on `converge.status.<node>`.
         #[arg(long)]
         nats: Option<String>,
-        /// NATS URL handed to nodes (default: --nats).
+        /// NATS URL(s) handed to nodes (default: --nats); nodes move to another server
+        /// of the list when theirs dies.
         #[arg(long)]
         nats_public_url: Option<String>,
         /// Authorization file included by nats-server; rewritten on each enrollment.
         #[arg(long)]
         nats_auth_file: Option<PathBuf>,
-        /// nats-server's pid file (SIGHUP reloads the authorization file).
+        /// nats-server's pid file (SIGHUP reloads the authorization file); repeat it for
+        /// each server of a cluster on this host.
         #[arg(long)]
-        nats_pid_file: Option<PathBuf>,
+        nats_pid_file: Vec<PathBuf>,
+        /// Replicas of the documents bucket (3 on a cluster of 3 or more servers).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+        nats_replicas: u8,
         /// PEM of the CA of the NATS server's certificate (a tls:// URL requires TLS).
         #[arg(long)]
         nats_ca: Option<PathBuf>,

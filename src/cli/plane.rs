@@ -18,6 +18,7 @@ pub(super) async fn control_plane(
             nats_public_url,
             nats_auth_file,
             nats_pid_file,
+            nats_replicas,
             nats_ca,
             tls_cert,
             tls_key,
@@ -35,7 +36,8 @@ pub(super) async fn control_plane(
                             "--nats needs --nats-auth-file (per-node users are written there)"
                         )
                     })?,
-                    pid_file: nats_pid_file,
+                    pid_files: nats_pid_file,
+                    replicas: usize::from(nats_replicas),
                     ca_pem: read_pem(nats_ca.as_deref())?,
                 }),
                 None => None,

@@ -26,6 +26,16 @@ pub struct NatsTransport {
     conn: Arc<tokio::sync::Mutex<mpsc::Receiver<async_nats::Event>>>,
 }
 
+/// The servers of a NATS URL list (`tls://a:4222,tls://b:4222`): a node or the plane
+/// connects to one of them and moves to another when it dies (the servers of a cluster
+/// also tell clients about each other).
+pub fn servers(urls: &str) -> Vec<&str> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
 /// TLS for a NATS connection: the server's certificate is verified against the public
 /// roots and `ca_pem` (the CA pinned at join); a `tls://` URL refuses a server that
 /// does not speak TLS (no downgrade), a `nats://` one uses TLS when the server asks.
@@ -47,9 +57,11 @@ pub fn with_tls(
     let config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(opts
-        .tls_client_config(config)
-        .require_tls(url.to_ascii_lowercase().starts_with("tls://")))
+    Ok(opts.tls_client_config(config).require_tls(
+        servers(url)
+            .iter()
+            .any(|u| u.to_ascii_lowercase().starts_with("tls://")),
+    ))
 }
 
 /// The node's identity key as a NATS user nkey: (public `U…`, seed `SU…`).
@@ -98,7 +110,7 @@ pub async fn connect(
                 let _ = tx.try_send(ev);
             }
         })
-        .connect(url)
+        .connect(servers(url).as_slice())
         .await
         .map_err(|e| TransportError::Failed(format!("nats connect {url}: {e}")))?;
     Ok(NatsTransport {

@@ -45,8 +45,11 @@ pub struct NatsOptions {
     pub key: NatsKey,
     /// The authorization file nats-server includes; rewritten on each enrollment.
     pub auth_file: PathBuf,
-    /// nats-server's pid file: SIGHUP makes it reload the authorization file.
-    pub pid_file: Option<PathBuf>,
+    /// nats-server's pid files (one per server of a cluster on this host): SIGHUP makes
+    /// each reload the authorization file.
+    pub pid_files: Vec<PathBuf>,
+    /// Replicas of the bucket's stream (3 on a 3-server cluster).
+    pub replicas: usize,
     /// PEM of the CA that signed the NATS server's certificate (besides public roots).
     pub ca_pem: Option<String>,
 }
@@ -386,18 +389,35 @@ impl Plane {
     fn write_nats_auth(&self) -> anyhow::Result<()> {
         let Some(n) = &self.nats else { return Ok(()) };
         write_nats_authorization(&lock(&self.store), &n.key, &n.auth_file)?;
-        if let Some(pid_file) = &n.pid_file {
-            let pid: i32 = std::fs::read_to_string(pid_file)
-                .with_context(|| format!("read {}", pid_file.display()))?
-                .trim()
-                .parse()
-                .with_context(|| format!("{}: not a pid", pid_file.display()))?;
-            // SAFETY: plain syscall on a pid read from nats-server's own pid file.
-            if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
-                anyhow::bail!("cannot signal nats-server ({pid}) to reload");
+        // A cluster member that is down reads the file when it starts again: one reload
+        // is enough for the credentials to be in force.
+        let mut failed = Vec::new();
+        for pid_file in &n.pid_files {
+            let signalled = std::fs::read_to_string(pid_file)
+                .with_context(|| format!("read {}", pid_file.display()))
+                .and_then(|s| {
+                    s.trim()
+                        .parse::<i32>()
+                        .with_context(|| format!("{}: not a pid", pid_file.display()))
+                })
+                .and_then(|pid| {
+                    // SAFETY: plain syscall on a pid read from nats-server's own pid file.
+                    match unsafe { libc::kill(pid, libc::SIGHUP) } {
+                        0 => Ok(()),
+                        _ => Err(anyhow::anyhow!(
+                            "cannot signal nats-server ({pid}) to reload"
+                        )),
+                    }
+                });
+            if let Err(e) = signalled {
+                warn!(error = %format!("{e:#}"), "a NATS server did not reload its users");
+                failed.push(e);
             }
         }
-        Ok(())
+        match failed.pop() {
+            Some(e) if failed.len() + 1 == n.pid_files.len() => Err(e),
+            _ => Ok(()),
+        }
     }
 
     fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, (StatusCode, String)> {
@@ -1262,7 +1282,7 @@ async fn run_nats(plane: Arc<Plane>, n: NatsOptions) -> anyhow::Result<()> {
         .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(|n| super::transport::backoff_capped(n, Duration::from_secs(2)))
-        .connect(&n.url)
+        .connect(super::nats::servers(&n.url).as_slice())
         .await
         .with_context(|| format!("connect {}", n.url))?;
     let js = async_nats::jetstream::new(client.clone());
@@ -1280,7 +1300,7 @@ async fn run_nats(plane: Arc<Plane>, n: NatsOptions) -> anyhow::Result<()> {
                 deny_delete: true,
                 allow_direct: true,
                 storage: async_nats::jetstream::stream::StorageType::File,
-                num_replicas: 1,
+                num_replicas: n.replicas,
                 ..Default::default()
             })
             .await;
@@ -1554,7 +1574,7 @@ pub async fn put(
 ) -> anyhow::Result<()> {
     let client = super::nats::with_tls(key.connect_options(), url, ca_pem)
         .map_err(|e| anyhow::anyhow!(e))?
-        .connect(url)
+        .connect(super::nats::servers(url).as_slice())
         .await
         .with_context(|| format!("connect {url}"))?;
     let js = async_nats::jetstream::new(client.clone());
