@@ -32,6 +32,7 @@ const SECRET_NAME: &str = "db-password";
 const SECRET: &str = "correct horse battery staple";
 const REQUEST_TIME: i64 = 1_795_000_000;
 const REQUEST_NONCE: &str = "000102030405060708090a0b0c0d0e0f";
+const DRY_RUN_ID: &str = "5d1c0a7e2b9f4e11";
 
 /// Hands out fixed bytes: `crypto_box_seal`'s ephemeral key, made reproducible.
 struct FixedRng([u8; 32]);
@@ -115,6 +116,18 @@ fn generate() -> Value {
     .expect("sign envelope");
     rotated.rotations = vec![rotation.clone()];
 
+    // A dry-run request of the same document: its own signature domain, no generation.
+    let dry = super::dryrun::DryRunRequest::sign(
+        &plane,
+        NODE,
+        DRY_RUN_ID,
+        ISSUED_AT,
+        document.as_bytes(),
+    )
+    .expect("sign dry run");
+    let dry_signed = super::dryrun::signed_bytes(NODE, DRY_RUN_ID, ISSUED_AT, document.as_bytes())
+        .expect("bytes");
+
     // A signed status request.
     let status = json!({
         "type": "status", "nodeId": NODE, "sentAt": "2026-11-24T10:00:05.000Z",
@@ -189,6 +202,15 @@ fn generate() -> Value {
             "statement": serde_json::to_value(&rotation).expect("rotation json"),
             "envelopeSignature": rotated.signature,
             "envelopeJson": serde_json::to_string(&rotated).expect("envelope json"),
+        },
+        "dryRun": {
+            "signingKey": "plane",
+            "nodeId": NODE,
+            "requestId": DRY_RUN_ID,
+            "issuedAt": ISSUED_AT,
+            "signedBytesHex": hex::encode(&dry_signed),
+            "signature": dry.signature,
+            "json": serde_json::to_string(&dry).expect("dry-run json"),
         },
         "request": {
             "signingKey": "nodeIdentity",
@@ -324,6 +346,18 @@ fn markdown(v: &Value) -> String {
         hex_block(&s(&r["signedBytesHex"])),
         s(&r["signature"]),
         s(&r["envelopeJson"])
+    );
+    let d = &v["dryRun"];
+    let _ = write!(
+        md,
+        "#### Dry-run request\n\nThe envelope's document as a dry run (§7), request id `{}`, signed by plane.\n\
+         Signed bytes (text, then hex):\n\n```\n{}\n```\n\n```\n{}\n```\n\n\
+         Signature (base64): `{}`\n\nAs it travels:\n\n```json\n{}\n```\n\n",
+        s(&d["requestId"]),
+        text_of(&s(&d["signedBytesHex"])),
+        hex_block(&s(&d["signedBytesHex"])),
+        s(&d["signature"]),
+        s(&d["json"])
     );
     let q = &v["request"];
     let headers: String = q["headers"]
@@ -466,6 +500,23 @@ mod tests {
         // The document in the envelope carries it.
         let parsed: Value = serde_json::from_slice(&doc).unwrap();
         assert_eq!(parsed["secrets"][SECRET_NAME], sealed);
+
+        // The dry run verifies as a node checks it, in its own domain: never as an
+        // envelope.
+        let d = &v["dryRun"];
+        let dry: crate::control::dryrun::DryRunRequest =
+            serde_json::from_str(d["json"].as_str().unwrap()).unwrap();
+        let dry_signed = hex::decode(d["signedBytesHex"].as_str().unwrap()).unwrap();
+        assert!(dry_signed.starts_with(format!("{}\n", crate::control::dryrun::DOMAIN).as_bytes()));
+        let issued = chrono::DateTime::parse_from_rfc3339(ISSUED_AT)
+            .unwrap()
+            .timestamp();
+        assert_eq!(dry.verify(&plane, NODE, issued + 10).unwrap(), doc);
+        assert!(dry.verify(&plane, "web-2", issued).is_err());
+        assert!(dry.verify(&next, NODE, issued).is_err());
+        assert!(Envelope::parse(d["json"].as_str().unwrap().as_bytes())
+            .and_then(|e| e.verify(&plane, NODE, None))
+            .is_err());
 
         // The signed request verifies as the plane checks it, near its time only.
         let q = &v["request"];
