@@ -1008,7 +1008,16 @@ impl Plane {
                     error!(rollout = %r.id, error = %e, "cannot save the rollout");
                 }
             }
-            Err(e) => error!(rollout = %r.id, error = %e, "cannot write the documents directory"),
+            Err(e) => {
+                // Nothing more can be published: stop rather than retry every step.
+                error!(rollout = %r.id, error = %e, "cannot write the documents directory; rollout halted");
+                r.phase = super::rollout::Phase::Halted;
+                r.message = Some(format!("cannot write the documents directory: {e}"));
+                r.ended_ms = Some(driver.now_ms);
+                if let Err(e) = store.put_rollout(&r) {
+                    error!(rollout = %r.id, error = %e, "cannot save the rollout");
+                }
+            }
         }
     }
 
