@@ -44,7 +44,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Generations published through the plane (the first, then new ones for all three).
-const GENERATIONS: u64 = 2;
+const GENERATIONS: u64 = 3;
 /// The workers' backups clock runs this many times faster: a `* * * * *` slot every 6 s,
 /// with room between runs for a restore or an export.
 const BACKUPS_TIME_SCALE: u32 = 10;
@@ -272,18 +272,26 @@ fn diagnosis(nodes: &[&TestNode]) -> String {
 }
 
 /// Polls `f` every 200 ms until it gives a value; after `timeout` panics naming `what`,
-/// its last complaint and the nodes' status.
+/// its last complaint and the nodes' status. `CONVERGE_TEST_TRACE` prints each new
+/// complaint as it comes.
 fn poll<T>(
     nodes: &[&TestNode],
     timeout: Duration,
     what: &str,
     mut f: impl FnMut() -> Result<T, String>,
 ) -> T {
-    let deadline = Instant::now() + timeout;
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let trace = std::env::var_os("CONVERGE_TEST_TRACE").is_some();
+    let mut seen = String::new();
     loop {
         match f() {
             Ok(v) => return v,
             Err(last) => {
+                if trace && last != seen {
+                    eprintln!("{:>6.1} s {what}: {last}", start.elapsed().as_secs_f64());
+                    seen = last.clone();
+                }
                 if Instant::now() >= deadline {
                     panic!(
                         "timed out after {timeout:?} waiting for {what}; last: {last}\n{}",
@@ -594,6 +602,7 @@ fn three_nodes_end_to_end_over_nats() {
                 t.elapsed(),
             );
             // The published port is the proxy's only: closed to the outside.
+            let t = Instant::now();
             let direct = cp.node.run(
                 "curl",
                 [
