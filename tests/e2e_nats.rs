@@ -491,19 +491,19 @@ fn three_nodes_end_to_end_over_nats() {
 
     let backups_time = format!("{BACKUPS_TIME_SCALE}@{}", chrono::Utc::now().timestamp());
     let resync = ["--resync-secs", "5"];
-    let mut _agents: Vec<Spawned> = Vec::new();
+    let mut agents: Vec<Spawned> = Vec::new();
     for w in &workers {
         let mut args = w.rt.agent_args();
         args.extend(resync.map(String::from));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        _agents.push(start_enrolled_agent(
+        agents.push(start_enrolled_agent(
             w.node(),
             &args,
             &[("CONVERGE_TEST_BACKUPS_TIME", &backups_time)],
         ));
     }
     let caddy = caddy_bin();
-    _agents.push(start_enrolled_agent(
+    agents.push(start_enrolled_agent(
         &px,
         &["--proxy", "--caddy", &caddy, resync[0], resync[1]],
         &[],
@@ -525,21 +525,20 @@ fn three_nodes_end_to_end_over_nats() {
             })
         };
         // This generation's data, then the documents (the plane reads each file whole:
-        // `publish` renames it into place).
+        // `publish` renames it into place). The archives listed once the data is written:
+        // an archive of it is the second one not listed (the first may have begun before).
         let mut data_g = BTreeMap::new();
         let mut before = BTreeMap::new();
         for w in &workers {
-            before.insert(
-                w.index,
-                poll(&all, TIMEOUT, "borg list", || {
-                    if g == 1 {
-                        Ok(Vec::new())
-                    } else {
-                        archives(w).ok_or_else(|| "locked".into())
-                    }
-                }),
-            );
             data_g.insert(w.index, write_src(w, g));
+            let listed = if g == 1 {
+                Vec::new() // no repository before the first document
+            } else {
+                poll(&all, TIMEOUT, "borg list", || {
+                    archives(w).ok_or_else(|| "locked".into())
+                })
+            };
+            before.insert(w.index, listed);
         }
         for (w, other) in [(&w1, &w2), (&w2, &w1)] {
             let archive = previous.get(&w.index).map(|(a, _)| a.as_str());
@@ -720,8 +719,8 @@ fn three_nodes_end_to_end_over_nats() {
                 t.elapsed(),
             );
 
-            // An archive of this generation's data: two runs that started after it was
-            // written (the first may have begun before).
+            // An archive of this generation's data: the second run not listed after it
+            // was written (the first may have begun before).
             let t = Instant::now();
             let seen = &before[&w.index];
             let archive = poll(
@@ -848,7 +847,7 @@ fn three_nodes_end_to_end_over_nats() {
         );
     }
     eprintln!(
-        "{table}setup (plane, NATS, S3, 3 nodes, dockerd, podman, keys): {:.1} s; enrol to end: {:.1} s; total: {:.1} s",
+        "{table}setup (plane, NATS, S3, nodes, daemons, keys, enrollment, agents): {:.1} s; enrollment to the last check: {:.1} s; total: {:.1} s",
         t_setup.as_secs_f64(),
         enrolled.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64()
