@@ -4,9 +4,10 @@
 //! with TLS and nkeys, in a node of its own) and given every section it can carry by
 //! files in the plane's docs dir (secrets sealed by the plane): container networks and
 //! containers, a WireGuard mesh between all three, published ports open to the proxy's
-//! mesh address only, an input policy of `drop`, DNS, metadata, a borg schedule
-//! (compressed test time), restores and S3 exports (moto, in the plane's node) on the
-//! workers; routes over the mesh, DNS and metadata on the proxy.
+//! mesh address only, an input policy of `drop`, DNS, metadata on the workers; routes
+//! over the mesh, an input policy of `drop`, DNS and metadata on the proxy; on all three
+//! a borg schedule (compressed test time), restores and S3 exports (moto, in the plane's
+//! node). The proxy's metadata is served on its loopback only: carried, not checked.
 //!
 //! Checked from outside only (the plane's node is the outside client; inside containers
 //! through the runtimes' CLIs; archives with the borg CLI; the export's URL from the
@@ -17,9 +18,9 @@
 //! - the proxy's DNS answers; names resolve inside the containers of both workers (the
 //!   node's dnsmasq on the network's gateway), the previous generation's name is gone;
 //! - a container reads its metadata by name (`metadata.internal:8500`);
-//! - an archive of the generation's data appears; the next generation restores it
-//!   (side by side) byte-identical and exports it to S3, and the presigned URL downloads
-//!   exactly what `borg export-tar` gives.
+//! - on each node an archive of the generation's data appears; the next generation
+//!   restores it (side by side) byte-identical and exports it to S3, and the presigned
+//!   URL downloads exactly what `borg export-tar` gives.
 //!
 //! Then a new generation for all three through the plane (the files edited), and the
 //! same checks, [`GENERATIONS`] times. The matrix and the run time are printed.
@@ -101,16 +102,47 @@ impl Worker<'_> {
     fn page(&self, g: u64) -> String {
         format!("{} gen{g}\n", self.name())
     }
-    /// The directory its schedule archives.
-    fn src(&self) -> PathBuf {
-        self.node().data_dir().join("src")
+}
+
+/// The directory a node's schedule archives.
+fn src(node: &TestNode) -> PathBuf {
+    node.data_dir().join("src")
+}
+
+/// The node's borg repository.
+fn repo(node: &TestNode) -> PathBuf {
+    node.data_dir().join("repo")
+}
+
+/// Where its restores land (side by side: `<this>.restore-<id>`).
+fn restore_target(node: &TestNode) -> PathBuf {
+    node.data_dir().join("restored")
+}
+
+/// A node's `backups` section of generation `g`: a `* * * * *` schedule of [`src`]; from
+/// the second generation on, a restore of `archive` (made in the generation before) and
+/// its export to the S3 server at `s3`.
+fn backups(node: &TestNode, g: u64, archive: Option<&str>, s3: &str) -> Value {
+    let mut b = json!({
+        "repositories": [{"name": "local", "kind": "borg", "url": repo(node),
+                          "passphraseSecret": "borg-pass"}],
+        "schedules": [{"name": "src", "repository": "local", "paths": [src(node)],
+                       "cron": "* * * * *", "missed": "run-once"}],
+    });
+    if let Some(a) = archive {
+        b["restores"] = json!([{"id": format!("r{g}"), "repository": "local", "archive": a,
+            "targetPath": restore_target(node), "mode": "side-by-side"}]);
+        b["exports"] = json!([{"id": format!("e{g}"), "repository": "local", "archive": a,
+            "s3": {"endpoint": s3, "bucket": S3_BUCKET,
+                   "key": format!("{}/e{g}.tar", node.name()), "credentialsSecret": "s3"},
+            "urlTtl": "1h"}]);
     }
-    fn repo(&self) -> PathBuf {
-        self.node().data_dir().join("repo")
-    }
-    fn restore_target(&self) -> PathBuf {
-        self.node().data_dir().join("restored")
-    }
+    b
+}
+
+/// The secrets of [`backups`], sealed to the node by the plane.
+fn backup_secrets() -> Value {
+    json!({"borg-pass": PASSPHRASE, "s3": S3_CREDENTIALS})
 }
 
 /// The address of name `gen<g>.internal` on node `i` (0: the proxy).
@@ -118,8 +150,7 @@ fn gen_addr(g: u64, i: u8) -> String {
     format!("10.99.{g}.{}", i + 1)
 }
 
-/// The worker's document of generation `g`; from the second on it restores `archive`
-/// (made in the generation before) and exports it to the S3 server at `s3`.
+/// The worker's document of generation `g` (`archive`, `s3`: see [`backups`]).
 fn worker_doc(
     w: &Worker,
     other: &Worker,
@@ -132,21 +163,6 @@ fn worker_doc(
     let web = format!(
         "mkdir -p /www && echo '{name} gen{g}' > /www/index.html && exec httpd -f -p 8080 -h /www"
     );
-    let mut backups = json!({
-        "repositories": [{"name": "local", "kind": "borg", "url": w.repo(),
-                          "passphraseSecret": "borg-pass"}],
-        "schedules": [{"name": "src", "repository": "local", "paths": [w.src()],
-                       "cron": "* * * * *", "missed": "run-once"}],
-    });
-    if let Some(a) = archive {
-        backups["restores"] = json!([{"id": format!("r{g}"), "repository": "local", "archive": a,
-            "targetPath": w.restore_target(), "mode": "side-by-side"}]);
-        backups["exports"] = json!([{"id": format!("e{g}"), "repository": "local", "archive": a,
-            "s3": {"endpoint": s3,
-                   "bucket": S3_BUCKET, "key": format!("{name}/e{g}.tar"),
-                   "credentialsSecret": "s3"},
-            "urlTtl": "1h"}]);
-    }
     json!({
         "apiVersion": "converge/v1",
         "node": {"id": name, "mode": "worker"},
@@ -183,14 +199,21 @@ fn worker_doc(
                 ]},
         "metadata": {"projects": [{"id": "app", "tokenSha256": sha(MD_TOKEN),
                                    "entries": {"greeting": format!("{name} gen{g}")}}]},
-        "backups": backups,
-        "secrets": {"borg-pass": PASSPHRASE, "s3": S3_CREDENTIALS},
+        "backups": backups(w.node(), g, archive, s3),
+        "secrets": backup_secrets(),
     })
 }
 
 /// The proxy's document of generation `g`: the mesh to both workers, a route to each
-/// worker's published port over it, DNS answering outside, metadata.
-fn proxy_doc(px: &TestNode, iface: &str, workers: &[&Worker], g: u64) -> Value {
+/// worker's published port over it, DNS answering outside, metadata, backups.
+fn proxy_doc(
+    px: &TestNode,
+    iface: &str,
+    workers: &[&Worker],
+    g: u64,
+    archive: Option<&str>,
+    s3: &str,
+) -> Value {
     let routes: Vec<Value> = workers
         .iter()
         .map(|w| {
@@ -225,6 +248,8 @@ fn proxy_doc(px: &TestNode, iface: &str, workers: &[&Worker], g: u64) -> Value {
                 "records": records},
         "metadata": {"projects": [{"id": "ops", "tokenSha256": sha(MD_TOKEN),
                                    "entries": {"generation": g}}]},
+        "backups": backups(px, g, archive, s3),
+        "secrets": backup_secrets(),
     })
 }
 
@@ -304,12 +329,12 @@ fn poll<T>(
     }
 }
 
-/// borg on a worker's repository, as an operator runs it (its own base dir).
-fn borg(w: &Worker, args: &[&str]) -> std::process::Output {
+/// borg on a node's repository, as an operator runs it (its own base dir).
+fn borg(node: &TestNode, args: &[&str]) -> std::process::Output {
     Command::new("borg")
         .args(args)
         .env("BORG_PASSPHRASE", PASSPHRASE)
-        .env("BORG_BASE_DIR", w.node().data_dir().join("borg-cli"))
+        .env("BORG_BASE_DIR", node.data_dir().join("borg-cli"))
         .stdin(Stdio::null())
         .output()
         .expect("run borg")
@@ -317,9 +342,9 @@ fn borg(w: &Worker, args: &[&str]) -> std::process::Output {
 
 /// The repository's archives, oldest first (None while borg cannot read it, e.g. the
 /// agent's run holds its lock for longer than we wait).
-fn archives(w: &Worker) -> Option<Vec<String>> {
-    let repo = w.repo().display().to_string();
-    let out = borg(w, &["list", "--short", "--lock-wait", "5", &repo]);
+fn archives(node: &TestNode) -> Option<Vec<String>> {
+    let repo = repo(node).display().to_string();
+    let out = borg(node, &["list", "--short", "--lock-wait", "5", &repo]);
     out.status.success().then(|| {
         String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -329,21 +354,21 @@ fn archives(w: &Worker) -> Option<Vec<String>> {
     })
 }
 
-/// Writes generation `g`'s data into the worker's source directory; returns it as
-/// relative path → bytes.
-fn write_src(w: &Worker, g: u64) -> BTreeMap<String, Vec<u8>> {
+/// Writes generation `g`'s data into the node's source directory (`seed` makes it the
+/// node's own); returns it as relative path → bytes.
+fn write_src(node: &TestNode, seed: u64, g: u64) -> BTreeMap<String, Vec<u8>> {
     let files = BTreeMap::from([
         (
             "generation.txt".to_string(),
-            format!("{} gen{g}\n", w.name()).into_bytes(),
+            format!("{} gen{g}\n", node.name()).into_bytes(),
         ),
         (
             "data/blob".to_string(),
-            random_bytes(g * 10 + u64::from(w.index), 256 << 10),
+            random_bytes(g * 10 + seed, 256 << 10),
         ),
     ]);
     for (rel, bytes) in &files {
-        let path = w.src().join(rel);
+        let path = src(node).join(rel);
         std::fs::create_dir_all(path.parent().expect("parent")).expect("src dir");
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, bytes).expect("write src");
@@ -506,12 +531,15 @@ fn three_nodes_end_to_end_over_nats() {
     agents.push(start_enrolled_agent(
         &px,
         &["--proxy", "--caddy", &caddy, resync[0], resync[1]],
-        &[],
+        &[("CONVERGE_TEST_BACKUPS_TIME", &backups_time)],
     ));
     let t_setup = started.elapsed();
 
-    // Per worker: the archive of the generation before (name, data), to restore and export.
-    let mut previous: BTreeMap<u8, (String, BTreeMap<String, Vec<u8>>)> = BTreeMap::new();
+    // Per node: the archive of the generation before (name, data), to restore and export.
+    let mut previous: BTreeMap<&str, (String, BTreeMap<String, Vec<u8>>)> = BTreeMap::new();
+    // The nodes with backups: node, seed of its data, its container runtime.
+    let backed: [(&TestNode, u64, &'static str); 3] =
+        [(&n1, 1, "podman"), (&n2, 2, "docker"), (&px, 3, "-")];
     for g in 1..=GENERATIONS {
         let t_gen = Instant::now();
         let timeout = if g == 1 { FIRST_TIMEOUT } else { TIMEOUT };
@@ -529,23 +557,26 @@ fn three_nodes_end_to_end_over_nats() {
         // an archive of it is the second one not listed (the first may have begun before).
         let mut data_g = BTreeMap::new();
         let mut before = BTreeMap::new();
-        for w in &workers {
-            data_g.insert(w.index, write_src(w, g));
+        for (node, seed, _) in backed {
+            data_g.insert(node.name(), write_src(node, seed, g));
             let listed = if g == 1 {
                 Vec::new() // no repository before the first document
             } else {
                 poll(&all, TIMEOUT, "borg list", || {
-                    archives(w).ok_or_else(|| "locked".into())
+                    archives(node).ok_or_else(|| "locked".into())
                 })
             };
-            before.insert(w.index, listed);
+            before.insert(node.name(), listed);
         }
+        let archive_of = |node: &TestNode| previous.get(node.name()).map(|(a, _)| a.clone());
         for (w, other) in [(&w1, &w2), (&w2, &w1)] {
-            let archive = previous.get(&w.index).map(|(a, _)| a.as_str());
-            let doc = worker_doc(w, other, (&px, &key_p), g, archive, &s3);
+            let archive = archive_of(w.node());
+            let doc = worker_doc(w, other, (&px, &key_p), g, archive.as_deref(), &s3);
             cp.publish(w.name(), &doc);
         }
-        cp.publish(px.name(), &proxy_doc(&px, &if_p, &workers, g));
+        let archive = archive_of(&px);
+        let doc = proxy_doc(&px, &if_p, &workers, g, archive.as_deref(), &s3);
+        cp.publish(px.name(), &doc);
 
         // Accepted over NATS, as the nodes report to the plane.
         for n in all {
@@ -718,17 +749,20 @@ fn three_nodes_end_to_end_over_nats() {
                 w.rt.kind,
                 t.elapsed(),
             );
-
+        }
+        // Backups on all three: an archive of this generation's data, and (from the
+        // second generation on) the previous one's restored and exported.
+        for (node, _, daemon) in backed {
             // An archive of this generation's data: the second run not listed after it
             // was written (the first may have begun before).
             let t = Instant::now();
-            let seen = &before[&w.index];
+            let seen = &before[node.name()];
             let archive = poll(
                 &all,
                 timeout,
-                &format!("{}: an archive of generation {g}", w.name()),
+                &format!("{}: an archive of generation {g}", node.name()),
                 || {
-                    let now = archives(w).ok_or("locked")?;
+                    let now = archives(node).ok_or("locked")?;
                     let new: Vec<&String> = now.iter().filter(|a| !seen.contains(a)).collect();
                     match new.as_slice() {
                         [_, .., last] => Ok((*last).clone()),
@@ -738,19 +772,20 @@ fn three_nodes_end_to_end_over_nats() {
             );
             row(
                 "an archive appears (borg list)",
-                w.name(),
-                w.rt.kind,
+                node.name(),
+                daemon,
                 t.elapsed(),
             );
 
-            if let Some((prev, prev_data)) = previous.get(&w.index) {
+            if let Some((prev, prev_data)) = previous.get(node.name()) {
                 // Restored side by side, byte-identical to the data it archived.
                 let t = Instant::now();
-                let dest = PathBuf::from(format!("{}.restore-r{g}", w.restore_target().display()));
+                let dest =
+                    PathBuf::from(format!("{}.restore-r{g}", restore_target(node).display()));
                 poll(
                     &all,
                     timeout,
-                    &format!("{}: restore r{g} of {prev}", w.name()),
+                    &format!("{}: restore r{g} of {prev}", node.name()),
                     || {
                         dest.is_dir()
                             .then_some(())
@@ -761,14 +796,14 @@ fn three_nodes_end_to_end_over_nats() {
                 assert!(
                     restored == *prev_data,
                     "{}: restore of {prev} differs: {:?} vs {:?}",
-                    w.name(),
+                    node.name(),
                     restored.keys().collect::<Vec<_>>(),
                     prev_data.keys().collect::<Vec<_>>()
                 );
                 row(
                     "restore byte-identical (side by side)",
-                    w.name(),
-                    w.rt.kind,
+                    node.name(),
+                    daemon,
                     t.elapsed(),
                 );
 
@@ -778,9 +813,9 @@ fn three_nodes_end_to_end_over_nats() {
                 let url = poll(
                     &all,
                     timeout,
-                    &format!("{}: export e{g}'s URL at the plane", w.name()),
+                    &format!("{}: export e{g}'s URL at the plane", node.name()),
                     || {
-                        let status = cp.record(w.name())["status"].clone();
+                        let status = cp.record(node.name())["status"].clone();
                         let note = status["reconcilers"]
                             .as_array()
                             .and_then(|rs| rs.iter().find(|r| r["reconciler"] == "backups"))
@@ -802,9 +837,9 @@ fn three_nodes_end_to_end_over_nats() {
                 );
                 let got = cp.node.run("curl", ["-sf", "-m", "30", &url]);
                 assert!(got.status.success(), "download {url}: {}", stderr(&got));
-                let repo = w.repo().display().to_string();
+                let repo = repo(node).display().to_string();
                 let want = borg(
-                    w,
+                    node,
                     &[
                         "export-tar",
                         "--lock-wait",
@@ -817,18 +852,19 @@ fn three_nodes_end_to_end_over_nats() {
                 assert!(
                     got.stdout == want.stdout,
                     "{}: the export of {prev} ({} bytes) differs from borg export-tar ({} bytes)",
-                    w.name(),
+                    node.name(),
                     got.stdout.len(),
                     want.stdout.len()
                 );
                 row(
                     "export: presigned URL downloads export-tar",
-                    w.name(),
-                    w.rt.kind,
+                    node.name(),
+                    daemon,
                     t.elapsed(),
                 );
             }
-            previous.insert(w.index, (archive, data_g.remove(&w.index).expect("data")));
+            let data = data_g.remove(node.name()).expect("data");
+            previous.insert(node.name(), (archive, data));
         }
         row("generation total", "all three", "-", t_gen.elapsed());
     }
