@@ -16,43 +16,6 @@ const IMAGE: &str = "localhost/busybox:test";
 const SUBNET: &str = "10.231.7.0/24";
 const GATEWAY: &str = "10.231.7.1";
 
-/// The runtime under test: how the agent reaches it and how the test looks inside.
-impl Runtime<'_> {
-    /// `busybox nslookup NAME [SERVER]` inside `container`: the addresses it answered
-    /// (busybox's own resolver reads resolv.conf, search domains included).
-    fn nslookup(&self, container: &str, args: &[&str]) -> Vec<String> {
-        let mut cmd = vec!["exec", container, "busybox", "timeout", "3", "nslookup"];
-        cmd.extend_from_slice(args);
-        let out = self.run(&cmd);
-        let text = String::from_utf8_lossy(&out.stdout);
-        // Answers follow the "Name:" line; the server's own address comes before it.
-        text.split_once("Name:")
-            .map(|(_, answers)| {
-                answers
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("Address:"))
-                    .map(|a| a.trim().to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn resolv_conf(&self, container: &str) -> String {
-        self.ok(&["exec", container, "cat", "/etc/resolv.conf"])
-    }
-
-    fn ip(&self, name: &str) -> String {
-        self.ok(&[
-            "inspect",
-            "-f",
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-            name,
-        ])
-        .trim()
-        .to_string()
-    }
-}
-
 /// Polls `cond` (a runtime exec each time, so not as fast as `wait_until`) until it
 /// holds; panics naming `what` after `timeout`.
 fn poll(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
@@ -198,14 +161,7 @@ fn podman_containers_resolve_through_the_node() {
     require_tool("nft");
     let node = TestNode::new("cdns-podman");
     let svc = common::podman::start_podman(&node);
-    let rt = Runtime {
-        kind: "podman",
-        node: &node,
-        socket: svc.socket.clone(),
-        cli: std::iter::once("podman".to_string())
-            .chain(svc.global_args())
-            .collect(),
-    };
+    let rt = Runtime::podman(&node, &svc);
     scenario(&rt);
 }
 
@@ -216,15 +172,6 @@ fn docker_containers_resolve_through_the_node() {
     require_tool("nft");
     let node = TestNode::new("cdns-docker");
     let daemon = common::docker::start_docker(&node);
-    let rt = Runtime {
-        kind: "docker",
-        node: &node,
-        socket: daemon.socket.clone(),
-        cli: vec![
-            "/usr/bin/docker".into(),
-            "-H".into(),
-            format!("unix://{}", daemon.socket.display()),
-        ],
-    };
+    let rt = Runtime::docker(&node, &daemon);
     scenario(&rt);
 }

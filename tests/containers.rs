@@ -52,13 +52,6 @@ impl Runtime<'_> {
             .trim()
             .to_string()
     }
-
-    fn ip(&self, name: &str) -> String {
-        self.inspect(
-            name,
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-        )
-    }
 }
 
 fn doc(
@@ -311,18 +304,7 @@ fn podman_end_to_end() {
     require_tool("dnsmasq");
     let node = TestNode::new("ctr-podman");
     let mut svc = common::podman::start_podman(&node);
-    let rt = Runtime {
-        kind: "podman",
-        node: &node,
-        socket: svc.socket.clone(),
-        cli: vec![
-            "podman".into(),
-            "--root".into(),
-            node.podman_root().display().to_string(),
-            "--runroot".into(),
-            node.podman_runroot().display().to_string(),
-        ],
-    };
+    let rt = Runtime::podman(&node, &svc);
     scenario(&rt);
 
     // Adoption across a restart of the Podman service (the agent keeps running): the
@@ -356,15 +338,6 @@ fn docker_end_to_end() {
     require_tool("dnsmasq");
     let node = TestNode::new("ctr-docker");
     let daemon = common::docker::start_docker(&node);
-    let rt = Runtime {
-        kind: "docker",
-        node: &node,
-        socket: daemon.socket.clone(),
-        cli: vec![
-            "/usr/bin/docker".into(),
-            "-H".into(),
-            format!("unix://{}", daemon.socket.display()),
-        ],
-    };
+    let rt = Runtime::docker(&node, &daemon);
     scenario(&rt);
 }

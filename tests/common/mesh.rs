@@ -44,24 +44,42 @@ pub fn caddy_dir(node: &TestNode) -> PathBuf {
 
 /// `curl --resolve HOST:443:ADDR` with Caddy's local CA; the body on success.
 pub fn https_get(node: &TestNode, host: &str, addr: &str) -> Option<String> {
-    let ca = caddy_dir(node).join("data/caddy/pki/authorities/local/root.crt");
-    let out = node.run(
-        "curl",
-        [
-            "-s".to_string(),
-            "-m".into(),
-            "3".into(),
-            "--fail".into(),
-            "--cacert".into(),
-            ca.to_string_lossy().into_owned(),
-            "--resolve".into(),
-            format!("{host}:443:{addr}"),
-            format!("https://{host}/"),
-        ],
-    );
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    https_get_from(node, node, host, addr, &[]).map(|(_, body)| body)
+}
+
+/// `curl --resolve HOST:443:ADDR` run in `client` (another node: from outside the
+/// proxy), trusting the local CA of the Caddy on `proxy`, with `extra` curl arguments;
+/// the response headers and body on success.
+pub fn https_get_from(
+    client: &TestNode,
+    proxy: &TestNode,
+    host: &str,
+    addr: &str,
+    extra: &[&str],
+) -> Option<(String, String)> {
+    let ca = caddy_dir(proxy).join("data/caddy/pki/authorities/local/root.crt");
+    let headers = client.data_dir().join(format!("curl-headers-{host}"));
+    let mut args: Vec<String> = vec![
+        "-s".into(),
+        "-m".into(),
+        "3".into(),
+        "--fail".into(),
+        "--cacert".into(),
+        ca.to_string_lossy().into_owned(),
+        "--resolve".into(),
+        format!("{host}:443:{addr}"),
+        "-D".into(),
+        headers.to_string_lossy().into_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push(format!("https://{host}/"));
+    let out = client.run("curl", args);
+    out.status.success().then(|| {
+        (
+            std::fs::read_to_string(&headers).unwrap_or_default(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    })
 }
 
 /// The directories of converge's two Caddy instances.

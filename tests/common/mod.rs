@@ -8,6 +8,7 @@ pub mod docker;
 pub mod images;
 pub mod mesh;
 pub mod netstat;
+pub mod plane;
 pub mod podman;
 pub mod registry;
 pub mod runtime;

@@ -552,7 +552,67 @@ pub struct Runtime<'a> {
     pub cli: Vec<String>,
 }
 
+impl<'a> Runtime<'a> {
+    /// The Podman service `svc` of `node`, driven with the podman CLI on its storage.
+    pub fn podman(node: &'a TestNode, svc: &super::podman::PodmanService) -> Runtime<'a> {
+        Runtime {
+            kind: "podman",
+            node,
+            socket: svc.socket.clone(),
+            cli: std::iter::once("podman".to_string())
+                .chain(svc.global_args())
+                .collect(),
+        }
+    }
+
+    /// The dockerd `daemon` of `node`, driven with Debian's docker CLI.
+    pub fn docker(node: &'a TestNode, daemon: &super::docker::DockerDaemon) -> Runtime<'a> {
+        Runtime {
+            kind: "docker",
+            node,
+            socket: daemon.socket.clone(),
+            cli: vec![super::docker::DOCKER_CLI.into(), "-H".into(), daemon.host()],
+        }
+    }
+}
+
 impl Runtime<'_> {
+    /// `busybox nslookup NAME [SERVER]` inside `container`: the addresses it answered
+    /// (busybox's own resolver reads resolv.conf, search domains included).
+    pub fn nslookup(&self, container: &str, args: &[&str]) -> Vec<String> {
+        let mut cmd = vec!["exec", container, "busybox", "timeout", "3", "nslookup"];
+        cmd.extend_from_slice(args);
+        let out = self.run(&cmd);
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Answers follow the "Name:" line; the server's own address comes before it.
+        text.split_once("Name:")
+            .map(|(_, answers)| {
+                answers
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("Address:"))
+                    .map(|a| a.trim().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The container's `/etc/resolv.conf`.
+    pub fn resolv_conf(&self, container: &str) -> String {
+        self.ok(&["exec", container, "cat", "/etc/resolv.conf"])
+    }
+
+    /// The container's address on its (one) network.
+    pub fn ip(&self, name: &str) -> String {
+        self.ok(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            name,
+        ])
+        .trim()
+        .to_string()
+    }
+
     /// The agent's flags for this runtime.
     pub fn agent_args(&self) -> Vec<String> {
         vec![
