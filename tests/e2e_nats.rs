@@ -496,7 +496,7 @@ fn three_nodes_end_to_end_over_nats() {
         .map(|n| (format!("{}.log", n.name()), agent_log(n)))
         .collect();
     kept.push(("control-plane.log".into(), cp.root.join("cp.log")));
-    kept.push(("nats.log".into(), cp.root.join("nats.log")));
+    kept.push(("nats.log".into(), cp.root.join("nats-0.log")));
     let _logs = KeepLogs(kept);
     let enrolled = Instant::now();
     for (node, extra) in [(&n1, &[][..]), (&n2, &[][..]), (&px, &["--proxy"][..])] {
