@@ -733,6 +733,8 @@ mod tests {
             body["Networks"]["net1"]["static_ips"],
             serde_json::json!(["10.1.2.3"])
         );
+        // A replacement keeps the MAC with the address (the host's neighbour entry).
+        assert_eq!(body["Networks"]["net1"]["static_mac"], "02:42:0a:01:02:03");
         // The rest of the surface.
         assert_eq!(body["user"], "1000:100");
         assert_eq!(body["work_dir"], "/srv");

@@ -138,7 +138,10 @@ pub(super) fn create_body(spec: &CreateSpec) -> Result<serde_json::Value, Driver
         });
     }
 
-    // A static address needs an explicit network; `podman` is the default one.
+    // A static address needs an explicit network; `podman` is the default one. It gets
+    // a MAC derived from it, as Docker does: a replacement keeps the address *and* the
+    // MAC, so the host's neighbour entry stays right (a new random MAC left traffic to
+    // the address black-holed until the entry went stale, 11-45 s).
     let network = match (&spec.network, spec.ip) {
         (Some(n), _) => Some(n.as_str()),
         (None, Some(_)) => Some("podman"),
@@ -148,6 +151,7 @@ pub(super) fn create_body(spec: &CreateSpec) -> Result<serde_json::Value, Driver
         let mut opts = serde_json::Map::new();
         if let Some(ip) = spec.ip {
             opts.insert("static_ips".into(), serde_json::json!([ip.to_string()]));
+            opts.insert("static_mac".into(), serde_json::json!(static_mac(ip)));
         }
         b = b
             .net_namespace(Namespace {
@@ -400,4 +404,17 @@ pub(super) fn runtime_container(c: InspectContainerData) -> RuntimeContainer {
             .filter(|p| *p > 0)
             .and_then(|p| u32::try_from(p).ok()),
     }
+}
+
+/// `02:42:` and the address's last four bytes (Docker's scheme for IPv4; a fixed
+/// address in a subnet differs from its neighbours in those bytes).
+fn static_mac(ip: std::net::IpAddr) -> String {
+    let o = match ip {
+        std::net::IpAddr::V4(v4) => v4.octets(),
+        std::net::IpAddr::V6(v6) => {
+            let b = v6.octets();
+            [b[12], b[13], b[14], b[15]]
+        }
+    };
+    format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
