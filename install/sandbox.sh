@@ -237,9 +237,11 @@ nsenter --net="/run/netns/$ns_b" "$bin" --data-dir "$data_b" \
 agent_b=$!
 for _ in $(seq 100); do [[ -S $data/converge.sock && -S $data_b/converge.sock ]] && break; sleep 0.1; done
 cv push "$doc"
-for _ in $(seq 150); do
-  # containers, wireguard, firewall, dns and metadata
-  [[ $(cv status --output json | grep -c '"state": "Converged"') -ge 5 ]] && break
+# Until every reconciler with a section is Converged (containers take longest).
+for _ in $(seq 300); do
+  cv status --output json | python3 -c 'import json, sys
+states = [r["state"] for r in json.load(sys.stdin)["reconcilers"]]
+sys.exit(0 if all(s in ("Converged", "Unmanaged") for s in states) else 1)' && break
   sleep 0.2
 done
 
