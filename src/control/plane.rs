@@ -730,6 +730,7 @@ impl Plane {
     /// `q.dir` gets its candidate as a signed dry-run request (over NATS or in its next
     /// HTTPS long poll); answers are gathered until every node answered or the timeout.
     async fn plan(&self, q: PlanQuery) -> anyhow::Result<PlanReport> {
+        let started = std::time::Instant::now();
         let nodes = lock(&self.store).nodes()?;
         let request_id = super::dryrun::request_id();
         let issued = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -775,6 +776,7 @@ impl Plane {
                 answers: tx,
             },
         );
+        let built = started.elapsed();
         info!(request = %request_id, nodes = asked.len(), "dry run");
         let expires = chrono::Utc::now().timestamp() + MAX_SKEW_SECS;
         let nats = self
@@ -810,6 +812,7 @@ impl Plane {
         if queued {
             self.changed.send_modify(|n| *n += 1);
         }
+        let sent = started.elapsed();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(q.timeout_ms);
         let mut answers: HashMap<String, PlanAnswer> = HashMap::new();
         while answers.len() < asked.len() {
@@ -821,6 +824,16 @@ impl Plane {
             }
         }
         lock(&self.plans).remove(&request_id);
+        // Where the time went: the requests built (sealed, signed), sent, answered.
+        info!(
+            request = %request_id,
+            answered = answers.len(),
+            asked = asked.len(),
+            build_ms = built.as_millis() as u64,
+            send_ms = (sent - built).as_millis() as u64,
+            answers_ms = (started.elapsed() - sent).as_millis() as u64,
+            "dry run answers gathered"
+        );
         // Requests not picked up are of no use any more.
         let mut queues = lock(&self.dry_runs);
         for (node, bytes) in &asked {
