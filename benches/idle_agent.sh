@@ -13,11 +13,20 @@
 # the baseline) and one that releases them (src/memory.rs).
 # Needs root, podman + runc (containers.conf selecting runc, see install/deps.sh),
 # busybox-static, wireguard-go, dnsmasq, caddy and python3. Cleans up after itself.
-# Usage: [CONTAINERS=50] [PROFILE=release] [SKIP_BUILD=1] benches/idle_agent.sh [SECONDS]
+# SHAPE=small: a Techulus-shaped proxy instead (10 containers, 3 peers, 20 ports, 50
+# records, 50 routes); CONTAINERS, PEERS, PORTS, RECORDS, ROUTES set the counts one by one.
+# Usage: [SHAPE=big|small] [CONTAINERS=50] [PROFILE=release] [SKIP_BUILD=1] benches/idle_agent.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-60}
+if [ "${SHAPE:-big}" = small ]; then
+    CONTAINERS=${CONTAINERS:-10} PEERS=${PEERS:-3} PORTS=${PORTS:-20} RECORDS=${RECORDS:-50} ROUTES=${ROUTES:-50}
+fi
 CONTAINERS=${CONTAINERS:-50}
+PEERS=${PEERS:-1000}
+PORTS=${PORTS:-10000}
+RECORDS=${RECORDS:-5000}
+ROUTES=${ROUTES:-2000}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 PROFILE=${PROFILE:-release}
 if [ -z "${SKIP_BUILD:-}" ]; then
@@ -69,10 +78,11 @@ nsenter --net="/run/netns/$NS" podman --root "$DIR/podman/root" --runroot "$DIR/
 PODMAN=$!
 for _ in $(seq 100); do [ -S "$DIR/podman.sock" ] && break; sleep 0.1; done
 
-# The document: the large benchmark shape, with containers that can run here.
-python3 - "$CONTAINERS" "$WG" >"$DIR/big.json" <<'PY'
+# The document: the large benchmark shape (or SHAPE=small), with containers that can run here.
+python3 - "$WG" "$CONTAINERS" "$PEERS" "$PORTS" "$RECORDS" "$ROUTES" >"$DIR/big.json" <<'PY'
 import base64, hashlib, json, sys
-n, wg = int(sys.argv[1]), sys.argv[2]
+wg = sys.argv[1]
+n, npeers, nports, nrecords, nroutes = (int(a) for a in sys.argv[2:7])
 def key(i):
     return base64.b64encode(hashlib.sha256(b"peer-%d" % i).digest()).decode()
 containers = [{
@@ -90,13 +100,13 @@ peers = [{
     "endpoint": f"192.0.2.{i % 250 + 1}:51820",
     "allowedIps": [f"10.200.{i // 250}.{i % 250 + 1}/32"],
     "persistentKeepalive": 25,
-} for i in range(1000)]
+} for i in range(npeers)]
 ports = [{"protocol": "tcp", "hostPort": 10000 + i,
-          "target": {"container": f"svc-{i % n}", "port": 8000}} for i in range(10000)]
+          "target": {"container": f"svc-{i % n}", "port": 8000}} for i in range(nports)]
 records = [{"name": f"svc-{i}.internal", "type": "A",
-            "values": [f"10.88.{i // 250}.{i % 250 + 1}"]} for i in range(5000)]
+            "values": [f"10.88.{i // 250}.{i % 250 + 1}"]} for i in range(nrecords)]
 routes = [{"name": f"route-{i}", "hosts": [f"app-{i}.example.com"], "tls": "off",
-           "upstreams": [{"container": f"svc-{i % n}", "port": 8000}]} for i in range(2000)]
+           "upstreams": [{"container": f"svc-{i % n}", "port": 8000}]} for i in range(nroutes)]
 entries = {f"config/key-{i}": f"value-{i}" for i in range(100)}
 print(json.dumps({
     "apiVersion": "converge/v1",
@@ -159,7 +169,7 @@ measure() { # label pages(kept|released)
     fi
     local took=$((SECONDS - started))
     sleep 5
-    local t0 rss0 t1 rss1 anon file hwm cpu
+    local t0 rss0 t1 rss1 anon file hwm cpu exe bin
     t0=$(ticks "$AGENT"); rss0=$(rss_kb "$AGENT")
     declare -A d0
     while read -r name pid; do d0[$pid]=$(ticks "$pid"); done < <(daemons)
@@ -170,9 +180,12 @@ measure() { # label pages(kept|released)
     anon=$(awk '/RssAnon/ {print $2}' "/proc/$AGENT/status")
     file=$(awk '/RssFile/ {print $2}' "/proc/$AGENT/status")
     hwm=$(awk '/VmHWM/ {print $2}' "/proc/$AGENT/status")
+    # Of the file-backed pages, those of the converge binary itself (the rest: libc & co).
+    exe=$(readlink "/proc/$AGENT/exe")
+    bin=$(awk -v exe="$exe" '/^[0-9a-f]+-[0-9a-f]+ / {cur = $6} /^Rss:/ && cur == exe {s += $2} END {print s + 0}' "/proc/$AGENT/smaps")
     cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" -v s="$SECS" 'BEGIN { printf "%.3f", (b - a) / hz / s * 100 }')
-    ROWS+=("$(awk -v l="$label" -v p="$pages" -v t="$took" -v r0="$rss0" -v r="$rss1" -v a="$anon" -v f="$file" -v h="$hwm" -v c="$cpu" \
-        'BEGIN { printf "| %s | %s | %d s | %.1f MB | %.1f MB | %.1f MB | %.1f MB | %.1f MB | %.3f %% |", l, p, t, r0/1024, r/1024, a/1024, f/1024, h/1024, c }')")
+    ROWS+=("$(awk -v l="$label" -v p="$pages" -v t="$took" -v r0="$rss0" -v r="$rss1" -v a="$anon" -v f="$file" -v b="$bin" -v h="$hwm" -v c="$cpu" \
+        'BEGIN { printf "| %s | %s | %d s | %.1f MB | %.1f MB | %.1f MB | %.1f MB | %.1f MB | %.1f MB | %.3f %% |", l, p, t, r0/1024, r/1024, a/1024, f/1024, b/1024, h/1024, c }')")
     # The daemons over the same window (summed by kind).
     local line=""
     declare -A drss dcpu dn
@@ -191,13 +204,13 @@ measure() { # label pages(kept|released)
     rm -f "$DATA/converge.sock"
 }
 
-echo "idle agent, $SECS s window after every reconciler Converged; $PROFILE build; $CONTAINERS containers, 1,000 peers, 10,000 ports, 5,000 records, 2,000 routes; load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "idle agent, $SECS s window after every reconciler Converged; $PROFILE build; $CONTAINERS containers, $PEERS peers, $PORTS ports, $RECORDS records, $ROUTES routes; load $(cut -d' ' -f1-3 /proc/loadavg)"
 measure first released
 measure restarted kept
 measure restarted released
 grep -v '^  ·' "$DIR/status.txt"
 echo
-echo "| agent | start-up pages | time to Converged | RSS at window start | RSS at end | RssAnon | RssFile | peak (VmHWM) | CPU |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| agent | start-up pages | time to Converged | RSS at window start | RSS at end | RssAnon | RssFile | of it the binary | peak (VmHWM) | CPU |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
 echo "(targets: RSS 20 MB, CPU 0.5 %)"
