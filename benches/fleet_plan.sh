@@ -90,8 +90,8 @@ CONF
 done
 
 echo
-echo "| transport | N | runs | dry run p50 | p99 | max | answered (worst run) | one generation: status sent p50 | p99 | dry-run p99 / generation p99 | plane CPU per dry run |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| transport | N | runs | dry run p50 | p99 | max | answered (worst run) | one generation: status sent p50 | p99 | dry-run p99 / generation p99 | plane CPU per dry run | nodes CPU per dry run |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
 echo
 echo "| transport | N | received p50 | p99 | max | received | sent p50 | p99 | recorded (plane store) | client RSS/node | client idle CPU | plane RSS | plane idle CPU | plane CPU for the update |"
