@@ -61,7 +61,7 @@ for n in $SIZES; do
 done
 
 echo
-echo "| N | received p50 | p99 | max | received | recorded p50 | p99 | max | recorded (plane store) | client RSS/node | client idle CPU | plane RSS | plane idle CPU | plane CPU for the update |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| N | received p50 | p99 | max | received | recorded p50 | p99 | recorded (plane store) | client RSS/node | client idle CPU | plane RSS | plane idle CPU | plane CPU for the update |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
 echo "(heartbeat every ${HEARTBEAT} s per node; 15 s polling: 7.5 s mean, 15 s worst latency)"
