@@ -661,8 +661,8 @@ impl Plane {
     }
 
     /// Puts the current envelopes of `ids` into the bucket, up to [`PUBLISH_WINDOW`]
-    /// in flight at once: each waiting for its stream acknowledgement before the next,
-    /// one generation for 2,000 nodes took 4.9 s at p99 (benches/fleet_plan.sh). Each is
+    /// in flight at once (one at a time, each waiting for the stream's acknowledgement,
+    /// one generation for 2,000 nodes took 4.9 s at p99: benches/fleet_plan.sh). Each is
     /// marked as on NATS once acknowledged; the others go again on the next pass.
     async fn publish_nats(&self, ids: &[String]) {
         let Some(js) = self.js.get() else { return };
