@@ -9,6 +9,7 @@
 # generation for all (the baseline: publish to acknowledgement through the same plane),
 # then `converge control-plane plan` PLANS times, each from its start to the aggregate
 # printed. Needs openssl and nats-server; no root. Cleans up after itself.
+# KEEP=1 keeps the plane's and nats-server's logs.
 # Usage: [FLEET_SIZE=2000] [PLANS=20] [TRANSPORTS="nats https"] [HEARTBEAT_SECS=15] benches/fleet_plan.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,7 @@ DIR=$(mktemp -d /tmp/cvg-fleet-plan-XXXXXX)
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$DIR"
+    if [ -n "${KEEP:-}" ]; then echo "logs kept in $DIR"; else rm -rf "$DIR"; fi
 }
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)"
