@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Simulated fleet over the HTTPS transport (examples/fleet_https.rs): for each N, a fresh
+# Simulated fleet over the HTTPS transport (examples/fleet_plane.rs): for each N, a fresh
 # reference control plane (`converge control-plane serve`, TLS with a private CA made
 # here with openssl, as install/sandbox.sh does) on 127.0.0.1, and N node clients in one
 # process that enroll, long-poll and acknowledge; one new generation for all of them.
@@ -10,9 +10,9 @@ cd "$(dirname "$0")/.."
 SIZES=${FLEET_SIZES:-500 1000 2000}
 HEARTBEAT=${HEARTBEAT_SECS:-15}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --example fleet_https --bin converge
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --example fleet_plane --bin converge
 BIN="$TARGET_DIR/release/converge"
-FLEET="$TARGET_DIR/release/examples/fleet_https"
+FLEET="$TARGET_DIR/release/examples/fleet_plane"
 DIR=$(mktemp -d /tmp/cvg-fleet-https-XXXXXX)
 PLANE=""
 cleanup() {
@@ -61,7 +61,7 @@ for n in $SIZES; do
 done
 
 echo
-echo "| N | received p50 | p99 | max | received | recorded p50 | p99 | max | recorded (plane store) | client RSS/node | client idle CPU | plane RSS | plane idle CPU | plane CPU for the update |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| N | received p50 | p99 | max | received | recorded p50 | p99 | recorded (plane store) | client RSS/node | client idle CPU | plane RSS | plane idle CPU | plane CPU for the update |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
 echo "(heartbeat every ${HEARTBEAT} s per node; 15 s polling: 7.5 s mean, 15 s worst latency)"
