@@ -332,28 +332,17 @@ pub(super) fn nodes_text(nodes: &[crate::control::plane_store::NodeRecord]) -> S
     );
     for n in nodes {
         let conditions: Vec<String> = n
-            .status
-            .as_ref()
-            .and_then(|s| s["reconcilers"].as_array())
-            .map(|rs| {
-                rs.iter()
-                    .map(|r| {
-                        format!(
-                            "{}={}",
-                            r["reconciler"].as_str().unwrap_or("?"),
-                            r["state"].as_str().unwrap_or("?")
-                        )
-                    })
-                    .collect()
+            .reconcilers()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}={}",
+                    r["reconciler"].as_str().unwrap_or("?"),
+                    r["state"].as_str().unwrap_or("?")
+                )
             })
-            .unwrap_or_default();
-        // The version the node last reported, else the one it enrolled with.
-        let version = n
-            .status
-            .as_ref()
-            .and_then(|s| s["facts"]["convergeVersion"].as_str())
-            .or_else(|| n.facts["convergeVersion"].as_str())
-            .unwrap_or("-");
+            .collect();
+        let version = n.version();
         let _ = writeln!(
             out,
             "{:<20} {:>8} {:>9}  {:<24} {:<20} {}",

@@ -140,12 +140,7 @@ pub fn render(
             generation(n.converged_generation),
             id = esc(&n.id)
         );
-        let reconcilers = n
-            .status
-            .as_ref()
-            .and_then(|s| s["reconcilers"].as_array().cloned())
-            .unwrap_or_default();
-        for r in reconcilers.iter().filter(|r| r["state"] != "Unmanaged") {
+        for r in n.reconcilers().iter().filter(|r| r["state"] != "Unmanaged") {
             let state = r["state"].as_str().unwrap_or("?");
             let _ = write!(
                 out,
@@ -164,12 +159,7 @@ pub fn render(
         if let Some(e) = refusal.and_then(|r| r["error"].as_str()) {
             let _ = write!(out, "<span class=bad>refused: {}</span>", esc(e));
         }
-        let version = n
-            .status
-            .as_ref()
-            .and_then(|s| s["facts"]["convergeVersion"].as_str())
-            .or_else(|| n.facts["convergeVersion"].as_str())
-            .unwrap_or("-");
+        let version = n.version();
         let _ = write!(
             out,
             "<td>{}<td>{}</tr>",
@@ -187,14 +177,7 @@ pub fn render(
 
 /// `4 nodes: 3 converged, 1 degraded, 0 not seen for 5 minutes`.
 fn summary(nodes: &[NodeRecord], now: chrono::DateTime<chrono::Utc>) -> String {
-    let degraded = |n: &NodeRecord| {
-        n.status
-            .as_ref()
-            .and_then(|s| s["reconcilers"].as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .any(|r| r["state"] == "Degraded")
-    };
+    let degraded = |n: &NodeRecord| n.reconcilers().iter().any(|r| r["state"] == "Degraded");
     let converged = nodes
         .iter()
         .filter(|n| {

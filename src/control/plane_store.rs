@@ -90,6 +90,25 @@ pub struct NodeRecord {
     pub refused: Option<serde_json::Value>,
 }
 
+impl NodeRecord {
+    /// The converge version the node last reported, else the one it enrolled with.
+    pub fn version(&self) -> &str {
+        self.status
+            .as_ref()
+            .and_then(|s| s["facts"]["convergeVersion"].as_str())
+            .or_else(|| self.facts["convergeVersion"].as_str())
+            .unwrap_or("-")
+    }
+
+    /// The reconcilers of its last status (none before the first).
+    pub fn reconcilers(&self) -> &[serde_json::Value] {
+        self.status
+            .as_ref()
+            .and_then(|s| s["reconcilers"].as_array())
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
 pub struct PlaneStore {
     conn: Connection,
 }

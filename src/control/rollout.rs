@@ -206,12 +206,8 @@ pub fn health(node: &NodeRecord, generation: u64) -> Health {
     if node.accepted_generation.is_none_or(|a| a < generation) {
         return Health::Working;
     }
-    let reconcilers = node
-        .status
-        .as_ref()
-        .and_then(|s| s["reconcilers"].as_array().cloned())
-        .unwrap_or_default();
-    let managed: Vec<_> = reconcilers
+    let managed: Vec<_> = node
+        .reconcilers()
         .iter()
         .filter(|r| r["state"] != "Unmanaged")
         .collect();
