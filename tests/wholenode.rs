@@ -168,7 +168,7 @@ fn containers_whole(w: &WholeNode) -> bool {
         .collect::<std::collections::BTreeSet<_>>()
         == want
         && cs.values().all(|s| is_running(s))
-        && want.iter().enumerate().all(|(_, name)| {
+        && want.iter().all(|name| {
             let i: usize = name.trim_start_matches("web").parse().unwrap_or(0);
             inspect(
                 w,

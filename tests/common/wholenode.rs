@@ -247,7 +247,7 @@ impl WholeNode {
         records.extend((2..scale.records).map(|i| {
             let last = if tenth(scale.records, i) { v % 200 } else { 0 };
             json!({"name": format!("h{i}.internal"), "type": "A",
-                   "values": [format!("10.88.{}.{}", i / 250, (i % 250) as u64 + last + 1)]})
+                   "values": [format!("10.88.{}.{}", i / 250, ((i % 250) as u64 + last) % 250 + 1)]})
         }));
         let peers: Vec<Value> = (0..scale.peers)
             .map(|i| {
