@@ -677,6 +677,22 @@ impl Drop for WholeNode {
     /// After a failure (or with `WHOLENODE_KEEP_LOGS`), keeps the agent's log: the
     /// node's data dir goes with the node.
     fn drop(&mut self) {
+        // Containers before the node (the Podman service's own drop does it again): CNI then
+        // frees their addresses, and the network's allocation directory (host-wide,
+        // one per run as the name is) can go once nothing but its lock is left.
+        // The agent first, or it would start them again.
+        self.kill9();
+        self.podman.remove_all_containers();
+        let dir = Path::new("/var/lib/cni/networks").join(&self.network);
+        let empty = std::fs::read_dir(&dir).is_ok_and(|files| {
+            files.flatten().all(|f| {
+                let n = f.file_name().to_string_lossy().into_owned();
+                n == "lock" || n.starts_with("last_reserved_ip")
+            })
+        });
+        if empty {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         if std::thread::panicking() || std::env::var_os("WHOLENODE_KEEP_LOGS").is_some() {
             let keep = std::env::temp_dir().join(format!("{}-agent.log", self.node.name()));
             if std::fs::copy(self.log(), &keep).is_ok() {
