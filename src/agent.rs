@@ -233,6 +233,7 @@ impl Shared {
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    let started = std::time::SystemTime::now();
     crate::privacy::prepare_data_dir(&opts.data_dir)?;
     crate::privacy::load_redaction_key(&opts.data_dir, true)?;
     let mut store = Store::open(&store_path(&opts.data_dir)).context("open store")?;
@@ -313,6 +314,15 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // the store) then sees every reconciler listed.
     let sock = socket_path(&opts.data_dir);
     let listener = bind_socket(&sock, opts.socket.gid()).await?;
+    // A write cut short by kill -9 of an earlier agent leaves its temp file (never
+    // renamed): no other agent serves this data dir now, and this one has not written.
+    let stale = converge_core::fsutil::remove_stale_temps(&opts.data_dir, started);
+    if stale > 0 {
+        info!(
+            files = stale,
+            "removed the temp files of interrupted writes"
+        );
+    }
     let engine = Engine::start(sections, engine_cfg, initial, tx);
     let shared = Arc::new(Shared {
         store: Mutex::new(store),

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::agent::{converge, data, push_ok, reconciler, status, wait_ready};
+use common::agent::{converge, data, push_ok, reconciler, start_agent_with, status, wait_ready};
 use common::borg_repo::{mid_transaction, random_bytes};
 use common::sandbox::{converge_bin, pid_alive, require_tool, wait_until, Spawned, TestNode};
 use serde_json::{json, Value};
@@ -22,23 +22,11 @@ const PASSPHRASE: &str = "converge-test-passphrase-5f1e2d";
 
 /// Starts the agent with compressed backups time (`scale` x from `epoch`).
 fn start_agent(node: &TestNode, scale: u32, epoch: i64) -> Spawned {
-    let sock = data(node).join("converge.sock");
-    let _ = std::fs::remove_file(&sock);
-    let mut cmd = node.command(converge_bin());
-    cmd.arg("--data-dir")
-        .arg(data(node))
-        .args(["agent", "--node-id", node.name(), "--secrets-dir"])
-        .arg(node.data_dir().join("secrets"))
-        .env("CONVERGE_TEST_BACKUPS_TIME", format!("{scale}@{epoch}"))
-        .stdout(Stdio::null());
-    if std::env::var_os("CONVERGE_TEST_LOGS").is_none() {
-        cmd.stderr(Stdio::null());
-    }
-    let child = node.spawn(&mut cmd);
-    wait_until(Duration::from_secs(10), "agent socket", || {
-        std::os::unix::net::UnixStream::connect(&sock).is_ok()
-    });
-    child
+    let secrets = node.data_dir().join("secrets");
+    let secrets = secrets.to_str().expect("utf-8 path");
+    start_agent_with(node, &converge_bin(), &["--secrets-dir", secrets], |cmd| {
+        cmd.env("CONVERGE_TEST_BACKUPS_TIME", format!("{scale}@{epoch}"));
+    })
 }
 
 fn kill9(agent: &mut Spawned) {

@@ -8,6 +8,7 @@
 mod common;
 
 use common::agent::{converge, data, push_ok, reconciler, start_agent, status, wireguard_key};
+use common::metrics::{scrape, series};
 use common::podman::{podman_ok, start_podman, TEST_IMAGE};
 use common::sandbox::{require_tool, wait_until, TestNode};
 use serde_json::{json, Value};
@@ -41,19 +42,6 @@ fn records(n: usize) -> Value {
         .collect()
 }
 
-/// `GET /metrics` from inside the node.
-fn scrape(node: &TestNode) -> String {
-    node.in_netns(|| {
-        let mut s = TcpStream::connect(METRICS).expect("connect to metrics");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .expect("send");
-        let mut body = String::new();
-        s.read_to_string(&mut body).expect("read");
-        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-        body
-    })
-}
-
 const METADATA: &str = "127.0.0.1:8500";
 
 fn sha_hex(token: &str) -> String {
@@ -81,18 +69,10 @@ fn metadata_get(node: &TestNode, token: Option<&str>) -> u16 {
     })
 }
 
-/// The value of one series (exact name and labels), if present.
-fn series(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// What status says and what the metrics say, reduced to comparable values.
 fn agreement(node: &TestNode) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let st = status(node);
-    let text = scrape(node);
+    let text = scrape(node, METRICS);
     let mut from_status = BTreeMap::new();
     let mut from_metrics = BTreeMap::new();
     from_status.insert("accepted".to_string(), st["generation"].to_string());
@@ -182,7 +162,7 @@ fn metrics_agree_with_status_and_count_drift_repairs() {
     assert_eq!(metadata_get(&node, Some("token-alpha")), 200);
     assert_eq!(metadata_get(&node, Some("token-alpha")), 200);
     assert_eq!(metadata_get(&node, None), 401);
-    let text = scrape(&node);
+    let text = scrape(&node, METRICS);
     assert_eq!(
         series(
             &text,
@@ -213,7 +193,7 @@ fn metrics_agree_with_status_and_count_drift_repairs() {
     assert_eq!(s["firewall owned"], "1", "one published port");
     assert_eq!(s["metadata owned"], "1", "one project");
     assert_eq!(s["containers state"], "Unmanaged");
-    let text = scrape(&node);
+    let text = scrape(&node, METRICS);
     assert_eq!(series(&text, "converge_converged_generation"), Some(1.0));
     assert!(
         series(
@@ -228,7 +208,7 @@ fn metrics_agree_with_status_and_count_drift_repairs() {
     // Drift: the table deleted behind converge's back comes back, counted as a repair.
     node.run_ok("nft", ["delete", "table", "inet", "converge"]);
     wait_until(Duration::from_secs(10), "drift repair counted", || {
-        scrape(&node)
+        scrape(&node, METRICS)
             .lines()
             .any(|l| l.starts_with("converge_drift_repairs_total{reconciler=\"firewall\""))
     });

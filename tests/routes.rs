@@ -31,8 +31,9 @@ mod common;
 
 use common::agent::{push_ok, reconciler, start_agent, status};
 use common::mesh::{
-    caddy_bin, caddy_dir, caddy_version, https_get, instance_dirs, key, mesh_addr, peer, proxy_doc,
-    start_proxy_agent, wait_routes, worker_agent_args, worker_doc, WG_PORT,
+    active_dir, caddy_admin, caddy_bin, caddy_dir, caddy_pid, caddy_version, https_get,
+    instance_dirs, key, mesh_addr, peer, proxy_doc, start_proxy_agent, wait_routes,
+    worker_agent_args, worker_doc, WG_PORT,
 };
 use common::podman::start_podman;
 use common::sandbox::{require_tool, wait_until, TestNode};
@@ -43,34 +44,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// One admin API call over the unix socket (empty Host: see the driver).
-fn admin(node: &TestNode, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let sock = caddy_dir(node).join("admin.sock");
-    let mut cmd = Command::new("curl");
-    cmd.args([
-        "-s",
-        "-m",
-        "20",
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-        "--unix-socket",
-    ])
-    .arg(&sock)
-    .args(["-H", "Host;", "-X", method]);
-    if let Some(b) = body {
-        cmd.args(["-H", "Content-Type: application/json", "-d", b]);
-    }
-    cmd.arg(format!("http://caddy{path}"));
-    let out = cmd.output().expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
 fn caddy_config(node: &TestNode) -> Value {
-    let (code, body) = admin(node, "GET", "/config/", None);
+    let (code, body) = caddy_admin(node, "GET", "/config/", None);
     assert_eq!(code, 200, "GET /config/: {body}");
     serde_json::from_str(&body).expect("config json")
 }
@@ -103,20 +78,6 @@ fn wait_settled(node: &TestNode) {
         "old caddy instance reloaded",
         || loads(node) % 2 == 0,
     );
-}
-
-/// The instance new connections go to: `<caddy>/admin.sock` links to its socket.
-fn active_dir(node: &TestNode) -> PathBuf {
-    let link = std::fs::read_link(caddy_dir(node).join("admin.sock")).expect("admin link");
-    caddy_dir(node).join(link.parent().expect("instance dir"))
-}
-
-fn caddy_pid(dir: &Path) -> Option<u32> {
-    std::fs::read_to_string(dir.join("caddy.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Caddy runs as an unprivileged user (not uid 0) and owns only its instance
@@ -306,7 +267,7 @@ fn drift_refusal_and_one_change_per_pass() {
     // A foreign server, edited continuously while converge changes its routes: an edit
     // racing converge's change is seen (ETag) and planned again, and the foreign object
     // survives.
-    let (code, body) = admin(
+    let (code, body) = caddy_admin(
         &p,
         "POST",
         "/config/apps/http/servers/foreign",
@@ -383,7 +344,7 @@ fn drift_refusal_and_one_change_per_pass() {
     );
 
     // Its apps wiped: restored (ETag/config comparison on the next pass).
-    let (code, _) = admin(&p, "DELETE", "/config/apps", None);
+    let (code, _) = caddy_admin(&p, "DELETE", "/config/apps", None);
     assert_eq!(code, 200);
     wait_until(
         Duration::from_secs(30),
@@ -392,7 +353,7 @@ fn drift_refusal_and_one_change_per_pass() {
     );
     // The whole configuration wiped (admin endpoint included: Caddy 2.6 then listens
     // on localhost:2019 instead, and converge restarts it).
-    let (code, _) = admin(&p, "DELETE", "/config/", None);
+    let (code, _) = caddy_admin(&p, "DELETE", "/config/", None);
     assert_eq!(code, 200);
     wait_until(
         Duration::from_secs(30),

@@ -27,6 +27,17 @@ pub fn start_agent(node: &TestNode, extra: &[&str]) -> Spawned {
 
 /// Like [`start_agent`], with another build of the agent (`bin`, e.g. an update).
 pub fn start_agent_bin(node: &TestNode, bin: &Path, extra: &[&str]) -> Spawned {
+    start_agent_with(node, bin, extra, |_| {})
+}
+
+/// Like [`start_agent_bin`], with `tweak` applied to the command last (an environment
+/// variable, stderr to a log file).
+pub fn start_agent_with(
+    node: &TestNode,
+    bin: &Path,
+    extra: &[&str],
+    tweak: impl FnOnce(&mut std::process::Command),
+) -> Spawned {
     let sock = data(node).join("converge.sock");
     let _ = std::fs::remove_file(&sock);
     let mut cmd = node.command(bin);
@@ -38,6 +49,7 @@ pub fn start_agent_bin(node: &TestNode, bin: &Path, extra: &[&str]) -> Spawned {
     if std::env::var_os("CONVERGE_TEST_LOGS").is_none() {
         cmd.stderr(Stdio::null());
     }
+    tweak(&mut cmd);
     let child = node.spawn(&mut cmd);
     node.track_pidfile(data(node).join("dns/dnsmasq.pid"));
     wait_until(Duration::from_secs(10), "agent socket", || {

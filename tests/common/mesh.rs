@@ -82,6 +82,47 @@ pub fn https_get_from(
     })
 }
 
+/// One admin API call over the unix socket (empty Host: see the driver).
+pub fn caddy_admin(node: &TestNode, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let sock = caddy_dir(node).join("admin.sock");
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-m",
+        "20",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "--unix-socket",
+    ])
+    .arg(&sock)
+    .args(["-H", "Host;", "-X", method]);
+    if let Some(b) = body {
+        cmd.args(["-H", "Content-Type: application/json", "-d", b]);
+    }
+    cmd.arg(format!("http://caddy{path}"));
+    let out = cmd.output().expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The instance new connections go to: `<caddy>/admin.sock` links to its socket.
+pub fn active_dir(node: &TestNode) -> PathBuf {
+    let link = std::fs::read_link(caddy_dir(node).join("admin.sock")).expect("admin link");
+    caddy_dir(node).join(link.parent().expect("instance dir"))
+}
+
+/// The pid in a Caddy instance directory's pid file.
+pub fn caddy_pid(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join("caddy.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The directories of converge's two Caddy instances.
 pub fn instance_dirs(node: &TestNode) -> [PathBuf; 2] {
     ["a", "b"].map(|i| caddy_dir(node).join(i))

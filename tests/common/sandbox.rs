@@ -59,9 +59,12 @@ fn hub_netns() -> String {
     format!("{NAME_PREFIX}hub-{}", std::process::id())
 }
 
-/// The `converge` binary built by cargo for this test run.
+/// The `converge` binary built by cargo for this test run, or `$CONVERGE_TEST_BIN` (a
+/// long run pins its build while the tree is rebuilt).
 pub fn converge_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_converge"))
+    std::env::var_os("CONVERGE_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_converge")))
 }
 
 /// Panics unless `name` is an executable on PATH: tests never skip silently.

@@ -431,7 +431,7 @@ pub fn plan(spec: &Workload, observed: &Observed, node: &str, facts: &Facts) -> 
         None => networks::NetworkPlan::default(),
     };
     let mut plan = match containers {
-        Some(c) => plan_containers(c, observed, node, facts, &nets.replaced, &spec.registries),
+        Some(c) => plan_containers(c, observed, node, facts, &nets, &spec.registries),
         None => Plan::default(),
     };
     let mut changes = nets.changes;
@@ -452,16 +452,17 @@ pub fn plan(spec: &Workload, observed: &Observed, node: &str, facts: &Facts) -> 
     plan
 }
 
-/// The containers' part of the plan; the containers on a `replaced` network are
+/// The containers' part of the plan; the containers on a network `nets` replaces are
 /// recreated (the network's own action removes their instances first).
 fn plan_containers(
     spec: &[Container],
     observed: &Observed,
     node: &str,
     facts: &Facts,
-    replaced: &BTreeSet<String>,
+    nets: &networks::NetworkPlan,
     registries: &[Registry],
 ) -> Plan<Action> {
+    let replaced = &nets.replaced;
     let mut plan = Plan::default();
     let mut pulls: BTreeMap<String, Vec<String>> = BTreeMap::new();
     // `always` images due for another pull (a tag that moved replaces its containers
@@ -493,8 +494,8 @@ fn plan_containers(
         let mut cands = by_name.remove(c.name.as_str()).unwrap_or_default();
         // Instances on a network being replaced are removed by the network's action.
         let on_replaced = c.network.as_ref().filter(|n| replaced.contains(*n));
-        if let Some(users) = on_replaced.and_then(|n| observed.network_users.get(n)) {
-            cands.retain(|rc| !users.contains(&rc.name));
+        if on_replaced.is_some() {
+            cands.retain(|rc| !nets.removed.contains(&rc.name));
         }
         let recreated = on_replaced.filter(|_| {
             observed

@@ -6,6 +6,7 @@
 //! inotify). Built on rustix and the inotify crate; two `unsafe` blocks (the `pre_exec`
 //! hook of a detached start, the registration of a pidfd with tokio).
 
+use crate::HostEvent;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags};
@@ -93,6 +94,57 @@ fn open_pidfd(pid: u32) -> io::Result<OwnedFd> {
 /// A watch on one process's exit (a pidfd: readable once the process has ended).
 /// Signals sent through it reach that process only, never a later one with its pid.
 pub struct ExitWatch(AsyncFd<OwnedFd>);
+
+/// An event (`process NAME PID exited`) each time a watched process exits (a pidfd
+/// becomes readable when its process ends); `pids` is updated by the driver whenever
+/// it sees what runs (observe, start). The Caddy pair and dnsmasq are watched so.
+pub fn exit_events(
+    name: &'static str,
+    pids: tokio::sync::watch::Receiver<Vec<u32>>,
+) -> BoxStream<'static, HostEvent> {
+    let exited = std::collections::BTreeSet::new();
+    futures::stream::unfold((pids, exited), move |(mut pids, mut exited)| async move {
+        loop {
+            let current = pids.borrow_and_update().clone();
+            // A pid reported once is not reported again while observe still lists it.
+            exited.retain(|p| current.contains(p));
+            let mut watched = Vec::new();
+            for pid in current.iter().copied().filter(|p| !exited.contains(p)) {
+                let Ok(watch) = exit_watch(pid) else {
+                    // Already gone before we could watch it.
+                    exited.insert(pid);
+                    return Some((
+                        HostEvent(format!("process {name} {pid} exited")),
+                        (pids, exited),
+                    ));
+                };
+                watched.push((pid, watch));
+            }
+            if watched.is_empty() {
+                // Nothing (new) to watch: wait until observe or start sees a process.
+                pids.changed().await.ok()?;
+                continue;
+            }
+            let exits = watched.iter().map(|(pid, watch)| {
+                Box::pin(async move {
+                    watch.exited().await;
+                    *pid
+                })
+            });
+            tokio::select! {
+                (pid, _, _) = futures::future::select_all(exits) => {
+                    exited.insert(pid);
+                    return Some((HostEvent(format!("process {name} {pid} exited")), (pids, exited)));
+                }
+                changed = pids.changed() => {
+                    // Watch whatever runs now.
+                    changed.ok()?;
+                }
+            }
+        }
+    })
+    .boxed()
+}
 
 /// Watches `pid`; an error (`ESRCH`) when it is already gone. Needs a tokio runtime.
 pub fn exit_watch(pid: u32) -> io::Result<ExitWatch> {

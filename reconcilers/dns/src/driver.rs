@@ -37,7 +37,7 @@ pub trait DnsDriver: Send + Sync + 'static {
         hash: &str,
     ) -> impl Future<Output = Result<(), DriverError>> + Send;
     /// An event naming the file whenever one of our files changes on disk (drift, or
-    /// our own write).
+    /// our own write), and one when a dnsmasq `running` found exits.
     fn file_events(&self) -> Option<BoxStream<'static, HostEvent>> {
         None
     }
@@ -47,6 +47,9 @@ pub trait DnsDriver: Send + Sync + 'static {
 pub struct Dnsmasq {
     layout: Layout,
     binary: PathBuf,
+    /// The dnsmasq pids observe last found, for the exit watch (a killed dnsmasq is
+    /// started again at once, not at the next resync).
+    pids: tokio::sync::watch::Sender<Vec<u32>>,
 }
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,6 +60,7 @@ impl Dnsmasq {
         Self {
             layout,
             binary: binary.into(),
+            pids: tokio::sync::watch::Sender::new(Vec::new()),
         }
     }
 
@@ -165,6 +169,12 @@ impl DnsDriver for Dnsmasq {
                 }
             }
         }
+        let pids: Vec<u32> = found.iter().map(|r| r.pid).collect();
+        self.pids.send_if_modified(|seen| {
+            let changed = *seen != pids;
+            *seen = pids;
+            changed
+        });
         Ok(found)
     }
 
@@ -219,11 +229,13 @@ impl DnsDriver for Dnsmasq {
                 })
                 .boxed())
         };
+        // dnsmasq's exit (kill -9 leaves its pid file, so no file event says it).
+        let exits = host::exit_events("dnsmasq", self.pids.subscribe());
         match watch() {
-            Ok(s) => Some(s),
+            Ok(s) => Some(futures::stream::select(s, exits).boxed()),
             Err(e) => {
-                tracing::warn!(error = %e, "no inotify on the dns directory: drift is repaired at resync only");
-                None
+                tracing::warn!(error = %e, "no inotify on the dns directory: file drift is repaired at resync only");
+                Some(exits)
             }
         }
     }

@@ -408,7 +408,10 @@ impl CaddyDriver for Caddy {
         if self.external.is_some() {
             return None;
         }
-        let mut streams = vec![process::exit_events(self.watch.subscribe())];
+        let mut streams = vec![converge_core::host::exit_events(
+            "caddy",
+            self.watch.subscribe(),
+        )];
         streams.extend(redirect::events());
         if let Some(mut rx) = self
             .drain_failures

@@ -3,7 +3,9 @@
 //! document dropped once nothing that stays uses them.
 
 use super::{recorded, stop_grace, Action, NetStep, Observed};
-use crate::driver::{NetworkCreate, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME, LABEL_NODE};
+use crate::driver::{
+    NetworkCreate, RuntimeContainer, RuntimeNetwork, LABEL_MANAGED, LABEL_NAME, LABEL_NODE,
+};
 use crate::spec::{Container, Network};
 use converge_core::{Change, FieldChange, Op, Waiting};
 use ipnet::IpNet;
@@ -26,6 +28,8 @@ pub struct NetworkPlan {
     pub waiting: Vec<Waiting>,
     /// Networks being replaced: the containers converge runs on them are recreated.
     pub replaced: BTreeSet<String>,
+    /// Runtime names of converge's containers a network action removes first.
+    pub removed: BTreeSet<String>,
 }
 
 /// Whether a runtime network carries this node's ownership labels.
@@ -92,6 +96,16 @@ fn show(subnets: impl IntoIterator<Item = (IpNet, Option<IpAddr>)>) -> String {
         .join(", ")
 }
 
+/// Steps removing converge's containers `rcs` (with their stop grace).
+fn remove_first(rcs: &[&RuntimeContainer]) -> Vec<NetStep> {
+    rcs.iter()
+        .map(|rc| NetStep::RemoveContainer {
+            id: rc.id.clone(),
+            grace: recorded(rc).map_or(Duration::from_secs(10), |c| stop_grace(&c)),
+        })
+        .collect()
+}
+
 /// The networks' plan. `containers` is the document's containers section (None:
 /// unmanaged, so every container converge runs stays where it is).
 pub fn plan(
@@ -130,16 +144,35 @@ pub fn plan(
         let want = desired(n, node);
         let want_shown = show(want.subnets.iter().map(|(s, g)| (*s, Some(*g))));
         let Some(rn) = on_host.get(n.name.as_str()) else {
-            out.changes.push(
-                Change::new(Op::Create, "network", &n.name).with_field(FieldChange::new(
-                    "subnets",
+            // converge's containers created on it while it existed (removed by hand,
+            // e.g. `podman network rm -f`, whose teardown may also take down the bridge
+            // of instances converge restarted meanwhile): recreated on the new one, as
+            // on a replaced network, or they would run detached from it.
+            let stranded: Vec<&RuntimeContainer> = observed
+                .containers
+                .iter()
+                .filter(|rc| {
+                    recorded(rc).is_some_and(|c| c.network.as_deref() == Some(n.name.as_str()))
+                })
+                .collect();
+            let mut change = Change::new(Op::Create, "network", &n.name)
+                .with_field(FieldChange::new("subnets", None, Some(want_shown)));
+            let mut steps = remove_first(&stranded);
+            if !stranded.is_empty() {
+                change.fields.push(FieldChange::new(
+                    "strategy",
                     None,
-                    Some(want_shown),
-                )),
-            );
+                    Some("it vanished under converge's containers: remove them, create it, recreate them".into()),
+                ));
+                out.replaced.insert(n.name.clone());
+                out.removed
+                    .extend(stranded.iter().map(|rc| rc.name.clone()));
+            }
+            steps.push(NetStep::Create(want));
+            out.changes.push(change);
             out.before.push(Action::Network {
                 name: n.name.clone(),
-                steps: vec![NetStep::Create(want)],
+                steps,
             });
             continue;
         };
@@ -190,16 +223,12 @@ pub fn plan(
             continue;
         }
         // converge's own containers on it go first (they are recreated on the new one).
-        let mut steps: Vec<NetStep> = users(&n.name)
+        let ours: Vec<&RuntimeContainer> = users(&n.name)
             .iter()
-            .filter_map(|u| {
-                let rc = observed.containers.iter().find(|rc| &rc.name == u)?;
-                Some(NetStep::RemoveContainer {
-                    id: rc.id.clone(),
-                    grace: recorded(rc).map_or(Duration::from_secs(10), |c| stop_grace(&c)),
-                })
-            })
+            .filter_map(|u| observed.containers.iter().find(|rc| &rc.name == u))
             .collect();
+        out.removed.extend(ours.iter().map(|rc| rc.name.clone()));
+        let mut steps = remove_first(&ours);
         steps.push(NetStep::Remove);
         steps.push(NetStep::Create(want));
         out.changes.push(change.with_field(FieldChange::new(

@@ -222,3 +222,73 @@ fn settings_are_normalized_for_the_runtimes() {
         ]
     );
 }
+
+/// The plan when the document puts `web` on network `app` and the runtime has
+/// `running` and the networks `on_host`.
+fn plan_on_network(running: Vec<RuntimeContainer>, on_host: Vec<RuntimeNetwork>) -> Plan<Action> {
+    let mut v = base();
+    v["network"] = json!("app");
+    let c: Container = serde_json::from_value(v).unwrap();
+    let net: crate::spec::Network =
+        serde_json::from_value(json!({"name": "app", "subnets": [{"subnet": "10.89.0.0/24"}]}))
+            .unwrap();
+    let observed = Observed {
+        containers: running,
+        networks: on_host,
+        images: BTreeMap::from([(
+            c.image.clone(),
+            Some(LocalImage {
+                id: IMAGE_ID.to_string(),
+                digests: Vec::new(),
+            }),
+        )]),
+        ..Default::default()
+    };
+    let spec = Workload {
+        containers: Some(vec![c]),
+        networks: Some(vec![net]),
+        registries: Vec::new(),
+        images: None,
+    };
+    plan(&spec, &observed, NODE, &Facts::default())
+}
+
+#[test]
+fn containers_left_on_a_vanished_network_are_recreated_on_the_new_one() {
+    // `podman network rm -f` removes the network under converge's running instance
+    // (its bridge may go after converge restarted it): the instance would run
+    // detached, although the runtime reports it on the network at its address.
+    let mut v = base();
+    v["network"] = json!("app");
+    let c: Container = serde_json::from_value(v).unwrap();
+    let stranded = instance(&c);
+    let p = plan_on_network(vec![stranded.clone()], Vec::new());
+    let Action::Network { name, steps } = &p.actions[0] else {
+        panic!("network action first: {:?}", p.actions);
+    };
+    assert_eq!(name, "app");
+    assert!(
+        matches!(&steps[..], [NetStep::RemoveContainer { id, .. }, NetStep::Create(_)] if *id == stranded.id),
+        "{steps:?}"
+    );
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Container { name, steps }
+            if name == "web" && matches!(steps[..], [Step::Create { start: true, .. }]))),
+        "recreated: {:?}",
+        p.actions
+    );
+    assert!(p
+        .changes
+        .iter()
+        .any(|ch| ch.fields.iter().any(|f| f.field == "network"
+            && f.new.as_deref() == Some("recreated on the replaced network app"))));
+
+    // A network made for the first time removes nothing.
+    let p = plan_on_network(Vec::new(), Vec::new());
+    let Action::Network { steps, .. } = &p.actions[0] else {
+        panic!("network action first: {:?}", p.actions);
+    };
+    assert!(matches!(&steps[..], [NetStep::Create(_)]), "{steps:?}");
+}

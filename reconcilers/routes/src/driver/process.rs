@@ -8,9 +8,7 @@ use super::pair::admin_listen;
 use super::user::{self, RunAs};
 use converge_core::fsutil::write_atomic;
 use converge_core::host;
-use converge_core::{with_timeout, DriverError, HostEvent};
-use futures::stream::BoxStream;
-use futures::StreamExt;
+use converge_core::{with_timeout, DriverError};
 use serde_json::{json, Value};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -195,51 +193,4 @@ pub async fn start(
         )));
     }
     Ok(())
-}
-
-/// An event each time a watched Caddy process exits (a pidfd becomes readable when its
-/// process ends); `pids` is updated by observe and start.
-pub fn exit_events(pids: tokio::sync::watch::Receiver<Vec<u32>>) -> BoxStream<'static, HostEvent> {
-    let exited = std::collections::BTreeSet::new();
-    futures::stream::unfold((pids, exited), |(mut pids, mut exited)| async move {
-        loop {
-            let current = pids.borrow_and_update().clone();
-            // A pid reported once is not reported again while observe still lists it.
-            exited.retain(|p| current.contains(p));
-            let mut watched = Vec::new();
-            for pid in current.iter().copied().filter(|p| !exited.contains(p)) {
-                let Ok(watch) = host::exit_watch(pid) else {
-                    // Already gone before we could watch it.
-                    exited.insert(pid);
-                    return Some((
-                        HostEvent(format!("process caddy {pid} exited")),
-                        (pids, exited),
-                    ));
-                };
-                watched.push((pid, watch));
-            }
-            if watched.is_empty() {
-                // Nothing (new) to watch: wait until observe or start sees a process.
-                pids.changed().await.ok()?;
-                continue;
-            }
-            let exits = watched.iter().map(|(pid, watch)| {
-                Box::pin(async move {
-                    watch.exited().await;
-                    *pid
-                })
-            });
-            tokio::select! {
-                (pid, _, _) = futures::future::select_all(exits) => {
-                    exited.insert(pid);
-                    return Some((HostEvent(format!("process caddy {pid} exited")), (pids, exited)));
-                }
-                changed = pids.changed() => {
-                    // Watch whatever runs now.
-                    changed.ok()?;
-                }
-            }
-        }
-    })
-    .boxed()
 }
