@@ -95,7 +95,7 @@ impl Store {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL + FULL: a committed transaction survives kill -9 and power loss.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        converge_core::sqlite::set_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         // A small page cache: the agent reads the store rarely (start-up, status).
         conn.pragma_update(None, "cache_size", -512)?;

@@ -125,7 +125,7 @@ impl PlaneStore {
     pub fn open(path: &Path) -> Result<PlaneStore, PlaneError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        converge_core::sqlite::set_wal(&conn)?;
         // Node credentials and token hashes: root's only.
         crate::privacy::make_private(path)?;
         let mut store = PlaneStore { conn };

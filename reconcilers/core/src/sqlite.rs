@@ -30,6 +30,24 @@ pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<u
     }
 }
 
+/// Turns `conn`'s database to WAL. Several processes doing it at once to a new database
+/// (the agent starting while `converge status` opens the store) can deadlock on the
+/// journal's locks, and SQLite answers BUSY at once to all but one of them rather than
+/// through the busy timeout: those try again, up to about 5 s.
+pub fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
+    for _ in 0..250 {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+    conn.pragma_update(None, "journal_mode", "WAL")
+}
+
 /// A database at `path` as a build of schema version `k` left it: the first `k`
 /// migrations run, the version set (for each store's upgrade-from-every-version test).
 pub fn at_version(
