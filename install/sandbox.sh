@@ -331,7 +331,7 @@ echo "the fleet page (serve --fleet-page; opened with the token in <data>/fleet-
 in_ns curl -sS --cacert "$cp/ca.crt" "https://10.0.3.17:8443/fleet?token=$(cat "$cp/data/fleet-page.token")" |
   python3 -c 'import html, re, sys
 t = re.sub(r"<(style|title)>.*?</\1>", "", sys.stdin.read(), flags=re.S)
-t = re.sub(r"<(tr|p|h1|h2|pre)[ >]", lambda m: "\n<" + m.group(1) + " ", t)
+t = re.sub(r"<(tr|p|h1|h2|pre)(?=[ >])", lambda m: "\n<" + m.group(1), t)
 for line in html.unescape(re.sub(r"<[^>]+>", " ", t)).splitlines():
     if line.strip(): print("  " + " ".join(line.split()))'
 
