@@ -1,12 +1,20 @@
 //! Simulated fleet over NATS JetStream: N lightweight node clients (a real connection
 //! each, subscribed to the delivery of the durable consumer the plane makes for it, as
 //! the agent is; an acknowledgement on its status subject per envelope, and the
-//! consumer ack; no reconcilers), one publisher that also makes the consumers. Prints the time from the start of publishing one new generation for all
-//! nodes until each node's acknowledgement arrived (p50, p99, max), and this process's
-//! RSS and CPU per connection. Without a CA every client uses the bench user (no
-//! per-node permissions); with one (`CA_PEM`), the connection is TLS verified against it
-//! and each node authenticates as the agent does, with its own nkey and the per-node
-//! permissions `fleet users N` prints for nats-server.
+//! consumer ack; no reconcilers), one publisher that also makes the consumers. Prints the
+//! time from the start of publishing one new generation for all nodes until each node's
+//! acknowledgement arrived (p50, p99, max), what one KV put costs (sequential, so the
+//! stream's replication is in it), and this process's RSS and CPU per connection.
+//! Without a CA every client uses the bench user (no per-node permissions); with one
+//! (`CA_PEM`), the connection is TLS verified against it and each node authenticates as
+//! the agent does, with its own nkey and the per-node permissions `fleet users N` prints
+//! for nats-server.
+//! Environment: `FLEET_NODE_URLS` (comma-separated) spreads the node clients over these
+//! servers round-robin (a cluster's members, or leaf nodes) while the publisher stays on
+//! NATS_URL; `FLEET_REPLICAS` sets the bucket stream's replicas (default 1);
+//! `FLEET_SHARDS` splits the bucket over that many streams (node i on stream i % shards;
+//! the plane has one stream today): it shows what one put costs with fewer consumers
+//! per stream (BENCHMARKS.md, "10,000 nodes").
 //! Usage: `fleet NATS_URL USER PASSWORD N [CA_PEM]`, `fleet users N USER PASSWORD`.
 
 use converge::control::nats::{consumer_config, deliver_subject};
@@ -80,6 +88,27 @@ async fn main() -> anyhow::Result<()> {
     };
     let (url, user, password) = (url.clone(), user.clone(), password.clone());
     let n: usize = n.parse()?;
+    let node_urls: Vec<String> = match std::env::var("FLEET_NODE_URLS") {
+        Ok(list) => list.split(',').map(str::to_string).collect(),
+        Err(_) => vec![url.clone()],
+    };
+    // The bucket split over several streams: with nats-server 2.9 a put's cost grows with
+    // the consumers on its stream.
+    let shards: usize = std::env::var("FLEET_SHARDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
+    let shard = |i: usize| match shards {
+        1 => ("KV_converge".to_string(), "converge".to_string()),
+        _ => (
+            format!("KV_converge{}", i % shards),
+            format!("converge{}", i % shards),
+        ),
+    };
+    let replicas: usize = std::env::var("FLEET_REPLICAS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
     // The publisher: the bench user (over TLS when a CA is given).
     let tls = |opts: async_nats::ConnectOptions| match &ca {
         Some(pem) => {
@@ -111,50 +140,89 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let js = async_nats::jetstream::new(cp.clone());
-    js.get_or_create_stream(async_nats::jetstream::stream::Config {
-        name: "KV_converge".into(),
-        subjects: vec!["$KV.converge.>".into()],
-        max_messages_per_subject: 1,
-        allow_rollup: true,
-        allow_direct: true,
-        ..Default::default()
-    })
-    .await?;
+    for k in 0..shards {
+        let (name, bucket) = shard(k);
+        let config = async_nats::jetstream::stream::Config {
+            name,
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            allow_rollup: true,
+            allow_direct: true,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        // A cluster just started has no JetStream leader for a few seconds.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(e) = js.get_or_create_stream(config.clone()).await {
+            if Instant::now() > deadline {
+                anyhow::bail!("cannot make the stream: {e}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let mut acks = cp.subscribe("converge.status.*").await?;
     let rss0 = rss_kb();
     let (ready_tx, mut ready) = tokio::sync::mpsc::channel::<()>(n);
     let started = Instant::now();
-    for i in 0..n {
-        let client = loop {
-            match node_options(i)?.connect(url.clone()).await {
-                Ok(c) => break c,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
-        let ready_tx = ready_tx.clone();
-        let id = format!("bench-{i}");
-        // The plane's side: the node's consumer (as `control-plane serve` makes it).
-        js.get_stream("KV_converge")
-            .await?
-            .get_or_create_consumer(
-                &converge::control::nats::consumer_name(&id),
-                consumer_config(&id),
-            )
-            .await?;
-        tokio::spawn(async move {
-            let Ok(mut messages) = client.subscribe(deliver_subject(&id)).await else {
-                return;
-            };
-            let _ = ready_tx.send(()).await;
-            while let Some(m) = messages.next().await {
-                let _ = client
-                    .publish(format!("converge.status.{id}"), m.payload.clone())
-                    .await;
-                if let Some(reply) = m.reply {
-                    let _ = client.publish(reply, Vec::new().into()).await;
+    let shard = &shard;
+    // Connections and consumers are made 64 at a time, as nodes arrive at a real plane.
+    let (node_options, node_urls) = (&node_options, &node_urls);
+    let setup = futures::stream::iter(0..n).map(|i| {
+        let (ready_tx, js) = (ready_tx.clone(), js.clone());
+        async move {
+            let (stream, bucket) = shard(i);
+            let stream = js.get_stream(stream).await?;
+            let node_url = &node_urls[i % node_urls.len()];
+            let client = loop {
+                match node_options(i)?.connect(node_url.as_str()).await {
+                    Ok(c) => break c,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
+            };
+            let id = format!("bench-{i}");
+            // The plane's side: the node's consumer (as `control-plane serve` makes it,
+            // retried as its next scan would: a loaded cluster times some out).
+            let config = async_nats::jetstream::consumer::push::Config {
+                filter_subject: format!("$KV.{bucket}.{id}"),
+                ..consumer_config(&id)
+            };
+            let mut attempt = 0;
+            while let Err(e) = stream
+                .get_or_create_consumer(
+                    &converge::control::nats::consumer_name(&id),
+                    config.clone(),
+                )
+                .await
+            {
+                attempt += 1;
+                if attempt == 10 {
+                    anyhow::bail!("{id}: consumer: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
             }
-        });
+            let mut messages = client.subscribe(deliver_subject(&id)).await?;
+            tokio::spawn(async move {
+                let _ = ready_tx.send(()).await;
+                while let Some(m) = messages.next().await {
+                    let _ = client
+                        .publish(format!("converge.status.{id}"), m.payload.clone())
+                        .await;
+                    if let Some(reply) = m.reply {
+                        let _ = client.publish(reply, Vec::new().into()).await;
+                    }
+                }
+            });
+            anyhow::Ok(())
+        }
+    });
+    let mut setup = setup.buffer_unordered(64);
+    let mut made = 0;
+    while let Some(node) = setup.next().await {
+        node?;
+        made += 1;
+        if made % 1000 == 0 {
+            eprintln!("setup: {made} nodes after {:?}", started.elapsed());
+        }
     }
     for _ in 0..n {
         ready.recv().await;
@@ -165,28 +233,54 @@ async fn main() -> anyhow::Result<()> {
     let cpu_idle0 = cpu_secs();
     tokio::time::sleep(Duration::from_secs(10)).await;
     let idle_cpu = (cpu_secs() - cpu_idle0) / 10.0 * 100.0;
-    // One new generation for every node; a 1 KiB envelope-sized payload.
+    // What one put costs: 200 sequential puts to a key no node watches (with R3 each
+    // waits for the stream's quorum).
+    let mut put = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let t = Instant::now();
+        js.publish(format!("$KV.{}.probe", shard(0).1), vec![b'x'; 1024].into())
+            .await?
+            .await?;
+        put.push(t.elapsed());
+    }
+    put.sort();
+    // One new generation for every node; a 1 KiB envelope-sized payload, 256 puts in
+    // flight as the plane does. Each ack is awaited: an unawaited ack future keeps one of
+    // async-nats' 5,000 in-flight permits, which stalled the 8,000-node run.
     let payload: Vec<u8> = vec![b'x'; 1024];
     let t0 = Instant::now();
-    let mut pending = Vec::with_capacity(n);
-    for i in 0..n {
-        pending.push(
-            js.publish(format!("$KV.converge.bench-{i}"), payload.clone().into())
-                .await?,
-        );
-    }
-    let published = t0.elapsed();
+    let puts = futures::stream::iter(0..n)
+        .map(|i| {
+            let (js, payload) = (js.clone(), payload.clone());
+            let (_, bucket) = shard(i);
+            async move {
+                js.publish(format!("$KV.{bucket}.bench-{i}"), payload.into())
+                    .await?
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
+        })
+        .buffer_unordered(256)
+        .collect::<Vec<_>>();
     let mut lat = Vec::with_capacity(n);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while lat.len() < n {
-        match tokio::time::timeout_at(deadline, acks.next()).await {
-            Ok(Some(_)) => lat.push(t0.elapsed()),
-            _ => break,
+    let collect = async {
+        while lat.len() < n {
+            match tokio::time::timeout_at(deadline, acks.next()).await {
+                Ok(Some(_)) => lat.push(t0.elapsed()),
+                _ => break,
+            }
         }
-    }
-    for p in pending {
-        let _ = p.await;
-    }
+    };
+    let (puts, ()) = tokio::join!(
+        async {
+            let r = puts.await;
+            (r, t0.elapsed())
+        },
+        collect
+    );
+    let (puts, published) = puts;
+    let failed = puts.iter().filter(|p| p.is_err()).count();
     lat.sort();
     let q = |f: f64| {
         lat.get(((lat.len() as f64 * f) as usize).min(lat.len().saturating_sub(1)))
@@ -194,7 +288,11 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default()
     };
     println!(
-        "nodes {n}: setup {setup:?}, publish loop {published:?}; acknowledged {}/{n}: p50 {:?}, p99 {:?}, max {:?}",
+        "one put (sequential, 200): p50 {:?}, p99 {:?}",
+        put[100], put[197]
+    );
+    println!(
+        "nodes {n}: setup {setup:?}, all puts acknowledged {published:?} ({failed} failed); acknowledged {}/{n}: p50 {:?}, p99 {:?}, max {:?}",
         lat.len(),
         q(0.50),
         q(0.99),

@@ -305,6 +305,8 @@ type QueuedDryRun = (i64, Arc<Vec<u8>>);
 
 /// KV puts in flight at once when a scan publishes many envelopes.
 const PUBLISH_WINDOW: usize = 256;
+/// Consumers made at once when a scan finds nodes without one.
+const CONSUMER_WINDOW: usize = 64;
 
 /// Dry-run requests kept per HTTPS node (the oldest are dropped).
 const MAX_QUEUED_DRY_RUNS: usize = 4;
@@ -544,34 +546,53 @@ impl Plane {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Makes the NATS consumer of every node that has none yet (see `nats::consumer_config`).
+    /// Makes the NATS consumer of every node that has none yet (see
+    /// `nats::consumer_config`), [`CONSUMER_WINDOW`] at a time: one by one, 10,000 nodes
+    /// (a plane restarted on a big fleet) waited minutes for their consumers.
     async fn ensure_consumers(&self, nodes: &[NodeRecord]) {
+        use futures::StreamExt;
         let Some(js) = self.js.get() else { return };
         if js.client().connection_state() != async_nats::connection::State::Connected {
             return;
         }
-        for node in nodes {
-            let has_user = node.nats_key.is_some() || node.nats_password.is_some();
-            if !has_user || lock(&self.consumers).contains(&node.id) {
-                continue;
-            }
-            let made = match js.get_stream(STREAM).await {
-                Ok(stream) => stream
-                    .get_or_create_consumer(
-                        &super::nats::consumer_name(&node.id),
-                        super::nats::consumer_config(&node.id),
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
+        let missing: Vec<String> = {
+            let made = lock(&self.consumers);
+            nodes
+                .iter()
+                .filter(|n| n.nats_key.is_some() || n.nats_password.is_some())
+                .filter(|n| !made.contains(&n.id))
+                .map(|n| n.id.clone())
+                .collect()
+        };
+        if missing.is_empty() {
+            return;
+        }
+        let stream = match js.get_stream(STREAM).await {
+            Ok(s) => s,
+            Err(e) => return warn!(error = %e, "cannot open the bucket's stream; retrying"),
+        };
+        let mut made = futures::stream::iter(missing)
+            .map(|id| {
+                let stream = stream.clone();
+                async move {
+                    let made = stream
+                        .get_or_create_consumer(
+                            &super::nats::consumer_name(&id),
+                            super::nats::consumer_config(&id),
+                        )
+                        .await
+                        .map(|_| ());
+                    (id, made)
+                }
+            })
+            .buffer_unordered(CONSUMER_WINDOW);
+        while let Some((id, made)) = made.next().await {
             match made {
                 Ok(()) => {
-                    lock(&self.consumers).insert(node.id.clone());
+                    lock(&self.consumers).insert(id);
                 }
                 Err(e) => {
-                    warn!(node = %node.id, error = %e, "cannot make the node's consumer; retrying")
+                    warn!(node = %id, error = %e, "cannot make the node's consumer; retrying")
                 }
             }
         }
