@@ -1254,19 +1254,15 @@ fn https_fleet_dry_run() {
 /// `control-plane conformance` against the reference plane: every check passes (the
 /// document path included: the plane has a document, with a secret, for the throwaway
 /// node), and a wrong `--plane-key` fails its check and the run.
-#[test]
-fn conformance_checks_pass_against_the_reference_plane() {
-    let cp = Cp::new(false);
-    let mut d = doc("conf-1", 1);
-    d["secrets"] = json!({"api-key": "s3cret"});
-    cp.publish("conf-1", &d);
+/// A one-time token for `name` and the plane's key fingerprint from the join hint.
+fn token_and_plane_key(cp: &Cp, name: &str) -> (String, String) {
     let out = cp.cli(&[
         "control-plane",
         "token",
         "--data",
         &cp.data(),
         "--name",
-        "conf-1",
+        name,
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -1277,6 +1273,16 @@ fn conformance_checks_pass_against_the_reference_plane() {
         .nth(1)
         .expect("--plane-key in the join hint")
         .to_string();
+    (token, fingerprint)
+}
+
+#[test]
+fn conformance_checks_pass_against_the_reference_plane() {
+    let cp = Cp::new(false);
+    let mut d = doc("conf-1", 1);
+    d["secrets"] = json!({"api-key": "s3cret"});
+    cp.publish("conf-1", &d);
+    let (token, fingerprint) = token_and_plane_key(&cp, "conf-1");
     let (url, ca) = (cp.http_url(), cp.ca());
     let conformance = |token: &str, plane_key: &str, name: &str| {
         cp.cli(&[
@@ -1336,6 +1342,60 @@ fn conformance_checks_pass_against_the_reference_plane() {
     );
     // Nothing for conf-2: the document check says so instead of failing.
     assert!(text.contains("SKIP  document: no document"), "{text}");
+}
+
+/// `control-plane conformance` against the reference plane handing out NATS (TLS,
+/// nkeys): the document arrives on the throwaway node's delivery subject and verifies,
+/// its status goes through, and the server refuses it another node's documents and
+/// status subject and a write to the bucket.
+#[test]
+fn conformance_checks_pass_over_nats() {
+    let cp = Cp::new(true);
+    let mut d = doc("confn-1", 1);
+    d["secrets"] = json!({"api-key": "s3cret"});
+    cp.publish("confn-1", &d);
+    let (token, fingerprint) = token_and_plane_key(&cp, "confn-1");
+    let out = cp.cli(&[
+        "control-plane",
+        "conformance",
+        &cp.http_url(),
+        "--ca",
+        &cp.ca(),
+        "--token",
+        &token,
+        "--plane-key",
+        &fingerprint,
+        "--name",
+        "confn-1",
+    ]);
+    let text = stderr(&out);
+    assert!(out.status.success(), "{text}");
+    for check in [
+        "unknown token refused",
+        "enrollment",
+        "plane key",
+        "used token refused",
+        "nats connection",
+        "document",
+        "status accepted",
+        "other node's documents refused",
+        "other node's status refused",
+        "bucket write refused",
+    ] {
+        assert!(
+            text.contains(&format!("PASS  {check}: ")),
+            "{check}: {text}"
+        );
+    }
+    assert!(text.contains("over TLS"), "{text}");
+    assert!(text.contains("1 sealed secret(s) opened"), "{text}");
+    assert!(text.contains("0 failed, 0 skipped"), "{text}");
+    // The throwaway node's status reached the plane over NATS.
+    wait_until(
+        Duration::from_secs(10),
+        "confn-1's status at the plane",
+        || cp.record("confn-1")["lastSeen"].is_string(),
+    );
 }
 
 /// `control-plane rollout` over HTTPS with four nodes: waves in order, each gated on

@@ -444,14 +444,15 @@ pub enum ControlPlaneCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Check a running control plane over HTTPS as a node would (docs/protocol.md):
-    /// enrolls a throwaway node with TOKEN, then checks the plane's key, a document over
-    /// the long poll, a signed status, and the refusal of replayed, unsigned and forged
-    /// requests. Prints each check PASS/FAIL/SKIP; exits 0 only if none failed.
+    /// Check a running control plane as a node would (docs/protocol.md): enrolls a
+    /// throwaway node with TOKEN over HTTPS, checks the plane's key, then on the transport
+    /// the plane hands out a document, a status, and the refusals (HTTPS: replayed,
+    /// unsigned and forged requests; NATS: another node's subjects, a bucket write).
+    /// Prints each check PASS/FAIL/SKIP; exits 0 only if none failed.
     Conformance {
         /// The control plane's URL, as nodes join it (e.g. https://cp.example:8443).
         url: String,
-        /// PEM file of the certificate (or CA) to trust for its HTTPS.
+        /// PEM file of the certificate (or CA) to trust for its HTTPS (and NATS TLS).
         #[arg(long)]
         ca: Option<PathBuf>,
         /// A one-time registration token (consumed: the throwaway node stays enrolled).

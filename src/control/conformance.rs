@@ -1,10 +1,14 @@
-//! `converge control-plane conformance URL`: checks a running control plane over HTTPS
-//! as a node would (docs/protocol.md), so a control plane written in any language can
-//! show it speaks the protocol: refusal of an unknown token, enrollment of a throwaway
-//! identity, the plane's key, refusal of a used token, a signed hello, a document over
-//! the long poll (signature, domain, node, generation, sealed secrets, validity), a
-//! signed status, and refusal of replayed, unsigned, forged, tampered, stale and
-//! misaddressed requests; answers are read up to the node's own size caps.
+//! `converge control-plane conformance URL`: checks a running control plane as a node
+//! would (docs/protocol.md), so a control plane written in any language can show it
+//! speaks the protocol: over HTTPS, refusal of an unknown token, enrollment of a
+//! throwaway identity, the plane's key, refusal of a used token; then on the transport
+//! the plane hands out. HTTPS: a signed hello, a document over the long poll
+//! (signature, domain, node, generation, sealed secrets, validity), a signed status, and
+//! refusal of replayed, unsigned, forged, tampered, stale and misaddressed requests.
+//! NATS: the node's nkey over the server's TLS, the document on the node's delivery
+//! subject (the same checks), a status, and the server refusing this node another
+//! node's documents and status subject and a write to the bucket. Answers are read up
+//! to the node's own size caps.
 
 use super::envelope::{self, Envelope};
 use super::identity::{fingerprint, key_id, parse_public_key, Identity};
@@ -100,6 +104,20 @@ const AFTER_ENROLLMENT: &[&str] = &[
     "stale time refused",
     "other node's path refused",
 ];
+
+/// The checks on NATS, after enrollment and the used token.
+const NATS_CHECKS: &[&str] = &[
+    "nats connection",
+    "document",
+    "status accepted",
+    "other node's documents refused",
+    "other node's status refused",
+    "bucket write refused",
+];
+
+/// How long the NATS checks wait for the document, and for a permission violation.
+const NATS_DOCUMENT_WAIT: Duration = Duration::from_secs(20);
+const NATS_VIOLATION_WAIT: Duration = Duration::from_secs(3);
 
 /// A request as the node signs it, with a given time and nonce.
 struct Req<'a> {
@@ -326,14 +344,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Check>> {
     let base = match &answer.transport {
         Transport::Https { url } => url.trim_end_matches('/').to_string(),
         Transport::Nats { url, .. } => {
-            for name in &AFTER_ENROLLMENT[2..] {
-                run.skip(
-                    name,
-                    &format!(
-                        "the plane hands out NATS ({url}); these checks are of the HTTPS transport"
-                    ),
-                );
-            }
+            let node = Node {
+                id: &node,
+                identity: &identity,
+                pinned: &pinned,
+                facts: &facts,
+            };
+            nats_checks(&mut run, url, &opts, &node).await;
             return Ok(run.checks);
         }
     };
@@ -370,49 +387,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Check>> {
             code => return Err(format!("HTTP {code}, want 200 or 204")),
         }
         let bytes = read_capped(resp, cap).await?;
-        let env = Envelope::parse(&bytes).map_err(|e| e.to_string())?;
-        let signer = env.signer(&pinned).map_err(|e| e.to_string())?;
-        let document = env
-            .verify(&signer, &node, None)
-            .map_err(|e| e.to_string())?;
-        if env.generation == 0 {
-            return Err("generation 0 (a node asks with after=0)".into());
-        }
-        let parsed =
-            crate::document::parse_bytes(&document, crate::document::Format::Json, &opts.limits)
-                .map_err(|p| {
-                    format!(
-                        "the document is not valid ({} problems; first: {})",
-                        p.len(),
-                        p.0.first().map(|p| p.to_string()).unwrap_or_default()
-                    )
-                })?;
-        if parsed.generation != env.generation {
-            return Err(format!(
-                "document generation {} in an envelope of generation {}",
-                parsed.generation, env.generation
-            ));
-        }
-        if parsed.node.id != node {
-            return Err(format!(
-                "document for node {:?}, not {node:?}",
-                parsed.node.id
-            ));
-        }
-        let secrets = super::sealed::open_all(identity.sealing_secret(), parsed.secrets.as_ref())
-            .map_err(|e| e.to_string())?;
-        Ok(Some(format!(
-            "generation {} signed by {}{}, {} sealed secret(s) opened, {} bytes ≤ {cap}",
-            env.generation,
-            key_id(&signer),
-            if env.rotations.is_empty() {
-                String::new()
-            } else {
-                format!(" after {} rotation(s)", env.rotations.len())
-            },
-            secrets.len(),
-            bytes.len()
-        )))
+        check_document(&bytes, &pinned, &node, &identity, &opts.limits).map(Some)
     }
     .await;
     match doc {
@@ -491,4 +466,240 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Check>> {
     run.add("other node's path refused", expect_refused(got));
 
     Ok(run.checks)
+}
+
+/// Verifies an envelope as the node does (signer, domain, node, generation, the document
+/// valid and for this node, its sealed secrets opened); says what it held.
+fn check_document(
+    bytes: &[u8],
+    pinned: &ed25519_dalek::VerifyingKey,
+    node: &str,
+    identity: &Identity,
+    limits: &Limits,
+) -> Result<String, String> {
+    let cap = envelope::max_bytes(limits.max_document_bytes);
+    if bytes.len() > cap {
+        return Err(format!(
+            "{} bytes, over the node's cap of {cap}",
+            bytes.len()
+        ));
+    }
+    let env = Envelope::parse(bytes).map_err(|e| e.to_string())?;
+    let signer = env.signer(pinned).map_err(|e| e.to_string())?;
+    let document = env.verify(&signer, node, None).map_err(|e| e.to_string())?;
+    if env.generation == 0 {
+        return Err("generation 0 (generations start at 1)".into());
+    }
+    let parsed = crate::document::parse_bytes(&document, crate::document::Format::Json, limits)
+        .map_err(|p| {
+            format!(
+                "the document is not valid ({} problems; first: {})",
+                p.len(),
+                p.0.first().map(|p| p.to_string()).unwrap_or_default()
+            )
+        })?;
+    if parsed.generation != env.generation {
+        return Err(format!(
+            "document generation {} in an envelope of generation {}",
+            parsed.generation, env.generation
+        ));
+    }
+    if parsed.node.id != node {
+        return Err(format!(
+            "document for node {:?}, not {node:?}",
+            parsed.node.id
+        ));
+    }
+    let secrets = super::sealed::open_all(identity.sealing_secret(), parsed.secrets.as_ref())
+        .map_err(|e| e.to_string())?;
+    Ok(format!(
+        "generation {} signed by {}{}, {} sealed secret(s) opened, {} bytes ≤ {cap}",
+        env.generation,
+        key_id(&signer),
+        if env.rotations.is_empty() {
+            String::new()
+        } else {
+            format!(" after {} rotation(s)", env.rotations.len())
+        },
+        secrets.len(),
+        bytes.len()
+    ))
+}
+
+/// The enrolled throwaway node, as the NATS checks use it.
+struct Node<'a> {
+    id: &'a str,
+    identity: &'a Identity,
+    pinned: &'a ed25519_dalek::VerifyingKey,
+    facts: &'a Facts,
+}
+
+/// The NATS transport as the node uses it: its nkey and inbox over the server's TLS,
+/// its document, its status; and the server's per-node permissions, each forbidden
+/// action answered by a permissions violation naming the subject.
+async fn nats_checks(run: &mut Run, url: &str, opts: &Options, node: &Node<'_>) {
+    use futures::StreamExt;
+    let (violations_tx, mut violations) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let connected = async {
+        let (_, seed) = super::nats::nkey(node.identity.signing_key())?;
+        super::nats::with_tls(
+            async_nats::ConnectOptions::with_nkey(seed),
+            url,
+            opts.ca_pem.as_deref(),
+        )?
+        .custom_inbox_prefix(super::protocol::inbox_prefix(node.id))
+        .connection_timeout(Duration::from_secs(10))
+        .event_callback(move |ev| {
+            let tx = violations_tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = ev {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(super::nats::servers(url).as_slice())
+        .await
+        .map_err(|e| format!("connect {url}: {e}"))
+    }
+    .await;
+    let client = match connected {
+        Ok(c) => {
+            let tls = c.server_info().tls_required;
+            run.add(
+                "nats connection",
+                Ok(format!(
+                    "connected with the node's nkey{}",
+                    if tls { " over TLS" } else { " (no TLS)" }
+                )),
+            );
+            c
+        }
+        Err(e) => {
+            run.add("nats connection", Err(e));
+            for name in &NATS_CHECKS[1..] {
+                run.skip(name, "needs the NATS connection");
+            }
+            return;
+        }
+    };
+
+    // The newest document arrives on the node's delivery subject once the plane made
+    // the node's consumer; the node acknowledges it.
+    let document = async {
+        let mut docs = client
+            .subscribe(super::nats::deliver_subject(node.id))
+            .await
+            .map_err(|e| format!("subscribe: {e}"))?;
+        match tokio::time::timeout(NATS_DOCUMENT_WAIT, docs.next()).await {
+            Ok(Some(m)) => {
+                let checked = check_document(
+                    &m.payload,
+                    node.pinned,
+                    node.id,
+                    node.identity,
+                    &opts.limits,
+                );
+                if let Some(reply) = m.reply {
+                    let _ = client.publish(reply, Vec::new().into()).await;
+                }
+                checked.map(Some)
+            }
+            Ok(None) => Err("the subscription ended".into()),
+            Err(_) => Ok(None),
+        }
+    }
+    .await;
+    match document {
+        Ok(Some(d)) => {
+            run.add("document", Ok(d));
+        }
+        Ok(None) => run.skip(
+            "document",
+            &format!(
+                "nothing on {} within {} s; give the plane a document for --name to check it",
+                super::nats::deliver_subject(node.id),
+                NATS_DOCUMENT_WAIT.as_secs()
+            ),
+        ),
+        Err(e) => {
+            run.add("document", Err(e));
+        }
+    }
+
+    // What the node may do passes without a violation; what it may not is refused.
+    let status = NodeMessage::Status(Box::new(StatusMessage {
+        node_id: node.id.to_string(),
+        sent_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        accepted_generation: None,
+        reconcilers: Vec::new(),
+        facts: node.facts.clone(),
+        heartbeat_secs: 15,
+    }));
+    let body = serde_json::to_vec(&status).unwrap_or_default();
+    let own = super::protocol::status_subject(node.id);
+    let sent = client.publish(own.clone(), body.clone().into()).await;
+    let got = match sent {
+        Err(e) => Err(format!("publish: {e}")),
+        Ok(()) => match violation(&client, &mut violations).await {
+            Some(v) => Err(format!("the server refused it: {v}")),
+            None => Ok(format!("published on {own} without a violation")),
+        },
+    };
+    run.add("status accepted", got);
+
+    let other = format!("{}-other", node.id);
+    let subject = super::nats::deliver_subject(&other);
+    let refused = match client.subscribe(subject.clone()).await {
+        Err(e) => Err(format!("subscribe: {e}")),
+        Ok(_sub) => expect_violation(&client, &mut violations, &subject).await,
+    };
+    run.add("other node's documents refused", refused);
+
+    let subject = super::protocol::status_subject(&other);
+    let refused = match client.publish(subject.clone(), body.into()).await {
+        Err(e) => Err(format!("publish: {e}")),
+        Ok(()) => expect_violation(&client, &mut violations, &subject).await,
+    };
+    run.add("other node's status refused", refused);
+
+    let subject = super::nats::key_subject(node.id);
+    let refused = match client.publish(subject.clone(), b"{}".to_vec().into()).await {
+        Err(e) => Err(format!("publish: {e}")),
+        Ok(()) => expect_violation(&client, &mut violations, &subject).await,
+    };
+    run.add("bucket write refused", refused);
+}
+
+/// The next permissions violation the server reports, if one comes within
+/// [`NATS_VIOLATION_WAIT`] after a flush.
+async fn violation(
+    client: &async_nats::Client,
+    violations: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+) -> Option<String> {
+    let _ = client.flush().await;
+    tokio::time::timeout(NATS_VIOLATION_WAIT, violations.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn expect_violation(
+    client: &async_nats::Client,
+    violations: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    subject: &str,
+) -> Result<String, String> {
+    match violation(client, violations).await {
+        Some(v)
+            if v.to_ascii_lowercase().contains("permissions violation") && v.contains(subject) =>
+        {
+            Ok(v)
+        }
+        Some(v) => Err(format!(
+            "want a permissions violation for {subject}, got: {v}"
+        )),
+        None => Err(format!(
+            "no permissions violation for {subject} within {} s",
+            NATS_VIOLATION_WAIT.as_secs()
+        )),
+    }
 }
