@@ -44,11 +44,11 @@ now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 
-# probe START: waits until every piece answers (at most 300 s); prints "PIECE SECONDS"
+# probe START: waits until every piece answers (at most 180 s); prints "PIECE SECONDS"
 # for each, then "all SECONDS". The same checks whoever set the node up.
 probe() {
     local start=$1 names=() urls=() want_ports
-    declare -A at
+    declare -A at=()
     for i in $(seq 0 $((N_RECORDS - 1))); do names+=("svc-$i.internal"); done
     for i in $(seq 0 $((N_ROUTES - 1))); do
         urls+=(--resolve "app-$i.example.com:80:127.0.0.1" "http://app-$i.example.com/")
@@ -82,7 +82,7 @@ probe() {
         if [ -z "${at[metadata]:-}" ]; then
             local last="config/key-$((N_ENTRIES - 1))"
             if [ -f "$DIR/metadata/bench/$last" ] ||
-                in_ns curl -sf --max-time 1 -H 'Authorization: Bearer bench-token' \
+                in_ns curl -sf --max-time 1 -H 'Authorization: Bearer bench-token' -H 'Converge-Metadata: true' \
                     "http://127.0.0.1:8500/v1/metadata/$last" 2>/dev/null | grep -q "value-$((N_ENTRIES - 1))"; then
                 at[metadata]=$(since "$start")
             fi
@@ -91,14 +91,21 @@ probe() {
             at[backups]=$(since "$start")
         fi
         if [ "${#at[@]}" = 7 ]; then break; fi
-        if awk -v s="$(since "$start")" 'BEGIN { exit !(s > 300) }'; then
-            echo "probe: not every piece answered after 300 s (${!at[*]} did)" >&2
+        if awk -v s="$(since "$start")" 'BEGIN { exit !(s > 180) }'; then
+            echo "probe: not every piece answered after 180 s (${!at[*]} did)" >&2
             return 1
         fi
         sleep 0.1
     done
     for k in containers ports dns routes wireguard metadata backups; do echo "$k ${at[$k]}"; done
     echo "all $(since "$start")"
+}
+
+failed() { # keeps the agent's log and says where
+    local keep; keep="/var/tmp/cvg-headline-$$-agent.log"
+    cp "$DIR/agent.log" "$keep"
+    "$BIN" --data-dir "$DATA" status >&2 || true
+    echo "the agent's log: $keep" >&2
 }
 
 # The converge run: a fresh node, the agent started, the document pushed at once.
@@ -113,8 +120,8 @@ run_converge() {
     local start; start=$(now)
     node_agent
     "$BIN" --data-dir "$DATA" push "$DIR/doc.json" >/dev/null
-    probe "$start" >"$DIR/probe.txt" || { tail -20 "$DIR/agent.log" >&2; return 1; }
-    node_wait 1 "$start" 300 >/dev/null || { tail -20 "$DIR/agent.log" >&2; return 1; }
+    probe "$start" >"$DIR/probe.txt" || { failed; return 1; }
+    node_wait 1 "$start" 300 >/dev/null || { failed; return 1; }
     # When the last reconciler turned Converged, from its own record.
     local conv
     conv=$("$BIN" --data-dir "$DATA" status --output json | python3 -c '
@@ -167,9 +174,9 @@ PY
 # The node by hand, one step after another.
 set -euo pipefail
 podman() { command podman --root "$DIR/podman/root" --runroot "$DIR/podman/run" --tmpdir "$DIR/podman/tmp" --network-config-dir "$DIR/podman/networks" "\$@"; }
-podman network create --subnet 10.89.0.0/16 apps >/dev/null
+podman network create --subnet 10.89.0.0/16 $NET >/dev/null
 for i in \$(seq 0 $((N_CONTAINERS - 1))); do
-  podman run -d --name svc-\$i --network apps --ip 10.89.0.\$((i + 2)) --cpus 0.5 --memory 64m --pids-limit 64 \\
+  podman run -d --name svc-\$i --network $NET --ip 10.89.0.\$((i + 2)) --cpus 0.5 --memory 64m --pids-limit 64 \\
     --label team=core -e RUST_LOG=info -e PORT=8000 --stop-timeout 1 localhost/busybox:test httpd -f -p 8000 -h /www >/dev/null
 done
 wireguard-go $WG

@@ -10,13 +10,16 @@
 # caller's pid ($$) so that concurrent runs on one machine never collide.
 
 NODE_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-NS="" WG="" DIR="" DATA="" PODMAN="" AGENT=""
+NS="" WG="" NET="" DIR="" DATA="" PODMAN="" AGENT=""
 
 # node_init TAG: the namespace cvg-TAG-PID, the WireGuard interface wgTAGPID (at most 15
-# characters: keep TAG short) and a fresh directory /tmp/cvg-TAG-XXXXXX.
+# characters: keep TAG short), the containers' network apps-TAG-PID (Podman's CNI keeps
+# its address reservations per network name, machine-wide: a name shared with another
+# run would hand out the same addresses twice) and a fresh directory /tmp/cvg-TAG-XXXXXX.
 node_init() {
     NS="cvg-$1-$$"
     WG="wg$1$$"
+    NET="apps-$1-$$"
     DIR=$(mktemp -d "/tmp/cvg-$1-XXXXXX")
     # Caddy runs as converge-caddy and must reach its directory below the data dir.
     chmod 755 "$DIR"
@@ -49,7 +52,7 @@ node_podman() {
 }
 
 # node_document ARGS...: the document on stdout (see node_doc.py --help).
-node_document() { python3 "$NODE_LIB/node_doc.py" --wg "$WG" "$@"; }
+node_document() { python3 "$NODE_LIB/node_doc.py" --wg "$WG" --network "$NET" "$@"; }
 
 # node_agent [AGENT-ARGS...]: starts `converge agent --proxy` in the namespace (its log in
 # $DIR/agent.log) and waits until its socket answers. ENV may hold `env VAR=...` words.
@@ -112,14 +115,16 @@ node_cleanup() {
     for p in $(pgrep -f "$DIR|wireguard-go $WG"); do kill "$p" 2>/dev/null; done
     sleep 0.5
     ip netns del "$NS" 2>/dev/null
+    # The network's CNI address reservations (the name is this run's own).
+    [ -z "$NET" ] || rm -rf "/var/lib/cni/networks/$NET"
     # Podman leaves overlay and shm mounts below its root.
     grep -o " ${DIR}[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
     rm -rf "$DIR"
-    DIR=""
+    DIR="" NET=""
     set -e
 }
 
-# node_wait GEN START TIMEOUT: polls the status every 0.5 s until every reconciler is
+# node_wait GEN START TIMEOUT: polls the status every 0.2 s until every reconciler is
 # Converged (or Unmanaged) at generation GEN; prints "RECONCILER SECONDS" for each, the
 # seconds since START (epoch, fractional) at which it was first seen Converged at GEN,
 # then "all SECONDS". Returns 1 (the status on stderr) after TIMEOUT seconds.
@@ -149,6 +154,6 @@ while True:
     if now - start > timeout:
         print(json.dumps(rs, indent=1)[:4000], file=sys.stderr)
         sys.exit(1)
-    time.sleep(0.5)
+    time.sleep(0.2)
 PY
 }

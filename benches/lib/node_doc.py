@@ -14,6 +14,7 @@ import json
 
 p = argparse.ArgumentParser()
 p.add_argument("--wg", required=True, help="WireGuard interface name")
+p.add_argument("--network", default="apps", help="the containers' converge network")
 p.add_argument("--containers", type=int, default=50)
 p.add_argument("--peers", type=int, default=1000)
 p.add_argument("--ports", type=int, default=10000)
@@ -46,7 +47,7 @@ containers = [{
     "ports": [{"containerPort": 8000}],
     "resources": {"cpus": 0.5, "memory": "64Mi", "pids": 64},
     "labels": {"team": "core"},
-    "network": "apps", "ip": f"10.89.{i // 250}.{i % 250 + 2}",
+    "network": a.network, "ip": f"10.89.{i // 250}.{i % 250 + 2}",
     "stopGracePeriod": "1s",
 } for i in range(n)]
 npeers = a.peers + (1 if a.change else 0)
@@ -70,6 +71,11 @@ else:
     per = a.entries // a.projects
     projects = [(f"bench-{j}", {f"config/key-{i}": f"value-{j}-{i}" for i in range(per)})
                 for j in range(a.projects)]
+def token(pid):
+    # One token per project (bench-token for the first, "bench").
+    return b"bench-token" if pid in ("bench", "bench-0") else b"bench-token-" + pid.encode()
+
+
 if a.change:
     containers[0]["env"]["RUST_LOG"] = "debug"
     records[0]["values"] = ["10.88.255.1"]
@@ -79,7 +85,7 @@ doc = {
     "node": {"id": "bench-node", "mode": "proxy"},
     "generation": a.generation,
     "issuedAt": "2026-11-24T10:00:00Z",
-    "networks": [{"name": "apps", "subnets": [{"subnet": "10.89.0.0/16"}]}],
+    "networks": [{"name": a.network, "subnets": [{"subnet": "10.89.0.0/16"}]}],
     "containers": containers,
     "wireguard": {"interface": a.wg, "listenPort": 51820, "addresses": ["10.200.255.1/16"],
                   "peers": peers},
@@ -87,7 +93,7 @@ doc = {
     "dns": {"zone": "internal", "listen": ["127.0.0.1"], "port": 53, "records": records},
     "routes": {"routes": routes},
     "metadata": {"labels": {"role": "proxy"}, "hostname": "bench-node",
-                 "projects": [{"id": pid, "tokenSha256": hashlib.sha256(b"bench-token").hexdigest(),
+                 "projects": [{"id": pid, "tokenSha256": hashlib.sha256(token(pid)).hexdigest(),
                                "entries": entries} for pid, entries in projects]},
 }
 if a.no_hostname:
