@@ -7,7 +7,9 @@
 # pair). Prints:
 #  - the time from the agent's start (document pushed at once) until each reconciler,
 #    then every reconciler, is Converged at generation 1;
-#  - the no-op pass time per reconciler once converged: the agent's own
+#  - the passes host events still start once converged, until quiet (10 s without a
+#    reconciler passing twice);
+#  - the no-op pass time per reconciler once quiet: the agent's own
 #    `converge_pass_duration_seconds` histogram (--metrics-listen), its sum and count
 #    over a window of resync passes (--resync-secs RESYNC) that repaired nothing;
 #  - the agent's RSS (anonymous and file-backed apart) and peak after that window;
@@ -18,7 +20,7 @@
 # Cleans up after itself. SHAPE=small: the --quick sizes of benches/run-all (20
 # containers, 100 peers, 1,000 ports, 1,000 records, 200 routes, 1,000 entries).
 # Usage: [CONTAINERS=200] [PEERS=..] [PORTS=..] [RECORDS=..] [ROUTES=..] [ENTRIES=..]
-#        [RESYNC=30] [WINDOW=120] [PROFILE=release] [SKIP_BUILD=1] benches/scale_node.sh
+#        [RESYNC=30] [WINDOW=120] [KEEP_LOG=FILE] [PROFILE=release] [SKIP_BUILD=1] benches/scale_node.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${SHAPE:-big}" = small ]; then
@@ -80,10 +82,24 @@ fi
 load1=$(load)
 "$BIN" --data-dir "$DATA" status | grep -v '^  ·' >"$DIR/status.txt" || true
 
-# 2. No-op passes: the histogram's sum and count over WINDOW seconds of resyncs (and
+# 2. Settling: the passes host events still start after convergence (Podman's events
+# of the creates and starts arrive after the apply), until a 10 s stretch in which no
+# reconciler passed more than once.
+pass_sums >"$DIR/sumsC.txt"
+t0=$SECONDS
+cp "$DIR/sumsC.txt" "$DIR/sums0.txt"
+while :; do
+    sleep 10
+    pass_sums >"$DIR/sums1.txt"
+    busy=$(join "$DIR/sums0.txt" "$DIR/sums1.txt" | awk '$5 - $3 > 1 { n++ } END { print n + 0 }')
+    cp "$DIR/sums1.txt" "$DIR/sums0.txt"
+    if [ "$busy" = 0 ] || [ $((SECONDS - t0)) -ge 1200 ]; then break; fi
+done
+settle=$((SECONDS - t0))
+join "$DIR/sumsC.txt" "$DIR/sums0.txt" >"$DIR/settle.txt"
+
+# 3. No-op passes: the histogram's sum and count over WINDOW seconds of resyncs (and
 # host events) that repaired nothing, once every reconciler has had at least two.
-sleep 5
-pass_sums >"$DIR/sums0.txt"
 rep0=$(repairs)
 t0=$SECONDS
 while :; do
@@ -98,7 +114,7 @@ rep1=$(repairs)
 node_converged 1 || echo "warning: not every reconciler Converged at the end of the no-op window" >&2
 load2=$(load)
 
-# 3. RSS after convergence and the no-op window.
+# 4. RSS after convergence and the no-op window.
 anon=$(awk '/RssAnon/ {print $2}' "/proc/$AGENT/status")
 file=$(awk '/RssFile/ {print $2}' "/proc/$AGENT/status")
 hwm=$(awk '/VmHWM/ {print $2}' "/proc/$AGENT/status")
@@ -114,7 +130,7 @@ for name in "${!drss[@]}"; do
         'BEGIN { printf "%s%s %.1f MB; ", n, (k > 1 ? " x" k : ""), r/1024 }')
 done
 
-# 4. One change in each section, one new document.
+# 5. One change in each section, one new document.
 start=$(date +%s.%N)
 "$BIN" --data-dir "$DATA" push "$DIR/gen2.json" >/dev/null
 if ! node_wait 2 "$start" 900 >"$DIR/conv2.txt"; then
@@ -126,19 +142,21 @@ load3=$(load)
 
 cat "$DIR/status.txt"
 echo
-echo "| reconciler | start to Converged (gen 1) | no-op passes in the window | no-op pass, mean | one change (gen 2) to Converged |"
-echo "|---|---|---|---|---|"
+echo "| reconciler | start to Converged (gen 1) | passes from then until quiet | no-op passes in the window | no-op pass, mean | one change (gen 2) to Converged |"
+echo "|---|---|---|---|---|---|"
 join "$DIR/sums0.txt" "$DIR/sums1.txt" >"$DIR/noop.txt"
 while read -r r secs; do
     [ "$r" != all ] || continue
     noop=$(awk -v r="$r" '$1 == r { n = $5 - $3; if (n > 0) printf "%d|%.1f ms", n, ($4 - $2) / n * 1000; else printf "0|-" }' "$DIR/noop.txt")
     change=$(awk -v r="$r" '$1 == r { print $2 }' "$DIR/conv2.txt")
-    echo "| $r | $secs s | ${noop%%|*} | ${noop#*|} | ${change:--} s |"
+    settling=$(awk -v r="$r" '$1 == r { n = $5 - $3; if (n > 0) printf "%d (%.1f ms each)", n, ($4 - $2) / n * 1000; else printf "0" }' "$DIR/settle.txt")
+    echo "| $r | $secs s | ${settling:-0} | ${noop%%|*} | ${noop#*|} | ${change:--} s |"
 done <"$DIR/conv1.txt"
-echo "| every reconciler | $(awk '$1 == "all" { print $2 }' "$DIR/conv1.txt") s (load $load1) | window ${window} s, resync ${RESYNC} s, drift repairs $((rep1 - rep0)) (load $load2) | | $(awk '$1 == "all" { print $2 }' "$DIR/conv2.txt") s (load $load3) |"
+echo "| every reconciler | $(awk '$1 == "all" { print $2 }' "$DIR/conv1.txt") s (load $load1) | quiet after ${settle} s | window ${window} s, resync ${RESYNC} s, drift repairs $((rep1 - rep0)) (load $load2) | | $(awk '$1 == "all" { print $2 }' "$DIR/conv2.txt") s (load $load3) |"
 echo
 echo "| agent after convergence and the no-op window (load $load2) | RSS | RssAnon | RssFile | peak (VmHWM) |"
 echo "|---|---|---|---|---|"
 awk -v r="$rss" -v a="$anon" -v f="$file" -v h="$hwm" \
     'BEGIN { printf "| converge agent --proxy | %.1f MB | %.1f MB | %.1f MB | %.1f MB |\n", r/1024, a/1024, f/1024, h/1024 }'
 echo "daemons: $daemons"
+[ -z "${KEEP_LOG:-}" ] || cp "$DIR/agent.log" "$KEEP_LOG"

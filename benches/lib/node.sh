@@ -125,9 +125,11 @@ node_cleanup() {
 }
 
 # node_wait GEN START TIMEOUT: polls the status every 0.2 s until every reconciler is
-# Converged (or Unmanaged) at generation GEN; prints "RECONCILER SECONDS" for each, the
-# seconds since START (epoch, fractional) at which it was first seen Converged at GEN,
-# then "all SECONDS". Returns 1 (the status on stderr) after TIMEOUT seconds.
+# Converged (or Unmanaged) at generation GEN with no object waiting (a reconciler whose
+# objects wait on another's facts, say routes on a container's address, reports
+# Converged "N objects waiting"); prints "RECONCILER SECONDS" for each, the seconds
+# since START (epoch, fractional) from which it stayed so, then "all SECONDS".
+# Returns 1 (the status on stderr) after TIMEOUT seconds.
 node_wait() {
     python3 - "$BIN" "$DATA" "$1" "$2" "$3" <<'PY'
 import json, subprocess, sys, time
@@ -141,10 +143,14 @@ while True:
         rs = json.loads(out).get("reconcilers", [])
     except ValueError:
         rs = []
+    ok = lambda r: (r["state"] in ("Converged", "Unmanaged") and r.get("observedGeneration") == gen
+                    and not r.get("waiting"))
     for r in rs:
-        if r["state"] in ("Converged", "Unmanaged") and r.get("observedGeneration") == gen:
+        if ok(r):
             first.setdefault(r["reconciler"], now - start)
-    done = [r for r in rs if r["state"] in ("Converged", "Unmanaged") and r.get("observedGeneration") == gen]
+        else:
+            first.pop(r["reconciler"], None)
+    done = [r for r in rs if ok(r)]
     if rs and len(done) == len(rs):
         for r in rs:
             if r["state"] != "Unmanaged":
