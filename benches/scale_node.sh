@@ -93,6 +93,13 @@ while :; do
     pass_sums >"$DIR/sums1.txt"
     busy=$(join "$DIR/sums0.txt" "$DIR/sums1.txt" | awk '$5 - $3 > 1 { n++ } END { print n + 0 }')
     cp "$DIR/sums1.txt" "$DIR/sums0.txt"
+    # What started the containers reconciler's latest pass, sampled.
+    "$BIN" --data-dir "$DATA" status --output json | python3 -c '
+import json, re, sys
+for r in json.load(sys.stdin)["reconcilers"]:
+    if r["reconciler"] == "containers":
+        why = r.get("reason") or {}
+        print(re.sub(r"svc-[0-9]+", "svc-N", (why.get("kind", "?") + " " + str(why.get("object", ""))).strip()))' >>"$DIR/reasons.txt" || true
     if [ "$busy" = 0 ] || [ $((SECONDS - t0)) -ge 1200 ]; then break; fi
 done
 settle=$((SECONDS - t0))
@@ -159,4 +166,5 @@ echo "|---|---|---|---|---|"
 awk -v r="$rss" -v a="$anon" -v f="$file" -v h="$hwm" \
     'BEGIN { printf "| converge agent --proxy | %.1f MB | %.1f MB | %.1f MB | %.1f MB |\n", r/1024, a/1024, f/1024, h/1024 }'
 echo "daemons: $daemons"
+echo "while settling, what started the containers reconciler's latest pass (sampled every 10 s): $(sort "$DIR/reasons.txt" | uniq -c | awk '{ n = $1; $1 = ""; printf "%s%s x%d", (NR > 1 ? "," : ""), $0, n }')"
 [ -z "${KEEP_LOG:-}" ] || cp "$DIR/agent.log" "$KEEP_LOG"
