@@ -166,5 +166,5 @@ echo "|---|---|---|---|---|"
 awk -v r="$rss" -v a="$anon" -v f="$file" -v h="$hwm" \
     'BEGIN { printf "| converge agent --proxy | %.1f MB | %.1f MB | %.1f MB | %.1f MB |\n", r/1024, a/1024, f/1024, h/1024 }'
 echo "daemons: $daemons"
-echo "while settling, what started the containers reconciler's latest pass (sampled every 10 s): $(sort "$DIR/reasons.txt" | uniq -c | awk '{ n = $1; $1 = ""; printf "%s%s x%d", (NR > 1 ? "," : ""), $0, n }')"
+echo "while settling, what started the containers reconciler's latest pass (sampled every 10 s): $(sort "$DIR/reasons.txt" | uniq -c | awk '{ n = $1; $1 = ""; sub(/^ /, ""); printf "%s%s x%d", (NR > 1 ? ", " : ""), $0, n }')"
 [ -z "${KEEP_LOG:-}" ] || cp "$DIR/agent.log" "$KEEP_LOG"
