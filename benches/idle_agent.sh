@@ -34,131 +34,28 @@ if [ -z "${SKIP_BUILD:-}" ]; then
     cargo build "${flag[@]}" --quiet --bin converge
 fi
 BIN="$TARGET_DIR/$PROFILE/converge"
-NS="cvg-idle-$$"
-WG="wgidle$$"
-DIR=$(mktemp -d /tmp/cvg-idle-XXXXXX)
-# Caddy runs as converge-caddy and must reach its directory below the data dir.
-chmod 755 "$DIR"
-DATA="$DIR/data"
-PODMAN=""
-AGENT=""
-in_ns() { nsenter --net="/run/netns/$NS" "$@"; }
-podman_cli() {
-    in_ns podman --root "$DIR/podman/root" --runroot "$DIR/podman/run" --tmpdir "$DIR/podman/tmp" \
-        --network-config-dir "$DIR/podman/networks" "$@"
-}
-cleanup() {
-    set +e
-    [ -n "$AGENT" ] && kill "$AGENT" 2>/dev/null && wait "$AGENT" 2>/dev/null
-    podman_cli rm -af -t 0 >/dev/null 2>&1
-    [ -n "$PODMAN" ] && kill "$PODMAN" 2>/dev/null
-    # dnsmasq, wireguard-go and the Caddy pair outlive the agent by design: found by
-    # their command lines naming this run's directory or interface.
-    for p in $(pgrep -f "$DIR|wireguard-go $WG"); do kill "$p" 2>/dev/null; done
-    sleep 0.5
-    ip netns del "$NS" 2>/dev/null
-    # Podman leaves overlay and shm mounts below its root.
-    grep -o " $DIR[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-
-ip netns add "$NS"
-in_ns ip link set lo up
-
-# The Podman service, its own storage, the busybox image (no registry here).
-mkdir -p "$DIR/podman/tmp" "$DIR/podman/networks" "$DIR/rootfs/bin"
-cp /bin/busybox "$DIR/rootfs/bin/"
-for c in sh ls cat sleep httpd nc wget echo true; do ln -sf busybox "$DIR/rootfs/bin/$c"; done
-tar -C "$DIR/rootfs" -c . | podman_cli import - localhost/busybox:test >/dev/null 2>&1
-# nsenter execs podman: $! is the service itself.
-nsenter --net="/run/netns/$NS" podman --root "$DIR/podman/root" --runroot "$DIR/podman/run" \
-    --tmpdir "$DIR/podman/tmp" --network-config-dir "$DIR/podman/networks" \
-    system service --time=0 "unix://$DIR/podman.sock" 2>"$DIR/podman.log" &
-PODMAN=$!
-for _ in $(seq 100); do [ -S "$DIR/podman.sock" ] && break; sleep 0.1; done
+# shellcheck source=benches/lib/node.sh
+. benches/lib/node.sh
+trap node_cleanup EXIT
+node_init idle
+node_podman
 
 # The document: the large benchmark shape (or SHAPE=small), with containers that can run here.
-python3 - "$WG" "$CONTAINERS" "$PEERS" "$PORTS" "$RECORDS" "$ROUTES" >"$DIR/big.json" <<'PY'
-import base64, hashlib, json, sys
-wg = sys.argv[1]
-n, npeers, nports, nrecords, nroutes = (int(a) for a in sys.argv[2:7])
-def key(i):
-    return base64.b64encode(hashlib.sha256(b"peer-%d" % i).digest()).decode()
-containers = [{
-    "name": f"svc-{i}", "image": "localhost/busybox:test",
-    "command": ["httpd", "-f", "-p", "8000", "-h", "/bin"],
-    "env": {"RUST_LOG": "info", "PORT": "8000"},
-    "ports": [{"containerPort": 8000}],
-    "resources": {"cpus": 0.5, "memory": "64Mi", "pids": 64},
-    "labels": {"team": "core"},
-    "network": "apps", "ip": f"10.89.{i // 250}.{i % 250 + 2}",
-    "stopGracePeriod": "1s",
-} for i in range(n)]
-peers = [{
-    "name": f"peer-{i}", "publicKey": key(i),
-    "endpoint": f"192.0.2.{i % 250 + 1}:51820",
-    "allowedIps": [f"10.200.{i // 250}.{i % 250 + 1}/32"],
-    "persistentKeepalive": 25,
-} for i in range(npeers)]
-ports = [{"protocol": "tcp", "hostPort": 10000 + i,
-          "target": {"container": f"svc-{i % n}", "port": 8000}} for i in range(nports)]
-records = [{"name": f"svc-{i}.internal", "type": "A",
-            "values": [f"10.88.{i // 250}.{i % 250 + 1}"]} for i in range(nrecords)]
-routes = [{"name": f"route-{i}", "hosts": [f"app-{i}.example.com"], "tls": "off",
-           "upstreams": [{"container": f"svc-{i % n}", "port": 8000}]} for i in range(nroutes)]
-entries = {f"config/key-{i}": f"value-{i}" for i in range(100)}
-print(json.dumps({
-    "apiVersion": "converge/v1",
-    "node": {"id": "bench-node", "mode": "proxy"},
-    "generation": 1,
-    "issuedAt": "2026-11-24T10:00:00Z",
-    "networks": [{"name": "apps", "subnets": [{"subnet": "10.89.0.0/16"}]}],
-    "containers": containers,
-    "wireguard": {"interface": wg, "listenPort": 51820, "addresses": ["10.200.255.1/16"], "peers": peers},
-    "firewall": {"publishedPorts": ports},
-    "dns": {"zone": "internal", "listen": ["127.0.0.1"], "port": 53, "records": records},
-    "routes": {"routes": routes},
-    "metadata": {"labels": {"role": "proxy"}, "hostname": "bench-node",
-                 "projects": [{"id": "bench", "tokenSha256": hashlib.sha256(b"bench-token").hexdigest(),
-                               "entries": entries}]},
-}))
-PY
+node_document --containers "$CONTAINERS" --peers "$PEERS" --ports "$PORTS" --records "$RECORDS" \
+    --routes "$ROUTES" >"$DIR/big.json"
 "$BIN" validate "$DIR/big.json" >/dev/null
 
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 hz=$(getconf CLK_TCK)
-converged() { # every reconciler Converged at generation 1 (or Unmanaged: no section)
-    "$BIN" --data-dir "$DATA" status --output json 2>/dev/null | python3 -c '
-import json, sys
-s = json.load(sys.stdin)
-r = s.get("reconcilers", [])
-sys.exit(0 if r and all(x["state"] in ("Converged", "Unmanaged") and x.get("observedGeneration") == 1 for x in r) else 1)'
-}
-# The daemons the node runs (not the agent): pid list by what they are.
-daemons() {
-    echo "podman-service $PODMAN"
-    for p in $(pgrep -f "wireguard-go $WG"); do echo "wireguard-go $p"; done
-    for p in $(pgrep -f "dnsmasq.*$DIR"); do echo "dnsmasq $p"; done
-    for p in $(pgrep -f "caddy.*$DIR"); do echo "caddy $p"; done
-    for p in $(pgrep -f "conmon.*$DIR"); do echo "conmon $p"; done
-}
 
 ROWS=()
 measure() { # label pages(kept|released)
-    local label=$1 pages=$2 env=()
-    [ "$pages" = kept ] && env=(env CONVERGE_KEEP_STARTUP_PAGES=1)
+    local label=$1 pages=$2
     local started=$SECONDS
-    nsenter --net="/run/netns/$NS" "${env[@]}" "$BIN" --data-dir "$DATA" --runtime podman \
-        --podman-socket "$DIR/podman.sock" --secrets-dir "$DIR/secrets" agent --proxy --node-id bench-node \
-        2>>"$DIR/agent.log" &
-    AGENT=$!
-    for _ in $(seq 100); do [ -S "$DATA/converge.sock" ] && "$BIN" --data-dir "$DATA" status >/dev/null 2>&1 && break; sleep 0.1; done
+    if [ "$pages" = kept ]; then ENV="env CONVERGE_KEEP_STARTUP_PAGES=1" node_agent; else node_agent; fi
     [ "$label" != first ] || "$BIN" --data-dir "$DATA" push "$DIR/big.json" >/dev/null
     local ok=""
     for _ in $(seq 1200); do
-        if converged; then ok=1; break; fi
+        if node_converged 1; then ok=1; break; fi
         sleep 0.5
     done
     if [ -z "$ok" ]; then
@@ -172,9 +69,9 @@ measure() { # label pages(kept|released)
     local t0 rss0 t1 rss1 anon file hwm cpu exe bin
     t0=$(ticks "$AGENT"); rss0=$(rss_kb "$AGENT")
     declare -A d0
-    while read -r name pid; do d0[$pid]=$(ticks "$pid"); done < <(daemons)
+    while read -r name pid; do d0[$pid]=$(ticks "$pid"); done < <(node_daemons)
     sleep "$SECS"
-    converged || echo "warning: not every reconciler Converged at the end of the window" >&2
+    node_converged 1 || echo "warning: not every reconciler Converged at the end of the window" >&2
     [ "$label" != first ] || "$BIN" --data-dir "$DATA" status >"$DIR/status.txt"
     t1=$(ticks "$AGENT"); rss1=$(rss_kb "$AGENT")
     anon=$(awk '/RssAnon/ {print $2}' "/proc/$AGENT/status")
@@ -193,15 +90,13 @@ measure() { # label pages(kept|released)
         drss[$name]=$(( ${drss[$name]:-0} + $(rss_kb "$pid") ))
         dcpu[$name]=$(( ${dcpu[$name]:-0} + $(ticks "$pid") - ${d0[$pid]:-$(ticks "$pid")} ))
         dn[$name]=$(( ${dn[$name]:-0} + 1 ))
-    done < <(daemons)
+    done < <(node_daemons)
     for name in "${!drss[@]}"; do
         line+=$(awk -v n="$name" -v k="${dn[$name]}" -v r="${drss[$name]}" -v c="${dcpu[$name]}" -v hz="$hz" -v s="$SECS" \
             'BEGIN { printf "%s%s %.1f MB %.3f %%; ", n, (k > 1 ? " x" k : ""), r/1024, c/hz/s*100 }')
     done
     echo "  $label agent ($pages start-up pages): converged after ${took} s; daemons over the window: $line"
-    kill "$AGENT"; wait "$AGENT" 2>/dev/null || true
-    AGENT=""
-    rm -f "$DATA/converge.sock"
+    node_agent_stop
 }
 
 echo "idle agent, $SECS s window after every reconciler Converged; $PROFILE build; $CONTAINERS containers, $PEERS peers, $PORTS ports, $RECORDS records, $ROUTES routes; load $(cut -d' ' -f1-3 /proc/loadavg)"
