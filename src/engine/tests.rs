@@ -561,6 +561,70 @@ async fn a_host_event_names_its_object_in_the_reason() {
     engine.shutdown().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_host_events_during_a_pass_wakes_one_pass() {
+    // A source that hands over its backlog one event at a time, each a moment after it
+    // is asked for (an HTTP event stream): read only between passes, 100 events that
+    // arrived during a pass would wake 100 passes.
+    struct Slow {
+        events: tokio::sync::Mutex<Option<mpsc::UnboundedReceiver<HostEvent>>>,
+        passes: Arc<AtomicU64>,
+    }
+    impl Section for Slow {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn watches_facts(&self) -> bool {
+            false
+        }
+        fn host_events(&self) -> Option<BoxStream<'static, HostEvent>> {
+            let rx = self.events.try_lock().ok()?.take()?;
+            Some(
+                futures::stream::unfold(rx, |mut rx| async move {
+                    let event = rx.recv().await?;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    Some((event, rx))
+                })
+                .boxed(),
+            )
+        }
+        fn pass(&self, _: Arc<Document>, _: Arc<Facts>, _: bool) -> BoxFuture<'static, PassResult> {
+            let n = self.passes.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n > 0 {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                converged()
+            })
+        }
+    }
+    let (etx, erx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let passes = Arc::new(AtomicU64::new(0));
+    let engine = Engine::start(
+        vec![Arc::new(Slow {
+            events: tokio::sync::Mutex::new(Some(erx)),
+            passes: passes.clone(),
+        })],
+        cfg(),
+        Some(doc(1)),
+        tx,
+    );
+    last_state(&mut rx, "slow", State::Converged).await;
+    etx.send(HostEvent("container svc-0 create".into()))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 1..=100 {
+        etx.send(HostEvent(format!("container svc-{i} start")))
+            .unwrap();
+    }
+    // Well before the next resync (54-66 s after the last pass started).
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    // The first pass, the one for svc-0, one for the whole burst.
+    assert_eq!(passes.load(Ordering::SeqCst), 3);
+    engine.shutdown().await;
+}
+
 #[test]
 fn backoff_grows_with_jitter_and_caps() {
     let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
