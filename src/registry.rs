@@ -157,7 +157,7 @@ pub fn containers(
         RuntimeChoice::Podman => podman(),
         RuntimeChoice::Docker => docker(),
         RuntimeChoice::Auto if host.podman_socket.exists() => podman(),
-        RuntimeChoice::Auto if host.docker_socket.exists() => docker(),
+        RuntimeChoice::Auto if uses_docker(host) => docker(),
         RuntimeChoice::Auto => {
             let why = format!(
                 "neither {} nor {} exists",
@@ -306,6 +306,16 @@ fn dns_served(d: &Document) -> Option<Cow<'_, DnsSpec>> {
         }
     }
     Some(Cow::Owned(spec))
+}
+
+/// Whether the containers run on Docker (chosen, or found when no Podman socket is):
+/// the firewall then keeps its rule in Docker's `DOCKER-USER` chain.
+fn uses_docker(host: &HostOptions) -> bool {
+    match host.runtime {
+        RuntimeChoice::Docker => true,
+        RuntimeChoice::Podman => false,
+        RuntimeChoice::Auto => !host.podman_socket.exists() && host.docker_socket.exists(),
+    }
 }
 
 /// The firewall section as enforced: with an input policy of `drop`, the containers of
@@ -483,7 +493,7 @@ fn build(
         Layout::new(data_dir.join("dns")),
         dnsmasq_binary(),
     ));
-    let firewall = Firewall::new(Kernel::new());
+    let firewall = Firewall::new(Kernel::new()).with_docker(uses_docker(host));
     vec![
         containers(host, node_id, secrets, serve),
         wireguard(data_dir, host, resync, secrets),

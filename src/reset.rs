@@ -45,6 +45,8 @@ enum Item {
     /// A change of the containers reconciler's delete plan (`container web`).
     Container(String),
     Table(&'static str),
+    /// converge's rule in Docker's `DOCKER-USER` chain.
+    DockerUser,
     Interface {
         name: String,
         pids: Vec<u32>,
@@ -59,6 +61,12 @@ impl std::fmt::Display for Item {
         match self {
             Item::Container(c) => write!(f, "{c} (containers reconciler)"),
             Item::Table(t) => write!(f, "nftables table inet {t}"),
+            Item::DockerUser => write!(
+                f,
+                "the {} rule \"{}\"",
+                converge_firewall::docker::CHAIN,
+                converge_firewall::docker::COMMENT
+            ),
             Item::Interface { name, pids } if pids.is_empty() => {
                 write!(f, "WireGuard interface {name}")
             }
@@ -190,6 +198,11 @@ pub async fn reset(opts: ResetOptions<'_>) -> anyhow::Result<ExitCode> {
             items.push(Item::Table(t));
         }
     }
+    if converge_firewall::docker::observe().ok()
+        == Some(converge_firewall::docker::DockerUser::Present)
+    {
+        items.push(Item::DockerUser);
+    }
     if let Some(w) = doc.as_ref().and_then(|d| d.wireguard.as_ref()) {
         let exists = Path::new("/sys/class/net").join(&w.interface).exists();
         let pids = converge_wireguard::driver::wireguard_go_pids(&w.interface);
@@ -256,6 +269,7 @@ pub async fn reset(opts: ResetOptions<'_>) -> anyhow::Result<ExitCode> {
         let res = match item {
             Item::Container(_) => continue,
             Item::Table(t) => run("nft", &["delete", "table", "inet", t]),
+            Item::DockerUser => converge_firewall::docker::remove().map_err(|e| e.to_string()),
             Item::Interface { name, pids } => {
                 let r = if Path::new("/sys/class/net").join(name).exists() {
                     run("ip", &["link", "del", "dev", name])

@@ -30,7 +30,7 @@ mod common;
 use common::agent::{converge, data};
 use common::borg_repo::random_bytes;
 use common::dnsq;
-use common::docker::{accept_dnat_forwarding, start_docker};
+use common::docker::start_docker;
 use common::mesh::{caddy_bin, https_get_from, key, mesh_addr, peer, WG_PORT};
 use common::plane::{agent_log, join, start_enrolled_agent, stderr, Cp};
 use common::podman::{start_podman, TEST_IMAGE};
@@ -466,11 +466,7 @@ fn three_nodes_end_to_end_over_nats() {
     let px = TestNode::new("proxy");
     // The two daemons start side by side (dockerd takes a few seconds).
     let (svc, dockerd) = std::thread::scope(|s| {
-        let d = s.spawn(|| {
-            let d = start_docker(&n2);
-            accept_dnat_forwarding(&n2);
-            d
-        });
+        let d = s.spawn(|| start_docker(&n2));
         let p = start_podman(&n1);
         (p, d.join().expect("start dockerd"))
     });
@@ -631,6 +627,16 @@ fn three_nodes_end_to_end_over_nats() {
                 w.rt.kind,
                 t.elapsed(),
             );
+            // On Docker that went through converge's rule in DOCKER-USER (dockerd's
+            // FORWARD policy drops what it did not DNAT itself); nobody else added one.
+            if w.rt.kind == "docker" {
+                let chain = w.node().run("iptables", ["-S", "DOCKER-USER"]);
+                let chain = String::from_utf8_lossy(&chain.stdout);
+                assert!(
+                    chain.contains("--comment \"converge: published ports\""),
+                    "{chain}"
+                );
+            }
             // The published port is the proxy's only: closed to the outside.
             let t = Instant::now();
             let direct = cp.node.run(

@@ -223,33 +223,6 @@ pub fn start_docker(node: &TestNode) -> DockerDaemon {
     daemon
 }
 
-/// Lets what converge's published ports DNAT to a container on a Docker network through
-/// Docker's FORWARD chain, whose policy dockerd sets to `drop` (it then accepts only its
-/// own published ports): one rule in `DOCKER-USER`, the chain Docker leaves to the
-/// admin, accepting DNATed connections, as an operator must add it. converge's firewall
-/// owns only `inet converge`, and an accept there cannot undo another table's drop.
-pub fn accept_dnat_forwarding(node: &TestNode) {
-    require_tool("iptables");
-    let out = node.run(
-        "iptables",
-        [
-            "-I",
-            "DOCKER-USER",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "DNAT",
-            "-j",
-            "ACCEPT",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "iptables -I DOCKER-USER: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Builds a minimal busybox rootfs in the node's data dir and imports it.
 fn import_busybox_image(node: &TestNode, daemon: &DockerDaemon) {
     let mut cmd = Command::new(DOCKER_CLI);

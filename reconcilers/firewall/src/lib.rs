@@ -9,8 +9,11 @@
 //! - `nfnl`: nf_tables netlink (encoding, batches, dumps, events), shared with the
 //!   routes reconciler and so kept in `converge_core`;
 //! - `driver`: reading the table back and committing batches in the kernel;
-//! - `reconciler`: observe → plan → one atomic commit.
+//! - `reconciler`: observe → plan → one atomic commit;
+//! - `docker`: with Docker as the runtime, the one rule converge keeps in Docker's
+//!   `DOCKER-USER` chain so published ports reach containers on Docker networks.
 
+pub mod docker;
 pub mod driver;
 mod incremental;
 pub use converge_core::nfnl;

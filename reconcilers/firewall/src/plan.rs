@@ -15,6 +15,9 @@ use std::sync::Arc;
 pub struct Observed {
     pub genid: u32,
     pub table: Arc<Snapshot>,
+    /// With Docker as the runtime: whether Docker's `DOCKER-USER` chain holds converge's
+    /// rule (`docker::DockerUser`); `None` when not looked at.
+    pub docker_user: Option<crate::docker::DockerUser>,
     /// What converge built this table from, when it committed it or found it
     /// converged: plan then compares specs instead of whole tables.
     pub source: Option<Arc<Source>>,
@@ -29,6 +32,8 @@ pub enum Action {
     /// itself): remember what it is built from, so later passes plan from the spec
     /// difference. Changes nothing on the host.
     Remember { genid: u32, source: Arc<Source> },
+    /// Insert converge's rule in Docker's `DOCKER-USER` chain (`docker`).
+    DockerUser,
 }
 
 /// An atomic batch, guarded by the generation it was planned
@@ -295,6 +300,7 @@ mod tests {
         Observed {
             genid: 7,
             table: Arc::new(ruleset::desired(s, &Facts::default()).snapshot),
+            docker_user: None,
             source: None,
         }
     }
@@ -321,7 +327,7 @@ mod tests {
         let known = Observed {
             source: match &p.actions[0] {
                 Action::Remember { source, .. } => Some(source.clone()),
-                Action::Commit(_) => None,
+                Action::Commit(_) | Action::DockerUser => None,
             },
             ..observed(&s)
         };
@@ -351,6 +357,7 @@ mod tests {
         let in_force = Observed {
             genid: 7,
             table: Arc::new(ruleset::desired(&s, &facts_with(vec!["10.88.0.5"])).snapshot),
+            docker_user: None,
             source: None,
         };
         // Facts not published yet: nothing removed, nothing waiting.
@@ -392,6 +399,7 @@ mod tests {
             &Observed {
                 genid: 1,
                 table: Arc::default(),
+                docker_user: None,
                 source: None,
             },
             &Facts::default(),
@@ -433,6 +441,7 @@ mod tests {
         let known = Observed {
             genid: 7,
             table: Arc::new(d.snapshot),
+            docker_user: None,
             source: Some(Arc::new(Source::new(
                 &before,
                 &Facts::default(),

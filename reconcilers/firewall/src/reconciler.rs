@@ -6,7 +6,8 @@ use crate::driver::{CommitError, NftDriver};
 use crate::plan::{plan, Action, Commit, Observed, Then};
 use crate::FirewallSpec;
 use converge_core::{
-    blocking, DriverError, Facts, FactsUpdate, HostEvent, ObjectOutcome, Plan, Reconciler,
+    blocking, Change, DriverError, Facts, FactsUpdate, HostEvent, ObjectOutcome, Op, Plan,
+    Reconciler,
 };
 use futures::stream::BoxStream;
 use std::collections::BTreeSet;
@@ -23,6 +24,8 @@ pub struct Firewall<D> {
     cache: Mutex<Option<Observed>>,
     /// The DNAT targets of the table at a generation (recomputed only when it moved).
     targets: Mutex<Option<(u32, BTreeSet<IpAddr>)>>,
+    /// Docker is the runtime: keep converge's rule in `DOCKER-USER` (`docker`).
+    docker: bool,
 }
 
 impl<D: NftDriver> Firewall<D> {
@@ -31,7 +34,15 @@ impl<D: NftDriver> Firewall<D> {
             driver: Arc::new(driver),
             cache: Mutex::new(None),
             targets: Mutex::new(None),
+            docker: false,
         }
+    }
+
+    /// With Docker as the container runtime: published ports also need converge's rule
+    /// in Docker's `DOCKER-USER` chain (see `docker`).
+    pub fn with_docker(mut self, docker: bool) -> Self {
+        self.docker = docker;
+        self
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Option<Observed>> {
@@ -45,10 +56,12 @@ impl<D: NftDriver> Firewall<D> {
         let next = genid.wrapping_add(1).max(1);
         let mut cache = self.cache();
         *cache = match (then, cache.take()) {
-            (Then::Table(table, source), _) => Some(Observed {
+            (Then::Table(table, source), old) => Some(Observed {
                 genid: next,
                 table,
                 source: Some(source),
+                // An nftables commit of converge's own table leaves Docker's chain as it was.
+                docker_user: old.and_then(|o| o.docker_user),
             }),
             // In place when the pass has let go of its observation (the engine does).
             (Then::Patch(patch), Some(mut o)) if o.genid == genid => match &mut o.source {
@@ -63,6 +76,13 @@ impl<D: NftDriver> Firewall<D> {
             _ => None,
         };
     }
+}
+
+/// Published ports reach containers on Docker networks only through converge's rule in
+/// `DOCKER-USER`: planned when Docker's chain exists without it.
+fn needs_docker_user(spec: &FirewallSpec, observed: &Observed) -> bool {
+    observed.docker_user == Some(crate::docker::DockerUser::Missing)
+        && !spec.published_ports.is_empty()
 }
 
 /// Batches up to this size are sent from the pass's own task. The kernel handles a
@@ -123,17 +143,37 @@ impl<D: NftDriver> Reconciler for Firewall<D> {
         }
         let d = self.driver.clone();
         let table = Arc::new(blocking("netlink task", move || d.read()).await?);
+        // iptables-nft's changes move the same generation, so Docker's chain is read
+        // again only when the ruleset changed.
+        let docker_user = match self.docker {
+            true => Some(blocking("iptables", crate::docker::observe).await?),
+            false => None,
+        };
         let o = Observed {
             genid,
             table,
             source: None,
+            docker_user,
         };
         *self.cache() = Some(o.clone());
         Ok(o)
     }
 
     fn plan(&self, spec: &FirewallSpec, observed: &Observed, facts: &Facts) -> Plan<Action> {
-        plan(spec, observed, facts)
+        let mut p = plan(spec, observed, facts);
+        if needs_docker_user(spec, observed) {
+            p.changes.push(Change::new(
+                Op::Create,
+                "docker-user rule",
+                format!(
+                    "{} accept DNAT ({})",
+                    crate::docker::CHAIN,
+                    crate::docker::COMMENT
+                ),
+            ));
+            p.actions.push(Action::DockerUser);
+        }
+        p
     }
 
     async fn apply(&self, plan: Plan<Action>) -> Vec<ObjectOutcome> {
@@ -141,6 +181,18 @@ impl<D: NftDriver> Reconciler for Firewall<D> {
         for action in plan.actions {
             let commit = match action {
                 Action::Commit(c) => c,
+                Action::DockerUser => {
+                    info!(
+                        chain = crate::docker::CHAIN,
+                        "inserting converge's rule for Docker networks"
+                    );
+                    let r = blocking("iptables", crate::docker::insert).await;
+                    outcomes.push(ObjectOutcome::from_result(
+                        format!("{} rule", crate::docker::CHAIN),
+                        r,
+                    ));
+                    continue;
+                }
                 Action::Remember { genid, source } => {
                     if let Some(o) = self.cache().as_mut().filter(|o| o.genid == genid) {
                         o.source = Some(source);
