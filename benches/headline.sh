@@ -28,15 +28,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-5}
-TARGET_DIR=${CARGO_TARGET_DIR:-target}
-PROFILE=${PROFILE:-release}
-if [ -z "${SKIP_BUILD:-}" ]; then
-    flag=(); [ "$PROFILE" = debug ] || flag=(--release)
-    cargo build "${flag[@]}" --quiet --bin converge
-fi
-BIN="$TARGET_DIR/$PROFILE/converge"
 # shellcheck source=benches/lib/node.sh
 . benches/lib/node.sh
+node_binary
 trap node_cleanup EXIT
 N_CONTAINERS=10 N_PEERS=3 N_PORTS=20 N_RECORDS=50 N_ROUTES=50 N_ENTRIES=20
 PASS=bench-borg-passphrase
@@ -224,7 +218,7 @@ RESULTS=$(mktemp -d "/tmp/cvg-headline-$$-XXXXXX")
 trap 'node_cleanup; rm -rf "$RESULTS"' EXIT
 C_ALL=() C_CONV=() H_ALL=()
 load0=$(load)
-echo "bare host to converged: $N_CONTAINERS containers, $N_PEERS peers, $N_RECORDS records, $N_PORTS ports, $N_ENTRIES metadata entries, a backup schedule, $N_ROUTES routes; $PROFILE build; $RUNS runs each, alternating; load at start $load0" >&2
+echo "bare host to converged: $N_CONTAINERS containers, $N_PEERS peers, $N_RECORDS records, $N_PORTS ports, $N_ENTRIES metadata entries, a backup schedule, $N_ROUTES routes; ${PROFILE:-release} build; $RUNS runs each, alternating; load at start $load0" >&2
 for r in $(seq "$RUNS"); do
     run_converge "$r"
     run_hand "$r"

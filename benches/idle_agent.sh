@@ -27,15 +27,9 @@ PEERS=${PEERS:-1000}
 PORTS=${PORTS:-10000}
 RECORDS=${RECORDS:-5000}
 ROUTES=${ROUTES:-2000}
-TARGET_DIR=${CARGO_TARGET_DIR:-target}
-PROFILE=${PROFILE:-release}
-if [ -z "${SKIP_BUILD:-}" ]; then
-    flag=(); [ "$PROFILE" = debug ] || flag=(--release)
-    cargo build "${flag[@]}" --quiet --bin converge
-fi
-BIN="$TARGET_DIR/$PROFILE/converge"
 # shellcheck source=benches/lib/node.sh
 . benches/lib/node.sh
+node_binary
 trap node_cleanup EXIT
 node_init idle
 node_podman
@@ -99,7 +93,7 @@ measure() { # label pages(kept|released)
     node_agent_stop
 }
 
-echo "idle agent, $SECS s window after every reconciler Converged; $PROFILE build; $CONTAINERS containers, $PEERS peers, $PORTS ports, $RECORDS records, $ROUTES routes; load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "idle agent, $SECS s window after every reconciler Converged; ${PROFILE:-release} build; $CONTAINERS containers, $PEERS peers, $PORTS ports, $RECORDS records, $ROUTES routes; load $(cut -d' ' -f1-3 /proc/loadavg)"
 measure first released
 measure restarted kept
 measure restarted released

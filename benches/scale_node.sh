@@ -35,15 +35,9 @@ ROUTES=${ROUTES:-2000}
 ENTRIES=${ENTRIES:-10000}
 RESYNC=${RESYNC:-30}
 WINDOW=${WINDOW:-120}
-TARGET_DIR=${CARGO_TARGET_DIR:-target}
-PROFILE=${PROFILE:-release}
-if [ -z "${SKIP_BUILD:-}" ]; then
-    flag=(); [ "$PROFILE" = debug ] || flag=(--release)
-    cargo build "${flag[@]}" --quiet --bin converge
-fi
-BIN="$TARGET_DIR/$PROFILE/converge"
 # shellcheck source=benches/lib/node.sh
 . benches/lib/node.sh
+node_binary
 trap node_cleanup EXIT
 node_init sc
 node_podman
@@ -68,7 +62,7 @@ pass_sums() {
 repairs() { scrape | awk '/^converge_drift_repairs_total/ { n += $2 } END { print n + 0 }'; }
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 
-echo "whole node at scale, $PROFILE build: $CONTAINERS containers, $PORTS ports, $RECORDS records, $PEERS peers, $ROUTES routes, $ENTRIES metadata entries ($projects projects); load at start $(load)"
+echo "whole node at scale, ${PROFILE:-release} build: $CONTAINERS containers, $PORTS ports, $RECORDS records, $PEERS peers, $ROUTES routes, $ENTRIES metadata entries ($projects projects); load at start $(load)"
 
 # 1. Start to every reconciler Converged.
 start=$(date +%s.%N)

@@ -1251,9 +1251,6 @@ fn https_fleet_dry_run() {
     fleet_dry_run(false, "ph");
 }
 
-/// `control-plane conformance` against the reference plane: every check passes (the
-/// document path included: the plane has a document, with a secret, for the throwaway
-/// node), and a wrong `--plane-key` fails its check and the run.
 /// A one-time token for `name` and the plane's key fingerprint from the join hint.
 fn token_and_plane_key(cp: &Cp, name: &str) -> (String, String) {
     let out = cp.cli(&[
@@ -1276,47 +1273,29 @@ fn token_and_plane_key(cp: &Cp, name: &str) -> (String, String) {
     (token, fingerprint)
 }
 
-#[test]
-fn conformance_checks_pass_against_the_reference_plane() {
-    let cp = Cp::new(false);
-    let mut d = doc("conf-1", 1);
-    d["secrets"] = json!({"api-key": "s3cret"});
-    cp.publish("conf-1", &d);
-    let (token, fingerprint) = token_and_plane_key(&cp, "conf-1");
-    let (url, ca) = (cp.http_url(), cp.ca());
-    let conformance = |token: &str, plane_key: &str, name: &str| {
-        cp.cli(&[
-            "control-plane",
-            "conformance",
-            &url,
-            "--ca",
-            &ca,
-            "--token",
-            token,
-            "--plane-key",
-            plane_key,
-            "--name",
-            name,
-        ])
-    };
-    let out = conformance(&token, &fingerprint, "conf-1");
-    let text = stderr(&out);
+/// `control-plane conformance` from the plane's node, against its HTTPS URL.
+fn conformance(cp: &Cp, token: &str, plane_key: &str, name: &str) -> Output {
+    cp.cli(&[
+        "control-plane",
+        "conformance",
+        &cp.http_url(),
+        "--ca",
+        &cp.ca(),
+        "--token",
+        token,
+        "--plane-key",
+        plane_key,
+        "--name",
+        name,
+    ])
+}
+
+/// The run passed every check in `checks`, opened the document's one sealed secret and
+/// skipped nothing.
+fn assert_conformance(out: &Output, checks: &[&str]) {
+    let text = stderr(out);
     assert!(out.status.success(), "{text}");
-    for check in [
-        "unknown token refused",
-        "enrollment",
-        "plane key",
-        "used token refused",
-        "signed hello",
-        "document",
-        "status accepted",
-        "replayed request refused",
-        "unsigned request refused",
-        "forged request refused",
-        "tampered body refused",
-        "stale time refused",
-        "other node's path refused",
-    ] {
+    for check in checks {
         assert!(
             text.contains(&format!("PASS  {check}: ")),
             "{check}: {text}"
@@ -1324,6 +1303,37 @@ fn conformance_checks_pass_against_the_reference_plane() {
     }
     assert!(text.contains("1 sealed secret(s) opened"), "{text}");
     assert!(text.contains("0 failed, 0 skipped"), "{text}");
+}
+
+/// `control-plane conformance` against the reference plane: every check passes (the
+/// document path included: the plane has a document, with a secret, for the throwaway
+/// node), and a wrong `--plane-key` fails its check and the run.
+#[test]
+fn conformance_checks_pass_against_the_reference_plane() {
+    let cp = Cp::new(false);
+    let mut d = doc("conf-1", 1);
+    d["secrets"] = json!({"api-key": "s3cret"});
+    cp.publish("conf-1", &d);
+    let (token, fingerprint) = token_and_plane_key(&cp, "conf-1");
+    let out = conformance(&cp, &token, &fingerprint, "conf-1");
+    assert_conformance(
+        &out,
+        &[
+            "unknown token refused",
+            "enrollment",
+            "plane key",
+            "used token refused",
+            "signed hello",
+            "document",
+            "status accepted",
+            "replayed request refused",
+            "unsigned request refused",
+            "forged request refused",
+            "tampered body refused",
+            "stale time refused",
+            "other node's path refused",
+        ],
+    );
     assert!(cp.log().contains("a signed request was replayed"));
     // The throwaway node's status reached the plane.
     assert!(
@@ -1333,7 +1343,7 @@ fn conformance_checks_pass_against_the_reference_plane() {
     );
 
     // A plane answering with another key than the one expected: that check fails.
-    let out = conformance(&cp.token(600), "SHA256:bm90IHRoZSBrZXk", "conf-2");
+    let out = conformance(&cp, &cp.token(600), "SHA256:bm90IHRoZSBrZXk", "conf-2");
     let text = stderr(&out);
     assert!(!out.status.success(), "{text}");
     assert!(
@@ -1355,41 +1365,23 @@ fn conformance_checks_pass_over_nats() {
     d["secrets"] = json!({"api-key": "s3cret"});
     cp.publish("confn-1", &d);
     let (token, fingerprint) = token_and_plane_key(&cp, "confn-1");
-    let out = cp.cli(&[
-        "control-plane",
-        "conformance",
-        &cp.http_url(),
-        "--ca",
-        &cp.ca(),
-        "--token",
-        &token,
-        "--plane-key",
-        &fingerprint,
-        "--name",
-        "confn-1",
-    ]);
-    let text = stderr(&out);
-    assert!(out.status.success(), "{text}");
-    for check in [
-        "unknown token refused",
-        "enrollment",
-        "plane key",
-        "used token refused",
-        "nats connection",
-        "document",
-        "status accepted",
-        "other node's documents refused",
-        "other node's status refused",
-        "bucket write refused",
-    ] {
-        assert!(
-            text.contains(&format!("PASS  {check}: ")),
-            "{check}: {text}"
-        );
-    }
-    assert!(text.contains("over TLS"), "{text}");
-    assert!(text.contains("1 sealed secret(s) opened"), "{text}");
-    assert!(text.contains("0 failed, 0 skipped"), "{text}");
+    let out = conformance(&cp, &token, &fingerprint, "confn-1");
+    assert_conformance(
+        &out,
+        &[
+            "unknown token refused",
+            "enrollment",
+            "plane key",
+            "used token refused",
+            "nats connection",
+            "document",
+            "status accepted",
+            "other node's documents refused",
+            "other node's status refused",
+            "bucket write refused",
+        ],
+    );
+    assert!(stderr(&out).contains("over TLS"), "{}", stderr(&out));
     // The throwaway node's status reached the plane over NATS.
     wait_until(
         Duration::from_secs(10),

@@ -6,11 +6,21 @@
 # "every reconciler Converged" test, and a cleanup that removes everything the node
 # started (the agent, the Podman service and its containers, and the daemons that outlive
 # the agent by design: dnsmasq, wireguard-go, the Caddy pair).
-# The caller sets BIN (the converge binary) and calls node_init first; names carry the
-# caller's pid ($$) so that concurrent runs on one machine never collide.
+# The caller calls node_binary (BIN: the converge binary, built unless SKIP_BUILD, in
+# PROFILE, default release, below CARGO_TARGET_DIR) and node_init first; names carry
+# the caller's pid ($$) so that concurrent runs on one machine never collide.
 
 NODE_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-NS="" WG="" NET="" DIR="" DATA="" PODMAN="" AGENT=""
+NS="" WG="" NET="" DIR="" DATA="" PODMAN="" AGENT="" BIN=""
+
+node_binary() {
+    local target=${CARGO_TARGET_DIR:-target} profile=${PROFILE:-release} flag=()
+    if [ -z "${SKIP_BUILD:-}" ]; then
+        [ "$profile" = debug ] || flag=(--release)
+        cargo build "${flag[@]}" --quiet --bin converge
+    fi
+    BIN="$target/$profile/converge"
+}
 
 # node_init TAG: the namespace cvg-TAG-PID, the WireGuard interface wgTAGPID (at most 15
 # characters: keep TAG short), the containers' network apps-TAG-PID (Podman's CNI keeps
