@@ -474,6 +474,18 @@ fn coalesced(events: BoxStream<'static, HostEvent>) -> BoxStream<'static, HostEv
     .boxed()
 }
 
+/// Whether a pass started for `reason` repairs drift: a resync or a host event found
+/// the host changed, and the retries and verifications that finish such a repair are
+/// part of it (a repair that failed once and succeeded on its retry is still one);
+/// a document, facts or a requested wake-up start something else.
+fn repairs_drift(chain: bool, reason: &Reason) -> bool {
+    match reason {
+        Reason::Resync | Reason::HostEvent(_) => true,
+        Reason::Retry | Reason::Verify => chain,
+        Reason::Document | Reason::Facts | Reason::Requeue => false,
+    }
+}
+
 impl Worker {
     async fn run(mut self) {
         let mut sched = Schedule {
@@ -486,6 +498,7 @@ impl Worker {
             transient_streak: 0,
         };
         let mut events = self.section.host_events().map(coalesced);
+        let mut drift = false;
         let watches = self.section.watches_facts();
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -552,6 +565,7 @@ impl Worker {
                 };
                 self.report(progressing, None, &reason, Vec::new(), Vec::new());
             }
+            drift = repairs_drift(drift, &reason);
             let span = tracing::info_span!("pass", generation, reason = %reason);
             // The pass is created inside its own task too, so even a panic while
             // building the future is contained.
@@ -583,7 +597,7 @@ impl Worker {
                 Err(e) => PassResult::failed(format!("pass aborted: {e}")),
             };
             if let Some(m) = &self.cfg.metrics {
-                m.pass(self.section.name(), started.elapsed(), &reason, &result);
+                m.pass(self.section.name(), started.elapsed(), drift, &result);
             }
             let (verdict, waiting, journal) = self.judge(result, &mut sched);
             // Verify an apply at once, whatever else is scheduled.

@@ -9,7 +9,7 @@
 
 use crate::control::transport::ControlState;
 use crate::engine::PassResult;
-use crate::status::{self, Reason, ReconcilerStatus, State};
+use crate::status::{self, ReconcilerStatus, State};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -146,7 +146,7 @@ impl Metrics {
         );
         registry.register(
             "drift_repairs",
-            "Changes applied by passes a resync or a host event started (the host had drifted), by object kind",
+            "Changes applied by passes a resync or a host event started (the host had drifted) and the retries that finish them, by object kind",
             m.drift_repairs.clone(),
         );
         registry.register(
@@ -198,8 +198,9 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Counts one finished pass of `reconciler`.
-    pub fn pass(&self, reconciler: &str, took: Duration, reason: &Reason, result: &PassResult) {
+    /// Counts one finished pass of `reconciler`; `drift`: the pass repairs drift (see
+    /// `engine::repairs_drift`), so what it applied counts as drift repairs.
+    pub fn pass(&self, reconciler: &str, took: Duration, drift: bool, result: &PassResult) {
         let label = ReconcilerLabel {
             reconciler: reconciler.to_string(),
         };
@@ -214,7 +215,6 @@ impl Metrics {
         if failed {
             self.pass_failures.get_or_create(&label).inc();
         }
-        let drift = matches!(reason, Reason::Resync | Reason::HostEvent(_));
         if let (
             true,
             PassResult::Ran {
@@ -414,19 +414,19 @@ mod tests {
         m.pass(
             "dns",
             Duration::from_millis(3),
-            &Reason::Document,
+            false,
             &ran(vec![change.clone()], applied()),
         );
         m.pass(
             "dns",
             Duration::from_millis(3),
-            &Reason::Resync,
+            true,
             &ran(vec![change], applied()),
         );
         m.pass(
             "firewall",
             Duration::from_millis(1),
-            &Reason::Retry,
+            true,
             &PassResult::Failed {
                 error: "x".into(),
                 transient: false,

@@ -626,6 +626,21 @@ async fn a_burst_of_host_events_during_a_pass_wakes_one_pass() {
 }
 
 #[test]
+fn retries_and_verifications_finish_a_drift_repair() {
+    let event = Reason::HostEvent("container web died".into());
+    assert!(repairs_drift(false, &event));
+    assert!(repairs_drift(false, &Reason::Resync));
+    // A repair that failed is finished by its retry, then verified.
+    assert!(repairs_drift(true, &Reason::Retry));
+    assert!(repairs_drift(true, &Reason::Verify));
+    // A new document's retry is not a repair; a document or a wake-up ends the chain.
+    assert!(!repairs_drift(false, &Reason::Retry));
+    assert!(!repairs_drift(true, &Reason::Document));
+    assert!(!repairs_drift(true, &Reason::Facts));
+    assert!(!repairs_drift(true, &Reason::Requeue));
+}
+
+#[test]
 fn backoff_grows_with_jitter_and_caps() {
     let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
     let d: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
