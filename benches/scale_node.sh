@@ -64,15 +64,22 @@ load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 echo "whole node at scale, ${PROFILE:-release} build: $CONTAINERS containers, $PORTS ports, $RECORDS records, $PEERS peers, $ROUTES routes, $ENTRIES metadata entries ($projects projects); load at start $(load)"
 
+# push_and_wait GEN START TIMEOUT: pushes gen GEN.json and waits until every reconciler
+# is Converged at it (node_wait's table in convGEN.txt); else shows the agent's log and
+# stops.
+push_and_wait() {
+    "$BIN" --data-dir "$DATA" push "$DIR/gen$1.json" >/dev/null
+    if ! node_wait "$1" "$2" "$3" >"$DIR/conv$1.txt"; then
+        echo "generation $1 not converged after $(($3 / 60)) min" >&2
+        tail -30 "$DIR/agent.log" >&2
+        exit 1
+    fi
+}
+
 # 1. Start to every reconciler Converged.
 start=$(date +%s.%N)
 node_agent --metrics-listen "127.0.0.1:$MPORT" --resync-secs "$RESYNC"
-"$BIN" --data-dir "$DATA" push "$DIR/gen1.json" >/dev/null
-if ! node_wait 1 "$start" 1800 >"$DIR/conv1.txt"; then
-    echo "not converged after 30 min" >&2
-    tail -30 "$DIR/agent.log" >&2
-    exit 1
-fi
+push_and_wait 1 "$start" 1800
 load1=$(load)
 "$BIN" --data-dir "$DATA" status | grep -v '^  ·' >"$DIR/status.txt" || true
 
@@ -133,12 +140,7 @@ done
 
 # 5. One change in each section, one new document.
 start=$(date +%s.%N)
-"$BIN" --data-dir "$DATA" push "$DIR/gen2.json" >/dev/null
-if ! node_wait 2 "$start" 900 >"$DIR/conv2.txt"; then
-    echo "generation 2 not converged after 15 min" >&2
-    tail -30 "$DIR/agent.log" >&2
-    exit 1
-fi
+push_and_wait 2 "$start" 900
 load3=$(load)
 
 cat "$DIR/status.txt"

@@ -1251,6 +1251,16 @@ fn https_fleet_dry_run() {
     fleet_dry_run(false, "ph");
 }
 
+/// `control-plane conformance` as `name`, which the plane has a document for (with one
+/// sealed secret), with a token for `name` and the plane key from the join hint.
+fn conformance_with_a_document(cp: &Cp, name: &str) -> Output {
+    let mut d = doc(name, 1);
+    d["secrets"] = json!({"api-key": "s3cret"});
+    cp.publish(name, &d);
+    let (token, fingerprint) = token_and_plane_key(cp, name);
+    conformance(cp, &token, &fingerprint, name)
+}
+
 /// A one-time token for `name` and the plane's key fingerprint from the join hint.
 fn token_and_plane_key(cp: &Cp, name: &str) -> (String, String) {
     let out = cp.cli(&[
@@ -1290,12 +1300,18 @@ fn conformance(cp: &Cp, token: &str, plane_key: &str, name: &str) -> Output {
     ])
 }
 
-/// The run passed every check in `checks`, opened the document's one sealed secret and
-/// skipped nothing.
+/// The run passed the enrollment checks and every check of the transport in `checks`,
+/// opened the document's one sealed secret and skipped nothing.
 fn assert_conformance(out: &Output, checks: &[&str]) {
     let text = stderr(out);
     assert!(out.status.success(), "{text}");
-    for check in checks {
+    let enrollment = [
+        "unknown token refused",
+        "enrollment",
+        "plane key",
+        "used token refused",
+    ];
+    for check in enrollment.iter().chain(checks) {
         assert!(
             text.contains(&format!("PASS  {check}: ")),
             "{check}: {text}"
@@ -1311,18 +1327,10 @@ fn assert_conformance(out: &Output, checks: &[&str]) {
 #[test]
 fn conformance_checks_pass_against_the_reference_plane() {
     let cp = Cp::new(false);
-    let mut d = doc("conf-1", 1);
-    d["secrets"] = json!({"api-key": "s3cret"});
-    cp.publish("conf-1", &d);
-    let (token, fingerprint) = token_and_plane_key(&cp, "conf-1");
-    let out = conformance(&cp, &token, &fingerprint, "conf-1");
+    let out = conformance_with_a_document(&cp, "conf-1");
     assert_conformance(
         &out,
         &[
-            "unknown token refused",
-            "enrollment",
-            "plane key",
-            "used token refused",
             "signed hello",
             "document",
             "status accepted",
@@ -1361,18 +1369,10 @@ fn conformance_checks_pass_against_the_reference_plane() {
 #[test]
 fn conformance_checks_pass_over_nats() {
     let cp = Cp::new(true);
-    let mut d = doc("confn-1", 1);
-    d["secrets"] = json!({"api-key": "s3cret"});
-    cp.publish("confn-1", &d);
-    let (token, fingerprint) = token_and_plane_key(&cp, "confn-1");
-    let out = conformance(&cp, &token, &fingerprint, "confn-1");
+    let out = conformance_with_a_document(&cp, "confn-1");
     assert_conformance(
         &out,
         &[
-            "unknown token refused",
-            "enrollment",
-            "plane key",
-            "used token refused",
             "nats connection",
             "document",
             "status accepted",

@@ -854,8 +854,7 @@ fn kill_9_during_large_applies_of_every_section() {
             std::thread::sleep(Duration::from_millis(2));
         }
         let st = common::agent::status(&w.node);
-        let pending: Vec<&'static str> = common::wholenode::RECONCILERS
-            .into_iter()
+        let pending: Vec<&'static str> = common::wholenode::reconcilers()
             .filter(|n| common::agent::reconciler(&st, n)["observedGeneration"] != g)
             .collect();
         let borg_running = !w.borg_pids().is_empty();
@@ -943,7 +942,7 @@ fn kill_9_during_large_applies_of_every_section() {
         q(0.75),
         q(1.0),
         kills.iter().filter(|k| k.borg_running).count(),
-        kills.iter().filter(|k| k.pending.len() == common::wholenode::RECONCILERS.len()).count(),
+        kills.iter().filter(|k| k.pending.len() == common::wholenode::reconcilers().count()).count(),
         kills.iter().filter(|k| k.pending.is_empty()).count(),
         recovered[recovered.len() / 2],
         recovered[recovered.len() - 1],

@@ -30,16 +30,13 @@ const SUBNET: &str = "10.89.0";
 /// The host port published to container `web0` port 8080.
 pub const WEB_PORT: u16 = 18080;
 const WG_PORT: u16 = 51820;
-/// The reconcilers a whole node runs (the `agent` one is Unmanaged: no such section).
-pub const RECONCILERS: [&str; 7] = [
-    "containers",
-    "wireguard",
-    "firewall",
-    "dns",
-    "routes",
-    "backups",
-    "metadata",
-];
+/// The reconcilers a whole node runs: every one but `agent` (no such section here, so
+/// it stays Unmanaged).
+pub fn reconcilers() -> impl Iterator<Item = &'static str> {
+    converge::registry::ALL
+        .into_iter()
+        .filter(|r| *r != "agent")
+}
 
 /// How much of each section a document carries.
 #[derive(Clone, Copy, Debug)]
@@ -359,10 +356,10 @@ impl WholeNode {
     /// be Progressing: a run under way is a waiting object in progress).
     pub fn converged(&self, g: u64) -> bool {
         let st = status(&self.node);
-        RECONCILERS.iter().all(|name| {
+        reconcilers().all(|name| {
             let r = reconciler(&st, name);
             let state_ok =
-                r["state"] == "Converged" || (*name == "backups" && r["state"] == "Progressing");
+                r["state"] == "Converged" || (name == "backups" && r["state"] == "Progressing");
             state_ok && r["observedGeneration"] == g
         })
     }
@@ -373,8 +370,7 @@ impl WholeNode {
         while !self.converged(g) {
             if std::time::Instant::now() > deadline {
                 let st = status(&self.node);
-                let lagging: Vec<String> = RECONCILERS
-                    .iter()
+                let lagging: Vec<String> = reconcilers()
                     .map(|n| reconciler(&st, n))
                     .filter(|r| r["state"] != "Converged" || r["observedGeneration"] != g)
                     .map(|r| r.to_string())
