@@ -18,6 +18,7 @@
 //! Usage: `fleet NATS_URL USER PASSWORD N [CA_PEM]`, `fleet users N USER PASSWORD`.
 
 use converge::control::nats::{consumer_config, deliver_subject};
+use converge::control::protocol::{BUCKET, STREAM};
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,14 @@ fn rss_kb() -> u64 {
         .find(|l| l.starts_with("VmRSS:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
+}
+
+/// A count from the environment, `default` when unset or not a number.
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn cpu_secs() -> f64 {
@@ -94,21 +103,13 @@ async fn main() -> anyhow::Result<()> {
     };
     // The bucket split over several streams: with nats-server 2.9 a put's cost grows with
     // the consumers on its stream.
-    let shards: usize = std::env::var("FLEET_SHARDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(1);
-    let shard = |i: usize| match shards {
-        1 => ("KV_converge".to_string(), "converge".to_string()),
-        _ => (
-            format!("KV_converge{}", i % shards),
-            format!("converge{}", i % shards),
-        ),
+    let shards = env_usize("FLEET_SHARDS", 1).max(1);
+    let replicas = env_usize("FLEET_REPLICAS", 1);
+    // Node i's bucket and its stream (the plane's own names with one shard).
+    let bucket = |i: usize| match shards {
+        1 => BUCKET.to_string(),
+        _ => format!("{BUCKET}{}", i % shards),
     };
-    let replicas: usize = std::env::var("FLEET_REPLICAS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(1);
     // The publisher: the bench user (over TLS when a CA is given).
     let tls = |opts: async_nats::ConnectOptions| match &ca {
         Some(pem) => {
@@ -140,11 +141,14 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let js = async_nats::jetstream::new(cp.clone());
+    let mut streams = Vec::with_capacity(shards);
     for k in 0..shards {
-        let (name, bucket) = shard(k);
         let config = async_nats::jetstream::stream::Config {
-            name,
-            subjects: vec![format!("$KV.{bucket}.>")],
+            name: match shards {
+                1 => STREAM.to_string(),
+                _ => format!("{STREAM}{k}"),
+            },
+            subjects: vec![format!("$KV.{}.>", bucket(k))],
             max_messages_per_subject: 1,
             allow_rollup: true,
             allow_direct: true,
@@ -153,25 +157,26 @@ async fn main() -> anyhow::Result<()> {
         };
         // A cluster just started has no JetStream leader for a few seconds.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while let Err(e) = js.get_or_create_stream(config.clone()).await {
-            if Instant::now() > deadline {
-                anyhow::bail!("cannot make the stream: {e}");
+        let stream = loop {
+            match js.get_or_create_stream(config.clone()).await {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    anyhow::bail!("cannot make the stream: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        };
+        streams.push(stream);
     }
     let mut acks = cp.subscribe("converge.status.*").await?;
     let rss0 = rss_kb();
     let (ready_tx, mut ready) = tokio::sync::mpsc::channel::<()>(n);
     let started = Instant::now();
-    let shard = &shard;
     // Connections and consumers are made 64 at a time, as nodes arrive at a real plane.
-    let (node_options, node_urls) = (&node_options, &node_urls);
+    let (node_options, node_urls, bucket) = (&node_options, &node_urls, &bucket);
     let setup = futures::stream::iter(0..n).map(|i| {
-        let (ready_tx, js) = (ready_tx.clone(), js.clone());
+        let (ready_tx, stream) = (ready_tx.clone(), streams[i % shards].clone());
         async move {
-            let (stream, bucket) = shard(i);
-            let stream = js.get_stream(stream).await?;
             let node_url = &node_urls[i % node_urls.len()];
             let client = loop {
                 match node_options(i)?.connect(node_url.as_str()).await {
@@ -183,7 +188,7 @@ async fn main() -> anyhow::Result<()> {
             // The plane's side: the node's consumer (as `control-plane serve` makes it,
             // retried as its next scan would: a loaded cluster times some out).
             let config = async_nats::jetstream::consumer::push::Config {
-                filter_subject: format!("$KV.{bucket}.{id}"),
+                filter_subject: format!("$KV.{}.{id}", bucket(i)),
                 ..consumer_config(&id)
             };
             let mut attempt = 0;
@@ -238,7 +243,7 @@ async fn main() -> anyhow::Result<()> {
     let mut put = Vec::with_capacity(200);
     for _ in 0..200 {
         let t = Instant::now();
-        js.publish(format!("$KV.{}.probe", shard(0).1), vec![b'x'; 1024].into())
+        js.publish(format!("$KV.{}.probe", bucket(0)), vec![b'x'; 1024].into())
             .await?
             .await?;
         put.push(t.elapsed());
@@ -251,8 +256,7 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let puts = futures::stream::iter(0..n)
         .map(|i| {
-            let (js, payload) = (js.clone(), payload.clone());
-            let (_, bucket) = shard(i);
+            let (js, payload, bucket) = (js.clone(), payload.clone(), bucket(i));
             async move {
                 js.publish(format!("$KV.{bucket}.bench-{i}"), payload.into())
                     .await?
