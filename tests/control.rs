@@ -8,7 +8,9 @@
 mod common;
 
 use common::agent::{converge, data, status};
-use common::plane::{agent_log, join, join_as, join_ok, start_agent, stderr, Cp, HTTP_PORT};
+use common::plane::{
+    agent_log, join, join_as, join_ok, join_through, start_agent, stderr, Cp, HTTP_PORT,
+};
 use common::sandbox::{converge_bin, require_tool, wait_until, TestNode};
 use serde_json::{json, Value};
 use std::fs;
@@ -1667,6 +1669,169 @@ fn nats_cluster_failover_keeps_nodes_converging_and_enrolling() {
     for (who, log) in logs {
         eprintln!("{who}: reconnected after {:?}", reconnects(&log));
     }
+}
+
+/// Two plane instances sharing their state on a 3-server cluster (`--state nats`):
+/// nodes enroll through either with a token made on either (each token spent once); a
+/// rollout is started; then the instance driving it and the NATS server a node is
+/// attached to are killed -9. The other instance finishes the rollout, publishes a new
+/// generation, enrolls a new node; every node converges to the newest generation, and
+/// both instances' stores (the one restarted too) hold each node's newest status.
+#[test]
+fn two_plane_instances_survive_a_server_and_an_instance_dying() {
+    require_tool("curl");
+    let mut cp = Cp::two_instances();
+    let mut nodes: Vec<TestNode> = ["sa", "sb"].iter().map(|n| TestNode::new(n)).collect();
+    // sa through instance 0 with a token made on 1, sb the other way round.
+    for (i, node) in nodes.iter().enumerate() {
+        let out = join_through(node, &cp, i, &cp.token_on(1 - i, 600));
+        assert!(
+            out.status.success(),
+            "join {}: {}",
+            node.name(),
+            stderr(&out)
+        );
+    }
+    // A token spent through one instance is spent for the other.
+    let token = cp.token_on(0, 600);
+    let out = join_through(&TestNode::new("sx"), &cp, 1, &token);
+    assert!(out.status.success(), "join sx: {}", stderr(&out));
+    assert_refused(
+        &join_through(&TestNode::new("sy"), &cp, 0, &token),
+        "already used",
+    );
+    let mut agents: Vec<_> = nodes.iter().map(start_agent).collect();
+    for node in &nodes {
+        cp.publish(node.name(), &doc(node.name(), 1));
+    }
+    let newest_everywhere = |cp: &Cp, nodes: &[TestNode], generation: u64| {
+        for i in 0..2 {
+            for node in nodes {
+                poll(
+                    Duration::from_secs(30),
+                    &format!("instance {i} has {}'s newest status", node.name()),
+                    || {
+                        let r = cp.record_on(i, node.name());
+                        (r["acceptedGeneration"] == generation
+                            && r["convergedGeneration"] == generation)
+                            .then_some(())
+                    },
+                );
+            }
+        }
+    };
+    newest_everywhere(&cp, &nodes, 1);
+
+    // A rollout of generation 2, started on instance 0.
+    let dir = cp.root.join("rollout-2");
+    fs::create_dir_all(&dir).expect("candidates dir");
+    for node in &nodes {
+        let d = doc(node.name(), 2);
+        fs::write(dir.join(format!("{}.json", node.name())), d.to_string()).expect("candidate");
+    }
+    let data0 = cp.data();
+    let out = cp.cli(&[
+        "control-plane",
+        "rollout",
+        dir.to_str().expect("path"),
+        "--data",
+        &data0,
+        "--canary",
+        "1",
+        "--wait",
+        "60s",
+        "--detach",
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "rollout: {}", stderr(&out));
+    let id = serde_json::from_slice::<Value>(&out.stdout).expect("rollout json")["id"]
+        .as_str()
+        .expect("rollout id")
+        .to_string();
+    let driver = (0..2)
+        .find(|i| cp.log_of(*i).contains("this instance drives rollouts"))
+        .expect("an instance holds the rollout lease");
+    let survivor = 1 - driver;
+    let nkey = cp.record_on(survivor, "sa")["natsKey"]
+        .as_str()
+        .expect("sa's nkey")
+        .to_string();
+    let server = cp.server_of(&nkey).expect("the server sa is attached to");
+    let t0 = Instant::now();
+    let killed_ms = chrono::Utc::now().timestamp_millis();
+    cp.stop_instance(driver);
+    cp.stop_nats_server(server);
+    let rollout_of = |cp: &Cp, i: usize| -> Value {
+        let out = cp.cli(&[
+            "control-plane",
+            "rollouts",
+            "--data",
+            &cp.data_dir(i).display().to_string(),
+            "--id",
+            &id,
+            "-o",
+            "json",
+        ]);
+        assert!(out.status.success(), "rollouts: {}", stderr(&out));
+        serde_json::from_slice::<Value>(&out.stdout).expect("rollouts json")[0].clone()
+    };
+    let r = poll(
+        Duration::from_secs(90),
+        "the surviving instance finishes the rollout",
+        || {
+            let r = rollout_of(&cp, survivor);
+            (r["phase"] != "running").then_some(r)
+        },
+    );
+    let rollout_done = t0.elapsed();
+    assert_eq!(r["phase"], "succeeded", "{r:#}");
+    for node in &nodes {
+        wait_accepted(node, 2);
+    }
+    // A plain publish of generation 3, and a node enrolled through the survivor.
+    let t1 = Instant::now();
+    for node in &nodes {
+        cp.publish(node.name(), &doc(node.name(), 3));
+    }
+    let mut took = Vec::new();
+    for node in &nodes {
+        wait_accepted(node, 3);
+        took.push((node.name().to_string(), t1.elapsed()));
+    }
+    let late = TestNode::new("sc");
+    let out = join_through(&late, &cp, survivor, &cp.token_on(survivor, 600));
+    assert!(out.status.success(), "join sc: {}", stderr(&out));
+    agents.push(start_agent(&late));
+    cp.publish(late.name(), &doc(late.name(), 3));
+    wait_accepted(&late, 3);
+    nodes.push(late);
+    // The dead come back: the restarted instance's store catches up from the buckets.
+    cp.start_nats_server(server, true);
+    cp.start_instance(driver);
+    newest_everywhere(&cp, &nodes, 3);
+    poll(
+        Duration::from_secs(30),
+        "the restarted instance has the rollout as finished",
+        || (rollout_of(&cp, driver)["phase"] == "succeeded").then_some(()),
+    );
+    eprintln!("killed instance {driver} (driving the rollout) and NATS server n{server} (sa's)");
+    eprintln!("kill to rollout succeeded on instance {survivor}: {rollout_done:?}");
+    for (i, w) in r["waves"].as_array().expect("waves").iter().enumerate() {
+        let since = |k: &str| w[k].as_i64().map(|t| t - killed_ms);
+        eprintln!(
+            "wave {i}: started {:?} ms, passed {:?} ms after the kill",
+            since("startedMs"),
+            since("endedMs")
+        );
+    }
+    for (node, t) in &took {
+        eprintln!("generation 3 published to {node} accepted after {t:?}");
+    }
+    eprintln!(
+        "sa reconnected after {:?}",
+        reconnects(&fs::read_to_string(agent_log(&nodes[0])).unwrap_or_default())
+    );
 }
 
 /// Each disconnected-to-connected interval of an async-nats client, from its log.

@@ -310,6 +310,12 @@ pub enum ControlPlaneCommand {
         /// PEM of the CA of the NATS server's certificate (a tls:// URL requires TLS).
         #[arg(long)]
         nats_ca: Option<PathBuf>,
+        /// Where enrollment, status, tokens and rollouts live: `sqlite` (this instance
+        /// alone, `<data>/control-plane.db`) or `nats` (JetStream KV buckets shared by
+        /// every instance serving the same cluster; SQLite is each one's cache). Needs
+        /// --nats for `nats`.
+        #[arg(long, value_enum, default_value_t = PlaneState::Sqlite, requires_if("nats", "nats"))]
+        state: PlaneState,
         /// TLS certificate chain (PEM): serve HTTPS. Needs --tls-key.
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -513,4 +519,11 @@ fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
         return Err("the timeout must be more than zero".into());
     }
     Ok(d)
+}
+
+/// Where `control-plane serve` keeps its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlaneState {
+    Sqlite,
+    Nats,
 }

@@ -25,6 +25,7 @@ pub(super) async fn control_plane(
             insecure_http,
             artifacts,
             fleet_page,
+            state,
         } => {
             let nats = match nats {
                 Some(url) => Some(plane::NatsOptions {
@@ -39,6 +40,7 @@ pub(super) async fn control_plane(
                     pid_files: nats_pid_file,
                     replicas: usize::from(nats_replicas),
                     ca_pem: read_pem(nats_ca.as_deref())?,
+                    shared_state: state == PlaneState::Nats,
                 }),
                 None => None,
             };
@@ -69,6 +71,7 @@ pub(super) async fn control_plane(
                 reenroll: false,
             };
             let token = plane::new_token(&data, ttl_secs, &scope)?;
+            share_token(&data).await;
             println!("{token}");
             join_hint(&data, &token, name.as_deref())?;
             Ok(ExitCode::SUCCESS)
@@ -92,6 +95,7 @@ pub(super) async fn control_plane(
                 reenroll: true,
             };
             let token = plane::new_token(&data, ttl_secs, &scope)?;
+            share_token(&data).await;
             println!("{token}");
             join_hint(&data, &token, Some(&name))?;
             Ok(ExitCode::SUCCESS)
@@ -382,4 +386,19 @@ pub(super) fn join_hint(data: &Path, token: &str, name: Option<&str>) -> anyhow:
 pub(super) fn read_pem(path: Option<&Path>) -> anyhow::Result<Option<String>> {
     path.map(|p| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display())))
         .transpose()
+}
+
+/// Has a running `serve` with shared state (`--state nats`) copy a new token to the
+/// shared bucket at once, so every instance enrolls with it from now on. Without a
+/// running `serve` there is nothing to do: an instance shares its tokens when it starts.
+async fn share_token(data: &std::path::Path) {
+    use crate::control::admin::{ask, Reply, Request};
+    if let Ok(Reply::Tokens { unshared }) = ask(data, &Request::ShareTokens).await {
+        if unshared > 0 {
+            eprintln!(
+                "warning: the plane cannot reach NATS: the token is not shared with its \
+                 other instances yet (it will be once NATS answers)"
+            );
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! The plane's admin socket (`<data>/admin.sock`, 0600 in the 0700 data directory): how
 //! `control-plane plan`, `rollout` and `rollouts` reach the running `serve`, which holds
-//! every node's connection and drives rollouts. One JSON request line per connection,
+//! every node's connection and drives rollouts (and `token` has a new token shared). One JSON request line per connection,
 //! one JSON answer line; only whoever can enter the data directory reaches it.
 
 use super::fleetplan::{PlanQuery, PlanReport};
@@ -32,6 +32,8 @@ pub enum Request {
     },
     /// Stop a running rollout: no further wave is published.
     Abort { id: String },
+    /// Copy the tokens made on this instance to the shared bucket now (`--state nats`).
+    ShareTokens,
 }
 
 /// `serve`'s answer.
@@ -40,6 +42,10 @@ pub enum Request {
 pub enum Reply {
     Plan(PlanReport),
     Rollouts(Vec<Rollout>),
+    /// Tokens of this instance still not shared (NATS unreachable).
+    Tokens {
+        unshared: usize,
+    },
 }
 
 /// The answer line.
@@ -103,7 +109,7 @@ pub async fn ask(data: &Path, req: &Request) -> anyhow::Result<Reply> {
 pub async fn plan(data: &Path, q: PlanQuery) -> anyhow::Result<PlanReport> {
     match ask(data, &Request::Plan(q)).await? {
         Reply::Plan(r) => Ok(r),
-        Reply::Rollouts(_) => anyhow::bail!("the plane answered a dry run with rollouts"),
+        _ => anyhow::bail!("the plane did not answer the dry run"),
     }
 }
 
@@ -111,6 +117,6 @@ pub async fn plan(data: &Path, q: PlanQuery) -> anyhow::Result<PlanReport> {
 pub async fn rollouts(data: &Path, req: Request) -> anyhow::Result<Vec<Rollout>> {
     match ask(data, &req).await? {
         Reply::Rollouts(r) => Ok(r),
-        Reply::Plan(_) => anyhow::bail!("the plane answered with a dry run"),
+        _ => anyhow::bail!("the plane did not answer with rollouts"),
     }
 }

@@ -14,6 +14,7 @@ pub mod https;
 pub mod identity;
 pub mod nats;
 pub mod plane;
+pub mod plane_shared;
 pub mod plane_store;
 pub mod protocol;
 pub mod rollout;

@@ -8,7 +8,8 @@ use super::dryrun::{DryRunRequest, PlanAnswer};
 use super::envelope::{Envelope, Rotation};
 use super::fleetplan::{NodeResult, PlanQuery, PlanReport, Verdict};
 use super::identity::{parse_public_key, parse_sealing_key, read_or_make};
-use super::plane_store::{NodeRecord, PlaneError, PlaneStore, TokenScope};
+use super::plane_shared::Shared;
+use super::plane_store::{NodeRecord, NodeState, PlaneError, PlaneStore, TokenScope};
 use super::protocol::{
     sanitize_node_id, EnrollRequest, EnrollResponse, NodeMessage, SignedRequest, Transport, BUCKET,
     H_NODE, H_NONCE, H_SIGNATURE, H_TIME, MAX_SKEW_SECS, STREAM,
@@ -30,6 +31,7 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{error, info, warn};
@@ -52,6 +54,10 @@ pub struct NatsOptions {
     pub replicas: usize,
     /// PEM of the CA that signed the NATS server's certificate (besides public roots).
     pub ca_pem: Option<String>,
+    /// `--state nats`: enrollment, status, tokens and rollouts shared through JetStream
+    /// KV with the plane's other instances (`control::plane_shared`); SQLite is this
+    /// instance's cache.
+    pub shared_state: bool,
 }
 
 /// `control-plane serve` options.
@@ -276,7 +282,7 @@ struct Plane {
     published: Mutex<HashMap<String, Published>>,
     /// Bumped whenever an envelope changes; long polls wait on it.
     changed: tokio::sync::watch::Sender<u64>,
-    enrolling: Mutex<()>,
+    enrolling: tokio::sync::Mutex<()>,
     /// Enrollment is served: over TLS, or plain HTTP by the operator's choice. Otherwise
     /// a node would take the signing key from an unauthenticated answer.
     enrollment_open: bool,
@@ -292,6 +298,23 @@ struct Plane {
     last_plan: Mutex<Option<Arc<PlanReport>>>,
     /// The fleet page's token; `None`: no page.
     page_token: Option<String>,
+    /// Held through a rollout step and an abort, so neither crosses the other.
+    rollout_step: tokio::sync::Mutex<()>,
+    /// `--state nats`: the buckets shared with the plane's other instances, once open.
+    shared: tokio::sync::OnceCell<Shared>,
+    /// The documents bucket (with shared state, puts are compare-and-set).
+    docs_kv: tokio::sync::OnceCell<async_nats::jetstream::kv::Store>,
+    /// Shared statuses of nodes whose enrollment has not reached the cache yet.
+    early_states: Mutex<HashMap<String, NodeState>>,
+    /// Nodes whose status changed here and is not in the shared bucket yet.
+    unshared: Mutex<std::collections::HashSet<String>>,
+    unshared_added: tokio::sync::Notify,
+    /// The shared bucket's revision of each rollout this instance has seen.
+    rollout_revisions: Mutex<HashMap<String, u64>>,
+    /// Until when this instance holds the rollout driver's lease (unix ms).
+    lease_until: AtomicI64,
+    /// Another instance enrolled a node: the NATS users file is written again.
+    users_stale: AtomicBool,
 }
 
 /// One dry run under way: the nodes asked, where their answers go.
@@ -425,7 +448,7 @@ impl Plane {
         }
     }
 
-    fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, (StatusCode, String)> {
+    async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, (StatusCode, String)> {
         if !self.enrollment_open {
             return Err((
                 StatusCode::FORBIDDEN,
@@ -433,7 +456,7 @@ impl Plane {
             ));
         }
         // One enrollment at a time: each rewrites the NATS authorization file.
-        let _one = lock(&self.enrolling);
+        let _one = self.enrolling.lock().await;
         let bad = |m: &str| (StatusCode::BAD_REQUEST, m.to_string());
         if parse_public_key(&req.public_key).is_none() {
             return Err(bad("publicKey is not an Ed25519 public key"));
@@ -479,12 +502,13 @@ impl Plane {
             status: None,
             refused: None,
         };
-        lock(&self.store)
-            .enroll(&req.token, &record)
+        self.enroll_record(&req.token, &record)
+            .await
             .map_err(|e| match e {
                 PlaneError::Sql(_) | PlaneError::Io(_) => {
                     (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
                 }
+                PlaneError::Shared(_) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
                 PlaneError::Enrolled { .. } => (StatusCode::CONFLICT, e.to_string()),
                 other => (StatusCode::FORBIDDEN, other.to_string()),
             })?;
@@ -508,6 +532,83 @@ impl Plane {
             signing_key: B64.encode(lock(&self.keys).signing.verifying_key().as_bytes()),
             transport,
         })
+    }
+
+    /// Enrolls `record` with `token`: in this instance's store or, with shared state, in
+    /// the shared buckets first (a token made on this instance and not copied there yet
+    /// is copied now), then into this instance's cache.
+    async fn enroll_record(&self, token: &str, record: &NodeRecord) -> Result<(), PlaneError> {
+        if !self.shared_state() {
+            return lock(&self.store).enroll(token, record);
+        }
+        // Just started: the buckets open within a second or two once NATS answers.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let shared = loop {
+            match self.shared.get() {
+                Some(shared) => break shared,
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                None => return Err(PlaneError::Shared("not connected yet".into())),
+            }
+        };
+        self.share_tokens(shared).await;
+        // A server that just died fails a request or two until the cluster moved on.
+        loop {
+            match shared
+                .enroll(&super::plane_store::hash(token), record)
+                .await
+            {
+                Err(PlaneError::Shared(e)) if tokio::time::Instant::now() < deadline => {
+                    warn!(error = %e, "enrollment: NATS did not answer; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                done => break done?,
+            }
+        }
+        let mut store = lock(&self.store);
+        // This instance's copy of the token, spent too (an unknown one: made elsewhere).
+        match store.enroll(token, record) {
+            Ok(()) | Err(PlaneError::UnknownToken) => {}
+            Err(e) => warn!(error = %e, "the local copy of the token was not marked used"),
+        }
+        store.put_enrollment(record)
+    }
+
+    fn shared_state(&self) -> bool {
+        self.nats.as_ref().is_some_and(|n| n.shared_state)
+    }
+
+    /// Copies the tokens made on this instance (`control-plane token --data` of this
+    /// instance) to the shared bucket, where any instance can spend them.
+    async fn share_tokens(&self, shared: &Shared) {
+        let tokens = match lock(&self.store).unshared_tokens() {
+            Ok(t) => t,
+            Err(e) => return warn!(error = %e, "cannot read the tokens"),
+        };
+        for (hash, expires_at, scope) in tokens {
+            match shared.share_token(&hash, expires_at, &scope).await {
+                Ok(()) => {
+                    if let Err(e) = lock(&self.store).mark_token_shared(&hash) {
+                        warn!(error = %e, "cannot mark a token shared");
+                    }
+                }
+                Err(e) => warn!(error = %e, "a token was not shared; retrying"),
+            }
+        }
+    }
+
+    /// The admin socket's `ShareTokens`: how many of this instance's tokens are still
+    /// not shared afterwards (none without shared state).
+    async fn share_tokens_now(&self) -> anyhow::Result<super::admin::Reply> {
+        if let Some(shared) = self.shared.get() {
+            self.share_tokens(shared).await;
+        }
+        let unshared = match self.shared_state() {
+            true => lock(&self.store).unshared_tokens()?.len(),
+            false => 0,
+        };
+        Ok(super::admin::Reply::Tokens { unshared })
     }
 
     /// After `rotate-key`: the new key signs every published document again (same
@@ -623,6 +724,15 @@ impl Plane {
     async fn scan(&self) {
         self.pick_up_rotation();
         self.refresh_artifacts();
+        if let Some(shared) = self.shared.get() {
+            self.share_tokens(shared).await;
+        }
+        if self.users_stale.swap(false, Ordering::Relaxed) {
+            if let Err(e) = self.write_nats_auth() {
+                warn!(error = %format!("{e:#}"), "cannot write the NATS users; retrying");
+                self.users_stale.store(true, Ordering::Relaxed);
+            }
+        }
         let nodes = match lock(&self.store).nodes() {
             Ok(n) => n,
             Err(e) => {
@@ -718,6 +828,9 @@ impl Plane {
     /// one generation for 2,000 nodes took 4.9 s at p99: benches/fleet_plan.sh). Each is
     /// marked as on NATS once acknowledged; the others go again on the next pass.
     async fn publish_nats(&self, ids: &[String]) {
+        if self.shared_state() {
+            return self.publish_shared(ids).await;
+        }
         let Some(js) = self.js.get() else { return };
         for chunk in ids.chunks(PUBLISH_WINDOW) {
             // While disconnected the client would buffer the messages and send them on
@@ -757,6 +870,54 @@ impl Plane {
         }
     }
 
+    /// [`Plane::publish_nats`] with shared state: each generation is put once across
+    /// instances (`plane_shared::publish_once`), and the envelope the bucket holds is the
+    /// one this instance serves.
+    async fn publish_shared(&self, ids: &[String]) {
+        let Some(docs) = self.docs_kv.get() else {
+            return;
+        };
+        let current: Vec<(String, u64, Arc<Vec<u8>>)> = {
+            let published = lock(&self.published);
+            ids.iter()
+                .filter_map(|id| published.get(id).map(|p| (id, p)))
+                .filter(|(_, p)| !p.bytes.is_empty())
+                .map(|(id, p)| (id.clone(), p.generation, p.bytes.clone()))
+                .collect()
+        };
+        let mut puts = futures::stream::iter(current)
+            .map(|(id, generation, bytes)| async move {
+                let held =
+                    super::plane_shared::publish_once(docs, &id, generation, bytes.to_vec().into())
+                        .await;
+                (id, bytes, held)
+            })
+            .buffer_unordered(PUBLISH_WINDOW);
+        while let Some((id, bytes, held)) = puts.next().await {
+            match held {
+                Ok(held) => {
+                    if let Some(p) = lock(&self.published).get_mut(&id) {
+                        if Arc::ptr_eq(&p.bytes, &bytes) {
+                            if held[..] != p.bytes[..] {
+                                // Another instance's envelope, of this generation or newer.
+                                if let Ok(env) = Envelope::parse(&held) {
+                                    p.generation = env.generation;
+                                    p.key_id = env.key_id;
+                                }
+                                p.bytes = Arc::new(held.to_vec());
+                                self.changed.send_modify(|n| *n += 1);
+                            }
+                            p.on_nats = true;
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(node = %id, error = %e, "KV put failed; retrying on the next pass")
+                }
+            }
+        }
+    }
+
     fn record(&self, id: &str, msg: NodeMessage) {
         let store = lock(&self.store);
         let res = match &msg {
@@ -778,20 +939,80 @@ impl Plane {
             }
             NodeMessage::Planned(answer) => {
                 drop(store);
-                // Only to a dry run under way that asked this node (the authenticated
-                // sender, whatever the answer says).
+                // The authenticated sender, whatever the answer says.
                 let mut answer = (**answer).clone();
                 answer.node_id = id.to_string();
-                if let Some(w) = lock(&self.plans).get(&answer.request_id) {
-                    if w.asked.contains(id) {
-                        let _ = w.answers.send(answer);
-                    }
-                }
+                self.answered(answer);
                 return;
             }
         };
-        if let Err(e) = res {
-            error!(node = %id, error = %e, "cannot record status");
+        match res {
+            Ok(Some(_)) if self.shared_state() => {
+                lock(&self.unshared).insert(id.to_string());
+                self.unshared_added.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => error!(node = %id, error = %e, "cannot record status"),
+        }
+    }
+
+    /// A node's dry-run answer: to this instance's dry run under way that asked the node,
+    /// or (another instance's request: with shared state, the queue group may hand an
+    /// answer to any instance) forwarded to the instance that asked.
+    fn answered(&self, answer: PlanAnswer) {
+        if let Some(w) = lock(&self.plans).get(&answer.request_id) {
+            if w.asked.contains(&answer.node_id) {
+                let _ = w.answers.send(answer);
+            }
+            return;
+        }
+        let Some(js) = self.js.get().filter(|_| self.shared_state()) else {
+            return;
+        };
+        let client = js.client();
+        tokio::spawn(async move {
+            let subject = forwarded_subject(&answer.request_id);
+            let bytes = serde_json::to_vec(&answer).unwrap_or_default();
+            if let Err(e) = client.publish(subject, bytes.into()).await {
+                warn!(error = %e, "a dry-run answer was not forwarded");
+            }
+        });
+    }
+
+    /// Writes the statuses recorded here to the shared bucket, as they come: each node's
+    /// newest, merged with what other instances wrote. A node whose write fails is tried
+    /// again a second later (its newest status then), so an outage loses nothing.
+    async fn push_states(&self, shared: &Shared) {
+        const WINDOW: usize = 64;
+        loop {
+            let ids: Vec<String> = std::mem::take(&mut *lock(&self.unshared))
+                .into_iter()
+                .collect();
+            if ids.is_empty() {
+                self.unshared_added.notified().await;
+                continue;
+            }
+            let mut writes = futures::stream::iter(ids)
+                .map(|id| async move {
+                    let state = lock(&self.store).node(&id).ok().flatten();
+                    let written = match state {
+                        Some(n) => shared.push_state(&id, &NodeState::of(&n)).await,
+                        None => Ok(()),
+                    };
+                    (id, written)
+                })
+                .buffer_unordered(WINDOW);
+            let mut failed = false;
+            while let Some((id, written)) = writes.next().await {
+                if let Err(e) = written {
+                    warn!(node = %id, error = %e, "status not shared; retrying");
+                    lock(&self.unshared).insert(id);
+                    failed = true;
+                }
+            }
+            if failed {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 
@@ -940,7 +1161,16 @@ impl Plane {
     /// Starts a staged rollout of the candidates in `spec.dir` (see `control::rollout`):
     /// each is validated and sealed as a publish would, and must be newer than what its
     /// node accepted; nothing is written until the driver publishes the first wave.
-    fn start_rollout(&self, spec: RolloutSpec) -> anyhow::Result<Rollout> {
+    async fn start_rollout(&self, spec: RolloutSpec) -> anyhow::Result<Rollout> {
+        let _step = self.rollout_step.lock().await;
+        let r = self.new_rollout(spec)?;
+        anyhow::ensure!(self.save_rollout(&r, true).await?, "rollout id taken");
+        info!(rollout = %r.id, nodes = r.waves.iter().map(|w| w.nodes.len()).sum::<usize>(), waves = r.waves.len(), "rollout started");
+        Ok(r)
+    }
+
+    /// The rollout [`Plane::start_rollout`] starts, unsaved.
+    fn new_rollout(&self, spec: RolloutSpec) -> anyhow::Result<Rollout> {
         use super::rollout::{DocFile, NodeStep, Outcome, Phase, StartError, Wave};
         let store = lock(&self.store);
         if let Some(r) = store.running_rollout()? {
@@ -1018,20 +1248,45 @@ impl Plane {
             skipped,
             ended_ms: None,
         };
-        store.put_rollout(&r)?;
-        info!(rollout = %r.id, nodes = ids.len(), waves = r.waves.len(), "rollout started");
         Ok(r)
     }
 
+    /// Saves a rollout: with shared state first to the shared bucket, at the revision
+    /// this instance last saw (`fresh`: a new one); false when another instance changed
+    /// it first (nothing saved; its change reaches this instance's cache by the watch).
+    async fn save_rollout(&self, r: &Rollout, fresh: bool) -> anyhow::Result<bool> {
+        if self.shared_state() {
+            let shared = self
+                .shared
+                .get()
+                .ok_or_else(|| anyhow::anyhow!("the plane's shared state is not connected yet"))?;
+            let revision = match fresh {
+                true => None,
+                false => lock(&self.rollout_revisions).get(&r.id).copied(),
+            };
+            match shared.put_rollout(r, revision).await? {
+                Some(rev) => {
+                    lock(&self.rollout_revisions).insert(r.id.clone(), rev);
+                }
+                None => return Ok(false),
+            }
+        }
+        lock(&self.store).put_rollout(r)?;
+        Ok(true)
+    }
+
     /// Stops a running rollout where it is.
-    fn abort_rollout(&self, id: &str) -> anyhow::Result<Rollout> {
+    async fn abort_rollout(&self, id: &str) -> anyhow::Result<Rollout> {
         use super::rollout::Phase;
-        let store = lock(&self.store);
-        let mut r = store
-            .rollouts(Some(id), 1)?
-            .pop()
-            .ok_or_else(|| anyhow::anyhow!("no rollout {id:?}"))?;
-        if r.phase == Phase::Running {
+        let _step = self.rollout_step.lock().await;
+        for _ in 0..5 {
+            let mut r = lock(&self.store)
+                .rollouts(Some(id), 1)?
+                .pop()
+                .ok_or_else(|| anyhow::anyhow!("no rollout {id:?}"))?;
+            if r.phase != Phase::Running {
+                return Ok(r);
+            }
             let now = chrono::Utc::now().timestamp_millis();
             r.phase = Phase::Aborted;
             r.message = Some("aborted by the operator".into());
@@ -1039,28 +1294,49 @@ impl Plane {
             for w in r.waves.iter_mut().filter(|w| w.started_ms.is_some()) {
                 w.ended_ms.get_or_insert(now);
             }
-            store.put_rollout(&r)?;
-            warn!(rollout = %r.id, "rollout aborted");
+            if self.save_rollout(&r, false).await? {
+                warn!(rollout = %r.id, "rollout aborted");
+                return Ok(r);
+            }
+            // The driver (another instance) saved a step first: abort that one.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Ok(r)
+        anyhow::bail!("rollout {id} kept changing; try again")
     }
 
-    /// One step of the running rollout, if any, saved before the next (the store's lock
-    /// is held throughout, so an abort never crosses a step).
-    fn drive_rollout(&self) {
-        let store = lock(&self.store);
-        let mut r = match store.running_rollout() {
+    /// Whether this instance drives rollouts: always on its own, with shared state while
+    /// it holds the lease (with half a second to spare, for a step's writes).
+    fn drives_rollouts(&self) -> bool {
+        !self.shared_state()
+            || self.lease_until.load(Ordering::Relaxed)
+                > chrono::Utc::now().timestamp_millis() + 500
+    }
+
+    /// One step of the running rollout, if any, saved before the next (an abort waits for
+    /// the step, and with shared state a step another instance changed is not saved).
+    async fn drive_rollout(&self) {
+        if !self.drives_rollouts() {
+            return;
+        }
+        let _step = self.rollout_step.lock().await;
+        let mut r = match lock(&self.store).running_rollout() {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => return error!(error = %e, "cannot read the running rollout"),
         };
+        // With shared state, only a rollout as the bucket has it: a cache left by an
+        // earlier run of this instance may be steps behind until the watch brings it.
+        if self.shared_state() && !lock(&self.rollout_revisions).contains_key(&r.id) {
+            return;
+        }
         let driver = super::rollout::Driver {
             docs: &self.docs,
             now_ms: chrono::Utc::now().timestamp_millis(),
         };
         let before: Vec<_> = r.waves.iter().map(|w| (w.started_ms, w.ended_ms)).collect();
-        match driver.advance(&mut r, |id| store.node(id).ok().flatten()) {
-            Ok(false) => {}
+        let stepped = driver.advance(&mut r, |id| lock(&self.store).node(id).ok().flatten());
+        match stepped {
+            Ok(false) => return,
             Ok(true) => {
                 for (i, w) in r.waves.iter().enumerate() {
                     if before.get(i) != Some(&(w.started_ms, w.ended_ms)) {
@@ -1071,9 +1347,6 @@ impl Plane {
                     let m = r.message.as_deref().unwrap_or_default();
                     info!(rollout = %r.id, phase = ?r.phase, message = m, "rollout ended");
                 }
-                if let Err(e) = store.put_rollout(&r) {
-                    error!(rollout = %r.id, error = %e, "cannot save the rollout");
-                }
             }
             Err(e) => {
                 // Nothing more can be published: stop rather than retry every step.
@@ -1081,10 +1354,14 @@ impl Plane {
                 r.phase = super::rollout::Phase::Halted;
                 r.message = Some(format!("cannot write the documents directory: {e}"));
                 r.ended_ms = Some(driver.now_ms);
-                if let Err(e) = store.put_rollout(&r) {
-                    error!(rollout = %r.id, error = %e, "cannot save the rollout");
-                }
             }
+        }
+        match self.save_rollout(&r, false).await {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!(rollout = %r.id, "the rollout changed elsewhere (aborted?); step not saved")
+            }
+            Err(e) => error!(rollout = %r.id, error = %format!("{e:#}"), "cannot save the rollout"),
         }
     }
 
@@ -1156,7 +1433,7 @@ fn err(code: StatusCode, msg: String) -> Response {
 }
 
 async fn enroll(State(plane): State<Arc<Plane>>, Json(req): Json<EnrollRequest>) -> Response {
-    match plane.enroll(req) {
+    match plane.enroll(req).await {
         Ok(r) => {
             plane.reset_consumer(&r.node_id).await;
             Json(r).into_response()
@@ -1362,35 +1639,47 @@ async fn run_nats(plane: Arc<Plane>, n: NatsOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connect {}", n.url))?;
     let js = async_nats::jetstream::new(client.clone());
-    // The bucket's stream, made directly: async-nats' `create_key_value` first asks for
-    // account info in a form nats-server 2.9 does not answer. Same settings as a KV
-    // bucket of history 1 (what `nats kv add` makes).
-    loop {
-        let made = js
-            .get_or_create_stream(async_nats::jetstream::stream::Config {
-                name: STREAM.to_string(),
-                subjects: vec![format!("$KV.{BUCKET}.>")],
-                max_messages_per_subject: 1,
-                discard: async_nats::jetstream::stream::DiscardPolicy::New,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                storage: async_nats::jetstream::stream::StorageType::File,
-                num_replicas: n.replicas,
-                ..Default::default()
-            })
-            .await;
-        match made {
-            Ok(_) => break,
+    let docs = loop {
+        match super::plane_shared::bucket(&js, BUCKET, n.replicas).await {
+            Ok(docs) => break docs,
             Err(e) => {
                 warn!(error = %e, "cannot open the KV bucket's stream; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    };
+    let _ = plane.docs_kv.set(docs);
+    if n.shared_state {
+        let shared = loop {
+            match Shared::open(&js, n.replicas, instance_name()).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    warn!(error = %e, "cannot open the shared state's buckets; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        info!(instance = %shared.instance, "plane state shared on NATS");
+        let _ = plane.shared.set(shared);
+        follow_shared(&plane);
     }
     let _ = plane.js.set(js);
-    // Everything not yet on NATS goes out on the next scan.
-    let mut sub = client.subscribe("converge.status.*").await?;
+    // Dry-run answers another instance received for this one's requests.
+    let mut forwarded = client.subscribe(forwarded_subject("*")).await?;
+    let p = plane.clone();
+    tokio::spawn(async move {
+        while let Some(m) = forwarded.next().await {
+            match serde_json::from_slice::<PlanAnswer>(&m.payload) {
+                Ok(answer) => p.answered(answer),
+                Err(e) => warn!(error = %e, "bad forwarded dry-run answer"),
+            }
+        }
+    });
+    // Everything not yet on NATS goes out on the next scan. Status is handled once, by
+    // one instance of the plane (a queue group).
+    let mut sub = client
+        .queue_subscribe("converge.status.*", "converge-plane".into())
+        .await?;
     info!(url = %n.url, "control plane on NATS");
     while let Some(m) = sub.next().await {
         let id = m
@@ -1404,6 +1693,111 @@ async fn run_nats(plane: Arc<Plane>, n: NatsOptions) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where an instance forwards a dry-run answer to the instance that asked (plane users
+/// only: a node may publish on its own subjects alone).
+fn forwarded_subject(request_id: &str) -> String {
+    format!("converge.plane.plan.{request_id}")
+}
+
+/// This instance's name in the lease: host name and process id.
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+/// With shared state: the watches that bring the other instances' writes into this
+/// instance's cache, the status writer, and the rollout driver's lease.
+fn follow_shared(plane: &Arc<Plane>) {
+    use super::plane_shared::follow;
+    let Some(shared) = plane.shared.get() else {
+        return;
+    };
+    let p = plane.clone();
+    tokio::spawn(follow(shared.nodes.clone(), move |id, _, value| {
+        let Some(record) = super::plane_shared::enrollment(value) else {
+            return warn!(node = %id, "bad shared enrollment record");
+        };
+        let known = lock(&p.store).node(id).ok().flatten();
+        if known
+            .as_ref()
+            .is_some_and(|k| k.public_key == record.public_key)
+        {
+            return;
+        }
+        if let Err(e) = lock(&p.store).put_enrollment(&record) {
+            return error!(node = %id, error = %e, "cannot cache an enrollment");
+        }
+        // A status that came before the enrollment.
+        if let Some(state) = lock(&p.early_states).remove(id) {
+            if let Err(e) = lock(&p.store).merge_state(id, state) {
+                error!(node = %id, error = %e, "cannot cache a status");
+            }
+        }
+        // Enrolled (again) elsewhere: new keys, so a new envelope and consumer.
+        lock(&p.published).remove(id);
+        lock(&p.consumers).remove(id);
+        p.users_stale.store(true, Ordering::Relaxed);
+    }));
+    let p = plane.clone();
+    tokio::spawn(follow(shared.status.clone(), move |id, _, value| {
+        match serde_json::from_slice::<NodeState>(value) {
+            Ok(state) => match lock(&p.store).merge_state(id, state.clone()) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    // Its enrollment has not reached this cache yet.
+                    lock(&p.early_states).insert(id.to_string(), state);
+                }
+                Err(e) => error!(node = %id, error = %e, "cannot cache a status"),
+            },
+            Err(e) => warn!(node = %id, error = %e, "bad shared status"),
+        }
+    }));
+    let p = plane.clone();
+    tokio::spawn(follow(
+        shared.rollouts.clone(),
+        move |id, revision, value| {
+            if lock(&p.rollout_revisions)
+                .get(id)
+                .is_some_and(|known| *known >= revision)
+            {
+                return;
+            }
+            match serde_json::from_slice::<Rollout>(value) {
+                Ok(r) => {
+                    if let Err(e) = lock(&p.store).put_rollout(&r) {
+                        return error!(rollout = %id, error = %e, "cannot cache a rollout");
+                    }
+                    lock(&p.rollout_revisions).insert(id.to_string(), revision);
+                }
+                Err(e) => warn!(rollout = %id, error = %e, "bad shared rollout"),
+            }
+        },
+    ));
+    let p = plane.clone();
+    tokio::spawn(async move {
+        if let Some(shared) = p.shared.get() {
+            p.push_states(shared).await;
+        }
+    });
+    let p = plane.clone();
+    tokio::spawn(async move {
+        let Some(shared) = p.shared.get() else { return };
+        loop {
+            let now = chrono::Utc::now().timestamp_millis();
+            match shared.lease(now).await {
+                Ok(Some(until)) => {
+                    if p.lease_until.swap(until, Ordering::Relaxed) < now {
+                        info!(instance = %shared.instance, "this instance drives rollouts");
+                    }
+                }
+                Ok(None) => p.lease_until.store(0, Ordering::Relaxed),
+                Err(e) => warn!(error = %e, "cannot renew the rollout driver's lease"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
 }
 
 /// Puts a value under `key` of the bucket (a JetStream publish to `$KV.converge.<key>`,
@@ -1442,7 +1836,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         artifacts_dir: opts.artifacts.clone(),
         published: Mutex::new(HashMap::new()),
         changed,
-        enrolling: Mutex::new(()),
+        enrolling: tokio::sync::Mutex::new(()),
         enrollment_open: opts.tls.is_some() || opts.insecure_http,
         nonces: Mutex::new(Nonces::default()),
         plans: Mutex::new(HashMap::new()),
@@ -1452,6 +1846,15 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             true => Some(super::fleetpage::token(&opts.data)?),
             false => None,
         },
+        rollout_step: tokio::sync::Mutex::new(()),
+        shared: tokio::sync::OnceCell::new(),
+        docs_kv: tokio::sync::OnceCell::new(),
+        early_states: Mutex::new(HashMap::new()),
+        unshared: Mutex::new(std::collections::HashSet::new()),
+        unshared_added: tokio::sync::Notify::new(),
+        rollout_revisions: Mutex::new(HashMap::new()),
+        lease_until: AtomicI64::new(0),
+        users_stale: AtomicBool::new(false),
     });
     let plane_url = plane.public_url.clone();
     if let Some(n) = opts.nats.clone() {
@@ -1474,7 +1877,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let roller = plane.clone();
     tokio::spawn(async move {
         loop {
-            roller.drive_rollout();
+            roller.drive_rollout().await;
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
@@ -1575,16 +1978,19 @@ async fn serve_admin(plane: Arc<Plane>, listener: tokio::net::UnixListener) {
                 Err(e) => Err(anyhow::anyhow!("read: {e}")),
                 Ok(_) => match serde_json::from_str::<Request>(&line) {
                     Ok(Request::Plan(q)) => plane.plan(q).await.map(Reply::Plan),
-                    Ok(Request::Rollout(spec)) => {
-                        plane.start_rollout(spec).map(|r| Reply::Rollouts(vec![r]))
-                    }
+                    Ok(Request::Rollout(spec)) => plane
+                        .start_rollout(spec)
+                        .await
+                        .map(|r| Reply::Rollouts(vec![r])),
                     Ok(Request::Rollouts { id }) => lock(&plane.store)
                         .rollouts(id.as_deref(), 50)
                         .map(Reply::Rollouts)
                         .map_err(anyhow::Error::from),
-                    Ok(Request::Abort { id }) => {
-                        plane.abort_rollout(&id).map(|r| Reply::Rollouts(vec![r]))
-                    }
+                    Ok(Request::Abort { id }) => plane
+                        .abort_rollout(&id)
+                        .await
+                        .map(|r| Reply::Rollouts(vec![r])),
+                    Ok(Request::ShareTokens) => plane.share_tokens_now().await,
                     Err(e) => Err(anyhow::anyhow!("bad request: {e}")),
                 },
             };

@@ -1,10 +1,11 @@
 //! The reference control plane's records (SQLite, `<data>/control-plane.db`): one-time
 //! registration tokens (only their SHA-256 is kept), enrolled nodes, and each node's last
-//! status and refusal, and staged rollouts.
+//! status and refusal, and staged rollouts. With `--state nats` it is this instance's
+//! cache of the shared buckets (`control::plane_shared`).
 
 use super::rollout::Rollout;
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
@@ -28,6 +29,8 @@ pub enum PlaneError {
     Enrolled { id: String },
     #[error("control-plane store: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the plane's shared state (NATS): {0}")]
+    Shared(String),
 }
 
 /// Schema versions in order (`PRAGMA user_version` = how many ran).
@@ -53,6 +56,8 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE rollouts (
        id TEXT PRIMARY KEY, created_at TEXT NOT NULL, phase TEXT NOT NULL, body TEXT NOT NULL
      );",
+    // 5: a token copied to the shared tokens bucket (`--state nats`).
+    "ALTER TABLE tokens ADD COLUMN shared INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// What a registration token allows.
@@ -113,7 +118,8 @@ pub struct PlaneStore {
     conn: Connection,
 }
 
-fn hash(token: &str) -> String {
+/// A token as stored: the SHA-256 of the token in hex.
+pub fn hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
@@ -192,30 +198,15 @@ impl PlaneStore {
             "UPDATE tokens SET used_by = ?2 WHERE hash = ?1",
             params![hash(token), n.id],
         )?;
-        if enrolled {
-            tx.execute(
-                "UPDATE nodes SET name = ?2, public_key = ?3, sealing_key = ?4, facts = ?5,
-                        enrolled_at = ?6, nats_password = ?7, nats_key = ?8 WHERE id = ?1",
-                params![
-                    n.id,
-                    n.name,
-                    n.public_key,
-                    n.sealing_key,
-                    n.facts.to_string(),
-                    n.enrolled_at,
-                    n.nats_password,
-                    n.nats_key
-                ],
-            )?;
-        } else {
-            tx.execute(
-                "INSERT INTO nodes (id, name, public_key, sealing_key, facts, enrolled_at, nats_password, nats_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![n.id, n.name, n.public_key, n.sealing_key, n.facts.to_string(), n.enrolled_at, n.nats_password, n.nats_key],
-            )?;
-        }
+        put_enrolled(&tx, n)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Saves a node's enrollment (keys, facts, NATS credentials), new or replacing the
+    /// one kept; its status is kept. (Another instance enrolled it: `--state nats`.)
+    pub fn put_enrollment(&self, n: &NodeRecord) -> Result<(), PlaneError> {
+        put_enrolled(&self.conn, n)
     }
 
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, PlaneError> {
@@ -272,27 +263,158 @@ impl PlaneStore {
         accepted: Option<u64>,
         converged: Option<u64>,
         status: &serde_json::Value,
-    ) -> Result<(), PlaneError> {
-        let g = |v: Option<u64>| v.and_then(|g| i64::try_from(g).ok());
-        // SET expressions see the row as it was, so each CASE tests the kept generation.
+    ) -> Result<Option<NodeState>, PlaneError> {
+        self.merge_state(
+            id,
+            NodeState {
+                last_seen: Some(now()),
+                accepted_generation: accepted,
+                converged_generation: converged,
+                status: Some(status.clone()),
+                refused: None,
+            },
+        )
+    }
+
+    /// Saves a node's refusal.
+    pub fn put_refusal(
+        &self,
+        id: &str,
+        refusal: &serde_json::Value,
+    ) -> Result<Option<NodeState>, PlaneError> {
+        self.merge_state(
+            id,
+            NodeState {
+                last_seen: Some(now()),
+                refused: Some(refusal.clone()),
+                ..NodeState::default()
+            },
+        )
+    }
+}
+
+/// Inserts or replaces a node's enrollment columns.
+fn put_enrolled(conn: &Connection, n: &NodeRecord) -> Result<(), PlaneError> {
+    conn.execute(
+        "INSERT INTO nodes (id, name, public_key, sealing_key, facts, enrolled_at, nats_password, nats_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (id) DO UPDATE SET name = ?2, public_key = ?3, sealing_key = ?4, facts = ?5,
+           enrolled_at = ?6, nats_password = ?7, nats_key = ?8",
+        params![
+            n.id,
+            n.name,
+            n.public_key,
+            n.sealing_key,
+            n.facts.to_string(),
+            n.enrolled_at,
+            n.nats_password,
+            n.nats_key
+        ],
+    )?;
+    Ok(())
+}
+
+/// What a node last told the plane: the part of its record that changes with each
+/// message, as the instances of a plane share it (`--state nats`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeState {
+    pub last_seen: Option<String>,
+    pub accepted_generation: Option<u64>,
+    pub converged_generation: Option<u64>,
+    pub status: Option<serde_json::Value>,
+    pub refused: Option<serde_json::Value>,
+}
+
+impl NodeState {
+    pub fn of(n: &NodeRecord) -> NodeState {
+        NodeState {
+            last_seen: n.last_seen.clone(),
+            accepted_generation: n.accepted_generation,
+            converged_generation: n.converged_generation,
+            status: n.status.clone(),
+            refused: n.refused.clone(),
+        }
+    }
+
+    /// Folds `other` in: the newer status by (accepted generation, the node's `sentAt`)
+    /// as [`PlaneStore::put_status`] keeps it, the newer refusal, the later sign of
+    /// life. Order does not matter, so two instances that saw the same messages in
+    /// any order agree.
+    pub fn merge(&mut self, other: NodeState) {
+        let sent = |v: &Option<serde_json::Value>| {
+            v.as_ref()
+                .and_then(|v| v["sentAt"].as_str().map(str::to_string))
+        };
+        let status_key = |s: &NodeState| (s.accepted_generation, sent(&s.status));
+        if other.status.is_some()
+            && (self.status.is_none() || status_key(&other) > status_key(self))
+        {
+            self.accepted_generation = other.accepted_generation;
+            self.converged_generation = other.converged_generation;
+            self.status = other.status;
+        }
+        if other.refused.is_some()
+            && (self.refused.is_none() || sent(&other.refused) > sent(&self.refused))
+        {
+            self.refused = other.refused;
+        }
+        self.last_seen = self.last_seen.take().max(other.last_seen);
+    }
+}
+
+/// A token not yet copied to the shared bucket: its hash, expiry (unix seconds), scope.
+pub type UnsharedToken = (String, i64, TokenScope);
+
+impl PlaneStore {
+    /// Tokens not yet in the shared bucket, unused.
+    pub fn unshared_tokens(&self) -> Result<Vec<UnsharedToken>, PlaneError> {
+        let mut st = self.conn.prepare(
+            "SELECT hash, expires_at, node, reenroll FROM tokens WHERE shared = 0 AND used_by IS NULL",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                TokenScope {
+                    node: r.get(2)?,
+                    reenroll: r.get(3)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn mark_token_shared(&self, hash: &str) -> Result<(), PlaneError> {
         self.conn.execute(
-            "UPDATE nodes SET last_seen = ?2,
-               converged_generation = CASE WHEN accepted_generation IS NULL OR ?3 >= accepted_generation THEN ?4 ELSE converged_generation END,
-               status = CASE WHEN accepted_generation IS NULL OR ?3 >= accepted_generation THEN ?5 ELSE status END,
-               accepted_generation = CASE WHEN accepted_generation IS NULL OR ?3 >= accepted_generation THEN ?3 ELSE accepted_generation END
-             WHERE id = ?1",
-            params![id, now(), g(accepted), g(converged), status.to_string()],
+            "UPDATE tokens SET shared = 1 WHERE hash = ?1",
+            params![hash],
         )?;
         Ok(())
     }
 
-    /// Saves a node's refusal.
-    pub fn put_refusal(&self, id: &str, refusal: &serde_json::Value) -> Result<(), PlaneError> {
+    /// Folds `state` into the node's record ([`NodeState::merge`]); the merged state.
+    pub fn merge_state(&self, id: &str, state: NodeState) -> Result<Option<NodeState>, PlaneError> {
+        let Some(node) = self.node(id)? else {
+            return Ok(None);
+        };
+        let mut merged = NodeState::of(&node);
+        merged.merge(state);
+        let g = |v: Option<u64>| v.and_then(|g| i64::try_from(g).ok());
+        let json = |v: &Option<serde_json::Value>| v.as_ref().map(|v| v.to_string());
         self.conn.execute(
-            "UPDATE nodes SET last_seen = ?2, refused = ?3 WHERE id = ?1",
-            params![id, now(), refusal.to_string()],
+            "UPDATE nodes SET last_seen = ?2, accepted_generation = ?3, converged_generation = ?4,
+               status = ?5, refused = ?6 WHERE id = ?1",
+            params![
+                id,
+                merged.last_seen,
+                g(merged.accepted_generation),
+                g(merged.converged_generation),
+                json(&merged.status),
+                json(&merged.refused)
+            ],
         )?;
-        Ok(())
+        Ok(Some(merged))
     }
 }
 
@@ -494,6 +616,49 @@ mod tests {
         s.put_status("n", Some(6), Some(5), &serde_json::json!("six"))
             .unwrap();
         assert_eq!(kept(&s), (Some(6), Some(5), "\"six\"".into()));
+    }
+
+    #[test]
+    fn two_instances_merging_the_same_messages_in_any_order_agree() {
+        let status = |accepted: u64, sent: &str| NodeState {
+            last_seen: Some(sent.into()),
+            accepted_generation: Some(accepted),
+            converged_generation: Some(accepted - 1),
+            status: Some(serde_json::json!({"sentAt": sent, "g": accepted})),
+            refused: None,
+        };
+        let refusal = |sent: &str| NodeState {
+            last_seen: Some(sent.into()),
+            refused: Some(serde_json::json!({"sentAt": sent})),
+            ..NodeState::default()
+        };
+        let messages = [
+            status(4, "t1"),
+            refusal("t2"),
+            status(5, "t3"),
+            status(5, "t4"),
+            refusal("t5"),
+            status(4, "t6"), // late: an older generation
+        ];
+        let fold = |order: &[usize]| {
+            let mut s = NodeState::default();
+            for i in order {
+                s.merge(messages[*i].clone());
+            }
+            s
+        };
+        let forward = fold(&[0, 1, 2, 3, 4, 5]);
+        assert_eq!(forward, fold(&[5, 4, 3, 2, 1, 0]));
+        assert_eq!(forward, fold(&[2, 5, 0, 4, 3, 1]));
+        // The newest status of the newest generation, the newest refusal, the last sign
+        // of life.
+        assert_eq!(forward.status, status(5, "t4").status);
+        assert_eq!(forward.refused, refusal("t5").refused);
+        assert_eq!(forward.last_seen.as_deref(), Some("t6"));
+        // Merging what is already there changes nothing.
+        let mut again = forward.clone();
+        again.merge(forward.clone());
+        assert_eq!(again, forward);
     }
 
     #[test]

@@ -27,22 +27,42 @@ pub struct Cp {
     /// The namespaces of NATS servers 1.. of a cluster (server 0 runs in `node`).
     nats_hosts: Vec<TestNode>,
     nats: Vec<Option<Spawned>>,
-    server: Option<Spawned>,
+    /// The plane's instances: the first in `node`, a second (shared state) in the
+    /// namespace of NATS server 1.
+    planes: [Option<Spawned>; 2],
     use_nats: bool,
+    /// `--state nats`: the instances share enrollment, status and rollouts.
+    shared: bool,
 }
 
 impl Cp {
     pub fn new(use_nats: bool) -> Cp {
-        Cp::build(use_nats, 1)
+        Cp::build(use_nats, 1, false)
     }
 
     /// A plane on a JetStream cluster of `n` nats-servers, each in its own namespace
     /// (routes between them; the documents bucket with `n` replicas, at most 3).
     pub fn cluster(n: usize) -> Cp {
-        Cp::build(true, n)
+        Cp::build(true, n, false)
     }
 
-    fn build(use_nats: bool, servers: usize) -> Cp {
+    /// Two plane instances with shared state (`--state nats`) on a cluster of 3: the
+    /// second has its own data directory with the first one's keys, the same documents
+    /// directory and users file, and listens in the namespace of NATS server 1.
+    pub fn two_instances() -> Cp {
+        let mut cp = Cp::build(true, 3, true);
+        let b = cp.data_dir(1);
+        fs::create_dir_all(&b).expect("second data dir");
+        fs::set_permissions(&b, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .expect("chmod");
+        for key in ["signing.key", "nats.key"] {
+            fs::copy(cp.data_dir(0).join(key), b.join(key)).expect("copy the plane's keys");
+        }
+        cp.start_instance(1);
+        cp
+    }
+
+    fn build(use_nats: bool, servers: usize, shared: bool) -> Cp {
         let node = TestNode::new("cp");
         let root = node.data_dir().join("cp");
         fs::create_dir_all(root.join("docs")).expect("docs dir");
@@ -54,8 +74,9 @@ impl Cp {
                 .map(|i| TestNode::new(&format!("nats{i}")))
                 .collect(),
             nats: Vec::new(),
-            server: None,
+            planes: [None, None],
             use_nats,
+            shared,
         };
         // A private CA and a certificate for the control plane's address: HTTPS with
         // rustls, the CA trusted by the nodes through `join --ca`.
@@ -196,7 +217,20 @@ impl Cp {
     }
 
     pub fn http_url(&self) -> String {
-        format!("https://{}:{HTTP_PORT}", self.node.address())
+        self.http_url_of(0)
+    }
+
+    /// The HTTPS URL of plane instance `i`.
+    pub fn http_url_of(&self, i: usize) -> String {
+        format!("https://{}:{HTTP_PORT}", self.nats_host(i).address())
+    }
+
+    /// The data directory of plane instance `i`.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        match i {
+            0 => self.root.join("data"),
+            i => self.root.join(format!("data-{i}")),
+        }
     }
 
     pub fn ca(&self) -> String {
@@ -204,7 +238,32 @@ impl Cp {
     }
 
     pub fn log(&self) -> String {
-        fs::read_to_string(self.root.join("cp.log")).unwrap_or_default()
+        self.log_of(0)
+    }
+
+    /// The log of plane instance `i`.
+    pub fn log_of(&self, i: usize) -> String {
+        fs::read_to_string(self.log_path(i)).unwrap_or_default()
+    }
+
+    fn log_path(&self, i: usize) -> PathBuf {
+        match i {
+            0 => self.root.join("cp.log"),
+            i => self.root.join(format!("cp-{i}.log")),
+        }
+    }
+
+    /// The NATS server (index) a client authenticated with the user `nkey` is connected
+    /// to, from each server's monitoring endpoint.
+    pub fn server_of(&self, nkey: &str) -> Option<usize> {
+        (0..self.nats.len()).find(|i| {
+            let url = format!("http://{}:8222/connz?auth=1", self.nats_host(*i).address());
+            self.nats_host(*i)
+                .command("curl")
+                .args(["-sf", "-m", "2", &url])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(nkey))
+        })
     }
 
     /// Whether the plane has read `generation` of `node`'s file (and signed it).
@@ -264,18 +323,29 @@ impl Cp {
     }
 
     pub fn start_server(&mut self) {
-        let before = self.log().matches("control plane serving").count();
+        self.start_instance(0);
+    }
+
+    /// Starts plane instance `i` and waits until it serves (with shared state: until its
+    /// buckets are open).
+    pub fn start_instance(&mut self, i: usize) {
+        let ready = match self.shared {
+            true => "plane state shared on NATS",
+            false => "control plane serving",
+        };
+        let before = self.log_of(i).matches(ready).count();
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.root.join("cp.log"))
+            .open(self.log_path(i))
             .expect("cp.log");
-        let mut cmd = self.node.command(converge_bin());
+        let host = self.nats_host(i);
+        let mut cmd = host.command(converge_bin());
         cmd.args(["control-plane", "serve", "--dir"])
             .arg(self.root.join("docs"))
             .arg("--data")
-            .arg(self.root.join("data"))
-            .args(["--listen", &format!("{}:{HTTP_PORT}", self.node.address())])
+            .arg(self.data_dir(i))
+            .args(["--listen", &format!("{}:{HTTP_PORT}", host.address())])
             .arg("--tls-cert")
             .arg(self.root.join("tls.crt"))
             .arg("--tls-key")
@@ -293,15 +363,23 @@ impl Cp {
                 cmd.arg("--nats-pid-file")
                     .arg(self.root.join(format!("nats-{i}.pid")));
             }
+            if self.shared {
+                cmd.args(["--state", "nats"]);
+            }
         }
-        self.server = Some(self.node.spawn(&mut cmd));
-        wait_until(Duration::from_secs(15), "control plane serving", || {
-            self.log().matches("control plane serving").count() > before
+        self.planes[i] = Some(host.spawn(&mut cmd));
+        wait_until(Duration::from_secs(30), "control plane serving", || {
+            self.log_of(i).matches(ready).count() > before
         });
     }
 
     pub fn stop_server(&mut self) {
-        if let Some(mut c) = self.server.take() {
+        self.stop_instance(0);
+    }
+
+    /// kill -9 of plane instance `i`.
+    pub fn stop_instance(&mut self, i: usize) {
+        if let Some(mut c) = self.planes[i].take() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -361,15 +439,20 @@ impl Cp {
     }
 
     pub fn data(&self) -> String {
-        self.root.join("data").display().to_string()
+        self.data_dir(0).display().to_string()
     }
 
     pub fn token(&self, ttl: i64) -> String {
+        self.token_on(0, ttl)
+    }
+
+    /// A token made on plane instance `i`.
+    pub fn token_on(&self, i: usize, ttl: i64) -> String {
         let out = self.cli(&[
             "control-plane",
             "token",
             "--data",
-            &self.data(),
+            &self.data_dir(i).display().to_string(),
             // `=`: a negative ttl (an expired token) is not taken for a flag.
             &format!("--ttl-secs={ttl}"),
         ]);
@@ -385,11 +468,16 @@ impl Cp {
     }
 
     pub fn nodes(&self) -> Vec<Value> {
+        self.nodes_on(0)
+    }
+
+    /// The nodes as plane instance `i` has them (its store: with shared state, its cache).
+    pub fn nodes_on(&self, i: usize) -> Vec<Value> {
         let out = self.cli(&[
             "control-plane",
             "nodes",
             "--data",
-            &self.data(),
+            &self.data_dir(i).display().to_string(),
             "-o",
             "json",
         ]);
@@ -398,7 +486,11 @@ impl Cp {
     }
 
     pub fn record(&self, id: &str) -> Value {
-        self.nodes()
+        self.record_on(0, id)
+    }
+
+    pub fn record_on(&self, i: usize, id: &str) -> Value {
+        self.nodes_on(i)
             .into_iter()
             .find(|n| n["id"] == id)
             .unwrap_or(Value::Null)
@@ -458,10 +550,18 @@ pub fn join(node: &TestNode, cp: &Cp, token: &str, extra: &[&str]) -> Output {
 
 /// `converge join` on `node` asking for the node name `name`.
 pub fn join_as(node: &TestNode, name: &str, cp: &Cp, token: &str, extra: &[&str]) -> Output {
-    let url = cp.http_url();
+    join_at(node, name, cp, &cp.http_url(), token, extra)
+}
+
+/// `converge join` through plane instance `i` (`Cp::two_instances`).
+pub fn join_through(node: &TestNode, cp: &Cp, i: usize, token: &str) -> Output {
+    join_at(node, node.name(), cp, &cp.http_url_of(i), token, &[])
+}
+
+fn join_at(node: &TestNode, name: &str, cp: &Cp, url: &str, token: &str, extra: &[&str]) -> Output {
     let ca = cp.ca();
     let mut args = vec![
-        "join", "--ca", &ca, "--url", &url, "--token", token, "--name", name,
+        "join", "--ca", &ca, "--url", url, "--token", token, "--name", name,
     ];
     args.extend_from_slice(extra);
     converge(node, &args)
