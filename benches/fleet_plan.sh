@@ -8,14 +8,16 @@
 # dry runs (verified, candidate validated, a synthetic plan). Measured: one new
 # generation for all (the baseline: publish to acknowledgement through the same plane),
 # then `converge control-plane plan` PLANS times, each from its start to the aggregate
-# printed. Needs openssl and nats-server; no root. Cleans up after itself.
+# printed. The transport `nats-shared` is `nats` with `serve --state nats` (enrollment,
+# status and rollouts in JetStream KV, SQLite as the cache): what shared state costs.
+# Needs openssl and nats-server; no root. Cleans up after itself.
 # KEEP=1 keeps the plane's and nats-server's logs.
-# Usage: [FLEET_SIZE=2000] [PLANS=20] [TRANSPORTS="nats https"] [HEARTBEAT_SECS=15] benches/fleet_plan.sh
+# Usage: [FLEET_SIZE=2000] [PLANS=20] [TRANSPORTS="nats nats-shared https"] [HEARTBEAT_SECS=15] benches/fleet_plan.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${FLEET_SIZE:-2000}
 PLANS=${PLANS:-20}
-TRANSPORTS=${TRANSPORTS:-nats https}
+TRANSPORTS=${TRANSPORTS:-nats nats-shared https}
 HEARTBEAT=${HEARTBEAT_SECS:-15}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 PROFILE=${PROFILE:-release}
@@ -45,7 +47,7 @@ for t in $TRANSPORTS; do
     run="$DIR/$t"
     mkdir -p "$run/docs" "$run/data"
     serve=()
-    if [ "$t" = nats ]; then
+    if [ "$t" != https ]; then
         cat >"$run/nats.conf" <<CONF
 listen: 127.0.0.1:14300
 max_connections: 100000
@@ -61,8 +63,9 @@ CONF
         wait_port 14300
         serve=(--nats tls://127.0.0.1:14300 --nats-ca "$DIR/ca.crt" --nats-auth-file "$run/auth.conf"
             --nats-pid-file "$run/nats.pid")
+        [ "$t" = nats-shared ] && serve+=(--state nats)
     fi
-    port=$([ "$t" = nats ] && echo 18501 || echo 18502)
+    case $t in nats) port=18501 ;; nats-shared) port=18503 ;; *) port=18502 ;; esac
     RUST_LOG=warn,converge::control::plane=info "$BIN" control-plane serve --dir "$run/docs" --data "$run/data" \
         --listen "127.0.0.1:$port" --tls-cert "$DIR/tls.crt" --tls-key "$DIR/tls.key" "${serve[@]}" 2>"$run/plane.log" &
     plane=$!

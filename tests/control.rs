@@ -519,7 +519,9 @@ async fn isolation_probe(
         )
         .await;
     // Then a status of its own (which it may send), the barrier the test waits for.
-    let own = json!({"type": "refused", "nodeId": "na", "sentAt": "2026-01-01T00:00:00Z",
+    // Sent now: the plane keeps a node's newest refusal by the node's clock.
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let own = json!({"type": "refused", "nodeId": "na", "sentAt": now,
         "generation": 98, "error": PROBE_DONE});
     let _ = client
         .publish(

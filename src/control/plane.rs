@@ -1640,7 +1640,7 @@ async fn run_nats(plane: Arc<Plane>, n: NatsOptions) -> anyhow::Result<()> {
         .with_context(|| format!("connect {}", n.url))?;
     let js = async_nats::jetstream::new(client.clone());
     let docs = loop {
-        match super::plane_shared::bucket(&js, BUCKET, n.replicas).await {
+        match super::plane_shared::bucket(&js, BUCKET, n.replicas, true).await {
             Ok(docs) => break docs,
             Err(e) => {
                 warn!(error = %e, "cannot open the KV bucket's stream; retrying");

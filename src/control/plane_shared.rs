@@ -37,11 +37,14 @@ const ATTEMPTS: usize = 5;
 /// Opens the KV bucket `name`, making its stream if needed. The stream is made directly:
 /// async-nats' `create_key_value` first asks for account information in a form
 /// nats-server 2.9 does not answer. Same settings as a bucket of history 1 (what `nats kv
-/// add` makes).
+/// add` makes), except that reads go to the stream's leader unless `direct`: a direct
+/// read may be answered by a replica that has not yet got a write just acknowledged,
+/// and a token just shared would read as unknown.
 pub async fn bucket(
     js: &async_nats::jetstream::Context,
     name: &str,
     replicas: usize,
+    direct: bool,
 ) -> Result<Store, async_nats::Error> {
     js.get_or_create_stream(async_nats::jetstream::stream::Config {
         name: format!("KV_{name}"),
@@ -50,7 +53,7 @@ pub async fn bucket(
         discard: async_nats::jetstream::stream::DiscardPolicy::New,
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: true,
+        allow_direct: direct,
         storage: async_nats::jetstream::stream::StorageType::File,
         num_replicas: replicas,
         ..Default::default()
@@ -142,11 +145,11 @@ impl Shared {
     ) -> Result<Shared, async_nats::Error> {
         Ok(Shared {
             instance,
-            nodes: bucket(js, NODES, replicas).await?,
-            status: bucket(js, STATUS, replicas).await?,
-            rollouts: bucket(js, ROLLOUTS, replicas).await?,
-            tokens: bucket(js, TOKENS, replicas).await?,
-            lease: bucket(js, LEASE, replicas).await?,
+            nodes: bucket(js, NODES, replicas, false).await?,
+            status: bucket(js, STATUS, replicas, false).await?,
+            rollouts: bucket(js, ROLLOUTS, replicas, false).await?,
+            tokens: bucket(js, TOKENS, replicas, false).await?,
+            lease: bucket(js, LEASE, replicas, false).await?,
         })
     }
 
