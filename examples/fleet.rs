@@ -12,13 +12,14 @@
 //! Environment: `FLEET_NODE_URLS` (comma-separated) spreads the node clients over these
 //! servers round-robin (a cluster's members, or leaf nodes) while the publisher stays on
 //! NATS_URL; `FLEET_REPLICAS` sets the bucket stream's replicas (default 1);
-//! `FLEET_SHARDS` splits the bucket over that many streams (node i on stream i % shards;
-//! the plane has one stream today): it shows what one put costs with fewer consumers
-//! per stream (BENCHMARKS.md, "10,000 nodes").
+//! `FLEET_SHARDS` splits the bucket over that many streams as `serve --nats-shards` does
+//! (node ids by hash, `protocol::Shards`): it shows what one put costs with fewer
+//! consumers per stream (BENCHMARKS.md, "10,000 nodes"). The users file (`users` mode)
+//! takes the same variable.
 //! Usage: `fleet NATS_URL USER PASSWORD N [CA_PEM]`, `fleet users N USER PASSWORD`.
 
 use converge::control::nats::{consumer_config, deliver_subject};
-use converge::control::protocol::{BUCKET, STREAM};
+use converge::control::protocol::Shards;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 
@@ -58,7 +59,7 @@ fn node_nkey(i: usize) -> anyhow::Result<(String, String)> {
 }
 
 /// nats-server's users for `n` nodes (nkeys, per-node permissions) and the publisher.
-fn users(n: usize, user: &str, password: &str) -> anyhow::Result<String> {
+fn users(n: usize, user: &str, password: &str, shards: Shards) -> anyhow::Result<String> {
     use converge::control::nats::{node_permissions, render_authorization, Credential, User};
     let keys = (0..n).map(node_nkey).collect::<anyhow::Result<Vec<_>>>()?;
     let ids: Vec<String> = (0..n).map(|i| format!("bench-{i}")).collect();
@@ -71,7 +72,7 @@ fn users(n: usize, user: &str, password: &str) -> anyhow::Result<String> {
         list.push(User {
             user: id,
             credential: Credential::Nkey(public),
-            permissions: Some(node_permissions(id)),
+            permissions: Some(node_permissions(id, shards)),
         });
     }
     Ok(render_authorization(&list))
@@ -80,9 +81,12 @@ fn users(n: usize, user: &str, password: &str) -> anyhow::Result<String> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // The bucket split over several streams: with nats-server 2.9 a put's cost grows with
+    // the consumers on its stream.
+    let shards = Shards(u16::try_from(env_usize("FLEET_SHARDS", 1).max(1))?);
     if let [mode, n, user, password] = args.as_slice() {
         if mode == "users" {
-            print!("{}", users(n.parse()?, user, password)?);
+            print!("{}", users(n.parse()?, user, password, shards)?);
             return Ok(());
         }
     }
@@ -101,15 +105,7 @@ async fn main() -> anyhow::Result<()> {
         Ok(list) => list.split(',').map(str::to_string).collect(),
         Err(_) => vec![url.clone()],
     };
-    // The bucket split over several streams: with nats-server 2.9 a put's cost grows with
-    // the consumers on its stream.
-    let shards = env_usize("FLEET_SHARDS", 1).max(1);
     let replicas = env_usize("FLEET_REPLICAS", 1);
-    // Node i's bucket and its stream (the plane's own names with one shard).
-    let bucket = |i: usize| match shards {
-        1 => BUCKET.to_string(),
-        _ => format!("{BUCKET}{}", i % shards),
-    };
     // The publisher: the bench user (over TLS when a CA is given).
     let tls = |opts: async_nats::ConnectOptions| match &ca {
         Some(pem) => {
@@ -141,14 +137,11 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let js = async_nats::jetstream::new(cp.clone());
-    let mut streams = Vec::with_capacity(shards);
-    for k in 0..shards {
+    let mut streams = Vec::new();
+    for k in shards.all() {
         let config = async_nats::jetstream::stream::Config {
-            name: match shards {
-                1 => STREAM.to_string(),
-                _ => format!("{STREAM}{k}"),
-            },
-            subjects: vec![format!("$KV.{}.>", bucket(k))],
+            name: shards.stream(k),
+            subjects: vec![format!("$KV.{}.>", shards.bucket(k))],
             max_messages_per_subject: 1,
             allow_rollup: true,
             allow_direct: true,
@@ -173,9 +166,11 @@ async fn main() -> anyhow::Result<()> {
     let (ready_tx, mut ready) = tokio::sync::mpsc::channel::<()>(n);
     let started = Instant::now();
     // Connections and consumers are made 64 at a time, as nodes arrive at a real plane.
-    let (node_options, node_urls, bucket) = (&node_options, &node_urls, &bucket);
+    let (node_options, node_urls) = (&node_options, &node_urls);
     let setup = futures::stream::iter(0..n).map(|i| {
-        let (ready_tx, stream) = (ready_tx.clone(), streams[i % shards].clone());
+        let id = format!("bench-{i}");
+        let stream = streams[usize::from(shards.of(&id))].clone();
+        let ready_tx = ready_tx.clone();
         async move {
             let node_url = &node_urls[i % node_urls.len()];
             let client = loop {
@@ -184,13 +179,9 @@ async fn main() -> anyhow::Result<()> {
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             };
-            let id = format!("bench-{i}");
             // The plane's side: the node's consumer (as `control-plane serve` makes it,
             // retried as its next scan would: a loaded cluster times some out).
-            let config = async_nats::jetstream::consumer::push::Config {
-                filter_subject: format!("$KV.{}.{id}", bucket(i)),
-                ..consumer_config(&id)
-            };
+            let config = consumer_config(&id, shards);
             let mut attempt = 0;
             while let Err(e) = stream
                 .get_or_create_consumer(
@@ -243,9 +234,12 @@ async fn main() -> anyhow::Result<()> {
     let mut put = Vec::with_capacity(200);
     for _ in 0..200 {
         let t = Instant::now();
-        js.publish(format!("$KV.{}.probe", bucket(0)), vec![b'x'; 1024].into())
-            .await?
-            .await?;
+        js.publish(
+            format!("$KV.{}.probe", shards.bucket(0)),
+            vec![b'x'; 1024].into(),
+        )
+        .await?
+        .await?;
         put.push(t.elapsed());
     }
     put.sort();
@@ -256,9 +250,10 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let puts = futures::stream::iter(0..n)
         .map(|i| {
-            let (js, payload, bucket) = (js.clone(), payload.clone(), bucket(i));
+            let (js, payload) = (js.clone(), payload.clone());
+            let subject = shards.key_subject(&format!("bench-{i}"));
             async move {
-                js.publish(format!("$KV.{bucket}.bench-{i}"), payload.into())
+                js.publish(subject, payload.into())
                     .await?
                     .await
                     .map_err(anyhow::Error::from)

@@ -316,6 +316,11 @@ pub enum ControlPlaneCommand {
         /// --nats for `nats`.
         #[arg(long, value_enum, default_value_t = PlaneState::Sqlite, requires_if("nats", "nats"))]
         state: PlaneState,
+        /// Split the documents bucket over N streams by node id (nats-server 2.9: a put
+        /// costs more the more consumers its stream has; ~1,000 nodes per stream keeps it
+        /// flat). Fixed at the first start (`<data>/nats-shards`); default 1.
+        #[arg(long, requires = "nats", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        nats_shards: Option<u16>,
         /// TLS certificate chain (PEM): serve HTTPS. Needs --tls-key.
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,

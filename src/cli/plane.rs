@@ -26,6 +26,7 @@ pub(super) async fn control_plane(
             artifacts,
             fleet_page,
             state,
+            nats_shards,
         } => {
             let nats = match nats {
                 Some(url) => Some(plane::NatsOptions {
@@ -41,6 +42,7 @@ pub(super) async fn control_plane(
                     replicas: usize::from(nats_replicas),
                     ca_pem: read_pem(nats_ca.as_deref())?,
                     shared_state: state == PlaneState::Nats,
+                    shards: plane::shards(&data, nats_shards)?,
                 }),
                 None => None,
             };
@@ -231,7 +233,7 @@ pub(super) async fn control_plane(
         ControlPlaneCommand::NatsAuth { data, out } => {
             let key = plane::nats_key(&data)?;
             let store = crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?;
-            plane::write_nats_authorization(&store, &key, &out)?;
+            plane::write_nats_authorization(&store, &key, &out, plane::shards(&data, None)?)?;
             eprintln!(
                 "wrote {} (control plane {}, {} node(s))",
                 out.display(),
@@ -291,7 +293,8 @@ pub(super) async fn control_plane(
             let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
             let ca = read_pem(nats_ca.as_deref())?;
             let key = plane::nats_key(&data)?;
-            plane::put(&nats, &key, ca.as_deref(), &node, bytes).await?;
+            let shards = plane::shards(&data, None)?;
+            plane::put(&nats, &key, ca.as_deref(), shards, &node, bytes).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

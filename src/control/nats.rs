@@ -8,7 +8,7 @@
 //! check a delivery subject against the creator's permissions). Only APIs of
 //! nats-server 2.9 are used.
 
-use super::protocol::{inbox_prefix, status_subject, NodeMessage, BUCKET, STREAM};
+use super::protocol::{inbox_prefix, status_subject, NodeMessage, Shards};
 use super::transport::{backoff, Event, Transport, TransportError};
 use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy};
 use futures::StreamExt;
@@ -121,11 +121,6 @@ pub async fn connect(
     })
 }
 
-/// Subject of the node's key in the bucket.
-pub fn key_subject(node_id: &str) -> String {
-    format!("$KV.{BUCKET}.{node_id}")
-}
-
 /// Name of the node's durable consumer (made by the control plane).
 pub fn consumer_name(node_id: &str) -> String {
     format!("node-{node_id}")
@@ -148,11 +143,11 @@ pub fn plan_subject(node_id: &str) -> String {
 /// The consumer the control plane makes for a node: its key only, to its inbox, the
 /// newest value first, redelivered until the node acknowledges it (an agent killed
 /// before it handled a document gets it again).
-pub fn consumer_config(node_id: &str) -> push::Config {
+pub fn consumer_config(node_id: &str, shards: Shards) -> push::Config {
     push::Config {
         durable_name: Some(consumer_name(node_id)),
         deliver_subject: deliver_subject(node_id),
-        filter_subject: key_subject(node_id),
+        filter_subject: shards.key_subject(node_id),
         deliver_policy: DeliverPolicy::LastPerSubject,
         ack_policy: AckPolicy::Explicit,
         ack_wait: Duration::from_secs(30),
@@ -280,11 +275,15 @@ impl Transport for NatsTransport {
 
 /// The permissions of one node's NATS user: publish its own status and the acks of its
 /// own consumer, subscribe to its own inbox; nothing else (no JetStream API at all).
-pub fn node_permissions(node_id: &str) -> (Vec<String>, Vec<String>) {
+pub fn node_permissions(node_id: &str, shards: Shards) -> (Vec<String>, Vec<String>) {
     (
         vec![
             status_subject(node_id),
-            format!("$JS.ACK.{STREAM}.{}.>", consumer_name(node_id)),
+            format!(
+                "$JS.ACK.{}.{}.>",
+                shards.stream(shards.of(node_id)),
+                consumer_name(node_id)
+            ),
         ],
         vec![format!("{}.>", inbox_prefix(node_id))],
     )

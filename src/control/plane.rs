@@ -11,8 +11,8 @@ use super::identity::{parse_public_key, parse_sealing_key, read_or_make};
 use super::plane_shared::Shared;
 use super::plane_store::{NodeRecord, NodeState, PlaneError, PlaneStore, TokenScope};
 use super::protocol::{
-    sanitize_node_id, EnrollRequest, EnrollResponse, NodeMessage, SignedRequest, Transport, BUCKET,
-    H_NODE, H_NONCE, H_SIGNATURE, H_TIME, MAX_SKEW_SECS, STREAM,
+    sanitize_node_id, EnrollRequest, EnrollResponse, NodeMessage, Shards, SignedRequest, Transport,
+    H_NODE, H_NONCE, H_SIGNATURE, H_TIME, MAX_SKEW_SECS,
 };
 use super::rollout::{Rollout, RolloutSpec};
 use crate::document::{self, Format};
@@ -52,6 +52,8 @@ pub struct NatsOptions {
     pub pid_files: Vec<PathBuf>,
     /// Replicas of the bucket's stream (3 on a 3-server cluster).
     pub replicas: usize,
+    /// The documents bucket's split over streams (see [`shards`]).
+    pub shards: Shards,
     /// PEM of the CA that signed the NATS server's certificate (besides public roots).
     pub ca_pem: Option<String>,
     /// `--state nats`: enrollment, status, tokens and rollouts shared through JetStream
@@ -133,6 +135,7 @@ pub fn write_nats_authorization(
     store: &PlaneStore,
     plane: &NatsKey,
     auth_file: &Path,
+    shards: Shards,
 ) -> anyhow::Result<()> {
     use super::nats::{Credential, User};
     let nodes = store.nodes()?;
@@ -150,12 +153,43 @@ pub fn write_nats_authorization(
         users.push(User {
             user: &node.id,
             credential,
-            permissions: Some(super::nats::node_permissions(&node.id)),
+            permissions: Some(super::nats::node_permissions(&node.id, shards)),
         });
     }
     let text = super::nats::render_authorization(&users);
     converge_core::fsutil::write_atomic(auth_file, text.as_bytes(), 0o600)
         .with_context(|| format!("write {}", auth_file.display()))
+}
+
+/// How many streams the documents bucket is split over, fixed at the plane's first start
+/// in `<data>/nats-shards`: `asked` (`--nats-shards`) is recorded then, and refused if it
+/// differs later (nodes' consumers and permissions name their stream; moving them is
+/// not supported). Without a record or a request: one.
+pub fn shards(data: &Path, asked: Option<u16>) -> anyhow::Result<Shards> {
+    let file = data.join("nats-shards");
+    let recorded = match std::fs::read_to_string(&file) {
+        Ok(text) => Some(
+            text.trim()
+                .parse::<u16>()
+                .with_context(|| format!("{}: not a number of shards", file.display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("read {}", file.display())),
+    };
+    match (recorded, asked) {
+        (Some(r), Some(a)) if r != a => anyhow::bail!(
+            "this plane's documents bucket is split over {r} stream(s) (fixed at its first start, {}); --nats-shards {a} would move nodes between streams, which is not supported",
+            file.display()
+        ),
+        (Some(r), _) => Ok(Shards(r)),
+        (None, Some(a)) => {
+            prepare_dir(data)?;
+            converge_core::fsutil::write_atomic(&file, format!("{a}\n").as_bytes(), 0o600)
+                .with_context(|| format!("write {}", file.display()))?;
+            Ok(Shards(a))
+        }
+        (None, None) => Ok(Shards::ONE),
+    }
 }
 
 /// The plane's signing key and the rotations that lead to it from older keys (attached
@@ -302,8 +336,9 @@ struct Plane {
     rollout_step: tokio::sync::Mutex<()>,
     /// `--state nats`: the buckets shared with the plane's other instances, once open.
     shared: tokio::sync::OnceCell<Shared>,
-    /// The documents bucket (with shared state, puts are compare-and-set).
-    docs_kv: tokio::sync::OnceCell<async_nats::jetstream::kv::Store>,
+    /// The documents bucket, one store per shard (with shared state, puts are
+    /// compare-and-set).
+    docs_kv: tokio::sync::OnceCell<Vec<async_nats::jetstream::kv::Store>>,
     /// Shared statuses of nodes whose enrollment has not reached the cache yet.
     early_states: Mutex<HashMap<String, NodeState>>,
     /// Nodes whose status changed here and is not in the shared bucket yet.
@@ -416,7 +451,7 @@ pub fn build_envelope(
 impl Plane {
     fn write_nats_auth(&self) -> anyhow::Result<()> {
         let Some(n) = &self.nats else { return Ok(()) };
-        write_nats_authorization(&lock(&self.store), &n.key, &n.auth_file)?;
+        write_nats_authorization(&lock(&self.store), &n.key, &n.auth_file, n.shards)?;
         // A cluster member that is down reads the file when it starts again: one reload
         // is enough for the credentials to be in force.
         let mut failed = Vec::new();
@@ -665,21 +700,20 @@ impl Plane {
                 .map(|n| n.id.clone())
                 .collect()
         };
+        let (Some(docs), Some(n)) = (self.docs_kv.get(), &self.nats) else {
+            return;
+        };
         if missing.is_empty() {
             return;
         }
-        let stream = match js.get_stream(STREAM).await {
-            Ok(s) => s,
-            Err(e) => return warn!(error = %e, "cannot open the bucket's stream; retrying"),
-        };
         let mut made = futures::stream::iter(missing)
             .map(|id| {
-                let stream = stream.clone();
+                let stream = &docs[usize::from(n.shards.of(&id))].stream;
                 async move {
                     let made = stream
                         .get_or_create_consumer(
                             &super::nats::consumer_name(&id),
-                            super::nats::consumer_config(&id),
+                            super::nats::consumer_config(&id, n.shards),
                         )
                         .await
                         .map(|_| ());
@@ -703,13 +737,14 @@ impl Plane {
     /// be past it, is dropped and made again by the next scan.
     async fn reset_consumer(&self, id: &str) {
         lock(&self.consumers).remove(id);
-        let Some(js) = self.js.get() else { return };
-        if let Ok(stream) = js.get_stream(STREAM).await {
-            // Absent (a first enrollment) is fine.
-            let _ = stream
-                .delete_consumer(&super::nats::consumer_name(id))
-                .await;
-        }
+        let (Some(docs), Some(n)) = (self.docs_kv.get(), &self.nats) else {
+            return;
+        };
+        // Absent (a first enrollment) is fine.
+        let _ = docs[usize::from(n.shards.of(id))]
+            .stream
+            .delete_consumer(&super::nats::consumer_name(id))
+            .await;
     }
 
     /// Hashes and signs what changed among the artifacts (a stat when nothing did).
@@ -831,7 +866,10 @@ impl Plane {
         if self.shared_state() {
             return self.publish_shared(ids).await;
         }
-        let Some(js) = self.js.get() else { return };
+        let (Some(js), Some(n)) = (self.js.get(), &self.nats) else {
+            return;
+        };
+        let shards = n.shards;
         for chunk in ids.chunks(PUBLISH_WINDOW) {
             // While disconnected the client would buffer the messages and send them on
             // reconnect, after newer ones maybe: publish only current files, when connected.
@@ -844,7 +882,7 @@ impl Plane {
                     Some(p) if !p.bytes.is_empty() => p.bytes.clone(),
                     _ => continue,
                 };
-                let subject = format!("$KV.{BUCKET}.{id}");
+                let subject = shards.key_subject(id);
                 match js.publish(subject, bytes.to_vec().into()).await {
                     Ok(ack) => acks.push((id, bytes, ack)),
                     Err(e) => {
@@ -874,7 +912,7 @@ impl Plane {
     /// instances (`plane_shared::publish_once`), and the envelope the bucket holds is the
     /// one this instance serves.
     async fn publish_shared(&self, ids: &[String]) {
-        let Some(docs) = self.docs_kv.get() else {
+        let (Some(docs), Some(n)) = (self.docs_kv.get(), &self.nats) else {
             return;
         };
         let current: Vec<(String, u64, Arc<Vec<u8>>)> = {
@@ -887,6 +925,7 @@ impl Plane {
         };
         let mut puts = futures::stream::iter(current)
             .map(|(id, generation, bytes)| async move {
+                let docs = &docs[usize::from(n.shards.of(&id))];
                 let held =
                     super::plane_shared::publish_once(docs, &id, generation, bytes.to_vec().into())
                         .await;
@@ -1639,15 +1678,19 @@ async fn run_nats(plane: Arc<Plane>, n: NatsOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connect {}", n.url))?;
     let js = async_nats::jetstream::new(client.clone());
-    let docs = loop {
-        match super::plane_shared::bucket(&js, BUCKET, n.replicas, true).await {
-            Ok(docs) => break docs,
-            Err(e) => {
-                warn!(error = %e, "cannot open the KV bucket's stream; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut docs = Vec::new();
+    for k in n.shards.all() {
+        let bucket = n.shards.bucket(k);
+        docs.push(loop {
+            match super::plane_shared::bucket(&js, &bucket, n.replicas, true).await {
+                Ok(store) => break store,
+                Err(e) => {
+                    warn!(%bucket, error = %e, "cannot open the KV bucket's stream; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
-        }
-    };
+        });
+    }
     let _ = plane.docs_kv.set(docs);
     if n.shared_state {
         let shared = loop {
@@ -1798,19 +1841,6 @@ fn follow_shared(plane: &Arc<Plane>) {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
-}
-
-/// Puts a value under `key` of the bucket (a JetStream publish to `$KV.converge.<key>`,
-/// acknowledged by the stream).
-async fn kv_put(
-    js: &async_nats::jetstream::Context,
-    key: &str,
-    bytes: Vec<u8>,
-) -> anyhow::Result<()> {
-    js.publish(format!("$KV.{BUCKET}.{key}"), bytes.into())
-        .await?
-        .await?;
-    Ok(())
 }
 
 /// Runs the control plane until SIGTERM/SIGINT.
@@ -2051,6 +2081,7 @@ pub async fn put(
     url: &str,
     key: &NatsKey,
     ca_pem: Option<&str>,
+    shards: Shards,
     node: &str,
     bytes: Vec<u8>,
 ) -> anyhow::Result<()> {
@@ -2060,7 +2091,12 @@ pub async fn put(
         .await
         .with_context(|| format!("connect {url}"))?;
     let js = async_nats::jetstream::new(client.clone());
-    kv_put(&js, node, bytes).await.context("put")?;
+    // A JetStream publish to the key's subject, acknowledged by the stream.
+    js.publish(shards.key_subject(node), bytes.into())
+        .await
+        .context("put")?
+        .await
+        .context("put")?;
     client.flush().await?;
     Ok(())
 }

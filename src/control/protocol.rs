@@ -16,6 +16,46 @@ pub const BUCKET: &str = "converge";
 /// The JetStream stream behind [`BUCKET`].
 pub const STREAM: &str = "KV_converge";
 
+/// The documents bucket split over streams (`serve --nats-shards N`), node ids by hash:
+/// with nats-server 2.9 a put costs more the more consumers its stream has (one per
+/// node). Fixed at the plane's first start; one shard is [`BUCKET`] itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shards(pub u16);
+
+impl Shards {
+    pub const ONE: Shards = Shards(1);
+
+    /// The shard of `node_id`: the first four bytes of its SHA-256, modulo the count.
+    pub fn of(self, node_id: &str) -> u16 {
+        let digest = Sha256::digest(node_id.as_bytes());
+        let head = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+        (head % u32::from(self.0.max(1))) as u16
+    }
+
+    /// Every shard.
+    pub fn all(self) -> std::ops::Range<u16> {
+        0..self.0.max(1)
+    }
+
+    /// The bucket of shard `k`.
+    pub fn bucket(self, k: u16) -> String {
+        match self.0 {
+            0 | 1 => BUCKET.to_string(),
+            _ => format!("{BUCKET}-{k}"),
+        }
+    }
+
+    /// The stream behind the bucket of shard `k`.
+    pub fn stream(self, k: u16) -> String {
+        format!("KV_{}", self.bucket(k))
+    }
+
+    /// The subject of a node's key.
+    pub fn key_subject(self, node_id: &str) -> String {
+        format!("$KV.{}.{node_id}", self.bucket(self.of(node_id)))
+    }
+}
+
 /// Subject a node publishes its status and refusals on.
 pub fn status_subject(node_id: &str) -> String {
     format!("converge.status.{node_id}")

@@ -46,9 +46,10 @@ impl Cp {
         Cp::build(true, n, false)
     }
 
-    /// Two plane instances with shared state (`--state nats`) on a cluster of 3: the
-    /// second has its own data directory with the first one's keys, the same documents
-    /// directory and users file, and listens in the namespace of NATS server 1.
+    /// Two plane instances with shared state (`--state nats`) on a cluster of 3, the
+    /// documents bucket split over 4 streams (`--nats-shards 4`): the second has its own
+    /// data directory with the first one's keys, the same documents directory and users
+    /// file, and listens in the namespace of NATS server 1.
     pub fn two_instances() -> Cp {
         let mut cp = Cp::build(true, 3, true);
         let b = cp.data_dir(1);
@@ -253,6 +254,20 @@ impl Cp {
         }
     }
 
+    /// What the NATS servers logged about permissions violations.
+    pub fn nats_violations(&self) -> Vec<String> {
+        (0..self.nats.len())
+            .flat_map(|i| {
+                fs::read_to_string(self.root.join(format!("nats-{i}.log")))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("Violation"))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// The NATS server (index) a client authenticated with the user `nkey` is connected
     /// to, from each server's monitoring endpoint.
     pub fn server_of(&self, nkey: &str) -> Option<usize> {
@@ -364,7 +379,7 @@ impl Cp {
                     .arg(self.root.join(format!("nats-{i}.pid")));
             }
             if self.shared {
-                cmd.args(["--state", "nats"]);
+                cmd.args(["--state", "nats", "--nats-shards", "4"]);
             }
         }
         self.planes[i] = Some(host.spawn(&mut cmd));
