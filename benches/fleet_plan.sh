@@ -9,7 +9,8 @@
 # generation for all (the baseline: publish to acknowledgement through the same plane),
 # then `converge control-plane plan` PLANS times, each from its start to the aggregate
 # printed. The transport `nats-shared` is `nats` with `serve --state nats` (enrollment,
-# status and rollouts in JetStream KV, SQLite as the cache): what shared state costs.
+# status and rollouts in JetStream KV, SQLite as the cache): what shared state costs;
+# `nats-shards` is `nats` with the documents bucket over SHARDS streams (default 8).
 # Needs openssl and nats-server; no root. Cleans up after itself.
 # KEEP=1 keeps the plane's and nats-server's logs.
 # Usage: [FLEET_SIZE=2000] [PLANS=20] [TRANSPORTS="nats nats-shared https"] [HEARTBEAT_SECS=15] benches/fleet_plan.sh
@@ -64,8 +65,9 @@ CONF
         serve=(--nats tls://127.0.0.1:14300 --nats-ca "$DIR/ca.crt" --nats-auth-file "$run/auth.conf"
             --nats-pid-file "$run/nats.pid")
         [ "$t" = nats-shared ] && serve+=(--state nats)
+        [ "$t" = nats-shards ] && serve+=(--nats-shards "${SHARDS:-8}")
     fi
-    case $t in nats) port=18501 ;; nats-shared) port=18503 ;; *) port=18502 ;; esac
+    case $t in nats) port=18501 ;; nats-shared) port=18503 ;; nats-shards) port=18504 ;; *) port=18502 ;; esac
     RUST_LOG=warn,converge::control::plane=info "$BIN" control-plane serve --dir "$run/docs" --data "$run/data" \
         --listen "127.0.0.1:$port" --tls-cert "$DIR/tls.crt" --tls-key "$DIR/tls.key" "${serve[@]}" 2>"$run/plane.log" &
     plane=$!

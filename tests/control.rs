@@ -1813,6 +1813,35 @@ fn two_plane_instances_survive_a_server_and_an_instance_dying() {
     cp.start_nats_server(server, true);
     cp.start_instance(driver);
     newest_everywhere(&cp, &nodes, 3);
+    // A dry run asked through either instance gets every node's answer, though the
+    // queue group hands about half of them to the other instance, which forwards them.
+    let cand = cp.root.join("plan-4");
+    fs::create_dir_all(&cand).expect("candidates dir");
+    for node in &nodes {
+        let d = doc(node.name(), 4);
+        fs::write(cand.join(format!("{}.json", node.name())), d.to_string()).expect("candidate");
+    }
+    for i in 0..2 {
+        let out = cp.cli(&[
+            "control-plane",
+            "plan",
+            cand.to_str().expect("path"),
+            "--data",
+            &cp.data_dir(i).display().to_string(),
+            "--timeout",
+            "20s",
+            "-o",
+            "json",
+        ]);
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("plan on instance {i}: {e}: {}", stderr(&out)));
+        let s = &report["summary"];
+        assert_eq!(
+            (&s["nodes"], &s["noAnswer"], &s["refused"], &s["error"]),
+            (&json!(3), &json!(0), &json!(0), &json!(0)),
+            "instance {i}: {report:#}"
+        );
+    }
     // Each node's acks name its shard's stream: none refused (nor anything else).
     assert_eq!(cp.nats_violations(), Vec::<String>::new());
     poll(

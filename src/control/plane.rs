@@ -999,10 +999,7 @@ impl Plane {
     /// or (another instance's request: with shared state, the queue group may hand an
     /// answer to any instance) forwarded to the instance that asked.
     fn answered(&self, answer: PlanAnswer) {
-        if let Some(w) = lock(&self.plans).get(&answer.request_id) {
-            if w.asked.contains(&answer.node_id) {
-                let _ = w.answers.send(answer);
-            }
+        if self.deliver_answer(&answer) {
             return;
         }
         let Some(js) = self.js.get().filter(|_| self.shared_state()) else {
@@ -1016,6 +1013,19 @@ impl Plane {
                 warn!(error = %e, "a dry-run answer was not forwarded");
             }
         });
+    }
+
+    /// Hands a dry-run answer to this instance's dry run under way that asked the node;
+    /// false when no such dry run is under way here.
+    fn deliver_answer(&self, answer: &PlanAnswer) -> bool {
+        let plans = lock(&self.plans);
+        let Some(w) = plans.get(&answer.request_id) else {
+            return false;
+        };
+        if w.asked.contains(&answer.node_id) {
+            let _ = w.answers.send(answer.clone());
+        }
+        true
     }
 
     /// Writes the statuses recorded here to the shared bucket, as they come: each node's
@@ -1712,8 +1722,11 @@ async fn run_nats(plane: Arc<Plane>, n: NatsOptions) -> anyhow::Result<()> {
     let p = plane.clone();
     tokio::spawn(async move {
         while let Some(m) = forwarded.next().await {
+            // Never forwarded again: the instance that asked is subscribed, or gone.
             match serde_json::from_slice::<PlanAnswer>(&m.payload) {
-                Ok(answer) => p.answered(answer),
+                Ok(answer) => {
+                    p.deliver_answer(&answer);
+                }
                 Err(e) => warn!(error = %e, "bad forwarded dry-run answer"),
             }
         }

@@ -383,6 +383,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shards_keep_one_bucket_by_default_and_spread_nodes_stably() {
+        // One shard is the bucket nodes and older planes know.
+        assert_eq!(Shards::ONE.stream(0), STREAM);
+        assert_eq!(Shards::ONE.key_subject("web-1"), "$KV.converge.web-1");
+        let s = Shards(8);
+        // A node's shard never moves (its consumer and permissions name it).
+        assert_eq!(s.of("web-1"), s.of("web-1"));
+        assert_eq!(
+            s.key_subject("web-1"),
+            format!("$KV.converge-{}.web-1", s.of("web-1"))
+        );
+        let mut per = [0usize; 8];
+        for i in 0..8000 {
+            per[usize::from(s.of(&format!("node-{i}")))] += 1;
+        }
+        assert!(per.iter().all(|n| (800..1200).contains(n)), "{per:?}");
+    }
+
+    #[test]
     fn request_signatures_bind_method_path_time_nonce_and_body() {
         let id = crate::control::identity::Identity::ephemeral();
         let n = nonce();
