@@ -1,6 +1,7 @@
 //! `converge control-plane …`: the reference control plane's commands.
 
 use super::*;
+use crate::control::protocol::Shards;
 
 /// `converge control-plane …`.
 pub(super) async fn control_plane(
@@ -233,7 +234,8 @@ pub(super) async fn control_plane(
         ControlPlaneCommand::NatsAuth { data, out } => {
             let key = plane::nats_key(&data)?;
             let store = crate::control::plane_store::PlaneStore::open(&plane::db_path(&data))?;
-            plane::write_nats_authorization(&store, &key, &out, plane::shards(&data, None)?)?;
+            let shards = plane::recorded_shards(&data)?.unwrap_or(Shards::ONE);
+            plane::write_nats_authorization(&store, &key, &out, shards)?;
             eprintln!(
                 "wrote {} (control plane {}, {} node(s))",
                 out.display(),
@@ -293,7 +295,7 @@ pub(super) async fn control_plane(
             let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
             let ca = read_pem(nats_ca.as_deref())?;
             let key = plane::nats_key(&data)?;
-            let shards = plane::shards(&data, None)?;
+            let shards = plane::recorded_shards(&data)?.unwrap_or(Shards::ONE);
             plane::put(&nats, &key, ca.as_deref(), shards, &node, bytes).await?;
             Ok(ExitCode::SUCCESS)
         }

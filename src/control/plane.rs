@@ -161,34 +161,38 @@ pub fn write_nats_authorization(
         .with_context(|| format!("write {}", auth_file.display()))
 }
 
-/// How many streams the documents bucket is split over, fixed at the plane's first start
-/// in `<data>/nats-shards`: `asked` (`--nats-shards`) is recorded then, and refused if it
-/// differs later (nodes' consumers and permissions name their stream; moving them is
-/// not supported). Without a record or a request: one.
+/// How many streams the documents bucket is split over (`serve`'s side): fixed at the
+/// plane's first start on NATS in `<data>/nats-shards`, `asked` (`--nats-shards`) or one;
+/// a different count asked later is refused (nodes' consumers and permissions name their
+/// stream; moving them is not supported).
 pub fn shards(data: &Path, asked: Option<u16>) -> anyhow::Result<Shards> {
     let file = data.join("nats-shards");
-    let recorded = match std::fs::read_to_string(&file) {
-        Ok(text) => Some(
-            text.trim()
-                .parse::<u16>()
-                .with_context(|| format!("{}: not a number of shards", file.display()))?,
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).with_context(|| format!("read {}", file.display())),
-    };
-    match (recorded, asked) {
-        (Some(r), Some(a)) if r != a => anyhow::bail!(
-            "this plane's documents bucket is split over {r} stream(s) (fixed at its first start, {}); --nats-shards {a} would move nodes between streams, which is not supported",
+    match (recorded_shards(data)?, asked) {
+        (Some(r), Some(a)) if r != Shards(a) => anyhow::bail!(
+            "this plane's documents bucket is split over {} stream(s) (fixed at its first start, {}); --nats-shards {a} would move nodes between streams, which is not supported",
+            r.0,
             file.display()
         ),
-        (Some(r), _) => Ok(Shards(r)),
-        (None, Some(a)) => {
+        (Some(r), _) => Ok(r),
+        (None, asked) => {
+            let n = asked.unwrap_or(1);
             prepare_dir(data)?;
-            converge_core::fsutil::write_atomic(&file, format!("{a}\n").as_bytes(), 0o600)
+            converge_core::fsutil::write_atomic(&file, format!("{n}\n").as_bytes(), 0o600)
                 .with_context(|| format!("write {}", file.display()))?;
-            Ok(Shards(a))
+            Ok(Shards(n))
         }
-        (None, None) => Ok(Shards::ONE),
+    }
+}
+
+/// The split recorded by [`shards`], if the plane ran on NATS (the tools' side).
+pub fn recorded_shards(data: &Path) -> anyhow::Result<Option<Shards>> {
+    let file = data.join("nats-shards");
+    match std::fs::read_to_string(&file) {
+        Ok(text) => Ok(Some(Shards(text.trim().parse::<u16>().with_context(
+            || format!("{}: not a number of shards", file.display()),
+        )?))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("read {}", file.display())),
     }
 }
 
@@ -2112,4 +2116,26 @@ pub async fn put(
         .context("put")?;
     client.flush().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shard_count_is_fixed_at_the_first_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, eight) = (dir.path().join("one"), dir.path().join("eight"));
+        // A plane that first ran without the flag has one stream, recorded.
+        assert_eq!(recorded_shards(&one).unwrap(), None);
+        assert_eq!(shards(&one, None).unwrap(), Shards::ONE);
+        assert_eq!(recorded_shards(&one).unwrap(), Some(Shards::ONE));
+        let e = shards(&one, Some(8)).unwrap_err().to_string();
+        assert!(e.contains("split over 1 stream(s)"), "{e}");
+        // Later starts keep the first count, with or without the flag.
+        assert_eq!(shards(&eight, Some(8)).unwrap(), Shards(8));
+        assert_eq!(shards(&eight, None).unwrap(), Shards(8));
+        assert_eq!(shards(&eight, Some(8)).unwrap(), Shards(8));
+        assert!(shards(&eight, Some(4)).is_err());
+    }
 }
