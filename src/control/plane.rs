@@ -354,6 +354,9 @@ struct Plane {
     lease_until: AtomicI64,
     /// Another instance enrolled a node: the NATS users file is written again.
     users_stale: AtomicBool,
+    /// This instance's nodes are complete enough to write the users file: always on its
+    /// own, with shared state once the nodes bucket's watch caught up.
+    users_ready: AtomicBool,
 }
 
 /// One dry run under way: the nodes asked, where their answers go.
@@ -455,6 +458,13 @@ pub fn build_envelope(
 impl Plane {
     fn write_nats_auth(&self) -> anyhow::Result<()> {
         let Some(n) = &self.nats else { return Ok(()) };
+        // A cache that has not caught up with the shared nodes would drop the users of
+        // nodes enrolled elsewhere (nats-server closes their connections): written once
+        // it has.
+        if !self.users_ready.load(Ordering::Relaxed) {
+            self.users_stale.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
         write_nats_authorization(&lock(&self.store), &n.key, &n.auth_file, n.shards)?;
         // A cluster member that is down reads the file when it starts again: one reload
         // is enough for the credentials to be in force.
@@ -605,12 +615,9 @@ impl Plane {
                 done => break done?,
             }
         }
-        let mut store = lock(&self.store);
-        // This instance's copy of the token, spent too (an unknown one: made elsewhere).
-        match store.enroll(token, record) {
-            Ok(()) | Err(PlaneError::UnknownToken) => {}
-            Err(e) => warn!(error = %e, "the local copy of the token was not marked used"),
-        }
+        let store = lock(&self.store);
+        // This instance's copy of the token (if it was made here) is spent too.
+        store.mark_token_used(token, &record.id)?;
         store.put_enrollment(record)
     }
 
@@ -740,15 +747,16 @@ impl Plane {
     /// A (re-)enrolled node starts from the newest document: its old consumer, which may
     /// be past it, is dropped and made again by the next scan.
     async fn reset_consumer(&self, id: &str) {
+        if let (Some(docs), Some(n)) = (self.docs_kv.get(), &self.nats) {
+            // Absent (a first enrollment) is fine.
+            let _ = docs[usize::from(n.shards.of(id))]
+                .stream
+                .delete_consumer(&super::nats::consumer_name(id))
+                .await;
+        }
+        // After the delete: a scan that made the consumer meanwhile (the node is visible
+        // once enrolled) must make it again, not count the deleted one as made.
         lock(&self.consumers).remove(id);
-        let (Some(docs), Some(n)) = (self.docs_kv.get(), &self.nats) else {
-            return;
-        };
-        // Absent (a first enrollment) is fine.
-        let _ = docs[usize::from(n.shards.of(id))]
-            .stream
-            .delete_consumer(&super::nats::consumer_name(id))
-            .await;
     }
 
     /// Hashes and signs what changed among the artifacts (a stat when nothing did).
@@ -1775,7 +1783,16 @@ fn follow_shared(plane: &Arc<Plane>) {
         return;
     };
     let p = plane.clone();
-    tokio::spawn(follow(shared.nodes.clone(), move |id, _, value| {
+    let nodes = shared.nodes.clone();
+    let caught_up = move |p: &Plane| {
+        if !p.users_ready.swap(true, Ordering::Relaxed) {
+            p.users_stale.store(true, Ordering::Relaxed);
+        }
+    };
+    let follow_nodes = follow(shared.nodes.clone(), move |id, _, value, current| {
+        if current {
+            caught_up(&p);
+        }
         let Some(record) = super::plane_shared::enrollment(value) else {
             return warn!(node = %id, "bad shared enrollment record");
         };
@@ -1799,9 +1816,22 @@ fn follow_shared(plane: &Arc<Plane>) {
         lock(&p.published).remove(id);
         lock(&p.consumers).remove(id);
         p.users_stale.store(true, Ordering::Relaxed);
-    }));
+    });
     let p = plane.clone();
-    tokio::spawn(follow(shared.status.clone(), move |id, _, value| {
+    tokio::spawn(async move {
+        // An empty bucket has no entry to say the watch caught up.
+        loop {
+            match nodes.status().await {
+                Ok(s) if s.values() == 0 => break caught_up(&p),
+                Ok(_) => break,
+                Err(e) => warn!(error = %e, "cannot read the shared nodes bucket; retrying"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        follow_nodes.await
+    });
+    let p = plane.clone();
+    tokio::spawn(follow(shared.status.clone(), move |id, _, value, _| {
         match serde_json::from_slice::<NodeState>(value) {
             Ok(state) => match lock(&p.store).merge_state(id, state.clone()) {
                 Ok(Some(_)) => {}
@@ -1817,7 +1847,7 @@ fn follow_shared(plane: &Arc<Plane>) {
     let p = plane.clone();
     tokio::spawn(follow(
         shared.rollouts.clone(),
-        move |id, revision, value| {
+        move |id, revision, value, _| {
             if lock(&p.rollout_revisions)
                 .get(id)
                 .is_some_and(|known| *known >= revision)
@@ -1902,6 +1932,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         rollout_revisions: Mutex::new(HashMap::new()),
         lease_until: AtomicI64::new(0),
         users_stale: AtomicBool::new(false),
+        users_ready: AtomicBool::new(!opts.nats.as_ref().is_some_and(|n| n.shared_state)),
     });
     let plane_url = plane.public_url.clone();
     if let Some(n) = opts.nats.clone() {

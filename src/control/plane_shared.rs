@@ -176,15 +176,24 @@ impl Shared {
     /// Enrolls `n` with the token of SHA-256 `hash`, as `PlaneStore::enroll` does for one
     /// instance: the token is spent by compare-and-set (two instances cannot both spend
     /// it) and a new node id taken with `create` (two nodes cannot both take it). A token
-    /// spent on an id another enrollment took meanwhile is given back.
+    /// spent on an id another enrollment took meanwhile is given back. Retried after an
+    /// answer was lost (a server failing over), it completes what the first try began.
     pub async fn enroll(&self, hash: &str, n: &NodeRecord) -> Result<(), PlaneError> {
         for _ in 0..ATTEMPTS {
             let entry = current(&self.tokens, hash)
                 .await?
                 .ok_or(PlaneError::UnknownToken)?;
             let mut t: SharedToken = serde_json::from_slice(&entry.value).map_err(shared_err)?;
-            if t.used_by.is_some() {
-                return Err(PlaneError::UsedToken);
+            let held = self.enrolled(&n.id).await?;
+            let ours = held.as_ref().is_some_and(|h| h.public_key == n.public_key);
+            if let Some(user) = &t.used_by {
+                return match (*user == n.id, ours) {
+                    (true, true) => Ok(()),
+                    (true, false) if held.is_none() || t.reenroll => {
+                        self.write_enrollment(n, held.is_some()).await
+                    }
+                    _ => Err(PlaneError::UsedToken),
+                };
             }
             if t.expires_at < chrono::Utc::now().timestamp() {
                 return Err(PlaneError::ExpiredToken);
@@ -195,8 +204,7 @@ impl Shared {
                     asked: n.id.clone(),
                 });
             }
-            let enrolled = current(&self.nodes, &n.id).await?.is_some();
-            if enrolled && !t.reenroll {
+            if held.is_some() && !t.reenroll {
                 return Err(PlaneError::Enrolled { id: n.id.clone() });
             }
             t.used_by = Some(n.id.clone());
@@ -204,32 +212,8 @@ impl Shared {
             else {
                 continue; // another instance used or changed it: read it again
             };
-            let record = json(&Enrollment {
-                id: n.id.clone(),
-                name: n.name.clone(),
-                public_key: n.public_key.clone(),
-                sealing_key: n.sealing_key.clone(),
-                facts: n.facts.clone(),
-                enrolled_at: n.enrolled_at.clone(),
-                nats_password: n.nats_password.clone(),
-                nats_key: n.nats_key.clone(),
-            });
-            let taken = match enrolled {
-                true => self
-                    .nodes
-                    .put(&n.id, record)
-                    .await
-                    .map(|_| ())
-                    .map_err(shared_err),
-                false => match self.nodes.create(&n.id, record).await {
-                    Ok(_) => Ok(()),
-                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-                        Err(PlaneError::Enrolled { id: n.id.clone() })
-                    }
-                    Err(e) => Err(shared_err(e)),
-                },
-            };
-            if taken.is_err() {
+            let taken = self.write_enrollment(n, held.is_some()).await;
+            if let Err(PlaneError::Enrolled { .. }) = taken {
                 t.used_by = None;
                 if let Err(e) = swap(&self.tokens, hash, json(&t), Some(spent)).await {
                     warn!(error = %e, "a token spent on a refused enrollment was not given back");
@@ -238,6 +222,47 @@ impl Shared {
             return taken;
         }
         Err(shared_err("the token kept changing under this enrollment"))
+    }
+
+    /// The node's enrollment in the bucket.
+    async fn enrolled(&self, id: &str) -> Result<Option<NodeRecord>, PlaneError> {
+        Ok(current(&self.nodes, id)
+            .await?
+            .and_then(|e| enrollment(&e.value)))
+    }
+
+    /// Writes `n`'s enrollment: replacing the one there (a re-enrollment) or taking the
+    /// id (refused if another node has it; found with `n`'s own key, it is this
+    /// enrollment's own earlier write whose answer was lost).
+    async fn write_enrollment(&self, n: &NodeRecord, replace: bool) -> Result<(), PlaneError> {
+        let record = json(&Enrollment {
+            id: n.id.clone(),
+            name: n.name.clone(),
+            public_key: n.public_key.clone(),
+            sealing_key: n.sealing_key.clone(),
+            facts: n.facts.clone(),
+            enrolled_at: n.enrolled_at.clone(),
+            nats_password: n.nats_password.clone(),
+            nats_key: n.nats_key.clone(),
+        });
+        if replace {
+            return self
+                .nodes
+                .put(&n.id, record)
+                .await
+                .map(|_| ())
+                .map_err(shared_err);
+        }
+        match self.nodes.create(&n.id, record).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                match self.enrolled(&n.id).await? {
+                    Some(h) if h.public_key == n.public_key => Ok(()),
+                    _ => Err(PlaneError::Enrolled { id: n.id.clone() }),
+                }
+            }
+            Err(e) => Err(shared_err(e)),
+        }
     }
 
     /// Folds `state` into the node's shared state ([`NodeState::merge`], by
@@ -346,10 +371,11 @@ pub async fn publish_once(
     ))
 }
 
-/// Follows `store` from its start: `apply` gets each value (with its key and revision),
-/// the values there first, then each new one. After an error the watch starts again
-/// past the last revision applied, so a server failover loses nothing.
-pub async fn follow(store: Store, mut apply: impl FnMut(&str, u64, &[u8])) {
+/// Follows `store` from its start: `apply` gets each value (with its key, revision, and
+/// whether the watch has caught up with the bucket: nothing older pending), the values
+/// there first, then each new one. After an error the watch starts again past the last
+/// revision applied, so a server failover loses nothing.
+pub async fn follow(store: Store, mut apply: impl FnMut(&str, u64, &[u8], bool)) {
     let mut next: Option<u64> = None;
     loop {
         let watch = match next {
@@ -362,7 +388,7 @@ pub async fn follow(store: Store, mut apply: impl FnMut(&str, u64, &[u8])) {
                     match entry {
                         Ok(e) => {
                             if e.operation == Operation::Put {
-                                apply(&e.key, e.revision, &e.value);
+                                apply(&e.key, e.revision, &e.value, e.delta == 0);
                             }
                             next = Some(e.revision + 1);
                         }

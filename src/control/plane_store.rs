@@ -385,6 +385,15 @@ impl PlaneStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Marks `token` used by `node` (spent in the shared bucket: `--state nats`).
+    pub fn mark_token_used(&self, token: &str, node: &str) -> Result<(), PlaneError> {
+        self.conn.execute(
+            "UPDATE tokens SET used_by = ?2 WHERE hash = ?1",
+            params![hash(token), node],
+        )?;
+        Ok(())
+    }
+
     pub fn mark_token_shared(&self, hash: &str) -> Result<(), PlaneError> {
         self.conn.execute(
             "UPDATE tokens SET shared = 1 WHERE hash = ?1",
