@@ -1836,10 +1836,28 @@ fn two_plane_instances_survive_a_server_and_an_instance_dying() {
         let report: Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("plan on instance {i}: {e}: {}", stderr(&out)));
         let s = &report["summary"];
+        let dry_run_lines = |log: String| {
+            log.lines()
+                .filter(|l| l.contains("dry run") || l.contains("forward") || l.contains("WARN"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
         assert_eq!(
             (&s["nodes"], &s["noAnswer"], &s["refused"], &s["error"]),
             (&json!(3), &json!(0), &json!(0), &json!(0)),
-            "instance {i}: {report:#}"
+            "instance {i}: {report:#}\ninstance 0:\n{}\ninstance 1:\n{}\nagents:\n{}",
+            dry_run_lines(cp.log_of(0)),
+            dry_run_lines(cp.log_of(1)),
+            nodes
+                .iter()
+                .map(|n| format!(
+                    "{}: {}",
+                    n.name(),
+                    dry_run_lines(fs::read_to_string(agent_log(n)).unwrap_or_default())
+                ))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
     // Each node's acks name its shard's stream: none refused (nor anything else).
