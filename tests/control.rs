@@ -1811,6 +1811,11 @@ fn two_plane_instances_survive_a_server_and_an_instance_dying() {
     nodes.push(late);
     // The dead come back: the restarted instance's store catches up from the buckets.
     cp.start_nats_server(server, true);
+    // Routes up again (a dry run is plain NATS, now or never: a request published before
+    // the restarted server has its routes would reach no one).
+    for i in 0..3 {
+        cp.wait_nats_healthy(i);
+    }
     cp.start_instance(driver);
     newest_everywhere(&cp, &nodes, 3);
     // A dry run asked through either instance gets every node's answer, though the
