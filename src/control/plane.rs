@@ -793,18 +793,30 @@ impl Plane {
     }
 
     /// A (re-)enrolled node starts from the newest document: its old consumer, which may
-    /// be past it, is dropped and made again by the next scan.
+    /// be past it, is dropped and made again here. A scan may make or find the consumer
+    /// meanwhile (the node is visible once enrolled); whatever it did, the consumer left
+    /// is one made after the delete.
     async fn reset_consumer(&self, id: &str) {
-        if let (Some(docs), Some(n)) = (self.docs_kv.get(), &self.nats) {
-            // Absent (a first enrollment) is fine.
-            let _ = docs[usize::from(n.shards.of(id))]
-                .stream
-                .delete_consumer(&super::nats::consumer_name(id))
-                .await;
+        let (Some(docs), Some(n)) = (self.docs_kv.get(), &self.nats) else {
+            lock(&self.consumers).remove(id);
+            return;
+        };
+        let stream = &docs[usize::from(n.shards.of(id))].stream;
+        let name = super::nats::consumer_name(id);
+        // Absent (a first enrollment) is fine.
+        let _ = stream.delete_consumer(&name).await;
+        let made = stream
+            .get_or_create_consumer(&name, super::nats::consumer_config(id, n.shards))
+            .await;
+        match made {
+            Ok(_) => {
+                lock(&self.consumers).insert(id.to_string());
+            }
+            Err(e) => {
+                warn!(node = %id, error = %e, "cannot make the node's consumer; retrying");
+                lock(&self.consumers).remove(id);
+            }
         }
-        // After the delete: a scan that made the consumer meanwhile (the node is visible
-        // once enrolled) must make it again, not count the deleted one as made.
-        lock(&self.consumers).remove(id);
     }
 
     /// Hashes and signs what changed among the artifacts (a stat when nothing did).
