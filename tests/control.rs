@@ -1814,7 +1814,7 @@ fn two_plane_instances_survive_a_server_and_an_instance_dying() {
     // Routes up again (a dry run is plain NATS, now or never: a request published before
     // the restarted server has its routes would reach no one).
     for i in 0..3 {
-        cp.wait_nats_healthy(i);
+        cp.wait_nats_routes(i);
     }
     cp.start_instance(driver);
     newest_everywhere(&cp, &nodes, 3);

@@ -329,6 +329,22 @@ impl Cp {
         });
     }
 
+    /// Waits until server `i` has its routes to every other server of the cluster
+    /// (`/routez`): core NATS interest crosses the cluster again.
+    pub fn wait_nats_routes(&self, i: usize) {
+        let url = format!("http://{}:8222/routez", self.nats_host(i).address());
+        let others = self.nats.len() - 1;
+        wait_until(Duration::from_secs(60), "nats-server routes", || {
+            self.nats_host(i)
+                .command("curl")
+                .args(["-sf", "-m", "2", &url])
+                .output()
+                .ok()
+                .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+                .is_some_and(|r| r["num_routes"].as_u64() >= Some(others as u64))
+        });
+    }
+
     /// kill -9 of NATS server `i`.
     pub fn stop_nats_server(&mut self, i: usize) {
         if let Some(mut c) = self.nats[i].take() {
