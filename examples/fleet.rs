@@ -19,6 +19,7 @@
 //! Usage: `fleet NATS_URL USER PASSWORD N [CA_PEM]`, `fleet users N USER PASSWORD`.
 
 use converge::control::nats::{consumer_config, deliver_subject};
+use converge::control::plane_shared::bucket;
 use converge::control::protocol::Shards;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
@@ -137,29 +138,21 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let js = async_nats::jetstream::new(cp.clone());
+    // Each shard's bucket as the plane makes it (`plane_shared::bucket`).
     let mut streams = Vec::new();
     for k in shards.all() {
-        let config = async_nats::jetstream::stream::Config {
-            name: shards.stream(k),
-            subjects: vec![format!("$KV.{}.>", shards.bucket(k))],
-            max_messages_per_subject: 1,
-            allow_rollup: true,
-            allow_direct: true,
-            num_replicas: replicas,
-            ..Default::default()
-        };
         // A cluster just started has no JetStream leader for a few seconds.
         let deadline = Instant::now() + Duration::from_secs(30);
-        let stream = loop {
-            match js.get_or_create_stream(config.clone()).await {
-                Ok(s) => break s,
+        let bucket = loop {
+            match bucket(&js, &shards.bucket(k), replicas, true).await {
+                Ok(b) => break b,
                 Err(e) if Instant::now() > deadline => {
-                    anyhow::bail!("cannot make the stream: {e}")
+                    anyhow::bail!("cannot make the bucket: {e}")
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         };
-        streams.push(stream);
+        streams.push(bucket.stream);
     }
     let mut acks = cp.subscribe("converge.status.*").await?;
     let rss0 = rss_kb();

@@ -18,19 +18,19 @@ use std::time::Duration;
 use tracing::warn;
 
 /// Enrollment records, by node id.
-pub const NODES: &str = "converge-plane-nodes";
+const NODES: &str = "converge-plane-nodes";
 /// Each node's newest status and refusal ([`NodeState`]), by node id.
-pub const STATUS: &str = "converge-plane-status";
+const STATUS: &str = "converge-plane-status";
 /// One-time tokens, by the token's SHA-256.
-pub const TOKENS: &str = "converge-plane-tokens";
+const TOKENS: &str = "converge-plane-tokens";
 /// Rollouts, by id.
-pub const ROLLOUTS: &str = "converge-plane-rollouts";
+const ROLLOUTS: &str = "converge-plane-rollouts";
 /// The rollout driver's lease (one key).
-pub const LEASE: &str = "converge-plane-lease";
+const LEASE: &str = "converge-plane-lease";
 const LEASE_KEY: &str = "rollout-driver";
 /// How long a lease holds without renewal: the holder renews it every second, so another
 /// instance drives a rollout about this long after the holder died.
-pub const LEASE_MS: i64 = 3000;
+const LEASE_MS: i64 = 3000;
 /// Compare-and-set attempts before a write gives up (each lost race re-reads).
 const ATTEMPTS: usize = 5;
 

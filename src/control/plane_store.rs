@@ -337,10 +337,11 @@ impl NodeState {
         }
     }
 
-    /// Folds `other` in: the newer status by (accepted generation, the node's `sentAt`)
-    /// as [`PlaneStore::put_status`] keeps it, the newer refusal, the later sign of
-    /// life. Order does not matter, so two instances that saw the same messages in
-    /// any order agree.
+    /// Folds `other` in: the newer status by (accepted generation, the node's `sentAt`),
+    /// so a retried or delayed message never replaces a newer one and the accepted
+    /// generation never goes down; the newer refusal; the later sign of life. Order
+    /// does not matter, so two instances that saw the same messages in any order agree.
+    /// The one rule for the store and the shared bucket alike.
     pub fn merge(&mut self, other: NodeState) {
         let sent = |v: &Option<serde_json::Value>| {
             v.as_ref()

@@ -13,8 +13,6 @@ use std::path::{Path, PathBuf};
 
 /// The KV bucket holding one envelope per node (key = node id).
 pub const BUCKET: &str = "converge";
-/// The JetStream stream behind [`BUCKET`].
-pub const STREAM: &str = "KV_converge";
 
 /// The documents bucket split over streams (`serve --nats-shards N`), node ids by hash:
 /// with nats-server 2.9 a put costs more the more consumers its stream has (one per
@@ -385,7 +383,7 @@ mod tests {
     #[test]
     fn shards_keep_one_bucket_by_default_and_spread_nodes_stably() {
         // One shard is the bucket nodes and older planes know.
-        assert_eq!(Shards::ONE.stream(0), STREAM);
+        assert_eq!(Shards::ONE.stream(0), "KV_converge");
         assert_eq!(Shards::ONE.key_subject("web-1"), "$KV.converge.web-1");
         let s = Shards(8);
         // A node's shard never moves (its consumer and permissions name it).
