@@ -254,10 +254,11 @@ fn drift_is_repaired_and_an_agent_restart_does_not_flap() {
     );
     let hosts = data(&node).join("dns/hosts/converge.hosts");
 
-    // A deleted hosts file is restored at the next resync.
+    // A deleted hosts file is restored (inotify or the next resync). How long the record is
+    // missing in between is not asserted: the inotify repair can beat dnsmasq's own reload.
     std::fs::remove_file(&hosts).expect("remove hosts file");
-    wait_until(Duration::from_secs(1), "record gone after deletion", || {
-        dns.values("web.internal", RecordType::A).is_empty()
+    wait_until(Duration::from_secs(4), "hosts file restored", || {
+        hosts.exists()
     });
     dns.wait_for(
         "web.internal",

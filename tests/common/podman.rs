@@ -125,6 +125,7 @@ pub fn start_podman(node: &TestNode) -> PodmanService {
         "/etc/containers/containers.conf must select runc: run install/deps.sh"
     );
 
+    release_stale_cni_reservations();
     let base = node.data_dir().join("podman");
     let tmpdir = base.join("tmp");
     fs::create_dir_all(&tmpdir).expect("create podman tmp dir");
@@ -247,4 +248,48 @@ pub fn podman_ok(node: &TestNode, svc: &PodmanService, args: &[&str]) -> String 
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Deletes CNI address reservations (`/var/lib/cni/networks/<net>/<ip>`, host-wide and
+/// keyed only by network name) that no running container holds: a test run killed
+/// before its teardown leaves them behind, and a later run's container asking for the
+/// same fixed address on a network of the same name then fails to start. A reservation
+/// is stale when no process (conmon names its container) mentions its container id and
+/// it is over a minute old, so a container starting right now keeps its own.
+fn release_stale_cni_reservations() {
+    let Ok(networks) = fs::read_dir("/var/lib/cni/networks") else {
+        return;
+    };
+    let cmdlines: Vec<String> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|p| fs::read(p.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).into_owned())
+        .collect();
+    let reservations = networks
+        .flatten()
+        .filter_map(|n| fs::read_dir(n.path()).ok())
+        .flatten()
+        .flatten()
+        .filter(|f| {
+            f.file_name()
+                .to_string_lossy()
+                .parse::<std::net::IpAddr>()
+                .is_ok()
+        });
+    for file in reservations {
+        let path = file.path();
+        let old = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(60));
+        let id = fs::read_to_string(&path).unwrap_or_default();
+        let id = id.lines().next().unwrap_or_default().trim();
+        if old && id.len() == 64 && !cmdlines.iter().any(|c| c.contains(id)) {
+            let _ = fs::remove_file(&path);
+        }
+    }
 }
