@@ -8,12 +8,21 @@
 # node's acknowledgement arrived, 256 puts in flight as the plane does), and what one put
 # costs sequentially (R3 waits for the stream's quorum). Plain auth, one bench user: the
 # TLS + nkeys cost is measured by fleet_nats.sh. No root. Cleans up after itself.
-# Usage: [FLEET_SIZE=10000] [RUNS=1] [TOPOLOGIES="single cluster leaf"] benches/fleet_cluster.sh
+# NATS_SERVERS lists nats-server binaries to run each topology on, side by side (default
+# Debian's `nats-server`); FLEET_SHARDS splits the bucket over streams (examples/fleet.rs);
+# CONSUMER_STORAGE lists where the node consumers keep their state ("memory", as the plane
+# makes them, and "file", the baseline before it did).
+# Usage: [FLEET_SIZE=10000] [RUNS=1] [TOPOLOGIES="single cluster leaf"] [FLEET_SHARDS=K]
+#        [NATS_SERVERS="nats-server /path/to/newer/nats-server"]
+#        [CONSUMER_STORAGE="memory file"] benches/fleet_cluster.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${FLEET_SIZE:-10000}
 RUNS=${RUNS:-1}
 TOPOLOGIES=${TOPOLOGIES:-single cluster leaf}
+NATS_SERVERS=${NATS_SERVERS:-nats-server}
+CONSUMER_STORAGE=${CONSUMER_STORAGE:-memory}
+NATS_BIN=nats-server
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --example fleet
 FLEET="$TARGET_DIR/release/examples/fleet"
@@ -54,7 +63,7 @@ max_connections: 100000
 $AUTH
 $extra
 CONF
-    nats-server -c "$DIR/$name.conf" 2>"$DIR/$name.log" &
+    "$NATS_BIN" -c "$DIR/$name.conf" 2>"$DIR/$name.log" &
     PIDS+=($!)
 }
 
@@ -69,9 +78,12 @@ leafnodes { listen: 127.0.0.1:$((BASE + 20 + k)), authorization { user: leaf, pa
     for k in 0 1 2; do wait_port $((BASE + k)); done
 }
 
-echo "nats-server $(nats-server --version | awk '{print $2}'); $N nodes in one client process; cores: $(nproc); load: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "$N nodes in one client process, bucket over ${FLEET_SHARDS:-1} stream(s); cores: $(nproc); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 for run in $(seq "$RUNS"); do
-    for topo in $TOPOLOGIES; do
+  for NATS_BIN in $NATS_SERVERS; do
+    version=$("$NATS_BIN" --version | awk '{print $2}')
+    for storage in $CONSUMER_STORAGE; do
+      for topo in $TOPOLOGIES; do
         rm -rf "${DIR:?}"/hub* "${DIR:?}"/one* "${DIR:?}"/leaf*
         case $topo in
             single)
@@ -99,8 +111,8 @@ for run in $(seq "$RUNS"); do
                 nodes="nats://127.0.0.1:$((BASE + 30)),nats://127.0.0.1:$((BASE + 31))" ;;
             *) echo "unknown topology $topo" >&2; exit 2 ;;
         esac
-        echo "== run $run, $topo: bucket R$replicas, nodes on $nodes (load $(cut -d' ' -f1 /proc/loadavg))"
-        FLEET_NODE_URLS=$nodes FLEET_REPLICAS=$replicas "$FLEET" "$url" bench bench "$N" \
+        echo "== run $run, nats-server $version, consumers in $storage, $topo: bucket R$replicas, nodes on $nodes (load $(cut -d' ' -f1 /proc/loadavg))"
+        FLEET_CONSUMERS=$storage FLEET_NODE_URLS=$nodes FLEET_REPLICAS=$replicas FLEET_SERVER_PIDS="${PIDS[*]}" "$FLEET" "$url" bench bench "$N" \
             2>"$DIR/fleet-$run-$topo.log" || tail -3 "$DIR/fleet-$run-$topo.log"
         rss=0
         for p in "${PIDS[@]}"; do
@@ -108,6 +120,8 @@ for run in $(seq "$RUNS"); do
         done
         echo "  nats-server RSS, all ${#PIDS[@]} servers: $((rss / 1024)) MB"
         stop_servers
+      done
     done
+  done
 done
 echo "(target: one generation to 10,000 nodes, p99 < 1 s)"

@@ -15,7 +15,9 @@
 //! `FLEET_SHARDS` splits the bucket over that many streams as `serve --nats-shards` does
 //! (node ids by hash, `protocol::Shards`): it shows what one put costs with fewer
 //! consumers per stream (BENCHMARKS.md, "10,000 nodes"). The users file (`users` mode)
-//! takes the same variable.
+//! takes the same variable. `FLEET_CONSUMERS=file` keeps the consumers' state on disk
+//! (the baseline; the plane keeps it in memory). `FLEET_SERVER_PIDS` (space-separated) adds the servers' CPU
+//! during the generation to this process's own.
 //! Usage: `fleet NATS_URL USER PASSWORD N [CA_PEM]`, `fleet users N USER PASSWORD`.
 
 use converge::control::nats::{consumer_config, deliver_subject};
@@ -41,13 +43,27 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn cpu_secs() -> f64 {
+/// CPU seconds used so far by process `pid` ("self" for this one).
+fn cpu_secs_of(pid: &str) -> f64 {
     // utime + stime in clock ticks (100 Hz on Linux).
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
     let f: Vec<&str> = rest.split_whitespace().collect();
     let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (t(11) + t(12)) / 100.0
+}
+
+fn cpu_secs() -> f64 {
+    cpu_secs_of("self")
+}
+
+/// CPU seconds used so far by the servers in `FLEET_SERVER_PIDS` (space-separated).
+fn servers_cpu_secs() -> f64 {
+    std::env::var("FLEET_SERVER_PIDS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(cpu_secs_of)
+        .sum()
 }
 
 /// Node `i`'s identity key (deterministic, so `users` and the run agree) as an nkey:
@@ -107,6 +123,9 @@ async fn main() -> anyhow::Result<()> {
         Err(_) => vec![url.clone()],
     };
     let replicas = env_usize("FLEET_REPLICAS", 1);
+    // The baseline: consumers keeping their state on disk, as before the plane kept it in
+    // memory (`nats::consumer_config`).
+    let file_consumers = std::env::var("FLEET_CONSUMERS").is_ok_and(|v| v == "file");
     // The publisher: the bench user (over TLS when a CA is given).
     let tls = |opts: async_nats::ConnectOptions| match &ca {
         Some(pem) => {
@@ -174,7 +193,8 @@ async fn main() -> anyhow::Result<()> {
             };
             // The plane's side: the node's consumer (as `control-plane serve` makes it,
             // retried as its next scan would: a loaded cluster times some out).
-            let config = consumer_config(&id, shards);
+            let mut config = consumer_config(&id, shards);
+            config.memory_storage = !file_consumers;
             let mut attempt = 0;
             while let Err(e) = stream
                 .get_or_create_consumer(
@@ -240,6 +260,7 @@ async fn main() -> anyhow::Result<()> {
     // flight as the plane does. Each ack is awaited: an unawaited ack future keeps one of
     // async-nats' 5,000 in-flight permits, which stalled the 8,000-node run.
     let payload: Vec<u8> = vec![b'x'; 1024];
+    let (client_cpu0, servers_cpu0) = (cpu_secs(), servers_cpu_secs());
     let t0 = Instant::now();
     let puts = futures::stream::iter(0..n)
         .map(|i| {
@@ -272,6 +293,7 @@ async fn main() -> anyhow::Result<()> {
         collect
     );
     let (puts, published) = puts;
+    let (client_cpu, servers_cpu) = (cpu_secs() - client_cpu0, servers_cpu_secs() - servers_cpu0);
     let failed = puts.iter().filter(|p| p.is_err()).count();
     lat.sort();
     let q = |f: f64| {
@@ -289,6 +311,10 @@ async fn main() -> anyhow::Result<()> {
         q(0.50),
         q(0.99),
         lat.last().copied().unwrap_or_default()
+    );
+    println!(
+        "CPU during the generation: this process {client_cpu:.2} s, servers {servers_cpu:.2} s (over {:.2} s)",
+        t0.elapsed().as_secs_f64()
     );
     println!(
         "client process: RSS {:.1} MB for {n} connections ({:.1} KB each), idle CPU {:.2} % for all",

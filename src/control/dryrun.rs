@@ -32,6 +32,19 @@ pub const MAX_PROBLEMS: usize = 50;
 pub const H_KIND: &str = "x-converge-kind";
 pub const KIND: &str = "dry-run";
 
+/// The `requestId` of a dry-run request as it travels, unverified (to tell a repeat
+/// from a new request before the work of verifying and planning it).
+pub fn request_id_of(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Id {
+        request_id: String,
+    }
+    serde_json::from_slice::<Id>(bytes)
+        .ok()
+        .map(|r| r.request_id)
+}
+
 /// A dry-run request as it travels (JSON).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -143,6 +143,14 @@ pub fn plan_subject(node_id: &str) -> String {
 /// The consumer the control plane makes for a node: its key only, to its inbox, the
 /// newest value first, redelivered until the node acknowledges it (an agent killed
 /// before it handled a document gets it again).
+///
+/// Its state (what was delivered and acknowledged) is kept in memory: the documents
+/// themselves are in the file-backed bucket, and a consumer is only a cursor over one
+/// key. On disk, every delivery and acknowledgement rewrote one small file per node,
+/// most of the server's work in a generation for 10,000 nodes (BENCHMARKS.md, "10,000
+/// nodes"). A consumer lost with a restarted standalone server is made again by the
+/// plane ([`crate::control::plane`] on reconnect) and delivers the newest document once
+/// more, which the node takes as the re-delivery it is; on a cluster its replicas keep it.
 pub fn consumer_config(node_id: &str, shards: Shards) -> push::Config {
     push::Config {
         durable_name: Some(consumer_name(node_id)),
@@ -151,8 +159,27 @@ pub fn consumer_config(node_id: &str, shards: Shards) -> push::Config {
         deliver_policy: DeliverPolicy::LastPerSubject,
         ack_policy: AckPolicy::Explicit,
         ack_wait: Duration::from_secs(30),
+        memory_storage: true,
         ..Default::default()
     }
+}
+
+/// Makes node `node_id`'s consumer on `stream`, or finds it. One an older plane made
+/// keeps its state on disk and is made again as [`consumer_config`] says (the node gets
+/// its newest document once more).
+pub async fn make_consumer(
+    stream: &async_nats::jetstream::stream::Stream,
+    node_id: &str,
+    shards: Shards,
+) -> Result<(), async_nats::Error> {
+    let name = consumer_name(node_id);
+    let config = consumer_config(node_id, shards);
+    let consumer = stream.get_or_create_consumer(&name, config.clone()).await?;
+    if !consumer.cached_info().config.memory_storage {
+        stream.delete_consumer(&name).await?;
+        stream.create_consumer(config).await?;
+    }
+    Ok(())
 }
 
 impl NatsTransport {

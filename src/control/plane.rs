@@ -377,6 +377,11 @@ type QueuedDryRun = (i64, Arc<Vec<u8>>);
 const PUBLISH_WINDOW: usize = 256;
 /// Consumers made at once when a scan finds nodes without one.
 const CONSUMER_WINDOW: usize = 64;
+/// How often a dry run's request goes again, over NATS, to the nodes that have not
+/// answered: plain NATS is now or never, and a node reconnecting at that moment (its
+/// server restarted or left the cluster) would miss it. A node answers a repeat again;
+/// the plane keeps one answer per node.
+const DRY_RUN_RESEND: Duration = Duration::from_secs(2);
 
 /// Dry-run requests kept per HTTPS node (the oldest are dropped).
 const MAX_QUEUED_DRY_RUNS: usize = 4;
@@ -769,13 +774,7 @@ impl Plane {
             .map(|id| {
                 let stream = &docs[usize::from(n.shards.of(&id))].stream;
                 async move {
-                    let made = stream
-                        .get_or_create_consumer(
-                            &super::nats::consumer_name(&id),
-                            super::nats::consumer_config(&id, n.shards),
-                        )
-                        .await
-                        .map(|_| ());
+                    let made = super::nats::make_consumer(stream, &id, n.shards).await;
                     (id, made)
                 }
             })
@@ -802,14 +801,12 @@ impl Plane {
             return;
         };
         let stream = &docs[usize::from(n.shards.of(id))].stream;
-        let name = super::nats::consumer_name(id);
         // Absent (a first enrollment) is fine.
-        let _ = stream.delete_consumer(&name).await;
-        let made = stream
-            .get_or_create_consumer(&name, super::nats::consumer_config(id, n.shards))
+        let _ = stream
+            .delete_consumer(&super::nats::consumer_name(id))
             .await;
-        match made {
-            Ok(_) => {
+        match super::nats::make_consumer(stream, id, n.shards).await {
+            Ok(()) => {
                 lock(&self.consumers).insert(id.to_string());
             }
             Err(e) => {
@@ -1143,6 +1140,26 @@ impl Plane {
         next.map(|(_, bytes)| bytes)
     }
 
+    /// Publishes dry-run requests (node id, bytes) over NATS. Not connected: nothing is
+    /// sent (the next send, or no answer, reported as such).
+    async fn send_dry_runs(&self, requests: &[(&str, &Arc<Vec<u8>>)]) {
+        let Some(c) = self
+            .js
+            .get()
+            .map(|js| js.client())
+            .filter(|c| c.connection_state() == async_nats::connection::State::Connected)
+        else {
+            return;
+        };
+        for (id, bytes) in requests {
+            let subject = super::nats::plan_subject(id);
+            if let Err(e) = c.publish(subject, bytes.to_vec().into()).await {
+                warn!(node = %id, error = %e, "dry run not sent");
+            }
+        }
+        let _ = c.flush().await;
+    }
+
     /// A fleet-wide dry run (`control-plane plan`): each selected node with a file in
     /// `q.dir` gets its candidate as a signed dry-run request (over NATS or in its next
     /// HTTPS long poll); answers are gathered until every node answered or the timeout.
@@ -1196,23 +1213,11 @@ impl Plane {
         let built = started.elapsed();
         info!(request = %request_id, nodes = asked.len(), "dry run");
         let expires = chrono::Utc::now().timestamp() + MAX_SKEW_SECS;
-        let nats = self
-            .js
-            .get()
-            .map(|js| js.client())
-            .filter(|c| c.connection_state() == async_nats::connection::State::Connected);
         let mut queued = false;
+        let mut on_nats = Vec::new();
         for (node, bytes) in &asked {
-            let on_nats =
-                self.nats.is_some() && (node.nats_key.is_some() || node.nats_password.is_some());
-            if on_nats {
-                // Not connected: no answer, reported as such.
-                if let Some(c) = &nats {
-                    let subject = super::nats::plan_subject(&node.id);
-                    if let Err(e) = c.publish(subject, bytes.to_vec().into()).await {
-                        warn!(node = %node.id, error = %e, "dry run not sent");
-                    }
-                }
+            if self.nats.is_some() && (node.nats_key.is_some() || node.nats_password.is_some()) {
+                on_nats.push((node.id.as_str(), bytes));
             } else {
                 let mut queues = lock(&self.dry_runs);
                 let queue = queues.entry(node.id.clone()).or_default();
@@ -1223,21 +1228,30 @@ impl Plane {
                 queued = true;
             }
         }
-        if let Some(c) = &nats {
-            let _ = c.flush().await;
-        }
+        self.send_dry_runs(&on_nats).await;
         if queued {
             self.changed.send_modify(|n| *n += 1);
         }
         let sent = started.elapsed();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(q.timeout_ms);
         let mut answers: HashMap<String, PlanAnswer> = HashMap::new();
+        let mut resend =
+            tokio::time::interval_at(tokio::time::Instant::now() + DRY_RUN_RESEND, DRY_RUN_RESEND);
         while answers.len() < asked.len() {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(a)) => {
-                    answers.insert(a.node_id.clone(), a);
+            tokio::select! {
+                answer = tokio::time::timeout_at(deadline, rx.recv()) => match answer {
+                    Ok(Some(a)) => {
+                        answers.insert(a.node_id.clone(), a);
+                    }
+                    _ => break,
+                },
+                _ = resend.tick() => {
+                    on_nats.retain(|(id, _)| !answers.contains_key(*id));
+                    if !on_nats.is_empty() {
+                        info!(request = %request_id, nodes = on_nats.len(), "dry run sent again to the nodes that have not answered");
+                        self.send_dry_runs(&on_nats).await;
+                    }
                 }
-                _ => break,
             }
         }
         lock(&self.plans).remove(&request_id);
@@ -1745,8 +1759,19 @@ async fn status(
 
 /// Connects to NATS as the control plane, makes the bucket, records status messages.
 async fn run_nats(plane: Arc<Plane>, n: NatsOptions) -> anyhow::Result<()> {
+    // After a reconnect every node's consumer is looked for again: one held in memory
+    // by a standalone server that restarted is gone (`nats::consumer_config`).
+    let p = plane.clone();
     let client = super::nats::with_tls(n.key.connect_options(), &n.url, n.ca_pem.as_deref())
         .map_err(|e| anyhow::anyhow!(e))?
+        .event_callback(move |event| {
+            let p = p.clone();
+            async move {
+                if matches!(event, async_nats::Event::Connected) {
+                    lock(&p.consumers).clear();
+                }
+            }
+        })
         .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(|n| super::transport::backoff_capped(n, Duration::from_secs(2)))

@@ -33,20 +33,25 @@ const LEASE_KEY: &str = "rollout-driver";
 const LEASE_MS: i64 = 3000;
 /// Compare-and-set attempts before a write gives up (each lost race re-reads).
 const ATTEMPTS: usize = 5;
+/// Consumers a bucket's stream may have: the documents bucket has one per node of its
+/// shard. nats-server 2.15 gives a stream that sets no limit its default of 1,000 and
+/// reads any value up to 0 as "the default", so unlimited cannot be asked for.
+const MAX_CONSUMERS: i32 = 1_000_000;
 
 /// Opens the KV bucket `name`, making its stream if needed. The stream is made directly:
 /// async-nats' `create_key_value` first asks for account information in a form
 /// nats-server 2.9 does not answer. Same settings as a bucket of history 1 (what `nats kv
-/// add` makes), except that reads go to the stream's leader unless `direct`: a direct
+/// add` makes), except that reads go to the stream's leader unless `direct` (a direct
 /// read may be answered by a replica that has not yet got a write just acknowledged,
-/// and a token just shared would read as unknown.
+/// and a token just shared would read as unknown), and the consumer limit is set
+/// ([`MAX_CONSUMERS`]).
 pub async fn bucket(
     js: &async_nats::jetstream::Context,
     name: &str,
     replicas: usize,
     direct: bool,
 ) -> Result<Store, async_nats::Error> {
-    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+    let config = async_nats::jetstream::stream::Config {
         name: format!("KV_{name}"),
         subjects: vec![format!("$KV.{name}.>")],
         max_messages_per_subject: 1,
@@ -56,9 +61,18 @@ pub async fn bucket(
         allow_direct: direct,
         storage: async_nats::jetstream::stream::StorageType::File,
         num_replicas: replicas,
+        max_consumers: MAX_CONSUMERS,
         ..Default::default()
-    })
-    .await?;
+    };
+    let stream = js.get_or_create_stream(config.clone()).await?;
+    // A stream made without a limit on nats-server 2.15 got its default of 1,000: raised
+    // (2.15 lets the limit be changed; older servers never set one).
+    let limit = stream.cached_info().config.max_consumers;
+    if (1..MAX_CONSUMERS).contains(&limit) {
+        if let Err(e) = js.update_stream(config).await {
+            warn!(bucket = name, limit, error = %e, "cannot raise the bucket's consumer limit");
+        }
+    }
     Ok(js.get_key_value(name).await?)
 }
 

@@ -123,6 +123,9 @@ pub async fn run_client<T: Transport>(transport: T, node: Arc<dyn Node>, heartbe
     let changed = node.status_changed();
     // One dry run at a time: each observes the whole host; more wait their turn.
     let planning = Arc::new(tokio::sync::Semaphore::new(1));
+    // Dry-run requests waiting or being planned, by request id: the plane sends a request
+    // again to a node that has not answered yet, and a repeat of one under way is dropped.
+    let in_flight: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
     let mut tick = tokio::time::interval(heartbeat.max(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut due: Option<tokio::time::Instant> = None;
@@ -179,16 +182,28 @@ pub async fn run_client<T: Transport>(transport: T, node: Arc<dyn Node>, heartbe
                     true
                 }
                 Some(Event::DryRun(bytes)) => {
-                    // Planned off the loop: envelopes and status go on meanwhile.
-                    let (node, transport, planning) = (node.clone(), transport.clone(), planning.clone());
-                    tokio::spawn(async move {
-                        let Ok(_turn) = planning.acquire_owned().await else { return };
-                        let Some(answer) = node.dry_run(bytes).await else { return };
-                        info!(request = %answer.request_id, outcome = ?answer.outcome, "answered a dry run");
-                        if let Err(e) = transport.send(&NodeMessage::Planned(Box::new(answer))).await {
-                            warn!(error = %e, "cannot send the dry-run answer");
-                        }
+                    let id = crate::control::dryrun::request_id_of(&bytes);
+                    let repeat = id.as_ref().is_some_and(|id| {
+                        !in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone())
                     });
+                    if !repeat {
+                        // Planned off the loop: envelopes and status go on meanwhile.
+                        let (node, transport, planning, in_flight) =
+                            (node.clone(), transport.clone(), planning.clone(), in_flight.clone());
+                        tokio::spawn(async move {
+                            if let Ok(_turn) = planning.acquire_owned().await {
+                                if let Some(answer) = node.dry_run(bytes).await {
+                                    info!(request = %answer.request_id, outcome = ?answer.outcome, "answered a dry run");
+                                    if let Err(e) = transport.send(&NodeMessage::Planned(Box::new(answer))).await {
+                                        warn!(error = %e, "cannot send the dry-run answer");
+                                    }
+                                }
+                            }
+                            if let Some(id) = id {
+                                in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                            }
+                        });
+                    }
                     false
                 }
             },
@@ -274,6 +289,8 @@ mod tests {
     struct Quiet {
         states: Mutex<Vec<ControlState>>,
         changed: Arc<Notify>,
+        /// Dry runs begun; each takes 5 s.
+        plans: Arc<AtomicUsize>,
     }
 
     impl Node for Quiet {
@@ -305,8 +322,39 @@ mod tests {
         ) -> std::pin::Pin<
             Box<dyn Future<Output = Option<crate::control::dryrun::PlanAnswer>> + Send>,
         > {
-            Box::pin(async { None })
+            let plans = self.plans.clone();
+            Box::pin(async move {
+                plans.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                None
+            })
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_dry_run_request_is_planned_once_while_under_way() {
+        let t = Flaky {
+            fail: Arc::default(),
+            tries: Arc::default(),
+            delivered: Arc::default(),
+            events: Arc::default(),
+        };
+        let node = Arc::new(Quiet::default());
+        tokio::spawn(run_client(t.clone(), node.clone(), Duration::from_secs(60)));
+        tokio::task::yield_now().await;
+        let tx = t.events.lock().unwrap().clone().expect("started");
+        let request = |id: &str| Event::DryRun(format!(r#"{{"requestId":"{id}"}}"#).into_bytes());
+        for _ in 0..3 {
+            tx.send(request("r1")).await.expect("client running");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        tx.send(request("r2")).await.expect("client running");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(node.plans.load(Ordering::SeqCst), 2, "r1 once, r2 once");
+        // Once answered, a repeat is planned again: the answer may have been lost.
+        tx.send(request("r1")).await.expect("client running");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(node.plans.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test(start_paused = true)]
