@@ -1843,7 +1843,11 @@ fn two_plane_instances_survive_a_server_and_an_instance_dying() {
         let s = &report["summary"];
         let dry_run_lines = |log: String| {
             log.lines()
-                .filter(|l| l.contains("dry run") || l.contains("forward") || l.contains("WARN"))
+                .filter(|l| {
+                    ["dry run", "forward", "WARN", "connected to"]
+                        .iter()
+                        .any(|w| l.contains(w))
+                })
                 .map(str::to_string)
                 .collect::<Vec<_>>()
                 .join("\n")
@@ -1851,9 +1855,10 @@ fn two_plane_instances_survive_a_server_and_an_instance_dying() {
         assert_eq!(
             (&s["nodes"], &s["noAnswer"], &s["refused"], &s["error"]),
             (&json!(3), &json!(0), &json!(0), &json!(0)),
-            "instance {i}: {report:#}\ninstance 0:\n{}\ninstance 1:\n{}\nagents:\n{}",
+            "instance {i}: {report:#}\ninstance 0:\n{}\ninstance 1:\n{}\nsc's interest:\n{}\nagents:\n{}",
             dry_run_lines(cp.log_of(0)),
             dry_run_lines(cp.log_of(1)),
+            cp.interest("_INBOX_sc.plan"),
             nodes
                 .iter()
                 .map(|n| format!(

@@ -281,6 +281,32 @@ impl Cp {
         })
     }
 
+    /// For a failure message: for each server, whether one of its own clients subscribes
+    /// to `subject`, and what its subscription list matches for it (`/subsz`, local and
+    /// over routes).
+    pub fn interest(&self, subject: &str) -> String {
+        (0..self.nats.len())
+            .map(|i| {
+                let get = |path: &str| {
+                    let url = format!("http://{}:8222/{path}", self.nats_host(i).address());
+                    self.nats_host(i)
+                        .command("curl")
+                        .args(["-sf", "-m", "2", &url])
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_default()
+                };
+                let local = get("connz?subs=1").contains(subject);
+                let matches = get(&format!("subsz?subs=1&test={subject}"));
+                format!(
+                    "n{i}: local subscriber {local}; subsz: {}",
+                    matches.split_whitespace().collect::<String>()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Whether the plane has read `generation` of `node`'s file (and signed it).
     pub fn read_generation(&self, node: &str, generation: u64) -> bool {
         self.log().contains(&format!(
