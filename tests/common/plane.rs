@@ -268,16 +268,25 @@ impl Cp {
             .collect()
     }
 
+    /// What NATS server `i`'s monitoring endpoint answers at `path` (None: no answer or
+    /// an error status).
+    fn monitor(&self, i: usize, path: &str) -> Option<String> {
+        let url = format!("http://{}:8222/{path}", self.nats_host(i).address());
+        self.nats_host(i)
+            .command("curl")
+            .args(["-sf", "-m", "2", &url])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
     /// The NATS server (index) a client authenticated with the user `nkey` is connected
     /// to, from each server's monitoring endpoint.
     pub fn server_of(&self, nkey: &str) -> Option<usize> {
-        (0..self.nats.len()).find(|i| {
-            let url = format!("http://{}:8222/connz?auth=1", self.nats_host(*i).address());
-            self.nats_host(*i)
-                .command("curl")
-                .args(["-sf", "-m", "2", &url])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(nkey))
+        (0..self.nats.len()).find(|&i| {
+            self.monitor(i, "connz?auth=1")
+                .is_some_and(|body| body.contains(nkey))
         })
     }
 
@@ -287,15 +296,7 @@ impl Cp {
     pub fn interest(&self, subject: &str) -> String {
         (0..self.nats.len())
             .map(|i| {
-                let get = |path: &str| {
-                    let url = format!("http://{}:8222/{path}", self.nats_host(i).address());
-                    self.nats_host(i)
-                        .command("curl")
-                        .args(["-sf", "-m", "2", &url])
-                        .output()
-                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                        .unwrap_or_default()
-                };
+                let get = |path: &str| self.monitor(i, path).unwrap_or_default();
                 let local = get("connz?subs=1").contains(subject);
                 let matches = get(&format!("subsz?subs=1&test={subject}"));
                 format!(
@@ -345,28 +346,18 @@ impl Cp {
 
     /// Waits until server `i` says its JetStream assets are current (`/healthz`).
     pub fn wait_nats_healthy(&self, i: usize) {
-        let url = format!("http://{}:8222/healthz", self.nats_host(i).address());
         wait_until(Duration::from_secs(60), "nats-server healthy", || {
-            self.nats_host(i)
-                .command("curl")
-                .args(["-sf", "-m", "2", &url])
-                .output()
-                .is_ok_and(|o| o.status.success())
+            self.monitor(i, "healthz").is_some()
         });
     }
 
     /// Waits until server `i` has its routes to every other server of the cluster
     /// (`/routez`): core NATS interest crosses the cluster again.
     pub fn wait_nats_routes(&self, i: usize) {
-        let url = format!("http://{}:8222/routez", self.nats_host(i).address());
         let others = self.nats.len() - 1;
         wait_until(Duration::from_secs(60), "nats-server routes", || {
-            self.nats_host(i)
-                .command("curl")
-                .args(["-sf", "-m", "2", &url])
-                .output()
-                .ok()
-                .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+            self.monitor(i, "routez")
+                .and_then(|body| serde_json::from_str::<Value>(&body).ok())
                 .is_some_and(|r| r["num_routes"].as_u64() >= Some(others as u64))
         });
     }
